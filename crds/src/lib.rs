@@ -1,0 +1,2 @@
+//! wiremesh custom resources (group `wiremesh.io`).
+#![forbid(unsafe_code)]
