@@ -14,8 +14,9 @@ APT_PACKAGES := clang llvm libbpf-dev libelf-dev pkg-config iproute2 wireguard-t
 
 TESTENV_DIR := integration-tests/testenv
 TESTENV_BIN := $(TESTENV_DIR)/bin/testenv
+TESTENV_SRCS := $(wildcard $(TESTENV_DIR)/*.go) $(TESTENV_DIR)/go.mod $(TESTENV_DIR)/go.sum
 
-.PHONY: help deps apt-deps build test fmt-check lint unit-test demo bench crds clean
+.PHONY: help deps apt-deps testenv build test fmt-check lint unit-test demo bench crds clean
 
 help:
 	@echo "wiremesh targets:"
@@ -38,7 +39,15 @@ apt-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-deps: apt-deps
+deps: apt-deps testenv
+
+# The kube-apiserver + etcd test bed. Rebuilt only when its sources change; the first build downloads
+# k8s.io/kubernetes and its dependencies and compiles them (minutes), later ones come from Go's cache.
+testenv: $(TESTENV_BIN)
+
+$(TESTENV_BIN): $(TESTENV_SRCS)
+	@command -v $(GO) >/dev/null || { echo "make testenv: Go 1.26 is needed (no go in PATH)" >&2; exit 1; }
+	cd $(TESTENV_DIR) && $(GO) build -buildvcs=false -o bin/testenv .
 
 build: deps
 	$(CARGO) build --workspace --all-targets
