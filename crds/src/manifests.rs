@@ -73,9 +73,11 @@ impl std::fmt::Display for Drift {
     }
 }
 
-/// Every CRD of wiremesh, checked to be structural.
+/// Every CRD of wiremesh as applied to clusters: generated from the types, descriptions reflowed,
+/// checked to be structural. Prefer this (or the YAML) over `MeshEncryption::crd()`, which only
+/// lacks the reflow.
 pub fn manifests() -> Result<Vec<Manifest>, ManifestError> {
-    let all = vec![
+    let mut all = vec![
         Manifest {
             file_name: "meshencryption.yaml",
             crd: MeshEncryption::crd(),
@@ -85,10 +87,71 @@ pub fn manifests() -> Result<Vec<Manifest>, ManifestError> {
             crd: KeyRotation::crd(),
         },
     ];
-    for manifest in &all {
+    for manifest in &mut all {
+        reflow_descriptions(&mut manifest.crd)?;
         check_structural(&manifest.crd)?;
     }
     Ok(all)
+}
+
+/// The one post-processing step on generated schemas. Doc comments reach the schema with their
+/// source line breaks, which `kubectl explain` prints verbatim in mid-sentence; join the lines of
+/// each paragraph so it can wrap them.
+fn reflow_descriptions(crd: &mut CustomResourceDefinition) -> Result<(), ManifestError> {
+    let name = crd_name(crd);
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        let fail = |problem: String| ManifestError::NotStructural {
+            crd: name.clone(),
+            path: format!("versions[{}].openAPIV3Schema", version.name),
+            problem,
+        };
+        let mut value = serde_json::to_value(&*schema)
+            .map_err(|e| fail(format!("schema does not serialize: {e}")))?;
+        reflow_node(&mut value);
+        *schema = serde_json::from_value(value)
+            .map_err(|e| fail(format!("reflowed schema does not parse: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Reflows the description of one schema node and of the nodes under it (not property names).
+fn reflow_node(node: &mut serde_json::Value) {
+    let Some(node) = node.as_object_mut() else {
+        return;
+    };
+    if let Some(serde_json::Value::String(text)) = node.get_mut("description") {
+        *text = reflow(text);
+    }
+    if let Some(serde_json::Value::Object(properties)) = node.get_mut("properties") {
+        properties.values_mut().for_each(reflow_node);
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(child) = node.get_mut(key) {
+            reflow_node(child);
+        }
+    }
+}
+
+/// Joins the lines of each paragraph with spaces; blank lines still separate paragraphs.
+fn reflow(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            paragraph
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// The YAML text of a CRD as committed: a header comment, then the document.

@@ -247,3 +247,52 @@ fn rejects_a_root_that_is_not_an_object() {
     let (_, problem) = rejection(json!({"type": "string"}));
     assert!(problem.contains("root"), "{problem}");
 }
+
+#[test]
+fn reflow_joins_lines_and_keeps_paragraphs() {
+    assert_eq!(reflow("one line"), "one line");
+    assert_eq!(reflow("first\nsecond\nthird"), "first second third");
+    assert_eq!(reflow("a\nb\n\nc\n d"), "a b\n\nc d");
+}
+
+#[test]
+fn manifests_have_no_line_breaks_inside_paragraphs() {
+    for manifest in manifests().unwrap() {
+        let schema = serde_json::to_value(
+            manifest.crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .unwrap()
+                .open_api_v3_schema
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap();
+        let mut descriptions = Vec::new();
+        collect_descriptions(&schema, &mut descriptions);
+        assert!(descriptions.len() > 10, "{}", manifest.file_name);
+        for text in descriptions {
+            assert!(
+                !text.replace("\n\n", "").contains('\n'),
+                "{}: {text:?}",
+                manifest.file_name
+            );
+        }
+    }
+}
+
+fn collect_descriptions(node: &serde_json::Value, out: &mut Vec<String>) {
+    if let Some(text) = node.get("description").and_then(|d| d.as_str()) {
+        out.push(text.to_owned());
+    }
+    if let Some(properties) = node.get("properties").and_then(|p| p.as_object()) {
+        properties
+            .values()
+            .for_each(|child| collect_descriptions(child, out));
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(child) = node.get(key) {
+            collect_descriptions(child, out);
+        }
+    }
+}
