@@ -1,4 +1,19 @@
 //! The wiremesh node agent: publishes this node's WireGuard key, watches the other nodes, and keeps a
 //! full mesh of tunnels configured through a [`datapath::Datapath`].
 
+pub mod admin;
+pub mod app;
+pub mod config;
 pub mod datapath;
+pub mod drain;
+pub mod events;
+pub mod mesh;
+pub mod metrics;
+pub mod netns;
+pub mod reconciler;
+pub mod report;
+pub mod routes;
+pub mod status;
+pub mod telemetry;
+pub mod views;
+pub mod watch;

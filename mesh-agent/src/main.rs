@@ -1,7 +1,12 @@
 //! `mesh-agent`: the wiremesh node agent binary.
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use mesh_agent::{
+    app,
+    config::{Config, RunArgs},
+    netns, telemetry,
+};
 
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "wiremesh node agent")]
@@ -13,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent (watch Nodes, publish this node's key, keep the mesh configured).
-    Run,
+    Run(Box<RunArgs>),
     /// Run a standalone WireGuard device speaking the wg(8) UAPI.
     Device,
 }
@@ -21,7 +26,27 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run => bail!("`mesh-agent run` is not built yet (issue 4)"),
+        Command::Run(args) => run(*args),
         Command::Device => bail!("`mesh-agent device` is not built yet (issue 3)"),
     }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = Config::from_args(args)?;
+    telemetry::init(config.log_format);
+    // setns() moves only the calling thread: enter the namespace before any other thread exists,
+    // so every runtime worker (and the TUN device, sockets and netlink) lives in it.
+    if let Some(path) = config.netns_path() {
+        netns::enter(&path)?;
+    }
+    tracing::info!(
+        config = %serde_json::to_string(&config).context("serialize config")?,
+        "starting mesh-agent"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("mesh-agent")
+        .build()
+        .context("start tokio runtime")?;
+    runtime.block_on(app::run(config))
 }

@@ -1,0 +1,201 @@
+//! The agent's local HTTP server: `/healthz` (the process serves), `/readyz` (caches synced and the
+//! mesh reconciled at least once), `/metrics` (Prometheus text format) and `/status` (this node's
+//! [`NodeReport`](crate::report::NodeReport) as JSON).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::{encoding::text::encode, registry::Registry};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{drain::Drain, reconciler::MeshSnapshot, status::SharedReport};
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("bind HTTP server on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct AdminState {
+    registry: Registry,
+    snapshot: watch::Receiver<MeshSnapshot>,
+    report: SharedReport,
+}
+
+/// A bound, not yet serving, admin server.
+pub struct AdminServer {
+    listener: TcpListener,
+    addr: SocketAddr,
+    router: Router,
+}
+
+impl AdminServer {
+    /// Binds `addr` (port 0 picks a free port; see [`AdminServer::local_addr`]).
+    pub async fn bind(
+        addr: SocketAddr,
+        registry: Registry,
+        snapshot: watch::Receiver<MeshSnapshot>,
+        report: SharedReport,
+    ) -> Result<Self, AdminError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let state = Arc::new(AdminState {
+            registry,
+            snapshot,
+            report,
+        });
+        let router = Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .route("/status", get(status))
+            .with_state(state);
+        Ok(Self {
+            listener,
+            addr,
+            router,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until the drain starts.
+    pub async fn run(self, mut drain: Drain) -> Result<(), AdminError> {
+        let addr = self.addr;
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { drain.signaled().await })
+            .await
+            .map_err(|source| AdminError::Serve { addr, source })
+    }
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let snapshot = state.snapshot.borrow().clone();
+    if snapshot.synced && snapshot.reconciled {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        let why = if snapshot.synced {
+            "caches synced, first reconcile pending"
+        } else {
+            "caches not synced"
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    let mut body = String::new();
+    match encode(&mut body, &state.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode: {e}\n")).into_response(),
+    }
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    let report = state
+        .report
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match report {
+        Some(report) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )
+            .into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no status yet\n").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    use super::*;
+    use crate::{drain, metrics::Metrics};
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        let code = text[9..12].parse().unwrap();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        (code, body)
+    }
+
+    #[tokio::test]
+    async fn endpoints_follow_readiness_and_serve_metrics() {
+        let mut registry = Registry::with_prefix("wiremesh");
+        let metrics = Metrics::new(&mut registry);
+        metrics.peers_configured.set(2);
+        let (tx, rx) = watch::channel(MeshSnapshot::default());
+        let report: SharedReport = Arc::new(Mutex::new(None));
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), registry, rx, report)
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let (trigger, drain) = drain::channel();
+        let task = tokio::spawn(server.run(drain));
+
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("caches not synced"), "{body}");
+        assert_eq!(get(addr, "/status").await.0, 503);
+        tx.send_modify(|s| {
+            s.synced = true;
+            s.reconciled = true;
+        });
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        let (code, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("wiremesh_peers_configured 2"), "{body}");
+
+        trigger.start();
+        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("server stops on drain")
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -1,0 +1,258 @@
+//! Wiring of `mesh-agent run`: [`build`] loads the key, opens the datapath and the kube client,
+//! restores the existing mesh state and starts every task (watchers, reconciler, status reporter,
+//! HTTP server) in one JoinSet; [`App::wait_termination`] runs until SIGTERM/SIGINT or until a
+//! task dies, then drains with a deadline.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use kube::{
+    Client,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use prometheus_client::registry::Registry;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Notify, watch},
+    task::JoinSet,
+};
+use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
+
+use crate::{
+    admin::AdminServer,
+    config::{Config, DatapathChoice},
+    datapath::{Datapath, DeviceSettings},
+    drain::{self, Trigger},
+    mesh::Mesh,
+    metrics::Metrics,
+    reconciler::{MeshSnapshot, PlanSettings, Reconciler},
+    routes::netlink::NetlinkRoutes,
+    status::{SharedReport, StatusReporter},
+    watch::watchers,
+};
+
+/// A running agent.
+pub struct App {
+    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    trigger: Trigger,
+    drain_timeout: Duration,
+}
+
+/// Loads (or creates) the node's key from the keystore in `config.state_dir`.
+pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
+    let keystore = Keystore::new(&config.state_dir);
+    let outcome = keystore
+        .load_or_generate()
+        .with_context(|| format!("keystore {}", config.state_dir.display()))?;
+    for fix in &outcome.permissions_fixed {
+        tracing::warn!(
+            path = %fix.path.display(),
+            old_mode = format!("{:o}", fix.old_mode),
+            new_mode = format!("{:o}", fix.new_mode),
+            "tightened keystore permissions"
+        );
+    }
+    let key = outcome.keys.current;
+    tracing::info!(
+        public_key = %key.public_key(),
+        source = match outcome.source {
+            KeySource::Loaded => "loaded",
+            KeySource::Generated => "generated",
+            KeySource::Regenerated => "regenerated",
+        },
+        state_dir = %config.state_dir.display(),
+        "node key ready"
+    );
+    Ok(key)
+}
+
+/// Creates the datapath chosen by `--datapath`, in the current network namespace.
+pub fn open_datapath(config: &Config) -> anyhow::Result<Arc<dyn Datapath>> {
+    match config.datapath {
+        DatapathChoice::Kernel => anyhow::bail!(
+            "--datapath kernel: the kernel WireGuard engine is not built yet; use --datapath userspace"
+        ),
+        DatapathChoice::Auto | DatapathChoice::Userspace => anyhow::bail!(
+            "--datapath {}: the userspace engine is not linked into this build yet",
+            if config.datapath == DatapathChoice::Auto {
+                "auto"
+            } else {
+                "userspace"
+            }
+        ),
+    }
+}
+
+/// A kube client from `--kubeconfig`, or inferred (in-cluster, then $KUBECONFIG).
+pub async fn kube_client(config: &Config) -> anyhow::Result<Client> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("load kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no --kubeconfig and no in-cluster configuration")?,
+    };
+    Client::try_from(kube_config).context("build kube client")
+}
+
+/// Starts every task of the agent on the current runtime.
+pub async fn build(
+    config: &Config,
+    key: PrivateKey,
+    datapath: Arc<dyn Datapath>,
+    client: Client,
+) -> anyhow::Result<App> {
+    let public_key = key.public_key();
+    datapath
+        .configure(&DeviceSettings {
+            private_key: Some(key),
+            ..DeviceSettings::default()
+        })
+        .context("set the device's private key")?;
+
+    let routes = Arc::new(NetlinkRoutes::new().context("open rtnetlink")?);
+    let mesh = Mesh::restore(datapath.clone(), routes.clone())
+        .await
+        .context("read existing peers and routes")?;
+    tracing::info!(
+        interface = datapath.ifname(),
+        datapath = datapath.kind().as_str(),
+        peers = mesh.applied_peers().count(),
+        routes = mesh.applied_routes().len(),
+        "restored existing mesh state (pruned only after the caches sync)"
+    );
+
+    let mut registry = Registry::with_prefix("wiremesh");
+    let metrics = Metrics::new(&mut registry);
+    let notify = Arc::new(Notify::new());
+    let watchers = watchers(&client, notify.clone());
+    let (snapshot_tx, snapshot_rx) = watch::channel(MeshSnapshot::default());
+    let shared_report: SharedReport = SharedReport::default();
+
+    let admin = AdminServer::bind(
+        config.metrics_addr,
+        registry,
+        snapshot_rx.clone(),
+        shared_report.clone(),
+    )
+    .await?;
+    tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics /status");
+
+    let reconciler = Reconciler::new(
+        PlanSettings {
+            node_name: config.node_name.clone(),
+            listen_port: config.listen_port,
+            mtu: config.mtu,
+            persistent_keepalive: config.persistent_keepalive,
+        },
+        public_key,
+        client.clone(),
+        watchers.caches.clone(),
+        mesh,
+        routes,
+        metrics.clone(),
+        snapshot_tx,
+        notify,
+        config.resync_interval,
+    );
+    let reporter = StatusReporter::new(
+        config.node_name.clone(),
+        datapath,
+        client,
+        snapshot_rx,
+        metrics,
+        config.status_interval,
+        shared_report,
+    );
+
+    let (trigger, drain) = drain::channel();
+    let mut tasks = JoinSet::new();
+    for watch in watchers.tasks {
+        let drain = drain.clone();
+        tasks.spawn(async move {
+            watch.run(drain).await;
+            ("watcher", Ok(()))
+        });
+    }
+    {
+        let drain = drain.clone();
+        tasks.spawn(async move {
+            reconciler.run(drain).await;
+            ("reconciler", Ok(()))
+        });
+    }
+    {
+        let drain = drain.clone();
+        tasks.spawn(async move {
+            reporter.run(drain).await;
+            ("status reporter", Ok(()))
+        });
+    }
+    tasks.spawn(async move { ("http server", admin.run(drain).await.map_err(Into::into)) });
+
+    Ok(App {
+        tasks,
+        trigger,
+        drain_timeout: config.drain_timeout,
+    })
+}
+
+impl App {
+    /// Runs until SIGTERM or SIGINT (clean exit) or until a task ends on its own (error exit),
+    /// then drains every task within the drain timeout.
+    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        let failure = tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); None }
+            _ = sigint.recv() => { tracing::info!("SIGINT: draining"); None }
+            Some(joined) = self.tasks.join_next() => Some(match joined {
+                Ok((name, Ok(()))) => anyhow::anyhow!("task {name} stopped unexpectedly"),
+                Ok((name, Err(error))) => error.context(format!("task {name} failed")),
+                Err(join_error) => anyhow::anyhow!("task panicked: {join_error}"),
+            }),
+        };
+        if let Some(error) = &failure {
+            tracing::error!(error = format!("{error:#}"), "shutting down");
+        }
+        self.trigger.start();
+        let deadline = tokio::time::sleep(self.drain_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                joined = self.tasks.join_next() => match joined {
+                    None => break,
+                    Some(Ok((name, Err(error)))) => {
+                        tracing::warn!(task = name, error = format!("{error:#}"), "task failed while draining");
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(join_error)) => tracing::warn!(%join_error, "task panicked while draining"),
+                },
+                () = &mut deadline => {
+                    tracing::warn!(remaining = self.tasks.len(), "drain deadline passed; aborting tasks");
+                    self.tasks.shutdown().await;
+                    break;
+                }
+            }
+        }
+        tracing::info!("stopped");
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `mesh-agent run` after the configuration is parsed, logging set up and the namespace entered.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let key = load_key(&config)?;
+    let datapath = open_datapath(&config)?;
+    let client = kube_client(&config).await?;
+    let app = build(&config, key, datapath, client).await?;
+    app.wait_termination().await
+}

@@ -1,0 +1,304 @@
+//! The agent's configuration: one serializable [`Config`] built from command-line flags and
+//! environment variables, validated before anything starts, and logged once at start. It holds no
+//! secrets (the private key lives only in the keystore file), so serializing it is always safe.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+/// The UDP port of the tunnel when neither the flag nor `MeshEncryption.spec.listenPort` says
+/// otherwise (the same value as `wiremesh_keyexchange::DEFAULT_LISTEN_PORT`).
+pub const DEFAULT_LISTEN_PORT: u16 = 51871;
+
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_IFNAME_LEN: usize = 15;
+
+/// Which WireGuard implementation the agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathChoice {
+    /// The kernel module when it is loaded, the userspace engine otherwise.
+    Auto,
+    /// The built-in userspace engine (boringtun noise layer + TUN + UDP).
+    Userspace,
+    /// Kernel WireGuard over generic netlink.
+    Kernel,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// Flags of `mesh-agent run`; every flag also reads an environment variable so a DaemonSet can
+/// configure the agent without arguments.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Name of the Node object this agent runs on.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Kubeconfig file; without it the in-cluster service account (or $KUBECONFIG) is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Directory of the node's persistent state (the private key lives in `<dir>/private.key`).
+    #[arg(long, env = "WIREMESH_STATE_DIR", default_value = "/var/lib/wiremesh")]
+    pub state_dir: PathBuf,
+
+    /// Name of the tunnel interface.
+    #[arg(long, env = "WIREMESH_INTERFACE", default_value = "wiremesh0")]
+    pub interface: String,
+
+    /// UDP listen port of the tunnel. Without it `MeshEncryption.spec.listenPort` decides
+    /// (default 51871).
+    #[arg(long, env = "WIREMESH_LISTEN_PORT")]
+    pub listen_port: Option<u16>,
+
+    /// MTU of the tunnel interface. Without it `MeshEncryption.spec.mtu` decides, and without that
+    /// the MTU of the underlay interface minus 80 bytes.
+    #[arg(long, env = "WIREMESH_MTU")]
+    pub mtu: Option<u32>,
+
+    /// Path of the wg(8) UAPI socket of the userspace engine
+    /// (default `/var/run/wireguard/<interface>.sock`).
+    #[arg(long, env = "WIREMESH_UAPI_SOCKET")]
+    pub uapi_socket: Option<PathBuf>,
+
+    /// Address of the HTTP server for /healthz, /readyz, /metrics and /status.
+    #[arg(long, env = "WIREMESH_METRICS_ADDR", default_value = "127.0.0.1:9871")]
+    pub metrics_addr: SocketAddr,
+
+    /// Enter the network namespace `/var/run/netns/<name>` before anything else starts.
+    #[arg(long, env = "WIREMESH_NETNS")]
+    pub netns: Option<String>,
+
+    /// WireGuard implementation.
+    #[arg(long, env = "WIREMESH_DATAPATH", value_enum, default_value = "auto")]
+    pub datapath: DatapathChoice,
+
+    /// Persistent keepalive towards every peer, in seconds (0 turns it off). Keeps a session up
+    /// between idle nodes so `meshctl status` sees live handshakes and NAT state stays warm.
+    #[arg(long, env = "WIREMESH_PERSISTENT_KEEPALIVE", default_value_t = 25)]
+    pub persistent_keepalive: u16,
+
+    /// How often the agent refreshes its status annotation on its own Node (seconds); it also
+    /// writes at once when the peer count changes, but never more often than every 2 seconds.
+    #[arg(long, env = "WIREMESH_STATUS_INTERVAL", default_value_t = 30)]
+    pub status_interval_secs: u64,
+
+    /// Periodic full reconcile, even without watch events (seconds).
+    #[arg(long, env = "WIREMESH_RESYNC_INTERVAL", default_value_t = 60)]
+    pub resync_interval_secs: u64,
+
+    /// Time the agent gives itself to drain after SIGTERM (seconds).
+    #[arg(long, env = "WIREMESH_DRAIN_TIMEOUT", default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("node name is empty (set --node-name or NODE_NAME)")]
+    EmptyNodeName,
+    #[error("interface name {0:?} is invalid: 1 to 15 bytes, no '/', whitespace or ':'")]
+    InterfaceName(String),
+    #[error("network namespace name {0:?} is invalid: no '/' and not '.' or '..'")]
+    NetnsName(String),
+    #[error("listen port 0 is not allowed")]
+    ListenPort,
+    #[error("MTU {0} is out of range 1280..=65535")]
+    Mtu(u32),
+    #[error("{name} must be at least 1 second")]
+    ZeroInterval { name: &'static str },
+}
+
+/// The validated configuration of `mesh-agent run`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    pub node_name: String,
+    pub kubeconfig: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub interface: String,
+    pub listen_port: Option<u16>,
+    pub mtu: Option<u32>,
+    pub uapi_socket: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub netns: Option<String>,
+    pub datapath: DatapathChoice,
+    pub persistent_keepalive: u16,
+    #[serde(with = "secs")]
+    pub status_interval: Duration,
+    #[serde(with = "secs")]
+    pub resync_interval: Duration,
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validates the flags.
+    pub fn from_args(args: RunArgs) -> Result<Self, ConfigError> {
+        if args.node_name.trim().is_empty() {
+            return Err(ConfigError::EmptyNodeName);
+        }
+        let ifname = &args.interface;
+        if ifname.is_empty()
+            || ifname.len() > MAX_IFNAME_LEN
+            || ifname
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace())
+        {
+            return Err(ConfigError::InterfaceName(ifname.clone()));
+        }
+        if let Some(ns) = &args.netns
+            && (ns.is_empty() || ns.contains('/') || ns == "." || ns == "..")
+        {
+            return Err(ConfigError::NetnsName(ns.clone()));
+        }
+        if args.listen_port == Some(0) {
+            return Err(ConfigError::ListenPort);
+        }
+        if let Some(mtu) = args.mtu
+            && !(1280..=65535).contains(&mtu)
+        {
+            return Err(ConfigError::Mtu(mtu));
+        }
+        for (name, value) in [
+            ("status interval", args.status_interval_secs),
+            ("resync interval", args.resync_interval_secs),
+            ("drain timeout", args.drain_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::ZeroInterval { name });
+            }
+        }
+        let uapi_socket = args
+            .uapi_socket
+            .unwrap_or_else(|| default_uapi_socket(&args.interface));
+        Ok(Self {
+            node_name: args.node_name.trim().to_string(),
+            kubeconfig: args.kubeconfig,
+            state_dir: args.state_dir,
+            interface: args.interface,
+            listen_port: args.listen_port,
+            mtu: args.mtu,
+            uapi_socket,
+            metrics_addr: args.metrics_addr,
+            netns: args.netns,
+            datapath: args.datapath,
+            persistent_keepalive: args.persistent_keepalive,
+            status_interval: Duration::from_secs(args.status_interval_secs),
+            resync_interval: Duration::from_secs(args.resync_interval_secs),
+            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+            log_format: args.log_format,
+        })
+    }
+
+    /// `/var/run/netns/<name>` of `--netns`, if given.
+    pub fn netns_path(&self) -> Option<PathBuf> {
+        self.netns
+            .as_ref()
+            .map(|name| Path::new("/var/run/netns").join(name))
+    }
+}
+
+/// Where wg(8) looks for the UAPI socket of `ifname`.
+pub fn default_uapi_socket(ifname: &str) -> PathBuf {
+    PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"))
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_secs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["mesh-agent"];
+        argv.extend_from_slice(args);
+        Config::from_args(TestCli::try_parse_from(argv).expect("flags parse").run)
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let config = parse(&["--node-name", "n1"]).unwrap();
+        assert_eq!(config.node_name, "n1");
+        assert_eq!(config.interface, "wiremesh0");
+        assert_eq!(
+            config.uapi_socket,
+            PathBuf::from("/var/run/wireguard/wiremesh0.sock")
+        );
+        assert_eq!(config.listen_port, None);
+        assert_eq!(config.datapath, DatapathChoice::Auto);
+        assert_eq!(config.netns_path(), None);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_reasons() {
+        assert_eq!(
+            parse(&["--node-name", " "]).unwrap_err(),
+            ConfigError::EmptyNodeName
+        );
+        assert!(matches!(
+            parse(&["--node-name", "n", "--interface", "a-very-long-ifname"]).unwrap_err(),
+            ConfigError::InterfaceName(_)
+        ));
+        assert!(matches!(
+            parse(&["--node-name", "n", "--netns", "../x"]).unwrap_err(),
+            ConfigError::NetnsName(_)
+        ));
+        assert_eq!(
+            parse(&["--node-name", "n", "--listen-port", "0"]).unwrap_err(),
+            ConfigError::ListenPort
+        );
+        assert_eq!(
+            parse(&["--node-name", "n", "--mtu", "500"]).unwrap_err(),
+            ConfigError::Mtu(500)
+        );
+    }
+
+    #[test]
+    fn serialized_config_names_the_netns_path() {
+        let config = parse(&["--node-name", "n1", "--netns", "wm-n1", "--listen-port", "5000"])
+            .unwrap();
+        assert_eq!(
+            config.netns_path(),
+            Some(PathBuf::from("/var/run/netns/wm-n1"))
+        );
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["listenPort"], 5000);
+        assert_eq!(json["statusInterval"], 30);
+    }
+}

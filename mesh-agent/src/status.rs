@@ -1,0 +1,311 @@
+//! The status reporter task: joins the reconciler's [`MeshSnapshot`] with the device's live peer
+//! state (handshake times) into a [`NodeReport`], keeps the per-peer handshake metric current,
+//! serves the report to `/status`, and writes it to the `wiremesh.io/status` annotation of this
+//! node's own Node: at once (at most every [`MIN_WRITE_SPACING`]) when it changes materially,
+//! otherwise every status interval as a heartbeat. On drain it writes a last report saying the
+//! agent stopped, so `meshctl status` does not wait for the report to go stale.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use tokio::sync::watch;
+
+use crate::{
+    datapath::{Datapath, DeviceStatus},
+    drain::Drain,
+    metrics::{Metrics, PeerLabels, ResultLabels},
+    reconciler::{FIELD_MANAGER, MeshSnapshot},
+    report::{ANNOTATION_STATUS, NodeReport, PeerReport, REPORT_VERSION, RejectedReport, unix_seconds},
+};
+
+/// Minimum time between two writes of the status annotation.
+pub const MIN_WRITE_SPACING: Duration = Duration::from_secs(2);
+
+/// How often the device is polled for handshakes.
+const POLL: Duration = Duration::from_secs(2);
+
+/// The latest report, shared with the HTTP server.
+pub type SharedReport = Arc<Mutex<Option<NodeReport>>>;
+
+/// Builds a report from the reconciler's snapshot and the device's status.
+pub fn build_report(
+    snapshot: &MeshSnapshot,
+    device: Result<&DeviceStatus, String>,
+    interface: &str,
+    datapath_kind: &str,
+    interval: Duration,
+    now: SystemTime,
+) -> NodeReport {
+    let (key, peers, device_error) = match device {
+        Ok(status) => {
+            let peers = snapshot
+                .configured
+                .iter()
+                .map(|(node, key)| PeerReport {
+                    node: node.clone(),
+                    key: key.fingerprint(),
+                    last_handshake: status
+                        .peers
+                        .iter()
+                        .find(|p| p.public_key == *key)
+                        .and_then(|p| p.last_handshake)
+                        .map(unix_seconds),
+                })
+                .collect();
+            (status.public_key.map(|k| k.fingerprint()), peers, None)
+        }
+        Err(error) => (None, Vec::new(), Some(format!("datapath status: {error}"))),
+    };
+    NodeReport {
+        version: REPORT_VERSION,
+        updated_at: unix_seconds(now),
+        interval_secs: interval.as_secs(),
+        datapath: datapath_kind.to_string(),
+        interface: interface.to_string(),
+        key,
+        enabled: snapshot.enabled,
+        ready: snapshot.synced && snapshot.reconciled,
+        peers_expected: u32::try_from(snapshot.expected.len()).unwrap_or(u32::MAX),
+        peers_configured: u32::try_from(snapshot.configured.len()).unwrap_or(u32::MAX),
+        peers,
+        rejected: snapshot
+            .rejected
+            .iter()
+            .map(|(node, reason)| RejectedReport {
+                node: node.clone(),
+                reason: reason.clone(),
+            })
+            .collect(),
+        error: device_error.or_else(|| snapshot.error.clone()),
+    }
+}
+
+/// See the module docs.
+pub struct StatusReporter {
+    node_name: String,
+    datapath: Arc<dyn Datapath>,
+    nodes_api: Api<Node>,
+    snapshot: watch::Receiver<MeshSnapshot>,
+    metrics: Metrics,
+    interval: Duration,
+    shared: SharedReport,
+    written: Option<(NodeReport, Instant)>,
+    handshake_peers: Vec<String>,
+}
+
+impl StatusReporter {
+    pub fn new(
+        node_name: String,
+        datapath: Arc<dyn Datapath>,
+        client: Client,
+        snapshot: watch::Receiver<MeshSnapshot>,
+        metrics: Metrics,
+        interval: Duration,
+        shared: SharedReport,
+    ) -> Self {
+        Self {
+            node_name,
+            datapath,
+            nodes_api: Api::all(client),
+            snapshot,
+            metrics,
+            interval,
+            shared,
+            written: None,
+            handshake_peers: Vec::new(),
+        }
+    }
+
+    fn current(&mut self) -> NodeReport {
+        let snapshot = self.snapshot.borrow_and_update().clone();
+        let device = self.datapath.status().map_err(|e| e.to_string());
+        let report = build_report(
+            &snapshot,
+            device.as_ref().map_err(Clone::clone),
+            self.datapath.ifname(),
+            self.datapath.kind().as_str(),
+            self.interval,
+            SystemTime::now(),
+        );
+        self.update_metrics(&report);
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        report
+    }
+
+    fn update_metrics(&mut self, report: &NodeReport) {
+        let mut seen = Vec::new();
+        for peer in &report.peers {
+            if let Some(at) = peer.last_handshake {
+                let labels = PeerLabels {
+                    peer: peer.node.clone(),
+                };
+                self.metrics
+                    .peer_last_handshake
+                    .get_or_create(&labels)
+                    .set(at as f64);
+                seen.push(peer.node.clone());
+            }
+        }
+        for gone in self.handshake_peers.iter().filter(|p| !seen.contains(p)) {
+            self.metrics.peer_last_handshake.remove(&PeerLabels {
+                peer: gone.clone(),
+            });
+        }
+        self.handshake_peers = seen;
+    }
+
+    fn due(&self, report: &NodeReport, now: Instant) -> bool {
+        match &self.written {
+            None => true,
+            Some((last, at)) => {
+                let since = now.duration_since(*at);
+                since >= self.interval
+                    || (since >= MIN_WRITE_SPACING && report.differs_materially(last))
+            }
+        }
+    }
+
+    async fn write(&mut self, report: &NodeReport) -> Result<(), kube::Error> {
+        let body = serde_json::json!({
+            "metadata": { "annotations": { ANNOTATION_STATUS: report.to_annotation() } }
+        });
+        let result = self
+            .nodes_api
+            .patch(
+                &self.node_name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_string()),
+                    ..PatchParams::default()
+                },
+                &Patch::Merge(&body),
+            )
+            .await;
+        let label = ResultLabels {
+            result: if result.is_ok() { "ok" } else { "error" },
+        };
+        self.metrics.node_patches.get_or_create(&label).inc();
+        result.map(|_| ())
+    }
+
+    /// Reports until the drain starts, then writes a final "stopped" report.
+    pub async fn run(mut self, mut drain: Drain) {
+        let mut failures_logged = false;
+        loop {
+            let report = self.current();
+            let now = Instant::now();
+            if self.due(&report, now) {
+                match self.write(&report).await {
+                    Ok(()) => {
+                        failures_logged = false;
+                        self.written = Some((report, now));
+                    }
+                    Err(error) => {
+                        if !failures_logged {
+                            tracing::warn!(%error, "could not write the status annotation");
+                            failures_logged = true;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.snapshot.changed() => {
+                    // Coalesce a pass's updates; the spacing check above limits writes.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                () = tokio::time::sleep(POLL) => {}
+                () = drain.signaled() => break,
+            }
+        }
+        let mut last = self.current();
+        last.ready = false;
+        last.error = Some("agent stopped".to_string());
+        match tokio::time::timeout(Duration::from_secs(2), self.write(&last)).await {
+            Ok(Ok(())) => tracing::info!("wrote final status"),
+            Ok(Err(error)) => tracing::warn!(%error, "could not write the final status"),
+            Err(_) => tracing::warn!("writing the final status timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use wiremesh_keyexchange::PrivateKey;
+
+    use super::*;
+    use crate::datapath::{DatapathKind, PeerStatus};
+
+    #[test]
+    fn report_joins_snapshot_with_device_handshakes() {
+        let me = PrivateKey::generate().unwrap().public_key();
+        let (kb, kc) = (
+            PrivateKey::generate().unwrap().public_key(),
+            PrivateKey::generate().unwrap().public_key(),
+        );
+        let snapshot = MeshSnapshot {
+            synced: true,
+            reconciled: true,
+            enabled: true,
+            expected: vec![("b".into(), kb), ("c".into(), kc)],
+            configured: vec![("b".into(), kb), ("c".into(), kc)],
+            rejected: vec![("d".into(), "InvalidKeyEncoding".into())],
+            error: None,
+        };
+        let peer = |key, hs: Option<u64>| PeerStatus {
+            public_key: key,
+            endpoint: None,
+            allowed_ips: vec![],
+            persistent_keepalive: None,
+            has_preshared_key: false,
+            last_handshake: hs.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            rx_bytes: 0,
+            tx_bytes: 0,
+        };
+        let device = DeviceStatus {
+            kind: DatapathKind::Userspace,
+            ifname: "wm0".into(),
+            ifindex: 3,
+            public_key: Some(me),
+            listen_port: 51871,
+            fwmark: 0,
+            mtu: 1420,
+            peers: vec![peer(kb, Some(5_000)), peer(kc, None)],
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(5_010);
+        let report = build_report(
+            &snapshot,
+            Ok(&device),
+            "wm0",
+            "userspace",
+            Duration::from_secs(30),
+            now,
+        );
+        assert!(report.ready && report.enabled);
+        assert_eq!(report.key, Some(me.fingerprint()));
+        assert_eq!((report.peers_expected, report.peers_configured), (2, 2));
+        assert_eq!(report.peers[0].last_handshake, Some(5_000));
+        assert_eq!(report.peers[1].last_handshake, None);
+        assert_eq!(report.peers[1].key, kc.fingerprint());
+        assert_eq!(report.rejected[0].node, "d");
+        assert_eq!(report.updated_at, 5_010);
+
+        let broken = build_report(
+            &snapshot,
+            Err("closed".to_string()),
+            "wm0",
+            "userspace",
+            Duration::from_secs(30),
+            now,
+        );
+        assert!(broken.error.unwrap().contains("closed"));
+        assert!(broken.peers.is_empty());
+    }
+}

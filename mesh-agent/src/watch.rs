@@ -1,0 +1,267 @@
+//! The agent's view of the cluster: reflector caches of all Nodes, all Pods and the
+//! `MeshEncryption` singleton, each fed by a watcher with `default_backoff()`. Objects are pruned
+//! to the fields the mesh needs before they enter the cache (Node status images and conditions,
+//! pod containers), which keeps memory flat on big clusters. Every watch event wakes the
+//! reconciler through a shared [`Notify`].
+//!
+//! RBAC: Node credentials alone may not list other Nodes or all Pods (the Node authorizer limits
+//! them to their own objects), so the agent's identity also needs `get/list/watch` on `nodes`,
+//! `pods` and `meshencryptions.wiremesh.io` through RBAC; patching stays limited to its own Node
+//! by the Node authorizer and the NodeRestriction admission plugin.
+
+use std::{collections::BTreeMap, fmt::Debug, sync::Arc};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption};
+
+use crate::drain::Drain;
+
+/// The prefix of every annotation the mesh reads from Nodes.
+const ANNOTATION_PREFIX: &str = "wiremesh.io/";
+
+/// Read handles of the three caches.
+#[derive(Clone)]
+pub struct Caches {
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub mesh_encryption: Store<MeshEncryption>,
+}
+
+impl Caches {
+    /// Completes when every cache has finished its initial list.
+    pub async fn wait_synced(&self) {
+        // An error means the writer is gone, i.e. the agent is shutting down: nothing to wait for.
+        let _ = futures::join!(
+            self.nodes.wait_until_ready(),
+            self.pods.wait_until_ready(),
+            self.mesh_encryption.wait_until_ready(),
+        );
+    }
+
+    /// `MeshEncryption default`, if it exists.
+    pub fn mesh_encryption(&self) -> Option<Arc<MeshEncryption>> {
+        self.mesh_encryption
+            .find(|m| m.metadata.name.as_deref() == Some(MESH_ENCRYPTION_NAME))
+    }
+}
+
+/// The watch tasks that fill [`Caches`]; run each with `run` in the app's JoinSet.
+pub struct Watchers {
+    pub caches: Caches,
+    pub tasks: Vec<WatchTask>,
+}
+
+/// One watcher feeding one cache.
+pub struct WatchTask {
+    name: &'static str,
+    stream: futures::stream::BoxStream<'static, Result<(), watcher::Error>>,
+}
+
+impl WatchTask {
+    fn new<K>(
+        name: &'static str,
+        api: Api<K>,
+        config: watcher::Config,
+        prune: fn(&mut K),
+        writer: reflector::store::Writer<K>,
+        notify: Arc<Notify>,
+    ) -> Self
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let stream = watcher(api, config)
+            .default_backoff()
+            .modify(prune)
+            .reflect(writer)
+            .map(move |event| {
+                // Every applied, deleted or re-listed object can change the mesh.
+                notify.notify_one();
+                event.map(|_| ())
+            })
+            .boxed();
+        Self { name, stream }
+    }
+
+    /// Drives the watcher until the drain starts. Watch errors are logged; the backoff retries.
+    pub async fn run(mut self, mut drain: Drain) {
+        loop {
+            tokio::select! {
+                item = self.stream.next() => match item {
+                    Some(Ok(())) => {}
+                    Some(Err(error)) => {
+                        tracing::warn!(watch = self.name, %error, "watch failed; retrying with backoff");
+                    }
+                    None => {
+                        tracing::warn!(watch = self.name, "watch stream ended");
+                        return;
+                    }
+                },
+                () = drain.signaled() => return,
+            }
+        }
+    }
+}
+
+/// Builds the three watchers. `notify` is signalled on every event.
+pub fn watchers(client: &Client, notify: Arc<Notify>) -> Watchers {
+    let (nodes, node_writer) = reflector::store();
+    let (pods, pod_writer) = reflector::store();
+    let (mesh_encryption, me_writer) = reflector::store();
+    let tasks = vec![
+        WatchTask::new(
+            "nodes",
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            prune_node,
+            node_writer,
+            notify.clone(),
+        ),
+        WatchTask::new(
+            "pods",
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            prune_pod,
+            pod_writer,
+            notify.clone(),
+        ),
+        WatchTask::new(
+            "meshencryptions",
+            Api::<MeshEncryption>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={MESH_ENCRYPTION_NAME}")),
+            |_| {},
+            me_writer,
+            notify,
+        ),
+    ];
+    Watchers {
+        caches: Caches {
+            nodes,
+            pods,
+            mesh_encryption,
+        },
+        tasks,
+    }
+}
+
+/// Keeps name, uid, resourceVersion, the `wiremesh.io/*` annotations, the pod CIDRs and the
+/// addresses of a Node.
+pub fn prune_node(node: &mut Node) {
+    let meta = &mut node.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    meta.annotations = meta.annotations.take().map(|all| {
+        all.into_iter()
+            .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+            .collect::<BTreeMap<_, _>>()
+    });
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        pod_cidr: spec.pod_cidr,
+        pod_cidrs: spec.pod_cidrs,
+        ..NodeSpec::default()
+    });
+    node.status = node.status.take().map(|status| NodeStatus {
+        addresses: status.addresses,
+        ..NodeStatus::default()
+    });
+}
+
+/// Keeps name, namespace, uid, resourceVersion, `spec.nodeName`, `spec.hostNetwork`,
+/// `status.phase` and the pod IPs of a Pod.
+pub fn prune_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        node_name: spec.node_name,
+        host_network: spec.host_network,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{Container, ContainerImage, NodeAddress, PodIP},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_what_the_mesh_reads() {
+        let mut node = Node {
+            metadata: ObjectMeta {
+                name: Some("a".into()),
+                annotations: Some(BTreeMap::from([
+                    ("wiremesh.io/public-key".to_string(), "k".to_string()),
+                    ("other.io/x".to_string(), "y".to_string()),
+                ])),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidrs: Some(vec!["10.244.1.0/24".into()]),
+                provider_id: Some("p".into()),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: "10.0.0.1".into(),
+                }]),
+                images: Some(vec![ContainerImage::default()]),
+                ..Default::default()
+            }),
+        };
+        prune_node(&mut node);
+        assert_eq!(node.metadata.annotations.as_ref().unwrap().len(), 1);
+        assert_eq!(node.spec.as_ref().unwrap().provider_id, None);
+        assert_eq!(node.spec.as_ref().unwrap().pod_cidrs.as_ref().unwrap().len(), 1);
+        assert_eq!(node.status.as_ref().unwrap().images, None);
+        assert!(node.status.as_ref().unwrap().addresses.is_some());
+
+        let mut pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("a".into()),
+                containers: vec![Container::default()],
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                pod_ips: Some(vec![PodIP {
+                    ip: "10.244.1.5".into(),
+                }]),
+                ..Default::default()
+            }),
+        };
+        prune_pod(&mut pod);
+        assert!(pod.spec.as_ref().unwrap().containers.is_empty());
+        assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some("a"));
+        assert_eq!(pod.status.as_ref().unwrap().pod_ips.as_ref().unwrap().len(), 1);
+        assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
+    }
+}
