@@ -4,7 +4,8 @@
 // It generates a CA and a serving certificate for the listen addresses, a static token file with an
 // admin user (group system:masters) and one system:node:<name> user per --nodes entry (group
 // system:nodes), service-account signing keys, and runs the apiserver with
-// --authorization-mode=Node,RBAC and the default admission plugins (NodeRestriction included).
+// --authorization-mode=Node,RBAC and the default admission plugins plus NodeRestriction (which
+// kube-apiserver does not enable by default), so a node can modify only its own Node object.
 //
 // Protocol with the parent process:
 //   - stdout carries exactly one line, "READY <admin-kubeconfig-path>", printed once /readyz is ok and
