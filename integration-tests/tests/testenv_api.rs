@@ -138,11 +138,10 @@ async fn admin_objects_and_node_rbac() {
     assert!(forbidden(&err), "want 403, got {err}");
     let b = nodes.get("node-b").await.expect("get node-b");
     assert!(
-        b.metadata
+        !b.metadata
             .annotations
             .unwrap_or_default()
-            .get("wiremesh.io/public-key")
-            .is_none(),
+            .contains_key("wiremesh.io/public-key"),
         "node-b was modified"
     );
 
