@@ -21,11 +21,6 @@ use crate::{
     rename_all_fields = "camelCase"
 )]
 pub enum Resource {
-    /// A claim file for an underlay subnet (see [`crate::underlay`]).
-    LeaseFile {
-        /// The file.
-        path: PathBuf,
-    },
     /// A directory (work dir with logs, kubeconfigs, testenv data).
     Dir {
         /// The directory, removed recursively.
@@ -54,7 +49,6 @@ pub enum Resource {
 impl std::fmt::Display for Resource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::LeaseFile { path } => write!(f, "underlay lease {}", path.display()),
             Self::Dir { path } => write!(f, "directory {}", path.display()),
             Self::HostLink { name } => write!(f, "host link {name}"),
             Self::Netns { name } => write!(f, "network namespace {name}"),
@@ -124,7 +118,6 @@ pub(crate) fn netns_exists(name: &str) -> bool {
 pub fn release(resource: &Resource) -> Result<(), ReleaseError> {
     let what = resource.to_string();
     match resource {
-        Resource::LeaseFile { path } => remove_file(path, &what),
         Resource::Dir { path } => match std::fs::remove_dir_all(path) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(ReleaseError::Io {
                 resource: what,
@@ -159,16 +152,6 @@ pub fn release(resource: &Resource) -> Result<(), ReleaseError> {
                 resource: what,
                 source,
             }),
-    }
-}
-
-fn remove_file(path: &std::path::Path, what: &str) -> Result<(), ReleaseError> {
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(ReleaseError::Io {
-            resource: what.to_owned(),
-            source: err,
-        }),
-        _ => Ok(()),
     }
 }
 
