@@ -125,6 +125,9 @@ func main() {
 
 // run returns the process exit status.
 func run(opts *options) int {
+	// After READY nobody may read stdout any more (a parent that left testenv running has exited);
+	// a later write must fail with EPIPE rather than kill the process.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	ctx, cancel := context.WithCancelCause(ctx)

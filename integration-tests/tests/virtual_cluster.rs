@@ -172,6 +172,24 @@ async fn two_nodes_topology_objects_rbac_processes_and_cleanup() {
         "{routes}"
     );
 
+    // testenv serves on the bridge IP (for the nodes) and on loopback with the same port.
+    let server = cluster
+        .testenv()
+        .expect("testenv")
+        .credentials()
+        .server
+        .clone();
+    assert!(
+        server.starts_with(&format!("https://{bridge_ip}:")),
+        "{server}"
+    );
+    let port: u16 = server
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port in server URL");
+    std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("apiserver on 127.0.0.1");
+
     // Kubernetes objects as a kubelet and CNI leave them.
     let admin = cluster.client().clone();
     let node = Api::<Node>::all(admin.clone())
