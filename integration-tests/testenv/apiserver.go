@@ -40,6 +40,9 @@ func apiserverArgs(opts *options, pki *pkiFiles, creds *credentials, etcdURL str
 		"--tls-private-key-file=" + pki.keyFile,
 		"--token-auth-file=" + creds.tokenFile,
 		"--authorization-mode=Node,RBAC",
+		// Not in kube-apiserver's default set (kubeadm adds it the same way): without it the Node
+		// authorizer lets any node update or patch any Node object.
+		"--enable-admission-plugins=NodeRestriction",
 		"--service-account-key-file=" + pki.saKeyFile,
 		"--service-account-signing-key-file=" + pki.saKeyFile,
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",

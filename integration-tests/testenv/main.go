@@ -4,7 +4,8 @@
 // It generates a CA and a serving certificate for the listen addresses, a static token file with an
 // admin user (group system:masters) and one system:node:<name> user per --nodes entry (group
 // system:nodes), service-account signing keys, and runs the apiserver with
-// --authorization-mode=Node,RBAC and the default admission plugins (NodeRestriction included).
+// --authorization-mode=Node,RBAC and the default admission plugins plus NodeRestriction (which
+// kube-apiserver does not enable by default), so a node can modify only its own Node object.
 //
 // Protocol with the parent process:
 //   - stdout carries exactly one line, "READY <admin-kubeconfig-path>", printed once /readyz is ok and
@@ -124,6 +125,9 @@ func main() {
 
 // run returns the process exit status.
 func run(opts *options) int {
+	// After READY nobody may read stdout any more (a parent that left testenv running has exited);
+	// a later write must fail with EPIPE rather than kill the process.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	ctx, cancel := context.WithCancelCause(ctx)

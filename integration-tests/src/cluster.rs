@@ -1,0 +1,702 @@
+//! The virtual cluster: testenv, the underlay bridge, nodes and pods as network namespaces with their
+//! Node and Pod objects, and processes (agents) running inside node namespaces.
+//!
+//! Everything created is recorded in a [`Ledger`] and removed by [`VirtualCluster::teardown`] or on
+//! drop; [`VirtualCluster::detach`] instead leaves it running and returns a [`ClusterDescription`] that
+//! another process can tear down.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use crate::{
+    command::{self, CommandError},
+    description::{ClusterDescription, NodeDescription, PodDescription},
+    ledger::{Ledger, Resource, TeardownError},
+    names::ClusterId,
+    netns::{self, NetnsError, NodeNetwork, PodNetwork},
+    objects::{self, ObjectsError},
+    process::{ManagedProcess, ProcessError, ProcessIdentity, ProcessSpec},
+    testenv::{Testenv, TestenvError, TestenvOptions},
+    underlay::{self, UnderlayError, UnderlayLease},
+};
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The work directory could not be created.
+    #[error("work directory {path}: {source}")]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Underlay setup failed.
+    #[error(transparent)]
+    Underlay(#[from] UnderlayError),
+    /// A node or pod namespace could not be built.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// testenv failed.
+    #[error(transparent)]
+    Testenv(#[from] TestenvError),
+    /// A Kubernetes call failed.
+    #[error(transparent)]
+    Objects(#[from] ObjectsError),
+    /// A process could not be started or stopped.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// A command in a namespace failed.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// No node or pod of that name.
+    #[error("no {kind} named {name:?} in this cluster")]
+    Unknown {
+        /// `node`, `pod` or `process`.
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// A node or pod of that name exists already.
+    #[error("{kind} {name:?} exists already")]
+    Exists {
+        /// `node` or `pod`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// Removing host resources failed.
+    #[error(transparent)]
+    Teardown(#[from] TeardownError),
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Nodes created at start: `node-1` .. `node-<nodes>`.
+    pub nodes: u32,
+    /// Pods created on every node at start: `pod-<node>-1` ..
+    pub pods_per_node: u32,
+    /// Extra node names (`node-<nodes+1>` ..) that get credentials now, for [`VirtualCluster::add_node`]
+    /// later (testenv's token file is fixed at start).
+    pub spare_nodes: u32,
+    /// Kubernetes namespace of the pods.
+    pub pod_namespace: String,
+    /// MTU of pod veths; `None` keeps 1500.
+    pub pod_mtu: Option<u32>,
+    /// Where logs, kubeconfigs and testenv data go; default `<tmp>/wiremesh-<id>`. Removed at teardown
+    /// if the cluster created it, unless `keep_work_dir`.
+    pub work_dir: Option<PathBuf>,
+    /// Leave the work directory (logs) behind at teardown.
+    pub keep_work_dir: bool,
+    /// testenv keeps running when this process exits (for [`VirtualCluster::detach`]).
+    pub outlive_parent: bool,
+    /// The testenv executable.
+    pub testenv_binary: PathBuf,
+    /// Grant node users read access to all Nodes, Pods and wiremesh.io objects
+    /// (see [`objects::install_node_read_rbac`]).
+    pub node_read_rbac: bool,
+    /// Deadline for testenv's READY line.
+    pub testenv_ready_timeout: Duration,
+    /// Route every node's podCIDR between nodes over the underlay in plaintext (like a cloud route
+    /// table; see [`netns`]), so cross-node pod traffic flows without a mesh and the mesh's own
+    /// routes (lower metric) take precedence.
+    pub plaintext_pod_routes: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            pods_per_node: 1,
+            spare_nodes: 0,
+            pod_namespace: "default".to_owned(),
+            pod_mtu: None,
+            work_dir: None,
+            keep_work_dir: std::env::var_os("WIREMESH_KEEP_WORK_DIR").is_some(),
+            outlive_parent: false,
+            testenv_binary: crate::testenv::default_binary(),
+            node_read_rbac: true,
+            testenv_ready_timeout: Duration::from_secs(180),
+            plaintext_pod_routes: true,
+        }
+    }
+}
+
+/// The name of node `index` (1-based).
+pub fn node_name(index: u32) -> String {
+    format!("node-{index}")
+}
+
+/// One node of the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterNode {
+    /// Node name.
+    pub name: String,
+    /// Its namespace, addresses and podCIDR.
+    pub network: NodeNetwork,
+    /// Kubeconfig with the node's own credentials.
+    pub kubeconfig: PathBuf,
+    /// The agent running in it, if any.
+    pub agent: Option<ProcessIdentity>,
+    /// The agent's log file, once an agent was started.
+    pub agent_log: Option<PathBuf>,
+}
+
+/// One pod of the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterPod {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Node name.
+    pub node: String,
+    /// Its namespace and address.
+    pub network: PodNetwork,
+}
+
+/// A running virtual cluster; torn down when dropped.
+pub struct VirtualCluster {
+    id: ClusterId,
+    lease: UnderlayLease,
+    bridge: String,
+    work_dir: PathBuf,
+    pod_namespace: String,
+    pod_mtu: Option<u32>,
+    plaintext_pod_routes: bool,
+    testenv: Option<Testenv>,
+    client: kube::Client,
+    nodes: Vec<ClusterNode>,
+    pods: Vec<ClusterPod>,
+    next_pod_index: std::collections::BTreeMap<String, u32>,
+    processes: Vec<NodeProcess>,
+    ledger: Ledger,
+    done: bool,
+}
+
+/// A process started by the cluster, with the node it runs in.
+#[derive(Debug)]
+struct NodeProcess {
+    node: String,
+    process: ManagedProcess,
+}
+
+impl VirtualCluster {
+    /// Builds the cluster: work dir, underlay bridge, testenv listening on the bridge IP, node
+    /// namespaces with Node objects, pods with Pod objects. Whatever was created is removed again if
+    /// a step fails.
+    pub async fn start(opts: ClusterOptions) -> Result<Self, ClusterError> {
+        let lease = UnderlayLease::claim()?;
+        let mut ledger = Ledger::default();
+        // Once the cluster value exists its Drop cleans up; before that, the ledger is released here.
+        let result = Self::build(&opts, ClusterId::next(), lease, &mut ledger).await;
+        if result.is_err()
+            && let Err(cleanup) = ledger.release_all()
+        {
+            tracing::error!(%cleanup, "cleanup after a failed start left resources behind");
+        }
+        result
+    }
+
+    async fn build(
+        opts: &ClusterOptions,
+        id: ClusterId,
+        lease: UnderlayLease,
+        ledger: &mut Ledger,
+    ) -> Result<Self, ClusterError> {
+        let work_dir = opts
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("wiremesh-{id}")));
+        let existed = work_dir.exists();
+        std::fs::create_dir_all(&work_dir).map_err(|source| ClusterError::WorkDir {
+            path: work_dir.clone(),
+            source,
+        })?;
+        if !existed && !opts.keep_work_dir {
+            ledger.push(Resource::Dir {
+                path: work_dir.clone(),
+            });
+        }
+
+        let bridge = underlay::create_bridge(&id, &lease, ledger)?;
+
+        let all_nodes: Vec<String> = (1..=opts.nodes + opts.spare_nodes).map(node_name).collect();
+        let mut testenv_opts =
+            TestenvOptions::new(lease.bridge_ip(), work_dir.join("testenv"), all_nodes);
+        testenv_opts.binary = opts.testenv_binary.clone();
+        testenv_opts.log_path = work_dir.join("logs/testenv.log");
+        testenv_opts.outlive_parent = opts.outlive_parent;
+        testenv_opts.ready_timeout = opts.testenv_ready_timeout;
+        let testenv = Testenv::start(&testenv_opts)?;
+        ledger.push(Resource::Process {
+            label: "testenv".to_owned(),
+            identity: testenv.identity(),
+        });
+        let client = testenv.admin_client().await?;
+
+        objects::ensure_namespace(&client, &opts.pod_namespace).await?;
+        if opts.node_read_rbac {
+            objects::install_node_read_rbac(&client).await?;
+        }
+
+        let mut cluster = Self {
+            id,
+            lease,
+            bridge,
+            work_dir,
+            pod_namespace: opts.pod_namespace.clone(),
+            pod_mtu: opts.pod_mtu,
+            plaintext_pod_routes: opts.plaintext_pod_routes,
+            testenv: Some(testenv),
+            client,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            next_pod_index: Default::default(),
+            processes: Vec::new(),
+            ledger: std::mem::take(ledger),
+            done: false,
+        };
+        for index in 1..=opts.nodes {
+            cluster.add_node_with_index(index).await?;
+            for _ in 0..opts.pods_per_node {
+                cluster.add_pod(&node_name(index), None).await?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The cluster id (part of every namespace and link name).
+    pub fn id(&self) -> &ClusterId {
+        &self.id
+    }
+
+    /// An admin client.
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    /// testenv (None only after [`VirtualCluster::detach`] or teardown).
+    pub fn testenv(&self) -> Option<&Testenv> {
+        self.testenv.as_ref()
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig_path(&self) -> Option<&Path> {
+        self.testenv.as_ref().map(Testenv::kubeconfig_path)
+    }
+
+    /// The underlay bridge in the host namespace.
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// The underlay lease (subnet, bridge IP, node IP plan).
+    pub fn underlay(&self) -> &UnderlayLease {
+        &self.lease
+    }
+
+    /// Logs, kubeconfigs, testenv data.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// Everything created on the host so far, oldest first.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// All nodes, in creation order.
+    pub fn nodes(&self) -> &[ClusterNode] {
+        &self.nodes
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Result<&ClusterNode, ClusterError> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| ClusterError::Unknown {
+                kind: "node",
+                name: name.to_owned(),
+            })
+    }
+
+    /// All pods, in creation order.
+    pub fn pods(&self) -> &[ClusterPod] {
+        &self.pods
+    }
+
+    /// The pod called `name` (in the cluster's pod namespace).
+    pub fn pod(&self, name: &str) -> Result<&ClusterPod, ClusterError> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| ClusterError::Unknown {
+                kind: "pod",
+                name: name.to_owned(),
+            })
+    }
+
+    /// The pods on node `node`.
+    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a ClusterPod> + 'a {
+        self.pods.iter().filter(move |p| p.node == node)
+    }
+
+    /// Adds the next node (`node-<n>`); it must have been provisioned (`nodes + spare_nodes`).
+    pub async fn add_node(&mut self) -> Result<&ClusterNode, ClusterError> {
+        let index = self
+            .nodes
+            .iter()
+            .map(|n| n.network.index)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.add_node_with_index(index).await
+    }
+
+    async fn add_node_with_index(&mut self, index: u32) -> Result<&ClusterNode, ClusterError> {
+        let name = node_name(index);
+        if self.nodes.iter().any(|n| n.name == name) {
+            return Err(ClusterError::Exists { kind: "node", name });
+        }
+        let testenv = self.testenv.as_ref().ok_or_else(|| ClusterError::Unknown {
+            kind: "testenv",
+            name: String::new(),
+        })?;
+        let kubeconfig = self
+            .work_dir
+            .join("nodes")
+            .join(format!("{name}.kubeconfig"));
+        // Fails for a node without credentials before anything is created.
+        testenv.write_node_kubeconfig(&name, &kubeconfig)?;
+        let network =
+            netns::create_node(&self.id, &self.lease, &self.bridge, index, &mut self.ledger)?;
+        if self.plaintext_pod_routes {
+            for other in &self.nodes {
+                netns::add_plaintext_route(&network, &other.network)?;
+                netns::add_plaintext_route(&other.network, &network)?;
+            }
+        }
+        objects::create_node(&self.client, &name, network.pod_cidr, network.underlay_ip).await?;
+        tracing::info!(node = %name, netns = %network.netns, "node added");
+        self.nodes.push(ClusterNode {
+            name,
+            network,
+            kubeconfig,
+            agent: None,
+            agent_log: None,
+        });
+        Ok(self
+            .nodes
+            .last()
+            .unwrap_or_else(|| unreachable!("just pushed")))
+    }
+
+    /// Adds a pod on `node`, named `name` or `pod-<node index>-<n>`.
+    pub async fn add_pod(
+        &mut self,
+        node: &str,
+        name: Option<&str>,
+    ) -> Result<&ClusterPod, ClusterError> {
+        let node = self.node(node)?.clone();
+        let counter = self.next_pod_index.entry(node.name.clone()).or_insert(0);
+        *counter += 1;
+        let pod_index = *counter;
+        let name = name.map_or_else(
+            || format!("pod-{}-{pod_index}", node.network.index),
+            str::to_owned,
+        );
+        if self.pods.iter().any(|p| p.name == name) {
+            return Err(ClusterError::Exists { kind: "pod", name });
+        }
+        let network = netns::create_pod(
+            &self.id,
+            &node.network,
+            pod_index,
+            self.pod_mtu,
+            &mut self.ledger,
+        )?;
+        objects::create_pod(
+            &self.client,
+            &self.pod_namespace,
+            &name,
+            &node.name,
+            network.ip,
+            node.network.underlay_ip,
+        )
+        .await?;
+        self.pods.push(ClusterPod {
+            namespace: self.pod_namespace.clone(),
+            name,
+            node: node.name,
+            network,
+        });
+        Ok(self
+            .pods
+            .last()
+            .unwrap_or_else(|| unreachable!("just pushed")))
+    }
+
+    /// Removes a node completely: stops its processes, deletes its Pod and Node objects, its pod
+    /// namespaces, its namespace and its underlay link.
+    pub async fn remove_node(&mut self, name: &str) -> Result<(), ClusterError> {
+        let node = self.node(name)?.clone();
+        let pods: Vec<ClusterPod> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == name)
+            .cloned()
+            .collect();
+        for pod in &pods {
+            objects::delete_pod(&self.client, &pod.namespace, &pod.name).await?;
+        }
+        objects::delete_node(&self.client, name).await?;
+
+        let (in_node, keep): (Vec<NodeProcess>, Vec<NodeProcess>) =
+            self.processes.drain(..).partition(|p| p.node == name);
+        self.processes = keep;
+        for mut p in in_node {
+            p.process.stop(crate::ledger::PROCESS_GRACE)?;
+            let identity = p.process.identity();
+            self.ledger
+                .forget(|r| matches!(r, Resource::Process { identity: i, .. } if *i == identity));
+        }
+
+        let mut names: Vec<String> = pods.iter().map(|p| p.network.netns.clone()).collect();
+        names.push(node.network.netns.clone());
+        let host_link = node.network.host_link.clone();
+        self.ledger.release_matching(|r| match r {
+            Resource::Netns { name } => names.contains(name),
+            Resource::HostLink { name } => *name == host_link,
+            _ => false,
+        })?;
+        self.pods.retain(|p| p.node != name);
+        self.nodes.retain(|n| n.name != name);
+        if self.plaintext_pod_routes {
+            for other in &self.nodes {
+                netns::remove_plaintext_route(&other.network, &node.network)?;
+            }
+        }
+        tracing::info!(node = name, "node removed");
+        Ok(())
+    }
+
+    /// Starts a long-running process inside node `node`'s namespace (entered with setns, host mounts
+    /// kept), output appended to `spec.log_path`. It is stopped at teardown.
+    pub fn spawn_in_node(
+        &mut self,
+        node: &str,
+        spec: ProcessSpec,
+    ) -> Result<ProcessIdentity, ClusterError> {
+        let netns = self.node(node)?.network.netns.clone();
+        let process = ManagedProcess::spawn(&spec.in_netns(netns))?;
+        let identity = process.identity();
+        self.ledger.push(Resource::Process {
+            label: process.label().to_owned(),
+            identity,
+        });
+        self.processes.push(NodeProcess {
+            node: node.to_owned(),
+            process,
+        });
+        Ok(identity)
+    }
+
+    /// Starts the agent of `node`: `program args...` in the node's namespace with `KUBECONFIG` set to
+    /// the node's own kubeconfig and `NODE_NAME` to its name (plus `env`), logging to
+    /// `<work dir>/logs/agent-<node>.log` (appended across restarts). Recorded as the node's agent.
+    pub fn spawn_agent<I, S>(
+        &mut self,
+        node: &str,
+        program: &Path,
+        args: I,
+        env: Vec<(OsString, OsString)>,
+    ) -> Result<ProcessIdentity, ClusterError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let n = self.node(node)?;
+        let log = self.work_dir.join("logs").join(format!("agent-{node}.log"));
+        let mut spec = ProcessSpec::new(format!("agent {node}"), program, &log)
+            .args(args)
+            .env("KUBECONFIG", n.kubeconfig.as_os_str())
+            .env("NODE_NAME", node);
+        spec.env.extend(env);
+        let identity = self.spawn_in_node(node, spec)?;
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.name == node) {
+            n.agent = Some(identity);
+            n.agent_log = Some(log);
+        }
+        Ok(identity)
+    }
+
+    /// The process with this PID, for signalling (e.g. `SIGKILL` to simulate a crash).
+    pub fn process(&mut self, pid: u32) -> Result<&mut ManagedProcess, ClusterError> {
+        self.processes
+            .iter_mut()
+            .map(|p| &mut p.process)
+            .find(|p| p.pid() == pid)
+            .ok_or_else(|| ClusterError::Unknown {
+                kind: "process",
+                name: pid.to_string(),
+            })
+    }
+
+    /// Stops a process started by this cluster (SIGTERM, then SIGKILL after `grace`), reaps it and
+    /// forgets it; a node whose agent it was has no agent afterwards.
+    pub fn stop_process(
+        &mut self,
+        pid: u32,
+        grace: Duration,
+    ) -> Result<std::process::ExitStatus, ClusterError> {
+        let pos = self
+            .processes
+            .iter()
+            .position(|p| p.process.pid() == pid)
+            .ok_or_else(|| ClusterError::Unknown {
+                kind: "process",
+                name: pid.to_string(),
+            })?;
+        let mut process = self.processes.remove(pos).process;
+        let status = process.stop(grace)?;
+        let identity = process.identity();
+        self.ledger
+            .forget(|r| matches!(r, Resource::Process { identity: i, .. } if *i == identity));
+        for n in &mut self.nodes {
+            if n.agent == Some(identity) {
+                n.agent = None;
+            }
+        }
+        Ok(status)
+    }
+
+    /// Runs `argv` in node `node`'s namespace (`ip netns exec`), returning its output whatever the
+    /// exit status.
+    pub fn exec_in_node<I, S>(&self, node: &str, argv: I) -> Result<Output, ClusterError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Ok(command::exec_in(&self.node(node)?.network.netns, argv)?)
+    }
+
+    /// Runs `argv` in pod `pod`'s namespace, returning its output whatever the exit status.
+    pub fn exec_in_pod<I, S>(&self, pod: &str, argv: I) -> Result<Output, ClusterError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Ok(command::exec_in(&self.pod(pod)?.network.netns, argv)?)
+    }
+
+    /// The description of the cluster as it is now (the `cluster.json` of `meshctl demo`).
+    pub fn description(&self) -> ClusterDescription {
+        let (kubeconfig, testenv_pid, api_server) = self.testenv.as_ref().map_or_else(
+            || (PathBuf::new(), 0, String::new()),
+            |t| {
+                (
+                    t.kubeconfig_path().to_owned(),
+                    t.pid(),
+                    t.credentials().server.clone(),
+                )
+            },
+        );
+        ClusterDescription {
+            kubeconfig,
+            testenv_pid,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| NodeDescription {
+                    name: n.name.clone(),
+                    netns: n.network.netns.clone(),
+                    underlay_ip: n.network.underlay_ip,
+                    agent_pid: n.agent.map(|a| a.pid),
+                    pod_cidr: n.network.pod_cidr.to_string(),
+                    kubeconfig: n.kubeconfig.clone(),
+                    agent_log: n.agent_log.clone(),
+                })
+                .collect(),
+            pods: self
+                .pods
+                .iter()
+                .map(|p| PodDescription {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    netns: p.network.netns.clone(),
+                    ip: p.network.ip,
+                    node: p.node.clone(),
+                })
+                .collect(),
+            id: self.id.to_string(),
+            api_server,
+            bridge: self.bridge.clone(),
+            underlay_subnet: self.lease.subnet().to_string(),
+            work_dir: self.work_dir.clone(),
+            resources: self.ledger.clone(),
+        }
+    }
+
+    /// Leaves everything running and returns its description, from which
+    /// [`ClusterDescription::teardown`] removes it later (also from another process). The cluster must
+    /// have been started with [`ClusterOptions::outlive_parent`] for testenv to survive this process.
+    pub fn detach(mut self) -> ClusterDescription {
+        let description = self.description();
+        for p in self.processes.drain(..) {
+            p.process.detach();
+        }
+        if let Some(t) = self.testenv.take() {
+            t.detach();
+        }
+        self.done = true;
+        description
+    }
+
+    /// Removes everything this cluster created, newest first (agents, pod and node namespaces, links,
+    /// testenv, the bridge, the work dir). Keeps going past failures and reports them all.
+    pub fn teardown(mut self) -> Result<(), TeardownError> {
+        self.teardown_inner()
+    }
+
+    fn teardown_inner(&mut self) -> Result<(), TeardownError> {
+        self.done = true;
+        // Our own children are stopped by the ledger (by PID and start time); dropping the handles
+        // afterwards only reaps them.
+        let result = self.ledger.release_all();
+        self.processes.clear();
+        self.testenv = None;
+        result
+    }
+}
+
+impl std::fmt::Debug for VirtualCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtualCluster")
+            .field("id", &self.id)
+            .field("bridge", &self.bridge)
+            .field("subnet", &self.lease.subnet())
+            .field("nodes", &self.nodes)
+            .field("pods", &self.pods)
+            .field("work_dir", &self.work_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for VirtualCluster {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Err(err) = self.teardown_inner() {
+            tracing::error!(cluster = %self.id, %err, "virtual cluster teardown left resources behind");
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The cluster description, `/run/wiremesh-demo/cluster.json`: what `meshctl demo up` leaves for people
+//! and scripts (kubeconfig, testenv PID, nodes with their namespaces, underlay IPs and agent PIDs, pods
+//! with their namespaces and IPs), plus the ledger another process needs to remove it all.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::{Ledger, TeardownError};
+
+/// Why a description could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptionError {
+    /// File I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The JSON did not parse.
+    #[error("{path}: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A running virtual cluster. The keys `kubeconfig`, `testenvPid`, `nodes[].{name, netns, underlayIP,
+/// agentPid}` and `pods[].{namespace, name, netns, ip, node}` are the documented interface; the others
+/// are extra detail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterDescription {
+    /// Admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// PID of the testenv process (kube-apiserver + etcd).
+    pub testenv_pid: u32,
+    /// The nodes.
+    pub nodes: Vec<NodeDescription>,
+    /// The pods.
+    pub pods: Vec<PodDescription>,
+    /// The cluster id in every namespace and link name.
+    pub id: String,
+    /// `https://IP:port` of the apiserver.
+    pub api_server: String,
+    /// The underlay bridge in the host namespace (capture here to see node-to-node traffic).
+    pub bridge: String,
+    /// The underlay subnet, e.g. `10.213.7.0/24`.
+    pub underlay_subnet: String,
+    /// Logs, kubeconfigs and testenv data.
+    pub work_dir: PathBuf,
+    /// Everything created on the host, oldest first; `meshctl demo down` releases it newest first.
+    pub resources: Ledger,
+}
+
+/// One node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDescription {
+    /// Node name (the Node object).
+    pub name: String,
+    /// Its network namespace.
+    pub netns: String,
+    /// Its underlay address (also the Node's InternalIP).
+    #[serde(rename = "underlayIP")]
+    pub underlay_ip: Ipv4Addr,
+    /// PID of its mesh-agent, `null` when none runs.
+    pub agent_pid: Option<u32>,
+    /// Its podCIDR.
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: String,
+    /// Kubeconfig with this node's own credentials (user `system:node:<name>`).
+    pub kubeconfig: PathBuf,
+    /// The agent's log file, if an agent was started.
+    pub agent_log: Option<PathBuf>,
+}
+
+/// One pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDescription {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Its network namespace.
+    pub netns: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// The node it runs on.
+    pub node: String,
+}
+
+impl ClusterDescription {
+    /// Reads a description written by [`ClusterDescription::write`].
+    pub fn read(path: &Path) -> Result<Self, DescriptionError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DescriptionError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| DescriptionError::Json {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Writes the description atomically (temporary file + rename), mode 0600.
+    pub fn write(&self, path: &Path) -> Result<(), DescriptionError> {
+        let json = serde_json::to_string_pretty(self).map_err(|source| DescriptionError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+        crate::fsutil::write_private_atomic(path, format!("{json}\n").as_bytes()).map_err(
+            |source| DescriptionError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        )
+    }
+
+    /// Removes everything the cluster created (agents, namespaces, links, testenv, work dir), newest
+    /// first, from another process than the one that created it. Processes are matched by PID and start
+    /// time, so a reused PID is never signalled.
+    pub fn teardown(&self) -> Result<(), TeardownError> {
+        let mut ledger = self.resources.clone();
+        ledger.release_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_keys_are_spelled_as_issue_4_says() {
+        let desc = ClusterDescription {
+            kubeconfig: "/run/wiremesh-demo/admin.kubeconfig".into(),
+            testenv_pid: 42,
+            nodes: vec![NodeDescription {
+                name: "node-1".into(),
+                netns: "wm0000100-n1".into(),
+                underlay_ip: Ipv4Addr::new(10, 213, 3, 11),
+                agent_pid: Some(43),
+                pod_cidr: "10.244.1.0/24".into(),
+                kubeconfig: "/run/wiremesh-demo/nodes/node-1.kubeconfig".into(),
+                agent_log: None,
+            }],
+            pods: vec![PodDescription {
+                namespace: "default".into(),
+                name: "pod-1-1".into(),
+                netns: "wm0000100-n1-p1".into(),
+                ip: Ipv4Addr::new(10, 244, 1, 11),
+                node: "node-1".into(),
+            }],
+            id: "0000100".into(),
+            api_server: "https://10.213.3.1:6443".into(),
+            bridge: "wmb0000100".into(),
+            underlay_subnet: "10.213.3.0/24".into(),
+            work_dir: "/run/wiremesh-demo".into(),
+            resources: Ledger::default(),
+        };
+        let v = serde_json::to_value(&desc).expect("serialize");
+        assert_eq!(v["kubeconfig"], "/run/wiremesh-demo/admin.kubeconfig");
+        assert_eq!(v["testenvPid"], 42);
+        assert_eq!(v["nodes"][0]["name"], "node-1");
+        assert_eq!(v["nodes"][0]["netns"], "wm0000100-n1");
+        assert_eq!(v["nodes"][0]["underlayIP"], "10.213.3.11");
+        assert_eq!(v["nodes"][0]["agentPid"], 43);
+        for key in ["namespace", "name", "netns", "ip", "node"] {
+            assert!(
+                v["pods"][0].get(key).is_some(),
+                "pods[].{key} missing in {v}"
+            );
+        }
+        assert_eq!(v["pods"][0]["ip"], "10.244.1.11");
+        let back: ClusterDescription = serde_json::from_value(v).expect("deserialize");
+        assert_eq!(back, desc);
+    }
+}

@@ -1,0 +1,222 @@
+//! The Kubernetes side of the virtual cluster: Node and Pod objects as a kubelet and a CNI would
+//! leave them (podCIDRs, InternalIP, podIPs, Ready), created by the admin since no kubelet runs.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+/// A Kubernetes API call failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct ObjectsError {
+    /// What was being done, e.g. `creating Node node-1`.
+    pub what: String,
+    /// The API error.
+    #[source]
+    pub source: kube::Error,
+}
+
+/// Name of the ClusterRole (and its binding) [`install_node_read_rbac`] creates.
+pub const NODE_READ_ROLE: &str = "wiremesh-testbed-node-read";
+
+fn typed<T: DeserializeOwned>(value: serde_json::Value) -> T {
+    // The literals below are well-formed objects of type T; failing here is a bug in this file.
+    serde_json::from_value(value)
+        .unwrap_or_else(|e| panic!("object literal does not match its type: {e}"))
+}
+
+fn is_conflict(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 409)
+}
+
+fn is_not_found(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 404)
+}
+
+/// Creates `obj` unless an object of that name exists already.
+async fn create_if_missing<K>(api: &Api<K>, obj: &K, what: String) -> Result<(), ObjectsError>
+where
+    K: kube::Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => Ok(()),
+        Err(err) if is_conflict(&err) => Ok(()),
+        Err(source) => Err(ObjectsError { what, source }),
+    }
+}
+
+/// Makes sure `namespace` exists with a `default` ServiceAccount (normally made by
+/// kube-controller-manager, which the test bed does not run; the ServiceAccount admission plugin
+/// rejects pods without it).
+pub async fn ensure_namespace(client: &Client, namespace: &str) -> Result<(), ObjectsError> {
+    let ns: Namespace = typed(json!({"metadata": {"name": namespace}}));
+    create_if_missing(
+        &Api::<Namespace>::all(client.clone()),
+        &ns,
+        format!("creating Namespace {namespace}"),
+    )
+    .await?;
+    let sa: ServiceAccount =
+        typed(json!({"metadata": {"name": "default", "namespace": namespace}}));
+    create_if_missing(
+        &Api::<ServiceAccount>::namespaced(client.clone(), namespace),
+        &sa,
+        format!("creating ServiceAccount {namespace}/default"),
+    )
+    .await
+}
+
+/// Creates a Node with `spec.podCIDRs` and sets its status (InternalIP, Hostname, Ready) through the
+/// status subresource, as the kubelet would.
+pub async fn create_node(
+    client: &Client,
+    name: &str,
+    pod_cidr: Ipv4Net,
+    internal_ip: Ipv4Addr,
+) -> Result<Node, ObjectsError> {
+    let api = Api::<Node>::all(client.clone());
+    let node: Node = typed(json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+        "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]},
+    }));
+    api.create(&PostParams::default(), &node)
+        .await
+        .map_err(|source| ObjectsError {
+            what: format!("creating Node {name}"),
+            source,
+        })?;
+    let status = json!({"status": {
+        "addresses": [
+            {"type": "InternalIP", "address": internal_ip.to_string()},
+            {"type": "Hostname", "address": name},
+        ],
+        "conditions": [{
+            "type": "Ready", "status": "True", "reason": "WiremeshTestbed",
+            "message": "network namespace of the wiremesh virtual cluster",
+        }],
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map_err(|source| ObjectsError {
+            what: format!("setting the status of Node {name}"),
+            source,
+        })
+}
+
+/// Creates a Pod bound to `node` (no scheduler runs) and sets `status.podIP(s)`, `hostIP(s)`,
+/// phase Running and Ready, as the kubelet would after the CNI gave the pod its address.
+pub async fn create_pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    pod_ip: Ipv4Addr,
+    host_ip: Ipv4Addr,
+) -> Result<Pod, ObjectsError> {
+    let api = Api::<Pod>::namespaced(client.clone(), namespace);
+    let pod: Pod = typed(json!({
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": "wiremesh-testbed"}},
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "app", "image": "wiremesh.invalid/testbed-pod:none"}],
+        },
+    }));
+    api.create(&PostParams::default(), &pod)
+        .await
+        .map_err(|source| ObjectsError {
+            what: format!("creating Pod {namespace}/{name}"),
+            source,
+        })?;
+    let status = json!({"status": {
+        "phase": "Running",
+        "podIP": pod_ip.to_string(),
+        "podIPs": [{"ip": pod_ip.to_string()}],
+        "hostIP": host_ip.to_string(),
+        "hostIPs": [{"ip": host_ip.to_string()}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map_err(|source| ObjectsError {
+            what: format!("setting the status of Pod {namespace}/{name}"),
+            source,
+        })
+}
+
+/// Deletes a Node; a missing one counts as deleted.
+pub async fn delete_node(client: &Client, name: &str) -> Result<(), ObjectsError> {
+    match Api::<Node>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await
+    {
+        Err(err) if !is_not_found(&err) => Err(ObjectsError {
+            what: format!("deleting Node {name}"),
+            source: err,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes a Pod at once (grace period 0: no kubelet would ever confirm a graceful deletion).
+pub async fn delete_pod(client: &Client, namespace: &str, name: &str) -> Result<(), ObjectsError> {
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    match Api::<Pod>::namespaced(client.clone(), namespace)
+        .delete(name, &params)
+        .await
+    {
+        Err(err) if !is_not_found(&err) => Err(ObjectsError {
+            what: format!("deleting Pod {namespace}/{name}"),
+            source: err,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Lets every node user (group `system:nodes`) get, list and watch all Nodes and Pods and the
+/// wiremesh.io resources.
+///
+/// The Node authorizer alone allows a node to read only its own Node object and to list pods only
+/// with `fieldSelector=spec.nodeName=<itself>`; an agent that runs with its node's credentials and
+/// watches every node needs these read grants in addition. Writes stay as the Node authorizer and
+/// the NodeRestriction admission plugin allow: a node patches only its own Node.
+pub async fn install_node_read_rbac(client: &Client) -> Result<(), ObjectsError> {
+    let role: ClusterRole = typed(json!({
+        "metadata": {"name": NODE_READ_ROLE},
+        "rules": [
+            {"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["wiremesh.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
+        ],
+    }));
+    create_if_missing(
+        &Api::<ClusterRole>::all(client.clone()),
+        &role,
+        format!("creating ClusterRole {NODE_READ_ROLE}"),
+    )
+    .await?;
+    let binding: ClusterRoleBinding = typed(json!({
+        "metadata": {"name": NODE_READ_ROLE},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NODE_READ_ROLE},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}],
+    }));
+    create_if_missing(
+        &Api::<ClusterRoleBinding>::all(client.clone()),
+        &binding,
+        format!("creating ClusterRoleBinding {NODE_READ_ROLE}"),
+    )
+    .await
+}
