@@ -2,3 +2,6 @@
 //! full mesh of tunnels configured through a [`datapath::Datapath`].
 
 pub mod datapath;
+pub mod device;
+pub mod engine;
+pub mod uapi;
