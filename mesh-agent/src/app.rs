@@ -20,9 +20,10 @@ use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
 
 use crate::{
     admin::AdminServer,
-    config::{Config, DatapathChoice},
+    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice},
     datapath::{Datapath, DeviceSettings},
     drain::{self, Trigger},
+    engine::{EngineConfig, UserspaceEngine},
     mesh::Mesh,
     metrics::Metrics,
     reconciler::{MeshSnapshot, PlanSettings, Reconciler},
@@ -66,20 +67,23 @@ pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
     Ok(key)
 }
 
-/// Creates the datapath chosen by `--datapath`, in the current network namespace.
-pub fn open_datapath(config: &Config) -> anyhow::Result<Arc<dyn Datapath>> {
+/// Creates the datapath chosen by `--datapath`, in the current network namespace. `auto` is the
+/// userspace engine until the kernel engine exists.
+pub fn open_datapath(config: &Config) -> anyhow::Result<Arc<UserspaceEngine>> {
     match config.datapath {
         DatapathChoice::Kernel => anyhow::bail!(
             "--datapath kernel: the kernel WireGuard engine is not built yet; use --datapath userspace"
         ),
-        DatapathChoice::Auto | DatapathChoice::Userspace => anyhow::bail!(
-            "--datapath {}: the userspace engine is not linked into this build yet",
-            if config.datapath == DatapathChoice::Auto {
-                "auto"
-            } else {
-                "userspace"
+        DatapathChoice::Auto | DatapathChoice::Userspace => {
+            let mut engine = EngineConfig::new(&config.interface);
+            engine.uapi_socket = Some(config.uapi_socket.clone());
+            engine.listen_port = config.listen_port.unwrap_or(DEFAULT_LISTEN_PORT);
+            if let Some(mtu) = config.mtu {
+                engine.mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
             }
-        ),
+            UserspaceEngine::create(engine)
+                .with_context(|| format!("create userspace WireGuard device {}", config.interface))
+        }
     }
 }
 
@@ -251,8 +255,18 @@ impl App {
 /// `mesh-agent run` after the configuration is parsed, logging set up and the namespace entered.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let key = load_key(&config)?;
-    let datapath = open_datapath(&config)?;
-    let client = kube_client(&config).await?;
-    let app = build(&config, key, datapath, client).await?;
-    app.wait_termination().await
+    let engine = open_datapath(&config)?;
+    let result = async {
+        let client = kube_client(&config).await?;
+        let app = build(&config, key, engine.clone(), client).await?;
+        app.wait_termination().await
+    }
+    .await;
+    // Stop the workers and remove the TUN device and UAPI socket; the kernel drops the routes
+    // through the device with it.
+    let engine_for_shutdown = engine.clone();
+    tokio::task::spawn_blocking(move || engine_for_shutdown.shutdown())
+        .await
+        .context("shut down the datapath")?;
+    result
 }

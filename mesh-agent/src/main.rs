@@ -1,6 +1,6 @@
 //! `mesh-agent`: the wiremesh node agent binary.
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
     app,
@@ -20,14 +20,31 @@ enum Command {
     /// Run the node agent (watch Nodes, publish this node's key, keep the mesh configured).
     Run(Box<RunArgs>),
     /// Run a standalone WireGuard device speaking the wg(8) UAPI.
-    Device,
+    Device(mesh_agent::device::DeviceArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(*args),
-        Command::Device => bail!("`mesh-agent device` is not built yet (issue 3)"),
+        Command::Device(args) => {
+            init_device_logging();
+            mesh_agent::device::run(args)
+        }
+    }
+}
+
+/// Logging for `mesh-agent device`: RUST_LOG filter (default info), JSON with LOG_FORMAT=json.
+fn init_device_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }
 

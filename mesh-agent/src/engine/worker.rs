@@ -1,0 +1,698 @@
+//! The datapath: one worker thread per TUN queue. Each worker moves batches both ways:
+//! TUN -> (split GSO frames) -> encrypt -> UDP (GSO trains), and UDP (GRO) -> decrypt ->
+//! cryptokey-routing check -> TUN (GRO coalescing). All buffers are allocated once per worker
+//! and reused for every batch; the per-packet path does not allocate.
+
+use std::{
+    io::{self, IoSliceMut},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::{Arc, atomic::Ordering},
+};
+
+use boringtun::noise::{
+    Packet, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon,
+};
+use quinn_udp::{RecvMeta, UdpSockRef};
+use tun_rs::{ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use wiremesh_keyexchange::PublicKey;
+
+use super::{
+    Shared,
+    io::{UdpEndpoint, canonical},
+    state::{DeviceState, Peer},
+};
+
+/// Largest IP packet the TUN can hand us (or we it) in one frame.
+const MAX_FRAME: usize = 65535;
+/// Encrypted bytes staged before a flush to the UDP socket.
+const TX_STAGE: usize = 512 * 1024;
+/// UDP receive buffers per batch; each holds one GRO train of up to 64 KiB.
+const RX_BUFS: usize = 16;
+/// Largest UDP payload one GSO send may carry.
+const MAX_GSO_BYTES: usize = 65000;
+/// TUN reads per wake-up before the worker looks at the UDP side again (fairness).
+const TUN_BURST: usize = 8;
+/// UDP batches per wake-up before the worker looks at the TUN side again.
+const UDP_BURST: usize = 8;
+
+/// A packet buffer for `send_multiple`: fixed storage, variable length, never reallocated in
+/// steady state (GRO merges grow the first buffer of a flow in place).
+pub(crate) struct PktBuf {
+    data: Vec<u8>,
+    len: usize,
+}
+
+impl PktBuf {
+    fn new(capacity: usize) -> Self {
+        Self {
+            data: vec![0; capacity],
+            len: 0,
+        }
+    }
+}
+
+impl AsRef<[u8]> for PktBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for PktBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl ExpandBuffer for PktBuf {
+    fn buf_capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        if new_len > self.data.len() {
+            self.data.resize(new_len, value);
+        }
+        if new_len > self.len {
+            self.data[self.len..new_len].fill(value);
+        }
+        self.len = new_len;
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let end = self.len + src.len();
+        if end > self.data.len() {
+            self.data.resize(end, 0);
+        }
+        self.data[self.len..end].copy_from_slice(src);
+        self.len = end;
+    }
+}
+
+/// One encrypted datagram staged in `tx_buf`.
+#[derive(Clone, Copy)]
+struct Staged {
+    dst: SocketAddr,
+    start: usize,
+    len: usize,
+}
+
+/// Per-worker buffers, allocated once.
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    tun: SyncDevice,
+    queue: usize,
+    // TUN -> UDP
+    tun_frame: Vec<u8>,
+    tun_pkts: Vec<Vec<u8>>,
+    tun_sizes: Vec<usize>,
+    tx_buf: Vec<u8>,
+    tx_used: usize,
+    staged: Vec<Staged>,
+    tx_acct: Vec<(Arc<Peer>, u64)>,
+    // UDP -> TUN
+    rx_bufs: Vec<Vec<u8>>,
+    rx_meta: Vec<RecvMeta>,
+    tun_out: Vec<PktBuf>,
+    tun_out_n: usize,
+    gro: GROTable,
+    scratch: Vec<u8>,
+}
+
+enum Step {
+    /// Did some work; try again without polling.
+    Busy,
+    /// Nothing to read.
+    Idle,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, tun: SyncDevice, queue: usize) -> io::Result<Self> {
+        tun.set_nonblocking(true)?;
+        Ok(Self {
+            shared,
+            tun,
+            queue,
+            tun_frame: vec![0; VIRTIO_NET_HDR_LEN + MAX_FRAME],
+            tun_pkts: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; MAX_FRAME]).collect(),
+            tun_sizes: vec![0; IDEAL_BATCH_SIZE],
+            tx_buf: vec![0; TX_STAGE],
+            tx_used: 0,
+            staged: Vec::with_capacity(IDEAL_BATCH_SIZE * 2),
+            tx_acct: Vec::with_capacity(16),
+            rx_bufs: (0..RX_BUFS).map(|_| vec![0; MAX_FRAME]).collect(),
+            rx_meta: vec![RecvMeta::default(); RX_BUFS],
+            tun_out: (0..IDEAL_BATCH_SIZE)
+                .map(|_| PktBuf::new(VIRTIO_NET_HDR_LEN + MAX_FRAME))
+                .collect(),
+            tun_out_n: 0,
+            gro: GROTable::default(),
+            scratch: vec![0; 2048],
+        })
+    }
+
+    /// Runs until the engine stops or the TUN device goes away.
+    pub fn run(mut self) {
+        let tun_fd = self.tun.as_raw_fd();
+        while !self.shared.stopping() {
+            let udp = self.shared.read_state().udp.clone();
+            let mut busy = false;
+            match self.tun_batch(&udp) {
+                Ok(Step::Busy) => busy = true,
+                Ok(Step::Idle) => {}
+                Err(e) => {
+                    self.shared
+                        .mark_dead(format!("TUN queue {} failed: {e}", self.queue));
+                    return;
+                }
+            }
+            if let Step::Busy = self.udp_batch(&udp) {
+                busy = true;
+            }
+            if busy {
+                continue;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: tun_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: udp.socket.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.shared.waker.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: three valid pollfds for the duration of the call.
+            unsafe {
+                libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000);
+            }
+        }
+    }
+
+    fn tun_batch(&mut self, udp: &UdpEndpoint) -> io::Result<Step> {
+        let mut step = Step::Idle;
+        for _ in 0..TUN_BURST {
+            let n = match self.tun.recv_multiple(
+                &mut self.tun_frame,
+                &mut self.tun_pkts,
+                &mut self.tun_sizes,
+                0,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_fatal_tun_error(&e) => return Err(e),
+                Err(e) => {
+                    // A frame the offload splitter rejected: drop it, keep going.
+                    tracing::debug!(ifname = %self.shared.ifname, error = %e, "bad frame from TUN");
+                    self.shared
+                        .counters
+                        .tun_malformed
+                        .fetch_add(1, Ordering::Relaxed);
+                    step = Step::Busy;
+                    continue;
+                }
+            };
+            step = Step::Busy;
+            self.encrypt_batch(n, udp);
+        }
+        Ok(step)
+    }
+
+    fn encrypt_batch(&mut self, n: usize, udp: &UdpEndpoint) {
+        let shared = self.shared.clone();
+        let state = shared.read_state();
+        let counters = &shared.counters;
+        for i in 0..n {
+            let size = self.tun_sizes[i];
+            let pkt = &self.tun_pkts[i][..size];
+            let Some(dst) = packet_dst(pkt) else {
+                counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if let IpAddr::V6(v6) = dst
+                && (v6.is_multicast() || v6.is_unicast_link_local())
+            {
+                // Neighbour discovery and other link-local chatter the kernel sends on a new
+                // interface: never tunnelled (FACTS: it can eat the first handshake).
+                counters.tun_filtered.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Some(peer) = state.table.lookup(dst) else {
+                counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let need = (size + 32 + 16).max(148);
+            if self.tx_used + need > self.tx_buf.len() {
+                flush_tx(
+                    udp,
+                    &self.tx_buf,
+                    &mut self.staged,
+                    &mut self.tx_acct,
+                    counters,
+                    &shared,
+                );
+                self.tx_used = 0;
+            }
+            let mut inner = peer.lock();
+            let Some(endpoint) = inner.endpoint else {
+                counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let Some(tunn) = inner.tunn.as_mut() else {
+                counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let start = self.tx_used;
+            match tunn.encapsulate(pkt, &mut self.tx_buf[start..start + need]) {
+                TunnResult::WriteToNetwork(out) => {
+                    let len = out.len();
+                    drop(inner);
+                    self.staged.push(Staged {
+                        dst: endpoint,
+                        start,
+                        len,
+                    });
+                    self.tx_used += len;
+                    account(&mut self.tx_acct, peer, len as u64);
+                }
+                // Queued inside the Tunn until the handshake completes.
+                TunnResult::Done => {}
+                TunnResult::Err(e) => {
+                    counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = %peer.public_key, error = ?e, "encapsulate failed");
+                }
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                    counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        drop(state);
+        flush_tx(
+            udp,
+            &self.tx_buf,
+            &mut self.staged,
+            &mut self.tx_acct,
+            counters,
+            &shared,
+        );
+        self.tx_used = 0;
+    }
+
+    fn udp_batch(&mut self, udp: &UdpEndpoint) -> Step {
+        let mut step = Step::Idle;
+        for _ in 0..UDP_BURST {
+            let n = {
+                let mut iovs: [IoSliceMut<'_>; RX_BUFS] = {
+                    let mut it = self.rx_bufs.iter_mut();
+                    std::array::from_fn(|_| {
+                        IoSliceMut::new(it.next().map_or(&mut [][..], |b| &mut b[..]))
+                    })
+                };
+                match udp
+                    .state
+                    .recv(UdpSockRef::from(&udp.socket), &mut iovs, &mut self.rx_meta)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // ICMP errors surface here (ECONNREFUSED...): not fatal for a UDP server.
+                        tracing::trace!(error = %e, "UDP receive error");
+                        step = Step::Busy;
+                        continue;
+                    }
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            step = Step::Busy;
+            self.decrypt_batch(n, udp);
+        }
+        step
+    }
+
+    fn decrypt_batch(&mut self, n: usize, udp: &UdpEndpoint) {
+        let shared = self.shared.clone();
+        let state = shared.read_state();
+        for i in 0..n {
+            let meta = self.rx_meta[i];
+            let src = canonical(meta.addr);
+            let stride = meta.stride.max(1);
+            let mut off = 0;
+            while off < meta.len {
+                let end = (off + stride).min(meta.len);
+                if self.tun_out_n == self.tun_out.len() {
+                    self.flush_tun();
+                }
+                let datagram = &self.rx_bufs[i][off..end];
+                let slot = &mut self.tun_out[self.tun_out_n];
+                if handle_datagram(&shared, &state, udp, src, datagram, slot, &mut self.scratch) {
+                    self.tun_out_n += 1;
+                }
+                off = end;
+            }
+        }
+        drop(state);
+        self.flush_tun();
+    }
+
+    fn flush_tun(&mut self) {
+        if self.tun_out_n == 0 {
+            return;
+        }
+        let n = self.tun_out_n;
+        if let Err(e) =
+            self.tun
+                .send_multiple(&mut self.gro, &mut self.tun_out[..n], VIRTIO_NET_HDR_LEN)
+        {
+            self.shared
+                .counters
+                .tun_write_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(ifname = %self.shared.ifname, error = %e, "TUN write failed");
+        }
+        for buf in &mut self.tun_out[..n] {
+            buf.len = 0;
+        }
+        self.tun_out_n = 0;
+    }
+}
+
+fn is_fatal_tun_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD) | Some(libc::EBADF) | Some(libc::EIO) | Some(libc::ENODEV)
+    )
+}
+
+fn account(acct: &mut Vec<(Arc<Peer>, u64)>, peer: &Arc<Peer>, bytes: u64) {
+    match acct.last_mut() {
+        Some((p, n)) if Arc::ptr_eq(p, peer) => *n += bytes,
+        _ => acct.push((peer.clone(), bytes)),
+    }
+}
+
+/// Sends the staged datagrams, grouping runs to one destination with equal sizes into GSO
+/// trains (the last datagram of a train may be shorter).
+fn flush_tx(
+    udp: &UdpEndpoint,
+    buf: &[u8],
+    staged: &mut Vec<Staged>,
+    acct: &mut Vec<(Arc<Peer>, u64)>,
+    counters: &super::Counters,
+    shared: &Shared,
+) {
+    let max_segs = udp.max_gso_segments();
+    let mut i = 0;
+    while i < staged.len() {
+        let first = staged[i];
+        let mut j = i + 1;
+        let mut total = first.len;
+        if first.len < MAX_GSO_BYTES {
+            while j < staged.len()
+                && j - i < max_segs
+                && staged[j].dst == first.dst
+                && staged[j].start == staged[j - 1].start + staged[j - 1].len
+                && total + staged[j].len <= MAX_GSO_BYTES
+                && staged[j].len <= first.len
+            {
+                total += staged[j].len;
+                j += 1;
+                if staged[j - 1].len < first.len {
+                    break;
+                }
+            }
+        }
+        let segment = if j - i > 1 { Some(first.len) } else { None };
+        let contents = &buf[first.start..first.start + total];
+        match udp.send(first.dst, contents, segment) {
+            Ok(()) => {
+                counters
+                    .tx_datagrams
+                    .fetch_add((j - i) as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                counters
+                    .tx_errors
+                    .fetch_add((j - i) as u64, Ordering::Relaxed);
+                tracing::debug!(dst = %first.dst, error = %e, "UDP send failed");
+            }
+        }
+        i = j;
+    }
+    staged.clear();
+    let now = shared.now_ms();
+    for (peer, bytes) in acct.drain(..) {
+        peer.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        peer.last_tx_ms.store(now, Ordering::Relaxed);
+    }
+}
+
+/// The destination address of an IP packet.
+#[inline]
+fn packet_dst(pkt: &[u8]) -> Option<IpAddr> {
+    match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(
+            pkt[16], pkt[17], pkt[18], pkt[19],
+        ))),
+        6 if pkt.len() >= 40 => {
+            let b: [u8; 16] = pkt[24..40].try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
+const MSG_INIT: u8 = 1;
+const MSG_RESPONSE: u8 = 2;
+const MSG_COOKIE: u8 = 3;
+const MSG_DATA: u8 = 4;
+
+/// Handles one received datagram. Returns true when a decrypted packet was left in `slot`
+/// for the TUN.
+pub(crate) fn handle_datagram(
+    shared: &Shared,
+    state: &DeviceState,
+    udp: &UdpEndpoint,
+    src: SocketAddr,
+    datagram: &[u8],
+    slot: &mut PktBuf,
+    scratch: &mut [u8],
+) -> bool {
+    let counters = &shared.counters;
+    if datagram.len() < 4 || datagram[1..4] != [0, 0, 0] {
+        counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let Some(identity) = &state.identity else {
+        counters.rx_no_key.fetch_add(1, Ordering::Relaxed);
+        return false;
+    };
+    let peer = match datagram[0] {
+        MSG_DATA | MSG_RESPONSE | MSG_COOKIE => {
+            let min = match datagram[0] {
+                MSG_DATA => 32,
+                MSG_RESPONSE => 92,
+                _ => 64,
+            };
+            if datagram.len() < min || (datagram[0] != MSG_DATA && datagram.len() != min) {
+                counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            // Responses carry (sender, receiver); data and cookie replies only a receiver.
+            let at = if datagram[0] == MSG_RESPONSE { 8 } else { 4 };
+            let receiver = u32::from_le_bytes([
+                datagram[at],
+                datagram[at + 1],
+                datagram[at + 2],
+                datagram[at + 3],
+            ]);
+            match state.by_index.get(&(receiver >> 8)) {
+                Some(p) => p,
+                None => {
+                    counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+        MSG_INIT => {
+            if datagram.len() != 148 {
+                counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            // Cheap checks first (mac1, load -> cookie), only then the Diffie-Hellman.
+            let half = match identity
+                .rate_limiter
+                .verify_packet(Some(src.ip()), datagram, scratch)
+            {
+                Ok(Packet::HandshakeInit(init)) => {
+                    parse_handshake_anon(&identity.secret, &identity.public, &init)
+                }
+                Ok(_) => {
+                    counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    counters.rx_cookie_replies.fetch_add(1, Ordering::Relaxed);
+                    let _ = udp.send(src, cookie, None);
+                    return false;
+                }
+                Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                    counters.rx_invalid_mac.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                Err(_) => {
+                    counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            };
+            let Ok(half) = half else {
+                counters.rx_handshake_failed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            match state
+                .peers
+                .get(&PublicKey::from_bytes(half.peer_static_public))
+            {
+                Some(entry) => &entry.peer,
+                None => {
+                    counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+        _ => {
+            counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+    };
+
+    let mut guard = peer.lock();
+    let inner = &mut *guard;
+    let Some(tunn) = inner.tunn.as_mut() else {
+        counters.rx_no_key.fetch_add(1, Ordering::Relaxed);
+        return false;
+    };
+    let dst = &mut slot.data[VIRTIO_NET_HDR_LEN..];
+    match tunn.decapsulate(Some(src.ip()), datagram, dst) {
+        TunnResult::WriteToTunnelV4(pkt, from) => {
+            let len = pkt.len();
+            if !owns(state, peer, IpAddr::V4(from)) {
+                counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            inner.endpoint = Some(src);
+            drop(guard);
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            slot.len = VIRTIO_NET_HDR_LEN + len;
+            true
+        }
+        TunnResult::WriteToTunnelV6(pkt, from) => {
+            let len = pkt.len();
+            if !owns(state, peer, IpAddr::V6(from)) {
+                counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            inner.endpoint = Some(src);
+            drop(guard);
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            slot.len = VIRTIO_NET_HDR_LEN + len;
+            true
+        }
+        TunnResult::Done => {
+            // Keepalive or cookie reply: authenticated, nothing for the TUN.
+            inner.endpoint = Some(src);
+            drop(guard);
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            false
+        }
+        TunnResult::WriteToNetwork(reply) => {
+            // Handshake answered (or a keepalive after our initiation completed).
+            inner.endpoint = Some(src);
+            peer.rx_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            let mut sent = reply.len() as u64;
+            let _ = udp.send(src, reply, None);
+            // Flush packets queued while the handshake was in flight.
+            loop {
+                match tunn.decapsulate(None, &[], dst) {
+                    TunnResult::WriteToNetwork(pkt) => {
+                        sent += pkt.len() as u64;
+                        let _ = udp.send(src, pkt, None);
+                    }
+                    TunnResult::Done => break,
+                    TunnResult::Err(e) => {
+                        tracing::debug!(peer = %peer.public_key, error = ?e, "flushing queue failed");
+                        break;
+                    }
+                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => break,
+                }
+            }
+            drop(guard);
+            peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
+            peer.last_tx_ms.store(shared.now_ms(), Ordering::Relaxed);
+            false
+        }
+        TunnResult::Err(e) => {
+            drop(guard);
+            count_error(counters, &e);
+            false
+        }
+    }
+}
+
+fn owns(state: &DeviceState, peer: &Arc<Peer>, addr: IpAddr) -> bool {
+    state
+        .table
+        .lookup(addr)
+        .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+}
+
+fn count_error(counters: &super::Counters, e: &WireGuardError) {
+    let c = match e {
+        WireGuardError::InvalidAeadTag
+        | WireGuardError::InvalidCounter
+        | WireGuardError::DuplicateCounter
+        | WireGuardError::NoCurrentSession => &counters.rx_decrypt_failed,
+        WireGuardError::InvalidMac => &counters.rx_invalid_mac,
+        WireGuardError::UnderLoad => &counters.rx_cookie_replies,
+        WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
+            &counters.rx_malformed
+        }
+        _ => &counters.rx_handshake_failed,
+    };
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Sends a handshake initiation or keepalive produced outside the datapath (timers).
+pub(crate) fn send_control(
+    shared: &Shared,
+    udp: &UdpEndpoint,
+    peer: &Peer,
+    dst: SocketAddr,
+    bytes: &[u8],
+) {
+    match udp.send(dst, bytes, None) {
+        Ok(()) => {
+            peer.tx_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            peer.last_tx_ms.store(shared.now_ms(), Ordering::Relaxed);
+        }
+        Err(e) => {
+            shared.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = %peer.public_key, dst = %dst, error = %e, "control send failed");
+        }
+    }
+}
