@@ -103,7 +103,11 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         } else {
             "caches not synced"
         };
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response()
     }
 }
 
@@ -153,13 +157,19 @@ mod tests {
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
             .await
             .unwrap();
         let mut text = String::new();
         stream.read_to_string(&mut text).await.unwrap();
         let code = text[9..12].parse().unwrap();
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        let body = text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
         (code, body)
     }
 

@@ -291,8 +291,15 @@ mod tests {
 
     #[test]
     fn serialized_config_names_the_netns_path() {
-        let config = parse(&["--node-name", "n1", "--netns", "wm-n1", "--listen-port", "5000"])
-            .unwrap();
+        let config = parse(&[
+            "--node-name",
+            "n1",
+            "--netns",
+            "wm-n1",
+            "--listen-port",
+            "5000",
+        ])
+        .unwrap();
         assert_eq!(
             config.netns_path(),
             Some(PathBuf::from("/var/run/netns/wm-n1"))

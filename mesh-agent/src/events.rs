@@ -128,7 +128,10 @@ mod tests {
     fn a_problem_is_reported_once_until_it_changes_or_returns() {
         let mut tracker = RejectionTracker::default();
         let bad = problem("n3", "InvalidPublicKeyBase64", "bad base64");
-        assert_eq!(tracker.observe(std::slice::from_ref(&bad)), vec![bad.clone()]);
+        assert_eq!(
+            tracker.observe(std::slice::from_ref(&bad)),
+            vec![bad.clone()]
+        );
         for _ in 0..5 {
             assert!(tracker.observe(std::slice::from_ref(&bad)).is_empty());
         }
@@ -139,7 +142,10 @@ mod tests {
         );
         // Fixed, then broken again: reported again.
         assert!(tracker.observe(&[]).is_empty());
-        assert_eq!(tracker.observe(std::slice::from_ref(&changed)), vec![changed]);
+        assert_eq!(
+            tracker.observe(std::slice::from_ref(&changed)),
+            vec![changed]
+        );
         // A second node is independent.
         let other = problem("n4", "MissingEndpoint", "no endpoint");
         let fresh = tracker.observe(&[

@@ -47,6 +47,9 @@ mod tests {
     #[test]
     fn missing_namespace_is_a_clear_error() {
         let err = enter(Path::new("/var/run/netns/wiremesh-does-not-exist-test")).unwrap_err();
-        assert!(err.to_string().contains("wiremesh-does-not-exist-test"), "{err}");
+        assert!(
+            err.to_string().contains("wiremesh-does-not-exist-test"),
+            "{err}"
+        );
     }
 }

@@ -126,7 +126,10 @@ pub fn plan(
     let own_patch = missing_annotations(own, &wanted_annotations);
     let own_address = node_addresses(own).into_iter().next();
 
-    let views = node_views(nodes.iter().map(|n| n.as_ref()), pods.iter().map(|p| p.as_ref()));
+    let views = node_views(
+        nodes.iter().map(|n| n.as_ref()),
+        pods.iter().map(|p| p.as_ref()),
+    );
     let peer_set = desired_peers_with_local_keys(&settings.node_name, &[*local_key], &views);
 
     let keepalive = Some(settings.persistent_keepalive).filter(|k| *k > 0);
@@ -364,10 +367,10 @@ impl<R: Routes> Reconciler<R> {
         };
 
         let mut first_error: Option<ReconcileError> = None;
-        if !plan.own_patch.is_empty() {
-            if let Err(error) = self.publish_own(&plan.own_patch).await {
-                first_error = Some(error);
-            }
+        if !plan.own_patch.is_empty()
+            && let Err(error) = self.publish_own(&plan.own_patch).await
+        {
+            first_error = Some(error);
         }
 
         let outcome = self.mesh.apply(&plan.wanted).await;

@@ -90,15 +90,11 @@ impl NodeReport {
             || self.rejected != other.rejected
             || self.error.is_some() != other.error.is_some()
             || self.peers.len() != other.peers.len()
-            || self
-                .peers
-                .iter()
-                .zip(&other.peers)
-                .any(|(a, b)| {
-                    a.node != b.node
-                        || a.key != b.key
-                        || a.last_handshake.is_some() != b.last_handshake.is_some()
-                })
+            || self.peers.iter().zip(&other.peers).any(|(a, b)| {
+                a.node != b.node
+                    || a.key != b.key
+                    || a.last_handshake.is_some() != b.last_handshake.is_some()
+            })
     }
 
     /// Whether the report is older than three refresh intervals at `now`.

@@ -43,8 +43,11 @@ pub enum RoutesError {
 /// Routing operations on one network namespace (the one the agent runs in).
 pub trait Routes: Send + Sync + 'static {
     /// Sets the interface up with the given MTU.
-    fn link_up(&self, ifname: &str, mtu: u32)
-    -> impl Future<Output = Result<(), RoutesError>> + Send;
+    fn link_up(
+        &self,
+        ifname: &str,
+        mtu: u32,
+    ) -> impl Future<Output = Result<(), RoutesError>> + Send;
 
     /// The destination prefixes of our routes (by [`ROUTE_PROTOCOL`]) through `ifname` in the main
     /// table. An absent interface has no routes.

@@ -22,7 +22,9 @@ use crate::{
     drain::Drain,
     metrics::{Metrics, PeerLabels, ResultLabels},
     reconciler::{FIELD_MANAGER, MeshSnapshot},
-    report::{ANNOTATION_STATUS, NodeReport, PeerReport, REPORT_VERSION, RejectedReport, unix_seconds},
+    report::{
+        ANNOTATION_STATUS, NodeReport, PeerReport, REPORT_VERSION, RejectedReport, unix_seconds,
+    },
 };
 
 /// Minimum time between two writes of the status annotation.
@@ -154,9 +156,9 @@ impl StatusReporter {
             }
         }
         for gone in self.handshake_peers.iter().filter(|p| !seen.contains(p)) {
-            self.metrics.peer_last_handshake.remove(&PeerLabels {
-                peer: gone.clone(),
-            });
+            self.metrics
+                .peer_last_handshake
+                .remove(&PeerLabels { peer: gone.clone() });
         }
         self.handshake_peers = seen;
     }

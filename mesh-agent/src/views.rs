@@ -98,7 +98,10 @@ pub fn node_views<'a>(
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
             continue;
         };
-        pod_ips.entry(node).or_default().extend(pod_network_ips(pod));
+        pod_ips
+            .entry(node)
+            .or_default()
+            .extend(pod_network_ips(pod));
     }
     let mut views: Vec<NodeView> = nodes
         .into_iter()
@@ -123,7 +126,9 @@ pub fn node_views<'a>(
 /// Why this node's own annotations cannot be computed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PublishError {
-    #[error("node {node} has no InternalIP or ExternalIP in status.addresses to publish as endpoint")]
+    #[error(
+        "node {node} has no InternalIP or ExternalIP in status.addresses to publish as endpoint"
+    )]
     NoAddress { node: String },
 }
 
@@ -160,7 +165,10 @@ pub fn own_annotations(
             ANNOTATION_ENDPOINT.to_string(),
             SocketAddr::new(address, listen_port).to_string(),
         ),
-        (ANNOTATION_KEY_GENERATION.to_string(), generation.to_string()),
+        (
+            ANNOTATION_KEY_GENERATION.to_string(),
+            generation.to_string(),
+        ),
     ]))
 }
 
@@ -236,7 +244,10 @@ mod tests {
 
     #[test]
     fn views_collect_addresses_cidrs_and_live_pod_ips() {
-        let nodes = [node("b", "10.0.0.2", "10.244.2.0/24"), node("a", "10.0.0.1", "10.244.1.7/24")];
+        let nodes = [
+            node("b", "10.0.0.2", "10.244.2.0/24"),
+            node("a", "10.0.0.1", "10.244.1.7/24"),
+        ];
         let pods = [
             pod("a", &["10.244.1.5"], false, "Running"),
             pod("a", &["10.0.0.1"], true, "Running"),
@@ -251,7 +262,10 @@ mod tests {
             views[0].addresses,
             vec![IpAddr::from([10, 0, 0, 1]), IpAddr::from([203, 0, 113, 9])]
         );
-        assert_eq!(views[0].pod_cidrs, vec![IpNet::from_str("10.244.1.0/24").unwrap()]);
+        assert_eq!(
+            views[0].pod_cidrs,
+            vec![IpNet::from_str("10.244.1.0/24").unwrap()]
+        );
         assert_eq!(views[0].pod_ips, vec![IpAddr::from([10, 244, 1, 5])]);
         assert_eq!(
             views[1].pod_ips,

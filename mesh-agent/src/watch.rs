@@ -236,7 +236,16 @@ mod tests {
         prune_node(&mut node);
         assert_eq!(node.metadata.annotations.as_ref().unwrap().len(), 1);
         assert_eq!(node.spec.as_ref().unwrap().provider_id, None);
-        assert_eq!(node.spec.as_ref().unwrap().pod_cidrs.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            node.spec
+                .as_ref()
+                .unwrap()
+                .pod_cidrs
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
         assert_eq!(node.status.as_ref().unwrap().images, None);
         assert!(node.status.as_ref().unwrap().addresses.is_some());
 
@@ -261,7 +270,10 @@ mod tests {
         prune_pod(&mut pod);
         assert!(pod.spec.as_ref().unwrap().containers.is_empty());
         assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some("a"));
-        assert_eq!(pod.status.as_ref().unwrap().pod_ips.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            pod.status.as_ref().unwrap().pod_ips.as_ref().unwrap().len(),
+            1
+        );
         assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
     }
 }

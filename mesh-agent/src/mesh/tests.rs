@@ -37,7 +37,9 @@ fn wanted(peers: Vec<WantedPeer>) -> Wanted {
 async fn mesh() -> (Arc<FakeDatapath>, Arc<FakeRoutes>, Mesh<FakeRoutes>) {
     let datapath = Arc::new(FakeDatapath::new("wm0"));
     let routes = Arc::new(FakeRoutes::new());
-    let mesh = Mesh::restore(datapath.clone(), routes.clone()).await.unwrap();
+    let mesh = Mesh::restore(datapath.clone(), routes.clone())
+        .await
+        .unwrap();
     (datapath, routes, mesh)
 }
 
@@ -61,9 +63,13 @@ async fn apply_configures_peers_routes_mtu_and_port() {
     );
     assert_eq!(
         routes.routes("wm0"),
-        [net("10.244.2.0/24"), net("10.244.3.0/24"), net("10.99.0.7/32")]
-            .into_iter()
-            .collect()
+        [
+            net("10.244.2.0/24"),
+            net("10.244.3.0/24"),
+            net("10.99.0.7/32")
+        ]
+        .into_iter()
+        .collect()
     );
 
     // The same wanted state again changes nothing.
@@ -75,10 +81,7 @@ async fn apply_configures_peers_routes_mtu_and_port() {
         ]))
         .await;
     assert!(!out.changed() && out.errors.is_empty());
-    assert_eq!(
-        (datapath.calls().len(), routes.calls().len()),
-        calls_before
-    );
+    assert_eq!((datapath.calls().len(), routes.calls().len()), calls_before);
 }
 
 #[tokio::test]
@@ -96,7 +99,10 @@ async fn removed_node_loses_routes_then_peer() {
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     assert_eq!((out.peers_removed, out.routes_removed), (1, 1));
     assert!(datapath.peer(&kc).is_none());
-    assert_eq!(routes.routes("wm0"), [net("10.244.2.0/24")].into_iter().collect());
+    assert_eq!(
+        routes.routes("wm0"),
+        [net("10.244.2.0/24")].into_iter().collect()
+    );
     let calls = routes.calls();
     assert_eq!(calls.last().unwrap(), "del wm0 10.244.3.0/24");
     let dp_calls = datapath.calls();
@@ -114,13 +120,19 @@ async fn restore_keeps_existing_state_until_apply_and_then_prunes_only_ours() {
     let datapath = Arc::new(FakeDatapath::new("wm0"));
     let routes = Arc::new(FakeRoutes::new());
     let (kept, stale) = (key(), key());
-    datapath.set_peer(&peer("b", kept, &["10.244.2.0/24"]).config).unwrap();
-    datapath.set_peer(&peer("x", stale, &["10.244.9.0/24"]).config).unwrap();
+    datapath
+        .set_peer(&peer("b", kept, &["10.244.2.0/24"]).config)
+        .unwrap();
+    datapath
+        .set_peer(&peer("x", stale, &["10.244.9.0/24"]).config)
+        .unwrap();
     routes.insert_route("wm0", net("10.244.2.0/24"));
     routes.insert_route("wm0", net("10.244.9.0/24"));
     routes.insert_route("eth0", net("10.1.0.0/16"));
 
-    let mut mesh = Mesh::restore(datapath.clone(), routes.clone()).await.unwrap();
+    let mut mesh = Mesh::restore(datapath.clone(), routes.clone())
+        .await
+        .unwrap();
     // Restore alone changes nothing.
     assert_eq!(datapath.status().unwrap().peers.len(), 2);
     assert_eq!(mesh.applied_routes().len(), 2);
@@ -135,7 +147,10 @@ async fn restore_keeps_existing_state_until_apply_and_then_prunes_only_ours() {
     assert_eq!(out.routes_added, 0);
     assert_eq!((out.peers_removed, out.routes_removed), (1, 1));
     assert!(datapath.peer(&stale).is_none());
-    assert_eq!(routes.routes("wm0"), [net("10.244.2.0/24")].into_iter().collect());
+    assert_eq!(
+        routes.routes("wm0"),
+        [net("10.244.2.0/24")].into_iter().collect()
+    );
     // Routes on other interfaces are not ours to prune.
     assert_eq!(routes.routes("eth0").len(), 1);
 }
@@ -158,11 +173,18 @@ async fn failures_are_reported_and_retried_without_blocking_other_peers() {
     datapath.fail_next("injected");
     let out = mesh.apply(&w).await;
     assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
-    assert!(out.errors[0].to_string().contains("peer b"), "{}", out.errors[0]);
+    assert!(
+        out.errors[0].to_string().contains("peer b"),
+        "{}",
+        out.errors[0]
+    );
     // c is fully configured, b has neither peer nor route.
     assert!(datapath.peer(&kc).is_some());
     assert!(datapath.peer(&kb).is_none());
-    assert_eq!(routes.routes("wm0"), [net("10.244.3.0/24")].into_iter().collect());
+    assert_eq!(
+        routes.routes("wm0"),
+        [net("10.244.3.0/24")].into_iter().collect()
+    );
 
     let out = mesh.apply(&w).await;
     assert!(out.errors.is_empty(), "{:?}", out.errors);
@@ -200,7 +222,10 @@ async fn prefix_moving_between_peers_is_released_before_it_is_claimed() {
         .await;
     assert!(out.errors.is_empty());
     let calls = datapath.calls()[before..].to_vec();
-    assert_eq!(calls, vec![format!("set_peer {kb}"), format!("set_peer {kc}")]);
+    assert_eq!(
+        calls,
+        vec![format!("set_peer {kb}"), format!("set_peer {kc}")]
+    );
 }
 
 #[tokio::test]

@@ -14,7 +14,10 @@ use wiremesh_keyexchange::{
 };
 
 use super::*;
-use crate::{datapath::fake::FakeDatapath, routes::fake::FakeRoutes};
+use crate::{
+    datapath::{Datapath, fake::FakeDatapath},
+    routes::fake::FakeRoutes,
+};
 
 fn node(name: &str, ip: &str, cidr: &str, key: Option<&PublicKey>, port: u16) -> Arc<Node> {
     let annotations = key.map(|k| {
@@ -114,12 +117,21 @@ fn enabled_mesh_wants_every_valid_remote_node() {
     assert_eq!(peers, ["b", "c"]);
     let b = &plan.wanted.peers[0].config;
     assert_eq!(b.public_key, c.kb);
-    assert_eq!(b.endpoint, Some(SocketAddr::from_str("10.0.0.2:51871").unwrap()));
-    assert_eq!(b.allowed_ips, vec![IpNet::from_str("10.244.2.0/24").unwrap()]);
+    assert_eq!(
+        b.endpoint,
+        Some(SocketAddr::from_str("10.0.0.2:51871").unwrap())
+    );
+    assert_eq!(
+        b.allowed_ips,
+        vec![IpNet::from_str("10.244.2.0/24").unwrap()]
+    );
     assert_eq!(b.persistent_keepalive, Some(25));
     // c's pod IP outside its podCIDR is routed to c as a /32.
     let c_ips = &plan.wanted.peers[1].config.allowed_ips;
-    assert!(c_ips.contains(&IpNet::from_str("10.99.0.7/32").unwrap()), "{c_ips:?}");
+    assert!(
+        c_ips.contains(&IpNet::from_str("10.99.0.7/32").unwrap()),
+        "{c_ips:?}"
+    );
     assert_eq!(plan.wanted.peers[1].config.public_key, c.kc);
     assert!(plan.problems.is_empty());
 }
@@ -171,7 +183,11 @@ fn node_claiming_our_key_is_rejected() {
     let me = mesh_encryption(true);
     let plan = plan(&settings(), &c.me, &nodes, &c.pods, Some(&me), None).unwrap();
     assert_eq!(plan.wanted.peers.len(), 1);
-    assert!(plan.problems.iter().any(|p| p.node == "c"), "{:?}", plan.problems);
+    assert!(
+        plan.problems.iter().any(|p| p.node == "c"),
+        "{:?}",
+        plan.problems
+    );
 }
 
 #[test]
@@ -180,7 +196,15 @@ fn settings_and_spec_pick_port_and_mtu() {
     let mut spec_me = mesh_encryption(true);
     spec_me.spec.listen_port = 6000;
     spec_me.spec.mtu = Some(1380);
-    let plan1 = plan(&settings(), &c.me, &c.nodes, &c.pods, Some(&spec_me), Some(9000)).unwrap();
+    let plan1 = plan(
+        &settings(),
+        &c.me,
+        &c.nodes,
+        &c.pods,
+        Some(&spec_me),
+        Some(9000),
+    )
+    .unwrap();
     assert_eq!((plan1.wanted.listen_port, plan1.wanted.mtu), (6000, 1380));
     // Our endpoint follows the port.
     assert_eq!(plan1.own_patch[ANNOTATION_ENDPOINT], "10.0.0.1:6000");
@@ -213,7 +237,9 @@ async fn plan_then_apply_follows_enable_disable_and_node_removal() {
     let c = cluster();
     let datapath = Arc::new(FakeDatapath::new("wm0"));
     let routes = Arc::new(FakeRoutes::new());
-    let mut mesh = Mesh::restore(datapath.clone(), routes.clone()).await.unwrap();
+    let mut mesh = Mesh::restore(datapath.clone(), routes.clone())
+        .await
+        .unwrap();
     let on = mesh_encryption(true);
     let off = mesh_encryption(false);
 
@@ -229,7 +255,9 @@ async fn plan_then_apply_follows_enable_disable_and_node_removal() {
     assert!(datapath.peer(&c.kb).is_some());
     assert_eq!(
         routes.routes("wm0"),
-        [IpNet::from_str("10.244.2.0/24").unwrap()].into_iter().collect()
+        [IpNet::from_str("10.244.2.0/24").unwrap()]
+            .into_iter()
+            .collect()
     );
 
     // Disabled: clean teardown.

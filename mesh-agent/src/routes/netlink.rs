@@ -250,7 +250,7 @@ fn netlink_error(operation: &str, ifname: &str, error: rtnetlink::Error) -> Rout
 mod tests {
     use std::str::FromStr;
 
-    use rtnetlink::LinkDummy;
+    use rtnetlink::LinkVeth;
 
     use super::*;
 
@@ -269,7 +269,12 @@ mod tests {
         std::thread::spawn(move || {
             // SAFETY: unshare affects only this thread's namespaces.
             let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                0,
+                "unshare(CLONE_NEWNET): {}",
+                io::Error::last_os_error()
+            );
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -291,7 +296,7 @@ mod tests {
             routes
                 .handle
                 .link()
-                .add(LinkDummy::new("wmtest0").build())
+                .add(LinkVeth::new("wmtest0", "wmtest1").build())
                 .execute()
                 .await
                 .unwrap();
@@ -334,7 +339,7 @@ mod tests {
             let handle = &routes.handle;
             handle
                 .link()
-                .add(LinkDummy::new("wmunder0").build())
+                .add(LinkVeth::new("wmunder0", "wmunder1").build())
                 .execute()
                 .await
                 .unwrap();
