@@ -228,8 +228,15 @@ impl VirtualCluster {
         let bridge = underlay::create_bridge(&id, &lease, ledger)?;
 
         let all_nodes: Vec<String> = (1..=opts.nodes + opts.spare_nodes).map(node_name).collect();
-        let mut testenv_opts =
-            TestenvOptions::new(lease.bridge_ip(), work_dir.join("testenv"), all_nodes);
+        // A fresh data dir per cluster: a work dir left over from an earlier run must not hand its etcd
+        // data to this apiserver.
+        let testenv_dir = work_dir.join(format!("testenv-{id}"));
+        if !opts.keep_work_dir {
+            ledger.push(Resource::Dir {
+                path: testenv_dir.clone(),
+            });
+        }
+        let mut testenv_opts = TestenvOptions::new(lease.bridge_ip(), testenv_dir, all_nodes);
         testenv_opts.binary = opts.testenv_binary.clone();
         testenv_opts.log_path = work_dir.join("logs/testenv.log");
         testenv_opts.outlive_parent = opts.outlive_parent;
