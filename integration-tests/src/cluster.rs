@@ -503,6 +503,7 @@ impl VirtualCluster {
         spec: ProcessSpec,
     ) -> Result<ProcessIdentity, ClusterError> {
         let netns = self.node(node)?.network.netns.clone();
+        self.forget_exited();
         let process = ManagedProcess::spawn(&spec.in_netns(netns))?;
         let identity = process.identity();
         self.ledger.push(Resource::Process {
@@ -543,6 +544,22 @@ impl VirtualCluster {
             n.agent_log = Some(log);
         }
         Ok(identity)
+    }
+
+    /// Drops the handles and ledger records of processes that have exited (e.g. a killed agent before
+    /// its restart), so a reused PID never finds a stale handle.
+    fn forget_exited(&mut self) {
+        let mut kept = Vec::with_capacity(self.processes.len());
+        for mut p in std::mem::take(&mut self.processes) {
+            if !matches!(p.process.try_wait(), Ok(Some(_))) {
+                kept.push(p);
+                continue;
+            }
+            let identity = p.process.identity();
+            self.ledger
+                .forget(|r| matches!(r, Resource::Process { identity: i, .. } if *i == identity));
+        }
+        self.processes = kept;
     }
 
     /// The process with this PID, for signalling (e.g. `SIGKILL` to simulate a crash).
