@@ -228,8 +228,15 @@ impl VirtualCluster {
         let bridge = underlay::create_bridge(&id, &lease, ledger)?;
 
         let all_nodes: Vec<String> = (1..=opts.nodes + opts.spare_nodes).map(node_name).collect();
-        let mut testenv_opts =
-            TestenvOptions::new(lease.bridge_ip(), work_dir.join("testenv"), all_nodes);
+        // A fresh data dir per cluster: a work dir left over from an earlier run must not hand its etcd
+        // data to this apiserver.
+        let testenv_dir = work_dir.join(format!("testenv-{id}"));
+        if !opts.keep_work_dir {
+            ledger.push(Resource::Dir {
+                path: testenv_dir.clone(),
+            });
+        }
+        let mut testenv_opts = TestenvOptions::new(lease.bridge_ip(), testenv_dir, all_nodes);
         testenv_opts.binary = opts.testenv_binary.clone();
         testenv_opts.log_path = work_dir.join("logs/testenv.log");
         testenv_opts.outlive_parent = opts.outlive_parent;
@@ -496,6 +503,7 @@ impl VirtualCluster {
         spec: ProcessSpec,
     ) -> Result<ProcessIdentity, ClusterError> {
         let netns = self.node(node)?.network.netns.clone();
+        self.forget_exited();
         let process = ManagedProcess::spawn(&spec.in_netns(netns))?;
         let identity = process.identity();
         self.ledger.push(Resource::Process {
@@ -536,6 +544,22 @@ impl VirtualCluster {
             n.agent_log = Some(log);
         }
         Ok(identity)
+    }
+
+    /// Drops the handles and ledger records of processes that have exited (e.g. a killed agent before
+    /// its restart), so a reused PID never finds a stale handle.
+    fn forget_exited(&mut self) {
+        let mut kept = Vec::with_capacity(self.processes.len());
+        for mut p in std::mem::take(&mut self.processes) {
+            if !matches!(p.process.try_wait(), Ok(Some(_))) {
+                kept.push(p);
+                continue;
+            }
+            let identity = p.process.identity();
+            self.ledger
+                .forget(|r| matches!(r, Resource::Process { identity: i, .. } if *i == identity));
+        }
+        self.processes = kept;
     }
 
     /// The process with this PID, for signalling (e.g. `SIGKILL` to simulate a crash).

@@ -211,3 +211,62 @@ impl Ledger {
         self.release_matching(|_| true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_round_trips_through_json() {
+        let mut ledger = Ledger::default();
+        ledger.push(Resource::Dir {
+            path: "/tmp/wiremesh-x".into(),
+        });
+        ledger.push(Resource::HostLink {
+            name: "wmbx".into(),
+        });
+        ledger.push(Resource::Netns {
+            name: "wmx-n1".into(),
+        });
+        ledger.push(Resource::Process {
+            label: "agent node-1".into(),
+            identity: ProcessIdentity {
+                pid: 7,
+                start_time: 99,
+            },
+        });
+        let json = serde_json::to_value(&ledger).expect("serialize");
+        assert_eq!(
+            json[3],
+            serde_json::json!({"kind": "process", "label": "agent node-1", "pid": 7, "startTime": 99})
+        );
+        assert_eq!(
+            json[1],
+            serde_json::json!({"kind": "hostLink", "name": "wmbx"})
+        );
+        let back: Ledger = serde_json::from_value(json).expect("deserialize");
+        assert_eq!(back, ledger);
+    }
+
+    #[test]
+    fn releasing_what_is_already_gone_succeeds() {
+        let mut ledger = Ledger::default();
+        let dir = std::env::temp_dir().join(format!("wm-ledger-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+        ledger.push(Resource::Dir { path: dir.clone() });
+        ledger.push(Resource::Dir {
+            path: dir.join("never-created"),
+        });
+        // PID 1 with a start time it cannot have: a different process, which must not be signalled.
+        ledger.push(Resource::Process {
+            label: "ghost".into(),
+            identity: ProcessIdentity {
+                pid: 1,
+                start_time: u64::MAX,
+            },
+        });
+        ledger.release_all().expect("release");
+        assert!(!dir.exists());
+        assert!(ledger.resources().is_empty());
+    }
+}

@@ -316,6 +316,19 @@ async fn two_nodes_topology_objects_rbac_processes_and_cleanup() {
         Some(libc::SIGKILL)
     );
     assert!(!agent.is_running());
+    // Restarted, it is the node's agent again.
+    let again = cluster
+        .spawn_agent("node-2", Path::new("/bin/sleep"), ["600"], vec![])
+        .expect("restart agent");
+    assert!(again.is_running());
+    let desc = cluster.description();
+    assert_eq!(
+        desc.nodes
+            .iter()
+            .find(|n| n.name == "node-2")
+            .and_then(|n| n.agent_pid),
+        Some(again.pid)
+    );
 
     // A node added later (credentials provisioned at start) is reachable; removing it removes its
     // namespaces, link, objects and the routes to it.
