@@ -243,7 +243,7 @@ impl<R: Routes> Mesh<R> {
                     tracing::info!(
                         peer = %peer.node,
                         key = %peer.config.public_key.fingerprint(),
-                        endpoint = ?peer.config.endpoint,
+                        endpoint = %peer.config.endpoint.map(|e| e.to_string()).unwrap_or_default(),
                         allowed_ips = ?peer.config.allowed_ips,
                         "configured peer"
                     );

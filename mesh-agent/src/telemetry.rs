@@ -1,6 +1,8 @@
 //! Logging setup: `tracing` with structured fields, human-readable text or one JSON object per line
 //! (`LOG_FORMAT=json`), filtered by `RUST_LOG` (default `info`).
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::LogFormat;
@@ -20,7 +22,11 @@ pub fn init(format: LogFormat) {
             )
             .init(),
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .init(),
     }
 }

@@ -1,7 +1,14 @@
 //! `meshctl`: the wiremesh operator CLI.
 
-use anyhow::bail;
-use clap::{Parser, Subcommand};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::{
+    Client,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use meshctl::{demo, status};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "wiremesh operator CLI")]
@@ -10,17 +17,163 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Show per-node key, peers and handshakes.
-    Status,
-    /// Start or stop the local virtual cluster.
-    Demo,
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Status => bail!("`meshctl status` is not built yet (issue 4)"),
-        Command::Demo => bail!("`meshctl demo` is not built yet (issue 4)"),
+#[derive(Subcommand)]
+enum Command {
+    /// Show per-node key, peers and handshakes; exit status 1 when the mesh is not converged.
+    Status {
+        /// Kubeconfig file (default: $KUBECONFIG, then in-cluster).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        /// Wait up to this many seconds for the mesh to converge before reporting.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Start or stop the local virtual cluster (needs root).
+    Demo {
+        #[command(subcommand)]
+        command: DemoCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemoCommand {
+    /// Start testenv, nodes, pods and one agent per node; wait until the mesh is converged.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// Pods on every node.
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: u32,
+        /// The mesh-agent executable (default: next to meshctl).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// Seconds to wait for convergence.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Remove everything `demo up` created.
+    Down,
+}
+
+async fn client(kubeconfig: Option<PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(&path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("load kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no --kubeconfig, no $KUBECONFIG and not in a cluster")?,
+    };
+    Client::try_from(config).context("build kube client")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Status {
+            kubeconfig,
+            output,
+            wait,
+        } => {
+            let client = client(kubeconfig).await?;
+            let mut current = status::collect(&client).await?;
+            if wait > 0 && !current.converged() {
+                current =
+                    match demo::wait_converged(&client, Duration::from_secs(wait), |_| {}).await {
+                        Ok(s) => s,
+                        Err(_) => status::collect(&client).await?,
+                    };
+            }
+            match output {
+                Output::Table => print!("{}", status::render(&current)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&current)?),
+            }
+            Ok(if current.converged() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Demo {
+            command:
+                DemoCommand::Up {
+                    nodes,
+                    pods_per_node,
+                    agent_bin,
+                    timeout,
+                },
+        } => {
+            let opts = demo::UpOptions {
+                nodes,
+                pods_per_node,
+                agent_binary: agent_bin.unwrap_or_else(demo::default_agent_binary),
+                timeout: Duration::from_secs(timeout),
+                demo_dir: PathBuf::from(demo::DEMO_DIR),
+            };
+            let description = demo::up(&opts).await?;
+            println!(
+                "==> the mesh is up; cluster described in {}/cluster.json",
+                demo::DEMO_DIR
+            );
+            println!("    kubeconfig: {}", description.kubeconfig.display());
+            for pod in &description.pods {
+                println!(
+                    "    pod {:<10} {:<14} on {:<8} netns {}",
+                    pod.name, pod.ip, pod.node, pod.netns
+                );
+            }
+            if let Some(pod) = description.pods.first()
+                && let Some(other) = description.pods.iter().find(|p| p.node != pod.node)
+            {
+                println!("    try: ip netns exec {} ping -c3 {}", pod.netns, other.ip);
+            }
+            println!(
+                "    status: meshctl status --kubeconfig {}",
+                description.kubeconfig.display()
+            );
+            println!("    stop: meshctl demo down");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            command: DemoCommand::Down,
+        } => {
+            if demo::down(std::path::Path::new(demo::DEMO_DIR))? {
+                println!("==> demo removed");
+            } else {
+                println!(
+                    "==> no demo running ({}/cluster.json absent)",
+                    demo::DEMO_DIR
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?;
+    runtime.block_on(run(Cli::parse()))
 }

@@ -1,0 +1,323 @@
+//! `meshctl demo up|down`: a local multi-node cluster on this machine. `up` starts the testenv
+//! kube-apiserver and a [`VirtualCluster`] (nodes and pods as network namespaces), installs the
+//! wiremesh CRDs, enables the mesh with `MeshEncryption default`, starts one real `mesh-agent run`
+//! per node inside the node's namespace with the node's own credentials, waits until
+//! `meshctl status` calls the mesh converged, and leaves it running, described in
+//! `/run/wiremesh-demo/cluster.json`. `down` reads that file and removes everything it lists
+//! (processes by PID and start time, namespaces and links by their recorded names).
+//!
+//! The helpers here ([`install_crds`], [`set_mesh_enabled`], [`start_agent`]) are also what the
+//! scenario tests use, so the demo and the tests build the mesh the same way.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption, manifests};
+use wiremesh_integration::{ClusterDescription, ClusterOptions, ProcessIdentity, VirtualCluster};
+
+use crate::status::{self, MeshStatus};
+
+/// Where `demo up` writes the cluster description.
+pub const DEMO_DIR: &str = "/run/wiremesh-demo";
+
+/// Field manager of meshctl's server-side applies.
+const FIELD_MANAGER: &str = "meshctl";
+
+/// Port of each agent's HTTP server (inside its node namespace, on every address).
+pub const AGENT_HTTP_PORT: u16 = 9871;
+
+/// Why a demo step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("the CRD manifests cannot be generated: {0}")]
+    Manifests(#[from] wiremesh_crds::ManifestError),
+    #[error("apply CRD {name}: {source}")]
+    ApplyCrd {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("CRD {name} not established within {timeout:?}")]
+    NotEstablished { name: String, timeout: Duration },
+    #[error("apply MeshEncryption {MESH_ENCRYPTION_NAME}: {0}")]
+    ApplyMeshEncryption(#[source] kube::Error),
+    #[error("start the agent of {node}: {source}")]
+    StartAgent {
+        node: String,
+        #[source]
+        source: wiremesh_integration::ClusterError,
+    },
+    #[error("mesh not converged within {timeout:?}:\n  - {}", problems.join("\n  - "))]
+    NotConverged {
+        timeout: Duration,
+        problems: Vec<String>,
+    },
+    #[error("read mesh status: {0}")]
+    Status(#[from] status::StatusError),
+}
+
+/// Applies every wiremesh CRD (the same definitions as `deploy/crds/`, which a test keeps in
+/// sync) and waits until the API server serves them.
+pub async fn install_crds(client: &Client) -> Result<(), DemoError> {
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let mut names = Vec::new();
+    for manifest in manifests()? {
+        let name = manifest.crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &params, &Patch::Apply(&manifest.crd))
+            .await
+            .map_err(|source| DemoError::ApplyCrd {
+                name: name.clone(),
+                source,
+            })?;
+        names.push(name);
+    }
+    let timeout = Duration::from_secs(60);
+    for name in names {
+        let established = wiremesh_integration::wait::until(
+            &format!("CRD {name} established"),
+            timeout,
+            Duration::from_millis(200),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+                    let ok = crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err("not established".into())
+                    }
+                }
+            },
+        )
+        .await;
+        if established.is_err() {
+            return Err(DemoError::NotEstablished { name, timeout });
+        }
+    }
+    Ok(())
+}
+
+/// Creates or updates `MeshEncryption default` with `enabled` (other fields keep their defaults).
+pub async fn set_mesh_enabled(client: &Client, enabled: bool) -> Result<(), DemoError> {
+    let api = Api::<MeshEncryption>::all(client.clone());
+    let body = serde_json::json!({
+        "apiVersion": "wiremesh.io/v1alpha1",
+        "kind": "MeshEncryption",
+        "metadata": { "name": MESH_ENCRYPTION_NAME },
+        "spec": { "enabled": enabled },
+    });
+    api.patch(
+        MESH_ENCRYPTION_NAME,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(DemoError::ApplyMeshEncryption)?;
+    Ok(())
+}
+
+/// The `mesh-agent` arguments for `node`: state (the key) under the cluster's work dir, the
+/// tunnel interface named after the node's namespace (unique on the host, so the wg(8) UAPI
+/// sockets in /var/run/wireguard never collide) and the HTTP server on every address of the node
+/// namespace (reachable from the host at the node's underlay IP).
+pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>, DemoError> {
+    let n = cluster.node(node).map_err(|source| DemoError::StartAgent {
+        node: node.to_string(),
+        source,
+    })?;
+    let state_dir = cluster.work_dir().join("state").join(node);
+    Ok(vec![
+        "run".into(),
+        "--state-dir".into(),
+        state_dir.into_os_string(),
+        "--interface".into(),
+        n.network.netns.clone().into(),
+        "--metrics-addr".into(),
+        format!("0.0.0.0:{AGENT_HTTP_PORT}").into(),
+    ])
+}
+
+/// Starts (or restarts) the agent of `node` in its namespace with its own kubeconfig.
+pub fn start_agent(
+    cluster: &mut VirtualCluster,
+    node: &str,
+    agent_binary: &Path,
+    extra_args: &[&str],
+) -> Result<ProcessIdentity, DemoError> {
+    let mut args = agent_args(cluster, node)?;
+    args.extend(extra_args.iter().map(OsString::from));
+    cluster
+        .spawn_agent(
+            node,
+            agent_binary,
+            args,
+            vec![("RUST_LOG".into(), "info,kube=warn".into())],
+        )
+        .map_err(|source| DemoError::StartAgent {
+            node: node.to_string(),
+            source,
+        })
+}
+
+/// Polls `meshctl status` until the mesh is converged, printing progress through `progress`.
+pub async fn wait_converged(
+    client: &Client,
+    timeout: Duration,
+    mut progress: impl FnMut(&MeshStatus),
+) -> Result<MeshStatus, DemoError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let status = status::collect(client).await?;
+        progress(&status);
+        if status.converged() {
+            return Ok(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DemoError::NotConverged {
+                timeout,
+                problems: status.all_problems(),
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `mesh-agent` next to the running executable (both come from the same `cargo build`).
+pub fn default_agent_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("mesh-agent")))
+        .unwrap_or_else(|| PathBuf::from("mesh-agent"))
+}
+
+/// Options of `demo up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub nodes: u32,
+    pub pods_per_node: u32,
+    pub agent_binary: PathBuf,
+    pub timeout: Duration,
+    pub demo_dir: PathBuf,
+}
+
+/// `demo up`: see the module docs. Returns the description written to `cluster.json`.
+pub async fn up(opts: &UpOptions) -> anyhow::Result<ClusterDescription> {
+    use anyhow::Context as _;
+
+    let description_path = opts.demo_dir.join("cluster.json");
+    if description_path.exists() {
+        anyhow::bail!(
+            "{} exists: a demo is already running (run `meshctl demo down` first)",
+            description_path.display()
+        );
+    }
+    if !opts.agent_binary.exists() {
+        anyhow::bail!(
+            "agent binary {} not found (build it with `cargo build -p mesh-agent`, or pass --agent-bin)",
+            opts.agent_binary.display()
+        );
+    }
+    std::fs::create_dir_all(&opts.demo_dir)
+        .with_context(|| format!("create {}", opts.demo_dir.display()))?;
+
+    println!(
+        "==> starting kube-apiserver (testenv) and {} nodes x {} pods as network namespaces",
+        opts.nodes, opts.pods_per_node
+    );
+    let mut cluster = VirtualCluster::start(ClusterOptions {
+        nodes: opts.nodes,
+        pods_per_node: opts.pods_per_node,
+        outlive_parent: true,
+        ..ClusterOptions::default()
+    })
+    .await
+    .context("start the virtual cluster")?;
+
+    // From here on a failure tears the cluster down (VirtualCluster's Drop).
+    let client = cluster.client().clone();
+    println!("==> installing the wiremesh CRDs and enabling the mesh (MeshEncryption default)");
+    install_crds(&client).await?;
+    set_mesh_enabled(&client, true).await?;
+
+    let node_names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    for node in &node_names {
+        let identity = start_agent(&mut cluster, node, &opts.agent_binary, &[])?;
+        let n = cluster.node(node)?;
+        println!(
+            "    {node}: mesh-agent pid {} in netns {} (underlay {}, pods {})",
+            identity.pid, n.network.netns, n.network.underlay_ip, n.network.pod_cidr
+        );
+    }
+
+    println!("==> waiting for the mesh to converge (keys published, peers configured, handshakes)");
+    let mut last = String::new();
+    let status = wait_converged(&client, opts.timeout, |s| {
+        let done = s.nodes.iter().filter(|n| n.converged()).count();
+        let line = format!("    {done}/{} nodes converged", s.nodes.len());
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+    })
+    .await;
+    if let Err(error) = status {
+        for node in cluster.nodes() {
+            if let Some(log) = &node.agent_log {
+                eprintln!("--- last lines of {}", log.display());
+                if let Ok(text) = std::fs::read_to_string(log) {
+                    for line in text
+                        .lines()
+                        .rev()
+                        .take(15)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                    {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
+        return Err(error.into());
+    }
+
+    let description = cluster.detach();
+    description
+        .write(&description_path)
+        .with_context(|| format!("write {}", description_path.display()))?;
+    Ok(description)
+}
+
+/// `demo down`: removes everything listed in `cluster.json`, then the file.
+pub fn down(demo_dir: &Path) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+
+    let path = demo_dir.join("cluster.json");
+    if !path.exists() {
+        return Ok(false);
+    }
+    let description = ClusterDescription::read(&path)?;
+    description
+        .teardown()
+        .with_context(|| format!("tear down the cluster of {}", path.display()))?;
+    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    // The directory is ours; leave it if someone put other files there.
+    let _ = std::fs::remove_dir(demo_dir);
+    Ok(true)
+}

@@ -1,0 +1,400 @@
+//! `meshctl status`: the mesh as the API server shows it, with nothing but a kubeconfig. Each
+//! node's key fingerprint and generation come from its key annotations; peers, handshakes and the
+//! datapath from the [`NodeReport`] its agent keeps in `wiremesh.io/status`. The mesh is
+//! converged when `MeshEncryption default` is enabled and every node has a valid key, a fresh
+//! report from a ready agent, and a configured peer with a recent handshake for every other valid
+//! node, under the key that node publishes.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::IpAddr,
+    str::FromStr,
+    time::{Duration, SystemTime},
+};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, Client, api::ListParams};
+use mesh_agent::report::{ANNOTATION_STATUS, HANDSHAKE_FRESH, NodeReport, unix_seconds};
+use serde::Serialize;
+use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption};
+use wiremesh_keyexchange::{AnnotationError, NodeAnnotations};
+
+/// Why the status could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("list Nodes: {0}")]
+    ListNodes(#[source] kube::Error),
+    #[error("get MeshEncryption {MESH_ENCRYPTION_NAME}: {0}")]
+    GetMeshEncryption(#[source] kube::Error),
+}
+
+/// One peer of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerView {
+    pub node: String,
+    /// Key fingerprint configured on the device.
+    pub key: String,
+    /// Seconds since the last handshake, if any.
+    pub handshake_age_secs: Option<u64>,
+    /// Empty when the peer is healthy.
+    pub problem: Option<String>,
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    pub name: String,
+    pub key_fingerprint: Option<String>,
+    pub key_generation: Option<u64>,
+    pub datapath: Option<String>,
+    pub peers_configured: Option<u32>,
+    /// Valid other nodes, as meshctl sees them.
+    pub peers_expected: u32,
+    pub ready: bool,
+    pub peers: Vec<PeerView>,
+    /// Why this node is not converged (empty: converged).
+    pub problems: Vec<String>,
+}
+
+impl NodeView {
+    pub fn converged(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// The whole mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshStatus {
+    /// `MeshEncryption default` exists.
+    pub mesh_encryption: bool,
+    pub enabled: bool,
+    pub nodes: Vec<NodeView>,
+    /// Cluster-wide problems (mesh disabled, no nodes).
+    pub problems: Vec<String>,
+}
+
+impl MeshStatus {
+    /// Converged: no cluster-wide problem and every node converged.
+    pub fn converged(&self) -> bool {
+        self.problems.is_empty() && self.nodes.iter().all(NodeView::converged)
+    }
+
+    /// Every problem, prefixed with its node.
+    pub fn all_problems(&self) -> Vec<String> {
+        let mut out = self.problems.clone();
+        for node in &self.nodes {
+            out.extend(node.problems.iter().map(|p| format!("{}: {p}", node.name)));
+        }
+        out
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeView> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+/// Reads Nodes and `MeshEncryption default` and evaluates them at the current time.
+pub async fn collect(client: &Client) -> Result<MeshStatus, StatusError> {
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(StatusError::ListNodes)?
+        .items;
+    let mesh_encryption = Api::<MeshEncryption>::all(client.clone())
+        .get_opt(MESH_ENCRYPTION_NAME)
+        .await
+        .map_err(StatusError::GetMeshEncryption)?;
+    Ok(evaluate(
+        &nodes,
+        mesh_encryption.as_ref(),
+        SystemTime::now(),
+    ))
+}
+
+fn addresses(node: &Node) -> Vec<IpAddr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| IpAddr::from_str(a.address.trim()).ok())
+        .collect()
+}
+
+/// Pure evaluation of the mesh status (see the module docs).
+pub fn evaluate(
+    nodes: &[Node],
+    mesh_encryption: Option<&MeshEncryption>,
+    now: SystemTime,
+) -> MeshStatus {
+    let mut problems = Vec::new();
+    let enabled = mesh_encryption.is_some_and(|m| m.spec.enabled);
+    match mesh_encryption {
+        None => problems.push(format!(
+            "MeshEncryption {MESH_ENCRYPTION_NAME} does not exist: the mesh is off"
+        )),
+        Some(_) if !enabled => problems.push(format!(
+            "MeshEncryption {MESH_ENCRYPTION_NAME} has enabled: false: the mesh is off"
+        )),
+        Some(_) => {}
+    }
+    if nodes.is_empty() {
+        problems.push("no Nodes".to_string());
+    }
+
+    // Key annotations of every node, validated as the agents validate them.
+    let parsed: BTreeMap<String, Result<NodeAnnotations, AnnotationError>> = nodes
+        .iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.clone()?;
+            let annotations = n.metadata.annotations.clone().unwrap_or_default();
+            Some((name, NodeAnnotations::parse(&annotations, &addresses(n))))
+        })
+        .collect();
+    let valid: BTreeMap<&str, &NodeAnnotations> = parsed
+        .iter()
+        .filter_map(|(name, p)| p.as_ref().ok().map(|a| (name.as_str(), a)))
+        .collect();
+
+    let mut views: Vec<NodeView> = nodes
+        .iter()
+        .filter_map(|node| {
+            let name = node.metadata.name.clone()?;
+            Some(evaluate_node(
+                node,
+                &name,
+                &parsed[&name],
+                &valid,
+                enabled,
+                now,
+            ))
+        })
+        .collect();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    MeshStatus {
+        mesh_encryption: mesh_encryption.is_some(),
+        enabled,
+        nodes: views,
+        problems,
+    }
+}
+
+fn evaluate_node(
+    node: &Node,
+    name: &str,
+    annotations: &Result<NodeAnnotations, AnnotationError>,
+    valid: &BTreeMap<&str, &NodeAnnotations>,
+    enabled: bool,
+    now: SystemTime,
+) -> NodeView {
+    let mut problems = Vec::new();
+    let (key_fingerprint, key_generation) = match annotations {
+        Ok(a) => (Some(a.public_key.fingerprint()), Some(a.key_generation)),
+        Err(AnnotationError::NotPublished) => {
+            problems.push("no public key published (is its agent running?)".to_string());
+            (None, None)
+        }
+        Err(e) => {
+            problems.push(format!("invalid annotations, peers skip it: {e}"));
+            (None, None)
+        }
+    };
+    let others: Vec<(&str, &NodeAnnotations)> = valid
+        .iter()
+        .filter(|(n, _)| **n != name)
+        .map(|(n, a)| (*n, *a))
+        .collect();
+    let peers_expected = u32::try_from(others.len()).unwrap_or(u32::MAX);
+
+    let report = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_STATUS))
+        .map(|v| NodeReport::from_annotation(v));
+    let report = match report {
+        None => {
+            problems.push("no status report (agent not running or not started yet)".to_string());
+            None
+        }
+        Some(Err(e)) => {
+            problems.push(format!("unreadable status report: {e}"));
+            None
+        }
+        Some(Ok(r)) => Some(r),
+    };
+
+    let mut peers = Vec::new();
+    let mut view = NodeView {
+        name: name.to_string(),
+        key_fingerprint,
+        key_generation,
+        datapath: report.as_ref().map(|r| r.datapath.clone()),
+        peers_configured: report.as_ref().map(|r| r.peers_configured),
+        peers_expected,
+        ready: report.as_ref().is_some_and(|r| r.ready),
+        peers: Vec::new(),
+        problems: Vec::new(),
+    };
+    if let Some(report) = &report {
+        if report.is_stale(now) {
+            problems.push(format!(
+                "status report is {}s old (agent stopped?)",
+                unix_seconds(now).saturating_sub(report.updated_at)
+            ));
+        }
+        if let Some(error) = &report.error {
+            problems.push(format!("agent reports: {error}"));
+        }
+        if !report.ready {
+            problems.push("agent not ready".to_string());
+        }
+        if enabled && !report.enabled {
+            problems.push("agent has not seen the mesh enabled yet".to_string());
+        }
+        if report.key.is_some() && report.key != view.key_fingerprint {
+            problems.push(format!(
+                "device key {} differs from the published key",
+                report.key.as_deref().unwrap_or("-")
+            ));
+        }
+        if enabled {
+            for (other, other_annotations) in &others {
+                let want = other_annotations.public_key.fingerprint();
+                let peer = report.peers.iter().find(|p| p.node == *other);
+                let view_peer = match peer {
+                    None => PeerView {
+                        node: other.to_string(),
+                        key: "-".into(),
+                        handshake_age_secs: None,
+                        problem: Some("not configured".into()),
+                    },
+                    Some(p) => {
+                        let age = p
+                            .last_handshake
+                            .map(|at| unix_seconds(now).saturating_sub(at));
+                        let problem = if p.key != want {
+                            Some(format!(
+                                "configured with key {}, node publishes {want}",
+                                p.key
+                            ))
+                        } else {
+                            match age {
+                                None => Some("no handshake yet".to_string()),
+                                Some(a) if Duration::from_secs(a) > HANDSHAKE_FRESH => {
+                                    Some(format!("last handshake {a}s ago"))
+                                }
+                                Some(_) => None,
+                            }
+                        };
+                        PeerView {
+                            node: other.to_string(),
+                            key: p.key.clone(),
+                            handshake_age_secs: age,
+                            problem,
+                        }
+                    }
+                };
+                if let Some(problem) = &view_peer.problem {
+                    problems.push(format!("peer {other}: {problem}"));
+                }
+                peers.push(view_peer);
+            }
+            if report.peers_configured != peers_expected || report.peers_expected != peers_expected
+            {
+                problems.push(format!(
+                    "agent has {}/{} peers configured, {} valid nodes to peer with",
+                    report.peers_configured, report.peers_expected, peers_expected
+                ));
+            }
+        }
+    }
+    view.peers = peers;
+    view.problems = problems;
+    view
+}
+
+/// The status as a table for people.
+pub fn render(status: &MeshStatus) -> String {
+    let mut out = String::new();
+    let mesh = if !status.mesh_encryption {
+        "MeshEncryption default: absent (mesh off)".to_string()
+    } else if status.enabled {
+        "MeshEncryption default: enabled".to_string()
+    } else {
+        "MeshEncryption default: disabled".to_string()
+    };
+    let _ = writeln!(out, "{mesh}");
+    let _ = writeln!(
+        out,
+        "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  STATUS",
+        "NODE", "KEY", "GEN", "DATAPATH", "PEERS", "READY"
+    );
+    for node in &status.nodes {
+        let peers = format!(
+            "{}/{}",
+            node.peers_configured
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+            node.peers_expected
+        );
+        let _ = writeln!(
+            out,
+            "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  {}",
+            node.name,
+            node.key_fingerprint.as_deref().unwrap_or("-"),
+            node.key_generation
+                .map_or_else(|| "-".to_string(), |g| g.to_string()),
+            node.datapath.as_deref().unwrap_or("-"),
+            peers,
+            if node.ready { "yes" } else { "no" },
+            if node.converged() {
+                "converged"
+            } else {
+                "NOT CONVERGED"
+            },
+        );
+        for peer in &node.peers {
+            let handshake = peer
+                .handshake_age_secs
+                .map_or_else(|| "never".to_string(), |a| format!("{a}s ago"));
+            let _ = writeln!(
+                out,
+                "    -> {:<14} key {:<9} last handshake {:<10}{}",
+                peer.node,
+                peer.key,
+                handshake,
+                peer.problem
+                    .as_ref()
+                    .map(|p| format!("  ({p})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let converged = status.nodes.iter().filter(|n| n.converged()).count();
+    if status.converged() {
+        let _ = writeln!(
+            out,
+            "mesh converged: {converged}/{} nodes",
+            status.nodes.len()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "mesh NOT converged ({converged}/{} nodes converged):",
+            status.nodes.len()
+        );
+        for problem in status.all_problems() {
+            let _ = writeln!(out, "  - {problem}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,206 @@
+//! Unit tests of the convergence rules of `meshctl status`.
+
+use std::time::UNIX_EPOCH;
+
+use k8s_openapi::{
+    api::core::v1::{NodeAddress, NodeStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use mesh_agent::report::{PeerReport, REPORT_VERSION};
+use wiremesh_crds::MeshEncryptionSpec;
+use wiremesh_keyexchange::{
+    ANNOTATION_ENDPOINT, ANNOTATION_KEY_GENERATION, ANNOTATION_PUBLIC_KEY, PrivateKey, PublicKey,
+};
+
+use super::*;
+
+const NOW: u64 = 1_000_000;
+
+struct Member {
+    name: String,
+    ip: String,
+    key: PublicKey,
+}
+
+fn members(n: usize) -> Vec<Member> {
+    (1..=n)
+        .map(|i| Member {
+            name: format!("node-{i}"),
+            ip: format!("10.0.0.{i}"),
+            key: PrivateKey::generate().unwrap().public_key(),
+        })
+        .collect()
+}
+
+fn report_for(me: &Member, all: &[Member], handshake_age: Option<u64>) -> NodeReport {
+    let peers: Vec<PeerReport> = all
+        .iter()
+        .filter(|m| m.name != me.name)
+        .map(|m| PeerReport {
+            node: m.name.clone(),
+            key: m.key.fingerprint(),
+            last_handshake: handshake_age.map(|a| NOW - a),
+        })
+        .collect();
+    NodeReport {
+        version: REPORT_VERSION,
+        updated_at: NOW - 5,
+        interval_secs: 30,
+        datapath: "userspace".into(),
+        interface: "wm0".into(),
+        key: Some(me.key.fingerprint()),
+        enabled: true,
+        ready: true,
+        peers_expected: peers.len() as u32,
+        peers_configured: peers.len() as u32,
+        peers,
+        rejected: vec![],
+        error: None,
+    }
+}
+
+fn node(m: &Member, report: Option<&NodeReport>) -> Node {
+    let mut annotations = BTreeMap::from([
+        (ANNOTATION_PUBLIC_KEY.to_string(), m.key.to_base64()),
+        (ANNOTATION_ENDPOINT.to_string(), format!("{}:51871", m.ip)),
+        (ANNOTATION_KEY_GENERATION.to_string(), "3".to_string()),
+    ]);
+    if let Some(r) = report {
+        annotations.insert(ANNOTATION_STATUS.to_string(), r.to_annotation());
+    }
+    Node {
+        metadata: ObjectMeta {
+            name: Some(m.name.clone()),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: None,
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: m.ip.clone(),
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+fn enabled() -> MeshEncryption {
+    let spec: MeshEncryptionSpec =
+        serde_json::from_value(serde_json::json!({"enabled": true})).unwrap();
+    MeshEncryption::new("default", spec)
+}
+
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(NOW)
+}
+
+#[test]
+fn full_mesh_with_fresh_handshakes_is_converged() {
+    let all = members(3);
+    let nodes: Vec<Node> = all
+        .iter()
+        .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
+        .collect();
+    let status = evaluate(&nodes, Some(&enabled()), now());
+    assert!(status.converged(), "{:?}", status.all_problems());
+    let n1 = status.node("node-1").unwrap();
+    assert_eq!(n1.key_generation, Some(3));
+    assert_eq!(n1.key_fingerprint, Some(all[0].key.fingerprint()));
+    assert_eq!(n1.peers.len(), 2);
+    assert_eq!(n1.peers[0].handshake_age_secs, Some(10));
+    let text = render(&status);
+    assert!(text.contains("mesh converged: 3/3 nodes"), "{text}");
+    assert!(text.contains("node-2"), "{text}");
+}
+
+#[test]
+fn disabled_or_absent_mesh_is_not_converged() {
+    let all = members(2);
+    let nodes: Vec<Node> = all
+        .iter()
+        .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
+        .collect();
+    assert!(!evaluate(&nodes, None, now()).converged());
+    let mut off = enabled();
+    off.spec.enabled = false;
+    let status = evaluate(&nodes, Some(&off), now());
+    assert!(!status.converged());
+    assert!(status.problems[0].contains("enabled: false"));
+}
+
+#[test]
+fn missing_handshake_stale_report_and_wrong_key_are_reported() {
+    let all = members(3);
+    let mut nodes: Vec<Node> = all
+        .iter()
+        .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
+        .collect();
+    nodes[0] = node(&all[0], Some(&report_for(&all[0], &all, None)));
+    let mut stale = report_for(&all[1], &all, Some(10));
+    stale.updated_at = NOW - 1_000;
+    nodes[1] = node(&all[1], Some(&stale));
+    let mut wrong = report_for(&all[2], &all, Some(10));
+    wrong.peers[0].key = "XXXXXXXX".into();
+    nodes[2] = node(&all[2], Some(&wrong));
+
+    let status = evaluate(&nodes, Some(&enabled()), now());
+    assert!(!status.converged());
+    let problems = status.all_problems().join("\n");
+    assert!(
+        problems.contains("node-1: peer node-2: no handshake yet"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("node-2: status report is 1000s old"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("node-3: peer node-1: configured with key XXXXXXXX"),
+        "{problems}"
+    );
+}
+
+#[test]
+fn node_with_garbage_annotation_is_excluded_from_expectations() {
+    let all = members(3);
+    let good = &all[..2];
+    let mut nodes: Vec<Node> = good
+        .iter()
+        .map(|m| node(m, Some(&report_for(m, good, Some(10)))))
+        .collect();
+    let mut bad = node(&all[2], None);
+    bad.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(ANNOTATION_PUBLIC_KEY.into(), "garbage".into());
+    nodes.push(bad);
+    let status = evaluate(&nodes, Some(&enabled()), now());
+    assert!(!status.converged());
+    assert!(status.node("node-1").unwrap().converged());
+    assert!(status.node("node-2").unwrap().converged());
+    let n3 = status.node("node-3").unwrap();
+    assert!(
+        n3.problems[0].contains("invalid annotations"),
+        "{:?}",
+        n3.problems
+    );
+}
+
+#[test]
+fn node_without_key_or_report_is_not_converged() {
+    let all = members(2);
+    let mut n2 = node(&all[1], None);
+    n2.metadata.annotations = None;
+    let nodes = vec![
+        node(&all[0], Some(&report_for(&all[0], &all[..1], Some(1)))),
+        n2,
+    ];
+    let status = evaluate(&nodes, Some(&enabled()), now());
+    let n2 = status.node("node-2").unwrap();
+    assert!(n2.problems.iter().any(|p| p.contains("no public key")));
+    assert!(n2.problems.iter().any(|p| p.contains("no status report")));
+    // node-1 has no valid peer to expect.
+    assert!(status.node("node-1").unwrap().converged());
+}
