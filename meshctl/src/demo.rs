@@ -23,7 +23,10 @@ use kube::{
 use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption, manifests};
 use wiremesh_integration::{ClusterDescription, ClusterOptions, ProcessIdentity, VirtualCluster};
 
-use crate::status::{self, MeshStatus};
+use crate::{
+    status::{self, MeshStatus},
+    traffic::{PodEnd, TrafficError, ping, tcp_echo, udp_echo},
+};
 
 /// Where `demo up` writes the cluster description.
 pub const DEMO_DIR: &str = "/run/wiremesh-demo";
@@ -320,4 +323,72 @@ pub fn down(demo_dir: &Path) -> anyhow::Result<bool> {
     // The directory is ours; leave it if someone put other files there.
     let _ = std::fs::remove_dir(demo_dir);
     Ok(true)
+}
+
+/// Reads `cluster.json` of the running demo.
+pub fn running(demo_dir: &Path) -> anyhow::Result<ClusterDescription> {
+    let path = demo_dir.join("cluster.json");
+    if !path.exists() {
+        anyhow::bail!(
+            "no demo is running ({} absent; start one with `meshctl demo up`)",
+            path.display()
+        );
+    }
+    Ok(ClusterDescription::read(&path)?)
+}
+
+/// One cross-node flow of [`traffic`] and its outcome per protocol.
+#[derive(Debug)]
+pub struct FlowResult {
+    pub from: PodEnd,
+    pub from_node: String,
+    pub to: PodEnd,
+    pub to_node: String,
+    pub icmp: Result<(), TrafficError>,
+    pub tcp: Result<(), TrafficError>,
+    pub udp: Result<(), TrafficError>,
+}
+
+impl FlowResult {
+    pub fn ok(&self) -> bool {
+        self.icmp.is_ok() && self.tcp.is_ok() && self.udp.is_ok()
+    }
+}
+
+/// Ping, TCP echo and UDP echo between every ordered pair of pods on different nodes.
+pub fn traffic(description: &ClusterDescription) -> Vec<FlowResult> {
+    let ends: Vec<(PodEnd, String)> = description
+        .pods
+        .iter()
+        .map(|p| {
+            (
+                PodEnd {
+                    name: p.name.clone(),
+                    netns: p.netns.clone(),
+                    ip: p.ip,
+                },
+                p.node.clone(),
+            )
+        })
+        .collect();
+    let timeout = Duration::from_secs(5);
+    let mut results = Vec::new();
+    for (from, from_node) in &ends {
+        for (to, to_node) in &ends {
+            if from_node == to_node {
+                continue;
+            }
+            let payload = format!("wiremesh-demo {} -> {}", from.name, to.name);
+            results.push(FlowResult {
+                icmp: ping(from, to, 3),
+                tcp: tcp_echo(from, to, payload.as_bytes(), timeout),
+                udp: udp_echo(from, to, payload.as_bytes(), timeout, 3),
+                from: from.clone(),
+                from_node: from_node.clone(),
+                to: to.clone(),
+                to_node: to_node.clone(),
+            });
+        }
+    }
+    results
 }

@@ -1,6 +1,10 @@
 //! `meshctl`: the wiremesh operator CLI.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -61,6 +65,10 @@ enum DemoCommand {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Ping, TCP and UDP between every pair of pods on different nodes.
+    Traffic,
+    /// Print the admin kubeconfig path of the running demo.
+    Kubeconfig,
     /// Remove everything `demo up` created.
     Down,
 }
@@ -148,9 +156,54 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
+            command: DemoCommand::Traffic,
+        } => {
+            let description = demo::running(Path::new(demo::DEMO_DIR))?;
+            let results = demo::traffic(&description);
+            let verdict = |r: &Result<(), meshctl::traffic::TrafficError>| {
+                if r.is_ok() { "ok" } else { "FAILED" }
+            };
+            for r in &results {
+                println!(
+                    "    {:<10} ({}) -> {:<10} {:<14} ({})  icmp {:<6} tcp {:<6} udp {}",
+                    r.from.name,
+                    r.from_node,
+                    r.to.name,
+                    r.to.ip,
+                    r.to_node,
+                    verdict(&r.icmp),
+                    verdict(&r.tcp),
+                    verdict(&r.udp)
+                );
+                for error in [&r.icmp, &r.tcp, &r.udp]
+                    .into_iter()
+                    .filter_map(|x| x.as_ref().err())
+                {
+                    println!("        {error}");
+                }
+            }
+            let ok = results.iter().filter(|r| r.ok()).count();
+            println!(
+                "==> {ok}/{} cross-node pod flows passed ICMP, TCP and UDP",
+                results.len()
+            );
+            Ok(if ok == results.len() && !results.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Demo {
+            command: DemoCommand::Kubeconfig,
+        } => {
+            let description = demo::running(Path::new(demo::DEMO_DIR))?;
+            println!("{}", description.kubeconfig.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
             command: DemoCommand::Down,
         } => {
-            if demo::down(std::path::Path::new(demo::DEMO_DIR))? {
+            if demo::down(Path::new(demo::DEMO_DIR))? {
                 println!("==> demo removed");
             } else {
                 println!(
