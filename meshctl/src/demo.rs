@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use ipnet::Ipv4Net;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client,
@@ -24,6 +25,7 @@ use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption, manifests};
 use wiremesh_integration::{ClusterDescription, ClusterOptions, ProcessIdentity, VirtualCluster};
 
 use crate::{
+    capture::{self, CaptureReport, Underlay},
     status::{self, MeshStatus},
     traffic::{PodEnd, TrafficError, ping, tcp_echo, udp_echo},
 };
@@ -355,8 +357,39 @@ impl FlowResult {
     }
 }
 
-/// Ping, TCP echo and UDP echo between every ordered pair of pods on different nodes.
-pub fn traffic(description: &ClusterDescription) -> Vec<FlowResult> {
+/// The payload marker of demo traffic; the underlay capture must never see it.
+pub const DEMO_MARKER: &str = "wiremesh-demo-plaintext-marker";
+
+/// The underlay of a described cluster, for [`capture::classify`].
+pub fn underlay_of(description: &ClusterDescription) -> anyhow::Result<Underlay> {
+    let control_plane_ip = description
+        .api_server
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .and_then(|(host, _)| host.parse().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot read the API server address {:?}",
+                description.api_server
+            )
+        })?;
+    let pod_cidrs = description
+        .nodes
+        .iter()
+        .map(|n| n.pod_cidr.parse())
+        .collect::<Result<Vec<Ipv4Net>, _>>()
+        .map_err(|e| anyhow::anyhow!("bad podCIDR in the description: {e}"))?;
+    Ok(Underlay {
+        node_ips: description.nodes.iter().map(|n| n.underlay_ip).collect(),
+        control_plane_ip,
+        pod_cidrs,
+        wireguard_port: wiremesh_keyexchange::DEFAULT_LISTEN_PORT,
+    })
+}
+
+/// Ping, TCP echo and UDP echo between every ordered pair of pods on different nodes; each
+/// payload carries `marker`.
+pub fn traffic(description: &ClusterDescription, marker: &str) -> Vec<FlowResult> {
     let ends: Vec<(PodEnd, String)> = description
         .pods
         .iter()
@@ -378,7 +411,7 @@ pub fn traffic(description: &ClusterDescription) -> Vec<FlowResult> {
             if from_node == to_node {
                 continue;
             }
-            let payload = format!("wiremesh-demo {} -> {}", from.name, to.name);
+            let payload = format!("{marker} {} -> {}", from.name, to.name);
             results.push(FlowResult {
                 icmp: ping(from, to, 3),
                 tcp: tcp_echo(from, to, payload.as_bytes(), timeout),
@@ -391,4 +424,19 @@ pub fn traffic(description: &ClusterDescription) -> Vec<FlowResult> {
         }
     }
     results
+}
+
+/// [`traffic`] with a capture on the underlay bridge running throughout.
+pub fn traffic_with_capture(
+    description: &ClusterDescription,
+) -> anyhow::Result<(Vec<FlowResult>, CaptureReport)> {
+    let underlay = underlay_of(description)?;
+    let (results, report) = capture::during(
+        &description.bridge,
+        &underlay,
+        DEMO_MARKER.as_bytes(),
+        Duration::from_millis(300),
+        || traffic(description, DEMO_MARKER),
+    )?;
+    Ok((results, report))
 }

@@ -159,7 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: DemoCommand::Traffic,
         } => {
             let description = demo::running(Path::new(demo::DEMO_DIR))?;
-            let results = demo::traffic(&description);
+            let (results, capture) = demo::traffic_with_capture(&description)?;
             let verdict = |r: &Result<(), meshctl::traffic::TrafficError>| {
                 if r.is_ok() { "ok" } else { "FAILED" }
             };
@@ -187,11 +187,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "==> {ok}/{} cross-node pod flows passed ICMP, TCP and UDP",
                 results.len()
             );
-            Ok(if ok == results.len() && !results.is_empty() {
-                ExitCode::SUCCESS
+            println!(
+                "==> underlay capture on bridge {}: {}",
+                description.bridge,
+                capture.summary()
+            );
+            for violation in &capture.violations {
+                println!("        {violation}");
+            }
+            if capture.clean() {
+                println!(
+                    "    only WireGuard between the nodes; the payload marker never crossed the wire in plaintext"
+                );
             } else {
-                ExitCode::from(1)
-            })
+                println!("    NOT CLEAN: plaintext or unexpected traffic on the underlay");
+            }
+            Ok(
+                if ok == results.len() && !results.is_empty() && capture.clean() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                },
+            )
         }
         Command::Demo {
             command: DemoCommand::Kubeconfig,
