@@ -1,0 +1,97 @@
+//! Issue 4, "Done when" 5: the agent runs with its node's own credentials (user
+//! `system:node:<name>`) and that identity can patch only its own Node. The agents in this
+//! cluster got nothing else (the harness's read-only grant aside), and the mesh still converges:
+//! so the agent needs no more than that.
+
+#[path = "mesh_support/support.rs"]
+mod support;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+use support::*;
+use wiremesh_crds::MeshEncryption;
+use wiremesh_integration::testenv::client_from_kubeconfig;
+
+fn forbidden(result: Result<impl std::fmt::Debug, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(ref status)) if status.code == 403)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_credentials_can_patch_only_their_own_node() {
+    if !have_root() {
+        return;
+    }
+    let cluster = start_mesh(Shape {
+        nodes: 2,
+        pods_per_node: 1,
+        spare_nodes: 0,
+    })
+    .await;
+
+    // The agents ran with these kubeconfigs (spawn_agent sets KUBECONFIG to them) and published
+    // their keys: the mesh converged in start_mesh.
+    let kubeconfig = cluster.node("node-1").expect("node-1").kubeconfig.clone();
+    let node1 = client_from_kubeconfig(&kubeconfig)
+        .await
+        .expect("node-1 client");
+    let nodes: Api<Node> = Api::all(node1.clone());
+    let patch = |value: &str| {
+        Patch::Merge(json!({"metadata": {"annotations": {"wiremesh.io/rbac-test": value}}}))
+    };
+
+    nodes
+        .patch("node-1", &PatchParams::default(), &patch("own"))
+        .await
+        .expect("a node may patch its own Node");
+    assert!(
+        forbidden(
+            nodes
+                .patch("node-2", &PatchParams::default(), &patch("other"))
+                .await
+        ),
+        "node-1's credentials must not patch node-2"
+    );
+    // Not even the key annotations of another node.
+    assert!(forbidden(
+        nodes
+            .patch(
+                "node-2",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {
+                    "wiremesh.io/public-key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+                }}})),
+            )
+            .await
+    ));
+    assert!(forbidden(nodes.delete("node-2", &Default::default()).await));
+
+    // Reads the agent needs work; the mesh settings are read-only to it.
+    let listed = nodes.list(&Default::default()).await.expect("list nodes");
+    assert_eq!(listed.items.len(), 2);
+    let mesh: Api<MeshEncryption> = Api::all(node1);
+    assert!(
+        mesh.get("default")
+            .await
+            .expect("read MeshEncryption")
+            .spec
+            .enabled
+    );
+    assert!(forbidden(
+        mesh.patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"enabled": false}})),
+        )
+        .await
+    ));
+
+    // The key annotations on node-2 were written by node-2's own agent and are intact.
+    let key2 = published_key(&cluster, "node-2").await.expect("node-2 key");
+    assert_eq!(wg_peers(&cluster, "node-1").expect("wg"), vec![key2]);
+
+    cluster.teardown().expect("teardown");
+}

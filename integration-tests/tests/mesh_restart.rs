@@ -1,0 +1,79 @@
+//! Issue 4, "Done when" 3: an agent killed with SIGKILL and restarted keeps its key (same public
+//! key, same generation) and the mesh reconverges. Also: SIGTERM drains cleanly (exit 0) and the
+//! agent's last status report says it stopped, so `meshctl status` flags the node at once.
+
+#[path = "mesh_support/support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use meshctl::demo;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_keeps_its_key_and_the_mesh_reconverges() {
+    if !have_root() {
+        return;
+    }
+    let mut cluster = start_mesh(Shape {
+        nodes: 2,
+        pods_per_node: 1,
+        spare_nodes: 0,
+    })
+    .await;
+    let marker = marker("restart");
+    let key_before = published_key(&cluster, "node-1").await.expect("key");
+
+    // kill -9: no drain, the TUN device and its routes vanish with the process.
+    let pid = cluster
+        .node("node-1")
+        .expect("node")
+        .agent
+        .expect("agent")
+        .pid;
+    cluster
+        .process(pid)
+        .expect("process")
+        .kill()
+        .expect("kill -9");
+    demo::start_agent(&mut cluster, "node-1", &agent_binary(), &[]).expect("restart");
+    let status = wait_converged(&cluster).await;
+    let key_after = published_key(&cluster, "node-1").await.expect("key");
+    assert_eq!(
+        key_before, key_after,
+        "the restarted agent must keep its key"
+    );
+    let node1 = status.node("node-1").expect("node-1 in status");
+    assert_eq!(node1.key_generation, Some(1), "same key, same generation");
+    assert_reachable(&cluster, "pod-1-1", "pod-2-1", marker.as_bytes());
+    assert_reachable(&cluster, "pod-2-1", "pod-1-1", marker.as_bytes());
+    // node-2 re-handshook with the new device under the same key.
+    let peers = wg_peers(&cluster, "node-2").expect("wg show");
+    assert_eq!(peers, vec![key_after.clone()]);
+
+    // SIGTERM: a clean drain with exit status 0 and a last report that says so.
+    let pid = cluster
+        .node("node-1")
+        .expect("node")
+        .agent
+        .expect("agent")
+        .pid;
+    let exit = cluster
+        .stop_process(pid, Duration::from_secs(15))
+        .expect("stop agent");
+    assert!(exit.success(), "agent exit after SIGTERM: {exit:?}");
+    let status = meshctl::status::collect(cluster.client())
+        .await
+        .expect("status");
+    let node1 = status.node("node-1").expect("node-1");
+    assert!(
+        node1.problems.iter().any(|p| p.contains("agent stopped")),
+        "status must show the stopped agent at once: {:?}",
+        node1.problems
+    );
+    assert!(!status.converged());
+    // The device is gone with the process.
+    assert!(wg_peers(&cluster, "node-1").is_err());
+
+    cluster.teardown().expect("teardown");
+}
