@@ -16,7 +16,7 @@ TESTENV_DIR := integration-tests/testenv
 TESTENV_BIN := $(TESTENV_DIR)/bin/testenv
 TESTENV_SRCS := $(wildcard $(TESTENV_DIR)/*.go) $(TESTENV_DIR)/go.mod $(TESTENV_DIR)/go.sum
 
-.PHONY: help deps apt-deps testenv build test fmt-check lint unit-test demo bench crds clean
+.PHONY: help deps apt-deps testenv cargo-fuzz build test fmt-check lint unit-test demo bench crds fuzz clean
 
 help:
 	@echo "wiremesh targets:"
@@ -26,6 +26,7 @@ help:
 	@echo "  make lint   - rustfmt check and clippy -D warnings"
 	@echo "  make deps   - install Debian packages, build the testenv kube-apiserver"
 	@echo "  make crds   - regenerate deploy/crds/*.yaml"
+	@echo "  make fuzz   - fuzz the annotation parser for FUZZ_SECONDS (default 60)"
 
 # Installs only the packages that are missing, so a second run does nothing.
 apt-deps:
@@ -93,6 +94,17 @@ demo: deps
 bench: deps
 	@echo "make bench: the userspace engine benchmark arrives with issue 3; not built yet." >&2
 	@exit 1
+
+FUZZ_SECONDS ?= 60
+# cargo-fuzz needs nightly rustc features; without a nightly toolchain, stable with RUSTC_BOOTSTRAP=1.
+cargo-fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+
+fuzz: cargo-fuzz
+	@mkdir -p .cache/fuzz/annotations
+	cd keyexchange && if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then tc=+nightly; boot=; else tc=; boot=1; fi; \
+		RUSTC_BOOTSTRAP=$$boot $(CARGO) $$tc fuzz run annotations ../.cache/fuzz/annotations fuzz/corpus/annotations -- \
+		-max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	$(CARGO) clean
