@@ -255,9 +255,10 @@ impl App {
 /// `mesh-agent run` after the configuration is parsed, logging set up and the namespace entered.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let key = load_key(&config)?;
+    // Configuration errors first, before a device exists.
+    let client = kube_client(&config).await?;
     let engine = open_datapath(&config)?;
     let result = async {
-        let client = kube_client(&config).await?;
         let app = build(&config, key, engine.clone(), client).await?;
         app.wait_termination().await
     }

@@ -45,6 +45,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn enter_moves_only_the_calling_thread_into_the_named_namespace() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("enter_moves_only_...: needs root (CI runs it as root)");
+            return;
+        }
+        let name = format!("wm-agent-netns-test-{}", std::process::id());
+        let add = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip netns add");
+        assert!(add.success(), "ip netns add {name}");
+        let path = Path::new("/var/run/netns").join(&name);
+        let want = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let here = std::fs::metadata("/proc/thread-self/ns/net")
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+        let thread_path = path.clone();
+        let joined = std::thread::spawn(move || {
+            enter(&thread_path).unwrap();
+            let inode = |p: &str| {
+                std::fs::metadata(p)
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .unwrap()
+            };
+            let inside = inode("/proc/thread-self/ns/net");
+            // A thread spawned after setns inherits the namespace.
+            let child = std::thread::spawn(move || inode("/proc/thread-self/ns/net"))
+                .join()
+                .unwrap();
+            (inside, child)
+        })
+        .join();
+        let after = std::fs::metadata("/proc/thread-self/ns/net")
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+        let del = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status()
+            .expect("run ip netns del");
+        assert!(del.success(), "ip netns del {name}");
+        let (inside, child) = joined.expect("the thread in the namespace panicked");
+        assert_eq!(Some(inside), want.ok());
+        assert_eq!(child, inside);
+        assert_eq!(after, here, "the test thread itself stayed where it was");
+    }
+
+    #[test]
     fn missing_namespace_is_a_clear_error() {
         let err = enter(Path::new("/var/run/netns/wiremesh-does-not-exist-test")).unwrap_err();
         assert!(

@@ -101,7 +101,12 @@ impl WatchTask {
                 item = self.stream.next() => match item {
                     Some(Ok(())) => {}
                     Some(Err(error)) => {
-                        tracing::warn!(watch = self.name, %error, "watch failed; retrying with backoff");
+                        tracing::warn!(
+                            watch = self.name,
+                            %error,
+                            hint = hint(&error),
+                            "watch failed; retrying with backoff"
+                        );
                     }
                     None => {
                         tracing::warn!(watch = self.name, "watch stream ended");
@@ -111,6 +116,25 @@ impl WatchTask {
                 () = drain.signaled() => return,
             }
         }
+    }
+}
+
+/// What an operator should check for common watch failures.
+fn hint(error: &watcher::Error) -> &'static str {
+    let status = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code,
+        watcher::Error::WatchError(status) => status.code,
+        _ => 0,
+    };
+    match status {
+        404 => "resource not served: are the wiremesh CRDs installed (deploy/crds)?",
+        401 => "credentials rejected: check the kubeconfig or service account token",
+        403 => {
+            "forbidden: the agent needs get/list/watch on nodes, pods and meshencryptions.wiremesh.io"
+        }
+        _ => "",
     }
 }
 
