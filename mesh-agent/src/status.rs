@@ -217,7 +217,12 @@ impl StatusReporter {
                 }
             }
             tokio::select! {
-                _ = self.snapshot.changed() => {
+                changed = self.snapshot.changed() => {
+                    if changed.is_err() {
+                        // The reconciler is gone: the agent is stopping.
+                        drain.signaled().await;
+                        break;
+                    }
                     // Coalesce a pass's updates; the spacing check above limits writes.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
