@@ -91,9 +91,19 @@ demo: deps
 	if [ $$status = 0 ]; then echo "==> demo passed"; else echo "==> demo FAILED" >&2; fi; \
 	exit $$status
 
+# Userspace WireGuard benchmark (root): veth vs wireguard-go vs boringtun-cli vs our engine.
+# BENCH_ARGS are passed to bench/bench.py (e.g. BENCH_ARGS="--runs 5 --time 10").
+BENCH_TOOLS := bench/.tools
+BORINGTUN_CLI := $(BENCH_TOOLS)/bin/boringtun-cli
+BENCH_ARGS ?=
 bench: deps
-	@echo "make bench: the userspace engine benchmark arrives with issue 3; not built yet." >&2
-	@exit 1
+	$(CARGO) build --release -p mesh-agent
+	@if [ ! -x $(BORINGTUN_CLI) ]; then \
+		echo "installing boringtun-cli into $(BENCH_TOOLS)"; \
+		$(CARGO) install --locked boringtun-cli --root $(BENCH_TOOLS); \
+	fi
+	python3 bench/bench.py --ours "$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/mesh-agent" \
+		--boringtun $(BORINGTUN_CLI) $(BENCH_ARGS)
 
 FUZZ_SECONDS ?= 60
 # cargo-fuzz needs nightly rustc features; without a nightly toolchain, stable with RUSTC_BOOTSTRAP=1.

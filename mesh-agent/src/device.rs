@@ -5,7 +5,7 @@
 //! (new session, stdio on /dev/null) and returns once the device is up, like wireguard-go.
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, Write},
     os::{fd::FromRawFd, unix::process::CommandExt},
     path::PathBuf,
     process::{Command, Stdio},
@@ -52,7 +52,7 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok());
     // SAFETY: the fd was created for us by the parent and is only used here.
     let mut ready = ready_fd.map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
-    match serve(&args, ready.as_mut()) {
+    match serve(&args, &mut ready) {
         Ok(()) => Ok(()),
         Err(e) => {
             if let Some(pipe) = ready.as_mut() {
@@ -63,7 +63,7 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     }
 }
 
-fn serve(args: &DeviceArgs, ready: Option<&mut std::fs::File>) -> anyhow::Result<()> {
+fn serve(args: &DeviceArgs, ready: &mut Option<std::fs::File>) -> anyhow::Result<()> {
     let signals = block_signals()?;
     let rekey_after = match std::env::var(REKEY_ENV) {
         Ok(v) => {
@@ -86,7 +86,8 @@ fn serve(args: &DeviceArgs, ready: Option<&mut std::fs::File>) -> anyhow::Result
     };
     let engine = UserspaceEngine::create(config)
         .with_context(|| format!("cannot start device {}", args.ifname))?;
-    if let Some(pipe) = ready {
+    // Report readiness and close the pipe: the waiting parent exits on this line.
+    if let Some(mut pipe) = ready.take() {
         writeln!(pipe, "ok").context("cannot report readiness")?;
     }
     let for_signals: Arc<UserspaceEngine> = engine.clone();
@@ -166,8 +167,8 @@ fn detach(args: &DeviceArgs) -> anyhow::Result<()> {
     let child = cmd.spawn().context("cannot start detached device")?;
     drop(write_end);
     let mut answer = String::new();
-    read_end
-        .read_to_string(&mut answer)
+    std::io::BufReader::new(&mut read_end)
+        .read_line(&mut answer)
         .context("cannot read readiness from detached device")?;
     match answer.lines().next() {
         Some("ok") => {

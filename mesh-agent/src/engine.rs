@@ -4,9 +4,10 @@
 //! [`Datapath`](crate::datapath::Datapath) for the agent and serves the wg(8) UAPI (see
 //! [`crate::uapi`]) so that `wg show`/`wg set` work against it.
 //!
-//! Threads: `wm-dp-N` (one per TUN queue, both directions), `wm-timers` (boringtun timer
-//! ticks every 250 ms, persistent keepalives, rate-limiter resets) and `wm-uapi` (the
-//! configuration socket). The engine never assigns addresses or routes: the owner of the
+//! Threads: `wm-tun-N` (TUN queue N -> encrypt -> UDP), `wm-udp-N` (UDP socket N ->
+//! decrypt -> TUN; one SO_REUSEPORT socket each, so a peer's packets stay in order),
+//! `wm-timers` (boringtun timer ticks every 250 ms, persistent keepalives, rate-limiter
+//! resets) and `wm-uapi` (the configuration socket). The engine never assigns addresses or routes: the owner of the
 //! interface does (the agent through rtnetlink, an operator with ip(8)).
 
 mod allowed_ips;
@@ -16,7 +17,6 @@ mod timers;
 mod worker;
 
 use std::{
-    os::fd::AsRawFd,
     path::PathBuf,
     sync::{
         Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
@@ -199,6 +199,8 @@ pub(crate) struct Shared {
     closed: Mutex<Option<String>>,
     closed_cv: Condvar,
     netns: NetNs,
+    /// UDP sockets per endpoint (= receive workers).
+    udp_sockets: usize,
     started: Instant,
     pub rekey_after: Option<Duration>,
 }
@@ -242,9 +244,10 @@ impl Shared {
         let new_udp = match req.listen_port {
             Some(port) if port != 0 && port != cur_port => {
                 let mark = req.fwmark.unwrap_or(fwmark);
+                let count = self.udp_sockets;
                 let udp = self
                     .netns
-                    .run(move || UdpEndpoint::bind(port, mark))
+                    .run(move || UdpEndpoint::bind(port, mark, count))
                     .map_err(|source| ApplyError::Bind { port, source })?;
                 Some(Arc::new(udp))
             }
@@ -252,11 +255,8 @@ impl Shared {
         };
         let old = self.write_state().apply(req, new_udp)?;
         if let Some(old) = old {
-            // Wake workers polling the old socket so they pick up the new one.
-            // SAFETY: shutdown on a socket we still own.
-            unsafe {
-                libc::shutdown(old.socket.as_raw_fd(), libc::SHUT_RDWR);
-            }
+            // Wake workers polling the old sockets so they pick up the new ones.
+            old.shutdown();
         }
         Ok(())
     }
@@ -369,10 +369,12 @@ impl UserspaceEngine {
             source,
         };
         let netns = NetNs::current().map_err(tun_err)?;
-        let udp = UdpEndpoint::bind(config.listen_port, 0).map_err(|source| EngineError::Udp {
-            ifname: ifname.clone(),
-            port: config.listen_port,
-            source,
+        let udp = UdpEndpoint::bind(config.listen_port, 0, threads).map_err(|source| {
+            EngineError::Udp {
+                ifname: ifname.clone(),
+                port: config.listen_port,
+                source,
+            }
         })?;
         let queues = io::open_tun(&ifname, config.mtu, threads).map_err(tun_err)?;
         let ifindex = queues[0].if_index().map_err(tun_err)?;
@@ -386,6 +388,7 @@ impl UserspaceEngine {
             closed: Mutex::new(None),
             closed_cv: Condvar::new(),
             netns,
+            udp_sockets: threads,
             started: Instant::now(),
             rekey_after: config.rekey_after,
         });
@@ -403,11 +406,20 @@ impl UserspaceEngine {
         {
             let mut handles = engine.threads.lock().unwrap_or_else(|e| e.into_inner());
             for (queue, tun) in queues.into_iter().enumerate() {
-                let worker = worker::Worker::new(shared.clone(), tun, queue).map_err(tun_err)?;
+                tun.set_nonblocking(true).map_err(tun_err)?;
+                let tun = Arc::new(tun);
+                let tx = worker::TunWorker::new(shared.clone(), tun.clone(), queue);
                 handles.push(
                     std::thread::Builder::new()
-                        .name(format!("wm-dp-{queue}"))
-                        .spawn(move || worker.run())
+                        .name(format!("wm-tun-{queue}"))
+                        .spawn(move || tx.run())
+                        .map_err(thread_err)?,
+                );
+                let rx = worker::UdpWorker::new(shared.clone(), tun, queue);
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("wm-udp-{queue}"))
+                        .spawn(move || rx.run())
                         .map_err(thread_err)?,
                 );
             }

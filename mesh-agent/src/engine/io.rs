@@ -35,44 +35,84 @@ pub(crate) fn open_tun(ifname: &str, mtu: u16, queues: usize) -> io::Result<Vec<
     Ok(all)
 }
 
-/// The UDP socket the tunnel speaks through: one dual-stack IPv6 socket when the namespace has
-/// IPv6, else an IPv4 one.
-pub(crate) struct UdpEndpoint {
+/// One bound UDP socket with its quinn-udp state.
+pub(crate) struct UdpSock {
     pub socket: UdpSocket,
     pub state: UdpSocketState,
+}
+
+/// The UDP port the tunnel speaks through: `count` sockets bound to the same port with
+/// SO_REUSEPORT (the kernel hashes each peer's 4-tuple to one socket, so one receive worker
+/// sees all of a peer's packets in order). Dual-stack IPv6 when the namespace has IPv6, else
+/// IPv4. Note: SO_REUSEPORT lets another root process join the port group on purpose.
+pub(crate) struct UdpEndpoint {
+    pub sockets: Vec<UdpSock>,
     pub port: u16,
     dual_stack: bool,
 }
 
 impl UdpEndpoint {
-    /// Binds `port` (0 picks one) with `fwmark` (0 = none).
-    pub fn bind(port: u16, fwmark: u32) -> io::Result<Self> {
-        let (socket, dual_stack) = match bind_socket(Domain::IPV6, port) {
+    /// Binds `count` sockets on `port` (0 picks one) with `fwmark` (0 = none).
+    pub fn bind(port: u16, fwmark: u32, count: usize) -> io::Result<Self> {
+        let count = count.max(1);
+        let reuse = count > 1;
+        let (first, dual_stack) = match bind_socket(Domain::IPV6, port, reuse) {
             Ok(s) => (s, true),
-            Err(e6) => match bind_socket(Domain::IPV4, port) {
+            Err(e6) => match bind_socket(Domain::IPV4, port, reuse) {
                 Ok(s) => (s, false),
                 Err(_) => return Err(e6),
             },
         };
-        if fwmark != 0 {
-            socket.set_mark(fwmark)?;
+        let domain = if dual_stack {
+            Domain::IPV6
+        } else {
+            Domain::IPV4
+        };
+        let first: UdpSocket = first.into();
+        let port = first.local_addr()?.port();
+        let mut raw = vec![first];
+        for _ in 1..count {
+            raw.push(bind_socket(domain, port, true)?.into());
         }
-        let socket: UdpSocket = socket.into();
-        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-        let port = socket.local_addr()?.port();
+        let mut sockets = Vec::with_capacity(count);
+        for socket in raw {
+            if fwmark != 0 {
+                socket2::SockRef::from(&socket).set_mark(fwmark)?;
+            }
+            let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+            sockets.push(UdpSock { socket, state });
+        }
         Ok(Self {
-            socket,
-            state,
+            sockets,
             port,
             dual_stack,
         })
     }
 
     pub fn set_fwmark(&self, mark: u32) -> io::Result<()> {
-        socket2::SockRef::from(&self.socket).set_mark(mark)
+        for s in &self.sockets {
+            socket2::SockRef::from(&s.socket).set_mark(mark)?;
+        }
+        Ok(())
     }
 
-    /// The address to hand to the kernel for `dst` on this socket.
+    /// Wakes every worker polling these sockets (used when they are replaced).
+    pub fn shutdown(&self) {
+        for s in &self.sockets {
+            // SAFETY: shutdown on a socket we own; only wakes pollers and ends reads.
+            unsafe {
+                libc::shutdown(s.socket.as_raw_fd(), libc::SHUT_RDWR);
+            }
+        }
+    }
+
+    /// The socket worker `idx` uses.
+    #[inline]
+    pub fn sock(&self, idx: usize) -> &UdpSock {
+        &self.sockets[idx % self.sockets.len()]
+    }
+
+    /// The address to hand to the kernel for `dst` on these sockets.
     #[inline]
     pub fn wire_addr(&self, dst: SocketAddr) -> SocketAddr {
         match (self.dual_stack, dst) {
@@ -83,14 +123,16 @@ impl UdpEndpoint {
         }
     }
 
-    /// Sends one datagram or a GSO train of equal-sized segments (the last may be shorter).
-    /// Waits briefly for buffer space instead of dropping when the socket buffer is full.
+    /// Sends one datagram or a GSO train of equal-sized segments (the last may be shorter) on
+    /// socket `idx`. Waits briefly for buffer space instead of dropping when the buffer is full.
     pub fn send(
         &self,
+        idx: usize,
         dst: SocketAddr,
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
+        let sock = self.sock(idx);
         let transmit = Transmit {
             destination: self.wire_addr(dst),
             ecn: None,
@@ -100,13 +142,13 @@ impl UdpEndpoint {
         };
         let mut waited = 0;
         loop {
-            match self
+            match sock
                 .state
-                .try_send(UdpSockRef::from(&self.socket), &transmit)
+                .try_send(UdpSockRef::from(&sock.socket), &transmit)
             {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && waited < 20 => {
                     waited += 1;
-                    wait_writable(&self.socket, 5);
+                    wait_writable(&sock.socket, 5);
                 }
                 other => return other,
             }
@@ -115,7 +157,7 @@ impl UdpEndpoint {
 
     /// The largest number of segments one GSO send may carry.
     pub fn max_gso_segments(&self) -> usize {
-        self.state.max_gso_segments().max(1)
+        self.sockets[0].state.max_gso_segments().max(1)
     }
 }
 
@@ -131,8 +173,11 @@ pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn bind_socket(domain: Domain, port: u16) -> io::Result<Socket> {
+fn bind_socket(domain: Domain, port: u16, reuse_port: bool) -> io::Result<Socket> {
     let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     let addr: SocketAddr = if domain == Domain::IPV6 {
         socket.set_only_v6(false)?;
         SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)

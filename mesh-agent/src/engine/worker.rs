@@ -97,28 +97,6 @@ struct Staged {
     len: usize,
 }
 
-/// Per-worker buffers, allocated once.
-pub(crate) struct Worker {
-    shared: Arc<Shared>,
-    tun: SyncDevice,
-    queue: usize,
-    // TUN -> UDP
-    tun_frame: Vec<u8>,
-    tun_pkts: Vec<Vec<u8>>,
-    tun_sizes: Vec<usize>,
-    tx_buf: Vec<u8>,
-    tx_used: usize,
-    staged: Vec<Staged>,
-    tx_acct: Vec<(Arc<Peer>, u64)>,
-    // UDP -> TUN
-    rx_bufs: Vec<Vec<u8>>,
-    rx_meta: Vec<RecvMeta>,
-    tun_out: Vec<PktBuf>,
-    tun_out_n: usize,
-    gro: GROTable,
-    scratch: Vec<u8>,
-}
-
 enum Step {
     /// Did some work; try again without polling.
     Busy,
@@ -126,29 +104,53 @@ enum Step {
     Idle,
 }
 
-impl Worker {
-    pub fn new(shared: Arc<Shared>, tun: SyncDevice, queue: usize) -> io::Result<Self> {
-        tun.set_nonblocking(true)?;
-        Ok(Self {
+fn poll2(a: i32, b: i32, timeout_ms: i32) {
+    let mut fds = [
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two valid pollfds for the duration of the call.
+    unsafe {
+        libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms);
+    }
+}
+
+/// TUN -> UDP for one TUN queue: read (GSO frames split), encrypt, send as GSO trains.
+pub(crate) struct TunWorker {
+    shared: Arc<Shared>,
+    tun: Arc<SyncDevice>,
+    queue: usize,
+    frame: Vec<u8>,
+    pkts: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    tx_buf: Vec<u8>,
+    tx_used: usize,
+    staged: Vec<Staged>,
+    tx_acct: Vec<(Arc<Peer>, u64)>,
+}
+
+impl TunWorker {
+    pub fn new(shared: Arc<Shared>, tun: Arc<SyncDevice>, queue: usize) -> Self {
+        Self {
             shared,
             tun,
             queue,
-            tun_frame: vec![0; VIRTIO_NET_HDR_LEN + MAX_FRAME],
-            tun_pkts: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; MAX_FRAME]).collect(),
-            tun_sizes: vec![0; IDEAL_BATCH_SIZE],
+            frame: vec![0; VIRTIO_NET_HDR_LEN + MAX_FRAME],
+            pkts: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; MAX_FRAME]).collect(),
+            sizes: vec![0; IDEAL_BATCH_SIZE],
             tx_buf: vec![0; TX_STAGE],
             tx_used: 0,
             staged: Vec::with_capacity(IDEAL_BATCH_SIZE * 2),
             tx_acct: Vec::with_capacity(16),
-            rx_bufs: (0..RX_BUFS).map(|_| vec![0; MAX_FRAME]).collect(),
-            rx_meta: vec![RecvMeta::default(); RX_BUFS],
-            tun_out: (0..IDEAL_BATCH_SIZE)
-                .map(|_| PktBuf::new(VIRTIO_NET_HDR_LEN + MAX_FRAME))
-                .collect(),
-            tun_out_n: 0,
-            gro: GROTable::default(),
-            scratch: vec![0; 2048],
-        })
+        }
     }
 
     /// Runs until the engine stops or the TUN device goes away.
@@ -156,53 +158,25 @@ impl Worker {
         let tun_fd = self.tun.as_raw_fd();
         while !self.shared.stopping() {
             let udp = self.shared.read_state().udp.clone();
-            let mut busy = false;
-            match self.tun_batch(&udp) {
-                Ok(Step::Busy) => busy = true,
-                Ok(Step::Idle) => {}
+            match self.batch(&udp) {
+                Ok(Step::Busy) => continue,
+                Ok(Step::Idle) => poll2(tun_fd, self.shared.waker.fd(), 1000),
                 Err(e) => {
                     self.shared
                         .mark_dead(format!("TUN queue {} failed: {e}", self.queue));
                     return;
                 }
             }
-            if let Step::Busy = self.udp_batch(&udp) {
-                busy = true;
-            }
-            if busy {
-                continue;
-            }
-            let mut fds = [
-                libc::pollfd {
-                    fd: tun_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: udp.socket.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.shared.waker.fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: three valid pollfds for the duration of the call.
-            unsafe {
-                libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000);
-            }
         }
     }
 
-    fn tun_batch(&mut self, udp: &UdpEndpoint) -> io::Result<Step> {
+    fn batch(&mut self, udp: &UdpEndpoint) -> io::Result<Step> {
         let mut step = Step::Idle;
         for _ in 0..TUN_BURST {
             let n = match self.tun.recv_multiple(
-                &mut self.tun_frame,
-                &mut self.tun_pkts,
-                &mut self.tun_sizes,
+                &mut self.frame,
+                &mut self.pkts,
+                &mut self.sizes,
                 0,
             ) {
                 Ok(n) => n,
@@ -226,13 +200,25 @@ impl Worker {
         Ok(step)
     }
 
+    fn flush(&mut self, udp: &UdpEndpoint) {
+        flush_tx(
+            udp,
+            self.queue,
+            &self.tx_buf,
+            &mut self.staged,
+            &mut self.tx_acct,
+            &self.shared,
+        );
+        self.tx_used = 0;
+    }
+
     fn encrypt_batch(&mut self, n: usize, udp: &UdpEndpoint) {
         let shared = self.shared.clone();
         let state = shared.read_state();
         let counters = &shared.counters;
         for i in 0..n {
-            let size = self.tun_sizes[i];
-            let pkt = &self.tun_pkts[i][..size];
+            let size = self.sizes[i];
+            let pkt = &self.pkts[i][..size];
             let Some(dst) = packet_dst(pkt) else {
                 counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -253,10 +239,10 @@ impl Worker {
             if self.tx_used + need > self.tx_buf.len() {
                 flush_tx(
                     udp,
+                    self.queue,
                     &self.tx_buf,
                     &mut self.staged,
                     &mut self.tx_acct,
-                    counters,
                     &shared,
                 );
                 self.tx_used = 0;
@@ -295,19 +281,58 @@ impl Worker {
             }
         }
         drop(state);
-        flush_tx(
-            udp,
-            &self.tx_buf,
-            &mut self.staged,
-            &mut self.tx_acct,
-            counters,
-            &shared,
-        );
-        self.tx_used = 0;
+        self.flush(udp);
+    }
+}
+
+/// UDP -> TUN for one UDP socket: receive (GRO trains split by stride), decrypt, check the
+/// inner source against the sender's allowed IPs, write to the TUN with GRO coalescing.
+pub(crate) struct UdpWorker {
+    shared: Arc<Shared>,
+    tun: Arc<SyncDevice>,
+    index: usize,
+    rx_bufs: Vec<Vec<u8>>,
+    rx_meta: Vec<RecvMeta>,
+    tun_out: Vec<PktBuf>,
+    tun_out_n: usize,
+    gro: GROTable,
+    scratch: Vec<u8>,
+}
+
+impl UdpWorker {
+    pub fn new(shared: Arc<Shared>, tun: Arc<SyncDevice>, index: usize) -> Self {
+        Self {
+            shared,
+            tun,
+            index,
+            rx_bufs: (0..RX_BUFS).map(|_| vec![0; MAX_FRAME]).collect(),
+            rx_meta: vec![RecvMeta::default(); RX_BUFS],
+            tun_out: (0..IDEAL_BATCH_SIZE)
+                .map(|_| PktBuf::new(VIRTIO_NET_HDR_LEN + MAX_FRAME))
+                .collect(),
+            tun_out_n: 0,
+            gro: GROTable::default(),
+            scratch: vec![0; 2048],
+        }
     }
 
-    fn udp_batch(&mut self, udp: &UdpEndpoint) -> Step {
+    /// Runs until the engine stops.
+    pub fn run(mut self) {
+        while !self.shared.stopping() {
+            let udp = self.shared.read_state().udp.clone();
+            if let Step::Idle = self.batch(&udp) {
+                poll2(
+                    udp.sock(self.index).socket.as_raw_fd(),
+                    self.shared.waker.fd(),
+                    1000,
+                );
+            }
+        }
+    }
+
+    fn batch(&mut self, udp: &UdpEndpoint) -> Step {
         let mut step = Step::Idle;
+        let sock = udp.sock(self.index);
         for _ in 0..UDP_BURST {
             let n = {
                 let mut iovs: [IoSliceMut<'_>; RX_BUFS] = {
@@ -316,9 +341,9 @@ impl Worker {
                         IoSliceMut::new(it.next().map_or(&mut [][..], |b| &mut b[..]))
                     })
                 };
-                match udp
+                match sock
                     .state
-                    .recv(UdpSockRef::from(&udp.socket), &mut iovs, &mut self.rx_meta)
+                    .recv(UdpSockRef::from(&sock.socket), &mut iovs, &mut self.rx_meta)
                 {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -343,6 +368,10 @@ impl Worker {
     fn decrypt_batch(&mut self, n: usize, udp: &UdpEndpoint) {
         let shared = self.shared.clone();
         let state = shared.read_state();
+        let tx = TxCtx {
+            udp,
+            idx: self.index,
+        };
         for i in 0..n {
             let meta = self.rx_meta[i];
             let src = canonical(meta.addr);
@@ -355,7 +384,7 @@ impl Worker {
                 }
                 let datagram = &self.rx_bufs[i][off..end];
                 let slot = &mut self.tun_out[self.tun_out_n];
-                if handle_datagram(&shared, &state, udp, src, datagram, slot, &mut self.scratch) {
+                if handle_datagram(&shared, &state, &tx, src, datagram, slot, &mut self.scratch) {
                     self.tun_out_n += 1;
                 }
                 off = end;
@@ -387,6 +416,18 @@ impl Worker {
     }
 }
 
+/// Where replies produced on the receive path go out.
+pub(crate) struct TxCtx<'a> {
+    pub udp: &'a UdpEndpoint,
+    pub idx: usize,
+}
+
+impl TxCtx<'_> {
+    fn send(&self, dst: SocketAddr, bytes: &[u8]) {
+        let _ = self.udp.send(self.idx, dst, bytes, None);
+    }
+}
+
 fn is_fatal_tun_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -405,12 +446,13 @@ fn account(acct: &mut Vec<(Arc<Peer>, u64)>, peer: &Arc<Peer>, bytes: u64) {
 /// trains (the last datagram of a train may be shorter).
 fn flush_tx(
     udp: &UdpEndpoint,
+    idx: usize,
     buf: &[u8],
     staged: &mut Vec<Staged>,
     acct: &mut Vec<(Arc<Peer>, u64)>,
-    counters: &super::Counters,
     shared: &Shared,
 ) {
+    let counters = &shared.counters;
     let max_segs = udp.max_gso_segments();
     let mut i = 0;
     while i < staged.len() {
@@ -434,7 +476,7 @@ fn flush_tx(
         }
         let segment = if j - i > 1 { Some(first.len) } else { None };
         let contents = &buf[first.start..first.start + total];
-        match udp.send(first.dst, contents, segment) {
+        match udp.send(idx, first.dst, contents, segment) {
             Ok(()) => {
                 counters
                     .tx_datagrams
@@ -482,7 +524,7 @@ const MSG_DATA: u8 = 4;
 pub(crate) fn handle_datagram(
     shared: &Shared,
     state: &DeviceState,
-    udp: &UdpEndpoint,
+    tx: &TxCtx<'_>,
     src: SocketAddr,
     datagram: &[u8],
     slot: &mut PktBuf,
@@ -543,7 +585,7 @@ pub(crate) fn handle_datagram(
                 }
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     counters.rx_cookie_replies.fetch_add(1, Ordering::Relaxed);
-                    let _ = udp.send(src, cookie, None);
+                    tx.send(src, cookie);
                     return false;
                 }
                 Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
@@ -624,13 +666,13 @@ pub(crate) fn handle_datagram(
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
             let mut sent = reply.len() as u64;
-            let _ = udp.send(src, reply, None);
+            tx.send(src, reply);
             // Flush packets queued while the handshake was in flight.
             loop {
                 match tunn.decapsulate(None, &[], dst) {
                     TunnResult::WriteToNetwork(pkt) => {
                         sent += pkt.len() as u64;
-                        let _ = udp.send(src, pkt, None);
+                        tx.send(src, pkt);
                     }
                     TunnResult::Done => break,
                     TunnResult::Err(e) => {
@@ -684,7 +726,7 @@ pub(crate) fn send_control(
     dst: SocketAddr,
     bytes: &[u8],
 ) {
-    match udp.send(dst, bytes, None) {
+    match udp.send(0, dst, bytes, None) {
         Ok(()) => {
             peer.tx_bytes
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
