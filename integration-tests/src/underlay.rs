@@ -140,7 +140,11 @@ pub fn create_bridge(
         bridge: bridge.clone(),
         source,
     };
-    command::ip(["link", "add", &bridge, "type", "bridge"]).map_err(err)?;
+    // A fixed (locally administered) MAC: a bridge without one takes the lowest MAC of its ports
+    // and changes it when that port leaves, and the nodes' ARP entries for the API server then
+    // point at a stale MAC for up to a minute (requests hang while watches keep working).
+    let mac = format!("02:77:6d:00:{:02x}:01", lease.index());
+    command::ip(["link", "add", &bridge, "address", &mac, "type", "bridge"]).map_err(err)?;
     ledger.push(Resource::HostLink {
         name: bridge.clone(),
     });

@@ -203,7 +203,14 @@ impl StatusReporter {
             let report = self.current();
             let now = Instant::now();
             if self.due(&report, now) {
-                match self.write(&report).await {
+                tracing::debug!(
+                    peers_configured = report.peers_configured,
+                    peers_expected = report.peers_expected,
+                    "writing status"
+                );
+                let result = self.write(&report).await;
+                tracing::debug!(elapsed = ?now.elapsed(), ok = result.is_ok(), "wrote status");
+                match result {
                     Ok(()) => {
                         failures_logged = false;
                         self.written = Some((report, now));

@@ -158,7 +158,8 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
     ])
 }
 
-/// Starts (or restarts) the agent of `node` in its namespace with its own kubeconfig.
+/// Starts (or restarts) the agent of `node` in its namespace with its own kubeconfig. Its log
+/// filter is `$WIREMESH_AGENT_LOG` (default `info,kube=warn`).
 pub fn start_agent(
     cluster: &mut VirtualCluster,
     node: &str,
@@ -172,7 +173,10 @@ pub fn start_agent(
             node,
             agent_binary,
             args,
-            vec![("RUST_LOG".into(), "info,kube=warn".into())],
+            vec![(
+                "RUST_LOG".into(),
+                std::env::var_os("WIREMESH_AGENT_LOG").unwrap_or_else(|| "info,kube=warn".into()),
+            )],
         )
         .map_err(|source| DemoError::StartAgent {
             node: node.to_string(),

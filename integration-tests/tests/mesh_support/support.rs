@@ -90,7 +90,20 @@ pub async fn start_mesh(shape: Shape) -> VirtualCluster {
 
 /// Waits until `meshctl status` calls the mesh converged; on timeout prints the agent logs.
 pub async fn wait_converged(cluster: &VirtualCluster) -> status::MeshStatus {
-    match demo::wait_converged(cluster.client(), CONVERGE, |_| {}).await {
+    let started = std::time::Instant::now();
+    let mut last_print = started;
+    let progress = |s: &status::MeshStatus| {
+        // Slow convergence is worth seeing with --nocapture.
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = std::time::Instant::now();
+            eprintln!(
+                "[{:>3}s] not converged yet: {}",
+                started.elapsed().as_secs(),
+                s.all_problems().join("; ")
+            );
+        }
+    };
+    match demo::wait_converged(cluster.client(), CONVERGE, progress).await {
         Ok(s) => s,
         Err(e) => {
             print_agent_logs(cluster);
