@@ -49,6 +49,10 @@ pub const FALLBACK_MTU: u32 = 1420;
 /// Field manager of the agent's patches.
 pub const FIELD_MANAGER: &str = "wiremesh-agent";
 
+/// Deadline of one write to the API server (own annotations, Events, status). A write that hangs
+/// (a stalled connection) must not hold up the reconciler: it fails and is retried.
+pub const API_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a pass could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -62,6 +66,8 @@ pub enum ReconcileError {
         #[source]
         source: kube::Error,
     },
+    #[error("patch annotations of own Node {node}: no answer within {API_WRITE_TIMEOUT:?}")]
+    PatchOwnNodeTimeout { node: String },
     #[error("{count} step(s) failed, first: {first}")]
     Apply { count: usize, first: String },
 }
@@ -443,24 +449,30 @@ impl<R: Routes> Reconciler<R> {
 
     async fn publish_own(&self, patch: &BTreeMap<String, String>) -> Result<(), ReconcileError> {
         let body = serde_json::json!({ "metadata": { "annotations": patch } });
-        let result = self
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
+        let patch = Patch::Merge(&body);
+        let call = self
             .nodes_api
-            .patch(
-                &self.settings.node_name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.to_string()),
-                    ..PatchParams::default()
-                },
-                &Patch::Merge(&body),
-            )
-            .await;
+            .patch(&self.settings.node_name, &params, &patch);
+        let Ok(result) = tokio::time::timeout(API_WRITE_TIMEOUT, call).await else {
+            self.metrics
+                .node_patches
+                .get_or_create(&ResultLabels { result: "timeout" })
+                .inc();
+            return Err(ReconcileError::PatchOwnNodeTimeout {
+                node: self.settings.node_name.clone(),
+            });
+        };
         let label = ResultLabels {
             result: if result.is_ok() { "ok" } else { "error" },
         };
         self.metrics.node_patches.get_or_create(&label).inc();
         match result {
             Ok(_) => {
-                tracing::info!(node = %self.settings.node_name, annotations = ?patch, "published key annotations");
+                tracing::info!(node = %self.settings.node_name, annotations = ?body, "published key annotations");
                 Ok(())
             }
             Err(source) => Err(ReconcileError::PatchOwnNode {
@@ -491,8 +503,13 @@ impl<R: Routes> Reconciler<R> {
                 .iter()
                 .find(|n| n.metadata.name.as_deref() == Some(problem.node.as_str()))
                 .and_then(|n| n.metadata.uid.clone());
-            if let Err(error) = self.events.publish(&problem, uid).await {
-                tracing::warn!(node = %problem.node, %error, "could not record Event");
+            match tokio::time::timeout(API_WRITE_TIMEOUT, self.events.publish(&problem, uid)).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(node = %problem.node, %error, "could not record Event");
+                }
+                Err(_) => tracing::warn!(node = %problem.node, "recording the Event timed out"),
             }
         }
     }

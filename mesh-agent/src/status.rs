@@ -21,7 +21,7 @@ use crate::{
     datapath::{Datapath, DeviceStatus},
     drain::Drain,
     metrics::{Metrics, PeerLabels, ResultLabels},
-    reconciler::{FIELD_MANAGER, MeshSnapshot},
+    reconciler::{API_WRITE_TIMEOUT, FIELD_MANAGER, MeshSnapshot},
     report::{
         ANNOTATION_STATUS, NodeReport, PeerReport, REPORT_VERSION, RejectedReport, unix_seconds,
     },
@@ -174,26 +174,29 @@ impl StatusReporter {
         }
     }
 
-    async fn write(&mut self, report: &NodeReport) -> Result<(), kube::Error> {
+    async fn write(&mut self, report: &NodeReport) -> Result<(), String> {
         let body = serde_json::json!({
             "metadata": { "annotations": { ANNOTATION_STATUS: report.to_annotation() } }
         });
-        let result = self
-            .nodes_api
-            .patch(
-                &self.node_name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.to_string()),
-                    ..PatchParams::default()
-                },
-                &Patch::Merge(&body),
-            )
-            .await;
-        let label = ResultLabels {
-            result: if result.is_ok() { "ok" } else { "error" },
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
         };
-        self.metrics.node_patches.get_or_create(&label).inc();
-        result.map(|_| ())
+        let patch = Patch::Merge(&body);
+        let call = self.nodes_api.patch(&self.node_name, &params, &patch);
+        let (result, label) = match tokio::time::timeout(API_WRITE_TIMEOUT, call).await {
+            Ok(Ok(_)) => (Ok(()), "ok"),
+            Ok(Err(error)) => (Err(error.to_string()), "error"),
+            Err(_) => (
+                Err(format!("no answer within {API_WRITE_TIMEOUT:?}")),
+                "timeout",
+            ),
+        };
+        self.metrics
+            .node_patches
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        result
     }
 
     /// Reports until the drain starts, then writes a final "stopped" report.
