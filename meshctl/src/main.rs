@@ -3,6 +3,8 @@
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 
+mod policy;
+
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "wiremesh operator CLI")]
 struct Cli {
@@ -16,11 +18,14 @@ enum Command {
     Status,
     /// Start or stop the local virtual cluster.
     Demo,
+    /// Offline NetworkPolicy tools (`policy check -f FILE`).
+    Policy(policy::PolicyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Status => bail!("`meshctl status` is not built yet (issue 4)"),
         Command::Demo => bail!("`meshctl demo` is not built yet (issue 4)"),
+        Command::Policy(args) => policy::run(args),
     }
 }
