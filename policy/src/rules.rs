@@ -354,3 +354,96 @@ fn to_port(n: i32, field: &str) -> Result<u16, PolicyError> {
         .filter(|p| *p != 0)
         .ok_or_else(|| invalid(field.to_string(), n, "must be 1..65535"))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::manifest::load_manifest;
+
+    fn policy_err(spec: &str) -> String {
+        let doc = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: n}}\nspec:\n{spec}"
+        );
+        let e = load_manifest(&doc).unwrap_err().to_string();
+        e.strip_prefix("document 1 (NetworkPolicy n/p): ")
+            .unwrap_or_else(|| panic!("unexpected prefix: {e}"))
+            .to_string()
+    }
+
+    #[test]
+    fn invalid_policies_are_rejected_with_the_field() {
+        let cases = [
+            (
+                "  policyTypes: [Ingress, Sideways]\n",
+                "spec.policyTypes[1]: invalid value \"Sideways\": must be Ingress or Egress",
+            ),
+            (
+                "  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]\n",
+                "spec.ingress[0].from[0]: invalid value \"ipBlock with a selector\": ipBlock cannot be combined with podSelector or namespaceSelector",
+            ),
+            (
+                "  egress:\n  - to: [{}]\n",
+                "spec.egress[0].to[0]: invalid value \"{}\": a peer needs podSelector, namespaceSelector or ipBlock",
+            ),
+            (
+                "  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]\n",
+                "spec.ingress[0].from[0].ipBlock.except[0]: invalid value \"10.1.0.0/24\": must be a strict subset of cidr",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 90, endPort: 80}]\n",
+                "spec.ingress[0].ports[0].endPort: invalid value \"80\": must not be below port",
+            ),
+            (
+                "  ingress:\n  - ports: [{endPort: 80}]\n",
+                "spec.ingress[0].ports[0].endPort: invalid value \"80\": endPort needs port",
+            ),
+            (
+                "  ingress:\n  - ports: [{protocol: ICMP}]\n",
+                "spec.ingress[0].ports[0].protocol: invalid value \"ICMP\": protocol must be TCP, UDP or SCTP",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 70000}]\n",
+                "spec.ingress[0].ports[0].port: invalid value \"70000\": must be 1..65535",
+            ),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(policy_err(spec), want, "spec:\n{spec}");
+        }
+    }
+
+    #[test]
+    fn host_bits_are_cleared_and_policy_types_inferred() {
+        let c = load_manifest(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  \
+             egress:\n  - to: [{ipBlock: {cidr: 10.1.2.3/16, except: [10.1.2.3/24]}}]\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: q}\nspec:\n  \
+             egress: []\n",
+        )
+        .unwrap();
+        let p = &c.policies()[0];
+        assert_eq!(p.namespace, "default");
+        assert_eq!(
+            p.ingress.as_deref(),
+            Some(&[][..]),
+            "Ingress is always inferred"
+        );
+        let rules = p
+            .egress
+            .as_ref()
+            .expect("Egress inferred from egress rules");
+        let Some(peers) = &rules[0].peers else {
+            panic!("peers")
+        };
+        assert_eq!(
+            peers[0],
+            super::Peer::IpBlock(super::IpBlock {
+                cidr: "10.1.0.0/16".parse().unwrap(),
+                except: vec!["10.1.2.0/24".parse().unwrap()],
+            })
+        );
+        let q = &c.policies()[1];
+        assert!(
+            q.ingress.is_some() && q.egress.is_none(),
+            "empty egress list: no Egress"
+        );
+    }
+}
