@@ -235,6 +235,104 @@ fn identical_inputs_compile_identically() {
     assert_eq!(a.rules.len(), 3, "one full-range entry per protocol");
 }
 
+#[test]
+fn ipv6_blocks_and_pods() {
+    let pods = vec![
+        pod("n", "a", &[("app", "a")], "fd00::1", vec![]),
+        pod("n", "b", &[("app", "b")], "fd00:0:0:1::1", vec![]),
+        pod("n", "c", &[("app", "c")], "10.0.0.1", vec![]),
+    ];
+    let pol = Policy {
+        namespace: "n".into(),
+        name: "p".into(),
+        selector: Selector::from_requirements(vec![Requirement::In("app".into(), values(&["a"]))]),
+        ingress: Some(vec![Rule {
+            peers: Some(vec![Peer::IpBlock(IpBlock {
+                cidr: "fd00::/32".parse().unwrap(),
+                except: vec!["fd00::/64".parse().unwrap()],
+            })]),
+            ports: None,
+        }]),
+        egress: None,
+    };
+    let c = Cluster::new(vec![], pods, vec![pol]).unwrap();
+    let m = compile(&c);
+    assert_eq!(m.cidrs.len(), 2);
+    let a = m.packet_end("fd00::1".parse().unwrap());
+    for (src, want) in [
+        ("fd00:0:0:1::1", true),
+        ("fd00::2", false),
+        ("10.0.0.1", false),
+        ("2001:db8::1", false),
+        ("fd00:0:ffff::9", true),
+    ] {
+        let s = m.packet_end(src.parse().unwrap());
+        assert_eq!(m.decide(&s, &a, Protocol::Tcp, 443), want, "{src}");
+        let ext = c.find_pod("n", "a").map(Endpoint::Pod).unwrap();
+        let src_ep = match c.pods().iter().position(|p| p.ip == s.ip) {
+            Some(i) => Endpoint::Pod(PodId(i)),
+            None => Endpoint::External(src.parse().unwrap()),
+        };
+        assert_eq!(
+            c.allowed(&src_ep, &ext, Protocol::Tcp, 443).allowed(),
+            want,
+            "{src}"
+        );
+    }
+}
+
+#[test]
+fn entry_count_is_linear_in_rules() {
+    // 1000 policies, each: pods app=sN accept TCP 20000+N from pods app=cN. One identity per
+    // label set, so exactly one rule entry and one isolation entry per policy.
+    let n = 1000;
+    let mut pods = Vec::new();
+    let mut policies = Vec::new();
+    for i in 0..n {
+        let ip = |k: usize| format!("10.{}.{}.{}", k / 65536, (k / 256) % 256, k % 256);
+        let (s, cl) = (format!("s{i}"), format!("c{i}"));
+        pods.push(pod("n", &s, &[("app", &s)], &ip(2 * i + 1), vec![]));
+        pods.push(pod("n", &cl, &[("app", &cl)], &ip(2 * i + 2), vec![]));
+        let sel = |v: &str| {
+            Selector::from_requirements(vec![Requirement::In("app".into(), values(&[v]))])
+        };
+        policies.push(Policy {
+            namespace: "n".into(),
+            name: format!("p{i}"),
+            selector: sel(&s),
+            ingress: Some(vec![Rule {
+                peers: Some(vec![Peer::Pods {
+                    namespaces: crate::rules::NamespaceMatch::Same("n".into()),
+                    pods: sel(&cl),
+                }]),
+                ports: Some(vec![PortSpec {
+                    protocol: Protocol::Tcp,
+                    port: Some(PortValue::Range(20000 + i as u16, 20000 + i as u16)),
+                }]),
+            }]),
+            egress: None,
+        });
+    }
+    let c = Cluster::new(vec![], pods, policies).unwrap();
+    let m = compile(&c);
+    assert_eq!(m.rules.len(), n);
+    assert_eq!(m.isolated.len(), n);
+    assert_eq!(m.endpoints.len(), 2 * n);
+    let (s7, c7) = (
+        c.find_pod("n", "s7").unwrap(),
+        c.find_pod("n", "c7").unwrap(),
+    );
+    let end = |p: PodId| m.packet_end(c.pod(p).ip.unwrap());
+    assert!(m.decide(&end(c7), &end(s7), Protocol::Tcp, 20007));
+    assert!(!m.decide(&end(c7), &end(s7), Protocol::Tcp, 20008));
+    assert!(!m.decide(
+        &end(c.find_pod("n", "c8").unwrap()),
+        &end(s7),
+        Protocol::Tcp,
+        20007
+    ));
+}
+
 // ---- the equivalence property ----
 
 const NS_NAMES: [&str; 3] = ["n0", "n1", "n2"];
