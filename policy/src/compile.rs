@@ -529,3 +529,71 @@ impl Compiled {
             && self.side_allows(dst, src, Direction::Ingress, protocol, port)
     }
 }
+
+/// What to write to and delete from the maps to go from one compilation to the next. Apply
+/// upserts/additions before removals so no entry the new state keeps is ever missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapDiff {
+    /// Endpoint entries to insert or overwrite.
+    pub endpoints_upsert: Vec<(IpAddr, Identity)>,
+    /// Endpoint entries to delete.
+    pub endpoints_remove: Vec<IpAddr>,
+    /// CIDR entries to insert or overwrite.
+    pub cidrs_upsert: Vec<CidrEntry>,
+    /// CIDR prefixes to delete.
+    pub cidrs_remove: Vec<IpNet>,
+    /// Isolation keys to add.
+    pub isolated_add: Vec<IsolationKey>,
+    /// Isolation keys to delete.
+    pub isolated_remove: Vec<IsolationKey>,
+    /// Rule keys to add.
+    pub rules_add: Vec<RuleKey>,
+    /// Rule keys to delete.
+    pub rules_remove: Vec<RuleKey>,
+}
+
+impl MapDiff {
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        *self == MapDiff::default()
+    }
+}
+
+impl Compiled {
+    /// The changes that turn maps holding `old` into maps holding `self`.
+    pub fn diff(&self, old: &Compiled) -> MapDiff {
+        let old_cidrs: BTreeMap<IpNet, Identity> =
+            old.cidrs.iter().map(|e| (e.prefix, e.identity)).collect();
+        let new_cidrs: BTreeMap<IpNet, Identity> =
+            self.cidrs.iter().map(|e| (e.prefix, e.identity)).collect();
+        MapDiff {
+            endpoints_upsert: self
+                .endpoints
+                .iter()
+                .filter(|(ip, id)| old.endpoints.get(ip) != Some(id))
+                .map(|(ip, id)| (*ip, *id))
+                .collect(),
+            endpoints_remove: old
+                .endpoints
+                .keys()
+                .filter(|ip| !self.endpoints.contains_key(ip))
+                .copied()
+                .collect(),
+            cidrs_upsert: self
+                .cidrs
+                .iter()
+                .filter(|e| old_cidrs.get(&e.prefix) != Some(&e.identity))
+                .copied()
+                .collect(),
+            cidrs_remove: old_cidrs
+                .keys()
+                .filter(|p| !new_cidrs.contains_key(p))
+                .copied()
+                .collect(),
+            isolated_add: self.isolated.difference(&old.isolated).copied().collect(),
+            isolated_remove: old.isolated.difference(&self.isolated).copied().collect(),
+            rules_add: self.rules.difference(&old.rules).copied().collect(),
+            rules_remove: old.rules.difference(&self.rules).copied().collect(),
+        }
+    }
+}

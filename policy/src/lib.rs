@@ -13,8 +13,8 @@ pub mod rules;
 pub mod selector;
 
 pub use compile::{
-    CidrEntry, CompileWarning, Compiled, Direction, IsolationKey, PacketEnd, RuleKey, compile,
-    port_range_prefixes,
+    CidrEntry, CompileWarning, Compiled, Direction, IsolationKey, MapDiff, PacketEnd,
+    RULE_KEY_FIXED_BITS, RuleKey, compile, port_range_prefixes,
 };
 pub use eval::{SideVerdict, Verdict};
 pub use identity::{Identity, IdentityAllocator, IdentityLabels, NAMESPACE_LABEL_PREFIX};

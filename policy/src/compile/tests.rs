@@ -333,6 +333,55 @@ fn entry_count_is_linear_in_rules() {
     ));
 }
 
+#[test]
+fn diff_turns_old_maps_into_new_maps() {
+    let build = |port: u16, with_b: bool| {
+        let mut pods = vec![pod("n", "a", &[("app", "a")], "10.0.0.1", vec![])];
+        if with_b {
+            pods.push(pod("n", "b", &[("app", "b")], "10.0.0.2", vec![]));
+        }
+        let pol = Policy {
+            namespace: "n".into(),
+            name: "p".into(),
+            selector: Selector::everything(),
+            ingress: Some(vec![Rule {
+                peers: Some(vec![Peer::IpBlock(IpBlock {
+                    cidr: "10.0.0.0/24".parse().unwrap(),
+                    except: vec![],
+                })]),
+                ports: Some(vec![PortSpec {
+                    protocol: Protocol::Tcp,
+                    port: Some(PortValue::Range(port, port)),
+                }]),
+            }]),
+            egress: None,
+        };
+        compile(&Cluster::new(vec![], pods, vec![pol]).unwrap())
+    };
+    let old = build(80, true);
+    let new = build(443, false);
+    assert!(new.diff(&new).is_empty());
+    let d = new.diff(&old);
+    assert_eq!(
+        d.endpoints_remove,
+        vec!["10.0.0.2".parse::<IpAddr>().unwrap()]
+    );
+    assert!(
+        d.endpoints_upsert.is_empty() && d.cidrs_upsert.is_empty() && d.cidrs_remove.is_empty()
+    );
+    assert_eq!(d.isolated_remove.len(), 1);
+    assert_eq!(d.rules_add.len(), 1);
+    assert_eq!(d.rules_add[0].port, 443);
+    assert_eq!(d.rules_remove.len(), 2, "port 80 for a and b");
+    // Applying the diff to the old sets gives the new ones.
+    let mut rules = old.rules.clone();
+    rules.extend(d.rules_add.iter().copied());
+    for r in &d.rules_remove {
+        rules.remove(r);
+    }
+    assert_eq!(rules, new.rules);
+}
+
 // ---- the equivalence property ----
 
 const NS_NAMES: [&str; 3] = ["n0", "n1", "n2"];
