@@ -14,6 +14,8 @@ use kube::{
 };
 use meshctl::{demo, status};
 
+mod policy;
+
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "wiremesh operator CLI")]
 struct Cli {
@@ -46,6 +48,8 @@ enum Command {
         #[command(subcommand)]
         command: DemoCommand,
     },
+    /// Offline NetworkPolicy tools (`policy check -f FILE`).
+    Policy(policy::PolicyArgs),
 }
 
 #[derive(Subcommand)]
@@ -91,6 +95,10 @@ async fn client(kubeconfig: Option<PathBuf>) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Policy(args) => {
+            policy::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status {
             kubeconfig,
             output,

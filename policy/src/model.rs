@@ -1,0 +1,391 @@
+//! The cluster model the policy logic works on: namespaces with labels, pods with labels, IP and
+//! named container ports, and parsed policies; built from Kubernetes API objects.
+
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+};
+
+use k8s_openapi::api::core::v1 as core;
+
+use crate::{
+    identity::{Identity, IdentityAllocator, IdentityLabels},
+    rules::Policy,
+};
+
+/// An object that cannot be turned into the model; `field` is the path inside the object.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClusterError {
+    /// A required field is missing or empty.
+    #[error("{field}: required")]
+    Missing {
+        /// Path of the field.
+        field: String,
+    },
+    /// A field has a value that is not allowed.
+    #[error("{field}: invalid value {value:?}: {reason}")]
+    Invalid {
+        /// Path of the field.
+        field: String,
+        /// The value as written.
+        value: String,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+    /// Two pods with the same namespace and name.
+    #[error("pod {namespace}/{name} is defined twice")]
+    DuplicatePod {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// Two namespaces with the same name.
+    #[error("namespace {name} is defined twice")]
+    DuplicateNamespace {
+        /// Name.
+        name: String,
+    },
+    /// Two pods with the same IP: the ipcache could not tell them apart.
+    #[error("pods {first} and {second} both have IP {ip}")]
+    DuplicateIp {
+        /// The address.
+        ip: IpAddr,
+        /// `ns/name` of the first pod.
+        first: String,
+        /// `ns/name` of the second pod.
+        second: String,
+    },
+}
+
+/// A transport protocol NetworkPolicy can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// TCP (IP protocol 6), the default.
+    Tcp,
+    /// UDP (17).
+    Udp,
+    /// SCTP (132).
+    Sctp,
+}
+
+impl Protocol {
+    /// All protocols, in a fixed order.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The IP protocol number (what the eBPF side sees in the header).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// Parses the exact Kubernetes spelling (`TCP`, `UDP`, `SCTP`).
+    pub fn from_k8s(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// Parses an optional Kubernetes protocol field (absent = TCP).
+    pub(crate) fn parse_field(value: Option<&String>, field: &str) -> Result<Self, ClusterError> {
+        match value {
+            None => Ok(Protocol::Tcp),
+            Some(s) => Self::from_k8s(s).ok_or_else(|| ClusterError::Invalid {
+                field: field.to_string(),
+                value: s.clone(),
+                reason: "protocol must be TCP, UDP or SCTP",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    /// Case-insensitive: `tcp`, `TCP`, ...
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::from_k8s(&s.to_ascii_uppercase())
+            .ok_or_else(|| format!("unknown protocol {s:?} (want tcp, udp or sctp)"))
+    }
+}
+
+/// A namespace and its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    /// Name.
+    pub name: String,
+    /// Labels (the name label is added when identities are built).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Namespace {
+    /// Converts a Kubernetes Namespace.
+    pub fn from_k8s(ns: &core::Namespace) -> Result<Self, ClusterError> {
+        Ok(Self {
+            name: required_name(ns.metadata.name.as_ref())?,
+            labels: ns.metadata.labels.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// A named container port of a pod.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ContainerPort {
+    /// The port name (IANA service name style), if any.
+    pub name: Option<String>,
+    /// The port number.
+    pub port: u16,
+    /// The protocol (default TCP).
+    pub protocol: Protocol,
+}
+
+/// A pod: what policy needs to know about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// `status.podIP`, if assigned.
+    pub ip: Option<IpAddr>,
+    /// Container ports of all containers.
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The port number of the container port named `name` with protocol `proto`.
+    pub fn named_port(&self, name: &str, proto: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.protocol == proto && p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+
+    /// Converts a Kubernetes Pod (namespace defaults to `default`, as kubectl does).
+    pub fn from_k8s(pod: &core::Pod) -> Result<Self, ClusterError> {
+        let name = required_name(pod.metadata.name.as_ref())?;
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
+        let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {
+            None => None,
+            Some(s) if s.is_empty() => None,
+            Some(s) => Some(s.parse().map_err(|_| ClusterError::Invalid {
+                field: "status.podIP".into(),
+                value: s.clone(),
+                reason: "not an IP address",
+            })?),
+        };
+        let mut ports = Vec::new();
+        for (ci, c) in pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .enumerate()
+        {
+            for (pi, p) in c.ports.iter().flatten().enumerate() {
+                let field = format!("spec.containers[{ci}].ports[{pi}]");
+                let port = u16::try_from(p.container_port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| ClusterError::Invalid {
+                        field: format!("{field}.containerPort"),
+                        value: p.container_port.to_string(),
+                        reason: "must be 1..65535",
+                    })?;
+                let protocol =
+                    Protocol::parse_field(p.protocol.as_ref(), &format!("{field}.protocol"))?;
+                ports.push(ContainerPort {
+                    name: p.name.clone().filter(|n| !n.is_empty()),
+                    port,
+                    protocol,
+                });
+            }
+        }
+        Ok(Self {
+            namespace,
+            name,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ip,
+            ports,
+        })
+    }
+}
+
+fn required_name(name: Option<&String>) -> Result<String, ClusterError> {
+    match name {
+        Some(n) if !n.is_empty() => Ok(n.clone()),
+        _ => Err(ClusterError::Missing {
+            field: "metadata.name".into(),
+        }),
+    }
+}
+
+/// Index of a pod in [`Cluster::pods`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodId(pub usize);
+
+/// One end of a connection: a pod of the cluster or an address outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A pod.
+    Pod(PodId),
+    /// Anything that is not a pod (world, host, other nodes).
+    External(IpAddr),
+}
+
+/// Namespaces, pods and policies, with pod identities allocated.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    namespaces: BTreeMap<String, Namespace>,
+    pods: Vec<Pod>,
+    policies: Vec<Policy>,
+    identity_labels: Vec<IdentityLabels>,
+    identities: IdentityAllocator,
+    pod_identity: Vec<Identity>,
+}
+
+impl Cluster {
+    /// Builds the model. Pods in a namespace that is not listed get a namespace with no labels
+    /// besides its name label. Identities are allocated deterministically.
+    pub fn new(
+        namespaces: Vec<Namespace>,
+        pods: Vec<Pod>,
+        policies: Vec<Policy>,
+    ) -> Result<Self, ClusterError> {
+        let mut ns_map = BTreeMap::new();
+        for ns in namespaces {
+            match ns_map.entry(ns.name.clone()) {
+                Entry::Occupied(_) => {
+                    return Err(ClusterError::DuplicateNamespace { name: ns.name });
+                }
+                Entry::Vacant(v) => {
+                    v.insert(ns);
+                }
+            }
+        }
+        let mut seen = BTreeMap::new();
+        let mut ips: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for p in &pods {
+            if seen
+                .insert((p.namespace.clone(), p.name.clone()), ())
+                .is_some()
+            {
+                return Err(ClusterError::DuplicatePod {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                });
+            }
+            if let Some(ip) = p.ip
+                && let Some(first) = ips.insert(ip, p.key())
+            {
+                return Err(ClusterError::DuplicateIp {
+                    ip,
+                    first,
+                    second: p.key(),
+                });
+            }
+        }
+        let identity_labels: Vec<IdentityLabels> = pods
+            .iter()
+            .map(|p| {
+                let ns_labels = ns_map
+                    .get(&p.namespace)
+                    .map(|n: &Namespace| n.labels.clone())
+                    .unwrap_or_default();
+                IdentityLabels::new(p.labels.clone(), &p.namespace, ns_labels)
+            })
+            .collect();
+        let identities = IdentityAllocator::from_label_sets(&identity_labels);
+        let pod_identity = identity_labels
+            .iter()
+            .map(|l| identities.get(l).unwrap_or(Identity::UNKNOWN))
+            .collect();
+        Ok(Self {
+            namespaces: ns_map,
+            pods,
+            policies,
+            identity_labels,
+            identities,
+            pod_identity,
+        })
+    }
+
+    /// Namespaces by name (only those given to [`Cluster::new`]).
+    pub fn namespaces(&self) -> &BTreeMap<String, Namespace> {
+        &self.namespaces
+    }
+
+    /// Pods, indexed by [`PodId`].
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// The pod with this id.
+    pub fn pod(&self, id: PodId) -> &Pod {
+        &self.pods[id.0]
+    }
+
+    /// Finds a pod by namespace and name.
+    pub fn find_pod(&self, namespace: &str, name: &str) -> Option<PodId> {
+        self.pods
+            .iter()
+            .position(|p| p.namespace == namespace && p.name == name)
+            .map(PodId)
+    }
+
+    /// Policies.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// The identity labels of a pod.
+    pub fn identity_labels(&self, id: PodId) -> &IdentityLabels {
+        &self.identity_labels[id.0]
+    }
+
+    /// The identity of a pod.
+    pub fn identity(&self, id: PodId) -> Identity {
+        self.pod_identity[id.0]
+    }
+
+    /// The identity allocator (identities of the pods present).
+    pub fn identities(&self) -> &IdentityAllocator {
+        &self.identities
+    }
+
+    /// The IP of an endpoint, if it has one.
+    pub fn endpoint_ip(&self, e: &Endpoint) -> Option<IpAddr> {
+        match e {
+            Endpoint::Pod(id) => self.pod(*id).ip,
+            Endpoint::External(ip) => Some(*ip),
+        }
+    }
+}
