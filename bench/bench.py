@@ -148,18 +148,19 @@ def iperf(topo, seconds, streams):
 
 
 def ping_rtt(topo, count):
-    out = nsx(topo.source_ns, "ping", "-q", "-c", str(count), "-i", "0.01", topo.target)
-    line = [l for l in out.splitlines() if "min/avg/max" in l][0]
-    mn, avg, mx, _ = line.split("=")[1].strip().split()[0].split("/")
-    return float(avg) * 1000.0  # microseconds
+    """Median round-trip time in microseconds of `count` pings 10 ms apart (idle tunnel).
+    The median, not the mean: a few multi-millisecond scheduling outliers on a shared
+    machine would otherwise decide the result."""
+    out = nsx(topo.source_ns, "ping", "-c", str(count), "-i", "0.01", topo.target)
+    times = [float(tok.split("=")[1]) for tok in out.split() if tok.startswith("time=")]
+    if len(times) < count // 2:
+        raise RuntimeError(f"ping {topo.target}: only {len(times)} of {count} replies")
+    return statistics.median(times) * 1000.0
 
 
-def measure(topo, seconds):
+def measure_throughput(topo, seconds):
     ticks = os.sysconf("SC_CLK_TCK")
     ncpu = os.cpu_count()
-    # RTT first, on the idle tunnel: right after an iperf3 run closing connections add
-    # milliseconds of noise to every variant.
-    rtt = ping_rtt(topo, 200)
     b0, t0 = system_busy()
     p0 = topo.proc_cpu()
     w0 = time.monotonic()
@@ -172,8 +173,7 @@ def measure(topo, seconds):
     time.sleep(1)
     multi, _ = iperf(topo, seconds, 4)
     time.sleep(1)
-    return {"single": single, "multi": multi, "rtt_us": rtt, "cpu_sys": cpu_sys, "cpu_tunnel": cpu_tun,
-            "retransmits": retr}
+    return {"single": single, "multi": multi, "cpu_sys": cpu_sys, "cpu_tunnel": cpu_tun, "retransmits": retr}
 
 
 def cleanup():
@@ -231,8 +231,11 @@ def main():
                 topo.start_tunnel(name, argv_for, env, tmp)
             topos[name] = topo
         for r in range(args.runs):
+            # RTT of every variant first, on idle tunnels, before this round's bulk transfers.
+            rtts = {name: ping_rtt(topos[name], 200) for name in chosen}
             for name in chosen:
-                m = measure(topos[name], args.time)
+                m = measure_throughput(topos[name], args.time)
+                m["rtt_us"] = rtts[name]
                 results[name].append(m)
                 print(f"run {r + 1}/{args.runs} {name:14s} single {m['single']:.2f} Gbit/s  4x {m['multi']:.2f}"
                       f"  rtt {m['rtt_us']:.0f} us  cpu {m['cpu_sys']:.0f}% (tunnel {m['cpu_tunnel']:.0f}%)"
@@ -247,7 +250,7 @@ def main():
     print(f"Results: {args.runs} interleaved runs x {args.time} s per iperf3 run, cubic, "
           f"{os.cpu_count()} cores, kernel {os.uname().release}")
     print()
-    print("| variant | TCP 1 stream Gbit/s (min / median / max) | TCP 4 streams Gbit/s | ping RTT us | "
+    print("| variant | TCP 1 stream Gbit/s (min / median / max) | TCP 4 streams Gbit/s | ping RTT us (median of 200) | "
           "CPU % machine / tunnel procs / tunnel per Gbit/s | 1-stream x veth | 1-stream x wireguard-go | RTT over veth us |")
     print("|---|---|---|---|---|---|---|---|")
     for name in chosen:
