@@ -4,8 +4,8 @@
 //! [`Datapath`](crate::datapath::Datapath) for the agent and serves the wg(8) UAPI (see
 //! [`crate::uapi`]) so that `wg show`/`wg set` work against it.
 //!
-//! Threads: `wm-tun-N` (TUN queue N -> encrypt -> UDP), `wm-udp-N` (UDP socket N ->
-//! decrypt -> TUN; one SO_REUSEPORT socket each, so a peer's packets stay in order),
+//! Threads: `wm-dp-N`, one per core, each owning TUN queue N (encrypt -> UDP) and UDP
+//! socket N (decrypt -> TUN; SO_REUSEPORT sockets, so each peer's packets stay in order),
 //! `wm-timers` (boringtun timer ticks every 250 ms, persistent keepalives, rate-limiter
 //! resets) and `wm-uapi` (the configuration socket). The engine never assigns addresses or routes: the owner of the
 //! interface does (the agent through rtnetlink, an operator with ip(8)).
@@ -409,17 +409,12 @@ impl UserspaceEngine {
                 tun.set_nonblocking(true).map_err(tun_err)?;
                 let tun = Arc::new(tun);
                 let tx = worker::TunWorker::new(shared.clone(), tun.clone(), queue);
-                handles.push(
-                    std::thread::Builder::new()
-                        .name(format!("wm-tun-{queue}"))
-                        .spawn(move || tx.run())
-                        .map_err(thread_err)?,
-                );
                 let rx = worker::UdpWorker::new(shared.clone(), tun, queue);
+                let w = worker::Worker { tx, rx };
                 handles.push(
                     std::thread::Builder::new()
-                        .name(format!("wm-udp-{queue}"))
-                        .spawn(move || rx.run())
+                        .name(format!("wm-dp-{queue}"))
+                        .spawn(move || w.run())
                         .map_err(thread_err)?,
                 );
             }

@@ -90,6 +90,26 @@ fn datapath_api_status_and_cryptokey_routing() {
     });
     tcp_roundtrip(&t.pair.b, &t.pair.a, T_B, 2 << 20);
 
+    // A full-MTU packet with DF set crosses the tunnel: 1420 inner + WireGuard overhead fits
+    // the 1500-byte underlay (the engine's UDP socket also sets DF, so an oversized outer
+    // packet would be dropped, not fragmented).
+    let full = t.pair.a.exec(&[
+        "ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", "1392", T_B,
+    ]);
+    assert!(
+        full.status.success(),
+        "full-MTU ping failed: {}",
+        String::from_utf8_lossy(&full.stdout)
+    );
+    let over = t
+        .pair
+        .a
+        .exec(&["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1393", T_B]);
+    assert!(
+        !over.status.success(),
+        "a packet above the tunnel MTU went through"
+    );
+
     let status = t.a.status().expect("status");
     assert_eq!(status.public_key, Some(t.key_a.public_key()));
     assert_eq!(status.listen_port, 53001);

@@ -14,8 +14,9 @@ use quinn_udp::{Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-/// Socket buffer size asked for (SO_*BUFFORCE as root, else capped by net.core.*mem_max).
-const SOCKET_BUFFER: usize = 8 << 20;
+/// Socket buffer size asked for (SO_*BUFFORCE as root, else capped by net.core.*mem_max). Large
+/// because a receive worker that loses its CPU for a few ms must not drop a burst of GRO trains.
+const SOCKET_BUFFER: usize = 32 << 20;
 
 /// Opens the TUN device `ifname` with `queues` queues. The device is left down and without
 /// addresses: whoever owns the interface (the agent via rtnetlink, or the operator) configures it.
