@@ -71,7 +71,8 @@ class Topology:
         self.server_ns = self.b
 
     def start_tunnel(self, kind, argv_for, env, tmp):
-        ifs = (f"wb{PID % 10000}{kind[0]}a", f"wb{PID % 10000}{kind[0]}b")
+        tag = {"boringtun-cli": "t", "ours-busy-poll": "p"}.get(kind, kind[0])
+        ifs = (f"wb{PID % 10000}{tag}a", f"wb{PID % 10000}{tag}b")
         keys = []
         for ns, ifname in zip((self.a, self.b), ifs):
             log = open(os.path.join(tmp, f"{ifname}.log"), "w")
@@ -206,7 +207,7 @@ def main():
     ap.add_argument("--boringtun", required=True, help="boringtun-cli binary")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--time", type=int, default=5, help="seconds per iperf3 run")
-    ap.add_argument("--only", default="veth,wireguard-go,boringtun-cli,ours")
+    ap.add_argument("--only", default="veth,wireguard-go,boringtun-cli,ours,ours-busy-poll")
     ap.add_argument("--json", help="also write raw results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -218,6 +219,9 @@ def main():
                          {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}),
         "boringtun-cli": (lambda ifn: [args.boringtun, "-f", "--disable-drop-privileges", ifn], {"WG_SUDO": "1"}),
         "ours": (lambda ifn: [args.ours, "device", "--foreground", ifn], {}),
+        # Opt-in busy polling (20 ms > the 10 ms ping interval: the workers never sleep while
+        # pings flow), to show what the thread wake-ups cost in latency and CPU.
+        "ours-busy-poll": (lambda ifn: [args.ours, "device", "--foreground", "--busy-poll-us", "20000", ifn], {}),
     }
     chosen = [v for v in args.only.split(",") if v]
     tmp = tempfile.mkdtemp(prefix="wm-bench-")
@@ -225,7 +229,7 @@ def main():
     try:
         topos = {}
         for idx, name in enumerate(chosen):
-            topo = Topology(name[0] if name != "boringtun-cli" else "t", idx)
+            topo = Topology({"boringtun-cli": "t", "ours-busy-poll": "p"}.get(name, name[0]), idx)
             if variants[name] is not None:
                 argv_for, env = variants[name]
                 topo.start_tunnel(name, argv_for, env, tmp)

@@ -60,6 +60,9 @@ pub struct EngineConfig {
     pub threads: usize,
     /// UDP port to bind at start; 0 picks a free one (wg(8) can change it later).
     pub listen_port: u16,
+    /// After handling packets, keep polling this long before sleeping (0 = off). Lowers the
+    /// round-trip time of an idle tunnel by saving thread wake-ups, at the cost of CPU.
+    pub busy_poll: Duration,
     /// Test hook: start a new handshake whenever the current session is older than this,
     /// instead of boringtun's fixed 120 s (REKEY_AFTER_TIME). `None` in production.
     pub rekey_after: Option<Duration>,
@@ -74,6 +77,7 @@ impl EngineConfig {
             uapi_socket: None,
             threads: 0,
             listen_port: 0,
+            busy_poll: Duration::ZERO,
             rekey_after: None,
         }
     }
@@ -410,7 +414,11 @@ impl UserspaceEngine {
                 let tun = Arc::new(tun);
                 let tx = worker::TunWorker::new(shared.clone(), tun.clone(), queue);
                 let rx = worker::UdpWorker::new(shared.clone(), tun, queue);
-                let w = worker::Worker { tx, rx };
+                let w = worker::Worker {
+                    tx,
+                    rx,
+                    busy_poll: config.busy_poll,
+                };
                 handles.push(
                     std::thread::Builder::new()
                         .name(format!("wm-dp-{queue}"))

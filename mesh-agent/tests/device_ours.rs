@@ -177,3 +177,68 @@ fn uapi_request(ifname: &str, req: &str) -> String {
     }
     String::from_utf8(out).expect("utf8")
 }
+
+#[test]
+fn ipv6_underlay_and_ipv6_inside_the_tunnel() {
+    require_root!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let if_a = unique("w6a");
+    let if_b = unique("w6b");
+    let pair = Pair::new();
+    pair.a
+        .ip(&["addr", "add", "fd10::1/64", "dev", &pair.veth_a, "nodad"]);
+    pair.b
+        .ip(&["addr", "add", "fd10::2/64", "dev", &pair.veth_b, "nodad"]);
+    let _a = start_ours(&pair.a, dir.path(), &if_a, &[]);
+    let _b = start_ours(&pair.b, dir.path(), &if_b, &[]);
+    let ka = keys(dir.path(), "a");
+    let kb = keys(dir.path(), "b");
+    let key_a = ka.private_file.to_str().expect("utf8");
+    let key_b = kb.private_file.to_str().expect("utf8");
+    pair.a.exec_ok(&[
+        "wg",
+        "set",
+        &if_a,
+        "private-key",
+        key_a,
+        "listen-port",
+        "54001",
+        "peer",
+        &kb.public,
+        "endpoint",
+        "[fd10::2]:54002",
+        "allowed-ips",
+        "fd00::2/128",
+    ]);
+    pair.b.exec_ok(&[
+        "wg",
+        "set",
+        &if_b,
+        "private-key",
+        key_b,
+        "listen-port",
+        "54002",
+        "peer",
+        &ka.public,
+        "allowed-ips",
+        "fd00::1/128",
+    ]);
+    for (ns, ifname, addr) in [
+        (&pair.a, &if_a, "fd00::1/64"),
+        (&pair.b, &if_b, "fd00::2/64"),
+    ] {
+        ns.ip(&["addr", "add", addr, "dev", ifname, "nodad"]);
+        ns.ip(&["link", "set", ifname, "up"]);
+    }
+    wait_for("ping6 through the tunnel", Duration::from_secs(20), || {
+        pair.a.ping("fd00::2").then_some(())
+    });
+    // 1420-byte inner IPv6 packets fit a 1500-byte IPv6 underlay with DF (80 bytes overhead).
+    let full = pair.a.exec(&[
+        "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1372", "fd00::2",
+    ]);
+    assert!(full.status.success(), "full-MTU ping6 failed");
+    tcp_roundtrip(&pair.b, &pair.a, "fd00::2", 2 << 20);
+    let peers = dump_peers(&pair.b, &if_b);
+    assert_eq!(peers[0].endpoint, "[fd10::1]:54001");
+}

@@ -77,6 +77,12 @@ fn two() -> Two {
 fn datapath_api_status_and_cryptokey_routing() {
     require_root!();
     let t = two();
+    // The agent holds the engine as a trait object.
+    let datapath: Arc<dyn Datapath> = t.a.clone();
+    assert_eq!(
+        datapath.kind(),
+        mesh_agent::datapath::DatapathKind::Userspace
+    );
     let links = t.pair.a.ip(&["-o", "link", "show", t.a.ifname()]);
     assert!(
         links.contains(&format!("{}:", t.a.ifindex())),

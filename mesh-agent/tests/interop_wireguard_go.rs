@@ -225,3 +225,31 @@ fn rekey_as_initiator_and_as_responder() {
     );
     tcp_roundtrip(&s.pair.a, &s.pair.b, T_A, 1 << 20);
 }
+
+#[test]
+fn persistent_keepalive_reaches_wireguard_go() {
+    require_root!();
+    let s = setup(true, true, false, &[]);
+    wait_ping(&s.pair.a, T_B);
+    s.pair.a.exec_ok(&[
+        "wg",
+        "set",
+        &s.our_if,
+        "peer",
+        &s.their_keys.public,
+        "persistent-keepalive",
+        "1",
+    ]);
+    let show = s.pair.a.exec_ok(&["wg", "show", &s.our_if]);
+    assert!(
+        show.contains("persistent keepalive: every 1 second"),
+        "{show}"
+    );
+    // With no traffic at all, wireguard-go keeps receiving 32-byte keepalives from us.
+    let start = dump_peers(&s.pair.b, &s.their_if)[0].rx;
+    wait_for(
+        "three keepalives at wireguard-go",
+        Duration::from_secs(10),
+        || (dump_peers(&s.pair.b, &s.their_if)[0].rx >= start + 3 * 32).then_some(()),
+    );
+}

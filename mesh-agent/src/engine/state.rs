@@ -316,3 +316,6 @@ fn new_tunn(id: &Identity, peer: &Peer, psk: Option<&[u8; 32]>) -> Tunn {
         Some(id.rate_limiter.clone()),
     )
 }
+
+#[cfg(test)]
+mod tests;

@@ -433,7 +433,8 @@ pub fn unix_now() -> u64 {
 /// Sends `len` pseudo-random bytes over TCP from `client_ns` to a server in `server_ns`
 /// listening on `server_ip`, which echoes them back; checks every byte.
 pub fn tcp_roundtrip(server_ns: &Netns, client_ns: &Netns, server_ip: &str, len: usize) {
-    let bind: SocketAddr = format!("{server_ip}:0").parse().expect("addr");
+    let ip: std::net::IpAddr = server_ip.parse().expect("server ip");
+    let bind = SocketAddr::new(ip, 0);
     let listener = server_ns.run(move || TcpListener::bind(bind).expect("bind"));
     let addr = listener.local_addr().expect("local addr");
     let server = std::thread::spawn(move || {
