@@ -1,0 +1,561 @@
+//! The loader: loads the embedded object, pins its maps under the node's bpffs directory
+//! (reusing pins left by a previous run, so enforcement survives an agent restart), attaches
+//! the programs to interfaces with pinned TCX links, and exposes the maps and the flow ring.
+
+use std::{
+    ffi::CString,
+    io,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader, include_bytes_aligned,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, RingBuf},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcError, qdisc_add_clsact},
+    },
+    util::KernelVersion,
+};
+use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
+use wiremesh_policy::{Identity, MapDiff};
+
+use crate::abi::{
+    AbiError, Config, FlowEvent, Hook, IpcacheValue, IsolationKeyRaw, RuleData, cidr_entry,
+    endpoint_net, lpm4_key, lpm4_net, rule_key,
+};
+
+/// The object built from `src/datapath.bpf.c` by build.rs.
+static DATAPATH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
+
+/// Where bpffs is normally mounted.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// `<bpffs>/wiremesh/<node>`: one directory per agent, as several agents share a host in the
+/// virtual cluster.
+pub fn node_pin_dir(bpffs: &Path, node: &str) -> PathBuf {
+    bpffs.join("wiremesh").join(node)
+}
+
+/// Loader errors, with the object (map, program, interface, path) they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pin directory could not be created or inspected.
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The pin directory is not on a bpffs.
+    #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Creating or opening the maps or parsing the object failed.
+    #[error("loading the eBPF object with maps pinned in {pin_dir}: {source}")]
+    Load {
+        /// The pin directory.
+        pin_dir: PathBuf,
+        /// The cause.
+        source: Box<aya::EbpfError>,
+    },
+    /// A program is missing from the object or was rejected (the message carries the verifier
+    /// log).
+    #[error("program {program}: {source}")]
+    Program {
+        /// The program name.
+        program: &'static str,
+        /// The cause, with the verifier output for a rejected program.
+        source: Box<ProgramError>,
+    },
+    /// A map is missing from the object.
+    #[error("map {map} missing from the eBPF object")]
+    MapMissing {
+        /// The map name.
+        map: &'static str,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {source}")]
+    Map {
+        /// The map name.
+        map: &'static str,
+        /// The cause.
+        source: Box<MapError>,
+    },
+    /// The interface does not exist in this thread's network namespace.
+    #[error("interface {iface}: {source}")]
+    Interface {
+        /// The interface name.
+        iface: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Adding the clsact qdisc failed (kernels before 6.6 only).
+    #[error("interface {iface}: adding clsact qdisc: {source}")]
+    Qdisc {
+        /// The interface name.
+        iface: String,
+        /// The cause.
+        source: Box<TcError>,
+    },
+    /// Attaching, or pinning the link, failed.
+    #[error("interface {iface}: attaching {program}: {source}")]
+    Attach {
+        /// The interface name.
+        iface: String,
+        /// The program name.
+        program: &'static str,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An entry cannot be expressed in the maps.
+    #[error(transparent)]
+    Abi(#[from] AbiError),
+    /// Waiting on the ring buffer failed.
+    #[error("flow ring buffer: {0}")]
+    Ring(io::Error),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |e| Error::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
+/// A loaded datapath: the programs (loaded, verified) and the maps, pinned per node.
+pub struct Loader {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    maps: Maps,
+    flows: Option<FlowReader>,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Loader {
+    /// Loads the object with its maps pinned in `pin_dir` (created if missing, must be on a
+    /// bpffs). Maps already pinned there by an earlier run are reused with their entries;
+    /// every program is loaded (verified) now. Must run in the node's network namespace.
+    pub fn load(pin_dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(pin_dir.join("links")).map_err(|source| Error::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        check_bpffs(pin_dir)?;
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(DATAPATH)
+            .map_err(|e| Error::Load {
+                pin_dir: pin_dir.to_owned(),
+                source: Box::new(e),
+            })?;
+        for hook in Hook::ALL {
+            program(&mut ebpf, hook)?
+                .load()
+                .map_err(|e| Error::Program {
+                    program: hook.program(),
+                    source: Box::new(e),
+                })?;
+        }
+        let maps = Maps::take(&mut ebpf)?;
+        let ring = take(&mut ebpf, "wm_events")?;
+        let flows = FlowReader {
+            ring: RingBuf::try_from(ring).map_err(map_err("wm_events"))?,
+        };
+        info!(pin_dir = %pin_dir.display(), "eBPF datapath loaded");
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            maps,
+            flows: Some(flows),
+        })
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The maps.
+    pub fn maps(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// The flow-record reader; `None` once taken.
+    pub fn take_flow_reader(&mut self) -> Option<FlowReader> {
+        self.flows.take()
+    }
+
+    /// Attaches `hook`'s program to `iface` (in this thread's network namespace). On kernels
+    /// >= 6.6 the TCX link is pinned in `<pin_dir>/links/<program>-<iface>` so the program
+    /// stays attached when this process exits; a link pinned by an earlier run is updated in
+    /// place to the new program (no gap). Older kernels get a clsact qdisc and a netlink
+    /// filter, which also outlive the process.
+    pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(), Error> {
+        if_index(iface)?;
+        let name = hook.program();
+        let attach_type = match hook {
+            Hook::FromPod | Hook::UnderlayIngress => TcAttachType::Ingress,
+            Hook::ToPod | Hook::UnderlayEgress => TcAttachType::Egress,
+        };
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
+            iface: iface.to_owned(),
+            program: name,
+            source,
+        };
+        let tcx = KernelVersion::current()
+            .map(|v| v >= KernelVersion::new(6, 6, 0))
+            .unwrap_or(false);
+        let prog = program(&mut self.ebpf, hook)?;
+        if !tcx {
+            match qdisc_add_clsact(iface) {
+                Ok(()) | Err(TcError::AlreadyAttached) => {}
+                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(Error::Qdisc {
+                        iface: iface.to_owned(),
+                        source: Box::new(e),
+                    });
+                }
+            }
+            prog.attach(iface, attach_type)
+                .map_err(|e| attach_err(Box::new(e)))?;
+            info!(iface, program = name, "attached (netlink)");
+            return Ok(());
+        }
+        let pin = self.pin_dir.join("links").join(format!("{name}-{iface}"));
+        if pin.exists() {
+            match replace_pinned(prog, &pin) {
+                Ok(()) => {
+                    info!(iface, program = name, pin = %pin.display(), "replaced program in pinned link");
+                    return Ok(());
+                }
+                Err(e) => {
+                    // A link of a deleted device (or a foreign file): start over.
+                    warn!(iface, program = name, pin = %pin.display(), error = %e, "stale pinned link, re-attaching");
+                    std::fs::remove_file(&pin).map_err(|e| attach_err(Box::new(e)))?;
+                }
+            }
+        }
+        let id = prog
+            .attach(iface, attach_type)
+            .map_err(|e| attach_err(Box::new(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+        let fd = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+        fd.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
+        info!(iface, program = name, pin = %pin.display(), "attached (tcx, pinned)");
+        Ok(())
+    }
+
+    /// Detaches `hook`'s program from `iface` by removing its pinned link (TCX only). Missing
+    /// pins are not an error.
+    pub fn detach(&mut self, iface: &str, hook: Hook) -> Result<(), Error> {
+        let pin = self
+            .pin_dir
+            .join("links")
+            .join(format!("{}-{iface}", hook.program()));
+        match std::fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Attach {
+                iface: iface.to_owned(),
+                program: hook.program(),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+fn replace_pinned(
+    prog: &mut SchedClassifier,
+    pin: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let fd = FdLink::from(PinnedLink::from_pin(pin)?);
+    let link = SchedClassifierLink::try_from(fd)?;
+    let id = prog.attach_to_link(link)?;
+    // The pin keeps the link; dropping our fd must not detach it.
+    drop(prog.take_link(id)?);
+    Ok(())
+}
+
+fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Error> {
+    let name = hook.program();
+    let prog = ebpf.program_mut(name).ok_or(Error::Program {
+        program: name,
+        source: Box::new(ProgramError::UnexpectedProgramType),
+    })?;
+    prog.try_into().map_err(|e| Error::Program {
+        program: name,
+        source: Box::new(e),
+    })
+}
+
+fn take(ebpf: &mut Ebpf, map: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(map).ok_or(Error::MapMissing { map })
+}
+
+fn if_index(iface: &str) -> Result<u32, Error> {
+    let err = |source| Error::Interface {
+        iface: iface.to_owned(),
+        source,
+    };
+    let c = CString::new(iface).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: c is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(err(io::Error::last_os_error())),
+        i => Ok(i),
+    }
+}
+
+fn check_bpffs(dir: &Path) -> Result<(), Error> {
+    let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| Error::PinDir {
+        path: dir.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::PinDir {
+            path: dir.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(Error::NotBpffs {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Harmless to fail on kernels >= 5.11 (memcg accounting).
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        debug!(error = %io::Error::last_os_error(), "setrlimit(RLIMIT_MEMLOCK) failed (ignored)");
+    }
+}
+
+/// What [`Maps::apply_policy`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyApplied {
+    /// Entries inserted or overwritten.
+    pub written: usize,
+    /// Entries deleted.
+    pub removed: usize,
+    /// IPv6 entries skipped (the programs are IPv4 only).
+    pub skipped_ipv6: usize,
+}
+
+/// Typed handles on the pinned maps.
+pub struct Maps {
+    ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    cidrs: LpmTrie<MapData, [u8; 4], u32>,
+    isolated: HashMap<MapData, IsolationKeyRaw, u8>,
+    rules: LpmTrie<MapData, RuleData, u8>,
+    config: Array<MapData, Config>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        Ok(Self {
+            ipcache: LpmTrie::try_from(take(ebpf, "wm_ipcache4")?)
+                .map_err(map_err("wm_ipcache4"))?,
+            cidrs: LpmTrie::try_from(take(ebpf, "wm_cidrs4")?).map_err(map_err("wm_cidrs4"))?,
+            isolated: HashMap::try_from(take(ebpf, "wm_isolated")?)
+                .map_err(map_err("wm_isolated"))?,
+            rules: LpmTrie::try_from(take(ebpf, "wm_rules")?).map_err(map_err("wm_rules"))?,
+            config: Array::try_from(take(ebpf, "wm_config")?).map_err(map_err("wm_config"))?,
+        })
+    }
+
+    /// Writes the config entry.
+    pub fn set_config(&mut self, config: &Config) -> Result<(), Error> {
+        self.config.set(0, config, 0).map_err(map_err("wm_config"))
+    }
+
+    /// Reads the config entry.
+    pub fn config(&self) -> Result<Config, Error> {
+        self.config.get(&0, 0).map_err(map_err("wm_config"))
+    }
+
+    /// Inserts or overwrites an ipcache prefix.
+    pub fn upsert_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
+        self.ipcache
+            .insert(&lpm4_key(net), value, 0)
+            .map_err(map_err("wm_ipcache4"))
+    }
+
+    /// Deletes an ipcache prefix; a missing entry is not an error.
+    pub fn remove_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
+        ignore_missing(self.ipcache.remove(&lpm4_key(net)), "wm_ipcache4")
+    }
+
+    /// All ipcache entries.
+    pub fn ipcache_entries(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>, Error> {
+        let mut out = Vec::new();
+        for item in self.ipcache.iter() {
+            let (k, v) = item.map_err(map_err("wm_ipcache4"))?;
+            if let Some(net) = lpm4_net(&k) {
+                out.push((net, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of entries in the isolated and rules maps.
+    pub fn policy_counts(&self) -> (usize, usize) {
+        (self.isolated.keys().count(), self.rules.keys().count())
+    }
+
+    /// Applies a policy diff: CIDR, isolation and rule entries directly, endpoints as ipcache
+    /// /32s whose node fields come from `place(ip, identity)`. Upserts and additions go first,
+    /// then deletions, so an entry both states share is never missing. IPv6 entries are
+    /// skipped and counted.
+    pub fn apply_policy(
+        &mut self,
+        diff: &MapDiff,
+        place: impl Fn(Ipv4Addr, Identity) -> IpcacheValue,
+    ) -> Result<PolicyApplied, Error> {
+        let mut n = PolicyApplied::default();
+        for (ip, id) in &diff.endpoints_upsert {
+            match (endpoint_net(*ip), ip) {
+                (Ok(net), IpAddr::V4(a)) => {
+                    self.upsert_ipcache(net, place(*a, *id))?;
+                    n.written += 1;
+                }
+                _ => n.skipped_ipv6 += 1,
+            }
+        }
+        for e in &diff.cidrs_upsert {
+            match cidr_entry(e) {
+                Ok((k, id)) => {
+                    self.cidrs.insert(&k, id, 0).map_err(map_err("wm_cidrs4"))?;
+                    n.written += 1;
+                }
+                Err(AbiError::Ipv6(_)) => n.skipped_ipv6 += 1,
+            }
+        }
+        for k in &diff.isolated_add {
+            self.isolated
+                .insert(IsolationKeyRaw::from(k), 1, 0)
+                .map_err(map_err("wm_isolated"))?;
+            n.written += 1;
+        }
+        for k in &diff.rules_add {
+            self.rules
+                .insert(&rule_key(k), 1, 0)
+                .map_err(map_err("wm_rules"))?;
+            n.written += 1;
+        }
+        for k in &diff.rules_remove {
+            ignore_missing(self.rules.remove(&rule_key(k)), "wm_rules")?;
+            n.removed += 1;
+        }
+        for k in &diff.isolated_remove {
+            ignore_missing(
+                self.isolated.remove(&IsolationKeyRaw::from(k)),
+                "wm_isolated",
+            )?;
+            n.removed += 1;
+        }
+        for p in &diff.cidrs_remove {
+            match p {
+                ipnet::IpNet::V4(net) => {
+                    ignore_missing(self.cidrs.remove(&lpm4_key(*net)), "wm_cidrs4")?;
+                    n.removed += 1;
+                }
+                ipnet::IpNet::V6(_) => n.skipped_ipv6 += 1,
+            }
+        }
+        for ip in &diff.endpoints_remove {
+            match endpoint_net(*ip) {
+                Ok(net) => {
+                    self.remove_ipcache(net)?;
+                    n.removed += 1;
+                }
+                Err(_) => n.skipped_ipv6 += 1,
+            }
+        }
+        debug!(
+            written = n.written,
+            removed = n.removed,
+            skipped_ipv6 = n.skipped_ipv6,
+            "policy applied to maps"
+        );
+        Ok(n)
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), Error> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(map_err(map)(e)),
+    }
+}
+
+/// Reads flow records from the ring buffer.
+pub struct FlowReader {
+    ring: RingBuf<MapData>,
+}
+
+impl FlowReader {
+    /// Returns the records available now, or waits up to `timeout` for the first one (an
+    /// empty vector when none arrived). Records of an unexpected size are skipped.
+    pub fn read(&mut self, timeout: Duration) -> Result<Vec<FlowEvent>, Error> {
+        let mut out = self.drain();
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(Error::Ring(e));
+            }
+        }
+        out = self.drain();
+        Ok(out)
+    }
+
+    fn drain(&mut self) -> Vec<FlowEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            match FlowEvent::from_bytes(&item) {
+                Some(e) => out.push(e),
+                None => warn!(len = item.len(), "flow record of unexpected size"),
+            }
+        }
+        out
+    }
+}
