@@ -205,7 +205,7 @@ impl Loader {
     }
 
     /// Attaches `hook`'s program to `iface` (in this thread's network namespace). On kernels
-    /// >= 6.6 the TCX link is pinned in `<pin_dir>/links/<program>-<iface>` so the program
+    /// 6.6 and later the TCX link is pinned in `<pin_dir>/links/<program>-<iface>` so the program
     /// stays attached when this process exits; a link pinned by an earlier run is updated in
     /// place to the new program (no gap). Older kernels get a clsact qdisc and a netlink
     /// filter, which also outlive the process.
