@@ -9,4 +9,6 @@ pub use abi::{
     AbiError, Config, CtKey, FlowEvent, Hook, IpcacheValue, IsolationKeyRaw, Mode, RuleData,
     Verdict, ipcache_flags,
 };
-pub use loader::{DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, PolicyApplied, node_pin_dir};
+pub use loader::{
+    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, PolicyApplied, node_pin_dir,
+};

@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use wiremesh_policy::{Identity, MapDiff};
 
 use crate::abi::{
-    AbiError, Config, FlowEvent, Hook, IpcacheValue, IsolationKeyRaw, RuleData, cidr_entry,
+    AbiError, Config, CtKey, FlowEvent, Hook, IpcacheValue, IsolationKeyRaw, RuleData, cidr_entry,
     endpoint_net, lpm4_key, lpm4_net, rule_key,
 };
 
@@ -118,6 +118,19 @@ pub enum Error {
         /// The cause.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A map pinned by an earlier run has a different shape than this build's (an ABI change
+    /// needs a migration; remove the pin to start empty).
+    #[error(
+        "pinned map {path} has key/value/max_entries {found:?}, this build expects {expected:?}"
+    )]
+    PinnedMapMismatch {
+        /// The pin.
+        path: PathBuf,
+        /// (key size, value size, max entries) of the pinned map.
+        found: (u32, u32, u32),
+        /// (key size, value size, max entries) this build defines.
+        expected: (u32, u32, u32),
+    },
     /// An entry cannot be expressed in the maps.
     #[error(transparent)]
     Abi(#[from] AbiError),
@@ -131,6 +144,50 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
         map,
         source: Box::new(e),
     }
+}
+
+/// How [`Loader::attach`] attached a program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new TCX link, now pinned.
+    Pinned,
+    /// The program of a link pinned by an earlier run was replaced atomically.
+    ReplacedPinned,
+    /// A netlink tc filter (kernels before 6.6; it outlives the process by itself).
+    Netlink,
+}
+
+/// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
+/// them; checked against pins reused from an earlier run.
+const MAP_SHAPES: [(&str, u32, u32, u32); 8] = [
+    ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
+    ("wm_cidrs4", 8, 4, 65536),
+    ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
+    ("wm_rules", 16, 1, 262_144),
+    ("wm_config", 4, size_of::<Config>() as u32, 1),
+    ("wm_events", 0, 0, 1 << 20),
+    ("wm_flows", 20, 24, 65536),
+    ("wm_ct", size_of::<CtKey>() as u32, 8, 262_144),
+];
+
+fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
+    for (name, key, value, max) in MAP_SHAPES {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        if found != (key, value, max) {
+            return Err(Error::PinnedMapMismatch {
+                path,
+                found,
+                expected: (key, value, max),
+            });
+        }
+        debug!(map = name, "reusing pinned map");
+    }
+    Ok(())
 }
 
 /// A loaded datapath: the programs (loaded, verified) and the maps, pinned per node.
@@ -159,6 +216,7 @@ impl Loader {
             source,
         })?;
         check_bpffs(pin_dir)?;
+        check_pinned_shapes(pin_dir)?;
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
@@ -209,7 +267,7 @@ impl Loader {
     /// stays attached when this process exits; a link pinned by an earlier run is updated in
     /// place to the new program (no gap). Older kernels get a clsact qdisc and a netlink
     /// filter, which also outlive the process.
-    pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(), Error> {
+    pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<Attached, Error> {
         if_index(iface)?;
         let name = hook.program();
         let attach_type = match hook {
@@ -239,14 +297,14 @@ impl Loader {
             prog.attach(iface, attach_type)
                 .map_err(|e| attach_err(Box::new(e)))?;
             info!(iface, program = name, "attached (netlink)");
-            return Ok(());
+            return Ok(Attached::Netlink);
         }
         let pin = self.pin_dir.join("links").join(format!("{name}-{iface}"));
         if pin.exists() {
             match replace_pinned(prog, &pin) {
                 Ok(()) => {
                     info!(iface, program = name, pin = %pin.display(), "replaced program in pinned link");
-                    return Ok(());
+                    return Ok(Attached::ReplacedPinned);
                 }
                 Err(e) => {
                     // A link of a deleted device (or a foreign file): start over.
@@ -262,7 +320,7 @@ impl Loader {
         let fd = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
         fd.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
         info!(iface, program = name, pin = %pin.display(), "attached (tcx, pinned)");
-        Ok(())
+        Ok(Attached::Pinned)
     }
 
     /// Detaches `hook`'s program from `iface` by removing its pinned link (TCX only). Missing

@@ -13,7 +13,7 @@ use harness::{
     PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, ifindex, in_ns, root_or_skip, run, wait_event,
 };
 use ipnet::Ipv4Net;
-use wiremesh_bpf::{Config, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags};
+use wiremesh_bpf::{Attached, Config, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags};
 use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
 
 const PODS: &str = r#"
@@ -80,11 +80,16 @@ fn local(_: Ipv4Addr, id: Identity) -> IpcacheValue {
 }
 
 fn load(t: &Topo, hooks: Vec<(String, Hook)>) -> Loader {
+    load_expect(t, hooks, Attached::Pinned)
+}
+
+fn load_expect(t: &Topo, hooks: Vec<(String, Hook)>, how: Attached) -> Loader {
     let pin = t.pin_dir();
     in_ns(&t.node, move || {
         let mut l = Loader::load(&pin).expect("load");
         for (iface, hook) in hooks {
-            l.attach(&iface, hook).expect("attach");
+            let got = l.attach(&iface, hook).expect("attach");
+            assert_eq!(got, how, "{iface} {hook:?}");
         }
         l
     })
@@ -402,7 +407,8 @@ fn pinned_maps_and_links_survive_the_loader() {
     let links = t.pin_dir().join("links");
     assert!(links.join(format!("from_pod-{}", t.host_a)).exists());
 
-    let mut second = load(&t, pod_hooks(&t));
+    // A second loader reuses the maps and swaps its programs into the pinned links.
+    let mut second = load_expect(&t, pod_hooks(&t), Attached::ReplacedPinned);
     let maps = second.maps();
     let entries = maps.ipcache_entries().expect("ipcache");
     for ip in [POD_A, POD_B] {
