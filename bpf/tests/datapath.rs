@@ -430,4 +430,32 @@ fn pinned_maps_and_links_survive_the_loader() {
         eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
         "the reloaded loader's maps drive the attached programs"
     );
+
+    // A device deleted and recreated under the same name leaves a defunct pinned link: the
+    // loader notices and attaches afresh.
+    let dev = format!("wd{}", &t.host_a[2..]);
+    let peer = format!("wp{}", &t.host_a[2..]);
+    run(&[
+        "ip", "-n", &t.node, "link", "add", &dev, "type", "veth", "peer", "name", &peer,
+    ]);
+    let (d1, d2) = (dev.clone(), dev.clone());
+    let mut second = in_ns(&t.node, move || {
+        assert_eq!(
+            second.attach(&d1, Hook::UnderlayIngress).expect("attach"),
+            Attached::Pinned
+        );
+        second
+    });
+    run(&["ip", "-n", &t.node, "link", "del", &dev]);
+    run(&[
+        "ip", "-n", &t.node, "link", "add", &dev, "type", "veth", "peer", "name", &peer,
+    ]);
+    let got = in_ns(&t.node, move || {
+        second.attach(&d2, Hook::UnderlayIngress).expect("attach")
+    });
+    assert_eq!(
+        got,
+        Attached::Pinned,
+        "a stale pinned link is replaced by a new one"
+    );
 }
