@@ -137,6 +137,11 @@ struct wm_flow_state {
 
 #define WM_FLOW_REPORT_NS 1000000000ULL
 
+/* stats: per-CPU array with one entry (key 0); the loader sums the CPUs. 8 bytes. */
+struct wm_stats {
+	__u64 events_lost; /* flow records dropped because the ring buffer was full */
+};
+
 /*
  * ct (LRU hash): connections whose first direction policy allowed. A packet whose reversed
  * tuple is present is a reply and skips policy (NetworkPolicy allows replies). Value: __u64

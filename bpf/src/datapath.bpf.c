@@ -88,6 +88,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wm_ct SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct wm_stats);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_stats SEC(".maps");
+
 struct pkt {
 	__be32 src_ip;
 	__be32 dst_ip;
@@ -242,8 +250,13 @@ static __always_inline void report(struct __sk_buff *skb, const struct pkt *p, _
 		bpf_map_update_elem(&wm_flows, &fk, &fresh, BPF_NOEXIST);
 	}
 	struct wm_flow_event *e = bpf_ringbuf_reserve(&wm_events, sizeof(*e), 0);
-	if (!e)
+	if (!e) {
+		__u32 zero = 0;
+		struct wm_stats *s = bpf_map_lookup_elem(&wm_stats, &zero);
+		if (s)
+			s->events_lost += 1; /* per-CPU: no atomics needed */
 		return;
+	}
 	e->ts_ns = now;
 	e->packets = packets;
 	e->bytes = bytes;

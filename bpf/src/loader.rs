@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -159,7 +159,7 @@ pub enum Attached {
 
 /// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
 /// them; checked against pins reused from an earlier run.
-const MAP_SHAPES: [(&str, u32, u32, u32); 8] = [
+const MAP_SHAPES: [(&str, u32, u32, u32); 9] = [
     ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
     ("wm_cidrs4", 8, 4, 65536),
     ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
@@ -168,6 +168,7 @@ const MAP_SHAPES: [(&str, u32, u32, u32); 8] = [
     ("wm_events", 0, 0, 1 << 20),
     ("wm_flows", 20, 24, 65536),
     ("wm_ct", size_of::<CtKey>() as u32, 8, 262_144),
+    ("wm_stats", 4, 8, 1),
 ];
 
 fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
@@ -435,6 +436,7 @@ pub struct Maps {
     isolated: HashMap<MapData, IsolationKeyRaw, u8>,
     rules: LpmTrie<MapData, RuleData, u8>,
     config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -447,6 +449,7 @@ impl Maps {
                 .map_err(map_err("wm_isolated"))?,
             rules: LpmTrie::try_from(take(ebpf, "wm_rules")?).map_err(map_err("wm_rules"))?,
             config: Array::try_from(take(ebpf, "wm_config")?).map_err(map_err("wm_config"))?,
+            stats: PerCpuArray::try_from(take(ebpf, "wm_stats")?).map_err(map_err("wm_stats"))?,
         })
     }
 
@@ -458,6 +461,13 @@ impl Maps {
     /// Reads the config entry.
     pub fn config(&self) -> Result<Config, Error> {
         self.config.get(&0, 0).map_err(map_err("wm_config"))
+    }
+
+    /// Flow records lost because the ring buffer was full (all CPUs, since the map was
+    /// created).
+    pub fn events_lost(&self) -> Result<u64, Error> {
+        let per_cpu = self.stats.get(&0, 0).map_err(map_err("wm_stats"))?;
+        Ok(per_cpu.iter().sum())
     }
 
     /// Inserts or overwrites an ipcache prefix.

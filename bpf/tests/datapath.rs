@@ -209,6 +209,7 @@ fn policy_drops_with_isolation_and_passes_with_allow_rule() {
         e.verdict() == Some(Verdict::DroppedPolicy) && e.dst() == POD_B && e.dport() == 8081
     })
     .expect("dropped-policy record for 8081");
+    assert_eq!(loader.maps().events_lost().expect("stats"), 0);
 }
 
 #[test]
