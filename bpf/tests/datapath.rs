@@ -460,3 +460,88 @@ fn pinned_maps_and_links_survive_the_loader() {
         "a stale pinned link is replaced by a new one"
     );
 }
+
+/// A remote pod `r` (10.201.9.5, app=r, on the peer node) and pod b, whose ingress allows only
+/// udp/7777 from r.
+const REMOTE_TO_B: &str = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: r, namespace: t, labels: {app: r}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: 10.201.9.5}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-r, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: r}}}]
+    ports: [{protocol: UDP, port: 7777}]
+"#;
+
+#[test]
+fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
+    if !root_or_skip("to_pod ingress") {
+        return;
+    }
+    let t = Topo::new();
+    let mut loader = load(&t, pod_hooks(&t));
+    let mut flows = loader.take_flow_reader().expect("reader");
+    let place = |ip: Ipv4Addr, id: Identity| {
+        if ip == REMOTE_POD {
+            IpcacheValue::new(id.0, 2, PEER_NODE, ipcache_flags::REMOTE_POD)
+        } else {
+            local(ip, id)
+        }
+    };
+    let maps = loader.maps();
+    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
+        .expect("config");
+    let policy = compiled(REMOTE_TO_B);
+    maps.apply_policy(&policy.diff(&Compiled::default()), place)
+        .expect("policy");
+    let remote_id = policy.endpoints[&REMOTE_POD.into()].0;
+    let entries = maps.ipcache_entries().expect("ipcache");
+    assert!(entries.iter().any(|(n, v)| *n == Ipv4Net::from(REMOTE_POD)
+        && v.flags == ipcache_flags::REMOTE_POD
+        && v.node_ip == PEER_NODE.octets()));
+
+    let rx7777 = udp_socket(&t.pod_b, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
+    let rx7778 = udp_socket(&t.pod_b, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7778));
+    let tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 0));
+    assert!(
+        udp_delivered(
+            &tx,
+            SocketAddrV4::new(POD_B, 7777),
+            &rx7777,
+            Duration::from_secs(5)
+        ),
+        "r -> b udp/7777 is allowed"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.hook() == Some(Hook::ToPod) && e.dport() == 7777
+    })
+    .expect("to_pod record");
+    assert_eq!(e.verdict(), Some(Verdict::ForwardedPlain), "{e:?}");
+    assert_eq!(
+        (e.src_identity, e.peer_node()),
+        (remote_id, Some(PEER_NODE))
+    );
+    assert!(
+        !udp_delivered(
+            &tx,
+            SocketAddrV4::new(POD_B, 7778),
+            &rx7778,
+            Duration::from_secs(1)
+        ),
+        "r -> b udp/7778 is not allowed"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy) && e.dport() == 7778
+    })
+    .expect("dropped-policy record from to_pod");
+    assert_eq!(e.hook(), Some(Hook::ToPod));
+    assert_eq!((e.src(), e.dst()), (REMOTE_POD, POD_B));
+}
