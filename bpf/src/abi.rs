@@ -314,6 +314,60 @@ impl FlowEvent {
     }
 }
 
+/// `struct wm_flow_key`: the aggregation key of flow records.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source address octets.
+    pub src_ip: [u8; 4],
+    /// Destination address octets.
+    pub dst_ip: [u8; 4],
+    /// Source port, big-endian.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian.
+    pub dst_port: [u8; 2],
+    /// IP protocol.
+    pub protocol: u8,
+    /// `WM_VERDICT_*`.
+    pub verdict: u8,
+    /// `WM_HOOK_*`.
+    pub hook: u8,
+    /// Zero.
+    pub pad: u8,
+    /// Device the program ran on.
+    pub ifindex: u32,
+}
+
+impl FlowKey {
+    /// Whether `e` is a record of this flow.
+    pub fn matches(&self, e: &FlowEvent) -> bool {
+        (
+            self.src_ip,
+            self.dst_ip,
+            self.src_port,
+            self.dst_port,
+            self.protocol,
+            self.verdict,
+            self.hook,
+            self.ifindex,
+        ) == (
+            e.src_ip, e.dst_ip, e.src_port, e.dst_port, e.protocol, e.verdict, e.hook, e.ifindex,
+        )
+    }
+}
+
+/// `struct wm_flow_state`: what a flow has not reported yet.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowState {
+    /// When the last record was written (`bpf_ktime_get_ns`).
+    pub last_report_ns: u64,
+    /// Packets since that record.
+    pub packets: u64,
+    /// Bytes since that record.
+    pub bytes: u64,
+}
+
 /// `struct wm_ct_key` (value: `u64` last-allowed time).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -340,6 +394,8 @@ const _: () = assert!(size_of::<Key<RuleData>>() == 16); // wm_rule_key
 const _: () = assert!(size_of::<Config>() == 16); // wm_config
 const _: () = assert!(size_of::<FlowEvent>() == 56); // wm_flow_event
 const _: () = assert!(size_of::<CtKey>() == 16); // wm_ct_key
+const _: () = assert!(size_of::<FlowKey>() == 20); // wm_flow_key
+const _: () = assert!(size_of::<FlowState>() == 24); // wm_flow_state
 const _: () = assert!(RULE_KEY_FIXED_BITS == 80); // WM_RULE_KEY_FIXED_BITS
 
 // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with explicit
@@ -355,6 +411,10 @@ unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for FlowEvent {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowState {}
 
 #[cfg(test)]
 mod tests;

@@ -6,8 +6,8 @@ pub mod abi;
 pub mod loader;
 
 pub use abi::{
-    AbiError, Config, CtKey, FlowEvent, Hook, IpcacheValue, IsolationKeyRaw, Mode, RuleData,
-    Verdict, ipcache_flags,
+    AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
+    Mode, RuleData, Verdict, ipcache_flags,
 };
 pub use loader::{
     Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, PolicyApplied, node_pin_dir,

@@ -26,8 +26,8 @@ use tracing::{debug, info, warn};
 use wiremesh_policy::{Identity, MapDiff};
 
 use crate::abi::{
-    AbiError, Config, CtKey, FlowEvent, Hook, IpcacheValue, IsolationKeyRaw, RuleData, cidr_entry,
-    endpoint_net, lpm4_key, lpm4_net, rule_key,
+    AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
+    RuleData, cidr_entry, endpoint_net, lpm4_key, lpm4_net, rule_key,
 };
 
 /// The object built from `src/datapath.bpf.c` by build.rs.
@@ -258,6 +258,11 @@ impl Loader {
         &mut self.maps
     }
 
+    /// The maps, read-only.
+    pub fn maps_ref(&self) -> &Maps {
+        &self.maps
+    }
+
     /// The flow-record reader; `None` once taken.
     pub fn take_flow_reader(&mut self) -> Option<FlowReader> {
         self.flows.take()
@@ -437,6 +442,7 @@ pub struct Maps {
     rules: LpmTrie<MapData, RuleData, u8>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
+    flows: HashMap<MapData, FlowKey, FlowState>,
 }
 
 impl Maps {
@@ -450,6 +456,7 @@ impl Maps {
             rules: LpmTrie::try_from(take(ebpf, "wm_rules")?).map_err(map_err("wm_rules"))?,
             config: Array::try_from(take(ebpf, "wm_config")?).map_err(map_err("wm_config"))?,
             stats: PerCpuArray::try_from(take(ebpf, "wm_stats")?).map_err(map_err("wm_stats"))?,
+            flows: HashMap::try_from(take(ebpf, "wm_flows")?).map_err(map_err("wm_flows"))?,
         })
     }
 
@@ -468,6 +475,16 @@ impl Maps {
     pub fn events_lost(&self) -> Result<u64, Error> {
         let per_cpu = self.stats.get(&0, 0).map_err(map_err("wm_stats"))?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// The packets and bytes of each tracked flow not yet written as a record (a flow reports
+    /// again only when it sees a packet a second or more after its last record; read this to
+    /// account for flows that went idle).
+    pub fn flow_backlog(&self) -> Result<Vec<(FlowKey, FlowState)>, Error> {
+        self.flows
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("wm_flows"))
     }
 
     /// Inserts or overwrites an ipcache prefix.

@@ -127,6 +127,32 @@ fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Packets of the flows from source port `sport` seen by `hook`: the records read so far (kept
+/// in `seen` across calls) plus those flows' backlog in the map.
+fn flows_of(
+    reader: &mut wiremesh_bpf::FlowReader,
+    seen: &mut Vec<wiremesh_bpf::FlowEvent>,
+    loader: &Loader,
+    sport: u16,
+    hook: Hook,
+) -> u64 {
+    seen.extend(reader.read(Duration::from_millis(50)).expect("read"));
+    let reported: u64 = seen
+        .iter()
+        .filter(|e| e.sport() == sport && e.hook() == Some(hook))
+        .map(|e| e.packets)
+        .sum();
+    let backlog: u64 = loader
+        .maps_ref()
+        .flow_backlog()
+        .expect("flows")
+        .iter()
+        .filter(|(k, _)| u16::from_be_bytes(k.src_port) == sport && k.hook == hook as u8)
+        .map(|(_, s)| s.packets)
+        .sum();
+    reported + backlog
+}
+
 fn udp_socket(ns: &str, bind: SocketAddrV4) -> UdpSocket {
     in_ns(ns, move || {
         let s = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
@@ -333,6 +359,20 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
     .expect("dropped-plaintext record (ingress)");
     assert_eq!((e.src(), e.dst(), e.dport()), (REMOTE_POD, POD_A, 7777));
     assert_eq!(e.peer_node(), Some(PEER_NODE));
+    // Accounting: records plus the not-yet-reported backlog add up to every packet sent.
+    let mut seen = Vec::new();
+    let before = flows_of(&mut flows, &mut seen, &loader, 40000, Hook::UnderlayIngress);
+    for _ in 0..5 {
+        remote_plain.send_to(b"count", to_pod).expect("send");
+    }
+    let mut last = 0;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            last = flows_of(&mut flows, &mut seen, &loader, 40000, Hook::UnderlayIngress);
+            last == before + 5
+        }),
+        "5 dropped packets: records + backlog went from {before} to {last}"
+    );
     let remote_wg = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 51820));
     assert!(
         udp_delivered(&remote_wg, to_pod, &pod_rx, Duration::from_secs(5)),
