@@ -4,11 +4,11 @@
 
 pub mod abi;
 pub mod loader;
+pub mod sync;
 
 pub use abi::{
     AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
     Mode, RuleData, Verdict, ipcache_flags,
 };
-pub use loader::{
-    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, PolicyApplied, node_pin_dir,
-};
+pub use loader::{Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, node_pin_dir};
+pub use sync::{MapWriter, PolicyApplied, apply_policy, fake::FakeMaps};

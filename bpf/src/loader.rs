@@ -5,7 +5,7 @@
 use std::{
     ffi::CString,
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::Duration,
@@ -23,12 +23,13 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
-use wiremesh_policy::{Identity, MapDiff};
+use wiremesh_policy::{Identity, IsolationKey, MapDiff, RuleKey};
 
 use crate::abi::{
     AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
-    RuleData, cidr_entry, endpoint_net, lpm4_key, lpm4_net, rule_key,
+    RuleData, lpm4_key, lpm4_net, rule_key,
 };
+use crate::sync::{MapWriter, PolicyApplied, apply_policy};
 
 /// The object built from `src/datapath.bpf.c` by build.rs.
 static DATAPATH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
@@ -423,17 +424,6 @@ fn raise_memlock() {
     }
 }
 
-/// What [`Maps::apply_policy`] wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PolicyApplied {
-    /// Entries inserted or overwritten.
-    pub written: usize,
-    /// Entries deleted.
-    pub removed: usize,
-    /// IPv6 entries skipped (the programs are IPv4 only).
-    pub skipped_ipv6: usize,
-}
-
 /// Typed handles on the pinned maps.
 pub struct Maps {
     ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
@@ -516,82 +506,52 @@ impl Maps {
         (self.isolated.keys().count(), self.rules.keys().count())
     }
 
-    /// Applies a policy diff: CIDR, isolation and rule entries directly, endpoints as ipcache
-    /// /32s whose node fields come from `place(ip, identity)`. Upserts and additions go first,
-    /// then deletions, so an entry both states share is never missing. IPv6 entries are
-    /// skipped and counted.
+    /// Applies a policy diff (see [`apply_policy`]).
     pub fn apply_policy(
         &mut self,
         diff: &MapDiff,
         place: impl Fn(Ipv4Addr, Identity) -> IpcacheValue,
     ) -> Result<PolicyApplied, Error> {
-        let mut n = PolicyApplied::default();
-        for (ip, id) in &diff.endpoints_upsert {
-            match (endpoint_net(*ip), ip) {
-                (Ok(net), IpAddr::V4(a)) => {
-                    self.upsert_ipcache(net, place(*a, *id))?;
-                    n.written += 1;
-                }
-                _ => n.skipped_ipv6 += 1,
-            }
-        }
-        for e in &diff.cidrs_upsert {
-            match cidr_entry(e) {
-                Ok((k, id)) => {
-                    self.cidrs.insert(&k, id, 0).map_err(map_err("wm_cidrs4"))?;
-                    n.written += 1;
-                }
-                Err(AbiError::Ipv6(_)) => n.skipped_ipv6 += 1,
-            }
-        }
-        for k in &diff.isolated_add {
-            self.isolated
-                .insert(IsolationKeyRaw::from(k), 1, 0)
-                .map_err(map_err("wm_isolated"))?;
-            n.written += 1;
-        }
-        for k in &diff.rules_add {
-            self.rules
-                .insert(&rule_key(k), 1, 0)
-                .map_err(map_err("wm_rules"))?;
-            n.written += 1;
-        }
-        for k in &diff.rules_remove {
-            ignore_missing(self.rules.remove(&rule_key(k)), "wm_rules")?;
-            n.removed += 1;
-        }
-        for k in &diff.isolated_remove {
-            ignore_missing(
-                self.isolated.remove(&IsolationKeyRaw::from(k)),
-                "wm_isolated",
-            )?;
-            n.removed += 1;
-        }
-        for p in &diff.cidrs_remove {
-            match p {
-                ipnet::IpNet::V4(net) => {
-                    ignore_missing(self.cidrs.remove(&lpm4_key(*net)), "wm_cidrs4")?;
-                    n.removed += 1;
-                }
-                ipnet::IpNet::V6(_) => n.skipped_ipv6 += 1,
-            }
-        }
-        for ip in &diff.endpoints_remove {
-            match endpoint_net(*ip) {
-                Ok(net) => {
-                    self.remove_ipcache(net)?;
-                    n.removed += 1;
-                }
-                Err(_) => n.skipped_ipv6 += 1,
-            }
-        }
-        debug!(
-            written = n.written,
-            removed = n.removed,
-            skipped_ipv6 = n.skipped_ipv6,
-            "policy applied to maps"
-        );
-        Ok(n)
+        apply_policy(self, diff, place)
+    }
+}
+
+impl MapWriter for Maps {
+    fn set_config(&mut self, config: &Config) -> Result<(), Error> {
+        Maps::set_config(self, config)
+    }
+    fn put_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
+        self.upsert_ipcache(net, value)
+    }
+    fn del_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
+        self.remove_ipcache(net)
+    }
+    fn put_cidr(&mut self, net: Ipv4Net, identity: u32) -> Result<(), Error> {
+        self.cidrs
+            .insert(&lpm4_key(net), identity, 0)
+            .map_err(map_err("wm_cidrs4"))
+    }
+    fn del_cidr(&mut self, net: Ipv4Net) -> Result<(), Error> {
+        ignore_missing(self.cidrs.remove(&lpm4_key(net)), "wm_cidrs4")
+    }
+    fn put_isolated(&mut self, key: &IsolationKey) -> Result<(), Error> {
+        self.isolated
+            .insert(IsolationKeyRaw::from(key), 1, 0)
+            .map_err(map_err("wm_isolated"))
+    }
+    fn del_isolated(&mut self, key: &IsolationKey) -> Result<(), Error> {
+        ignore_missing(
+            self.isolated.remove(&IsolationKeyRaw::from(key)),
+            "wm_isolated",
+        )
+    }
+    fn put_rule(&mut self, key: &RuleKey) -> Result<(), Error> {
+        self.rules
+            .insert(&rule_key(key), 1, 0)
+            .map_err(map_err("wm_rules"))
+    }
+    fn del_rule(&mut self, key: &RuleKey) -> Result<(), Error> {
+        ignore_missing(self.rules.remove(&rule_key(key)), "wm_rules")
     }
 }
 
