@@ -585,3 +585,14 @@ fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
     assert_eq!(e.hook(), Some(Hook::ToPod));
     assert_eq!((e.src(), e.dst()), (REMOTE_POD, POD_B));
 }
+
+#[test]
+fn load_outside_bpffs_fails_with_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let err = Loader::load(tmp.path()).expect_err("a tmpfs is not a bpffs");
+    assert!(
+        matches!(err, wiremesh_bpf::Error::NotBpffs { .. }),
+        "unexpected error: {err}"
+    );
+    assert!(err.to_string().contains("mount -t bpf"), "{err}");
+}
