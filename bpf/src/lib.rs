@@ -1,3 +1,14 @@
-//! wiremesh eBPF: tc programs for steering, policy and flow records, and the Rust side of their map
-//! ABI. The programs arrive with the eBPF issue; until then this crate only reserves its place in the
-//! workspace.
+//! wiremesh eBPF: the tc programs (C in `src/*.bpf.c`, map ABI in `include/wiremesh.h`), the Rust
+//! mirrors of that ABI, and the aya loader that pins maps and links per node, attaches the
+//! programs and reads flow records.
+
+pub mod abi;
+pub mod loader;
+pub mod sync;
+
+pub use abi::{
+    AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
+    Mode, RuleData, Verdict, ipcache_flags,
+};
+pub use loader::{Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, node_pin_dir};
+pub use sync::{MapWriter, PolicyApplied, apply_policy, fake::FakeMaps};

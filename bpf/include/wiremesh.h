@@ -1,0 +1,159 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * wiremesh map ABI: the one place that defines the keys, values and events shared by the tc
+ * programs (bpf/src/datapath.bpf.c) and the Rust loader (bpf/src/abi.rs mirrors every struct here with
+ * #[repr(C)] and a size assert; change both together).
+ *
+ * Byte order: identities, prefix lengths, ifindexes, flags and counters are native (host) order;
+ * IPv4 addresses are network order (as on the wire); ports are network order in the policy rule
+ * key (so that an LPM prefix of the port is its leading bits) and in flow keys/events.
+ * The policy maps are exactly what the wiremesh-policy compiler emits (docs/policy.md).
+ */
+#ifndef WIREMESH_H
+#define WIREMESH_H
+
+#include <linux/types.h>
+
+/* Reserved identities (docs/policy.md). */
+#define WM_ID_UNKNOWN 0u
+#define WM_ID_HOST 1u
+#define WM_ID_WORLD 2u
+#define WM_ID_REMOTE_NODE 3u
+#define WM_ID_ANY 4u
+#define WM_ID_FIRST_POD 256u
+#define WM_ID_FIRST_CIDR (1u << 24)
+
+/* Direction relative to the subject pod. */
+#define WM_DIR_INGRESS 0
+#define WM_DIR_EGRESS 1
+
+/* Key of every IPv4 LPM trie (ipcache4, cidrs4): 8 bytes. */
+struct wm_lpm4_key {
+	__u32 prefixlen;
+	__u8 addr[4]; /* network order */
+};
+
+/* ipcache4 value flags. */
+#define WM_IPCACHE_ENCRYPT 0x1    /* traffic to this prefix goes through the tunnel */
+#define WM_IPCACHE_LOCAL 0x2      /* a pod on this node */
+#define WM_IPCACHE_REMOTE_POD 0x4 /* a pod (or pod range) on another node */
+
+/* ipcache4: prefix -> where it lives and who it is. 16 bytes. */
+struct wm_ipcache_val {
+	__u32 identity; /* pod identity, or a reserved one; 0 = unknown (treated as world) */
+	__u32 node_id;  /* agent-assigned node number (0 = this node / none) */
+	__be32 node_ip; /* underlay IPv4 of the node hosting the prefix, network order */
+	__u8 flags;     /* WM_IPCACHE_* */
+	__u8 pad[3];
+};
+
+/* isolated: (identity, direction) present = default deny. Value: __u8 (1). 8 bytes. */
+struct wm_isolation_key {
+	__u32 identity;
+	__u8 direction;
+	__u8 pad[3];
+};
+
+/* Bits of a rule key before the port: subject, peer, direction, protocol. */
+#define WM_RULE_KEY_FIXED_BITS 80
+
+/* rules (LPM trie): prefixlen = 80 + port prefix bits. Value: __u8 (1). 16 bytes. */
+struct wm_rule_key {
+	__u32 prefixlen;
+	__u32 subject;
+	__u32 peer;
+	__u8 direction;
+	__u8 protocol;
+	__be16 port;
+};
+
+/* cidrs4: wm_lpm4_key -> __u32 CIDR identity (or WM_ID_WORLD). */
+
+#define WM_MODE_PERMISSIVE 0
+#define WM_MODE_STRICT 1
+
+/* config: array with one entry (key 0). 16 bytes. */
+struct wm_config {
+	__u32 tunnel_ifindex; /* 0 = no tunnel device yet */
+	__u32 mode;           /* WM_MODE_* */
+	__u32 node_identity;  /* identity of this node's own addresses (WM_ID_HOST) */
+	__u16 wg_port;        /* WireGuard UDP port on the underlay, host order; 0 = none */
+	__u16 pad;
+};
+
+/* Verdicts in flow events. */
+#define WM_VERDICT_FORWARDED_ENCRYPTED 1 /* redirected into (or arrived from) the tunnel */
+#define WM_VERDICT_FORWARDED_LOCAL 2     /* pod to pod on this node */
+#define WM_VERDICT_DROPPED_POLICY 3
+#define WM_VERDICT_DROPPED_PLAINTEXT 4   /* strict mode: cross-node pod traffic outside WireGuard */
+#define WM_VERDICT_FORWARDED_PLAIN 5     /* passed unencrypted: non-pod peer, or permissive mode */
+
+/* Program that reported a flow. */
+#define WM_HOOK_FROM_POD 1
+#define WM_HOOK_TO_POD 2
+#define WM_HOOK_UNDERLAY_INGRESS 3
+#define WM_HOOK_UNDERLAY_EGRESS 4
+
+/*
+ * Ring buffer record (events). One per flow and verdict when the flow is first seen, then at
+ * most one per WM_FLOW_REPORT_NS carrying the packets/bytes since the previous record. 56 bytes.
+ */
+struct wm_flow_event {
+	__u64 ts_ns;   /* bpf_ktime_get_ns() */
+	__u64 packets; /* since the previous record of this flow */
+	__u64 bytes;
+	__be32 src_ip;
+	__be32 dst_ip;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__be32 peer_node_ip; /* underlay IPv4 of the remote node, 0 if none */
+	__u32 ifindex;       /* device the program ran on */
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 protocol;
+	__u8 verdict; /* WM_VERDICT_* */
+	__u8 hook;    /* WM_HOOK_* */
+	__u8 pad;
+};
+
+/* flows (LRU hash): aggregation state per flow and verdict. */
+struct wm_flow_key {
+	__be32 src_ip;
+	__be32 dst_ip;
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 protocol;
+	__u8 verdict;
+	__u8 hook;
+	__u8 pad;
+	__u32 ifindex;
+}; /* 20 bytes */
+
+struct wm_flow_state {
+	__u64 last_report_ns;
+	__u64 packets; /* not yet reported */
+	__u64 bytes;
+}; /* 24 bytes */
+
+#define WM_FLOW_REPORT_NS 1000000000ULL
+
+/* stats: per-CPU array with one entry (key 0); the loader sums the CPUs. 8 bytes. */
+struct wm_stats {
+	__u64 events_lost; /* flow records dropped because the ring buffer was full */
+};
+
+/*
+ * ct (LRU hash): connections whose first direction policy allowed. A packet whose reversed
+ * tuple is present is a reply and skips policy (NetworkPolicy allows replies). Value: __u64
+ * bpf_ktime_get_ns() of the last allowed packet. 16 bytes.
+ */
+struct wm_ct_key {
+	__be32 src_ip;
+	__be32 dst_ip;
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+#endif /* WIREMESH_H */

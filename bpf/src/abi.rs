@@ -1,0 +1,420 @@
+//! `#[repr(C)]` mirrors of `include/wiremesh.h` (keep both in step: every struct has a size
+//! assert here), and the conversions from the policy compiler's entries to map keys.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use aya::maps::lpm_trie::Key;
+use ipnet::{IpNet, Ipv4Net};
+use wiremesh_policy::{CidrEntry, IsolationKey, RULE_KEY_FIXED_BITS, RuleKey};
+
+/// Flags of an [`IpcacheValue`] (`WM_IPCACHE_*`).
+pub mod ipcache_flags {
+    /// Traffic to this prefix goes through the tunnel device.
+    pub const ENCRYPT: u8 = 0x1;
+    /// A pod on this node.
+    pub const LOCAL: u8 = 0x2;
+    /// A pod (or a pod range) on another node.
+    pub const REMOTE_POD: u8 = 0x4;
+}
+
+/// Errors converting policy entries into map entries.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AbiError {
+    /// The programs only handle IPv4 so far.
+    #[error("{0}: IPv6 entries are not supported by the eBPF programs yet")]
+    Ipv6(IpNet),
+}
+
+/// `struct wm_ipcache_val`: where a prefix lives and who it is.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IpcacheValue {
+    /// Pod identity or a reserved one; 0 = unknown (treated as world).
+    pub identity: u32,
+    /// Agent-assigned node number (0 = this node / none).
+    pub node_id: u32,
+    /// Underlay IPv4 of the node hosting the prefix (octets, network order).
+    pub node_ip: [u8; 4],
+    /// [`ipcache_flags`].
+    pub flags: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+impl IpcacheValue {
+    /// A value with the given fields and zero padding.
+    pub fn new(identity: u32, node_id: u32, node_ip: Ipv4Addr, flags: u8) -> Self {
+        Self {
+            identity,
+            node_id,
+            node_ip: node_ip.octets(),
+            flags,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// `struct wm_isolation_key` (value: `u8` 1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct IsolationKeyRaw {
+    /// Subject identity.
+    pub identity: u32,
+    /// 0 = ingress, 1 = egress.
+    pub direction: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+impl From<&IsolationKey> for IsolationKeyRaw {
+    fn from(k: &IsolationKey) -> Self {
+        Self {
+            identity: k.identity.0,
+            direction: k.direction as u8,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// The part of `struct wm_rule_key` after `prefixlen` (aya's [`Key`] supplies the prefix
+/// length; `Key<RuleData>` is the whole 16-byte C key).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct RuleData {
+    /// Subject identity.
+    pub subject: u32,
+    /// Peer identity (pod, CIDR or ANY).
+    pub peer: u32,
+    /// 0 = ingress, 1 = egress.
+    pub direction: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Port, big-endian bytes.
+    pub port: [u8; 2],
+}
+
+/// The rules LPM key of a compiled rule.
+pub fn rule_key(k: &RuleKey) -> Key<RuleData> {
+    Key::new(
+        k.prefixlen(),
+        RuleData {
+            subject: k.subject.0,
+            peer: k.peer.0,
+            direction: k.direction as u8,
+            protocol: k.protocol.number(),
+            port: k.port.to_be_bytes(),
+        },
+    )
+}
+
+/// The LPM key of an IPv4 prefix (`struct wm_lpm4_key`).
+pub fn lpm4_key(net: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.trunc().addr().octets())
+}
+
+/// The prefix an LPM key stands for.
+pub fn lpm4_net(key: &Key<[u8; 4]>) -> Option<Ipv4Net> {
+    let len = u8::try_from(key.prefix_len()).ok()?;
+    Ipv4Net::new(Ipv4Addr::from(key.data()), len).ok()
+}
+
+/// The cidrs4 entry (key, identity) of a compiled CIDR entry.
+pub fn cidr_entry(e: &CidrEntry) -> Result<(Key<[u8; 4]>, u32), AbiError> {
+    match e.prefix {
+        IpNet::V4(net) => Ok((lpm4_key(net), e.identity.0)),
+        IpNet::V6(_) => Err(AbiError::Ipv6(e.prefix)),
+    }
+}
+
+/// The ipcache /32 of a pod address.
+pub fn endpoint_net(ip: IpAddr) -> Result<Ipv4Net, AbiError> {
+    match ip {
+        IpAddr::V4(a) => Ok(Ipv4Net::from(a)),
+        IpAddr::V6(_) => Err(AbiError::Ipv6(IpNet::from(ip))),
+    }
+}
+
+/// Strict or permissive handling of unencrypted cross-node pod traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u32)]
+pub enum Mode {
+    /// Unencrypted pod traffic passes when no tunnel is available.
+    #[default]
+    Permissive = 0,
+    /// Cross-node pod traffic outside WireGuard is dropped.
+    Strict = 1,
+}
+
+/// `struct wm_config` (the single entry of the config array).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Config {
+    /// ifindex of the tunnel device in the node's namespace; 0 = none.
+    pub tunnel_ifindex: u32,
+    /// [`Mode`] as u32.
+    pub mode: u32,
+    /// Identity of this node's own addresses.
+    pub node_identity: u32,
+    /// WireGuard UDP port on the underlay (host order); 0 = none.
+    pub wg_port: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+impl Config {
+    /// A config with zero padding.
+    pub fn new(tunnel_ifindex: u32, mode: Mode, node_identity: u32, wg_port: u16) -> Self {
+        Self {
+            tunnel_ifindex,
+            mode: mode as u32,
+            node_identity,
+            wg_port,
+            pad: 0,
+        }
+    }
+}
+
+/// Verdict of a flow record (`WM_VERDICT_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Redirected into the tunnel (from_pod) or arrived from it (to_pod).
+    ForwardedEncrypted = 1,
+    /// Pod to pod on this node.
+    ForwardedLocal = 2,
+    /// Dropped by NetworkPolicy.
+    DroppedPolicy = 3,
+    /// Strict mode: cross-node pod traffic outside WireGuard.
+    DroppedPlaintext = 4,
+    /// Passed unencrypted: non-pod peer, or permissive mode without a tunnel.
+    ForwardedPlain = 5,
+}
+
+impl Verdict {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::ForwardedEncrypted,
+            2 => Self::ForwardedLocal,
+            3 => Self::DroppedPolicy,
+            4 => Self::DroppedPlaintext,
+            5 => Self::ForwardedPlain,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a program runs (`WM_HOOK_*`); also selects the program to attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// tc ingress of the host side of a pod veth (packets leaving the pod).
+    FromPod = 1,
+    /// tc egress of the host side of a pod veth (packets entering the pod).
+    ToPod = 2,
+    /// tc ingress of the underlay device.
+    UnderlayIngress = 3,
+    /// tc egress of the underlay device.
+    UnderlayEgress = 4,
+}
+
+impl Hook {
+    /// All hooks.
+    pub const ALL: [Hook; 4] = [
+        Hook::FromPod,
+        Hook::ToPod,
+        Hook::UnderlayIngress,
+        Hook::UnderlayEgress,
+    ];
+
+    /// The program (C function) name.
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => "from_pod",
+            Hook::ToPod => "to_pod",
+            Hook::UnderlayIngress => "underlay_ingress",
+            Hook::UnderlayEgress => "underlay_egress",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|h| *h as u8 == v)
+    }
+}
+
+/// `struct wm_flow_event`: one ring-buffer record.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Packets since the previous record of this flow and verdict.
+    pub packets: u64,
+    /// Bytes (skb length) since the previous record.
+    pub bytes: u64,
+    /// Source address octets.
+    pub src_ip: [u8; 4],
+    /// Destination address octets.
+    pub dst_ip: [u8; 4],
+    /// Source identity.
+    pub src_identity: u32,
+    /// Destination identity.
+    pub dst_identity: u32,
+    /// Underlay IPv4 of the remote node, zero if none.
+    pub peer_node_ip: [u8; 4],
+    /// Device the program ran on.
+    pub ifindex: u32,
+    /// Source port, big-endian bytes.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian bytes.
+    pub dst_port: [u8; 2],
+    /// IP protocol number.
+    pub protocol: u8,
+    /// `WM_VERDICT_*`.
+    pub verdict: u8,
+    /// `WM_HOOK_*`.
+    pub hook: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+impl FlowEvent {
+    /// Decodes a ring-buffer record; `None` if it has the wrong size.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length matches and FlowEvent is plain old data for any bit pattern.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
+    }
+    /// Source address.
+    pub fn src(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.src_ip)
+    }
+    /// Destination address.
+    pub fn dst(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.dst_ip)
+    }
+    /// Source port (host order).
+    pub fn sport(&self) -> u16 {
+        u16::from_be_bytes(self.src_port)
+    }
+    /// Destination port (host order).
+    pub fn dport(&self) -> u16 {
+        u16::from_be_bytes(self.dst_port)
+    }
+    /// The remote node, if any.
+    pub fn peer_node(&self) -> Option<Ipv4Addr> {
+        (self.peer_node_ip != [0; 4]).then(|| Ipv4Addr::from(self.peer_node_ip))
+    }
+    /// The verdict, `None` for a value this build does not know.
+    pub fn verdict(&self) -> Option<Verdict> {
+        Verdict::from_u8(self.verdict)
+    }
+    /// The reporting program.
+    pub fn hook(&self) -> Option<Hook> {
+        Hook::from_u8(self.hook)
+    }
+}
+
+/// `struct wm_flow_key`: the aggregation key of flow records.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source address octets.
+    pub src_ip: [u8; 4],
+    /// Destination address octets.
+    pub dst_ip: [u8; 4],
+    /// Source port, big-endian.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian.
+    pub dst_port: [u8; 2],
+    /// IP protocol.
+    pub protocol: u8,
+    /// `WM_VERDICT_*`.
+    pub verdict: u8,
+    /// `WM_HOOK_*`.
+    pub hook: u8,
+    /// Zero.
+    pub pad: u8,
+    /// Device the program ran on.
+    pub ifindex: u32,
+}
+
+impl FlowKey {
+    /// Whether `e` is a record of this flow.
+    pub fn matches(&self, e: &FlowEvent) -> bool {
+        (
+            self.src_ip,
+            self.dst_ip,
+            self.src_port,
+            self.dst_port,
+            self.protocol,
+            self.verdict,
+            self.hook,
+            self.ifindex,
+        ) == (
+            e.src_ip, e.dst_ip, e.src_port, e.dst_port, e.protocol, e.verdict, e.hook, e.ifindex,
+        )
+    }
+}
+
+/// `struct wm_flow_state`: what a flow has not reported yet.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowState {
+    /// When the last record was written (`bpf_ktime_get_ns`).
+    pub last_report_ns: u64,
+    /// Packets since that record.
+    pub packets: u64,
+    /// Bytes since that record.
+    pub bytes: u64,
+}
+
+/// `struct wm_ct_key` (value: `u64` last-allowed time).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    /// Source address octets.
+    pub src_ip: [u8; 4],
+    /// Destination address octets.
+    pub dst_ip: [u8; 4],
+    /// Source port, big-endian.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian.
+    pub dst_port: [u8; 2],
+    /// IP protocol.
+    pub protocol: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+// Sizes of the C structs in include/wiremesh.h.
+const _: () = assert!(size_of::<Key<[u8; 4]>>() == 8); // wm_lpm4_key
+const _: () = assert!(size_of::<IpcacheValue>() == 16); // wm_ipcache_val
+const _: () = assert!(size_of::<IsolationKeyRaw>() == 8); // wm_isolation_key
+const _: () = assert!(size_of::<Key<RuleData>>() == 16); // wm_rule_key
+const _: () = assert!(size_of::<Config>() == 16); // wm_config
+const _: () = assert!(size_of::<FlowEvent>() == 56); // wm_flow_event
+const _: () = assert!(size_of::<CtKey>() == 16); // wm_ct_key
+const _: () = assert!(size_of::<FlowKey>() == 20); // wm_flow_key
+const _: () = assert!(size_of::<FlowState>() == 24); // wm_flow_state
+const _: () = assert!(RULE_KEY_FIXED_BITS == 80); // WM_RULE_KEY_FIXED_BITS
+
+// SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with explicit
+// padding fields, so every bit pattern is valid and there are no implicit holes.
+unsafe impl aya::Pod for IpcacheValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for IsolationKeyRaw {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RuleData {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowEvent {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowState {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,411 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * wiremesh tc programs: steering, NetworkPolicy and strict mode for IPv4 pod traffic.
+ *
+ * from_pod  (tc ingress, host side of a pod veth): egress policy of the source pod; for a local
+ *           destination also its ingress policy (one decision, one flow record); a remote pod
+ *           destination with the encrypt flag is redirected into the tunnel device.
+ * to_pod    (tc egress, host side of a pod veth): ingress policy of the destination pod for
+ *           traffic that does not come from a local pod (from_pod already decided those).
+ * underlay  (tc ingress and egress of the node's underlay device): in strict mode drops
+ *           pod-to-pod packets (both addresses pods in the ipcache) that are not WireGuard UDP.
+ * Non-IPv4 traffic passes untouched (IPv6 is not handled yet).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "wiremesh.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct wm_lpm4_key);
+	__type(value, struct wm_ipcache_val);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_ipcache4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct wm_lpm4_key);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_cidrs4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct wm_isolation_key);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_isolated SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct wm_rule_key);
+	__type(value, __u8);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct wm_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct wm_flow_key);
+	__type(value, struct wm_flow_state);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct wm_ct_key);
+	__type(value, __u64);
+	__uint(max_entries, 262144);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct wm_stats);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_stats SEC(".maps");
+
+struct pkt {
+	__be32 src_ip;
+	__be32 dst_ip;
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 protocol;
+};
+
+/* Returns 0 and fills *p for an IPv4 packet behind an Ethernet header, -1 otherwise. */
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end || ip->version != 4)
+		return -1;
+	p->src_ip = ip->saddr;
+	p->dst_ip = ip->daddr;
+	p->protocol = ip->protocol;
+	p->src_port = 0;
+	p->dst_port = 0;
+	/* Ports only in the first fragment; later fragments are checked with port 0. */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0;
+	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
+	    ip->protocol == IPPROTO_SCTP) {
+		__u32 ihl = ip->ihl * 4;
+		if (ihl < sizeof(*ip))
+			return -1;
+		__be16 *ports = (void *)ip + ihl;
+		if ((void *)(ports + 2) > data_end)
+			return 0;
+		p->src_port = ports[0];
+		p->dst_port = ports[1];
+	}
+	return 0;
+}
+
+/* Whether p is a reply of a connection policy allowed earlier. */
+static __always_inline int ct_is_reply(const struct pkt *p)
+{
+	struct wm_ct_key k = {
+		.src_ip = p->dst_ip,
+		.dst_ip = p->src_ip,
+		.src_port = p->dst_port,
+		.dst_port = p->src_port,
+		.protocol = p->protocol,
+	};
+	return bpf_map_lookup_elem(&wm_ct, &k) != 0;
+}
+
+static __always_inline void ct_allow(const struct pkt *p)
+{
+	struct wm_ct_key k = {
+		.src_ip = p->src_ip,
+		.dst_ip = p->dst_ip,
+		.src_port = p->src_port,
+		.dst_port = p->dst_port,
+		.protocol = p->protocol,
+	};
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&wm_ct, &k, &now, BPF_ANY);
+}
+
+static __always_inline struct wm_ipcache_val *ipcache_lookup(__be32 addr)
+{
+	struct wm_lpm4_key k = {.prefixlen = 32};
+	__builtin_memcpy(k.addr, &addr, 4);
+	return bpf_map_lookup_elem(&wm_ipcache4, &k);
+}
+
+static __always_inline __u32 identity_of(const struct wm_ipcache_val *v)
+{
+	if (!v || v->identity == WM_ID_UNKNOWN)
+		return WM_ID_WORLD;
+	return v->identity;
+}
+
+static __always_inline int is_pod(__u32 id)
+{
+	return id >= WM_ID_FIRST_POD && id < WM_ID_FIRST_CIDR;
+}
+
+static __always_inline int rule_hit(struct wm_rule_key *k, __u32 peer)
+{
+	k->peer = peer;
+	return bpf_map_lookup_elem(&wm_rules, k) != 0;
+}
+
+/*
+ * One side of the decision (docs/policy.md): subject is the pod whose policy applies, peer the
+ * other end (identity and address).
+ */
+static __always_inline int side_allows(__u32 subject, __u32 peer_id, __be32 peer_ip, __u8 dir,
+				       __u8 proto, __be16 port)
+{
+	if (!is_pod(subject))
+		return 1;
+	struct wm_isolation_key ik = {.identity = subject, .direction = dir};
+	if (!bpf_map_lookup_elem(&wm_isolated, &ik))
+		return 1;
+	struct wm_rule_key rk = {
+		.prefixlen = WM_RULE_KEY_FIXED_BITS + 16,
+		.subject = subject,
+		.direction = dir,
+		.protocol = proto,
+		.port = port,
+	};
+	if (is_pod(peer_id) && rule_hit(&rk, peer_id))
+		return 1;
+	struct wm_lpm4_key ck = {.prefixlen = 32};
+	__builtin_memcpy(ck.addr, &peer_ip, 4);
+	__u32 *cidr = bpf_map_lookup_elem(&wm_cidrs4, &ck);
+	if (cidr && *cidr != WM_ID_WORLD && rule_hit(&rk, *cidr))
+		return 1;
+	return rule_hit(&rk, WM_ID_ANY);
+}
+
+/* Aggregates per flow and verdict in wm_flows; writes a record when due. */
+static __always_inline void report(struct __sk_buff *skb, const struct pkt *p, __u32 src_id,
+				   __u32 dst_id, __be32 peer_node, __u8 verdict, __u8 hook)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct wm_flow_key fk = {
+		.src_ip = p->src_ip,
+		.dst_ip = p->dst_ip,
+		.src_port = p->src_port,
+		.dst_port = p->dst_port,
+		.protocol = p->protocol,
+		.verdict = verdict,
+		.hook = hook,
+		.ifindex = skb->ifindex,
+	};
+	__u64 packets = 1, bytes = skb->len;
+	struct wm_flow_state *st = bpf_map_lookup_elem(&wm_flows, &fk);
+	if (st) {
+		__sync_fetch_and_add(&st->packets, 1);
+		__sync_fetch_and_add(&st->bytes, skb->len);
+		if (now - st->last_report_ns < WM_FLOW_REPORT_NS)
+			return;
+		/* Races between CPUs can move a few packets to the next record; none are lost. */
+		st->last_report_ns = now;
+		packets = __sync_fetch_and_add(&st->packets, 0);
+		bytes = __sync_fetch_and_add(&st->bytes, 0);
+		__sync_fetch_and_add(&st->packets, -packets);
+		__sync_fetch_and_add(&st->bytes, -bytes);
+	} else {
+		struct wm_flow_state fresh = {.last_report_ns = now};
+		bpf_map_update_elem(&wm_flows, &fk, &fresh, BPF_NOEXIST);
+	}
+	struct wm_flow_event *e = bpf_ringbuf_reserve(&wm_events, sizeof(*e), 0);
+	if (!e) {
+		__u32 zero = 0;
+		struct wm_stats *s = bpf_map_lookup_elem(&wm_stats, &zero);
+		if (s)
+			s->events_lost += 1; /* per-CPU: no atomics needed */
+		return;
+	}
+	e->ts_ns = now;
+	e->packets = packets;
+	e->bytes = bytes;
+	e->src_ip = p->src_ip;
+	e->dst_ip = p->dst_ip;
+	e->src_identity = src_id;
+	e->dst_identity = dst_id;
+	e->peer_node_ip = peer_node;
+	e->ifindex = skb->ifindex;
+	e->src_port = p->src_port;
+	e->dst_port = p->dst_port;
+	e->protocol = p->protocol;
+	e->verdict = verdict;
+	e->hook = hook;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline struct wm_config *config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&wm_config, &zero);
+}
+
+SEC("classifier")
+int from_pod(struct __sk_buff *skb)
+{
+	struct pkt p;
+	if (parse_ipv4(skb, &p) < 0)
+		return TC_ACT_OK;
+	struct wm_config *cfg = config();
+	if (!cfg)
+		return TC_ACT_OK;
+	struct wm_ipcache_val *src = ipcache_lookup(p.src_ip);
+	struct wm_ipcache_val *dst = ipcache_lookup(p.dst_ip);
+	__u32 src_id = identity_of(src), dst_id = identity_of(dst);
+	__u8 dst_flags = dst ? dst->flags : 0;
+	__be32 peer_node = (dst && (dst_flags & WM_IPCACHE_REMOTE_POD)) ? dst->node_ip : 0;
+
+	int reply = ct_is_reply(&p);
+
+	if (!reply &&
+	    !side_allows(src_id, dst_id, p.dst_ip, WM_DIR_EGRESS, p.protocol, p.dst_port)) {
+		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
+		       WM_HOOK_FROM_POD);
+		return TC_ACT_SHOT;
+	}
+	if (dst_flags & WM_IPCACHE_LOCAL) {
+		if (!reply && !side_allows(dst_id, src_id, p.src_ip, WM_DIR_INGRESS, p.protocol,
+					   p.dst_port)) {
+			report(skb, &p, src_id, dst_id, 0, WM_VERDICT_DROPPED_POLICY,
+			       WM_HOOK_FROM_POD);
+			return TC_ACT_SHOT;
+		}
+		if (!reply)
+			ct_allow(&p);
+		report(skb, &p, src_id, dst_id, 0, WM_VERDICT_FORWARDED_LOCAL, WM_HOOK_FROM_POD);
+		return TC_ACT_OK;
+	}
+	if (dst_flags & WM_IPCACHE_REMOTE_POD) {
+		__u32 tunnel = cfg->tunnel_ifindex;
+		/* The remote node's to_pod decides ingress; remember the egress decision here. */
+		if (!reply)
+			ct_allow(&p);
+		if ((dst_flags & WM_IPCACHE_ENCRYPT) && tunnel) {
+			report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_FORWARDED_ENCRYPTED,
+			       WM_HOOK_FROM_POD);
+			return bpf_redirect(tunnel, 0);
+		}
+		if (cfg->mode == WM_MODE_STRICT) {
+			report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_PLAINTEXT,
+			       WM_HOOK_FROM_POD);
+			return TC_ACT_SHOT;
+		}
+	}
+	if (!reply)
+		ct_allow(&p);
+	report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_FORWARDED_PLAIN, WM_HOOK_FROM_POD);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int to_pod(struct __sk_buff *skb)
+{
+	struct pkt p;
+	if (parse_ipv4(skb, &p) < 0)
+		return TC_ACT_OK;
+	struct wm_config *cfg = config();
+	if (!cfg)
+		return TC_ACT_OK;
+	struct wm_ipcache_val *src = ipcache_lookup(p.src_ip);
+	/* from_pod already decided both sides for pod-to-pod traffic on this node. */
+	if (src && (src->flags & WM_IPCACHE_LOCAL))
+		return TC_ACT_OK;
+	struct wm_ipcache_val *dst = ipcache_lookup(p.dst_ip);
+	__u32 src_id = identity_of(src), dst_id = identity_of(dst);
+	__be32 peer_node = (src && (src->flags & WM_IPCACHE_REMOTE_POD)) ? src->node_ip : 0;
+	int reply = ct_is_reply(&p);
+	if (!reply &&
+	    !side_allows(dst_id, src_id, p.src_ip, WM_DIR_INGRESS, p.protocol, p.dst_port)) {
+		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
+		       WM_HOOK_TO_POD);
+		return TC_ACT_SHOT;
+	}
+	if (!reply)
+		ct_allow(&p);
+	__u8 verdict = (cfg->tunnel_ifindex && skb->ingress_ifindex == cfg->tunnel_ifindex)
+			       ? WM_VERDICT_FORWARDED_ENCRYPTED
+			       : WM_VERDICT_FORWARDED_PLAIN;
+	report(skb, &p, src_id, dst_id, peer_node, verdict, WM_HOOK_TO_POD);
+	return TC_ACT_OK;
+}
+
+static __always_inline int is_pod_addr(const struct wm_ipcache_val *v)
+{
+	return v && (v->flags & (WM_IPCACHE_LOCAL | WM_IPCACHE_REMOTE_POD));
+}
+
+static __always_inline int underlay(struct __sk_buff *skb, __u8 hook)
+{
+	struct pkt p;
+	if (parse_ipv4(skb, &p) < 0)
+		return TC_ACT_OK;
+	struct wm_config *cfg = config();
+	if (!cfg || cfg->mode != WM_MODE_STRICT)
+		return TC_ACT_OK;
+	struct wm_ipcache_val *src = ipcache_lookup(p.src_ip);
+	struct wm_ipcache_val *dst = ipcache_lookup(p.dst_ip);
+	if (!is_pod_addr(src) || !is_pod_addr(dst))
+		return TC_ACT_OK;
+	if (p.protocol == IPPROTO_UDP && cfg->wg_port) {
+		__be16 wg = bpf_htons(cfg->wg_port);
+		if (p.src_port == wg || p.dst_port == wg)
+			return TC_ACT_OK;
+	}
+	__be32 peer_node = (dst->flags & WM_IPCACHE_REMOTE_POD) ? dst->node_ip : src->node_ip;
+	report(skb, &p, identity_of(src), identity_of(dst), peer_node, WM_VERDICT_DROPPED_PLAINTEXT,
+	       hook);
+	return TC_ACT_SHOT;
+}
+
+SEC("classifier")
+int underlay_ingress(struct __sk_buff *skb)
+{
+	return underlay(skb, WM_HOOK_UNDERLAY_INGRESS);
+}
+
+SEC("classifier")
+int underlay_egress(struct __sk_buff *skb)
+{
+	return underlay(skb, WM_HOOK_UNDERLAY_EGRESS);
+}

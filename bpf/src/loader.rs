@@ -1,0 +1,606 @@
+//! The loader: loads the embedded object, pins its maps under the node's bpffs directory
+//! (reusing pins left by a previous run, so enforcement survives an agent restart), attaches
+//! the programs to interfaces with pinned TCX links, and exposes the maps and the flow ring.
+
+use std::{
+    ffi::CString,
+    io,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader, include_bytes_aligned,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcError, qdisc_add_clsact},
+    },
+    util::KernelVersion,
+};
+use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
+use wiremesh_policy::{Identity, IsolationKey, MapDiff, RuleKey};
+
+use crate::abi::{
+    AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
+    RuleData, lpm4_key, lpm4_net, rule_key,
+};
+use crate::sync::{MapWriter, PolicyApplied, apply_policy};
+
+/// The object built from `src/datapath.bpf.c` by build.rs.
+static DATAPATH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
+
+/// Where bpffs is normally mounted.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// `<bpffs>/wiremesh/<node>`: one directory per agent, as several agents share a host in the
+/// virtual cluster.
+pub fn node_pin_dir(bpffs: &Path, node: &str) -> PathBuf {
+    bpffs.join("wiremesh").join(node)
+}
+
+/// Loader errors, with the object (map, program, interface, path) they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pin directory could not be created or inspected.
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The pin directory is not on a bpffs.
+    #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Creating or opening the maps or parsing the object failed.
+    #[error("loading the eBPF object with maps pinned in {pin_dir}: {source}")]
+    Load {
+        /// The pin directory.
+        pin_dir: PathBuf,
+        /// The cause.
+        source: Box<aya::EbpfError>,
+    },
+    /// A program is missing from the object or was rejected (the message carries the verifier
+    /// log).
+    #[error("program {program}: {source}")]
+    Program {
+        /// The program name.
+        program: &'static str,
+        /// The cause, with the verifier output for a rejected program.
+        source: Box<ProgramError>,
+    },
+    /// A map is missing from the object.
+    #[error("map {map} missing from the eBPF object")]
+    MapMissing {
+        /// The map name.
+        map: &'static str,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {source}")]
+    Map {
+        /// The map name.
+        map: &'static str,
+        /// The cause.
+        source: Box<MapError>,
+    },
+    /// The interface does not exist in this thread's network namespace.
+    #[error("interface {iface}: {source}")]
+    Interface {
+        /// The interface name.
+        iface: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Adding the clsact qdisc failed (kernels before 6.6 only).
+    #[error("interface {iface}: adding clsact qdisc: {source}")]
+    Qdisc {
+        /// The interface name.
+        iface: String,
+        /// The cause.
+        source: Box<TcError>,
+    },
+    /// Attaching, or pinning the link, failed.
+    #[error("interface {iface}: attaching {program}: {source}")]
+    Attach {
+        /// The interface name.
+        iface: String,
+        /// The program name.
+        program: &'static str,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A map pinned by an earlier run has a different shape than this build's (an ABI change
+    /// needs a migration; remove the pin to start empty).
+    #[error(
+        "pinned map {path} has key/value/max_entries {found:?}, this build expects {expected:?}"
+    )]
+    PinnedMapMismatch {
+        /// The pin.
+        path: PathBuf,
+        /// (key size, value size, max entries) of the pinned map.
+        found: (u32, u32, u32),
+        /// (key size, value size, max entries) this build defines.
+        expected: (u32, u32, u32),
+    },
+    /// An entry cannot be expressed in the maps.
+    #[error(transparent)]
+    Abi(#[from] AbiError),
+    /// Waiting on the ring buffer failed.
+    #[error("flow ring buffer: {0}")]
+    Ring(io::Error),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |e| Error::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
+/// How [`Loader::attach`] attached a program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new TCX link, now pinned.
+    Pinned,
+    /// The program of a link pinned by an earlier run was replaced atomically.
+    ReplacedPinned,
+    /// A netlink tc filter (kernels before 6.6; it outlives the process by itself).
+    Netlink,
+}
+
+/// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
+/// them; checked against pins reused from an earlier run.
+const MAP_SHAPES: [(&str, u32, u32, u32); 9] = [
+    ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
+    ("wm_cidrs4", 8, 4, 65536),
+    ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
+    ("wm_rules", 16, 1, 262_144),
+    ("wm_config", 4, size_of::<Config>() as u32, 1),
+    ("wm_events", 0, 0, 1 << 20),
+    ("wm_flows", 20, 24, 65536),
+    ("wm_ct", size_of::<CtKey>() as u32, 8, 262_144),
+    ("wm_stats", 4, 8, 1),
+];
+
+fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
+    for (name, key, value, max) in MAP_SHAPES {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        if found != (key, value, max) {
+            return Err(Error::PinnedMapMismatch {
+                path,
+                found,
+                expected: (key, value, max),
+            });
+        }
+        debug!(map = name, "reusing pinned map");
+    }
+    Ok(())
+}
+
+/// A loaded datapath: the programs (loaded, verified) and the maps, pinned per node.
+pub struct Loader {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    maps: Maps,
+    flows: Option<FlowReader>,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Loader {
+    /// Loads the object with its maps pinned in `pin_dir` (created if missing, must be on a
+    /// bpffs). Maps already pinned there by an earlier run are reused with their entries;
+    /// every program is loaded (verified) now. Must run in the node's network namespace.
+    pub fn load(pin_dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(pin_dir.join("links")).map_err(|source| Error::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        check_bpffs(pin_dir)?;
+        check_pinned_shapes(pin_dir)?;
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(DATAPATH)
+            .map_err(|e| Error::Load {
+                pin_dir: pin_dir.to_owned(),
+                source: Box::new(e),
+            })?;
+        for hook in Hook::ALL {
+            program(&mut ebpf, hook)?
+                .load()
+                .map_err(|e| Error::Program {
+                    program: hook.program(),
+                    source: Box::new(e),
+                })?;
+        }
+        let maps = Maps::take(&mut ebpf)?;
+        let ring = take(&mut ebpf, "wm_events")?;
+        let flows = FlowReader {
+            ring: RingBuf::try_from(ring).map_err(map_err("wm_events"))?,
+        };
+        info!(pin_dir = %pin_dir.display(), "eBPF datapath loaded");
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            maps,
+            flows: Some(flows),
+        })
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The maps.
+    pub fn maps(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// The maps, read-only.
+    pub fn maps_ref(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The flow-record reader; `None` once taken.
+    pub fn take_flow_reader(&mut self) -> Option<FlowReader> {
+        self.flows.take()
+    }
+
+    /// Attaches `hook`'s program to `iface` (in this thread's network namespace). On kernels
+    /// 6.6 and later the TCX link is pinned in `<pin_dir>/links/<program>-<iface>` so the program
+    /// stays attached when this process exits; a link pinned by an earlier run is updated in
+    /// place to the new program (no gap). Older kernels get a clsact qdisc and a netlink
+    /// filter, which also outlive the process.
+    pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<Attached, Error> {
+        if_index(iface)?;
+        let name = hook.program();
+        let attach_type = match hook {
+            Hook::FromPod | Hook::UnderlayIngress => TcAttachType::Ingress,
+            Hook::ToPod | Hook::UnderlayEgress => TcAttachType::Egress,
+        };
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
+            iface: iface.to_owned(),
+            program: name,
+            source,
+        };
+        let tcx = KernelVersion::current()
+            .map(|v| v >= KernelVersion::new(6, 6, 0))
+            .unwrap_or(false);
+        let prog = program(&mut self.ebpf, hook)?;
+        if !tcx {
+            match qdisc_add_clsact(iface) {
+                Ok(()) | Err(TcError::AlreadyAttached) => {}
+                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(Error::Qdisc {
+                        iface: iface.to_owned(),
+                        source: Box::new(e),
+                    });
+                }
+            }
+            prog.attach(iface, attach_type)
+                .map_err(|e| attach_err(Box::new(e)))?;
+            info!(iface, program = name, "attached (netlink)");
+            return Ok(Attached::Netlink);
+        }
+        let pin = self.pin_dir.join("links").join(format!("{name}-{iface}"));
+        if pin.exists() {
+            match replace_pinned(prog, &pin) {
+                Ok(()) => {
+                    info!(iface, program = name, pin = %pin.display(), "replaced program in pinned link");
+                    return Ok(Attached::ReplacedPinned);
+                }
+                Err(e) => {
+                    // A link of a deleted device (or a foreign file): start over.
+                    warn!(iface, program = name, pin = %pin.display(), error = %e, "stale pinned link, re-attaching");
+                    std::fs::remove_file(&pin).map_err(|e| attach_err(Box::new(e)))?;
+                }
+            }
+        }
+        let id = prog
+            .attach(iface, attach_type)
+            .map_err(|e| attach_err(Box::new(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+        let fd = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+        fd.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
+        info!(iface, program = name, pin = %pin.display(), "attached (tcx, pinned)");
+        Ok(Attached::Pinned)
+    }
+
+    /// Detaches `hook`'s program from `iface` by removing its pinned link (TCX only). Missing
+    /// pins are not an error.
+    pub fn detach(&mut self, iface: &str, hook: Hook) -> Result<(), Error> {
+        let pin = self
+            .pin_dir
+            .join("links")
+            .join(format!("{}-{iface}", hook.program()));
+        match std::fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Attach {
+                iface: iface.to_owned(),
+                program: hook.program(),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+fn replace_pinned(
+    prog: &mut SchedClassifier,
+    pin: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let fd = FdLink::from(PinnedLink::from_pin(pin)?);
+    let link = SchedClassifierLink::try_from(fd)?;
+    let id = prog.attach_to_link(link)?;
+    // The pin keeps the link; dropping our fd must not detach it.
+    drop(prog.take_link(id)?);
+    Ok(())
+}
+
+fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Error> {
+    let name = hook.program();
+    let prog = ebpf.program_mut(name).ok_or(Error::Program {
+        program: name,
+        source: Box::new(ProgramError::UnexpectedProgramType),
+    })?;
+    prog.try_into().map_err(|e| Error::Program {
+        program: name,
+        source: Box::new(e),
+    })
+}
+
+fn take(ebpf: &mut Ebpf, map: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(map).ok_or(Error::MapMissing { map })
+}
+
+fn if_index(iface: &str) -> Result<u32, Error> {
+    let err = |source| Error::Interface {
+        iface: iface.to_owned(),
+        source,
+    };
+    let c = CString::new(iface).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: c is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(err(io::Error::last_os_error())),
+        i => Ok(i),
+    }
+}
+
+fn check_bpffs(dir: &Path) -> Result<(), Error> {
+    let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| Error::PinDir {
+        path: dir.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::PinDir {
+            path: dir.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(Error::NotBpffs {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Harmless to fail on kernels >= 5.11 (memcg accounting).
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        debug!(error = %io::Error::last_os_error(), "setrlimit(RLIMIT_MEMLOCK) failed (ignored)");
+    }
+}
+
+/// Typed handles on the pinned maps.
+pub struct Maps {
+    ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    cidrs: LpmTrie<MapData, [u8; 4], u32>,
+    isolated: HashMap<MapData, IsolationKeyRaw, u8>,
+    rules: LpmTrie<MapData, RuleData, u8>,
+    config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, u64>,
+    flows: HashMap<MapData, FlowKey, FlowState>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        Ok(Self {
+            ipcache: LpmTrie::try_from(take(ebpf, "wm_ipcache4")?)
+                .map_err(map_err("wm_ipcache4"))?,
+            cidrs: LpmTrie::try_from(take(ebpf, "wm_cidrs4")?).map_err(map_err("wm_cidrs4"))?,
+            isolated: HashMap::try_from(take(ebpf, "wm_isolated")?)
+                .map_err(map_err("wm_isolated"))?,
+            rules: LpmTrie::try_from(take(ebpf, "wm_rules")?).map_err(map_err("wm_rules"))?,
+            config: Array::try_from(take(ebpf, "wm_config")?).map_err(map_err("wm_config"))?,
+            stats: PerCpuArray::try_from(take(ebpf, "wm_stats")?).map_err(map_err("wm_stats"))?,
+            flows: HashMap::try_from(take(ebpf, "wm_flows")?).map_err(map_err("wm_flows"))?,
+        })
+    }
+
+    /// Writes the config entry.
+    pub fn set_config(&mut self, config: &Config) -> Result<(), Error> {
+        self.config.set(0, config, 0).map_err(map_err("wm_config"))
+    }
+
+    /// Reads the config entry.
+    pub fn config(&self) -> Result<Config, Error> {
+        self.config.get(&0, 0).map_err(map_err("wm_config"))
+    }
+
+    /// Flow records lost because the ring buffer was full (all CPUs, since the map was
+    /// created).
+    pub fn events_lost(&self) -> Result<u64, Error> {
+        let per_cpu = self.stats.get(&0, 0).map_err(map_err("wm_stats"))?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// The packets and bytes of each tracked flow not yet written as a record (a flow reports
+    /// again only when it sees a packet a second or more after its last record; read this to
+    /// account for flows that went idle).
+    pub fn flow_backlog(&self) -> Result<Vec<(FlowKey, FlowState)>, Error> {
+        self.flows
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("wm_flows"))
+    }
+
+    /// Inserts or overwrites an ipcache prefix.
+    pub fn upsert_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
+        self.ipcache
+            .insert(&lpm4_key(net), value, 0)
+            .map_err(map_err("wm_ipcache4"))
+    }
+
+    /// Deletes an ipcache prefix; a missing entry is not an error.
+    pub fn remove_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
+        ignore_missing(self.ipcache.remove(&lpm4_key(net)), "wm_ipcache4")
+    }
+
+    /// All ipcache entries.
+    pub fn ipcache_entries(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>, Error> {
+        let mut out = Vec::new();
+        for item in self.ipcache.iter() {
+            let (k, v) = item.map_err(map_err("wm_ipcache4"))?;
+            if let Some(net) = lpm4_net(&k) {
+                out.push((net, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of entries in the isolated and rules maps.
+    pub fn policy_counts(&self) -> (usize, usize) {
+        (self.isolated.keys().count(), self.rules.keys().count())
+    }
+
+    /// Applies a policy diff (see [`apply_policy`]).
+    pub fn apply_policy(
+        &mut self,
+        diff: &MapDiff,
+        place: impl Fn(Ipv4Addr, Identity) -> IpcacheValue,
+    ) -> Result<PolicyApplied, Error> {
+        apply_policy(self, diff, place)
+    }
+}
+
+impl MapWriter for Maps {
+    fn set_config(&mut self, config: &Config) -> Result<(), Error> {
+        Maps::set_config(self, config)
+    }
+    fn put_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
+        self.upsert_ipcache(net, value)
+    }
+    fn del_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
+        self.remove_ipcache(net)
+    }
+    fn put_cidr(&mut self, net: Ipv4Net, identity: u32) -> Result<(), Error> {
+        self.cidrs
+            .insert(&lpm4_key(net), identity, 0)
+            .map_err(map_err("wm_cidrs4"))
+    }
+    fn del_cidr(&mut self, net: Ipv4Net) -> Result<(), Error> {
+        ignore_missing(self.cidrs.remove(&lpm4_key(net)), "wm_cidrs4")
+    }
+    fn put_isolated(&mut self, key: &IsolationKey) -> Result<(), Error> {
+        self.isolated
+            .insert(IsolationKeyRaw::from(key), 1, 0)
+            .map_err(map_err("wm_isolated"))
+    }
+    fn del_isolated(&mut self, key: &IsolationKey) -> Result<(), Error> {
+        ignore_missing(
+            self.isolated.remove(&IsolationKeyRaw::from(key)),
+            "wm_isolated",
+        )
+    }
+    fn put_rule(&mut self, key: &RuleKey) -> Result<(), Error> {
+        self.rules
+            .insert(&rule_key(key), 1, 0)
+            .map_err(map_err("wm_rules"))
+    }
+    fn del_rule(&mut self, key: &RuleKey) -> Result<(), Error> {
+        ignore_missing(self.rules.remove(&rule_key(key)), "wm_rules")
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), Error> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(map_err(map)(e)),
+    }
+}
+
+/// Reads flow records from the ring buffer.
+pub struct FlowReader {
+    ring: RingBuf<MapData>,
+}
+
+impl FlowReader {
+    /// Returns the records available now, or waits up to `timeout` for the first one (an
+    /// empty vector when none arrived). Records of an unexpected size are skipped.
+    pub fn read(&mut self, timeout: Duration) -> Result<Vec<FlowEvent>, Error> {
+        let mut out = self.drain();
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(Error::Ring(e));
+            }
+        }
+        out = self.drain();
+        Ok(out)
+    }
+
+    fn drain(&mut self) -> Vec<FlowEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            match FlowEvent::from_bytes(&item) {
+                Some(e) => out.push(e),
+                None => warn!(len = item.len(), "flow record of unexpected size"),
+            }
+        }
+        out
+    }
+}

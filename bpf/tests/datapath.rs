@@ -1,0 +1,598 @@
+//! Privileged datapath tests (root): real namespaces, veths, a TUN tunnel and a private bpffs;
+//! the programs are loaded and attached with the crate's loader and driven with real traffic.
+
+#[path = "datapath/harness.rs"]
+mod harness;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use harness::{
+    PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, ifindex, in_ns, root_or_skip, run, wait_event,
+};
+use ipnet::Ipv4Net;
+use wiremesh_bpf::{Attached, Config, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags};
+use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: t}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: t, labels: {app: a}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: 10.201.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: t, labels: {app: b}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: 10.201.2.2}
+"#;
+
+/// b is isolated for ingress with no rules.
+const DENY_B: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-b, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress]
+"#;
+
+/// Both pods isolated both ways; only a -> b tcp/8080 is allowed (replies need conntrack).
+const ALLOW_A_TO_B_8080: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-in, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: TCP, port: 8080}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-out, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress, Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 8080}]
+"#;
+
+fn compiled(policies: &str) -> Compiled {
+    let c = compile(&load_manifest(&format!("{PODS}{policies}")).expect("manifest"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    c
+}
+
+fn local(_: Ipv4Addr, id: Identity) -> IpcacheValue {
+    IpcacheValue::new(id.0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL)
+}
+
+fn load(t: &Topo, hooks: Vec<(String, Hook)>) -> Loader {
+    load_expect(t, hooks, Attached::Pinned)
+}
+
+fn load_expect(t: &Topo, hooks: Vec<(String, Hook)>, how: Attached) -> Loader {
+    let pin = t.pin_dir();
+    in_ns(&t.node, move || {
+        let mut l = Loader::load(&pin).expect("load");
+        for (iface, hook) in hooks {
+            let got = l.attach(&iface, hook).expect("attach");
+            assert_eq!(got, how, "{iface} {hook:?}");
+        }
+        l
+    })
+}
+
+fn pod_hooks(t: &Topo) -> Vec<(String, Hook)> {
+    let mut v = Vec::new();
+    for h in [&t.host_a, &t.host_b] {
+        v.push((h.clone(), Hook::FromPod));
+        v.push((h.clone(), Hook::ToPod));
+    }
+    v
+}
+
+fn listen(ns: &str, port: u16) -> TcpListener {
+    in_ns(ns, move || {
+        TcpListener::bind(("0.0.0.0", port)).expect("bind")
+    })
+}
+
+fn connect(ns: &str, dst: Ipv4Addr, port: u16) -> bool {
+    in_ns(ns, move || {
+        TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_millis(700))
+            .is_ok()
+    })
+}
+
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Packets of the flows from source port `sport` seen by `hook`: the records read so far (kept
+/// in `seen` across calls) plus those flows' backlog in the map.
+fn flows_of(
+    reader: &mut wiremesh_bpf::FlowReader,
+    seen: &mut Vec<wiremesh_bpf::FlowEvent>,
+    loader: &Loader,
+    sport: u16,
+    hook: Hook,
+) -> u64 {
+    seen.extend(reader.read(Duration::from_millis(50)).expect("read"));
+    let reported: u64 = seen
+        .iter()
+        .filter(|e| e.sport() == sport && e.hook() == Some(hook))
+        .map(|e| e.packets)
+        .sum();
+    let backlog: u64 = loader
+        .maps_ref()
+        .flow_backlog()
+        .expect("flows")
+        .iter()
+        .filter(|(k, _)| u16::from_be_bytes(k.src_port) == sport && k.hook == hook as u8)
+        .map(|(_, s)| s.packets)
+        .sum();
+    reported + backlog
+}
+
+fn udp_socket(ns: &str, bind: SocketAddrV4) -> UdpSocket {
+    in_ns(ns, move || {
+        let s = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+        s.set_read_timeout(Some(Duration::from_millis(150)))
+            .expect("timeout");
+        s
+    })
+}
+
+/// Sends from `from` to `to` until `rx` receives a datagram or `timeout` passes.
+fn udp_delivered(from: &UdpSocket, to: SocketAddrV4, rx: &UdpSocket, timeout: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    eventually(timeout, || {
+        from.send_to(b"wiremesh", to).expect("send");
+        rx.recv_from(&mut buf).is_ok()
+    })
+}
+
+#[test]
+fn policy_drops_with_isolation_and_passes_with_allow_rule() {
+    if !root_or_skip("policy") {
+        return;
+    }
+    let t = Topo::new();
+    let mut loader = load(&t, pod_hooks(&t));
+    let maps = loader.maps();
+    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
+        .expect("config");
+    let none = compiled("");
+    maps.apply_policy(&none.diff(&Compiled::default()), local)
+        .expect("endpoints");
+    let mut flows = loader.take_flow_reader().expect("reader");
+    let _l80 = listen(&t.pod_b, 8080);
+    let _l81 = listen(&t.pod_b, 8081);
+
+    // Without policy the path works (so a later failure is the policy's doing).
+    assert!(
+        eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+        "a -> b tcp/8080 without policy"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::ForwardedLocal) && e.dst() == POD_B && e.dport() == 8080
+    })
+    .expect("forwarded-local record");
+    assert_eq!(e.src(), POD_A);
+    assert_eq!(e.src_identity, none.endpoints[&POD_A.into()].0);
+    assert_eq!(e.dst_identity, none.endpoints[&POD_B.into()].0);
+    assert_eq!(e.protocol, 6);
+
+    let deny = compiled(DENY_B);
+    let applied = loader
+        .maps()
+        .apply_policy(&deny.diff(&none), local)
+        .expect("deny");
+    assert_eq!(applied.written, 1, "one isolation entry, no rules");
+    assert!(
+        !connect(&t.pod_a, POD_B, 8080),
+        "isolated b must drop tcp/8080"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy) && e.dst() == POD_B && e.dport() == 8080
+    })
+    .expect("dropped-policy record");
+    assert_eq!(e.src(), POD_A);
+    assert_eq!(e.hook(), Some(Hook::FromPod));
+    assert!(e.packets >= 1 && e.bytes >= 40, "{e:?}");
+
+    let allow = compiled(ALLOW_A_TO_B_8080);
+    loader
+        .maps()
+        .apply_policy(&allow.diff(&deny), local)
+        .expect("allow");
+    assert!(
+        eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+        "allowed a -> b tcp/8080 (replies through conntrack)"
+    );
+    assert!(!connect(&t.pod_a, POD_B, 8081), "tcp/8081 is not allowed");
+    assert!(!connect(&t.pod_b, POD_A, 8080), "b -> a is not allowed");
+    wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy) && e.dst() == POD_B && e.dport() == 8081
+    })
+    .expect("dropped-policy record for 8081");
+    assert_eq!(loader.maps().events_lost().expect("stats"), 0);
+}
+
+#[test]
+fn remote_pod_is_redirected_into_the_tunnel() {
+    if !root_or_skip("redirect") {
+        return;
+    }
+    let t = Topo::new();
+    let tun_name = format!("wt{}", &t.host_a[2..]);
+    let tn = tun_name.clone();
+    let (tun, tun_index) = in_ns(&t.node, move || {
+        let tun = Tun::create(&tn);
+        (tun, ifindex(&tn))
+    });
+    run(&["ip", "-n", &t.node, "link", "set", &tun_name, "up"]);
+    let mut loader = load(&t, pod_hooks(&t));
+    let mut flows = loader.take_flow_reader().expect("reader");
+    let maps = loader.maps();
+    maps.set_config(&Config::new(tun_index, Mode::Permissive, 1, 0))
+        .expect("config");
+    maps.upsert_ipcache(Ipv4Net::from(POD_A), local(POD_A, Identity(256)))
+        .expect("ipcache");
+    let remote = IpcacheValue::new(
+        300,
+        2,
+        PEER_NODE,
+        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
+    );
+    let range: Ipv4Net = "10.201.9.0/24".parse().expect("net");
+    maps.upsert_ipcache(range, remote).expect("ipcache");
+
+    let tx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 5555));
+    let dst = SocketAddrV4::new(REMOTE_POD, 5555);
+    let seen = eventually(Duration::from_secs(5), || {
+        tx.send_to(b"to-remote", dst).expect("send");
+        tun.wait_packet(Duration::from_millis(200), |p| {
+            p.len() >= 28
+                && p[0] >> 4 == 4
+                && p[9] == 17
+                && p[16..20] == REMOTE_POD.octets()
+                && p[22..24] == 5555u16.to_be_bytes()
+        })
+    });
+    assert!(seen, "the tunnel device never saw the pod's packet");
+    let mut buf = [0u8; 64];
+    assert!(
+        peer_rx.recv_from(&mut buf).is_err(),
+        "redirected traffic must not also go out on the underlay"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::ForwardedEncrypted) && e.dst() == REMOTE_POD
+    })
+    .expect("forwarded-encrypted record");
+    assert_eq!(e.peer_node(), Some(PEER_NODE));
+    assert_eq!((e.src_identity, e.dst_identity), (256, 300));
+
+    // Without the encrypt flag: permissive passes in plaintext over the underlay ...
+    let plain = IpcacheValue::new(300, 2, PEER_NODE, ipcache_flags::REMOTE_POD);
+    loader.maps().upsert_ipcache(range, plain).expect("ipcache");
+    assert!(
+        udp_delivered(&tx, dst, &peer_rx, Duration::from_secs(5)),
+        "permissive: plaintext reaches the peer"
+    );
+    // ... and strict drops it at the pod.
+    loader
+        .maps()
+        .set_config(&Config::new(tun_index, Mode::Strict, 1, 0))
+        .expect("config");
+    while peer_rx.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&tx, dst, &peer_rx, Duration::from_secs(1)),
+        "strict: plaintext must not reach the peer"
+    );
+    wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPlaintext) && e.hook() == Some(Hook::FromPod)
+    })
+    .expect("dropped-plaintext record from from_pod");
+}
+
+#[test]
+fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
+    if !root_or_skip("strict underlay") {
+        return;
+    }
+    let t = Topo::new();
+    let mut loader = load(
+        &t,
+        vec![
+            (t.underlay.clone(), Hook::UnderlayIngress),
+            (t.underlay.clone(), Hook::UnderlayEgress),
+        ],
+    );
+    let mut flows = loader.take_flow_reader().expect("reader");
+    let maps = loader.maps();
+    maps.set_config(&Config::new(0, Mode::Strict, 1, 51820))
+        .expect("config");
+    let local_range: Ipv4Net = "10.201.1.0/24".parse().expect("net");
+    maps.upsert_ipcache(
+        local_range,
+        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
+    )
+    .expect("ipcache");
+    maps.upsert_ipcache(
+        "10.201.9.0/24".parse().expect("net"),
+        IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
+    )
+    .expect("ipcache");
+
+    // Ingress: remote pod -> local pod.
+    let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
+    let to_pod = SocketAddrV4::new(POD_A, 7777);
+    let remote_plain = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 40000));
+    assert!(
+        !udp_delivered(&remote_plain, to_pod, &pod_rx, Duration::from_secs(1)),
+        "strict: plaintext pod traffic must be dropped on underlay ingress"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPlaintext) && e.hook() == Some(Hook::UnderlayIngress)
+    })
+    .expect("dropped-plaintext record (ingress)");
+    assert_eq!((e.src(), e.dst(), e.dport()), (REMOTE_POD, POD_A, 7777));
+    assert_eq!(e.peer_node(), Some(PEER_NODE));
+    // Accounting: records plus the not-yet-reported backlog add up to every packet sent.
+    let mut seen = Vec::new();
+    let before = flows_of(&mut flows, &mut seen, &loader, 40000, Hook::UnderlayIngress);
+    for _ in 0..5 {
+        remote_plain.send_to(b"count", to_pod).expect("send");
+    }
+    let mut last = 0;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            last = flows_of(&mut flows, &mut seen, &loader, 40000, Hook::UnderlayIngress);
+            last == before + 5
+        }),
+        "5 dropped packets: records + backlog went from {before} to {last}"
+    );
+    let remote_wg = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 51820));
+    assert!(
+        udp_delivered(&remote_wg, to_pod, &pod_rx, Duration::from_secs(5)),
+        "UDP from the WireGuard port passes"
+    );
+
+    // Egress: local pod address -> remote pod.
+    let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
+    let to_remote = SocketAddrV4::new(REMOTE_POD, 7777);
+    let gw = Ipv4Addr::new(10, 201, 1, 1);
+    let node_plain = udp_socket(&t.node, SocketAddrV4::new(gw, 40001));
+    assert!(
+        !udp_delivered(&node_plain, to_remote, &peer_rx, Duration::from_secs(1)),
+        "strict: plaintext pod traffic must be dropped on underlay egress"
+    );
+    wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPlaintext)
+            && e.hook() == Some(Hook::UnderlayEgress)
+            && e.dst() == REMOTE_POD
+    })
+    .expect("dropped-plaintext record (egress)");
+    let node_wg = udp_socket(&t.node, SocketAddrV4::new(gw, 51820));
+    assert!(
+        udp_delivered(&node_wg, to_remote, &peer_rx, Duration::from_secs(5)),
+        "UDP from the WireGuard port passes on egress"
+    );
+
+    // Permissive lets the same plaintext through: the drop above was strict mode's.
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
+        .expect("config");
+    assert!(
+        udp_delivered(&node_plain, to_remote, &peer_rx, Duration::from_secs(5)),
+        "permissive: plaintext passes"
+    );
+}
+
+#[test]
+fn pinned_maps_and_links_survive_the_loader() {
+    if !root_or_skip("pinning") {
+        return;
+    }
+    let t = Topo::new();
+    let _l = listen(&t.pod_b, 8080);
+    let none = compiled("");
+    let deny = compiled(DENY_B);
+    {
+        let mut first = load(&t, pod_hooks(&t));
+        first
+            .maps()
+            .set_config(&Config::new(0, Mode::Permissive, 1, 0))
+            .expect("config");
+        first
+            .maps()
+            .apply_policy(&none.diff(&Compiled::default()), local)
+            .expect("endpoints");
+        assert!(
+            eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+            "a -> b without policy"
+        );
+        first
+            .maps()
+            .apply_policy(&deny.diff(&none), local)
+            .expect("deny");
+        assert!(!connect(&t.pod_a, POD_B, 8080), "deny while loaded");
+    }
+    // The loader is gone; programs (pinned links) and maps (pinned) still enforce.
+    assert!(
+        !connect(&t.pod_a, POD_B, 8080),
+        "deny must hold with no loader alive"
+    );
+    let links = t.pin_dir().join("links");
+    assert!(links.join(format!("from_pod-{}", t.host_a)).exists());
+
+    // A second loader reuses the maps and swaps its programs into the pinned links.
+    let mut second = load_expect(&t, pod_hooks(&t), Attached::ReplacedPinned);
+    let maps = second.maps();
+    let entries = maps.ipcache_entries().expect("ipcache");
+    for ip in [POD_A, POD_B] {
+        let (_, v) = entries
+            .iter()
+            .find(|(n, _)| *n == Ipv4Net::from(ip))
+            .unwrap_or_else(|| panic!("{ip} missing after reload: {entries:?}"));
+        assert_eq!(v.identity, deny.endpoints[&ip.into()].0);
+    }
+    assert_eq!(
+        maps.policy_counts(),
+        (deny.isolated.len(), deny.rules.len())
+    );
+    assert_eq!(maps.config().expect("config").mode, Mode::Permissive as u32);
+    assert!(!connect(&t.pod_a, POD_B, 8080), "deny after re-attach");
+    let allow = compiled(ALLOW_A_TO_B_8080);
+    maps.apply_policy(&allow.diff(&deny), local).expect("allow");
+    assert!(
+        eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+        "the reloaded loader's maps drive the attached programs"
+    );
+
+    // A device deleted and recreated under the same name leaves a defunct pinned link: the
+    // loader notices and attaches afresh.
+    let dev = format!("wd{}", &t.host_a[2..]);
+    let peer = format!("wp{}", &t.host_a[2..]);
+    run(&[
+        "ip", "-n", &t.node, "link", "add", &dev, "type", "veth", "peer", "name", &peer,
+    ]);
+    let (d1, d2) = (dev.clone(), dev.clone());
+    let mut second = in_ns(&t.node, move || {
+        assert_eq!(
+            second.attach(&d1, Hook::UnderlayIngress).expect("attach"),
+            Attached::Pinned
+        );
+        second
+    });
+    run(&["ip", "-n", &t.node, "link", "del", &dev]);
+    run(&[
+        "ip", "-n", &t.node, "link", "add", &dev, "type", "veth", "peer", "name", &peer,
+    ]);
+    let got = in_ns(&t.node, move || {
+        second.attach(&d2, Hook::UnderlayIngress).expect("attach")
+    });
+    assert_eq!(
+        got,
+        Attached::Pinned,
+        "a stale pinned link is replaced by a new one"
+    );
+}
+
+/// A remote pod `r` (10.201.9.5, app=r, on the peer node) and pod b, whose ingress allows only
+/// udp/7777 from r.
+const REMOTE_TO_B: &str = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: r, namespace: t, labels: {app: r}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: 10.201.9.5}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-r, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: r}}}]
+    ports: [{protocol: UDP, port: 7777}]
+"#;
+
+#[test]
+fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
+    if !root_or_skip("to_pod ingress") {
+        return;
+    }
+    let t = Topo::new();
+    let mut loader = load(&t, pod_hooks(&t));
+    let mut flows = loader.take_flow_reader().expect("reader");
+    let place = |ip: Ipv4Addr, id: Identity| {
+        if ip == REMOTE_POD {
+            IpcacheValue::new(id.0, 2, PEER_NODE, ipcache_flags::REMOTE_POD)
+        } else {
+            local(ip, id)
+        }
+    };
+    let maps = loader.maps();
+    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
+        .expect("config");
+    let policy = compiled(REMOTE_TO_B);
+    maps.apply_policy(&policy.diff(&Compiled::default()), place)
+        .expect("policy");
+    let remote_id = policy.endpoints[&REMOTE_POD.into()].0;
+    let entries = maps.ipcache_entries().expect("ipcache");
+    assert!(entries.iter().any(|(n, v)| *n == Ipv4Net::from(REMOTE_POD)
+        && v.flags == ipcache_flags::REMOTE_POD
+        && v.node_ip == PEER_NODE.octets()));
+
+    let rx7777 = udp_socket(&t.pod_b, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
+    let rx7778 = udp_socket(&t.pod_b, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7778));
+    let tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 0));
+    assert!(
+        udp_delivered(
+            &tx,
+            SocketAddrV4::new(POD_B, 7777),
+            &rx7777,
+            Duration::from_secs(5)
+        ),
+        "r -> b udp/7777 is allowed"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.hook() == Some(Hook::ToPod) && e.dport() == 7777
+    })
+    .expect("to_pod record");
+    assert_eq!(e.verdict(), Some(Verdict::ForwardedPlain), "{e:?}");
+    assert_eq!(
+        (e.src_identity, e.peer_node()),
+        (remote_id, Some(PEER_NODE))
+    );
+    assert!(
+        !udp_delivered(
+            &tx,
+            SocketAddrV4::new(POD_B, 7778),
+            &rx7778,
+            Duration::from_secs(1)
+        ),
+        "r -> b udp/7778 is not allowed"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy) && e.dport() == 7778
+    })
+    .expect("dropped-policy record from to_pod");
+    assert_eq!(e.hook(), Some(Hook::ToPod));
+    assert_eq!((e.src(), e.dst()), (REMOTE_POD, POD_B));
+}
+
+#[test]
+fn load_outside_bpffs_fails_with_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let err = Loader::load(tmp.path()).expect_err("a tmpfs is not a bpffs");
+    assert!(
+        matches!(err, wiremesh_bpf::Error::NotBpffs { .. }),
+        "unexpected error: {err}"
+    );
+    assert!(err.to_string().contains("mount -t bpf"), "{err}");
+}

@@ -1,0 +1,339 @@
+//! Test harness: network namespaces ("node", "pods", an underlay peer) joined by veths, a
+//! private bpffs for pins, a TUN "tunnel", and helpers to run code inside a namespace. Every
+//! name carries the PID and a counter; everything is removed on drop.
+
+use std::{
+    fs::File,
+    io::Read,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use wiremesh_bpf::{FlowEvent, FlowReader};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Whether privileged tests can run; panics under CI without root.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "privileged test {test} run without root under CI"
+    );
+    eprintln!("SKIPPED {test}: needs root (netns, bpf)");
+    false
+}
+
+/// Runs a command, panicking with its output on failure.
+pub fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a new thread that has joined namespace `ns` and returns its result.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: a valid netns fd; only this thread moves.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// A node namespace with two pod namespaces behind veths and an underlay peer namespace.
+///
+/// - pod A: 10.201.1.2/24 on `eth0`, gateway 10.201.1.1 (`host_a` in the node)
+/// - pod B: 10.201.2.2/24, gateway 10.201.2.1 (`host_b`)
+/// - underlay: node `underlay` 192.168.77.1/24 <-> peer namespace 192.168.77.2/24, the peer
+///   also owns the "remote pod" 10.201.9.5; the node routes 10.201.9.0/24 via the peer.
+pub struct Topo {
+    pub node: String,
+    pub pod_a: String,
+    pub pod_b: String,
+    pub peer: String,
+    pub host_a: String,
+    pub host_b: String,
+    pub underlay: String,
+    pub bpffs: Bpffs,
+}
+
+pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 2);
+pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 201, 2, 2);
+pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 201, 9, 5);
+pub const PEER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+
+impl Topo {
+    pub fn new() -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}{n}", std::process::id());
+        let t = Topo {
+            node: format!("wmb-{id}-node"),
+            pod_a: format!("wmb-{id}-a"),
+            pod_b: format!("wmb-{id}-b"),
+            peer: format!("wmb-{id}-peer"),
+            host_a: format!("wa{id}"),
+            host_b: format!("wb{id}"),
+            underlay: format!("wu{id}"),
+            bpffs: Bpffs::new(&id),
+        };
+        for ns in [&t.node, &t.pod_a, &t.pod_b, &t.peer] {
+            run(&["ip", "netns", "add", ns]);
+        }
+        let node = t.node.as_str();
+        for (ns, host, addr, gw) in [
+            (&t.pod_a, &t.host_a, "10.201.1.2/24", "10.201.1.1"),
+            (&t.pod_b, &t.host_b, "10.201.2.2/24", "10.201.2.1"),
+        ] {
+            run(&[
+                "ip", "-n", node, "link", "add", host, "type", "veth", "peer", "name", "eth0",
+                "netns", ns,
+            ]);
+            run(&["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"]);
+            run(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            run(&["ip", "-n", ns, "route", "add", "default", "via", gw]);
+            run(&[
+                "ip",
+                "-n",
+                node,
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                host,
+            ]);
+            run(&["ip", "-n", node, "link", "set", host, "up"]);
+        }
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "link",
+            "add",
+            &t.underlay,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &t.peer,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "addr",
+            "add",
+            "192.168.77.1/24",
+            "dev",
+            &t.underlay,
+        ]);
+        run(&["ip", "-n", node, "link", "set", &t.underlay, "up"]);
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "route",
+            "add",
+            "10.201.9.0/24",
+            "via",
+            "192.168.77.2",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &t.peer,
+            "addr",
+            "add",
+            "192.168.77.2/24",
+            "dev",
+            "eth0",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &t.peer,
+            "addr",
+            "add",
+            "10.201.9.5/32",
+            "dev",
+            "lo",
+        ]);
+        run(&["ip", "-n", &t.peer, "link", "set", "eth0", "up"]);
+        run(&["ip", "-n", &t.peer, "link", "set", "lo", "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &t.peer,
+            "route",
+            "add",
+            "10.201.0.0/16",
+            "via",
+            "192.168.77.1",
+        ]);
+        for k in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ] {
+            run(&["ip", "netns", "exec", node, "sysctl", "-qw", k]);
+        }
+        t
+    }
+
+    /// The per-node pin directory on this test's bpffs.
+    pub fn pin_dir(&self) -> PathBuf {
+        wiremesh_bpf::node_pin_dir(&self.bpffs.dir, "node-1")
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for ns in [&self.pod_a, &self.pod_b, &self.peer, &self.node] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A private bpffs mounted on a temporary directory (unmounted on drop).
+pub struct Bpffs {
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Bpffs {
+    fn new(id: &str) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("wmb-bpffs-{id}-"))
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().to_owned();
+        run(&[
+            "mount",
+            "-t",
+            "bpf",
+            "bpf",
+            dir.to_str().expect("utf-8 path"),
+        ]);
+        Bpffs { dir, _tmp: tmp }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// Reads flow records until one satisfies `pred` or `timeout` passes.
+pub fn wait_event(
+    reader: &mut FlowReader,
+    timeout: Duration,
+    pred: impl Fn(&FlowEvent) -> bool,
+) -> Option<FlowEvent> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        for e in reader
+            .read(left.min(Duration::from_millis(200)))
+            .expect("ring read")
+        {
+            if pred(&e) {
+                return Some(e);
+            }
+            seen.push(e);
+        }
+    }
+    eprintln!("events seen without a match: {seen:#?}");
+    None
+}
+
+/// A TUN device (IFF_TUN | IFF_NO_PI) created in the calling thread's namespace.
+pub struct Tun {
+    fd: OwnedFd,
+}
+
+impl Tun {
+    pub fn create(name: &str) -> Self {
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        let path = c"/dev/net/tun";
+        // SAFETY: valid path; we own the returned fd.
+        let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK) };
+        assert!(
+            raw >= 0,
+            "open /dev/net/tun: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: raw is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: zeroed ifreq is valid; the name fits (checked below).
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        assert!(name.len() < libc::IFNAMSIZ);
+        for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF takes a pointer to an ifreq.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut ifr) };
+        assert_eq!(
+            r,
+            0,
+            "TUNSETIFF {name}: {}",
+            std::io::Error::last_os_error()
+        );
+        Tun { fd }
+    }
+
+    /// Reads packets until one satisfies `pred` or `timeout` passes.
+    pub fn wait_packet(&self, timeout: Duration, pred: impl Fn(&[u8]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut file = File::from(self.fd.try_clone().expect("dup tun fd"));
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            match file.read(&mut buf) {
+                Ok(n) if pred(&buf[..n]) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut pfd = libc::pollfd {
+                        fd: self.fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, 100) };
+                }
+                Err(e) => panic!("reading tun: {e}"),
+            }
+        }
+        false
+    }
+}
+
+/// The ifindex of `iface` in the calling thread's namespace.
+pub fn ifindex(iface: &str) -> u32 {
+    let c = std::ffi::CString::new(iface).expect("name");
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {iface}");
+    i
+}
