@@ -11,6 +11,7 @@
 //! interface does (the agent through rtnetlink, an operator with ip(8)).
 
 mod allowed_ips;
+mod gro;
 mod io;
 mod state;
 mod timers;

@@ -14,11 +14,12 @@ use boringtun::noise::{
     Packet, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon,
 };
 use quinn_udp::{RecvMeta, UdpSockRef};
-use tun_rs::{ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 use wiremesh_keyexchange::PublicKey;
 
 use super::{
     Shared,
+    gro::TunCoalescer,
     io::{UdpEndpoint, canonical},
     state::{DeviceState, Peer},
 };
@@ -35,59 +36,6 @@ const MAX_GSO_BYTES: usize = 65000;
 const TUN_BURST: usize = 8;
 /// UDP batches per wake-up before the worker looks at the TUN side again.
 const UDP_BURST: usize = 8;
-
-/// A packet buffer for `send_multiple`: fixed storage, variable length, never reallocated in
-/// steady state (GRO merges grow the first buffer of a flow in place).
-pub(crate) struct PktBuf {
-    data: Vec<u8>,
-    len: usize,
-}
-
-impl PktBuf {
-    fn new(capacity: usize) -> Self {
-        Self {
-            data: vec![0; capacity],
-            len: 0,
-        }
-    }
-}
-
-impl AsRef<[u8]> for PktBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.data[..self.len]
-    }
-}
-
-impl AsMut<[u8]> for PktBuf {
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
-    }
-}
-
-impl ExpandBuffer for PktBuf {
-    fn buf_capacity(&self) -> usize {
-        self.data.len()
-    }
-
-    fn buf_resize(&mut self, new_len: usize, value: u8) {
-        if new_len > self.data.len() {
-            self.data.resize(new_len, value);
-        }
-        if new_len > self.len {
-            self.data[self.len..new_len].fill(value);
-        }
-        self.len = new_len;
-    }
-
-    fn buf_extend_from_slice(&mut self, src: &[u8]) {
-        let end = self.len + src.len();
-        if end > self.data.len() {
-            self.data.resize(end, 0);
-        }
-        self.data[self.len..end].copy_from_slice(src);
-        self.len = end;
-    }
-}
 
 /// One encrypted datagram staged in `tx_buf`.
 #[derive(Clone, Copy)]
@@ -257,9 +205,7 @@ pub(crate) struct UdpWorker {
     index: usize,
     rx_bufs: Vec<Vec<u8>>,
     rx_meta: Vec<RecvMeta>,
-    tun_out: Vec<PktBuf>,
-    tun_out_n: usize,
-    gro: GROTable,
+    gro: TunCoalescer,
     scratch: Vec<u8>,
 }
 
@@ -271,11 +217,7 @@ impl UdpWorker {
             index,
             rx_bufs: (0..RX_BUFS).map(|_| vec![0; MAX_FRAME]).collect(),
             rx_meta: vec![RecvMeta::default(); RX_BUFS],
-            tun_out: (0..IDEAL_BATCH_SIZE)
-                .map(|_| PktBuf::new(VIRTIO_NET_HDR_LEN + MAX_FRAME))
-                .collect(),
-            tun_out_n: 0,
-            gro: GROTable::default(),
+            gro: TunCoalescer::new(),
             scratch: vec![0; 2048],
         }
     }
@@ -329,13 +271,18 @@ impl UdpWorker {
             let mut off = 0;
             while off < meta.len {
                 let end = (off + stride).min(meta.len);
-                if self.tun_out_n == self.tun_out.len() {
-                    self.flush_tun();
-                }
                 let datagram = &self.rx_bufs[i][off..end];
-                let slot = &mut self.tun_out[self.tun_out_n];
-                if handle_datagram(&shared, &state, &tx, src, datagram, slot, &mut self.scratch) {
-                    self.tun_out_n += 1;
+                let data = datagram.first() == Some(&MSG_DATA);
+                let dst = self.gro.dst(datagram.len(), data);
+                match handle_datagram(&shared, &state, &tx, src, datagram, dst, &mut self.scratch) {
+                    Some(len) => {
+                        let tun = &self.tun;
+                        let mut out = |f: &[u8]| tun.send(f).map(drop);
+                        if let Err(e) = self.gro.commit(len, &mut out) {
+                            self.tun_write_failed(&e);
+                        }
+                    }
+                    None => self.gro.abort(),
                 }
                 off = end;
             }
@@ -345,24 +292,18 @@ impl UdpWorker {
     }
 
     fn flush_tun(&mut self) {
-        if self.tun_out_n == 0 {
-            return;
+        let tun = &self.tun;
+        if let Err(e) = self.gro.flush(&mut |f: &[u8]| tun.send(f).map(drop)) {
+            self.tun_write_failed(&e);
         }
-        let n = self.tun_out_n;
-        if let Err(e) =
-            self.tun
-                .send_multiple(&mut self.gro, &mut self.tun_out[..n], VIRTIO_NET_HDR_LEN)
-        {
-            self.shared
-                .counters
-                .tun_write_errors
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(ifname = %self.shared.ifname, error = %e, "TUN write failed");
-        }
-        for buf in &mut self.tun_out[..n] {
-            buf.len = 0;
-        }
-        self.tun_out_n = 0;
+    }
+
+    fn tun_write_failed(&self, e: &io::Error) {
+        self.shared
+            .counters
+            .tun_write_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(ifname = %self.shared.ifname, error = %e, "TUN write failed");
     }
 }
 
@@ -534,25 +475,25 @@ const MSG_RESPONSE: u8 = 2;
 const MSG_COOKIE: u8 = 3;
 const MSG_DATA: u8 = 4;
 
-/// Handles one received datagram. Returns true when a decrypted packet was left in `slot`
-/// for the TUN.
+/// Handles one received datagram. Returns the length of the decrypted packet left at the
+/// start of `dst` for the TUN, if any.
 pub(crate) fn handle_datagram(
     shared: &Shared,
     state: &DeviceState,
     tx: &TxCtx<'_>,
     src: SocketAddr,
     datagram: &[u8],
-    slot: &mut PktBuf,
+    dst: &mut [u8],
     scratch: &mut [u8],
-) -> bool {
+) -> Option<usize> {
     let counters = &shared.counters;
     if datagram.len() < 4 || datagram[1..4] != [0, 0, 0] {
         counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-        return false;
+        return None;
     }
     let Some(identity) = &state.identity else {
         counters.rx_no_key.fetch_add(1, Ordering::Relaxed);
-        return false;
+        return None;
     };
     let peer = match datagram[0] {
         MSG_DATA | MSG_RESPONSE | MSG_COOKIE => {
@@ -563,7 +504,7 @@ pub(crate) fn handle_datagram(
             };
             if datagram.len() < min || (datagram[0] != MSG_DATA && datagram.len() != min) {
                 counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             }
             // Responses carry (sender, receiver); data and cookie replies only a receiver.
             let at = if datagram[0] == MSG_RESPONSE { 8 } else { 4 };
@@ -577,14 +518,14 @@ pub(crate) fn handle_datagram(
                 Some(p) => p,
                 None => {
                     counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
             }
         }
         MSG_INIT => {
             if datagram.len() != 148 {
                 counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             }
             // Cheap checks first (mac1, load -> cookie), only then the Diffie-Hellman.
             let half = match identity
@@ -596,25 +537,25 @@ pub(crate) fn handle_datagram(
                 }
                 Ok(_) => {
                     counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     counters.rx_cookie_replies.fetch_add(1, Ordering::Relaxed);
                     tx.send(src, cookie);
-                    return false;
+                    return None;
                 }
                 Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
                     counters.rx_invalid_mac.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
                 Err(_) => {
                     counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
             };
             let Ok(half) = half else {
                 counters.rx_handshake_failed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             };
             match state
                 .peers
@@ -623,13 +564,13 @@ pub(crate) fn handle_datagram(
                 Some(entry) => &entry.peer,
                 None => {
                     counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
             }
         }
         _ => {
             counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return None;
         }
     };
 
@@ -637,35 +578,32 @@ pub(crate) fn handle_datagram(
     let inner = &mut *guard;
     let Some(tunn) = inner.tunn.as_mut() else {
         counters.rx_no_key.fetch_add(1, Ordering::Relaxed);
-        return false;
+        return None;
     };
-    let dst = &mut slot.data[VIRTIO_NET_HDR_LEN..];
     match tunn.decapsulate(Some(src.ip()), datagram, dst) {
         TunnResult::WriteToTunnelV4(pkt, from) => {
             let len = pkt.len();
             if !owns(state, peer, IpAddr::V4(from)) {
                 counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             }
             inner.endpoint = Some(src);
             drop(guard);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            slot.len = VIRTIO_NET_HDR_LEN + len;
-            true
+            Some(len)
         }
         TunnResult::WriteToTunnelV6(pkt, from) => {
             let len = pkt.len();
             if !owns(state, peer, IpAddr::V6(from)) {
                 counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             }
             inner.endpoint = Some(src);
             drop(guard);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            slot.len = VIRTIO_NET_HDR_LEN + len;
-            true
+            Some(len)
         }
         TunnResult::Done => {
             // Keepalive or cookie reply: authenticated, nothing for the TUN.
@@ -673,7 +611,7 @@ pub(crate) fn handle_datagram(
             drop(guard);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            false
+            None
         }
         TunnResult::WriteToNetwork(reply) => {
             // Handshake answered (or a keepalive after our initiation completed).
@@ -700,12 +638,12 @@ pub(crate) fn handle_datagram(
             drop(guard);
             peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
             peer.last_tx_ms.store(shared.now_ms(), Ordering::Relaxed);
-            false
+            None
         }
         TunnResult::Err(e) => {
             drop(guard);
             count_error(counters, &e);
-            false
+            None
         }
     }
 }
