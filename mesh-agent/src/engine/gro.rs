@@ -16,6 +16,8 @@ use std::io;
 
 use tun_rs::VIRTIO_NET_HDR_LEN;
 
+use super::checksum::{fold, pseudo_header, sum};
+
 /// Room for the virtio-net header plus the largest IP packet.
 const BUF_CAP: usize = VIRTIO_NET_HDR_LEN + 65535;
 /// Largest coalesced IP packet.
@@ -395,35 +397,10 @@ fn headers_match(head: &[u8], pkt: &[u8], v6: bool, ip_hlen: usize, hlen: usize)
         && head[t + 18..hlen] == pkt[t + 18..hlen]
 }
 
-/// One's-complement sum of `data` (big-endian 16-bit words) added to `initial`, unfolded.
-fn sum(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        acc += u64::from(*last) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
 /// Puts the TCP pseudo-header sum (not complemented) in the checksum field, as the kernel
 /// expects for CHECKSUM_PARTIAL.
 fn set_partial_csum(ip: &mut [u8], v6: bool, ip_hlen: usize, total: usize) {
-    let l4_len = (total - ip_hlen) as u64;
-    let pseudo = if v6 {
-        sum(&ip[8..40], u64::from(IPPROTO_TCP) + l4_len)
-    } else {
-        sum(&ip[12..20], u64::from(IPPROTO_TCP) + l4_len)
-    };
+    let pseudo = pseudo_header(ip, v6, IPPROTO_TCP, total - ip_hlen);
     let at = ip_hlen + 16;
     ip[at..at + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
 }

@@ -14,12 +14,13 @@ use boringtun::noise::{
     Packet, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon,
 };
 use quinn_udp::{RecvMeta, UdpSockRef};
-use tun_rs::{IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 use wiremesh_keyexchange::PublicKey;
 
 use super::{
     Shared,
     gro::TunCoalescer,
+    gso,
     io::{UdpEndpoint, canonical},
     state::{DeviceState, Peer},
 };
@@ -32,8 +33,9 @@ const TX_STAGE: usize = 512 * 1024;
 const RX_BUFS: usize = 16;
 /// Largest UDP payload one GSO send may carry.
 const MAX_GSO_BYTES: usize = 65000;
-/// TUN reads per wake-up before the worker looks at the UDP side again (fairness).
-const TUN_BURST: usize = 8;
+/// TUN frames per wake-up before the worker looks at the UDP side again (fairness); what
+/// they produce is sent together.
+const TUN_BURST: usize = 16;
 /// UDP batches per wake-up before the worker looks at the TUN side again.
 const UDP_BURST: usize = 8;
 
@@ -52,14 +54,13 @@ pub(crate) enum Step {
     Idle,
 }
 
-/// The TUN -> UDP half of a [`Worker`]: read (GSO frames split), encrypt, send as GSO trains.
+/// The TUN -> UDP half of a [`Worker`]: read a frame (a TSO super-packet or one packet),
+/// split it in place, encrypt each segment straight into the send buffer, send as GSO trains.
 pub(crate) struct TunWorker {
     shared: Arc<Shared>,
     tun: Arc<SyncDevice>,
     queue: usize,
     frame: Vec<u8>,
-    pkts: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
     tx_buf: Vec<u8>,
     tx_used: usize,
     staged: Vec<Staged>,
@@ -73,31 +74,24 @@ impl TunWorker {
             tun,
             queue,
             frame: vec![0; VIRTIO_NET_HDR_LEN + MAX_FRAME],
-            pkts: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; MAX_FRAME]).collect(),
-            sizes: vec![0; IDEAL_BATCH_SIZE],
             tx_buf: vec![0; TX_STAGE],
             tx_used: 0,
-            staged: Vec::with_capacity(IDEAL_BATCH_SIZE * 2),
+            staged: Vec::with_capacity(TX_STAGE / 1024),
             tx_acct: Vec::with_capacity(16),
         }
     }
 
+    /// Reads up to [`TUN_BURST`] frames, encrypts them and sends what they produced.
     pub(crate) fn batch(&mut self, udp: &UdpEndpoint) -> io::Result<Step> {
         let mut step = Step::Idle;
         for _ in 0..TUN_BURST {
-            let n = match self.tun.recv_multiple(
-                &mut self.frame,
-                &mut self.pkts,
-                &mut self.sizes,
-                0,
-            ) {
+            let n = match self.tun.recv(&mut self.frame) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fatal_tun_error(&e) => return Err(e),
                 Err(e) => {
-                    // A frame the offload splitter rejected: drop it, keep going.
-                    tracing::debug!(ifname = %self.shared.ifname, error = %e, "bad frame from TUN");
+                    tracing::debug!(ifname = %self.shared.ifname, error = %e, "TUN read failed");
                     self.shared
                         .counters
                         .tun_malformed
@@ -107,7 +101,10 @@ impl TunWorker {
                 }
             };
             step = Step::Busy;
-            self.encrypt_batch(n, udp);
+            self.encrypt_frame(n, udp);
+        }
+        if matches!(step, Step::Busy) {
+            self.flush(udp);
         }
         Ok(step)
     }
@@ -124,62 +121,62 @@ impl TunWorker {
         self.tx_used = 0;
     }
 
-    fn encrypt_batch(&mut self, n: usize, udp: &UdpEndpoint) {
-        let shared = self.shared.clone();
-        let state = shared.read_state();
+    /// Encrypts every segment of the `n`-byte frame in `self.frame` for the peer that owns its
+    /// destination (one lookup and one peer lock per frame).
+    fn encrypt_frame(&mut self, n: usize, udp: &UdpEndpoint) {
+        let shared = &*self.shared;
         let counters = &shared.counters;
-        for i in 0..n {
-            let size = self.sizes[i];
-            let pkt = &self.pkts[i][..size];
-            let Some(dst) = packet_dst(pkt) else {
-                counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            if let IpAddr::V6(v6) = dst
-                && (v6.is_multicast() || v6.is_unicast_link_local())
-            {
-                // Neighbour discovery and other link-local chatter the kernel sends on a new
-                // interface: never tunnelled (FACTS: it can eat the first handshake).
-                counters.tun_filtered.fetch_add(1, Ordering::Relaxed);
-                continue;
+        let state = shared.read_state();
+        let Some(dst) = self.frame.get(VIRTIO_NET_HDR_LEN..n).and_then(packet_dst) else {
+            counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if let IpAddr::V6(v6) = dst
+            && (v6.is_multicast() || v6.is_unicast_link_local())
+        {
+            // Neighbour discovery and other link-local chatter the kernel sends on a new
+            // interface: never tunnelled (FACTS: it can eat the first handshake).
+            counters.tun_filtered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Some(peer) = state.table.lookup(dst) else {
+            counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut inner = peer.lock();
+        let Some(endpoint) = inner.endpoint else {
+            counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(tunn) = inner.tunn.as_mut() else {
+            counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (tx_buf, tx_used, staged, acct, queue) = (
+            &mut self.tx_buf,
+            &mut self.tx_used,
+            &mut self.staged,
+            &mut self.tx_acct,
+            self.queue,
+        );
+        let mut sent = 0u64;
+        let split = gso::for_each_segment(&mut self.frame, n, |seg| {
+            let need = (seg.len() + 32 + 16).max(148);
+            if *tx_used + need > tx_buf.len() {
+                flush_tx(udp, queue, tx_buf, staged, acct, shared);
+                *tx_used = 0;
             }
-            let Some(peer) = state.table.lookup(dst) else {
-                counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let need = (size + 32 + 16).max(148);
-            if self.tx_used + need > self.tx_buf.len() {
-                flush_tx(
-                    udp,
-                    self.queue,
-                    &self.tx_buf,
-                    &mut self.staged,
-                    &mut self.tx_acct,
-                    &shared,
-                );
-                self.tx_used = 0;
-            }
-            let mut inner = peer.lock();
-            let Some(endpoint) = inner.endpoint else {
-                counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let Some(tunn) = inner.tunn.as_mut() else {
-                counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let start = self.tx_used;
-            match tunn.encapsulate(pkt, &mut self.tx_buf[start..start + need]) {
+            let start = *tx_used;
+            match tunn.encapsulate(seg, &mut tx_buf[start..start + need]) {
                 TunnResult::WriteToNetwork(out) => {
                     let len = out.len();
-                    drop(inner);
-                    self.staged.push(Staged {
+                    staged.push(Staged {
                         dst: endpoint,
                         start,
                         len,
                     });
-                    self.tx_used += len;
-                    account(&mut self.tx_acct, peer, len as u64);
+                    *tx_used += len;
+                    sent += len as u64;
                 }
                 // Queued inside the Tunn until the handshake completes.
                 TunnResult::Done => {}
@@ -191,9 +188,15 @@ impl TunWorker {
                     counters.tx_errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
+        });
+        drop(inner);
+        if sent > 0 {
+            account(acct, peer, sent);
         }
-        drop(state);
-        self.flush(udp);
+        if let Err(gso::Malformed(why)) = split {
+            tracing::debug!(ifname = %shared.ifname, reason = why, "bad frame from TUN");
+            counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
