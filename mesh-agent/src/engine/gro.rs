@@ -1,5 +1,5 @@
-//! TUN write side of the receive path: decrypted TCP segments of one flow are coalesced into
-//! one large frame and handed to the kernel in one write with a virtio-net GSO header, like a
+//! TUN write side of the receive path: decrypted TCP segments (and UDP datagrams, when the TUN
+//! takes USO frames) of one flow are coalesced into one large frame and handed to the kernel in one write with a virtio-net GSO header, like a
 //! NIC doing GRO. Packets are decrypted straight into place: a data datagram is opened at the
 //! tail of the frame its flow is most likely to extend, with its IP/TCP headers overlapping the
 //! end of the previous payload; when it fits, the overwritten bytes are put back and nothing is
@@ -9,7 +9,7 @@
 //! Checksums are not verified before merging: the packets were authenticated by the AEAD (as
 //! kernel WireGuard, which marks them CHECKSUM_UNNECESSARY). TCP frames are written with
 //! NEEDS_CSUM and the pseudo-header sum, so the kernel does not re-verify them either.
-//! Everything else (UDP, ICMP, TCP control segments) is written as it is. No allocation after
+//! Everything else (ICMP, fragments, unmergeable UDP) is written as it is. No allocation after
 //! construction.
 
 use std::io;
@@ -32,6 +32,8 @@ const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
 const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 
@@ -48,6 +50,7 @@ enum Target {
 /// One frame being built.
 struct Flow {
     buf: usize,
+    proto: u8,
     v6: bool,
     ip_hlen: usize,
     /// IP + TCP header length.
@@ -62,7 +65,8 @@ struct Flow {
 }
 
 /// What a packet is, as far as merging goes.
-struct TcpInfo {
+struct L4Info {
+    proto: u8,
     v6: bool,
     ip_hlen: usize,
     hlen: usize,
@@ -78,16 +82,20 @@ pub(crate) struct TunCoalescer {
     flows: Vec<Flow>,
     target: Target,
     saved: [u8; MAX_HDR],
+    /// Also merge UDP datagrams (the TUN accepts USO frames).
+    udp: bool,
 }
 
 impl TunCoalescer {
-    pub fn new() -> Self {
+    /// `udp`: the TUN takes UDP segmentation offload frames (kernel >= 6.2).
+    pub fn new(udp: bool) -> Self {
         Self {
             bufs: (0..=MAX_FLOWS).map(|_| vec![0; BUF_CAP]).collect(),
             free: (0..=MAX_FLOWS).rev().collect(),
             flows: Vec::with_capacity(MAX_FLOWS),
             target: Target::None,
             saved: [0; MAX_HDR],
+            udp,
         }
     }
 
@@ -136,7 +144,7 @@ impl TunCoalescer {
                     (f.buf, f.hlen, f.end)
                 };
                 let at = end - hlen;
-                let info = tcp_info(&self.bufs[buf][at..at + len]);
+                let info = l4_info(&self.bufs[buf][at..at + len]);
                 if let Some(info) = info
                     && self.can_append(fi, at, &info)
                 {
@@ -185,13 +193,20 @@ impl TunCoalescer {
         out: &mut impl FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         let pkt = &self.bufs[b][VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len];
-        let Some(info) = tcp_info(pkt) else {
+        let Some(info) = l4_info(pkt) else {
             return write_plain(&mut self.bufs[b], len, out);
         };
         let same = self.flows.iter().position(|f| {
-            f.v6 == info.v6 && same_flow(&self.bufs[f.buf][VIRTIO_NET_HDR_LEN..], pkt, f.v6)
+            f.proto == info.proto
+                && f.v6 == info.v6
+                && same_flow(&self.bufs[f.buf][VIRTIO_NET_HDR_LEN..], pkt, f.v6)
         });
-        let mergeable = info.payload > 0 && info.flags & !TCP_PSH == TCP_ACK;
+        let mergeable = info.payload > 0
+            && if info.proto == IPPROTO_TCP {
+                info.flags & !TCP_PSH == TCP_ACK
+            } else {
+                self.udp
+            };
         if let Some(fi) = same {
             let at = VIRTIO_NET_HDR_LEN;
             if mergeable && self.can_append_from(fi, &self.bufs[b][at..at + len], &info) {
@@ -209,11 +224,15 @@ impl TunCoalescer {
             r?;
         }
         if !mergeable {
+            if info.proto == IPPROTO_UDP {
+                return write_plain(&mut self.bufs[b], len, out);
+            }
             return write_tcp(&mut self.bufs[b], len, &info, out);
         }
         self.free.retain(|&x| x != b);
         self.flows.push(Flow {
             buf: b,
+            proto: info.proto,
             v6: info.v6,
             ip_hlen: info.ip_hlen,
             hlen: info.hlen,
@@ -221,38 +240,39 @@ impl TunCoalescer {
             next_seq: info.seq.wrapping_add(info.payload as u32),
             gso_size: info.payload,
             segs: 1,
-            closed: info.flags & TCP_PSH != 0,
+            closed: info.proto == IPPROTO_TCP && info.flags & TCP_PSH != 0,
         });
         Ok(())
     }
 
     /// Whether the packet decrypted at `at` in flow `fi`'s buffer extends that flow.
-    fn can_append(&self, fi: usize, at: usize, info: &TcpInfo) -> bool {
+    fn can_append(&self, fi: usize, at: usize, info: &L4Info) -> bool {
         let f = &self.flows[fi];
         let pkt = &self.bufs[f.buf][at..at + info.hlen];
         self.can_append_from(fi, pkt, info)
     }
 
-    fn can_append_from(&self, fi: usize, pkt: &[u8], info: &TcpInfo) -> bool {
+    fn can_append_from(&self, fi: usize, pkt: &[u8], info: &L4Info) -> bool {
         let f = &self.flows[fi];
         if f.closed
+            || info.proto != f.proto
             || info.v6 != f.v6
             || info.hlen != f.hlen
             || info.ip_hlen != f.ip_hlen
             || info.payload == 0
             || info.payload > f.gso_size
-            || info.flags & !TCP_PSH != TCP_ACK
-            || info.seq != f.next_seq
+            || (f.proto == IPPROTO_TCP
+                && (info.flags & !TCP_PSH != TCP_ACK || info.seq != f.next_seq))
             || f.end - VIRTIO_NET_HDR_LEN + info.payload > MAX_FRAME
         {
             return false;
         }
         let head = &self.bufs[f.buf][VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + f.hlen];
-        headers_match(head, pkt, f.v6, f.ip_hlen, f.hlen)
+        headers_match(head, pkt, f.proto, f.v6, f.ip_hlen, f.hlen)
     }
 
     /// Bookkeeping after `info`'s payload was added at the end of flow `fi`.
-    fn appended(&mut self, fi: usize, info: &TcpInfo, psh: bool) {
+    fn appended(&mut self, fi: usize, info: &L4Info, psh: bool) {
         let f = &mut self.flows[fi];
         f.end += info.payload;
         f.next_seq = f.next_seq.wrapping_add(info.payload as u32);
@@ -260,7 +280,7 @@ impl TunCoalescer {
         if psh || info.payload < f.gso_size {
             f.closed = true;
         }
-        if psh {
+        if psh && f.proto == IPPROTO_TCP {
             let flags = VIRTIO_NET_HDR_LEN + f.ip_hlen + 13;
             self.bufs[f.buf][flags] |= TCP_PSH;
         }
@@ -293,16 +313,17 @@ impl TunCoalescer {
                 ip[10..12].copy_from_slice(&c.to_be_bytes());
             }
         }
-        let gso = if f.segs > 1 {
-            if f.v6 {
-                VIRTIO_NET_HDR_GSO_TCPV6
-            } else {
-                VIRTIO_NET_HDR_GSO_TCPV4
+        let gso = match (f.segs > 1, f.proto, f.v6) {
+            (false, ..) => VIRTIO_NET_HDR_GSO_NONE,
+            (true, IPPROTO_UDP, _) => {
+                let l4 = f.ip_hlen;
+                ip[l4 + 4..l4 + 6].copy_from_slice(&((total - l4) as u16).to_be_bytes());
+                VIRTIO_NET_HDR_GSO_UDP_L4
             }
-        } else {
-            VIRTIO_NET_HDR_GSO_NONE
+            (true, _, true) => VIRTIO_NET_HDR_GSO_TCPV6,
+            (true, _, false) => VIRTIO_NET_HDR_GSO_TCPV4,
         };
-        set_partial_csum(ip, f.v6, f.ip_hlen, total);
+        set_partial_csum(ip, f.proto, f.v6, f.ip_hlen, total);
         fill_vnet(
             hdr,
             VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -310,6 +331,7 @@ impl TunCoalescer {
             f.hlen,
             if f.segs > 1 { f.gso_size } else { 0 },
             f.ip_hlen,
+            csum_offset(f.proto),
         );
         out(frame)
     }
@@ -326,39 +348,56 @@ fn two(bufs: &mut [Vec<u8>], a: usize, b: usize) -> (&mut Vec<u8>, &mut Vec<u8>)
     }
 }
 
-/// Parses a TCP packet's headers; `None` for anything else (or a fragment, or a bad length).
-fn tcp_info(pkt: &[u8]) -> Option<TcpInfo> {
-    let (v6, ip_hlen) = match pkt.first()? >> 4 {
+/// Parses a TCP or UDP packet's headers; `None` for anything else (or a fragment, or a bad
+/// length).
+fn l4_info(pkt: &[u8]) -> Option<L4Info> {
+    let (v6, ip_hlen, proto) = match pkt.first()? >> 4 {
         4 => {
             let ihl = usize::from(pkt[0] & 0x0f) * 4;
             if pkt.len() < 20
                 || ihl < 20
-                || pkt[9] != IPPROTO_TCP
                 || usize::from(u16::from_be_bytes([pkt[2], pkt[3]])) != pkt.len()
                 // More-fragments or a fragment offset.
                 || u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0
             {
                 return None;
             }
-            (false, ihl)
+            (false, ihl, pkt[9])
         }
         6 => {
-            if pkt.len() < 40
-                || pkt[6] != IPPROTO_TCP
-                || usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) + 40 != pkt.len()
+            if pkt.len() < 40 || usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) + 40 != pkt.len()
             {
                 return None;
             }
-            (true, 40)
+            (true, 40, pkt[6])
         }
         _ => return None,
     };
+    if proto == IPPROTO_UDP {
+        let udp = pkt.get(ip_hlen..ip_hlen + 8)?;
+        if usize::from(u16::from_be_bytes([udp[4], udp[5]])) != pkt.len() - ip_hlen {
+            return None;
+        }
+        return Some(L4Info {
+            proto,
+            v6,
+            ip_hlen,
+            hlen: ip_hlen + 8,
+            seq: 0,
+            flags: 0,
+            payload: pkt.len() - ip_hlen - 8,
+        });
+    }
+    if proto != IPPROTO_TCP {
+        return None;
+    }
     let tcp = pkt.get(ip_hlen..ip_hlen + 20)?;
     let hlen = ip_hlen + usize::from(tcp[12] >> 4) * 4;
     if hlen < ip_hlen + 20 || hlen > pkt.len() || hlen > MAX_HDR {
         return None;
     }
-    Some(TcpInfo {
+    Some(L4Info {
+        proto,
         v6,
         ip_hlen,
         hlen,
@@ -383,25 +422,40 @@ fn same_flow(a: &[u8], b: &[u8], v6: bool) -> bool {
 }
 
 /// Headers equal except the fields that differ between segments of one stream (IP length,
-/// id, checksum; TCP sequence number, PSH, window, checksum).
-fn headers_match(head: &[u8], pkt: &[u8], v6: bool, ip_hlen: usize, hlen: usize) -> bool {
+/// id, checksum; TCP sequence number, PSH, window, checksum; UDP length, checksum).
+fn headers_match(
+    head: &[u8],
+    pkt: &[u8],
+    proto: u8,
+    v6: bool,
+    ip_hlen: usize,
+    hlen: usize,
+) -> bool {
     let ip_ok = if v6 {
         head[..4] == pkt[..4] && head[6..40] == pkt[6..40]
     } else {
         head[..2] == pkt[..2] && head[6..10] == pkt[6..10] && head[12..ip_hlen] == pkt[12..ip_hlen]
     };
     let t = ip_hlen;
+    if proto == IPPROTO_UDP {
+        return ip_ok && head[t..t + 4] == pkt[t..t + 4];
+    }
     ip_ok
         && head[t..t + 4] == pkt[t..t + 4]
         && head[t + 8..t + 13] == pkt[t + 8..t + 13]
         && head[t + 18..hlen] == pkt[t + 18..hlen]
 }
 
-/// Puts the TCP pseudo-header sum (not complemented) in the checksum field, as the kernel
+/// Where the checksum field is in the L4 header.
+fn csum_offset(proto: u8) -> usize {
+    if proto == IPPROTO_TCP { 16 } else { 6 }
+}
+
+/// Puts the pseudo-header sum (not complemented) in the checksum field, as the kernel
 /// expects for CHECKSUM_PARTIAL.
-fn set_partial_csum(ip: &mut [u8], v6: bool, ip_hlen: usize, total: usize) {
-    let pseudo = pseudo_header(ip, v6, IPPROTO_TCP, total - ip_hlen);
-    let at = ip_hlen + 16;
+fn set_partial_csum(ip: &mut [u8], proto: u8, v6: bool, ip_hlen: usize, total: usize) {
+    let pseudo = pseudo_header(ip, v6, proto, total - ip_hlen);
+    let at = ip_hlen + csum_offset(proto);
     ip[at..at + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
 }
 
@@ -413,18 +467,14 @@ fn fill_vnet(
     hdr_len: usize,
     gso_size: usize,
     csum_start: usize,
+    csum_offset: usize,
 ) {
     hdr[0] = flags;
     hdr[1] = gso_type;
     hdr[2..4].copy_from_slice(&(hdr_len as u16).to_ne_bytes());
     hdr[4..6].copy_from_slice(&(gso_size as u16).to_ne_bytes());
     hdr[6..8].copy_from_slice(&(csum_start as u16).to_ne_bytes());
-    let csum_offset: u16 = if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-        16
-    } else {
-        0
-    };
-    hdr[8..10].copy_from_slice(&csum_offset.to_ne_bytes());
+    hdr[8..10].copy_from_slice(&(csum_offset as u16).to_ne_bytes());
 }
 
 /// Writes a single TCP segment as CHECKSUM_PARTIAL (pseudo-header sum in the checksum
@@ -432,12 +482,12 @@ fn fill_vnet(
 fn write_tcp(
     buf: &mut [u8],
     len: usize,
-    info: &TcpInfo,
+    info: &L4Info,
     out: &mut impl FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<()> {
     let frame = &mut buf[..VIRTIO_NET_HDR_LEN + len];
     let (hdr, ip) = frame.split_at_mut(VIRTIO_NET_HDR_LEN);
-    set_partial_csum(ip, info.v6, info.ip_hlen, len);
+    set_partial_csum(ip, IPPROTO_TCP, info.v6, info.ip_hlen, len);
     fill_vnet(
         hdr,
         VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -445,6 +495,7 @@ fn write_tcp(
         info.hlen,
         0,
         info.ip_hlen,
+        csum_offset(IPPROTO_TCP),
     );
     out(frame)
 }
@@ -505,7 +556,7 @@ mod tests {
     /// Feeds packets through the coalescer as the worker does, then checks and splits the
     /// frames written.
     fn run(pkts: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Seg>) {
-        let mut c = TunCoalescer::new();
+        let mut c = TunCoalescer::new(true);
         let mut frames: Vec<Vec<u8>> = Vec::new();
         let mut out = |f: &[u8]| {
             frames.push(f.to_vec());
@@ -671,7 +722,7 @@ mod tests {
 
     #[test]
     fn many_flows_and_aborted_decryptions_lose_nothing() {
-        let mut c = TunCoalescer::new();
+        let mut c = TunCoalescer::new(true);
         let mut frames: Vec<Vec<u8>> = Vec::new();
         let mut out = |f: &[u8]| {
             frames.push(f.to_vec());
@@ -697,5 +748,70 @@ mod tests {
         segs.sort();
         want.sort();
         assert_eq!(segs, want);
+    }
+
+    fn udp4(sport: u16, payload: &[u8]) -> Vec<u8> {
+        let total = 28 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = IPPROTO_UDP;
+        p[12..16].copy_from_slice(&A);
+        p[16..20].copy_from_slice(&B);
+        let c = !fold(sum(&p[..20], 0));
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&53u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((total - 20) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn udp_datagrams_of_one_flow_become_a_uso_frame_when_the_tun_takes_them() {
+        let mut pkts: Vec<_> = (0..10u8).map(|i| udp4(7, &data(1200, i))).collect();
+        pkts.push(udp4(7, &data(300, 10)));
+        pkts.push(udp4(7, &data(1200, 11)));
+        for udp in [true, false] {
+            let mut c = TunCoalescer::new(udp);
+            let mut frames: Vec<Vec<u8>> = Vec::new();
+            let mut out = |f: &[u8]| {
+                frames.push(f.to_vec());
+                Ok(())
+            };
+            for p in &pkts {
+                let dst = c.dst(p.len() + 48, true);
+                dst[..p.len()].copy_from_slice(p);
+                c.commit(p.len(), &mut out).unwrap();
+            }
+            c.flush(&mut out).unwrap();
+            if !udp {
+                let plain: Vec<_> = frames
+                    .iter()
+                    .map(|f| f[VIRTIO_NET_HDR_LEN..].to_vec())
+                    .collect();
+                assert_eq!(plain, pkts, "written one by one, unchanged");
+                continue;
+            }
+            assert_eq!(frames.len(), 2, "11 datagrams up to the short one, then 1");
+            let f = &frames[0];
+            let (hdr, ip) = f.split_at(VIRTIO_NET_HDR_LEN);
+            assert_eq!(hdr[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
+            assert_eq!(hdr[1], VIRTIO_NET_HDR_GSO_UDP_L4);
+            assert_eq!(u16::from_ne_bytes([hdr[4], hdr[5]]), 1200);
+            assert_eq!(u16::from_ne_bytes([hdr[8], hdr[9]]), 6);
+            assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), ip.len());
+            assert_eq!(fold(sum(&ip[..20], 0)), 0xffff);
+            assert_eq!(
+                usize::from(u16::from_be_bytes([ip[24], ip[25]])),
+                ip.len() - 20
+            );
+            let partial = fold(pseudo_header(ip, false, IPPROTO_UDP, ip.len() - 20));
+            assert_eq!(u16::from_be_bytes([ip[26], ip[27]]), partial);
+            let want: Vec<u8> = pkts[..11].iter().flat_map(|p| p[28..].to_vec()).collect();
+            assert_eq!(&ip[28..], &want[..]);
+            assert_eq!(&frames[1][VIRTIO_NET_HDR_LEN + 28..], &pkts[11][28..]);
+        }
     }
 }

@@ -214,13 +214,14 @@ pub(crate) struct UdpWorker {
 
 impl UdpWorker {
     pub fn new(shared: Arc<Shared>, tun: Arc<SyncDevice>, index: usize) -> Self {
+        let udp_gso = tun.udp_gso();
         Self {
             shared,
             tun,
             index,
             rx_bufs: (0..RX_BUFS).map(|_| vec![0; MAX_FRAME]).collect(),
             rx_meta: vec![RecvMeta::default(); RX_BUFS],
-            gro: TunCoalescer::new(),
+            gro: TunCoalescer::new(udp_gso),
             scratch: vec![0; 2048],
         }
     }
