@@ -61,6 +61,12 @@ pub(crate) fn for_each_segment(
             }
             // The field holds the pseudo-header sum; sum the rest on top of it.
             let c = !fold(sum(&ip[csum_start..], 0));
+            // In UDP (checksum at offset 6) zero means "no checksum": send all ones instead.
+            let c = if c == 0 && csum_offset == 6 {
+                0xffff
+            } else {
+                c
+            };
             ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
         }
         each(ip);
