@@ -1,7 +1,10 @@
 //! `#[repr(C)]` mirrors of `include/wiremesh.h` (keep both in step: every struct has a size
 //! assert here), and the conversions from the policy compiler's entries to map keys.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use aya::maps::lpm_trie::Key;
 use ipnet::{IpNet, Ipv4Net};
@@ -145,6 +148,18 @@ pub enum Mode {
     Strict = 1,
 }
 
+/// Flags of a [`Config`] (`WM_CONFIG_*`).
+pub mod config_flags {
+    /// The entry was written by an agent. Without it (an array entry never written reads as
+    /// zeros) the programs act as strict mode without a tunnel: fail closed.
+    pub const SET: u32 = 0x1;
+}
+
+/// Conntrack idle lifetime of TCP entries when [`Config::ct_tcp_timeout_s`] is 0.
+pub const CT_TCP_TIMEOUT_DEFAULT: Duration = Duration::from_secs(21600);
+/// Conntrack idle lifetime of other entries when [`Config::ct_other_timeout_s`] is 0.
+pub const CT_OTHER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
 /// `struct wm_config` (the single entry of the config array).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -159,19 +174,74 @@ pub struct Config {
     pub wg_port: u16,
     /// Zero.
     pub pad: u16,
+    /// Idle lifetime of TCP conntrack entries in seconds; 0 = [`CT_TCP_TIMEOUT_DEFAULT`].
+    pub ct_tcp_timeout_s: u32,
+    /// Idle lifetime of other conntrack entries in seconds; 0 = [`CT_OTHER_TIMEOUT_DEFAULT`].
+    pub ct_other_timeout_s: u32,
+    /// [`config_flags`]; [`Config::new`] sets [`config_flags::SET`].
+    pub flags: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 impl Config {
-    /// A config with zero padding.
+    /// A config with zero padding, default conntrack lifetimes and [`config_flags::SET`].
     pub fn new(tunnel_ifindex: u32, mode: Mode, node_identity: u32, wg_port: u16) -> Self {
         Self {
             tunnel_ifindex,
             mode: mode as u32,
             node_identity,
             wg_port,
-            pad: 0,
+            flags: config_flags::SET,
+            ..Self::default()
         }
     }
+
+    /// The same config with these conntrack idle lifetimes (whole seconds, at least 1; a
+    /// reply or a packet of an allowed flow after that much idleness is decided by policy
+    /// again).
+    pub fn with_ct_timeouts(mut self, tcp: Duration, other: Duration) -> Self {
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        self.ct_tcp_timeout_s = secs(tcp);
+        self.ct_other_timeout_s = secs(other);
+        self
+    }
+}
+
+/// `struct wm_endpoint_val`: the addresses of the pod behind a veth (anti-spoofing in
+/// from_pod, keyed by the ifindex of the host side).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EndpointValue {
+    /// The pod's IPv4 octets; zero = the pod has none (every IPv4 source is then spoofed).
+    pub ip4: [u8; 4],
+    /// The pod's IPv6 octets; zero = none (not checked by the programs yet).
+    pub ip6: [u8; 16],
+    /// Zero.
+    pub flags: u32,
+}
+
+impl EndpointValue {
+    /// The pod's addresses.
+    pub fn new(ip4: Option<Ipv4Addr>, ip6: Option<Ipv6Addr>) -> Self {
+        Self {
+            ip4: ip4.map(|a| a.octets()).unwrap_or_default(),
+            ip6: ip6.map(|a| a.octets()).unwrap_or_default(),
+            flags: 0,
+        }
+    }
+}
+
+/// `struct wm_ct_val`: the last use and the policy epoch of a conntrack entry.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last use.
+    pub last_ns: u64,
+    /// Policy epoch of the decision.
+    pub epoch: u32,
+    /// Zero.
+    pub pad: u32,
 }
 
 /// Verdict of a flow record (`WM_VERDICT_*`).
@@ -368,7 +438,7 @@ pub struct FlowState {
     pub bytes: u64,
 }
 
-/// `struct wm_ct_key` (value: `u64` last-allowed time).
+/// `struct wm_ct_key` (value: [`CtValue`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
@@ -391,7 +461,9 @@ const _: () = assert!(size_of::<Key<[u8; 4]>>() == 8); // wm_lpm4_key
 const _: () = assert!(size_of::<IpcacheValue>() == 16); // wm_ipcache_val
 const _: () = assert!(size_of::<IsolationKeyRaw>() == 8); // wm_isolation_key
 const _: () = assert!(size_of::<Key<RuleData>>() == 16); // wm_rule_key
-const _: () = assert!(size_of::<Config>() == 16); // wm_config
+const _: () = assert!(size_of::<Config>() == 32); // wm_config
+const _: () = assert!(size_of::<EndpointValue>() == 24); // wm_endpoint_val
+const _: () = assert!(size_of::<CtValue>() == 16); // wm_ct_val
 const _: () = assert!(size_of::<FlowEvent>() == 56); // wm_flow_event
 const _: () = assert!(size_of::<CtKey>() == 16); // wm_ct_key
 const _: () = assert!(size_of::<FlowKey>() == 20); // wm_flow_key
@@ -409,6 +481,10 @@ unsafe impl aya::Pod for RuleData {}
 unsafe impl aya::Pod for Config {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowEvent {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EndpointValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtKey {}
 // SAFETY: as above.

@@ -9,6 +9,10 @@
  *           traffic that does not come from a local pod (from_pod already decided those).
  * underlay  (tc ingress and egress of the node's underlay device): in strict mode drops
  *           pod-to-pod packets (both addresses pods in the ipcache) that are not WireGuard UDP.
+ * Conntrack (wm_ct) remembers allowed flows for their idle lifetime (wm_config), so replies
+ * pass and packets of a flow decided in the current policy epoch skip the policy lookups.
+ * Anti-spoofing: from_pod drops a source address that is not the pod's own (wm_endpoints).
+ * Never-written config = strict mode without a tunnel (fail closed).
  * Non-IPv4 traffic passes untouched (IPv6 is not handled yet).
  */
 #include <linux/bpf.h>
@@ -83,7 +87,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct wm_ct_key);
-	__type(value, __u64);
+	__type(value, struct wm_ct_val);
 	__uint(max_entries, 262144);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wm_ct SEC(".maps");
@@ -95,6 +99,22 @@ struct {
 	__uint(max_entries, 1);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wm_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct wm_endpoint_val);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_policy_epoch SEC(".maps");
 
 struct pkt {
 	__be32 src_ip;
@@ -137,30 +157,94 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	return 0;
 }
 
-/* Whether p is a reply of a connection policy allowed earlier. */
-static __always_inline int ct_is_reply(const struct pkt *p)
+/* Idle lifetime of a conntrack entry of protocol proto. */
+static __always_inline __u64 ct_lifetime_ns(const struct wm_config *cfg, __u8 proto)
 {
-	struct wm_ct_key k = {
-		.src_ip = p->dst_ip,
-		.dst_ip = p->src_ip,
-		.src_port = p->dst_port,
-		.dst_port = p->src_port,
-		.protocol = p->protocol,
-	};
-	return bpf_map_lookup_elem(&wm_ct, &k) != 0;
+	__u32 s;
+	if (proto == IPPROTO_TCP)
+		s = cfg->ct_tcp_timeout_s ? cfg->ct_tcp_timeout_s : WM_CT_TCP_TIMEOUT_S;
+	else
+		s = cfg->ct_other_timeout_s ? cfg->ct_other_timeout_s : WM_CT_OTHER_TIMEOUT_S;
+	return (__u64)s * 1000000000ULL;
 }
 
-static __always_inline void ct_allow(const struct pkt *p)
+/* Conntrack state of one packet, gathered once per program run. */
+struct ct {
+	__u64 now;
+	__u64 lifetime;
+	__u32 epoch;
+	struct wm_ct_val *fwd; /* entry of the packet's own tuple, if alive */
+};
+
+static __always_inline int ct_alive(const struct ct *c, const struct wm_ct_val *v)
 {
-	struct wm_ct_key k = {
-		.src_ip = p->src_ip,
-		.dst_ip = p->dst_ip,
-		.src_port = p->src_port,
-		.dst_port = p->dst_port,
-		.protocol = p->protocol,
-	};
-	__u64 now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&wm_ct, &k, &now, BPF_ANY);
+	/* A last_ns in the future (another CPU just refreshed it) counts as alive. */
+	return c->now < v->last_ns || c->now - v->last_ns <= c->lifetime;
+}
+
+static __always_inline void ct_refresh(const struct ct *c, struct wm_ct_val *v)
+{
+	if (c->now > v->last_ns && c->now - v->last_ns >= WM_CT_REFRESH_NS)
+		v->last_ns = c->now;
+}
+
+static __always_inline void ct_key(struct wm_ct_key *k, const struct pkt *p, int reversed)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->src_ip = reversed ? p->dst_ip : p->src_ip;
+	k->dst_ip = reversed ? p->src_ip : p->dst_ip;
+	k->src_port = reversed ? p->dst_port : p->src_port;
+	k->dst_port = reversed ? p->src_port : p->dst_port;
+	k->protocol = p->protocol;
+}
+
+/*
+ * Looks up the packet's own tuple. Returns 1 when it belongs to a live flow decided in the
+ * current policy epoch (the decision stands; the entry is refreshed).
+ */
+static __always_inline int ct_decided(struct ct *c, const struct wm_config *cfg,
+				      const struct pkt *p)
+{
+	__u32 zero = 0;
+	__u32 *epoch = bpf_map_lookup_elem(&wm_policy_epoch, &zero);
+	c->epoch = epoch ? *epoch : 0;
+	c->now = bpf_ktime_get_ns();
+	c->lifetime = ct_lifetime_ns(cfg, p->protocol);
+	struct wm_ct_key k;
+	ct_key(&k, p, 0);
+	struct wm_ct_val *v = bpf_map_lookup_elem(&wm_ct, &k);
+	c->fwd = v;
+	if (!v || !ct_alive(c, v) || v->epoch != c->epoch)
+		return 0;
+	ct_refresh(c, v);
+	return 1;
+}
+
+/* Whether p is a reply of a live connection policy allowed earlier (refreshes it). */
+static __always_inline int ct_is_reply(const struct ct *c, const struct pkt *p)
+{
+	struct wm_ct_key k;
+	ct_key(&k, p, 1);
+	struct wm_ct_val *v = bpf_map_lookup_elem(&wm_ct, &k);
+	if (!v || !ct_alive(c, v))
+		return 0;
+	ct_refresh(c, v);
+	return 1;
+}
+
+/* Records that policy allowed p's direction now, in the current epoch. */
+static __always_inline void ct_allow(const struct ct *c, const struct pkt *p)
+{
+	struct wm_ct_val *v = c->fwd;
+	if (v) {
+		v->last_ns = c->now;
+		v->epoch = c->epoch;
+		return;
+	}
+	struct wm_ct_key k;
+	ct_key(&k, p, 0);
+	struct wm_ct_val fresh = {.last_ns = c->now, .epoch = c->epoch};
+	bpf_map_update_elem(&wm_ct, &k, &fresh, BPF_ANY);
 }
 
 static __always_inline struct wm_ipcache_val *ipcache_lookup(__be32 addr)
@@ -281,6 +365,20 @@ static __always_inline struct wm_config *config(void)
 	return bpf_map_lookup_elem(&wm_config, &zero);
 }
 
+/* Strict handling: configured so, or never configured (fail closed). */
+static __always_inline int strict(const struct wm_config *cfg)
+{
+	return cfg->mode == WM_MODE_STRICT || !(cfg->flags & WM_CONFIG_SET);
+}
+
+/* Whether the source of p may leave the pod behind this interface (anti-spoofing). */
+static __always_inline int source_ok(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u32 ifindex = skb->ifindex;
+	struct wm_endpoint_val *ep = bpf_map_lookup_elem(&wm_endpoints, &ifindex);
+	return !ep || ep->ip4 == p->src_ip;
+}
+
 SEC("classifier")
 int from_pod(struct __sk_buff *skb)
 {
@@ -296,44 +394,51 @@ int from_pod(struct __sk_buff *skb)
 	__u8 dst_flags = dst ? dst->flags : 0;
 	__be32 peer_node = (dst && (dst_flags & WM_IPCACHE_REMOTE_POD)) ? dst->node_ip : 0;
 
-	int reply = ct_is_reply(&p);
+	if (!source_ok(skb, &p)) {
+		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
+		       WM_HOOK_FROM_POD);
+		return TC_ACT_SHOT;
+	}
 
-	if (!reply &&
+	struct ct c;
+	int decided = ct_decided(&c, cfg, &p);
+	int reply = !decided && ct_is_reply(&c, &p);
+	int check = !decided && !reply;
+
+	if (check &&
 	    !side_allows(src_id, dst_id, p.dst_ip, WM_DIR_EGRESS, p.protocol, p.dst_port)) {
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
 		       WM_HOOK_FROM_POD);
 		return TC_ACT_SHOT;
 	}
 	if (dst_flags & WM_IPCACHE_LOCAL) {
-		if (!reply && !side_allows(dst_id, src_id, p.src_ip, WM_DIR_INGRESS, p.protocol,
-					   p.dst_port)) {
+		if (check && !side_allows(dst_id, src_id, p.src_ip, WM_DIR_INGRESS, p.protocol,
+					  p.dst_port)) {
 			report(skb, &p, src_id, dst_id, 0, WM_VERDICT_DROPPED_POLICY,
 			       WM_HOOK_FROM_POD);
 			return TC_ACT_SHOT;
 		}
-		if (!reply)
-			ct_allow(&p);
+		if (check)
+			ct_allow(&c, &p);
 		report(skb, &p, src_id, dst_id, 0, WM_VERDICT_FORWARDED_LOCAL, WM_HOOK_FROM_POD);
 		return TC_ACT_OK;
 	}
+	/* The remote node's to_pod decides ingress; remember the egress decision here. */
+	if (check)
+		ct_allow(&c, &p);
 	if (dst_flags & WM_IPCACHE_REMOTE_POD) {
 		__u32 tunnel = cfg->tunnel_ifindex;
-		/* The remote node's to_pod decides ingress; remember the egress decision here. */
-		if (!reply)
-			ct_allow(&p);
 		if ((dst_flags & WM_IPCACHE_ENCRYPT) && tunnel) {
 			report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_FORWARDED_ENCRYPTED,
 			       WM_HOOK_FROM_POD);
 			return bpf_redirect(tunnel, 0);
 		}
-		if (cfg->mode == WM_MODE_STRICT) {
+		if (strict(cfg)) {
 			report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_PLAINTEXT,
 			       WM_HOOK_FROM_POD);
 			return TC_ACT_SHOT;
 		}
 	}
-	if (!reply)
-		ct_allow(&p);
 	report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_FORWARDED_PLAIN, WM_HOOK_FROM_POD);
 	return TC_ACT_OK;
 }
@@ -354,15 +459,17 @@ int to_pod(struct __sk_buff *skb)
 	struct wm_ipcache_val *dst = ipcache_lookup(p.dst_ip);
 	__u32 src_id = identity_of(src), dst_id = identity_of(dst);
 	__be32 peer_node = (src && (src->flags & WM_IPCACHE_REMOTE_POD)) ? src->node_ip : 0;
-	int reply = ct_is_reply(&p);
-	if (!reply &&
+	struct ct c;
+	int decided = ct_decided(&c, cfg, &p);
+	int check = !decided && !ct_is_reply(&c, &p);
+	if (check &&
 	    !side_allows(dst_id, src_id, p.src_ip, WM_DIR_INGRESS, p.protocol, p.dst_port)) {
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
 		       WM_HOOK_TO_POD);
 		return TC_ACT_SHOT;
 	}
-	if (!reply)
-		ct_allow(&p);
+	if (check)
+		ct_allow(&c, &p);
 	__u8 verdict = (cfg->tunnel_ifindex && skb->ingress_ifindex == cfg->tunnel_ifindex)
 			       ? WM_VERDICT_FORWARDED_ENCRYPTED
 			       : WM_VERDICT_FORWARDED_PLAIN;
@@ -381,7 +488,7 @@ static __always_inline int underlay(struct __sk_buff *skb, __u8 hook)
 	if (parse_ipv4(skb, &p) < 0)
 		return TC_ACT_OK;
 	struct wm_config *cfg = config();
-	if (!cfg || cfg->mode != WM_MODE_STRICT)
+	if (!cfg || !strict(cfg))
 		return TC_ACT_OK;
 	struct wm_ipcache_val *src = ipcache_lookup(p.src_ip);
 	struct wm_ipcache_val *dst = ipcache_lookup(p.dst_ip);

@@ -7,8 +7,11 @@ pub mod loader;
 pub mod sync;
 
 pub use abi::{
-    AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
-    Mode, RuleData, Verdict, ipcache_flags,
+    AbiError, CT_OTHER_TIMEOUT_DEFAULT, CT_TCP_TIMEOUT_DEFAULT, Config, CtKey, CtValue,
+    EndpointValue, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw, Mode,
+    RuleData, Verdict, config_flags, ipcache_flags,
 };
-pub use loader::{Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, node_pin_dir};
+pub use loader::{
+    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, ProgramStats, if_index, node_pin_dir,
+};
 pub use sync::{MapWriter, PolicyApplied, apply_policy, fake::FakeMaps};

@@ -26,8 +26,8 @@ use tracing::{debug, info, warn};
 use wiremesh_policy::{Identity, IsolationKey, MapDiff, RuleKey};
 
 use crate::abi::{
-    AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
-    RuleData, lpm4_key, lpm4_net, rule_key,
+    AbiError, Config, CtKey, CtValue, EndpointValue, FlowEvent, FlowKey, FlowState, Hook,
+    IpcacheValue, IsolationKeyRaw, RuleData, lpm4_key, lpm4_net, rule_key,
 };
 use crate::sync::{MapWriter, PolicyApplied, apply_policy};
 
@@ -147,6 +147,17 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
     }
 }
 
+/// What the kernel accounted for one program ([`Loader::program_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The kernel's program id.
+    pub id: u32,
+    /// Runs counted while statistics were enabled.
+    pub run_count: u64,
+    /// Time spent in those runs.
+    pub run_time: Duration,
+}
+
 /// How [`Loader::attach`] attached a program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attached {
@@ -160,7 +171,7 @@ pub enum Attached {
 
 /// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
 /// them; checked against pins reused from an earlier run.
-const MAP_SHAPES: [(&str, u32, u32, u32); 9] = [
+const MAP_SHAPES: [(&str, u32, u32, u32); 11] = [
     ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
     ("wm_cidrs4", 8, 4, 65536),
     ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
@@ -168,8 +179,15 @@ const MAP_SHAPES: [(&str, u32, u32, u32); 9] = [
     ("wm_config", 4, size_of::<Config>() as u32, 1),
     ("wm_events", 0, 0, 1 << 20),
     ("wm_flows", 20, 24, 65536),
-    ("wm_ct", size_of::<CtKey>() as u32, 8, 262_144),
+    (
+        "wm_ct",
+        size_of::<CtKey>() as u32,
+        size_of::<CtValue>() as u32,
+        262_144,
+    ),
     ("wm_stats", 4, 8, 1),
+    ("wm_endpoints", 4, size_of::<EndpointValue>() as u32, 65536),
+    ("wm_policy_epoch", 4, 4, 1),
 ];
 
 fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
@@ -262,6 +280,27 @@ impl Loader {
     /// The maps, read-only.
     pub fn maps_ref(&self) -> &Maps {
         &self.maps
+    }
+
+    /// Run count and cumulative run time of `hook`'s program as the kernel accounts them. The
+    /// kernel counts only while run-time statistics are enabled (`aya::sys::enable_stats` or
+    /// the `kernel.bpf_stats_enabled` sysctl); otherwise both stay zero.
+    pub fn program_stats(&self, hook: Hook) -> Result<ProgramStats, Error> {
+        let name = hook.program();
+        let err = |source| Error::Program {
+            program: name,
+            source: Box::new(source),
+        };
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| err(ProgramError::UnexpectedProgramType))?;
+        let info = prog.info().map_err(err)?;
+        Ok(ProgramStats {
+            id: info.id(),
+            run_count: info.run_count(),
+            run_time: info.run_time(),
+        })
     }
 
     /// The flow-record reader; `None` once taken.
@@ -377,7 +416,9 @@ fn take(ebpf: &mut Ebpf, map: &'static str) -> Result<aya::maps::Map, Error> {
     ebpf.take_map(map).ok_or(Error::MapMissing { map })
 }
 
-fn if_index(iface: &str) -> Result<u32, Error> {
+/// The ifindex of `iface` in the calling thread's network namespace (for
+/// [`Maps::upsert_endpoint`]).
+pub fn if_index(iface: &str) -> Result<u32, Error> {
     let err = |source| Error::Interface {
         iface: iface.to_owned(),
         source,
@@ -433,6 +474,9 @@ pub struct Maps {
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, FlowKey, FlowState>,
+    endpoints: HashMap<MapData, u32, EndpointValue>,
+    epoch: Array<MapData, u32>,
+    ct: HashMap<MapData, CtKey, CtValue>,
 }
 
 impl Maps {
@@ -447,7 +491,59 @@ impl Maps {
             config: Array::try_from(take(ebpf, "wm_config")?).map_err(map_err("wm_config"))?,
             stats: PerCpuArray::try_from(take(ebpf, "wm_stats")?).map_err(map_err("wm_stats"))?,
             flows: HashMap::try_from(take(ebpf, "wm_flows")?).map_err(map_err("wm_flows"))?,
+            endpoints: HashMap::try_from(take(ebpf, "wm_endpoints")?)
+                .map_err(map_err("wm_endpoints"))?,
+            epoch: Array::try_from(take(ebpf, "wm_policy_epoch")?)
+                .map_err(map_err("wm_policy_epoch"))?,
+            ct: HashMap::try_from(take(ebpf, "wm_ct")?).map_err(map_err("wm_ct"))?,
         })
+    }
+
+    /// Starts a new policy epoch: flows decided before re-run the policy lookups on their
+    /// next packet. [`Maps::apply_policy`], [`Maps::upsert_ipcache`] and
+    /// [`Maps::remove_ipcache`] do this themselves; call it after writing policy entries
+    /// through the [`MapWriter`] methods one by one.
+    pub fn bump_policy_epoch(&mut self) -> Result<(), Error> {
+        let e = self.policy_epoch()?;
+        self.epoch
+            .set(0, e.wrapping_add(1), 0)
+            .map_err(map_err("wm_policy_epoch"))
+    }
+
+    /// The current policy epoch.
+    pub fn policy_epoch(&self) -> Result<u32, Error> {
+        self.epoch.get(&0, 0).map_err(map_err("wm_policy_epoch"))
+    }
+
+    /// Declares the pod behind the host-side veth `ifindex` (see [`if_index`]): from_pod
+    /// then drops packets from that veth whose source is not the pod's address
+    /// (anti-spoofing, reported as dropped-policy). Interfaces without an entry are not
+    /// checked.
+    pub fn upsert_endpoint(&mut self, ifindex: u32, value: EndpointValue) -> Result<(), Error> {
+        self.endpoints
+            .insert(ifindex, value, 0)
+            .map_err(map_err("wm_endpoints"))
+    }
+
+    /// Removes the entry of a veth; a missing entry is not an error.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), Error> {
+        ignore_missing(self.endpoints.remove(&ifindex), "wm_endpoints")
+    }
+
+    /// All endpoint entries (ifindex, addresses).
+    pub fn endpoint_entries(&self) -> Result<Vec<(u32, EndpointValue)>, Error> {
+        self.endpoints
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("wm_endpoints"))
+    }
+
+    /// The conntrack entries (tuple of the allowed direction, last use and epoch).
+    pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtValue)>, Error> {
+        self.ct
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("wm_ct"))
     }
 
     /// Writes the config entry.
@@ -477,15 +573,26 @@ impl Maps {
             .map_err(map_err("wm_flows"))
     }
 
-    /// Inserts or overwrites an ipcache prefix.
+    /// Inserts or overwrites an ipcache prefix (and starts a new policy epoch).
     pub fn upsert_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
+        self.put_ipcache_raw(net, value)?;
+        self.bump_policy_epoch()
+    }
+
+    /// Deletes an ipcache prefix (and starts a new policy epoch); a missing entry is not an
+    /// error.
+    pub fn remove_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
+        self.del_ipcache_raw(net)?;
+        self.bump_policy_epoch()
+    }
+
+    fn put_ipcache_raw(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
         self.ipcache
             .insert(&lpm4_key(net), value, 0)
             .map_err(map_err("wm_ipcache4"))
     }
 
-    /// Deletes an ipcache prefix; a missing entry is not an error.
-    pub fn remove_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
+    fn del_ipcache_raw(&mut self, net: Ipv4Net) -> Result<(), Error> {
         ignore_missing(self.ipcache.remove(&lpm4_key(net)), "wm_ipcache4")
     }
 
@@ -506,7 +613,7 @@ impl Maps {
         (self.isolated.keys().count(), self.rules.keys().count())
     }
 
-    /// Applies a policy diff (see [`apply_policy`]).
+    /// Applies a policy diff (see [`apply_policy`]), then starts a new policy epoch.
     pub fn apply_policy(
         &mut self,
         diff: &MapDiff,
@@ -521,10 +628,13 @@ impl MapWriter for Maps {
         Maps::set_config(self, config)
     }
     fn put_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
-        self.upsert_ipcache(net, value)
+        self.put_ipcache_raw(net, value)
     }
     fn del_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
-        self.remove_ipcache(net)
+        self.del_ipcache_raw(net)
+    }
+    fn policy_written(&mut self) -> Result<(), Error> {
+        self.bump_policy_epoch()
     }
     fn put_cidr(&mut self, net: Ipv4Net, identity: u32) -> Result<(), Error> {
         self.cidrs

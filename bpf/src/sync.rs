@@ -35,6 +35,11 @@ pub trait MapWriter {
     fn put_rule(&mut self, key: &RuleKey) -> Result<(), Error>;
     /// Removes an allow rule.
     fn del_rule(&mut self, key: &RuleKey) -> Result<(), Error>;
+    /// Called once after a batch of writes (by [`apply_policy`]): the pinned maps start a new
+    /// policy epoch so established flows are decided again. Default: nothing.
+    fn policy_written(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// What [`apply_policy`] wrote.
@@ -110,6 +115,7 @@ pub fn apply_policy<M: MapWriter + ?Sized>(
             IpAddr::V6(_) => n.skipped_ipv6 += 1,
         }
     }
+    maps.policy_written()?;
     debug!(
         written = n.written,
         removed = n.removed,
