@@ -13,7 +13,9 @@ use harness::{
     PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, ifindex, in_ns, root_or_skip, run, wait_event,
 };
 use ipnet::Ipv4Net;
-use wiremesh_bpf::{Attached, Config, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags};
+use wiremesh_bpf::{
+    Attached, Config, EndpointValue, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags,
+};
 use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
 
 const PODS: &str = r#"
@@ -595,4 +597,424 @@ fn load_outside_bpffs_fails_with_a_clear_error() {
         "unexpected error: {err}"
     );
     assert!(err.to_string().contains("mount -t bpf"), "{err}");
+}
+
+/// a -> b udp/7777 allowed; b is isolated for egress, so b -> a passes only as a reply.
+const UDP_A_TO_B_ONLY: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-udp, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: UDP, port: 7777}]
+"#;
+
+/// CLOCK_MONOTONIC in ns (what `bpf_ktime_get_ns` reads).
+fn monotonic_ns() -> u64 {
+    // SAFETY: zeroed timespec is a valid out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid clock id and pointer.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The conntrack entry of src:sport -> dst:dport, if any.
+fn ct_entry(
+    loader: &Loader,
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+) -> Option<wiremesh_bpf::CtValue> {
+    let entries = loader.maps_ref().ct_entries().expect("ct");
+    entries
+        .into_iter()
+        .find(|(k, _)| {
+            (k.src_ip, k.dst_ip, k.src_port, k.dst_port)
+                == (
+                    src.octets(),
+                    dst.octets(),
+                    sport.to_be_bytes(),
+                    dport.to_be_bytes(),
+                )
+        })
+        .map(|(_, v)| v)
+}
+
+/// Waits (bounded) until the conntrack entry of the tuple is older than `age`.
+fn wait_ct_age(loader: &Loader, tuple: (Ipv4Addr, u16, Ipv4Addr, u16), age: Duration) {
+    let (s, sp, d, dp) = tuple;
+    let aged = eventually(age + Duration::from_secs(10), || {
+        let v = ct_entry(loader, s, sp, d, dp).expect("conntrack entry vanished");
+        std::thread::yield_now();
+        monotonic_ns().saturating_sub(v.last_ns) > age.as_nanos() as u64
+    });
+    assert!(aged, "conntrack entry {tuple:?} never got {age:?} old");
+}
+
+/// Loads with the pod hooks, writes `cfg` and the compiled `policies` (from nothing); returns
+/// the loader, its flow reader and the compiled policy.
+fn loaded_with(
+    t: &Topo,
+    cfg: Config,
+    policies: &str,
+) -> (Loader, wiremesh_bpf::FlowReader, Compiled) {
+    let mut loader = load(t, pod_hooks(t));
+    let flows = loader.take_flow_reader().expect("reader");
+    loader.maps().set_config(&cfg).expect("config");
+    let policy = compiled(policies);
+    loader
+        .maps()
+        .apply_policy(&policy.diff(&Compiled::default()), local)
+        .expect("policy");
+    (loader, flows, policy)
+}
+
+#[test]
+fn conntrack_entries_expire_after_their_lifetime_and_refresh_on_use() {
+    if !root_or_skip("conntrack expiry") {
+        return;
+    }
+    let t = Topo::new();
+    let lifetime = Duration::from_secs(3);
+    let cfg = Config::new(0, Mode::Permissive, 1, 0)
+        .with_ct_timeouts(Duration::from_secs(3600), lifetime);
+    assert_eq!(cfg.ct_other_timeout_s, 3);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, UDP_A_TO_B_ONLY);
+
+    let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40100));
+    let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
+    let (to_a, to_b) = (
+        SocketAddrV4::new(POD_A, 40100),
+        SocketAddrV4::new(POD_B, 7777),
+    );
+    assert!(
+        !udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
+        "b -> a without a conversation is denied (b is isolated for egress)"
+    );
+    assert!(
+        udp_delivered(&a, to_b, &b, Duration::from_secs(5)),
+        "a -> b udp/7777 is allowed"
+    );
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(5)),
+        "b -> a as a reply passes"
+    );
+    let tuple = (POD_A, 40100, POD_B, 7777);
+    let first = ct_entry(&loader, POD_A, 40100, POD_B, 7777).expect("entry");
+
+    // A reply within the lifetime passes and refreshes the entry.
+    wait_ct_age(&loader, tuple, Duration::from_secs(1));
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
+        "a reply within the lifetime passes"
+    );
+    let refreshed = ct_entry(&loader, POD_A, 40100, POD_B, 7777).expect("entry");
+    assert!(
+        refreshed.last_ns > first.last_ns,
+        "the reply refreshed the entry: {first:?} -> {refreshed:?}"
+    );
+
+    // After the lifetime the same reply is a new b -> a flow, which b's egress denies.
+    wait_ct_age(&loader, tuple, lifetime + Duration::from_millis(200));
+    assert!(
+        !udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
+        "a reply after the lifetime must be decided by policy (denied)"
+    );
+    wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy)
+            && (e.src(), e.sport(), e.dst(), e.dport()) == (POD_B, 7777, POD_A, 40100)
+    })
+    .expect("dropped-policy record of the expired reply");
+
+    // a talking again re-creates the entry.
+    assert!(udp_delivered(&a, to_b, &b, Duration::from_secs(5)));
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(5)),
+        "replies pass again once a has talked"
+    );
+}
+
+#[test]
+fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
+    if !root_or_skip("tcp conntrack expiry") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let t = Topo::new();
+    let lifetime = Duration::from_secs(2);
+    let cfg =
+        Config::new(0, Mode::Permissive, 1, 0).with_ct_timeouts(lifetime, Duration::from_secs(60));
+    let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
+    let listener = listen(&t.pod_b, 8080);
+    let mut client = in_ns(&t.pod_a, move || {
+        TcpStream::connect_timeout(&SocketAddr::from((POD_B, 8080)), Duration::from_secs(3))
+            .expect("a -> b tcp/8080 is allowed")
+    });
+    client
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let (mut server, _) = listener.accept().expect("accept");
+    let sport = client.local_addr().expect("addr").port();
+    server.write_all(b"1").expect("write");
+    let mut buf = [0u8; 1];
+    client
+        .read_exact(&mut buf)
+        .expect("server data within the lifetime reaches the client");
+
+    wait_ct_age(
+        &loader,
+        (POD_A, sport, POD_B, 8080),
+        lifetime + Duration::from_millis(200),
+    );
+    server.write_all(b"2").expect("write");
+    assert!(
+        client.read_exact(&mut buf).is_err(),
+        "server data after the TCP lifetime must be dropped (b's egress denies it)"
+    );
+    wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy)
+            && (e.src(), e.sport(), e.dport()) == (POD_B, 8080, sport)
+    })
+    .expect("dropped-policy record of the server's late data");
+}
+
+#[test]
+fn a_policy_change_applies_to_established_flows() {
+    if !root_or_skip("policy epoch") {
+        return;
+    }
+    let t = Topo::new();
+    let cfg = Config::new(0, Mode::Permissive, 1, 0);
+    let (mut loader, _flows, allow) = loaded_with(&t, cfg, UDP_A_TO_B_ONLY);
+    let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40200));
+    let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
+    let to_b = SocketAddrV4::new(POD_B, 7777);
+    assert!(udp_delivered(&a, to_b, &b, Duration::from_secs(5)));
+    let epoch = loader.maps_ref().policy_epoch().expect("epoch");
+    let entry = ct_entry(&loader, POD_A, 40200, POD_B, 7777).expect("entry");
+    assert_eq!(
+        entry.epoch, epoch,
+        "the flow was decided in the current epoch"
+    );
+
+    // Same tuple, policy now denies b's ingress: the cached decision must not survive.
+    let deny = compiled(DENY_B);
+    loader
+        .maps()
+        .apply_policy(&deny.diff(&allow), local)
+        .expect("deny");
+    assert_ne!(loader.maps_ref().policy_epoch().expect("epoch"), epoch);
+    let mut buf = [0u8; 64];
+    while b.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&a, to_b, &b, Duration::from_secs(1)),
+        "an established flow is denied after the policy change"
+    );
+    loader
+        .maps()
+        .apply_policy(&allow.diff(&deny), local)
+        .expect("allow again");
+    assert!(udp_delivered(&a, to_b, &b, Duration::from_secs(5)));
+}
+
+#[test]
+fn spoofed_source_addresses_are_dropped_at_from_pod() {
+    if !root_or_skip("anti-spoofing") {
+        return;
+    }
+    let t = Topo::new();
+    let cfg = Config::new(0, Mode::Permissive, 1, 0);
+    let (mut loader, mut flows, _) = loaded_with(&t, cfg, "");
+    let spoofed = Ipv4Addr::new(10, 201, 1, 99);
+    run(&[
+        "ip",
+        "-n",
+        &t.pod_a,
+        "addr",
+        "add",
+        "10.201.1.99/24",
+        "dev",
+        "eth0",
+    ]);
+    let honest = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40300));
+    let liar = udp_socket(&t.pod_a, SocketAddrV4::new(spoofed, 40301));
+    let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
+    let to_b = SocketAddrV4::new(POD_B, 7777);
+    assert!(
+        udp_delivered(&liar, to_b, &b, Duration::from_secs(5)),
+        "without an endpoint entry the source is not checked"
+    );
+
+    let host_a = t.host_a.clone();
+    let ifindex_a = in_ns(&t.node, move || {
+        wiremesh_bpf::if_index(&host_a).expect("ifindex")
+    });
+    loader
+        .maps()
+        .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), None))
+        .expect("endpoint");
+    assert_eq!(
+        loader.maps_ref().endpoint_entries().expect("endpoints"),
+        vec![(ifindex_a, EndpointValue::new(Some(POD_A), None))]
+    );
+    let mut buf = [0u8; 64];
+    while b.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&liar, to_b, &b, Duration::from_secs(1)),
+        "a source that is not the pod's address is dropped"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy) && e.src() == spoofed
+    })
+    .expect("dropped-policy record of the spoofed packet");
+    assert_eq!((e.hook(), e.ifindex), (Some(Hook::FromPod), ifindex_a));
+    assert!(
+        udp_delivered(&honest, to_b, &b, Duration::from_secs(5)),
+        "the pod's own address still passes"
+    );
+    loader
+        .maps()
+        .remove_endpoint(ifindex_a)
+        .expect("remove endpoint");
+    assert!(udp_delivered(&liar, to_b, &b, Duration::from_secs(5)));
+}
+
+/// Ipcache of the strict tests: pods a and b local, the peer's 10.201.9.0/24 a remote pod
+/// range without the encrypt flag (no tunnel).
+fn strict_ipcache(maps: &mut wiremesh_bpf::Maps) {
+    maps.upsert_ipcache(
+        "10.201.1.0/24".parse().expect("net"),
+        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
+    )
+    .expect("ipcache");
+    maps.upsert_ipcache(
+        "10.201.2.0/24".parse().expect("net"),
+        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
+    )
+    .expect("ipcache");
+    maps.upsert_ipcache(
+        "10.201.9.0/24".parse().expect("net"),
+        IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
+    )
+    .expect("ipcache");
+}
+
+fn all_hooks(t: &Topo) -> Vec<(String, Hook)> {
+    let mut v = pod_hooks(t);
+    v.push((t.underlay.clone(), Hook::UnderlayIngress));
+    v.push((t.underlay.clone(), Hook::UnderlayEgress));
+    v
+}
+
+#[test]
+fn strict_drops_continue_with_the_agent_gone() {
+    if !root_or_skip("strict without agent") {
+        return;
+    }
+    let t = Topo::new();
+    let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
+    let remote_tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 40400));
+    let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 7777));
+    let pod_tx = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40401));
+    let (to_pod, to_remote) = (
+        SocketAddrV4::new(POD_A, 7777),
+        SocketAddrV4::new(REMOTE_POD, 7777),
+    );
+    {
+        let mut agent = load(&t, all_hooks(&t));
+        strict_ipcache(agent.maps());
+        agent
+            .maps()
+            .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
+            .expect("config");
+        assert!(
+            udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
+            "permissive: pod -> remote pod plaintext passes"
+        );
+        assert!(
+            udp_delivered(&remote_tx, to_pod, &pod_rx, Duration::from_secs(5)),
+            "permissive: remote pod -> pod plaintext passes"
+        );
+        agent
+            .maps()
+            .set_config(&Config::new(0, Mode::Strict, 1, 51820))
+            .expect("config");
+    }
+    // The agent (loader, map and program fds) is gone; the pinned links and maps enforce.
+    let mut buf = [0u8; 64];
+    while peer_rx.recv_from(&mut buf).is_ok() {}
+    while pod_rx.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(2)),
+        "strict, agent gone: pod -> remote pod plaintext is dropped"
+    );
+    assert!(
+        !udp_delivered(&remote_tx, to_pod, &pod_rx, Duration::from_secs(2)),
+        "strict, agent gone: remote pod -> pod plaintext is dropped"
+    );
+    // A restarted agent finds the drops recorded in the pinned flow state.
+    let restarted = load_expect(&t, all_hooks(&t), Attached::ReplacedPinned);
+    let backlog = restarted.maps_ref().flow_backlog().expect("flows");
+    for hook in [Hook::FromPod, Hook::UnderlayIngress] {
+        assert!(
+            backlog
+                .iter()
+                .any(|(k, _)| k.hook == hook as u8 && k.verdict == Verdict::DroppedPlaintext as u8),
+            "no dropped-plaintext flow state from {hook:?}: {backlog:?}"
+        );
+    }
+}
+
+#[test]
+fn never_written_config_fails_closed_for_plaintext() {
+    if !root_or_skip("unset config") {
+        return;
+    }
+    let t = Topo::new();
+    let mut loader = load(&t, all_hooks(&t));
+    strict_ipcache(loader.maps());
+    assert_eq!(
+        loader.maps_ref().config().expect("config"),
+        Config::default(),
+        "config never written"
+    );
+    let _l = listen(&t.pod_b, 8080);
+    assert!(
+        eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+        "pod-to-pod traffic on the node passes without a config"
+    );
+    let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 7777));
+    let pod_tx = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40500));
+    let to_remote = SocketAddrV4::new(REMOTE_POD, 7777);
+    assert!(
+        !udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(2)),
+        "unset config: cross-node plaintext is dropped (strict)"
+    );
+    let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
+    let remote_tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 40501));
+    assert!(
+        !udp_delivered(
+            &remote_tx,
+            SocketAddrV4::new(POD_A, 7777),
+            &pod_rx,
+            Duration::from_secs(2)
+        ),
+        "unset config: plaintext from a remote pod is dropped on the underlay"
+    );
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
+        .expect("config");
+    assert!(
+        udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
+        "an explicit permissive config lets it through"
+    );
 }
