@@ -271,6 +271,8 @@ def policy_bench(args):
                 m = {"single": gbit, "retransmits": retr}
                 if s0:
                     s1 = pair.stats()
+                    busy = sum(s1[p]["run_ns"] - s0[p]["run_ns"] for p in ("from_pod", "to_pod"))
+                    m["prog_cpu_pct"] = 100.0 * busy / (args.time * 1e9)
                     for prog in ("from_pod", "to_pod"):
                         runs = s1[prog]["runs"] - s0[prog]["runs"]
                         m[f"{prog}_runs"] = runs
@@ -302,14 +304,16 @@ def policy_bench(args):
         f"policy loaded: {loaded['policies']} NetworkPolicies compiled to {loaded['rules']} rule entries, "
         f"{loaded['isolated']} isolation entries, {loaded['cidrs']} CIDR entries, {loaded['endpoints']} endpoints",
         "",
-        "| variant | TCP 1 stream Gbit/s (min / median / max) | from_pod ns/run (min / median / max) | to_pod ns/run |",
-        "|---|---|---|---|",
+        "| variant | TCP 1 stream Gbit/s (min / median / max) | from_pod ns/run (min / median / max) | to_pod ns/run "
+        "| programs' CPU % of one core (median) |",
+        "|---|---|---|---|---|",
     ]
     for name in names:
         rs = results[name]
         fp = fmt3([x["from_pod_ns"] for x in rs], "{:.0f}") if "from_pod_ns" in rs[0] else "-"
         tp = fmt3([x["to_pod_ns"] for x in rs], "{:.0f}") if "to_pod_ns" in rs[0] else "-"
-        lines.append(f"| {name} | {fmt3([x['single'] for x in rs])} | {fp} | {tp} |")
+        cpu = f"{statistics.median(x['prog_cpu_pct'] for x in rs):.1f}" if "prog_cpu_pct" in rs[0] else "-"
+        lines.append(f"| {name} | {fmt3([x['single'] for x in rs])} | {fp} | {tp} | {cpu} |")
     med_ratio = statistics.median(x["single"] for x in results[rules_name]) / \
         statistics.median(x["single"] for x in results[none_name])
     lines += [
