@@ -33,7 +33,13 @@ struct wm_lpm4_key {
 	__u8 addr[4]; /* network order */
 };
 
-/* ipcache4 value flags. */
+/* Key of every IPv6 LPM trie (ipcache6, cidrs6): 20 bytes. */
+struct wm_lpm6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* ipcache4 / ipcache6 value flags. */
 #define WM_IPCACHE_ENCRYPT 0x1    /* traffic to this prefix goes through the tunnel */
 #define WM_IPCACHE_LOCAL 0x2      /* a pod on this node */
 #define WM_IPCACHE_REMOTE_POD 0x4 /* a pod (or pod range) on another node */
@@ -98,12 +104,13 @@ struct wm_config {
 
 /*
  * endpoints (hash): ifindex of the host side of a pod veth -> the pod's addresses. from_pod
- * drops a packet whose source is not the pod's own address (anti-spoofing); an interface
+ * drops a packet whose source is not the pod's own address (anti-spoofing; for IPv6 the
+ * link-local and unspecified sources of neighbour discovery are also accepted); an interface
  * without an entry is not checked. 24 bytes.
  */
 struct wm_endpoint_val {
 	__be32 ip4;    /* the pod's IPv4 (network order); 0 = the pod has none */
-	__u8 ip6[16];  /* the pod's IPv6; all zero = none (IPv6 is not checked yet) */
+	__u8 ip6[16];  /* the pod's IPv6; all zero = the pod has none */
 	__u32 flags;   /* 0 */
 };
 
@@ -196,6 +203,25 @@ struct wm_ct_val {
 	__u32 epoch;   /* policy epoch of the decision */
 	__u32 pad;
 }; /* 16 bytes */
+
+/* ct6 (LRU hash): the IPv6 conntrack, same semantics and value as ct. 40 bytes. */
+struct wm_ct6_key {
+	__u8 src_ip[16];
+	__u8 dst_ip[16];
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+/*
+ * stats6: per-CPU array with one entry (key 0): IPv6 packets by verdict (flow records are IPv4
+ * only so far). Index WM_VERDICT_* (1..6); 0 counts spoofed sources. 64 bytes.
+ */
+struct wm_stats6 {
+	__u64 by_verdict[8];
+};
+#define WM_STATS6_SPOOFED 0
 
 /* A refresh writes last_ns at most this often (fewer writes to a shared cache line). */
 #define WM_CT_REFRESH_NS 100000000ULL

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::lpm_trie::Key;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use wiremesh_policy::{CidrEntry, IsolationKey, RULE_KEY_FIXED_BITS, RuleKey};
 
 /// Flags of an [`IpcacheValue`] (`WM_IPCACHE_*`).
@@ -23,8 +23,9 @@ pub mod ipcache_flags {
 /// Errors converting policy entries into map entries.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AbiError {
-    /// The programs only handle IPv4 so far.
-    #[error("{0}: IPv6 entries are not supported by the eBPF programs yet")]
+    /// An IPv6 entry where only IPv4 is supported (the IPv4 helpers, or a [`crate::MapWriter`]
+    /// without IPv6 maps).
+    #[error("{0}: IPv6 entries are not supported here")]
     Ipv6(IpNet),
 }
 
@@ -113,6 +114,17 @@ pub fn rule_key(k: &RuleKey) -> Key<RuleData> {
 /// The LPM key of an IPv4 prefix (`struct wm_lpm4_key`).
 pub fn lpm4_key(net: Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix_len()), net.trunc().addr().octets())
+}
+
+/// The LPM key of an IPv6 prefix (`struct wm_lpm6_key`).
+pub fn lpm6_key(net: Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(u32::from(net.prefix_len()), net.trunc().addr().octets())
+}
+
+/// The prefix an IPv6 LPM key stands for.
+pub fn lpm6_net(key: &Key<[u8; 16]>) -> Option<Ipv6Net> {
+    let len = u8::try_from(key.prefix_len()).ok()?;
+    Ipv6Net::new(Ipv6Addr::from(key.data()), len).ok()
 }
 
 /// The prefix an LPM key stands for.
@@ -456,6 +468,37 @@ pub struct CtKey {
     pub pad: [u8; 3],
 }
 
+/// `struct wm_ct6_key`: the IPv6 conntrack key (value: [`CtValue`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Key {
+    /// Source address octets.
+    pub src_ip: [u8; 16],
+    /// Destination address octets.
+    pub dst_ip: [u8; 16],
+    /// Source port, big-endian.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian.
+    pub dst_port: [u8; 2],
+    /// IP protocol (next header).
+    pub protocol: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct wm_stats6`: IPv6 packets by verdict, summed over CPUs by
+/// [`crate::Maps::ipv6_verdicts`]. Index `v as usize` for a [`Verdict`] `v`;
+/// [`STATS6_SPOOFED`] counts spoofed sources (also counted as dropped-policy).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats6 {
+    /// Packets per verdict index.
+    pub by_verdict: [u64; 8],
+}
+
+/// Index of spoofed IPv6 sources in [`Stats6::by_verdict`].
+pub const STATS6_SPOOFED: usize = 0;
+
 // Sizes of the C structs in include/wiremesh.h.
 const _: () = assert!(size_of::<Key<[u8; 4]>>() == 8); // wm_lpm4_key
 const _: () = assert!(size_of::<IpcacheValue>() == 16); // wm_ipcache_val
@@ -464,6 +507,9 @@ const _: () = assert!(size_of::<Key<RuleData>>() == 16); // wm_rule_key
 const _: () = assert!(size_of::<Config>() == 32); // wm_config
 const _: () = assert!(size_of::<EndpointValue>() == 24); // wm_endpoint_val
 const _: () = assert!(size_of::<CtValue>() == 16); // wm_ct_val
+const _: () = assert!(size_of::<Key<[u8; 16]>>() == 20); // wm_lpm6_key
+const _: () = assert!(size_of::<Ct6Key>() == 40); // wm_ct6_key
+const _: () = assert!(size_of::<Stats6>() == 64); // wm_stats6
 const _: () = assert!(size_of::<FlowEvent>() == 56); // wm_flow_event
 const _: () = assert!(size_of::<CtKey>() == 16); // wm_ct_key
 const _: () = assert!(size_of::<FlowKey>() == 20); // wm_flow_key
@@ -485,6 +531,10 @@ unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for EndpointValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Ct6Key {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Stats6 {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtKey {}
 // SAFETY: as above.

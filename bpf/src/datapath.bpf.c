@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * wiremesh tc programs: steering, NetworkPolicy and strict mode for IPv4 pod traffic.
+ * wiremesh tc programs: steering, NetworkPolicy and strict mode for pod traffic.
  *
  * from_pod  (tc ingress, host side of a pod veth): egress policy of the source pod; for a local
  *           destination also its ingress policy (one decision, one flow record); a remote pod
@@ -13,12 +13,15 @@
  * pass and packets of a flow decided in the current policy epoch skip the policy lookups.
  * Anti-spoofing: from_pod drops a source address that is not the pod's own (wm_endpoints).
  * Never-written config = strict mode without a tunnel (fail closed).
- * Non-IPv4 traffic passes untouched (IPv6 is not handled yet).
+ * IPv4 and IPv6 alike (ipcache6, cidrs6, ct6); IPv6 verdicts are counted in wm_stats6 (flow
+ * records are IPv4 only). On-link IPv6 (link-local, multicast: neighbour discovery) passes.
+ * Other traffic (ARP, ...) passes untouched.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -116,21 +119,114 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wm_policy_epoch SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct wm_lpm6_key);
+	__type(value, struct wm_ipcache_val);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_ipcache6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct wm_lpm6_key);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_cidrs6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct wm_ct6_key);
+	__type(value, struct wm_ct_val);
+	__uint(max_entries, 262144);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_ct6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct wm_stats6);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_stats6 SEC(".maps");
+
+/* One packet's tuple; IPv4 addresses in src_ip/dst_ip, IPv6 ones in src6/dst6. */
 struct pkt {
 	__be32 src_ip;
 	__be32 dst_ip;
 	__be16 src_port;
 	__be16 dst_port;
 	__u8 protocol;
+	__u8 v6;
+	__u8 nd; /* ICMPv6 neighbour discovery (RS, RA, NS, NA, redirect) */
+	__u8 src6[16];
+	__u8 dst6[16];
 };
 
-/* Returns 0 and fills *p for an IPv4 packet behind an Ethernet header, -1 otherwise. */
-static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int is_l4(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
+/* Fills the ports of p from an L4 header at l4, if it is in the packet. */
+static __always_inline void parse_ports(struct pkt *p, void *l4, void *data_end)
+{
+	__be16 *ports = l4;
+	if ((void *)(ports + 2) > data_end)
+		return;
+	p->src_port = ports[0];
+	p->dst_port = ports[1];
+}
+
+/*
+ * Returns 0 and fills *p for an IPv4 or IPv6 packet behind an Ethernet header, -1 otherwise.
+ * Ports only from the first fragment; later fragments are checked with port 0. IPv6
+ * extension headers other than a fragment header are not walked (ports 0, the header's
+ * protocol number).
+ */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+	__builtin_memset(p, 0, sizeof(*p));
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+			return -1;
+		p->v6 = 1;
+		__builtin_memcpy(p->src6, &ip6->saddr, 16);
+		__builtin_memcpy(p->dst6, &ip6->daddr, 16);
+		p->protocol = ip6->nexthdr;
+		void *l4 = ip6 + 1;
+		if (ip6->nexthdr == IPPROTO_FRAGMENT) {
+			struct frag_hdr {
+				__u8 nexthdr;
+				__u8 reserved;
+				__be16 frag_off;
+				__be32 identification;
+			} *fh = l4;
+			if ((void *)(fh + 1) > data_end)
+				return 0;
+			p->protocol = fh->nexthdr;
+			if (fh->frag_off & bpf_htons(0xfff8))
+				return 0;
+			l4 = fh + 1;
+		}
+		if (is_l4(p->protocol))
+			parse_ports(p, l4, data_end);
+		if (p->protocol == IPPROTO_ICMPV6 && l4 + 1 <= data_end) {
+			__u8 type = *(__u8 *)l4;
+			p->nd = type >= 133 && type <= 137;
+		}
+		return 0;
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return -1;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end || ip->version != 4)
@@ -138,23 +234,27 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	p->src_ip = ip->saddr;
 	p->dst_ip = ip->daddr;
 	p->protocol = ip->protocol;
-	p->src_port = 0;
-	p->dst_port = 0;
-	/* Ports only in the first fragment; later fragments are checked with port 0. */
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 0;
-	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
-	    ip->protocol == IPPROTO_SCTP) {
+	if (is_l4(ip->protocol)) {
 		__u32 ihl = ip->ihl * 4;
 		if (ihl < sizeof(*ip))
 			return -1;
-		__be16 *ports = (void *)ip + ihl;
-		if ((void *)(ports + 2) > data_end)
-			return 0;
-		p->src_port = ports[0];
-		p->dst_port = ports[1];
+		parse_ports(p, (void *)ip + ihl, data_end);
 	}
 	return 0;
+}
+
+/* Link-local (fe80::/10), multicast (ff00::/8) or unspecified: neighbour discovery and other
+ * on-link IPv6 that is not pod-to-pod traffic. */
+static __always_inline int v6_on_link(const __u8 *a)
+{
+	if (a[0] == 0xff || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80))
+		return 1;
+	__u64 hi, lo;
+	__builtin_memcpy(&hi, a, 8);
+	__builtin_memcpy(&lo, a + 8, 8);
+	return hi == 0 && lo == 0;
 }
 
 /* Idle lifetime of a conntrack entry of protocol proto. */
@@ -188,14 +288,50 @@ static __always_inline void ct_refresh(const struct ct *c, struct wm_ct_val *v)
 		v->last_ns = c->now;
 }
 
-static __always_inline void ct_key(struct wm_ct_key *k, const struct pkt *p, int reversed)
+/* The conntrack entry of p's tuple (reversed: of its reply). */
+static __always_inline struct wm_ct_val *ct_lookup(const struct pkt *p, int reversed)
 {
-	__builtin_memset(k, 0, sizeof(*k));
-	k->src_ip = reversed ? p->dst_ip : p->src_ip;
-	k->dst_ip = reversed ? p->src_ip : p->dst_ip;
-	k->src_port = reversed ? p->dst_port : p->src_port;
-	k->dst_port = reversed ? p->src_port : p->dst_port;
-	k->protocol = p->protocol;
+	if (p->v6) {
+		struct wm_ct6_key k = {
+			.src_port = reversed ? p->dst_port : p->src_port,
+			.dst_port = reversed ? p->src_port : p->dst_port,
+			.protocol = p->protocol,
+		};
+		__builtin_memcpy(k.src_ip, reversed ? p->dst6 : p->src6, 16);
+		__builtin_memcpy(k.dst_ip, reversed ? p->src6 : p->dst6, 16);
+		return bpf_map_lookup_elem(&wm_ct6, &k);
+	}
+	struct wm_ct_key k = {
+		.src_ip = reversed ? p->dst_ip : p->src_ip,
+		.dst_ip = reversed ? p->src_ip : p->dst_ip,
+		.src_port = reversed ? p->dst_port : p->src_port,
+		.dst_port = reversed ? p->src_port : p->dst_port,
+		.protocol = p->protocol,
+	};
+	return bpf_map_lookup_elem(&wm_ct, &k);
+}
+
+static __always_inline void ct_insert(const struct pkt *p, const struct wm_ct_val *v)
+{
+	if (p->v6) {
+		struct wm_ct6_key k = {
+			.src_port = p->src_port,
+			.dst_port = p->dst_port,
+			.protocol = p->protocol,
+		};
+		__builtin_memcpy(k.src_ip, p->src6, 16);
+		__builtin_memcpy(k.dst_ip, p->dst6, 16);
+		bpf_map_update_elem(&wm_ct6, &k, v, BPF_ANY);
+		return;
+	}
+	struct wm_ct_key k = {
+		.src_ip = p->src_ip,
+		.dst_ip = p->dst_ip,
+		.src_port = p->src_port,
+		.dst_port = p->dst_port,
+		.protocol = p->protocol,
+	};
+	bpf_map_update_elem(&wm_ct, &k, v, BPF_ANY);
 }
 
 /*
@@ -210,9 +346,7 @@ static __always_inline int ct_decided(struct ct *c, const struct wm_config *cfg,
 	c->epoch = epoch ? *epoch : 0;
 	c->now = bpf_ktime_get_ns();
 	c->lifetime = ct_lifetime_ns(cfg, p->protocol);
-	struct wm_ct_key k;
-	ct_key(&k, p, 0);
-	struct wm_ct_val *v = bpf_map_lookup_elem(&wm_ct, &k);
+	struct wm_ct_val *v = ct_lookup(p, 0);
 	c->fwd = v;
 	if (!v || !ct_alive(c, v) || v->epoch != c->epoch)
 		return 0;
@@ -223,9 +357,7 @@ static __always_inline int ct_decided(struct ct *c, const struct wm_config *cfg,
 /* Whether p is a reply of a live connection policy allowed earlier (refreshes it). */
 static __always_inline int ct_is_reply(const struct ct *c, const struct pkt *p)
 {
-	struct wm_ct_key k;
-	ct_key(&k, p, 1);
-	struct wm_ct_val *v = bpf_map_lookup_elem(&wm_ct, &k);
+	struct wm_ct_val *v = ct_lookup(p, 1);
 	if (!v || !ct_alive(c, v))
 		return 0;
 	ct_refresh(c, v);
@@ -241,17 +373,36 @@ static __always_inline void ct_allow(const struct ct *c, const struct pkt *p)
 		v->epoch = c->epoch;
 		return;
 	}
-	struct wm_ct_key k;
-	ct_key(&k, p, 0);
 	struct wm_ct_val fresh = {.last_ns = c->now, .epoch = c->epoch};
-	bpf_map_update_elem(&wm_ct, &k, &fresh, BPF_ANY);
+	ct_insert(p, &fresh);
 }
 
-static __always_inline struct wm_ipcache_val *ipcache_lookup(__be32 addr)
+/* The ipcache entry of p's source (or destination). */
+static __always_inline struct wm_ipcache_val *ipcache_lookup(const struct pkt *p, int src)
 {
+	if (p->v6) {
+		struct wm_lpm6_key k = {.prefixlen = 128};
+		__builtin_memcpy(k.addr, src ? p->src6 : p->dst6, 16);
+		return bpf_map_lookup_elem(&wm_ipcache6, &k);
+	}
 	struct wm_lpm4_key k = {.prefixlen = 32};
+	__be32 addr = src ? p->src_ip : p->dst_ip;
 	__builtin_memcpy(k.addr, &addr, 4);
 	return bpf_map_lookup_elem(&wm_ipcache4, &k);
+}
+
+/* The CIDR identity of p's source (or destination), if any. */
+static __always_inline __u32 *cidr_lookup(const struct pkt *p, int src)
+{
+	if (p->v6) {
+		struct wm_lpm6_key k = {.prefixlen = 128};
+		__builtin_memcpy(k.addr, src ? p->src6 : p->dst6, 16);
+		return bpf_map_lookup_elem(&wm_cidrs6, &k);
+	}
+	struct wm_lpm4_key k = {.prefixlen = 32};
+	__be32 addr = src ? p->src_ip : p->dst_ip;
+	__builtin_memcpy(k.addr, &addr, 4);
+	return bpf_map_lookup_elem(&wm_cidrs4, &k);
 }
 
 static __always_inline __u32 identity_of(const struct wm_ipcache_val *v)
@@ -274,11 +425,14 @@ static __always_inline int rule_hit(struct wm_rule_key *k, __u32 peer)
 
 /*
  * One side of the decision (docs/policy.md): subject is the pod whose policy applies, peer the
- * other end (identity and address).
+ * other end of p (its identity; its address is p's source for ingress, destination for
+ * egress).
  */
-static __always_inline int side_allows(__u32 subject, __u32 peer_id, __be32 peer_ip, __u8 dir,
-				       __u8 proto, __be16 port)
+static __always_inline int side_allows(__u32 subject, __u32 peer_id, const struct pkt *p,
+				       __u8 dir)
 {
+	__u8 proto = p->protocol;
+	__be16 port = p->dst_port;
 	if (!is_pod(subject))
 		return 1;
 	struct wm_isolation_key ik = {.identity = subject, .direction = dir};
@@ -293,9 +447,7 @@ static __always_inline int side_allows(__u32 subject, __u32 peer_id, __be32 peer
 	};
 	if (is_pod(peer_id) && rule_hit(&rk, peer_id))
 		return 1;
-	struct wm_lpm4_key ck = {.prefixlen = 32};
-	__builtin_memcpy(ck.addr, &peer_ip, 4);
-	__u32 *cidr = bpf_map_lookup_elem(&wm_cidrs4, &ck);
+	__u32 *cidr = cidr_lookup(p, dir == WM_DIR_INGRESS);
 	if (cidr && *cidr != WM_ID_WORLD && rule_hit(&rk, *cidr))
 		return 1;
 	return rule_hit(&rk, WM_ID_ANY);
@@ -305,6 +457,13 @@ static __always_inline int side_allows(__u32 subject, __u32 peer_id, __be32 peer
 static __always_inline void report(struct __sk_buff *skb, const struct pkt *p, __u32 src_id,
 				   __u32 dst_id, __be32 peer_node, __u8 verdict, __u8 hook)
 {
+	if (p->v6) {
+		__u32 zero = 0;
+		struct wm_stats6 *s6 = bpf_map_lookup_elem(&wm_stats6, &zero);
+		if (s6 && verdict < 8)
+			s6->by_verdict[verdict] += 1; /* per-CPU */
+		return;
+	}
 	__u64 now = bpf_ktime_get_ns();
 	struct wm_flow_key fk = {
 		.src_ip = p->src_ip,
@@ -376,29 +535,43 @@ static __always_inline int source_ok(struct __sk_buff *skb, const struct pkt *p)
 {
 	__u32 ifindex = skb->ifindex;
 	struct wm_endpoint_val *ep = bpf_map_lookup_elem(&wm_endpoints, &ifindex);
-	return !ep || ep->ip4 == p->src_ip;
+	if (!ep)
+		return 1;
+	if (!p->v6)
+		return ep->ip4 == p->src_ip;
+	if (v6_on_link(p->src6))
+		return p->src6[0] != 0xff; /* never a multicast source */
+	__u64 a[2], b[2];
+	__builtin_memcpy(a, p->src6, 16);
+	__builtin_memcpy(b, ep->ip6, 16);
+	return (b[0] | b[1]) && a[0] == b[0] && a[1] == b[1];
 }
 
 SEC("classifier")
 int from_pod(struct __sk_buff *skb)
 {
 	struct pkt p;
-	if (parse_ipv4(skb, &p) < 0)
+	if (parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	struct wm_config *cfg = config();
 	if (!cfg)
 		return TC_ACT_OK;
-	struct wm_ipcache_val *src = ipcache_lookup(p.src_ip);
-	struct wm_ipcache_val *dst = ipcache_lookup(p.dst_ip);
+	struct wm_ipcache_val *src = ipcache_lookup(&p, 1);
+	struct wm_ipcache_val *dst = ipcache_lookup(&p, 0);
 	__u32 src_id = identity_of(src), dst_id = identity_of(dst);
 	__u8 dst_flags = dst ? dst->flags : 0;
 	__be32 peer_node = (dst && (dst_flags & WM_IPCACHE_REMOTE_POD)) ? dst->node_ip : 0;
 
 	if (!source_ok(skb, &p)) {
+		if (p.v6)
+			report(skb, &p, 0, 0, 0, WM_STATS6_SPOOFED, WM_HOOK_FROM_POD);
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
 		       WM_HOOK_FROM_POD);
 		return TC_ACT_SHOT;
 	}
+	/* Neighbour discovery and other on-link IPv6 is not pod-to-pod traffic. */
+	if (p.v6 && (p.nd || v6_on_link(p.dst6)))
+		return TC_ACT_OK;
 
 	struct ct c;
 	int decided = ct_decided(&c, cfg, &p);
@@ -406,14 +579,13 @@ int from_pod(struct __sk_buff *skb)
 	int check = !decided && !reply;
 
 	if (check &&
-	    !side_allows(src_id, dst_id, p.dst_ip, WM_DIR_EGRESS, p.protocol, p.dst_port)) {
+	    !side_allows(src_id, dst_id, &p, WM_DIR_EGRESS)) {
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
 		       WM_HOOK_FROM_POD);
 		return TC_ACT_SHOT;
 	}
 	if (dst_flags & WM_IPCACHE_LOCAL) {
-		if (check && !side_allows(dst_id, src_id, p.src_ip, WM_DIR_INGRESS, p.protocol,
-					  p.dst_port)) {
+		if (check && !side_allows(dst_id, src_id, &p, WM_DIR_INGRESS)) {
 			report(skb, &p, src_id, dst_id, 0, WM_VERDICT_DROPPED_POLICY,
 			       WM_HOOK_FROM_POD);
 			return TC_ACT_SHOT;
@@ -447,23 +619,25 @@ SEC("classifier")
 int to_pod(struct __sk_buff *skb)
 {
 	struct pkt p;
-	if (parse_ipv4(skb, &p) < 0)
+	if (parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	struct wm_config *cfg = config();
 	if (!cfg)
 		return TC_ACT_OK;
-	struct wm_ipcache_val *src = ipcache_lookup(p.src_ip);
+	if (p.v6 && (p.nd || v6_on_link(p.src6) || v6_on_link(p.dst6)))
+		return TC_ACT_OK;
+	struct wm_ipcache_val *src = ipcache_lookup(&p, 1);
 	/* from_pod already decided both sides for pod-to-pod traffic on this node. */
 	if (src && (src->flags & WM_IPCACHE_LOCAL))
 		return TC_ACT_OK;
-	struct wm_ipcache_val *dst = ipcache_lookup(p.dst_ip);
+	struct wm_ipcache_val *dst = ipcache_lookup(&p, 0);
 	__u32 src_id = identity_of(src), dst_id = identity_of(dst);
 	__be32 peer_node = (src && (src->flags & WM_IPCACHE_REMOTE_POD)) ? src->node_ip : 0;
 	struct ct c;
 	int decided = ct_decided(&c, cfg, &p);
 	int check = !decided && !ct_is_reply(&c, &p);
 	if (check &&
-	    !side_allows(dst_id, src_id, p.src_ip, WM_DIR_INGRESS, p.protocol, p.dst_port)) {
+	    !side_allows(dst_id, src_id, &p, WM_DIR_INGRESS)) {
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
 		       WM_HOOK_TO_POD);
 		return TC_ACT_SHOT;
@@ -485,13 +659,13 @@ static __always_inline int is_pod_addr(const struct wm_ipcache_val *v)
 static __always_inline int underlay(struct __sk_buff *skb, __u8 hook)
 {
 	struct pkt p;
-	if (parse_ipv4(skb, &p) < 0)
+	if (parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	struct wm_config *cfg = config();
 	if (!cfg || !strict(cfg))
 		return TC_ACT_OK;
-	struct wm_ipcache_val *src = ipcache_lookup(p.src_ip);
-	struct wm_ipcache_val *dst = ipcache_lookup(p.dst_ip);
+	struct wm_ipcache_val *src = ipcache_lookup(&p, 1);
+	struct wm_ipcache_val *dst = ipcache_lookup(&p, 0);
 	if (!is_pod_addr(src) || !is_pod_addr(dst))
 		return TC_ACT_OK;
 	if (p.protocol == IPPROTO_UDP && cfg->wg_port) {

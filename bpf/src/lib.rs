@@ -7,11 +7,11 @@ pub mod loader;
 pub mod sync;
 
 pub use abi::{
-    AbiError, CT_OTHER_TIMEOUT_DEFAULT, CT_TCP_TIMEOUT_DEFAULT, Config, CtKey, CtValue,
+    AbiError, CT_OTHER_TIMEOUT_DEFAULT, CT_TCP_TIMEOUT_DEFAULT, Config, Ct6Key, CtKey, CtValue,
     EndpointValue, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw, Mode,
-    RuleData, Verdict, config_flags, ipcache_flags,
+    RuleData, STATS6_SPOOFED, Stats6, Verdict, config_flags, ipcache_flags,
 };
 pub use loader::{
     Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, ProgramStats, if_index, node_pin_dir,
 };
-pub use sync::{MapWriter, PolicyApplied, apply_policy, fake::FakeMaps};
+pub use sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual, fake::FakeMaps};

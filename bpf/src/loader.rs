@@ -5,7 +5,7 @@
 use std::{
     ffi::CString,
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::Duration,
@@ -21,15 +21,16 @@ use aya::{
     },
     util::KernelVersion,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 use wiremesh_policy::{Identity, IsolationKey, MapDiff, RuleKey};
 
 use crate::abi::{
-    AbiError, Config, CtKey, CtValue, EndpointValue, FlowEvent, FlowKey, FlowState, Hook,
-    IpcacheValue, IsolationKeyRaw, RuleData, lpm4_key, lpm4_net, rule_key,
+    AbiError, Config, Ct6Key, CtKey, CtValue, EndpointValue, FlowEvent, FlowKey, FlowState, Hook,
+    IpcacheValue, IsolationKeyRaw, RuleData, Stats6, lpm4_key, lpm4_net, lpm6_key, lpm6_net,
+    rule_key,
 };
-use crate::sync::{MapWriter, PolicyApplied, apply_policy};
+use crate::sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual};
 
 /// The object built from `src/datapath.bpf.c` by build.rs.
 static DATAPATH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
@@ -171,7 +172,7 @@ pub enum Attached {
 
 /// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
 /// them; checked against pins reused from an earlier run.
-const MAP_SHAPES: [(&str, u32, u32, u32); 11] = [
+const MAP_SHAPES: [(&str, u32, u32, u32); 15] = [
     ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
     ("wm_cidrs4", 8, 4, 65536),
     ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
@@ -188,6 +189,15 @@ const MAP_SHAPES: [(&str, u32, u32, u32); 11] = [
     ("wm_stats", 4, 8, 1),
     ("wm_endpoints", 4, size_of::<EndpointValue>() as u32, 65536),
     ("wm_policy_epoch", 4, 4, 1),
+    ("wm_ipcache6", 20, size_of::<IpcacheValue>() as u32, 65536),
+    ("wm_cidrs6", 20, 4, 65536),
+    (
+        "wm_ct6",
+        size_of::<Ct6Key>() as u32,
+        size_of::<CtValue>() as u32,
+        262_144,
+    ),
+    ("wm_stats6", 4, size_of::<Stats6>() as u32, 1),
 ];
 
 fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
@@ -477,6 +487,9 @@ pub struct Maps {
     endpoints: HashMap<MapData, u32, EndpointValue>,
     epoch: Array<MapData, u32>,
     ct: HashMap<MapData, CtKey, CtValue>,
+    ipcache6: LpmTrie<MapData, [u8; 16], IpcacheValue>,
+    cidrs6: LpmTrie<MapData, [u8; 16], u32>,
+    stats6: PerCpuArray<MapData, Stats6>,
 }
 
 impl Maps {
@@ -496,7 +509,62 @@ impl Maps {
             epoch: Array::try_from(take(ebpf, "wm_policy_epoch")?)
                 .map_err(map_err("wm_policy_epoch"))?,
             ct: HashMap::try_from(take(ebpf, "wm_ct")?).map_err(map_err("wm_ct"))?,
+            ipcache6: LpmTrie::try_from(take(ebpf, "wm_ipcache6")?)
+                .map_err(map_err("wm_ipcache6"))?,
+            cidrs6: LpmTrie::try_from(take(ebpf, "wm_cidrs6")?).map_err(map_err("wm_cidrs6"))?,
+            stats6: PerCpuArray::try_from(take(ebpf, "wm_stats6")?)
+                .map_err(map_err("wm_stats6"))?,
         })
+    }
+
+    /// Inserts or overwrites an ipcache6 prefix (and starts a new policy epoch).
+    pub fn upsert_ipcache6(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), Error> {
+        self.put_ipcache6(net, value)?;
+        self.bump_policy_epoch()
+    }
+
+    /// Deletes an ipcache6 prefix (and starts a new policy epoch); a missing entry is not an
+    /// error.
+    pub fn remove_ipcache6(&mut self, net: Ipv6Net) -> Result<(), Error> {
+        self.del_ipcache6(net)?;
+        self.bump_policy_epoch()
+    }
+
+    /// All ipcache6 entries.
+    pub fn ipcache6_entries(&self) -> Result<Vec<(Ipv6Net, IpcacheValue)>, Error> {
+        let mut out = Vec::new();
+        for item in self.ipcache6.iter() {
+            let (k, v) = item.map_err(map_err("wm_ipcache6"))?;
+            if let Some(net) = lpm6_net(&k) {
+                out.push((net, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// IPv6 packets per verdict since the map was created, summed over CPUs (IPv6 has no flow
+    /// records yet). Index with `Verdict::X as usize`; [`crate::STATS6_SPOOFED`] counts
+    /// spoofed sources.
+    pub fn ipv6_verdicts(&self) -> Result<[u64; 8], Error> {
+        let per_cpu = self.stats6.get(&0, 0).map_err(map_err("wm_stats6"))?;
+        let mut out = [0u64; 8];
+        for s in per_cpu.iter() {
+            for (o, v) in out.iter_mut().zip(s.by_verdict) {
+                *o += v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies a policy diff for both address families (see [`apply_policy_dual`]), then
+    /// starts a new policy epoch.
+    pub fn apply_policy_dual(
+        &mut self,
+        diff: &MapDiff,
+        place4: impl Fn(Ipv4Addr, Identity) -> IpcacheValue,
+        place6: impl Fn(Ipv6Addr, Identity) -> IpcacheValue,
+    ) -> Result<PolicyApplied, Error> {
+        apply_policy_dual(self, diff, place4, place6)
     }
 
     /// Starts a new policy epoch: flows decided before re-run the policy lookups on their
@@ -632,6 +700,22 @@ impl MapWriter for Maps {
     }
     fn del_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
         self.del_ipcache_raw(net)
+    }
+    fn put_ipcache6(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), Error> {
+        self.ipcache6
+            .insert(&lpm6_key(net), value, 0)
+            .map_err(map_err("wm_ipcache6"))
+    }
+    fn del_ipcache6(&mut self, net: Ipv6Net) -> Result<(), Error> {
+        ignore_missing(self.ipcache6.remove(&lpm6_key(net)), "wm_ipcache6")
+    }
+    fn put_cidr6(&mut self, net: Ipv6Net, identity: u32) -> Result<(), Error> {
+        self.cidrs6
+            .insert(&lpm6_key(net), identity, 0)
+            .map_err(map_err("wm_cidrs6"))
+    }
+    fn del_cidr6(&mut self, net: Ipv6Net) -> Result<(), Error> {
+        ignore_missing(self.cidrs6.remove(&lpm6_key(net)), "wm_cidrs6")
     }
     fn policy_written(&mut self) -> Result<(), Error> {
         self.bump_policy_epoch()

@@ -155,7 +155,8 @@ fn flows_of(
     reported + backlog
 }
 
-fn udp_socket(ns: &str, bind: SocketAddrV4) -> UdpSocket {
+fn udp_socket(ns: &str, bind: impl Into<SocketAddr>) -> UdpSocket {
+    let bind: SocketAddr = bind.into();
     in_ns(ns, move || {
         let s = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
         s.set_read_timeout(Some(Duration::from_millis(150)))
@@ -165,10 +166,16 @@ fn udp_socket(ns: &str, bind: SocketAddrV4) -> UdpSocket {
 }
 
 /// Sends from `from` to `to` until `rx` receives a datagram or `timeout` passes.
-fn udp_delivered(from: &UdpSocket, to: SocketAddrV4, rx: &UdpSocket, timeout: Duration) -> bool {
+fn udp_delivered(
+    from: &UdpSocket,
+    to: impl Into<SocketAddr> + Copy,
+    rx: &UdpSocket,
+    timeout: Duration,
+) -> bool {
     let mut buf = [0u8; 64];
     eventually(timeout, || {
-        from.send_to(b"wiremesh", to).expect("send");
+        // A send may fail while IPv6 neighbours are resolved; the loop retries.
+        let _ = from.send_to(b"wiremesh", to.into());
         rx.recv_from(&mut buf).is_ok()
     })
 }
@@ -1016,5 +1023,192 @@ fn never_written_config_fails_closed_for_plaintext() {
     assert!(
         udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
         "an explicit permissive config lets it through"
+    );
+}
+
+/// IPv6-only pods a and b; b's ingress allows udp/7777 from a and udp/7778 from the remote
+/// pod range (ipBlock), and b is isolated for egress (replies only).
+const V6_POLICY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: t}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: t, labels: {app: a}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: "fd00:201:1::2"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: t, labels: {app: b}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: "fd00:201:2::2"}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-v6, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: UDP, port: 7777}]
+  - from: [{ipBlock: {cidr: "fd00:201:9::/64"}}]
+    ports: [{protocol: UDP, port: 7778}]
+"#;
+
+#[test]
+fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
+    if !root_or_skip("ipv6") {
+        return;
+    }
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    let v6 = |s: &str, port: u16| SocketAddrV6::new(s.parse().expect("v6"), port, 0, 0);
+    let t = Topo::new();
+    t.add_ipv6();
+    let mut loader = load(&t, all_hooks(&t));
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
+        .expect("config");
+    let policy = compile(&load_manifest(V6_POLICY).expect("manifest"));
+    assert!(policy.warnings.is_empty(), "{:?}", policy.warnings);
+    let local6 = |_: Ipv6Addr, id: Identity| IpcacheValue::new(id.0, 0, Ipv4Addr::UNSPECIFIED, 2);
+    let applied = loader
+        .maps()
+        .apply_policy_dual(&policy.diff(&Compiled::default()), local, local6)
+        .expect("policy");
+    assert_eq!(applied.skipped_ipv6, 0);
+    loader
+        .maps()
+        .upsert_ipcache6(
+            "fd00:201:9::/64".parse().expect("net"),
+            IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
+        )
+        .expect("ipcache6");
+    assert_eq!(
+        loader
+            .maps_ref()
+            .ipcache6_entries()
+            .expect("ipcache6")
+            .len(),
+        3
+    );
+
+    let a = udp_socket(&t.pod_a, v6("fd00:201:1::2", 40600));
+    let b = udp_socket(&t.pod_b, v6("fd00:201:2::2", 7777));
+    let b8 = udp_socket(&t.pod_b, v6("::", 7778));
+    let (to_a, to_b, to_b8) = (
+        v6("fd00:201:1::2", 40600),
+        v6("fd00:201:2::2", 7777),
+        v6("fd00:201:2::2", 7778),
+    );
+    // Policy with identities (pod rule), conntrack for replies, default deny.
+    assert!(
+        udp_delivered(&a, to_b, &b, Duration::from_secs(5)),
+        "v6 a -> b udp/7777 is allowed"
+    );
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(5)),
+        "v6 reply b -> a passes (ct6)"
+    );
+    assert!(
+        !udp_delivered(&a, to_b8, &b8, Duration::from_secs(1)),
+        "v6 a -> b udp/7778 is denied"
+    );
+    let b_new = udp_socket(&t.pod_b, v6("fd00:201:2::2", 7000));
+    assert!(
+        !udp_delivered(&b_new, to_a, &a, Duration::from_secs(1)),
+        "v6 b -> a outside a conversation is denied (b isolated for egress)"
+    );
+    // ipBlock (cidrs6) on traffic from the remote pod, decided by to_pod.
+    let remote = udp_socket(&t.peer, v6("fd00:201:9::5", 40601));
+    assert!(
+        udp_delivered(&remote, to_b8, &b8, Duration::from_secs(5)),
+        "v6 remote -> b udp/7778 is allowed by the ipBlock (IPv6 verdicts {:?}, cidrs {:?})",
+        loader.maps_ref().ipv6_verdicts(),
+        policy.cidrs
+    );
+    let mut buf = [0u8; 64];
+    while b.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&remote, to_b, &b, Duration::from_secs(1)),
+        "v6 remote -> b udp/7777 is denied"
+    );
+    let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
+    assert!(counts[Verdict::DroppedPolicy as usize] >= 3, "{counts:?}");
+    assert!(counts[Verdict::ForwardedLocal as usize] >= 2, "{counts:?}");
+
+    // Anti-spoofing of IPv6 sources.
+    let host_a = t.host_a.clone();
+    let ifindex_a = in_ns(&t.node, move || {
+        wiremesh_bpf::if_index(&host_a).expect("ifindex")
+    });
+    let own6: Ipv6Addr = "fd00:201:1::2".parse().expect("v6");
+    loader
+        .maps()
+        .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), Some(own6)))
+        .expect("endpoint");
+    run(&[
+        "ip",
+        "-n",
+        &t.pod_a,
+        "addr",
+        "add",
+        "fd00:201:1::99/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let liar = udp_socket(&t.pod_a, v6("fd00:201:1::99", 40602));
+    assert!(
+        !udp_delivered(&liar, to_b, &b, Duration::from_secs(1)),
+        "v6 spoofed source is dropped"
+    );
+    assert!(
+        udp_delivered(&a, to_b, &b, Duration::from_secs(5)),
+        "the pod's own v6 address (and neighbour discovery) still works"
+    );
+    let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
+    assert!(counts[wiremesh_bpf::STATS6_SPOOFED] >= 1, "{counts:?}");
+
+    // Strict: v6 cross-node plaintext is dropped at from_pod and on the underlay.
+    let peer_rx = udp_socket(&t.peer, v6("fd00:201:9::5", 7777));
+    let to_remote = v6("fd00:201:9::5", 7777);
+    assert!(
+        udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(5)),
+        "permissive: v6 pod -> remote pod plaintext passes"
+    );
+    let a_rx = udp_socket(&t.pod_a, v6("fd00:201:1::2", 7777));
+    let remote_tx = udp_socket(&t.peer, v6("fd00:201:9::5", 40603));
+    let to_a7 = v6("fd00:201:1::2", 7777);
+    assert!(
+        udp_delivered(&remote_tx, to_a7, &a_rx, Duration::from_secs(5)),
+        "permissive: v6 remote pod -> pod plaintext passes"
+    );
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Strict, 1, 51820))
+        .expect("config");
+    while peer_rx.recv_from(&mut buf).is_ok() {}
+    while a_rx.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(1)),
+        "strict: v6 pod -> remote pod plaintext is dropped"
+    );
+    assert!(
+        !udp_delivered(&remote_tx, to_a7, &a_rx, Duration::from_secs(1)),
+        "strict: v6 remote pod -> pod plaintext is dropped on the underlay"
+    );
+    let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
+    assert!(
+        counts[Verdict::DroppedPlaintext as usize] >= 2,
+        "{counts:?}"
+    );
+    let remote_wg = udp_socket(&t.peer, v6("fd00:201:9::5", 51820));
+    assert!(
+        udp_delivered(&remote_wg, to_a7, &a_rx, Duration::from_secs(5)),
+        "strict: v6 UDP from the WireGuard port passes"
     );
 }

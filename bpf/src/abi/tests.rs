@@ -84,3 +84,33 @@ fn flow_event_decodes_and_rejects_wrong_size() {
     assert!(FlowEvent::from_bytes(&b[..55]).is_none());
     assert_eq!(FlowEvent { verdict: 9, ..e }.verdict(), None);
 }
+
+#[test]
+fn config_new_marks_the_entry_set_and_timeouts_are_whole_seconds() {
+    let c = Config::new(7, Mode::Strict, 1, 51820);
+    assert_eq!(c.flags, config_flags::SET);
+    assert_eq!(
+        (c.ct_tcp_timeout_s, c.ct_other_timeout_s),
+        (0, 0),
+        "0 = defaults"
+    );
+    assert_eq!(
+        Config::default().flags,
+        0,
+        "a never-written entry reads as unset"
+    );
+    let t = c.with_ct_timeouts(Duration::from_millis(300), Duration::from_secs(90));
+    assert_eq!((t.ct_tcp_timeout_s, t.ct_other_timeout_s), (1, 90));
+    assert_eq!((t.tunnel_ifindex, t.mode, t.wg_port), (7, 1, 51820));
+}
+
+#[test]
+fn lpm6_keys_round_trip() {
+    let net: Ipv6Net = "fd00:201:9::1/64".parse().expect("net");
+    let k = lpm6_key(net);
+    assert_eq!(k.prefix_len(), 64);
+    assert_eq!(lpm6_net(&k), Some(net.trunc()));
+    let ep = EndpointValue::new(None, Some("fd00::5".parse().expect("v6")));
+    assert_eq!(ep.ip4, [0; 4]);
+    assert_eq!(ep.ip6[15], 5);
+}
