@@ -15,7 +15,7 @@ policy, and the datapath with the policy maps filled by the wiremesh-policy comp
 synthetic cluster (>= --policy-rules rule entries; the measured flow allowed by a named-port
 ingress rule and an ipBlock egress rule). bpf/examples/datapath-bench loads and attaches the
 programs and reports their kernel run-time statistics. TCP single stream pod a -> pod b, rounds
-interleaved; prints the per-round ratio policy / no-policy (min / median / max).
+interleaved (order reversed every other round); prints the per-round ratio policy / no-policy (min / median / max).
 
 Needs root, iperf3, ping, wg, wireguard-go. Run through `make bench`.
 """
@@ -264,7 +264,8 @@ def policy_bench(args):
             raise RuntimeError(f"tcp/{port + 1} a -> b: expected refused without policy and dropped with it, got {got}")
         results = {n: [] for n in names}
         for r in range(args.policy_runs):
-            for name in names:
+            # Alternate the order so no variant always follows the same one.
+            for name in (names if r % 2 == 0 else names[::-1]):
                 pair = pairs[name]
                 s0 = pair.stats() if pair.loader else None
                 gbit, retr = iperf(pair, args.time, 1)
