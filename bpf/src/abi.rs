@@ -396,6 +396,125 @@ impl FlowEvent {
     }
 }
 
+/// `struct wm_flow_event6`: the IPv6 ring-buffer record (80 bytes; same fields as
+/// [`FlowEvent`] with 16-byte addresses).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowEvent6 {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Packets since the previous record of this flow and verdict.
+    pub packets: u64,
+    /// Bytes (skb length) since the previous record.
+    pub bytes: u64,
+    /// Source address octets.
+    pub src_ip: [u8; 16],
+    /// Destination address octets.
+    pub dst_ip: [u8; 16],
+    /// Source identity.
+    pub src_identity: u32,
+    /// Destination identity.
+    pub dst_identity: u32,
+    /// Underlay IPv4 of the remote node, zero if none.
+    pub peer_node_ip: [u8; 4],
+    /// Device the program ran on.
+    pub ifindex: u32,
+    /// Source port, big-endian bytes.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian bytes.
+    pub dst_port: [u8; 2],
+    /// IP protocol (next header).
+    pub protocol: u8,
+    /// `WM_VERDICT_*`.
+    pub verdict: u8,
+    /// `WM_HOOK_*`.
+    pub hook: u8,
+    /// 6.
+    pub family: u8,
+}
+
+impl FlowEvent6 {
+    /// Decodes a ring-buffer record; `None` if it has the wrong size or family.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length matches and FlowEvent6 is plain old data for any bit pattern.
+        let e: Self = unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) };
+        (e.family == 6).then_some(e)
+    }
+    /// Source address.
+    pub fn src(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.src_ip)
+    }
+    /// Destination address.
+    pub fn dst(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.dst_ip)
+    }
+    /// Source port (host order).
+    pub fn sport(&self) -> u16 {
+        u16::from_be_bytes(self.src_port)
+    }
+    /// Destination port (host order).
+    pub fn dport(&self) -> u16 {
+        u16::from_be_bytes(self.dst_port)
+    }
+    /// The remote node, if any.
+    pub fn peer_node(&self) -> Option<Ipv4Addr> {
+        (self.peer_node_ip != [0; 4]).then(|| Ipv4Addr::from(self.peer_node_ip))
+    }
+    /// The verdict, `None` for a value this build does not know.
+    pub fn verdict(&self) -> Option<Verdict> {
+        Verdict::from_u8(self.verdict)
+    }
+    /// The reporting program.
+    pub fn hook(&self) -> Option<Hook> {
+        Hook::from_u8(self.hook)
+    }
+}
+
+/// A flow record of either family ([`crate::FlowReader::read_any`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// An IPv4 record.
+    V4(FlowEvent),
+    /// An IPv6 record.
+    V6(FlowEvent6),
+}
+
+impl Flow {
+    /// Decodes a ring-buffer record by its size; `None` for an unknown record.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        FlowEvent::from_bytes(b)
+            .map(Self::V4)
+            .or_else(|| FlowEvent6::from_bytes(b).map(Self::V6))
+    }
+}
+
+/// `struct wm_flow6_key`: the aggregation key of IPv6 flow records.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey6 {
+    /// Source address octets.
+    pub src_ip: [u8; 16],
+    /// Destination address octets.
+    pub dst_ip: [u8; 16],
+    /// Source port, big-endian.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian.
+    pub dst_port: [u8; 2],
+    /// IP protocol.
+    pub protocol: u8,
+    /// `WM_VERDICT_*`.
+    pub verdict: u8,
+    /// `WM_HOOK_*`.
+    pub hook: u8,
+    /// Zero.
+    pub pad: u8,
+    /// Device the program ran on.
+    pub ifindex: u32,
+}
+
 /// `struct wm_flow_key`: the aggregation key of flow records.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -510,6 +629,8 @@ const _: () = assert!(size_of::<CtValue>() == 16); // wm_ct_val
 const _: () = assert!(size_of::<Key<[u8; 16]>>() == 20); // wm_lpm6_key
 const _: () = assert!(size_of::<Ct6Key>() == 40); // wm_ct6_key
 const _: () = assert!(size_of::<Stats6>() == 64); // wm_stats6
+const _: () = assert!(size_of::<FlowEvent6>() == 80); // wm_flow_event6
+const _: () = assert!(size_of::<FlowKey6>() == 44); // wm_flow6_key
 const _: () = assert!(size_of::<FlowEvent>() == 56); // wm_flow_event
 const _: () = assert!(size_of::<CtKey>() == 16); // wm_ct_key
 const _: () = assert!(size_of::<FlowKey>() == 20); // wm_flow_key
@@ -535,6 +656,10 @@ unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for Ct6Key {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Stats6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowEvent6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey6 {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtKey {}
 // SAFETY: as above.

@@ -13,8 +13,9 @@
  * pass and packets of a flow decided in the current policy epoch skip the policy lookups.
  * Anti-spoofing: from_pod drops a source address that is not the pod's own (wm_endpoints).
  * Never-written config = strict mode without a tunnel (fail closed).
- * IPv4 and IPv6 alike (ipcache6, cidrs6, ct6); IPv6 verdicts are counted in wm_stats6 (flow
- * records are IPv4 only). On-link IPv6 (link-local, multicast: neighbour discovery) passes.
+ * IPv4 and IPv6 alike (ipcache6, cidrs6, ct6, flows6 and 80-byte records in the same ring;
+ * IPv6 verdicts are also counted in wm_stats6). On-link IPv6 (link-local, multicast: neighbour
+ * discovery) passes.
  * Other traffic (ARP, ...) passes untouched.
  */
 #include <linux/bpf.h>
@@ -144,6 +145,14 @@ struct {
 	__uint(max_entries, 262144);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wm_ct6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct wm_flow6_key);
+	__type(value, struct wm_flow_state);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_flows6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -453,18 +462,97 @@ static __always_inline int side_allows(__u32 subject, __u32 peer_id, const struc
 	return rule_hit(&rk, WM_ID_ANY);
 }
 
-/* Aggregates per flow and verdict in wm_flows; writes a record when due. */
+/*
+ * Accounts one packet of the flow `key` in `flows` (creating its state). Returns 1 with the
+ * packets/bytes to report when a record is due (the flow's first packet, then at most once per
+ * WM_FLOW_REPORT_NS), 0 otherwise.
+ */
+static __always_inline int flow_due(void *flows, const void *key, __u64 now, __u32 len,
+				    __u64 *packets, __u64 *bytes)
+{
+	*packets = 1;
+	*bytes = len;
+	struct wm_flow_state *st = bpf_map_lookup_elem(flows, key);
+	if (!st) {
+		struct wm_flow_state fresh = {.last_report_ns = now};
+		bpf_map_update_elem(flows, key, &fresh, BPF_NOEXIST);
+		return 1;
+	}
+	__sync_fetch_and_add(&st->packets, 1);
+	__sync_fetch_and_add(&st->bytes, len);
+	if (now - st->last_report_ns < WM_FLOW_REPORT_NS)
+		return 0;
+	/* Races between CPUs can move a few packets to the next record; none are lost. */
+	st->last_report_ns = now;
+	*packets = __sync_fetch_and_add(&st->packets, 0);
+	*bytes = __sync_fetch_and_add(&st->bytes, 0);
+	__sync_fetch_and_add(&st->packets, -*packets);
+	__sync_fetch_and_add(&st->bytes, -*bytes);
+	return 1;
+}
+
+static __always_inline void event_lost(void)
+{
+	__u32 zero = 0;
+	struct wm_stats *s = bpf_map_lookup_elem(&wm_stats, &zero);
+	if (s)
+		s->events_lost += 1; /* per-CPU: no atomics needed */
+}
+
+static __always_inline void report6(struct __sk_buff *skb, const struct pkt *p, __u32 src_id,
+				    __u32 dst_id, __be32 peer_node, __u8 verdict, __u8 hook)
+{
+	__u32 zero = 0;
+	struct wm_stats6 *s6 = bpf_map_lookup_elem(&wm_stats6, &zero);
+	if (s6 && verdict < 8)
+		s6->by_verdict[verdict] += 1; /* per-CPU */
+	if (verdict == WM_STATS6_SPOOFED)
+		return;
+	__u64 now = bpf_ktime_get_ns(), packets, bytes;
+	struct wm_flow6_key fk = {
+		.src_port = p->src_port,
+		.dst_port = p->dst_port,
+		.protocol = p->protocol,
+		.verdict = verdict,
+		.hook = hook,
+		.ifindex = skb->ifindex,
+	};
+	__builtin_memcpy(fk.src_ip, p->src6, 16);
+	__builtin_memcpy(fk.dst_ip, p->dst6, 16);
+	if (!flow_due(&wm_flows6, &fk, now, skb->len, &packets, &bytes))
+		return;
+	struct wm_flow_event6 *e = bpf_ringbuf_reserve(&wm_events, sizeof(*e), 0);
+	if (!e) {
+		event_lost();
+		return;
+	}
+	e->ts_ns = now;
+	e->packets = packets;
+	e->bytes = bytes;
+	__builtin_memcpy(e->src_ip, p->src6, 16);
+	__builtin_memcpy(e->dst_ip, p->dst6, 16);
+	e->src_identity = src_id;
+	e->dst_identity = dst_id;
+	e->peer_node_ip = peer_node;
+	e->ifindex = skb->ifindex;
+	e->src_port = p->src_port;
+	e->dst_port = p->dst_port;
+	e->protocol = p->protocol;
+	e->verdict = verdict;
+	e->hook = hook;
+	e->family = 6;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Aggregates per flow and verdict in wm_flows/wm_flows6; writes a record when due. */
 static __always_inline void report(struct __sk_buff *skb, const struct pkt *p, __u32 src_id,
 				   __u32 dst_id, __be32 peer_node, __u8 verdict, __u8 hook)
 {
 	if (p->v6) {
-		__u32 zero = 0;
-		struct wm_stats6 *s6 = bpf_map_lookup_elem(&wm_stats6, &zero);
-		if (s6 && verdict < 8)
-			s6->by_verdict[verdict] += 1; /* per-CPU */
+		report6(skb, p, src_id, dst_id, peer_node, verdict, hook);
 		return;
 	}
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_ns(), packets, bytes;
 	struct wm_flow_key fk = {
 		.src_ip = p->src_ip,
 		.dst_ip = p->dst_ip,
@@ -475,29 +563,11 @@ static __always_inline void report(struct __sk_buff *skb, const struct pkt *p, _
 		.hook = hook,
 		.ifindex = skb->ifindex,
 	};
-	__u64 packets = 1, bytes = skb->len;
-	struct wm_flow_state *st = bpf_map_lookup_elem(&wm_flows, &fk);
-	if (st) {
-		__sync_fetch_and_add(&st->packets, 1);
-		__sync_fetch_and_add(&st->bytes, skb->len);
-		if (now - st->last_report_ns < WM_FLOW_REPORT_NS)
-			return;
-		/* Races between CPUs can move a few packets to the next record; none are lost. */
-		st->last_report_ns = now;
-		packets = __sync_fetch_and_add(&st->packets, 0);
-		bytes = __sync_fetch_and_add(&st->bytes, 0);
-		__sync_fetch_and_add(&st->packets, -packets);
-		__sync_fetch_and_add(&st->bytes, -bytes);
-	} else {
-		struct wm_flow_state fresh = {.last_report_ns = now};
-		bpf_map_update_elem(&wm_flows, &fk, &fresh, BPF_NOEXIST);
-	}
+	if (!flow_due(&wm_flows, &fk, now, skb->len, &packets, &bytes))
+		return;
 	struct wm_flow_event *e = bpf_ringbuf_reserve(&wm_events, sizeof(*e), 0);
 	if (!e) {
-		__u32 zero = 0;
-		struct wm_stats *s = bpf_map_lookup_elem(&wm_stats, &zero);
-		if (s)
-			s->events_lost += 1; /* per-CPU: no atomics needed */
+		event_lost();
 		return;
 	}
 	e->ts_ns = now;

@@ -26,9 +26,9 @@ use tracing::{debug, info, warn};
 use wiremesh_policy::{Identity, IsolationKey, MapDiff, RuleKey};
 
 use crate::abi::{
-    AbiError, Config, Ct6Key, CtKey, CtValue, EndpointValue, FlowEvent, FlowKey, FlowState, Hook,
-    IpcacheValue, IsolationKeyRaw, RuleData, Stats6, lpm4_key, lpm4_net, lpm6_key, lpm6_net,
-    rule_key,
+    AbiError, Config, Ct6Key, CtKey, CtValue, EndpointValue, Flow, FlowEvent, FlowKey, FlowKey6,
+    FlowState, Hook, IpcacheValue, IsolationKeyRaw, RuleData, Stats6, lpm4_key, lpm4_net, lpm6_key,
+    lpm6_net, rule_key,
 };
 use crate::sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual};
 
@@ -172,7 +172,7 @@ pub enum Attached {
 
 /// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
 /// them; checked against pins reused from an earlier run.
-const MAP_SHAPES: [(&str, u32, u32, u32); 15] = [
+const MAP_SHAPES: [(&str, u32, u32, u32); 16] = [
     ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
     ("wm_cidrs4", 8, 4, 65536),
     ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
@@ -198,6 +198,7 @@ const MAP_SHAPES: [(&str, u32, u32, u32); 15] = [
         262_144,
     ),
     ("wm_stats6", 4, size_of::<Stats6>() as u32, 1),
+    ("wm_flows6", 44, 24, 65536),
 ];
 
 fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
@@ -490,6 +491,7 @@ pub struct Maps {
     ipcache6: LpmTrie<MapData, [u8; 16], IpcacheValue>,
     cidrs6: LpmTrie<MapData, [u8; 16], u32>,
     stats6: PerCpuArray<MapData, Stats6>,
+    flows6: HashMap<MapData, FlowKey6, FlowState>,
 }
 
 impl Maps {
@@ -514,7 +516,16 @@ impl Maps {
             cidrs6: LpmTrie::try_from(take(ebpf, "wm_cidrs6")?).map_err(map_err("wm_cidrs6"))?,
             stats6: PerCpuArray::try_from(take(ebpf, "wm_stats6")?)
                 .map_err(map_err("wm_stats6"))?,
+            flows6: HashMap::try_from(take(ebpf, "wm_flows6")?).map_err(map_err("wm_flows6"))?,
         })
+    }
+
+    /// [`Maps::flow_backlog`] of the IPv6 flows.
+    pub fn flow_backlog6(&self) -> Result<Vec<(FlowKey6, FlowState)>, Error> {
+        self.flows6
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("wm_flows6"))
     }
 
     /// Inserts or overwrites an ipcache6 prefix (and starts a new policy epoch).
@@ -762,9 +773,23 @@ pub struct FlowReader {
 }
 
 impl FlowReader {
-    /// Returns the records available now, or waits up to `timeout` for the first one (an
-    /// empty vector when none arrived). Records of an unexpected size are skipped.
+    /// Returns the IPv4 records available now, or waits up to `timeout` for the first one (an
+    /// empty vector when none arrived). IPv6 records are consumed and dropped (use
+    /// [`FlowReader::read_any`] to get both); records of an unknown size are skipped.
     pub fn read(&mut self, timeout: Duration) -> Result<Vec<FlowEvent>, Error> {
+        Ok(self
+            .read_any(timeout)?
+            .into_iter()
+            .filter_map(|f| match f {
+                Flow::V4(e) => Some(e),
+                Flow::V6(_) => None,
+            })
+            .collect())
+    }
+
+    /// Returns the records of both families available now, or waits up to `timeout` for the
+    /// first one (an empty vector when none arrived). Records of an unknown size are skipped.
+    pub fn read_any(&mut self, timeout: Duration) -> Result<Vec<Flow>, Error> {
         let mut out = self.drain();
         if !out.is_empty() {
             return Ok(out);
@@ -787,11 +812,11 @@ impl FlowReader {
         Ok(out)
     }
 
-    fn drain(&mut self) -> Vec<FlowEvent> {
+    fn drain(&mut self) -> Vec<Flow> {
         let mut out = Vec::new();
         while let Some(item) = self.ring.next() {
-            match FlowEvent::from_bytes(&item) {
-                Some(e) => out.push(e),
+            match Flow::from_bytes(&item) {
+                Some(f) => out.push(f),
                 None => warn!(len = item.len(), "flow record of unexpected size"),
             }
         }

@@ -5,7 +5,7 @@
 mod harness;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -1058,6 +1058,41 @@ spec:
     ports: [{protocol: UDP, port: 7778}]
 "#;
 
+/// IPv6 flow records read so far (kept, so waits in any order find them).
+struct Flows6 {
+    reader: wiremesh_bpf::FlowReader,
+    seen: Vec<wiremesh_bpf::FlowEvent6>,
+}
+
+impl Flows6 {
+    /// Reads until an IPv6 record (read now or earlier) satisfies `pred` or `timeout` passes.
+    fn wait(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&wiremesh_bpf::FlowEvent6) -> bool,
+    ) -> Option<wiremesh_bpf::FlowEvent6> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.seen.iter().find(|e| pred(e)) {
+                return Some(*e);
+            }
+            if Instant::now() >= deadline {
+                eprintln!("IPv6 records seen without a match: {:#?}", self.seen);
+                return None;
+            }
+            for f in self
+                .reader
+                .read_any(Duration::from_millis(200))
+                .expect("ring")
+            {
+                if let wiremesh_bpf::Flow::V6(e) = f {
+                    self.seen.push(e);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
     if !root_or_skip("ipv6") {
@@ -1068,6 +1103,10 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
     let t = Topo::new();
     t.add_ipv6();
     let mut loader = load(&t, all_hooks(&t));
+    let mut flows = Flows6 {
+        reader: loader.take_flow_reader().expect("reader"),
+        seen: Vec::new(),
+    };
     loader
         .maps()
         .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
@@ -1139,6 +1178,28 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
     let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
     assert!(counts[Verdict::DroppedPolicy as usize] >= 3, "{counts:?}");
     assert!(counts[Verdict::ForwardedLocal as usize] >= 2, "{counts:?}");
+    let b_id = policy.endpoints[&IpAddr::from(*to_b.ip())].0;
+    let e = flows
+        .wait(Duration::from_secs(3), |e| {
+            e.verdict() == Some(Verdict::ForwardedLocal) && e.dport() == 7777 && e.sport() == 40600
+        })
+        .expect("v6 forwarded-local record");
+    assert_eq!(
+        (e.src(), e.dst(), e.dst_identity),
+        (*to_a.ip(), *to_b.ip(), b_id)
+    );
+    assert_eq!((e.hook(), e.protocol), (Some(Hook::FromPod), 17));
+    flows
+        .wait(Duration::from_secs(3), |e| {
+            e.verdict() == Some(Verdict::DroppedPolicy) && e.dport() == 7778 && e.sport() == 40600
+        })
+        .expect("v6 dropped-policy record of a -> b udp/7778");
+    let e = flows
+        .wait(Duration::from_secs(3), |e| {
+            e.verdict() == Some(Verdict::ForwardedPlain) && e.hook() == Some(Hook::ToPod)
+        })
+        .expect("v6 to_pod record of remote -> b udp/7778");
+    assert_eq!((e.dport(), e.peer_node()), (7778, Some(PEER_NODE)));
 
     // Anti-spoofing of IPv6 sources.
     let host_a = t.host_a.clone();
@@ -1206,6 +1267,13 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
         counts[Verdict::DroppedPlaintext as usize] >= 2,
         "{counts:?}"
     );
+    for hook in [Hook::FromPod, Hook::UnderlayIngress] {
+        flows
+            .wait(Duration::from_secs(3), |e| {
+                e.verdict() == Some(Verdict::DroppedPlaintext) && e.hook() == Some(hook)
+            })
+            .unwrap_or_else(|| panic!("v6 dropped-plaintext record from {hook:?}"));
+    }
     let remote_wg = udp_socket(&t.peer, v6("fd00:201:9::5", 51820));
     assert!(
         udp_delivered(&remote_wg, to_a7, &a_rx, Duration::from_secs(5)),

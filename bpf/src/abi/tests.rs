@@ -114,3 +114,34 @@ fn lpm6_keys_round_trip() {
     assert_eq!(ep.ip4, [0; 4]);
     assert_eq!(ep.ip6[15], 5);
 }
+
+#[test]
+fn flow_records_are_told_apart_by_size_and_family() {
+    let v4 = FlowEvent {
+        verdict: 2,
+        ..FlowEvent::default()
+    };
+    let mut v6 = FlowEvent6 {
+        src_ip: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        src_port: 7777u16.to_be_bytes(),
+        verdict: 4,
+        hook: 3,
+        family: 6,
+        ..FlowEvent6::default()
+    };
+    assert_eq!(Flow::from_bytes(&bytes(&v4)), Some(Flow::V4(v4)));
+    let f = Flow::from_bytes(&bytes(&v6));
+    assert_eq!(f, Some(Flow::V6(v6)));
+    assert_eq!(v6.src(), "fd00::1".parse::<Ipv6Addr>().expect("v6"));
+    assert_eq!(
+        (v6.sport(), v6.verdict(), v6.hook()),
+        (
+            7777,
+            Some(Verdict::DroppedPlaintext),
+            Some(Hook::UnderlayIngress)
+        )
+    );
+    v6.family = 4;
+    assert_eq!(Flow::from_bytes(&bytes(&v6)), None, "wrong family");
+    assert_eq!(Flow::from_bytes(&[0u8; 57]), None, "unknown size");
+}
