@@ -321,6 +321,37 @@ impl Hook {
     }
 }
 
+/// The accessors both record families share.
+macro_rules! flow_accessors {
+    ($t:ty) => {
+        impl $t {
+            /// Source port (host order).
+            pub fn sport(&self) -> u16 {
+                u16::from_be_bytes(self.src_port)
+            }
+            /// Destination port (host order).
+            pub fn dport(&self) -> u16 {
+                u16::from_be_bytes(self.dst_port)
+            }
+            /// The remote node, if any.
+            pub fn peer_node(&self) -> Option<Ipv4Addr> {
+                (self.peer_node_ip != [0; 4]).then(|| Ipv4Addr::from(self.peer_node_ip))
+            }
+            /// The verdict, `None` for a value this build does not know.
+            pub fn verdict(&self) -> Option<Verdict> {
+                Verdict::from_u8(self.verdict)
+            }
+            /// The reporting program.
+            pub fn hook(&self) -> Option<Hook> {
+                Hook::from_u8(self.hook)
+            }
+        }
+    };
+}
+
+flow_accessors!(FlowEvent);
+flow_accessors!(FlowEvent6);
+
 /// `struct wm_flow_event`: one ring-buffer record.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -373,26 +404,6 @@ impl FlowEvent {
     /// Destination address.
     pub fn dst(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.dst_ip)
-    }
-    /// Source port (host order).
-    pub fn sport(&self) -> u16 {
-        u16::from_be_bytes(self.src_port)
-    }
-    /// Destination port (host order).
-    pub fn dport(&self) -> u16 {
-        u16::from_be_bytes(self.dst_port)
-    }
-    /// The remote node, if any.
-    pub fn peer_node(&self) -> Option<Ipv4Addr> {
-        (self.peer_node_ip != [0; 4]).then(|| Ipv4Addr::from(self.peer_node_ip))
-    }
-    /// The verdict, `None` for a value this build does not know.
-    pub fn verdict(&self) -> Option<Verdict> {
-        Verdict::from_u8(self.verdict)
-    }
-    /// The reporting program.
-    pub fn hook(&self) -> Option<Hook> {
-        Hook::from_u8(self.hook)
     }
 }
 
@@ -450,26 +461,6 @@ impl FlowEvent6 {
     /// Destination address.
     pub fn dst(&self) -> Ipv6Addr {
         Ipv6Addr::from(self.dst_ip)
-    }
-    /// Source port (host order).
-    pub fn sport(&self) -> u16 {
-        u16::from_be_bytes(self.src_port)
-    }
-    /// Destination port (host order).
-    pub fn dport(&self) -> u16 {
-        u16::from_be_bytes(self.dst_port)
-    }
-    /// The remote node, if any.
-    pub fn peer_node(&self) -> Option<Ipv4Addr> {
-        (self.peer_node_ip != [0; 4]).then(|| Ipv4Addr::from(self.peer_node_ip))
-    }
-    /// The verdict, `None` for a value this build does not know.
-    pub fn verdict(&self) -> Option<Verdict> {
-        Verdict::from_u8(self.verdict)
-    }
-    /// The reporting program.
-    pub fn hook(&self) -> Option<Hook> {
-        Hook::from_u8(self.hook)
     }
 }
 

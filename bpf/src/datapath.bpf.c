@@ -499,6 +499,23 @@ static __always_inline void event_lost(void)
 		s->events_lost += 1; /* per-CPU: no atomics needed */
 }
 
+/* The fields wm_flow_event and wm_flow_event6 share, from report's locals. */
+#define FILL_EVENT(e)                                                                              \
+	do {                                                                                       \
+		(e)->ts_ns = now;                                                                  \
+		(e)->packets = packets;                                                            \
+		(e)->bytes = bytes;                                                                \
+		(e)->src_identity = src_id;                                                        \
+		(e)->dst_identity = dst_id;                                                        \
+		(e)->peer_node_ip = peer_node;                                                     \
+		(e)->ifindex = skb->ifindex;                                                       \
+		(e)->src_port = p->src_port;                                                       \
+		(e)->dst_port = p->dst_port;                                                       \
+		(e)->protocol = p->protocol;                                                       \
+		(e)->verdict = verdict;                                                            \
+		(e)->hook = hook;                                                                  \
+	} while (0)
+
 static __always_inline void report6(struct __sk_buff *skb, const struct pkt *p, __u32 src_id,
 				    __u32 dst_id, __be32 peer_node, __u8 verdict, __u8 hook)
 {
@@ -526,20 +543,9 @@ static __always_inline void report6(struct __sk_buff *skb, const struct pkt *p, 
 		event_lost();
 		return;
 	}
-	e->ts_ns = now;
-	e->packets = packets;
-	e->bytes = bytes;
+	FILL_EVENT(e);
 	__builtin_memcpy(e->src_ip, p->src6, 16);
 	__builtin_memcpy(e->dst_ip, p->dst6, 16);
-	e->src_identity = src_id;
-	e->dst_identity = dst_id;
-	e->peer_node_ip = peer_node;
-	e->ifindex = skb->ifindex;
-	e->src_port = p->src_port;
-	e->dst_port = p->dst_port;
-	e->protocol = p->protocol;
-	e->verdict = verdict;
-	e->hook = hook;
 	e->family = 6;
 	bpf_ringbuf_submit(e, 0);
 }
@@ -570,20 +576,9 @@ static __always_inline void report(struct __sk_buff *skb, const struct pkt *p, _
 		event_lost();
 		return;
 	}
-	e->ts_ns = now;
-	e->packets = packets;
-	e->bytes = bytes;
+	FILL_EVENT(e);
 	e->src_ip = p->src_ip;
 	e->dst_ip = p->dst_ip;
-	e->src_identity = src_id;
-	e->dst_identity = dst_id;
-	e->peer_node_ip = peer_node;
-	e->ifindex = skb->ifindex;
-	e->src_port = p->src_port;
-	e->dst_port = p->dst_port;
-	e->protocol = p->protocol;
-	e->verdict = verdict;
-	e->hook = hook;
 	e->pad = 0;
 	bpf_ringbuf_submit(e, 0);
 }
