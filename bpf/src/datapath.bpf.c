@@ -142,7 +142,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct wm_ct6_key);
 	__type(value, struct wm_ct_val);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 65536); /* preallocated: 262144 like wm_ct would cost ~30 MiB */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wm_ct6 SEC(".maps");
 

@@ -195,7 +195,7 @@ const MAP_SHAPES: [(&str, u32, u32, u32); 16] = [
         "wm_ct6",
         size_of::<Ct6Key>() as u32,
         size_of::<CtValue>() as u32,
-        262_144,
+        65536,
     ),
     ("wm_stats6", 4, size_of::<Stats6>() as u32, 1),
     ("wm_flows6", 44, 24, 65536),
