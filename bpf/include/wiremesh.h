@@ -236,8 +236,13 @@ struct wm_ct_key {
 struct wm_ct_val {
 	__u64 last_ns; /* bpf_ktime_get_ns() of the last use */
 	__u32 epoch;   /* policy epoch of the decision */
-	__u32 pad;
+	__u32 flags;   /* WM_CT_* */
 }; /* 16 bytes */
+
+/* wm_ct_val.flags: a TCP FIN or RST passed; the entry lives at most WM_CT_TCP_CLOSE_TIMEOUT_S
+ * idle (a SYN on the same tuple clears it). */
+#define WM_CT_CLOSING 0x1
+#define WM_CT_TCP_CLOSE_TIMEOUT_S 10
 
 /* ct6 (LRU hash): the IPv6 conntrack, same semantics and value as ct. 40 bytes. */
 struct wm_ct6_key {

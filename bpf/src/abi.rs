@@ -252,9 +252,18 @@ pub struct CtValue {
     pub last_ns: u64,
     /// Policy epoch of the decision.
     pub epoch: u32,
-    /// Zero.
-    pub pad: u32,
+    /// [`CtValue::CLOSING`] or 0.
+    pub flags: u32,
 }
+
+impl CtValue {
+    /// A TCP FIN or RST passed: the entry lives at most [`CT_TCP_CLOSE_TIMEOUT`] idle.
+    pub const CLOSING: u32 = 0x1;
+}
+
+/// Idle lifetime of a TCP conntrack entry once a FIN or RST passed (or the TCP lifetime, if
+/// shorter).
+pub const CT_TCP_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Verdict of a flow record (`WM_VERDICT_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -170,7 +170,8 @@ struct pkt {
 	__be16 dst_port;
 	__u8 protocol;
 	__u8 v6;
-	__u8 nd; /* ICMPv6 neighbour discovery (RS, RA, NS, NA, redirect) */
+	__u8 nd;        /* ICMPv6 neighbour discovery (RS, RA, NS, NA, redirect) */
+	__u8 tcp_flags; /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10 */
 	__u8 src6[16];
 	__u8 dst6[16];
 };
@@ -188,6 +189,26 @@ static __always_inline void parse_ports(struct pkt *p, void *l4, void *data_end)
 		return;
 	p->src_port = ports[0];
 	p->dst_port = ports[1];
+	__u8 *tcp = l4;
+	if (p->protocol == IPPROTO_TCP && (void *)(tcp + 14) <= data_end)
+		p->tcp_flags = tcp[13];
+}
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+/* The WM_CT_CLOSING state p leaves a connection in, given the entry's current flags. */
+static __always_inline __u32 ct_flags_after(const struct pkt *p, __u32 flags)
+{
+	if (p->protocol != IPPROTO_TCP)
+		return flags;
+	if (p->tcp_flags & (TCP_FIN | TCP_RST))
+		return flags | WM_CT_CLOSING;
+	if ((p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+		return flags & ~WM_CT_CLOSING; /* a new connection on the same tuple */
+	return flags;
 }
 
 /*
@@ -287,14 +308,22 @@ struct ct {
 
 static __always_inline int ct_alive(const struct ct *c, const struct wm_ct_val *v)
 {
+	__u64 lifetime = c->lifetime;
+	if ((v->flags & WM_CT_CLOSING) && lifetime > WM_CT_TCP_CLOSE_TIMEOUT_S * 1000000000ULL)
+		lifetime = WM_CT_TCP_CLOSE_TIMEOUT_S * 1000000000ULL;
 	/* A last_ns in the future (another CPU just refreshed it) counts as alive. */
-	return c->now < v->last_ns || c->now - v->last_ns <= c->lifetime;
+	return c->now < v->last_ns || c->now - v->last_ns <= lifetime;
 }
 
-static __always_inline void ct_refresh(const struct ct *c, struct wm_ct_val *v)
+/* A packet of a live entry passed: refresh its last use and its TCP closing state. */
+static __always_inline void ct_refresh(const struct ct *c, struct wm_ct_val *v,
+				       const struct pkt *p)
 {
 	if (c->now > v->last_ns && c->now - v->last_ns >= WM_CT_REFRESH_NS)
 		v->last_ns = c->now;
+	__u32 flags = ct_flags_after(p, v->flags);
+	if (flags != v->flags)
+		v->flags = flags;
 }
 
 /* The conntrack entry of p's tuple (reversed: of its reply). */
@@ -359,7 +388,7 @@ static __always_inline int ct_decided(struct ct *c, const struct wm_config *cfg,
 	c->fwd = v;
 	if (!v || !ct_alive(c, v) || v->epoch != c->epoch)
 		return 0;
-	ct_refresh(c, v);
+	ct_refresh(c, v, p);
 	return 1;
 }
 
@@ -369,7 +398,7 @@ static __always_inline int ct_is_reply(const struct ct *c, const struct pkt *p)
 	struct wm_ct_val *v = ct_lookup(p, 1);
 	if (!v || !ct_alive(c, v))
 		return 0;
-	ct_refresh(c, v);
+	ct_refresh(c, v, p);
 	return 1;
 }
 
@@ -378,11 +407,18 @@ static __always_inline void ct_allow(const struct ct *c, const struct pkt *p)
 {
 	struct wm_ct_val *v = c->fwd;
 	if (v) {
+		/* An expired entry starts over; a live one (new epoch) keeps its TCP state. */
+		__u32 flags = ct_alive(c, v) ? v->flags : 0;
 		v->last_ns = c->now;
 		v->epoch = c->epoch;
+		v->flags = ct_flags_after(p, flags);
 		return;
 	}
-	struct wm_ct_val fresh = {.last_ns = c->now, .epoch = c->epoch};
+	struct wm_ct_val fresh = {
+		.last_ns = c->now,
+		.epoch = c->epoch,
+		.flags = ct_flags_after(p, 0),
+	};
 	ct_insert(p, &fresh);
 }
 

@@ -794,6 +794,62 @@ fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
 }
 
 #[test]
+fn a_tcp_fin_shortens_the_conntrack_lifetime() {
+    if !root_or_skip("tcp close") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let t = Topo::new();
+    let cfg = Config::new(0, Mode::Permissive, 1, 0);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
+    let listener = listen(&t.pod_b, 8080);
+    let mut client = in_ns(&t.pod_a, move || {
+        TcpStream::connect_timeout(&SocketAddr::from((POD_B, 8080)), Duration::from_secs(3))
+            .expect("a -> b tcp/8080 is allowed")
+    });
+    client
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let (mut server, _) = listener.accept().expect("accept");
+    let sport = client.local_addr().expect("addr").port();
+    let entry = || ct_entry(&loader, POD_A, sport, POD_B, 8080).expect("entry");
+    assert_eq!(entry().flags, 0, "an open connection");
+
+    // The client half-closes: its FIN marks the entry, replies still pass for now.
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    assert!(
+        eventually(Duration::from_secs(5), || entry().flags
+            == wiremesh_bpf::CtValue::CLOSING),
+        "the FIN marks the entry closing: {:?}",
+        entry()
+    );
+    server.write_all(b"1").expect("write");
+    let mut buf = [0u8; 1];
+    client
+        .read_exact(&mut buf)
+        .expect("a reply right after the FIN passes");
+
+    // Idle past the close lifetime (far below the 6 h TCP default): replies are new flows.
+    wait_ct_age(
+        &loader,
+        (POD_A, sport, POD_B, 8080),
+        wiremesh_bpf::CT_TCP_CLOSE_TIMEOUT + Duration::from_millis(200),
+    );
+    server.write_all(b"2").expect("write");
+    assert!(
+        client.read_exact(&mut buf).is_err(),
+        "a reply after the close lifetime is decided by policy (denied)"
+    );
+    wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy)
+            && (e.src(), e.sport(), e.dport()) == (POD_B, 8080, sport)
+    })
+    .expect("dropped-policy record of the late reply");
+}
+
+#[test]
 fn a_policy_change_applies_to_established_flows() {
     if !root_or_skip("policy epoch") {
         return;
