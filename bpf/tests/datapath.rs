@@ -749,6 +749,49 @@ fn conntrack_entries_expire_after_their_lifetime_and_refresh_on_use() {
     );
 }
 
+/// A TCP connection pod a -> pod b:8080 (client with a 1.5 s read timeout, server, client
+/// port).
+fn tcp_a_to_b(t: &Topo) -> (TcpStream, TcpStream, u16) {
+    let listener = listen(&t.pod_b, 8080);
+    let client = in_ns(&t.pod_a, move || {
+        TcpStream::connect_timeout(&SocketAddr::from((POD_B, 8080)), Duration::from_secs(3))
+            .expect("a -> b tcp/8080 is allowed")
+    });
+    client
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let (server, _) = listener.accept().expect("accept");
+    let sport = client.local_addr().expect("addr").port();
+    (client, server, sport)
+}
+
+/// Waits until the connection's entry is idle past `lifetime`, then checks that server data
+/// (the reply direction; b's egress denies it as a new flow) is dropped and recorded.
+fn late_reply_is_dropped(
+    loader: &Loader,
+    flows: &mut wiremesh_bpf::FlowReader,
+    (client, server, sport): (&mut TcpStream, &mut TcpStream, u16),
+    lifetime: Duration,
+) {
+    use std::io::{Read, Write};
+    wait_ct_age(
+        loader,
+        (POD_A, sport, POD_B, 8080),
+        lifetime + Duration::from_millis(200),
+    );
+    server.write_all(b"2").expect("write");
+    let mut buf = [0u8; 1];
+    assert!(
+        client.read_exact(&mut buf).is_err(),
+        "server data after the entry's lifetime must be dropped (b's egress denies it)"
+    );
+    wait_event(flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy)
+            && (e.src(), e.sport(), e.dport()) == (POD_B, 8080, sport)
+    })
+    .expect("dropped-policy record of the server's late data");
+}
+
 #[test]
 fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
     if !root_or_skip("tcp conntrack expiry") {
@@ -760,37 +803,15 @@ fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
     let cfg =
         Config::new(0, Mode::Permissive, 1, 0).with_ct_timeouts(lifetime, Duration::from_secs(60));
     let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
-    let listener = listen(&t.pod_b, 8080);
-    let mut client = in_ns(&t.pod_a, move || {
-        TcpStream::connect_timeout(&SocketAddr::from((POD_B, 8080)), Duration::from_secs(3))
-            .expect("a -> b tcp/8080 is allowed")
-    });
-    client
-        .set_read_timeout(Some(Duration::from_millis(1500)))
-        .expect("timeout");
-    let (mut server, _) = listener.accept().expect("accept");
-    let sport = client.local_addr().expect("addr").port();
+    let (mut client, mut server, sport) = tcp_a_to_b(&t);
     server.write_all(b"1").expect("write");
     let mut buf = [0u8; 1];
     client
         .read_exact(&mut buf)
         .expect("server data within the lifetime reaches the client");
 
-    wait_ct_age(
-        &loader,
-        (POD_A, sport, POD_B, 8080),
-        lifetime + Duration::from_millis(200),
-    );
-    server.write_all(b"2").expect("write");
-    assert!(
-        client.read_exact(&mut buf).is_err(),
-        "server data after the TCP lifetime must be dropped (b's egress denies it)"
-    );
-    wait_event(&mut flows, Duration::from_secs(3), |e| {
-        e.verdict() == Some(Verdict::DroppedPolicy)
-            && (e.src(), e.sport(), e.dport()) == (POD_B, 8080, sport)
-    })
-    .expect("dropped-policy record of the server's late data");
+    let late = (&mut client, &mut server, sport);
+    late_reply_is_dropped(&loader, &mut flows, late, lifetime);
 }
 
 #[test]
@@ -802,16 +823,7 @@ fn a_tcp_fin_shortens_the_conntrack_lifetime() {
     let t = Topo::new();
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
     let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
-    let listener = listen(&t.pod_b, 8080);
-    let mut client = in_ns(&t.pod_a, move || {
-        TcpStream::connect_timeout(&SocketAddr::from((POD_B, 8080)), Duration::from_secs(3))
-            .expect("a -> b tcp/8080 is allowed")
-    });
-    client
-        .set_read_timeout(Some(Duration::from_millis(1500)))
-        .expect("timeout");
-    let (mut server, _) = listener.accept().expect("accept");
-    let sport = client.local_addr().expect("addr").port();
+    let (mut client, mut server, sport) = tcp_a_to_b(&t);
     let entry = || ct_entry(&loader, POD_A, sport, POD_B, 8080).expect("entry");
     assert_eq!(entry().flags, 0, "an open connection");
 
@@ -832,21 +844,13 @@ fn a_tcp_fin_shortens_the_conntrack_lifetime() {
         .expect("a reply right after the FIN passes");
 
     // Idle past the close lifetime (far below the 6 h TCP default): replies are new flows.
-    wait_ct_age(
+    let late = (&mut client, &mut server, sport);
+    late_reply_is_dropped(
         &loader,
-        (POD_A, sport, POD_B, 8080),
-        wiremesh_bpf::CT_TCP_CLOSE_TIMEOUT + Duration::from_millis(200),
+        &mut flows,
+        late,
+        wiremesh_bpf::CT_TCP_CLOSE_TIMEOUT,
     );
-    server.write_all(b"2").expect("write");
-    assert!(
-        client.read_exact(&mut buf).is_err(),
-        "a reply after the close lifetime is decided by policy (denied)"
-    );
-    wait_event(&mut flows, Duration::from_secs(3), |e| {
-        e.verdict() == Some(Verdict::DroppedPolicy)
-            && (e.src(), e.sport(), e.dport()) == (POD_B, 8080, sport)
-    })
-    .expect("dropped-policy record of the late reply");
 }
 
 #[test]
