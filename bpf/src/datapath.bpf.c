@@ -326,50 +326,63 @@ static __always_inline void ct_refresh(const struct ct *c, struct wm_ct_val *v,
 		v->flags = flags;
 }
 
-/* The conntrack entry of p's tuple (reversed: of its reply). */
+/* The conntrack key of p's tuple (reversed: of its reply) in the map of p's family. */
+union ct_key {
+	struct wm_ct_key v4;
+	struct wm_ct6_key v6;
+};
+
+static __always_inline void ct_key(union ct_key *k, const struct pkt *p, int reversed)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	__be16 sport = reversed ? p->dst_port : p->src_port;
+	__be16 dport = reversed ? p->src_port : p->dst_port;
+	if (p->v6) {
+		__builtin_memcpy(k->v6.src_ip, reversed ? p->dst6 : p->src6, 16);
+		__builtin_memcpy(k->v6.dst_ip, reversed ? p->src6 : p->dst6, 16);
+		k->v6.src_port = sport;
+		k->v6.dst_port = dport;
+		k->v6.protocol = p->protocol;
+		return;
+	}
+	k->v4.src_ip = reversed ? p->dst_ip : p->src_ip;
+	k->v4.dst_ip = reversed ? p->src_ip : p->dst_ip;
+	k->v4.src_port = sport;
+	k->v4.dst_port = dport;
+	k->v4.protocol = p->protocol;
+}
+
 static __always_inline struct wm_ct_val *ct_lookup(const struct pkt *p, int reversed)
 {
-	if (p->v6) {
-		struct wm_ct6_key k = {
-			.src_port = reversed ? p->dst_port : p->src_port,
-			.dst_port = reversed ? p->src_port : p->dst_port,
-			.protocol = p->protocol,
-		};
-		__builtin_memcpy(k.src_ip, reversed ? p->dst6 : p->src6, 16);
-		__builtin_memcpy(k.dst_ip, reversed ? p->src6 : p->dst6, 16);
-		return bpf_map_lookup_elem(&wm_ct6, &k);
-	}
-	struct wm_ct_key k = {
-		.src_ip = reversed ? p->dst_ip : p->src_ip,
-		.dst_ip = reversed ? p->src_ip : p->dst_ip,
-		.src_port = reversed ? p->dst_port : p->src_port,
-		.dst_port = reversed ? p->src_port : p->dst_port,
-		.protocol = p->protocol,
-	};
-	return bpf_map_lookup_elem(&wm_ct, &k);
+	union ct_key k;
+	ct_key(&k, p, reversed);
+	return p->v6 ? bpf_map_lookup_elem(&wm_ct6, &k.v6) : bpf_map_lookup_elem(&wm_ct, &k.v4);
 }
 
 static __always_inline void ct_insert(const struct pkt *p, const struct wm_ct_val *v)
 {
-	if (p->v6) {
-		struct wm_ct6_key k = {
-			.src_port = p->src_port,
-			.dst_port = p->dst_port,
-			.protocol = p->protocol,
-		};
-		__builtin_memcpy(k.src_ip, p->src6, 16);
-		__builtin_memcpy(k.dst_ip, p->dst6, 16);
-		bpf_map_update_elem(&wm_ct6, &k, v, BPF_ANY);
+	union ct_key k;
+	ct_key(&k, p, 0);
+	if (p->v6)
+		bpf_map_update_elem(&wm_ct6, &k.v6, v, BPF_ANY);
+	else
+		bpf_map_update_elem(&wm_ct, &k.v4, v, BPF_ANY);
+}
+
+/*
+ * Policy now denies a flow that has an entry (decided in an earlier epoch, or expired): remove
+ * it so its replies stop passing too.
+ */
+static __always_inline void ct_forget(const struct ct *c, const struct pkt *p)
+{
+	if (!c->fwd)
 		return;
-	}
-	struct wm_ct_key k = {
-		.src_ip = p->src_ip,
-		.dst_ip = p->dst_ip,
-		.src_port = p->src_port,
-		.dst_port = p->dst_port,
-		.protocol = p->protocol,
-	};
-	bpf_map_update_elem(&wm_ct, &k, v, BPF_ANY);
+	union ct_key k;
+	ct_key(&k, p, 0);
+	if (p->v6)
+		bpf_map_delete_elem(&wm_ct6, &k.v6);
+	else
+		bpf_map_delete_elem(&wm_ct, &k.v4);
 }
 
 /*
@@ -679,14 +692,15 @@ int from_pod(struct __sk_buff *skb)
 	int reply = !decided && ct_is_reply(&c, &p);
 	int check = !decided && !reply;
 
-	if (check &&
-	    !side_allows(src_id, dst_id, &p, WM_DIR_EGRESS)) {
+	if (check && !side_allows(src_id, dst_id, &p, WM_DIR_EGRESS)) {
+		ct_forget(&c, &p);
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
 		       WM_HOOK_FROM_POD);
 		return TC_ACT_SHOT;
 	}
 	if (dst_flags & WM_IPCACHE_LOCAL) {
 		if (check && !side_allows(dst_id, src_id, &p, WM_DIR_INGRESS)) {
+			ct_forget(&c, &p);
 			report(skb, &p, src_id, dst_id, 0, WM_VERDICT_DROPPED_POLICY,
 			       WM_HOOK_FROM_POD);
 			return TC_ACT_SHOT;
@@ -739,6 +753,7 @@ int to_pod(struct __sk_buff *skb)
 	int check = !decided && !ct_is_reply(&c, &p);
 	if (check &&
 	    !side_allows(dst_id, src_id, &p, WM_DIR_INGRESS)) {
+		ct_forget(&c, &p);
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
 		       WM_HOOK_TO_POD);
 		return TC_ACT_SHOT;

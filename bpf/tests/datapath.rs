@@ -620,6 +620,17 @@ spec:
     ports: [{protocol: UDP, port: 7777}]
 "#;
 
+/// b isolated both ways with no rules.
+const DENY_B_BOTH_WAYS: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-udp, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+"#;
+
 /// CLOCK_MONOTONIC in ns (what `bpf_ktime_get_ns` reads).
 fn monotonic_ns() -> u64 {
     // SAFETY: zeroed timespec is a valid out-parameter.
@@ -872,8 +883,15 @@ fn a_policy_change_applies_to_established_flows() {
         "the flow was decided in the current epoch"
     );
 
-    // Same tuple, policy now denies b's ingress: the cached decision must not survive.
-    let deny = compiled(DENY_B);
+    let to_a = SocketAddrV4::new(POD_A, 40200);
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(5)),
+        "b replies while a -> b is allowed"
+    );
+
+    // Same tuple, policy now denies b's ingress (b stays isolated for egress): the cached
+    // decision must not survive, and b's replies stop with it.
+    let deny = compiled(DENY_B_BOTH_WAYS);
     loader
         .maps()
         .apply_policy(&deny.diff(&allow), local)
@@ -884,6 +902,15 @@ fn a_policy_change_applies_to_established_flows() {
     assert!(
         !udp_delivered(&a, to_b, &b, Duration::from_secs(1)),
         "an established flow is denied after the policy change"
+    );
+    assert!(
+        ct_entry(&loader, POD_A, 40200, POD_B, 7777).is_none(),
+        "the denied flow's conntrack entry is removed"
+    );
+    while a.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
+        "replies of the denied flow stop too"
     );
     loader
         .maps()
