@@ -15,7 +15,9 @@ policy, and the datapath with the policy maps filled by the wiremesh-policy comp
 synthetic cluster (>= --policy-rules rule entries; the measured flow allowed by a named-port
 ingress rule and an ipBlock egress rule). bpf/examples/datapath-bench loads and attaches the
 programs and reports their kernel run-time statistics. TCP single stream pod a -> pod b, rounds
-interleaved (order reversed every other round); prints the per-round ratio policy / no-policy (min / median / max).
+interleaved (order reversed every other round); prints the per-round ratio policy / no-policy (min / median / max)
+and, per round, from_pod's cost under BPF_PROG_TEST_RUN (no network noise): a packet of an
+established flow, the first packet of a new allowed flow, a denied packet.
 
 Needs root, iperf3, ping, wg, wireguard-go. Run through `make bench`.
 """
@@ -225,6 +227,11 @@ class PodPair:
             raise RuntimeError(f"datapath-bench exited ({self.loader.wait()}) without loading")
         self.loaded = json.loads(line)
 
+    def test_runs(self):
+        self.loader.stdin.write("testrun\n")
+        self.loader.stdin.flush()
+        return json.loads(self.loader.stdout.readline())
+
     def stats(self):
         self.loader.stdin.write("stats\n")
         self.loader.stdin.flush()
@@ -278,6 +285,8 @@ def policy_bench(args):
                         runs = s1[prog]["runs"] - s0[prog]["runs"]
                         m[f"{prog}_runs"] = runs
                         m[f"{prog}_ns"] = (s1[prog]["run_ns"] - s0[prog]["run_ns"]) / max(1, runs)
+                if pair.loader:
+                    m.update(pair.test_runs())
                 results[name].append(m)
                 extra = (f"  from_pod {m['from_pod_ns']:.0f} ns/run ({m['from_pod_runs']} runs)"
                          if "from_pod_ns" in m else "")
@@ -306,15 +315,21 @@ def policy_bench(args):
         f"{loaded['isolated']} isolation entries, {loaded['cidrs']} CIDR entries, {loaded['endpoints']} endpoints",
         "",
         "| variant | TCP 1 stream Gbit/s (min / median / max) | from_pod ns/run (min / median / max) | to_pod ns/run "
-        "| programs' CPU % of one core (median) |",
-        "|---|---|---|---|---|",
+        "| programs' CPU % of one core (median) | test run ns: established / new flow / denied (median) |",
+        "|---|---|---|---|---|---|",
     ]
     for name in names:
         rs = results[name]
         fp = fmt3([x["from_pod_ns"] for x in rs], "{:.0f}") if "from_pod_ns" in rs[0] else "-"
         tp = fmt3([x["to_pod_ns"] for x in rs], "{:.0f}") if "to_pod_ns" in rs[0] else "-"
         cpu = f"{statistics.median(x['prog_cpu_pct'] for x in rs):.1f}" if "prog_cpu_pct" in rs[0] else "-"
-        lines.append(f"| {name} | {fmt3([x['single'] for x in rs])} | {fp} | {tp} | {cpu} |")
+        tr = "-"
+        if "established_ns" in rs[0]:
+            def tmed(key):
+                vals = [x[key] for x in rs if x[key] is not None]
+                return f"{statistics.median(vals):.0f}" if vals else "-"
+            tr = f"{tmed('established_ns')} / {tmed('new_flow_ns')} / {tmed('denied_ns')}"
+        lines.append(f"| {name} | {fmt3([x['single'] for x in rs])} | {fp} | {tp} | {cpu} | {tr} |")
     med_ratio = statistics.median(x["single"] for x in results[rules_name]) / \
         statistics.median(x["single"] for x in results[none_name])
     lines += [
@@ -403,6 +418,8 @@ def main():
             for name in chosen:
                 m = measure_throughput(topos[name], args.time)
                 m["rtt_us"] = rtts[name]
+                if pair.loader:
+                    m.update(pair.test_runs())
                 results[name].append(m)
                 print(f"run {r + 1}/{args.runs} {name:14s} single {m['single']:.2f} Gbit/s  4x {m['multi']:.2f}"
                       f"  rtt {m['rtt_us']:.0f} us  cpu {m['cpu_sys']:.0f}% (tunnel {m['cpu_tunnel']:.0f}%)"

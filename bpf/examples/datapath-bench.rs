@@ -11,19 +11,25 @@
 //!
 //! Prints one JSON line describing what was loaded, then answers every `stats` line on stdin
 //! with a JSON line of `{program: {"id", "runs", "run_ns"}}` (run-time statistics are enabled
-//! while this process lives). The links stay pinned in `--pin-dir` after exit.
+//! while this process lives), and every `testrun` line with the `from_pod` cost measured by
+//! `BPF_PROG_TEST_RUN` (no network around it): `{"established_ns", "new_flow_ns",
+//! "denied_ns"}` — a packet of an established flow a -> b, the first packet of a new allowed
+//! flow (average over 2000 flows, fresh ports each time), and a packet policy denies (a -> b on the next port; `null`
+//! without policy). The links stay pinned in `--pin-dir` after exit.
 
 use std::{
     fmt::Write as _,
     io::{BufRead, Write},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd,
     path::PathBuf,
 };
 
 use anyhow::{Context, bail, ensure};
 use wiremesh_bpf::{
-    Config, EndpointValue, Hook, IpcacheValue, Loader, Mode, if_index, ipcache_flags,
+    Config, EndpointValue, Hook, IpcacheValue, Loader, Mode,
+    frame::{tcp_flags, tcp4},
+    if_index, ipcache_flags,
 };
 use wiremesh_policy::{Compiled, Identity, Protocol, compile, load_manifest};
 
@@ -231,6 +237,55 @@ fn enter_netns(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `testrun` answer (see the module docs).
+fn test_runs(
+    loader: &Loader,
+    args: &Args,
+    ifindex: u32,
+    denies: bool,
+    round: u16,
+) -> anyhow::Result<String> {
+    const REPEAT: u32 = 200_000;
+    const NEW_FLOWS: u16 = 2000;
+    let b = SocketAddrV4::new(args.pod_b, args.port);
+    let run = |frame: &[u8], repeat: u32| -> anyhow::Result<wiremesh_bpf::TestRun> {
+        Ok(loader.test_run(Hook::FromPod, frame, ifindex, repeat)?)
+    };
+    let established = tcp4(SocketAddrV4::new(args.pod_a, 41000), b, tcp_flags::ACK, 0);
+    ensure!(
+        run(&established, 1)?.retval == 0,
+        "the measured flow must pass"
+    );
+    let established_ns = run(&established, REPEAT)?.per_run.as_nanos();
+    let mut total = 0u128;
+    // Fresh source ports every round, so these flows are really new.
+    let first = 20000 + (round % 20) * NEW_FLOWS;
+    for sport in first..first + NEW_FLOWS {
+        let syn = tcp4(SocketAddrV4::new(args.pod_a, sport), b, tcp_flags::SYN, 0);
+        let r = run(&syn, 1)?;
+        ensure!(r.retval == 0, "new flows to the measured port must pass");
+        total += r.per_run.as_nanos();
+    }
+    let new_flow_ns = total / u128::from(NEW_FLOWS);
+    let denied_ns = if denies {
+        let next = SocketAddrV4::new(args.pod_b, args.port.wrapping_add(1));
+        let syn = tcp4(
+            SocketAddrV4::new(args.pod_a, 45000),
+            next,
+            tcp_flags::SYN,
+            0,
+        );
+        let r = run(&syn, REPEAT)?;
+        ensure!(r.retval == 2, "the next port must be dropped");
+        r.per_run.as_nanos().to_string()
+    } else {
+        "null".to_owned()
+    };
+    Ok(format!(
+        "{{\"established_ns\":{established_ns},\"new_flow_ns\":{new_flow_ns},\"denied_ns\":{denied_ns}}}"
+    ))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let (compiled, policies) = compile_for(&args)?;
@@ -289,9 +344,18 @@ fn main() -> anyhow::Result<()> {
 
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics")?;
+    let ifindex_a = if_index(args.ifaces.first().context("--iface of pod a")?)?;
     let stdin = std::io::stdin();
+    let mut round = 0u16;
     for line in stdin.lock().lines() {
         let line = line?;
+        if line.trim() == "testrun" {
+            let out = test_runs(&loader, &args, ifindex_a, policies > 0, round)?;
+            round = round.wrapping_add(1);
+            println!("{out}");
+            std::io::stdout().flush()?;
+            continue;
+        }
         ensure!(line.trim() == "stats", "unknown command {line:?}");
         let mut out = String::from("{");
         for (n, hook) in [Hook::FromPod, Hook::ToPod].into_iter().enumerate() {

@@ -3,6 +3,7 @@
 //! programs and reads flow records.
 
 pub mod abi;
+pub mod frame;
 pub mod loader;
 pub mod sync;
 
@@ -13,6 +14,7 @@ pub use abi::{
     Verdict, config_flags, ipcache_flags,
 };
 pub use loader::{
-    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, ProgramStats, if_index, node_pin_dir,
+    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, ProgramStats, TestRun, if_index,
+    node_pin_dir,
 };
 pub use sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual, fake::FakeMaps};

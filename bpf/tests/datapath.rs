@@ -1367,3 +1367,70 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
         "strict: v6 UDP from the WireGuard port passes"
     );
 }
+
+#[test]
+fn test_run_decides_like_real_traffic() {
+    if !root_or_skip("test run") {
+        return;
+    }
+    use wiremesh_bpf::frame::{tcp_flags, tcp4};
+    let t = Topo::new();
+    let mut loader = load(&t, Vec::new());
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Permissive, 1, 0))
+        .expect("config");
+    let deny = compiled(DENY_B);
+    loader
+        .maps()
+        .apply_policy(&deny.diff(&Compiled::default()), local)
+        .expect("deny");
+    let (a, b) = (
+        SocketAddrV4::new(POD_A, 40700),
+        SocketAddrV4::new(POD_B, 8080),
+    );
+    let syn = tcp4(a, b, tcp_flags::SYN, 0);
+    let host_a = t.host_a.clone();
+    let (loader, denied, ifindex_a) = in_ns(&t.node, move || {
+        let ifindex_a = ifindex(&host_a);
+        let r = loader
+            .test_run(Hook::FromPod, &syn, ifindex_a, 10)
+            .expect("test run");
+        (loader, r, ifindex_a)
+    });
+    assert_eq!(denied.retval, 2, "TC_ACT_SHOT: b is isolated");
+    let mut loader = loader;
+    let allow = compiled(ALLOW_A_TO_B_8080);
+    loader
+        .maps()
+        .apply_policy(&allow.diff(&deny), local)
+        .expect("allow");
+    let syn = tcp4(a, b, tcp_flags::SYN, 0);
+    let spoofed = tcp4(
+        SocketAddrV4::new(Ipv4Addr::new(10, 201, 1, 99), 40700),
+        b,
+        tcp_flags::SYN,
+        0,
+    );
+    loader
+        .maps()
+        .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), None))
+        .expect("endpoint");
+    let (loader, allowed, spoof) = in_ns(&t.node, move || {
+        let allowed = loader
+            .test_run(Hook::FromPod, &syn, ifindex_a, 1000)
+            .expect("test run");
+        let spoof = loader
+            .test_run(Hook::FromPod, &spoofed, ifindex_a, 1)
+            .expect("test run");
+        (loader, allowed, spoof)
+    });
+    assert_eq!(allowed.retval, 0, "TC_ACT_OK: a -> b tcp/8080 is allowed");
+    assert!(allowed.per_run > Duration::ZERO);
+    assert_eq!(spoof.retval, 2, "a spoofed source is dropped");
+    let entry = ct_entry(&loader, POD_A, 40700, POD_B, 8080).expect("conntrack entry");
+    assert_eq!(
+        entry.epoch,
+        loader.maps_ref().policy_epoch().expect("epoch")
+    );
+}
