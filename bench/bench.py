@@ -25,6 +25,7 @@ Needs root, iperf3, ping, wg, wireguard-go. Run through `make bench`.
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -402,6 +403,7 @@ def main():
             sys.exit(f"bench: variant {v} needs --{need.replace('_', '-')}")
     run_policy = "policy" in chosen
     chosen = [v for v in chosen if v != "policy"]
+    # Tunnel logs and private keys; removed at the end.
     tmp = tempfile.mkdtemp(prefix="wm-bench-")
     results = {v: [] for v in chosen}
     try:
@@ -418,14 +420,13 @@ def main():
             for name in chosen:
                 m = measure_throughput(topos[name], args.time)
                 m["rtt_us"] = rtts[name]
-                if pair.loader:
-                    m.update(pair.test_runs())
                 results[name].append(m)
                 print(f"run {r + 1}/{args.runs} {name:14s} single {m['single']:.2f} Gbit/s  4x {m['multi']:.2f}"
                       f"  rtt {m['rtt_us']:.0f} us  cpu {m['cpu_sys']:.0f}% (tunnel {m['cpu_tunnel']:.0f}%)"
                       f"  retr {m['retransmits']}", flush=True)
     finally:
         cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     policy_report = policy_bench(args) if run_policy else None
     if chosen:

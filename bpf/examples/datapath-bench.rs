@@ -249,7 +249,9 @@ fn test_runs(
     const NEW_FLOWS: u16 = 2000;
     let b = SocketAddrV4::new(args.pod_b, args.port);
     let run = |frame: &[u8], repeat: u32| -> anyhow::Result<wiremesh_bpf::TestRun> {
-        Ok(loader.test_run(Hook::FromPod, frame, ifindex, repeat)?)
+        loader
+            .test_run(Hook::FromPod, frame, ifindex, repeat)
+            .with_context(|| format!("test run x{repeat} of a {}-byte frame", frame.len()))
     };
     let established = tcp4(SocketAddrV4::new(args.pod_a, 41000), b, tcp_flags::ACK, 0);
     ensure!(

@@ -169,8 +169,9 @@ pub struct TestRun {
 }
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const _: () = assert!(size_of::<TestRunAttr>() == 80);
 
-/// The `test` member of `union bpf_attr`.
+/// The `test` member of `union bpf_attr` (80 bytes with the explicit tail padding, no implicit padding).
 #[repr(C)]
 #[derive(Default)]
 struct TestRunAttr {
@@ -189,6 +190,9 @@ struct TestRunAttr {
     flags: u32,
     cpu: u32,
     batch_size: u32,
+    /// Explicit, so it is zero: the kernel rejects (EINVAL) an attr with non-zero bytes after
+    /// the command's last field, and implicit padding would be uninitialized.
+    pad: u32,
 }
 
 /// How [`Loader::attach`] attached a program.
