@@ -629,14 +629,16 @@ impl Maps {
 
     /// Inserts or overwrites an ipcache6 prefix (and starts a new policy epoch).
     pub fn upsert_ipcache6(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), Error> {
-        self.put_ipcache6(net, value)?;
+        self.ipcache6
+            .insert(&lpm6_key(net), value, 0)
+            .map_err(map_err("wm_ipcache6"))?;
         self.bump_policy_epoch()
     }
 
     /// Deletes an ipcache6 prefix (and starts a new policy epoch); a missing entry is not an
     /// error.
     pub fn remove_ipcache6(&mut self, net: Ipv6Net) -> Result<(), Error> {
-        self.del_ipcache6(net)?;
+        ignore_missing(self.ipcache6.remove(&lpm6_key(net)), "wm_ipcache6")?;
         self.bump_policy_epoch()
     }
 
@@ -678,9 +680,10 @@ impl Maps {
     }
 
     /// Starts a new policy epoch: flows decided before re-run the policy lookups on their
-    /// next packet. [`Maps::apply_policy`], [`Maps::upsert_ipcache`] and
-    /// [`Maps::remove_ipcache`] do this themselves; call it after writing policy entries
-    /// through the [`MapWriter`] methods one by one.
+    /// next packet. [`apply_policy`] (at its end) and every ipcache write (also through
+    /// [`MapWriter`]) do this themselves; call it after writing or deleting policy entries
+    /// (isolated, rules, CIDRs) any other way, e.g. through the [`MapWriter`] methods one by
+    /// one or a garbage collection of the policy maps.
     pub fn bump_policy_epoch(&mut self) -> Result<(), Error> {
         let e = self.policy_epoch()?;
         self.epoch
@@ -753,25 +756,17 @@ impl Maps {
 
     /// Inserts or overwrites an ipcache prefix (and starts a new policy epoch).
     pub fn upsert_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
-        self.put_ipcache_raw(net, value)?;
+        self.ipcache
+            .insert(&lpm4_key(net), value, 0)
+            .map_err(map_err("wm_ipcache4"))?;
         self.bump_policy_epoch()
     }
 
     /// Deletes an ipcache prefix (and starts a new policy epoch); a missing entry is not an
     /// error.
     pub fn remove_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
-        self.del_ipcache_raw(net)?;
+        ignore_missing(self.ipcache.remove(&lpm4_key(net)), "wm_ipcache4")?;
         self.bump_policy_epoch()
-    }
-
-    fn put_ipcache_raw(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
-        self.ipcache
-            .insert(&lpm4_key(net), value, 0)
-            .map_err(map_err("wm_ipcache4"))
-    }
-
-    fn del_ipcache_raw(&mut self, net: Ipv4Net) -> Result<(), Error> {
-        ignore_missing(self.ipcache.remove(&lpm4_key(net)), "wm_ipcache4")
     }
 
     /// All ipcache entries.
@@ -805,19 +800,19 @@ impl MapWriter for Maps {
     fn set_config(&mut self, config: &Config) -> Result<(), Error> {
         Maps::set_config(self, config)
     }
+    // ipcache writes start a new epoch each (they are rare, and callers write them one by one
+    // outside apply_policy too); policy entries wait for policy_written.
     fn put_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
-        self.put_ipcache_raw(net, value)
+        self.upsert_ipcache(net, value)
     }
     fn del_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
-        self.del_ipcache_raw(net)
+        self.remove_ipcache(net)
     }
     fn put_ipcache6(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), Error> {
-        self.ipcache6
-            .insert(&lpm6_key(net), value, 0)
-            .map_err(map_err("wm_ipcache6"))
+        self.upsert_ipcache6(net, value)
     }
     fn del_ipcache6(&mut self, net: Ipv6Net) -> Result<(), Error> {
-        ignore_missing(self.ipcache6.remove(&lpm6_key(net)), "wm_ipcache6")
+        self.remove_ipcache6(net)
     }
     fn put_cidr6(&mut self, net: Ipv6Net, identity: u32) -> Result<(), Error> {
         self.cidrs6

@@ -917,6 +917,14 @@ fn a_policy_change_applies_to_established_flows() {
         .apply_policy(&allow.diff(&deny), local)
         .expect("allow again");
     assert!(udp_delivered(&a, to_b, &b, Duration::from_secs(5)));
+
+    // An ipcache write (a pod's identity changed) through the MapWriter methods also starts a
+    // new epoch.
+    let before = loader.maps_ref().policy_epoch().expect("epoch");
+    let moved = IpcacheValue::new(999, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL);
+    wiremesh_bpf::MapWriter::put_ipcache(loader.maps(), Ipv4Net::from(POD_B), moved)
+        .expect("ipcache");
+    assert_ne!(loader.maps_ref().policy_epoch().expect("epoch"), before);
 }
 
 #[test]
