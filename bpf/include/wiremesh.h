@@ -104,8 +104,9 @@ struct wm_config {
 
 /*
  * endpoints (hash): ifindex of the host side of a pod veth -> the pod's addresses. from_pod
- * drops a packet whose source is not the pod's own address (anti-spoofing; for IPv6 the
- * link-local and unspecified sources of neighbour discovery are also accepted); an interface
+ * drops a packet whose source is not the pod's own address (anti-spoofing; for IPv6 also
+ * link-local and unspecified sources, but only towards on-link destinations or in neighbour
+ * discovery); an interface
  * without an entry is not checked. 24 bytes.
  */
 struct wm_endpoint_val {

@@ -653,8 +653,10 @@ static __always_inline int source_ok(struct __sk_buff *skb, const struct pkt *p)
 		return 1;
 	if (!p->v6)
 		return ep->ip4 == p->src_ip;
+	/* Link-local and unspecified sources only on the link (neighbour discovery, DAD), so
+	 * they cannot stand in for the pod's address towards the node; never a multicast one. */
 	if (v6_on_link(p->src6))
-		return p->src6[0] != 0xff; /* never a multicast source */
+		return p->src6[0] != 0xff && (p->nd || v6_on_link(p->dst6));
 	__u64 a[2], b[2];
 	__builtin_memcpy(a, p->src6, 16);
 	__builtin_memcpy(b, ep->ip6, 16);

@@ -1,7 +1,7 @@
-//! Minimal Ethernet frames for [`crate::Loader::test_run`]: enough header for the programs'
+//! Minimal Ethernet frames (IPv4 TCP, IPv6 UDP) for [`crate::Loader::test_run`]: enough header for the programs'
 //! parser (no checksums; the programs do not verify them).
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddrV4, SocketAddrV6};
 
 /// TCP flag bits of [`tcp4`].
 pub mod tcp_flags {
@@ -34,5 +34,25 @@ pub fn tcp4(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, payload: usize) -> 
     tcp[12] = 5 << 4; // data offset
     tcp[13] = flags;
     tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    f
+}
+
+/// An Ethernet + IPv6 + UDP frame from `src` to `dst` with `payload` bytes of zeros.
+pub fn udp6(src: SocketAddrV6, dst: SocketAddrV6, payload: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 40 + 8 + payload];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let ip = &mut f[14..54];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(8u16 + payload as u16).to_be_bytes());
+    ip[6] = 17; // UDP
+    ip[7] = 64; // hop limit
+    ip[8..24].copy_from_slice(&src.ip().octets());
+    ip[24..40].copy_from_slice(&dst.ip().octets());
+    let udp = &mut f[54..62];
+    udp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    udp[4..6].copy_from_slice(&(8u16 + payload as u16).to_be_bytes());
     f
 }

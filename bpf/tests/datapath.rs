@@ -1436,6 +1436,35 @@ fn test_run_decides_like_real_traffic() {
     assert_eq!(allowed.retval, 0, "TC_ACT_OK: a -> b tcp/8080 is allowed");
     assert!(allowed.per_run > Duration::ZERO);
     assert_eq!(spoof.retval, 2, "a spoofed source is dropped");
+
+    // IPv6 link-local sources: fine on the link, spoofing towards anything else.
+    let mut loader = loader;
+    let own6: std::net::Ipv6Addr = "fd00:201:1::2".parse().expect("v6");
+    loader
+        .maps()
+        .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), Some(own6)))
+        .expect("endpoint");
+    let v6 = |s: &str, port| std::net::SocketAddrV6::new(s.parse().expect("v6"), port, 0, 0);
+    let on_link = wiremesh_bpf::frame::udp6(v6("fe80::99", 546), v6("ff02::1:2", 547), 0);
+    let off_link = wiremesh_bpf::frame::udp6(v6("fe80::99", 4000), v6("fd00:201:2::2", 53), 0);
+    let own = wiremesh_bpf::frame::udp6(v6("fd00:201:1::2", 4000), v6("fd00:201:2::2", 53), 0);
+    let (loader, r) = in_ns(&t.node, move || {
+        let r: Vec<u32> = [on_link, off_link, own]
+            .iter()
+            .map(|f| {
+                loader
+                    .test_run(Hook::FromPod, f, ifindex_a, 1)
+                    .expect("test run")
+                    .retval
+            })
+            .collect();
+        (loader, r)
+    });
+    assert_eq!(
+        r,
+        vec![0, 2, 0],
+        "link-local source: on-link passes, off-link is spoofing; the pod's address passes"
+    );
     let entry = ct_entry(&loader, POD_A, 40700, POD_B, 8080).expect("conntrack entry");
     assert_eq!(
         entry.epoch,
