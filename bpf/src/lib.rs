@@ -10,5 +10,7 @@ pub use abi::{
     AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
     Mode, RuleData, Verdict, ipcache_flags,
 };
-pub use loader::{Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, node_pin_dir};
+pub use loader::{
+    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, Retained, node_pin_dir,
+};
 pub use sync::{MapWriter, PolicyApplied, apply_policy, fake::FakeMaps};

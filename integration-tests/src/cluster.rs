@@ -167,6 +167,7 @@ pub struct VirtualCluster {
     lease: UnderlayLease,
     bridge: String,
     work_dir: PathBuf,
+    bpffs: PathBuf,
     pod_namespace: String,
     pod_mtu: Option<u32>,
     plaintext_pod_routes: bool,
@@ -225,6 +226,22 @@ impl VirtualCluster {
             });
         }
 
+        // A private bpffs for the agents' pinned maps and links (the host may have none, and
+        // clusters must not share pins): `<work dir>/bpffs-<id>`, unmounted at teardown.
+        let bpffs = work_dir.join(format!("bpffs-{id}"));
+        std::fs::create_dir_all(&bpffs).map_err(|source| ClusterError::WorkDir {
+            path: bpffs.clone(),
+            source,
+        })?;
+        command::run(
+            std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&bpffs),
+        )?;
+        ledger.push(Resource::Mount {
+            path: bpffs.clone(),
+        });
+
         let bridge = underlay::create_bridge(&id, &lease, ledger)?;
 
         let all_nodes: Vec<String> = (1..=opts.nodes + opts.spare_nodes).map(node_name).collect();
@@ -258,6 +275,7 @@ impl VirtualCluster {
             lease,
             bridge,
             work_dir,
+            bpffs,
             pod_namespace: opts.pod_namespace.clone(),
             pod_mtu: opts.pod_mtu,
             plaintext_pod_routes: opts.plaintext_pod_routes,
@@ -312,6 +330,11 @@ impl VirtualCluster {
     /// Logs, kubeconfigs, testenv data.
     pub fn work_dir(&self) -> &Path {
         &self.work_dir
+    }
+
+    /// The bpf filesystem the agents pin their maps and links in (`mesh-agent run --bpffs`).
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
     }
 
     /// Everything created on the host so far, oldest first.

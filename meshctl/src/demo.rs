@@ -155,6 +155,8 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
         n.network.netns.clone().into(),
         "--metrics-addr".into(),
         format!("0.0.0.0:{AGENT_HTTP_PORT}").into(),
+        "--bpffs".into(),
+        cluster.bpffs().as_os_str().to_owned(),
     ])
 }
 
