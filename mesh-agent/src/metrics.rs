@@ -84,6 +84,8 @@ pub struct Metrics {
     pub node_patches: Family<ResultLabels, Counter>,
     /// 1 once the eBPF datapath is loaded.
     pub ebpf_loaded: Gauge,
+    /// 1 while the eBPF config says strict mode.
+    pub ebpf_strict: Gauge,
     /// eBPF failures by stage (load, netlink).
     pub ebpf_errors: Family<StageLabels, Counter>,
     /// Programs attached by this agent (two per pod veth, two on the underlay).
@@ -127,6 +129,7 @@ impl Metrics {
             peer_last_handshake: Family::default(),
             node_patches: Family::default(),
             ebpf_loaded: Gauge::default(),
+            ebpf_strict: Gauge::default(),
             ebpf_errors: Family::default(),
             bpf_attached_programs: Gauge::default(),
             map_entries: Family::default(),
@@ -200,6 +203,11 @@ impl Metrics {
             "ebpf_loaded",
             "1 once the eBPF datapath is loaded",
             self.ebpf_loaded.clone(),
+        );
+        registry.register(
+            "ebpf_strict_mode",
+            "1 while the eBPF datapath drops cross-node pod traffic outside WireGuard",
+            self.ebpf_strict.clone(),
         );
         registry.register(
             "ebpf_errors",

@@ -507,6 +507,7 @@ impl Steering {
                 "eBPF config written"
             );
         }
+        self.metrics.ebpf_strict.set(i64::from(strict));
         let attach = attach_all(
             loaded,
             &snap,

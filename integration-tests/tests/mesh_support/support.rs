@@ -504,3 +504,14 @@ pub async fn expect_reachability(
     .await;
     eprintln!("{what}: as expected after {:?}", started.elapsed());
 }
+
+/// Polls an async `check` until it holds.
+pub async fn wait_async<F, Fut>(what: &str, timeout: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    wait::until(what, timeout, Duration::from_millis(250), check)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
