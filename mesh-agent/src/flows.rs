@@ -215,7 +215,7 @@ impl FlowTable {
     /// Every flow, most recently updated first.
     pub fn snapshot(&self) -> Vec<FlowRecord> {
         let mut v: Vec<&Entry> = self.entries.values().collect();
-        v.sort_by(|a, b| b.touched.cmp(&a.touched));
+        v.sort_by_key(|e| std::cmp::Reverse(e.touched));
         v.into_iter().map(|e| e.record.clone()).collect()
     }
 }
