@@ -54,6 +54,37 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
         json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
     )
     .await;
+    // From the API write to every agent's maps (the target is 1 s; printed, not asserted:
+    // 2 shared cores).
+    let written = std::time::Instant::now();
+    for node in ["node-1", "node-2"] {
+        let c = &cluster;
+        wiremesh_integration::wait::until(
+            &format!("default deny in {node}'s maps"),
+            POLICY,
+            Duration::from_millis(20),
+            || async move {
+                let m = agent_metrics(c, node).await?;
+                let isolated = m
+                    .lines()
+                    .find(|l| l.starts_with("wiremesh_bpf_map_entries{map=\"isolated\"}"))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if isolated > 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{isolated} isolation entries"))
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "default deny reached {node}'s eBPF maps {:?} after the API write",
+            written.elapsed()
+        );
+    }
     expect_reachability(
         &cluster,
         "default deny: cross-node and same-node blocked",

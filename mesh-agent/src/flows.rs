@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde::Serialize;
-use wiremesh_bpf::{FlowEvent, Hook, Verdict};
+use wiremesh_bpf::{FlowEvent, FlowKey, FlowState, Hook, Verdict};
 
 /// The names the agent knows for addresses: pods (`namespace/name`) and nodes (underlay IPs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,6 +79,10 @@ pub struct FlowRecord {
     pub peer_node: Option<String>,
     pub packets: u64,
     pub bytes: u64,
+    /// Of `packets`/`bytes`, what the kernel counted but has not written as a record yet (a
+    /// flow writes at most one record per second; an idle flow keeps the rest in `wm_flows`).
+    pub pending_packets: u64,
+    pub pending_bytes: u64,
     /// Unix seconds of the first and the last record.
     pub first_seen: u64,
     pub last_seen: u64,
@@ -202,6 +206,8 @@ impl FlowTable {
                         peer_node,
                         packets: e.packets,
                         bytes: e.bytes,
+                        pending_packets: 0,
+                        pending_bytes: 0,
                         first_seen: now,
                         last_seen: now,
                     },
@@ -212,11 +218,43 @@ impl FlowTable {
         out
     }
 
-    /// Every flow, most recently updated first.
+    /// Sets what each flow has counted in the kernel but not reported yet
+    /// (`Maps::flow_backlog`); replaces the previous backlog.
+    pub fn set_backlog(&mut self, backlog: &[(FlowKey, FlowState)]) {
+        let mut sums: HashMap<FlowId, (u64, u64)> = HashMap::new();
+        for (k, st) in backlog {
+            let id = (
+                Ipv4Addr::from(k.src_ip),
+                Ipv4Addr::from(k.dst_ip),
+                u16::from_be_bytes(k.src_port),
+                u16::from_be_bytes(k.dst_port),
+                k.protocol,
+                k.verdict,
+                k.hook,
+            );
+            let e = sums.entry(id).or_default();
+            e.0 += st.packets;
+            e.1 += st.bytes;
+        }
+        for (id, entry) in &mut self.entries {
+            let (p, b) = sums.get(id).copied().unwrap_or_default();
+            entry.record.pending_packets = p;
+            entry.record.pending_bytes = b;
+        }
+    }
+
+    /// Every flow, most recently updated first; `packets`/`bytes` include the backlog.
     pub fn snapshot(&self) -> Vec<FlowRecord> {
         let mut v: Vec<&Entry> = self.entries.values().collect();
         v.sort_by_key(|e| std::cmp::Reverse(e.touched));
-        v.into_iter().map(|e| e.record.clone()).collect()
+        v.into_iter()
+            .map(|e| {
+                let mut r = e.record.clone();
+                r.packets += r.pending_packets;
+                r.bytes += r.pending_bytes;
+                r
+            })
+            .collect()
     }
 }
 
@@ -278,6 +316,31 @@ mod tests {
         assert_eq!(enc.hook, "from-pod");
         // Most recent first.
         assert_eq!(flows[0].verdict, "dropped-policy");
+
+        // Packets the kernel has not reported yet count too, and are replaced, not added up.
+        let key = FlowKey {
+            src_ip: [10, 244, 1, 11],
+            dst_ip: [10, 244, 2, 11],
+            src_port: 40000u16.to_be_bytes(),
+            dst_port: 80u16.to_be_bytes(),
+            protocol: 6,
+            verdict: 1,
+            hook: 1,
+            ..FlowKey::default()
+        };
+        let state = FlowState {
+            packets: 4,
+            bytes: 400,
+            ..FlowState::default()
+        };
+        t.set_backlog(&[(key, state)]);
+        t.set_backlog(&[(key, state)]);
+        let enc = t
+            .snapshot()
+            .into_iter()
+            .find(|f| f.verdict == "forwarded-encrypted")
+            .unwrap();
+        assert_eq!((enc.packets, enc.pending_packets, enc.bytes), (9, 4, 900));
     }
 
     #[test]

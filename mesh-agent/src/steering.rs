@@ -36,7 +36,9 @@ use std::{
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::ObjectReference;
 use tokio::sync::{Notify, watch};
-use wiremesh_bpf::{Config as BpfConfig, Hook, IpcacheValue, Loader, Mode, node_pin_dir};
+use wiremesh_bpf::{
+    Config as BpfConfig, Hook, IpcacheValue, Loader, MapWriter, Mode, Retained, node_pin_dir,
+};
 use wiremesh_crds::EncryptionMode;
 use wiremesh_policy::{Compiled, Identity, MapDiff, compile};
 
@@ -52,6 +54,9 @@ use crate::{
 
 pub mod links;
 pub mod plan;
+
+#[cfg(test)]
+mod tests;
 
 use links::{LinkSnapshot, Links};
 use plan::{ObjectProblem, node_ipv4};
@@ -100,9 +105,7 @@ pub struct SteeringSettings {
 /// What the loaded datapath holds, as this process wrote it.
 struct Loaded {
     loader: Loader,
-    ipcache: BTreeMap<Ipv4Net, IpcacheValue>,
-    /// `None` right after a load: the pinned maps hold an unknown older compilation.
-    policy: Option<Compiled>,
+    written: Written,
     attached: BTreeMap<(String, u8), (Hook, u32)>,
     pins_collected: bool,
     stop_reader: Arc<AtomicBool>,
@@ -271,8 +274,10 @@ impl Steering {
         self.metrics.ebpf_loaded.set(1);
         self.loaded = Some(Loaded {
             loader,
-            ipcache,
-            policy: None,
+            written: Written {
+                ipcache,
+                policy: None,
+            },
             attached: BTreeMap::new(),
             pins_collected: false,
             stop_reader: stop,
@@ -491,7 +496,7 @@ impl Steering {
         let Some(loaded) = self.loaded.as_mut() else {
             return Ok(());
         };
-        let policy_changed = write_policy(loaded, &compiled, &ipcache, &self.metrics)?;
+        let policy_changed = write_all(loaded, &compiled, &ipcache, &self.metrics)?;
         if policy_changed {
             self.metrics
                 .policy_apply_duration
@@ -522,84 +527,123 @@ impl Steering {
         if let Ok(lost) = loaded.loader.maps_ref().events_lost() {
             self.metrics.flow_events_lost.set(lost as i64);
         }
+        match loaded.loader.maps_ref().flow_backlog() {
+            Ok(backlog) => self
+                .flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_backlog(&backlog),
+            Err(error) => tracing::debug!(%error, "reading the flow backlog"),
+        }
         attach
     }
 }
 
-/// Writes the policy maps and the ipcache (see the module docs for the order). Returns whether
-/// anything changed.
-fn write_policy(
+/// The map writes of a pass: [`MapWriter`] plus the garbage collection after a (re)load.
+/// Implemented by the pinned maps; unit tests use `FakeMaps`.
+pub trait PolicyMaps: MapWriter {
+    /// Deletes every policy entry `keep` lacks ([`wiremesh_bpf::Maps::retain_policy`]).
+    fn retain_policy(&mut self, keep: &Compiled) -> Result<Retained, wiremesh_bpf::Error>;
+}
+
+impl PolicyMaps for wiremesh_bpf::Maps {
+    fn retain_policy(&mut self, keep: &Compiled) -> Result<Retained, wiremesh_bpf::Error> {
+        wiremesh_bpf::Maps::retain_policy(self, keep)
+    }
+}
+
+/// What this process wrote to the maps.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// The ipcache (read back from the pinned map at load).
+    pub ipcache: BTreeMap<Ipv4Net, IpcacheValue>,
+    /// The last compilation; `None` right after a load (the pins hold an unknown one).
+    pub policy: Option<Compiled>,
+}
+
+/// Writes the policy maps and the ipcache: every put (policy additions, then ipcache) before
+/// every delete (ipcache, then policy removals), so no entry the new state needs is missing at
+/// any moment; after a load the whole compilation is written and the leftovers of the pinned
+/// state are deleted. Returns whether anything changed.
+pub fn write_policy<M: PolicyMaps>(
+    maps: &mut M,
+    written: &mut Written,
+    compiled: &Compiled,
+    ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
+) -> Result<bool, wiremesh_bpf::Error> {
+    let empty = Compiled::default();
+    let restored = written.policy.is_none();
+    let diff = compiled.diff(written.policy.as_ref().unwrap_or(&empty));
+    let adds = MapDiff {
+        cidrs_upsert: diff.cidrs_upsert,
+        isolated_add: diff.isolated_add,
+        rules_add: diff.rules_add,
+        ..MapDiff::default()
+    };
+    let removes = MapDiff {
+        cidrs_remove: diff.cidrs_remove,
+        isolated_remove: diff.isolated_remove,
+        rules_remove: diff.rules_remove,
+        ..MapDiff::default()
+    };
+    let unused = |_: Ipv4Addr, _: Identity| IpcacheValue::default();
+    let mut changed = false;
+    if !adds.is_empty() {
+        wiremesh_bpf::apply_policy(maps, &adds, unused)?;
+        changed = true;
+    }
+    for (net, value) in ipcache {
+        if written.ipcache.get(net) != Some(value) {
+            maps.put_ipcache(*net, *value)?;
+            written.ipcache.insert(*net, *value);
+            changed = true;
+        }
+    }
+    let stale: Vec<Ipv4Net> = written
+        .ipcache
+        .keys()
+        .filter(|n| !ipcache.contains_key(n))
+        .copied()
+        .collect();
+    for net in stale {
+        maps.del_ipcache(net)?;
+        written.ipcache.remove(&net);
+        changed = true;
+    }
+    if !removes.is_empty() {
+        wiremesh_bpf::apply_policy(maps, &removes, unused)?;
+        changed = true;
+    }
+    if restored {
+        let gone = maps.retain_policy(compiled)?;
+        if gone.total() > 0 {
+            tracing::info!(
+                isolated = gone.isolated,
+                rules = gone.rules,
+                cidrs = gone.cidrs,
+                "deleted policy entries an earlier run left behind"
+            );
+            changed = true;
+        }
+    }
+    written.policy = Some(compiled.clone());
+    Ok(changed)
+}
+
+fn write_all(
     loaded: &mut Loaded,
     compiled: &Compiled,
     ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
     metrics: &Metrics,
 ) -> Result<bool, SteeringError> {
-    let empty = Compiled::default();
-    let restored = loaded.policy.is_none();
-    let diff = compiled.diff(loaded.policy.as_ref().unwrap_or(&empty));
-    let adds = MapDiff {
-        cidrs_upsert: diff.cidrs_upsert.clone(),
-        isolated_add: diff.isolated_add.clone(),
-        rules_add: diff.rules_add.clone(),
-        ..MapDiff::default()
-    };
-    let removes = MapDiff {
-        cidrs_remove: diff.cidrs_remove.clone(),
-        isolated_remove: diff.isolated_remove.clone(),
-        rules_remove: diff.rules_remove.clone(),
-        ..MapDiff::default()
-    };
-    let maps = loaded.loader.maps();
-    let unused = |_: Ipv4Addr, _: Identity| IpcacheValue::default();
-    let mut changed = false;
-    let result = (|| -> Result<(), wiremesh_bpf::Error> {
-        if !adds.is_empty() {
-            maps.apply_policy(&adds, unused)?;
-            changed = true;
-        }
-        for (net, value) in ipcache {
-            if loaded.ipcache.get(net) != Some(value) {
-                maps.upsert_ipcache(*net, *value)?;
-                loaded.ipcache.insert(*net, *value);
-                changed = true;
-            }
-        }
-        let stale: Vec<Ipv4Net> = loaded
-            .ipcache
-            .keys()
-            .filter(|n| !ipcache.contains_key(n))
-            .copied()
-            .collect();
-        for net in stale {
-            maps.remove_ipcache(net)?;
-            loaded.ipcache.remove(&net);
-            changed = true;
-        }
-        if !removes.is_empty() {
-            maps.apply_policy(&removes, unused)?;
-            changed = true;
-        }
-        if restored {
-            let gone = maps.retain_policy(compiled)?;
-            if gone.total() > 0 {
-                tracing::info!(
-                    isolated = gone.isolated,
-                    rules = gone.rules,
-                    cidrs = gone.cidrs,
-                    "deleted policy entries an earlier run left behind"
-                );
-                changed = true;
-            }
-        }
-        Ok(())
-    })();
+    let result = write_policy(loaded.loader.maps(), &mut loaded.written, compiled, ipcache);
     let label = ResultLabels {
         result: if result.is_ok() { "ok" } else { "error" },
     };
-    if changed || result.is_err() {
+    if !matches!(result, Ok(false)) {
         metrics.policy_updates.get_or_create(&label).inc();
     }
-    result.map_err(SteeringError::Maps)?;
+    let changed = result.map_err(SteeringError::Maps)?;
     if changed {
         tracing::info!(
             isolated = compiled.isolated.len(),
@@ -609,7 +653,6 @@ fn write_policy(
             "eBPF policy maps and ipcache updated"
         );
     }
-    loaded.policy = Some(compiled.clone());
     for (map, n) in [
         ("isolated", compiled.isolated.len()),
         ("rules", compiled.rules.len()),

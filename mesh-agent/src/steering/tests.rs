@@ -1,0 +1,215 @@
+use std::{collections::BTreeSet, sync::Arc};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use wiremesh_bpf::{FakeMaps, sync::fake::Write};
+
+use super::*;
+
+impl PolicyMaps for FakeMaps {
+    fn retain_policy(&mut self, keep: &Compiled) -> Result<Retained, wiremesh_bpf::Error> {
+        let mut out = Retained::default();
+        let before = (self.isolated.len(), self.rules.len(), self.cidrs.len());
+        self.isolated.retain(|k| keep.isolated.contains(k));
+        self.rules.retain(|k| keep.rules.contains(k));
+        let cidrs: BTreeSet<ipnet::IpNet> = keep.cidrs.iter().map(|e| e.prefix).collect();
+        self.cidrs
+            .retain(|n, _| cidrs.contains(&ipnet::IpNet::V4(*n)));
+        out.isolated = before.0 - self.isolated.len();
+        out.rules = before.1 - self.rules.len();
+        out.cidrs = before.2 - self.cidrs.len();
+        for _ in 0..out.total() {
+            self.writes.push(Write::Del);
+        }
+        Ok(out)
+    }
+}
+
+fn node(name: &str, ip: &str, cidr: &str) -> Arc<Node> {
+    Arc::new(Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidrs: Some(vec![cidr.into()]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: ip.into(),
+            }]),
+            ..Default::default()
+        }),
+    })
+}
+
+fn pod(name: &str, node: &str, ip: &str, role: &str) -> Arc<Pod> {
+    Arc::new(Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            labels: Some([("role".to_string(), role.to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            ..Default::default()
+        }),
+    })
+}
+
+fn policy(name: &str, spec: serde_json::Value) -> Arc<NetworkPolicy> {
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap(),
+    )
+}
+
+/// Compilation and ipcache of a cluster state.
+fn state(
+    pods: &[Arc<Pod>],
+    policies: &[Arc<NetworkPolicy>],
+) -> (Compiled, BTreeMap<Ipv4Net, IpcacheValue>) {
+    let nodes = [
+        node("n1", "10.213.0.11", "10.244.1.0/24"),
+        node("n2", "10.213.0.12", "10.244.2.0/24"),
+    ];
+    let (cluster, problems) = plan::policy_cluster(&[], pods, policies).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let compiled = compile(&cluster);
+    let ipcache = plan::desired_ipcache(
+        "n1",
+        &nodes,
+        pods,
+        &compiled.endpoints,
+        &BTreeSet::from(["n2".to_string()]),
+    );
+    (compiled, ipcache)
+}
+
+fn assert_maps_hold(
+    maps: &FakeMaps,
+    compiled: &Compiled,
+    ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
+) {
+    assert_eq!(maps.isolated, compiled.isolated);
+    assert_eq!(maps.rules, compiled.rules);
+    assert_eq!(&maps.ipcache, ipcache);
+    assert_eq!(maps.cidrs.len(), compiled.cidrs.len());
+}
+
+/// Every put before every delete: at no moment is an entry of the new state missing.
+fn assert_puts_before_deletes(writes: &[Write]) {
+    let first_del = writes
+        .iter()
+        .position(|w| *w == Write::Del)
+        .unwrap_or(writes.len());
+    assert!(
+        writes[first_del..].iter().all(|w| *w == Write::Del),
+        "a put after a delete: {writes:?}"
+    );
+}
+
+#[test]
+fn a_restarted_agent_rewrites_the_pins_and_drops_what_an_older_run_left() {
+    let web = policy(
+        "web",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"role": "web"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                         "ports": [{"port": 80}]}],
+        }),
+    );
+    let blocks = policy(
+        "blocks",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"role": "client"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]}],
+        }),
+    );
+    let pods_old = vec![
+        pod("a", "n1", "10.244.1.11", "client"),
+        pod("b", "n2", "10.244.2.11", "web"),
+        pod("gone", "n2", "10.244.2.12", "old"),
+    ];
+    let (old, old_ipcache) = state(&pods_old, &[web.clone(), blocks]);
+
+    // The pinned maps as an earlier run left them.
+    let mut maps = FakeMaps::default();
+    let mut first = Written::default();
+    assert!(write_policy(&mut maps, &mut first, &old, &old_ipcache).unwrap());
+    assert_maps_hold(&maps, &old, &old_ipcache);
+
+    // Restart: a pod is gone, another came with labels that renumber the identities, and one
+    // policy was deleted while the agent was down.
+    let pods_new = vec![
+        pod("a", "n1", "10.244.1.11", "client"),
+        pod("b", "n2", "10.244.2.11", "web"),
+        pod("aaa", "n1", "10.244.1.12", "aaa"),
+    ];
+    let (new, new_ipcache) = state(&pods_new, &[web]);
+    assert_ne!(
+        old.endpoints[&"10.244.1.11".parse().unwrap()],
+        new.endpoints[&"10.244.1.11".parse().unwrap()],
+        "the test wants identities to move"
+    );
+    maps.writes.clear();
+    let mut restarted = Written {
+        ipcache: maps.ipcache.clone(),
+        policy: None,
+    };
+    assert!(write_policy(&mut maps, &mut restarted, &new, &new_ipcache).unwrap());
+    assert_maps_hold(&maps, &new, &new_ipcache);
+    assert!(
+        maps.cidrs.is_empty(),
+        "the deleted policy's ipBlock is gone"
+    );
+    assert_puts_before_deletes(&maps.writes);
+
+    // Nothing changed: nothing written.
+    maps.writes.clear();
+    assert!(!write_policy(&mut maps, &mut restarted, &new, &new_ipcache).unwrap());
+    assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+}
+
+#[test]
+fn a_policy_change_is_written_as_a_diff_puts_first() {
+    let pods = vec![
+        pod("a", "n1", "10.244.1.11", "client"),
+        pod("b", "n2", "10.244.2.11", "web"),
+    ];
+    let (open, ipcache) = state(&pods, &[]);
+    let mut maps = FakeMaps::default();
+    let mut written = Written::default();
+    write_policy(&mut maps, &mut written, &open, &ipcache).unwrap();
+    let deny = policy("deny", serde_json::json!({"podSelector": {}}));
+    let (denied, ipcache2) = state(&pods, &[deny]);
+    maps.writes.clear();
+    assert!(write_policy(&mut maps, &mut written, &denied, &ipcache2).unwrap());
+    assert_maps_hold(&maps, &denied, &ipcache2);
+    assert_eq!(
+        maps.writes.len(),
+        denied.isolated.len(),
+        "only the new keys"
+    );
+    maps.writes.clear();
+    assert!(write_policy(&mut maps, &mut written, &open, &ipcache).unwrap());
+    assert_maps_hold(&maps, &open, &ipcache);
+    assert_puts_before_deletes(&maps.writes);
+}
