@@ -9,6 +9,8 @@ pub mod device;
 pub mod drain;
 pub mod engine;
 pub mod events;
+#[cfg(test)]
+mod fixtures;
 pub mod flows;
 pub mod mesh;
 pub mod metrics;

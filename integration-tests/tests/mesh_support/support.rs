@@ -177,21 +177,7 @@ pub async fn published_key(cluster: &VirtualCluster, node: &str) -> Option<Strin
 
 /// The agent's `/metrics` text, fetched from the host at the node's underlay address.
 pub async fn agent_metrics(cluster: &VirtualCluster, node: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ip: Ipv4Addr = cluster.node(node).expect("node").network.underlay_ip;
-    let mut stream = tokio::net::TcpStream::connect((ip, demo::AGENT_HTTP_PORT))
-        .await
-        .map_err(|e| format!("connect {ip}: {e}"))?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(text)
+    agent_http(cluster, node, "/metrics").await
 }
 
 /// A pod as a traffic end.

@@ -1,15 +1,14 @@
 use std::{collections::BTreeSet, sync::Arc};
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus},
-        networking::v1::NetworkPolicy,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
 use wiremesh_bpf::{FakeMaps, sync::fake::Write};
 
 use super::*;
+use crate::fixtures::node;
+
+fn pod(name: &str, node: &str, ip: &str, role: &str) -> Arc<Pod> {
+    crate::fixtures::pod(name, node, ip, ("role", role))
+}
 
 impl PolicyMaps for FakeMaps {
     fn retain_policy(&mut self, keep: &Compiled) -> Result<Retained, wiremesh_bpf::Error> {
@@ -28,46 +27,6 @@ impl PolicyMaps for FakeMaps {
         }
         Ok(out)
     }
-}
-
-fn node(name: &str, ip: &str, cidr: &str) -> Arc<Node> {
-    Arc::new(Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            pod_cidrs: Some(vec![cidr.into()]),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: ip.into(),
-            }]),
-            ..Default::default()
-        }),
-    })
-}
-
-fn pod(name: &str, node: &str, ip: &str, role: &str) -> Arc<Pod> {
-    Arc::new(Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("default".into()),
-            labels: Some([("role".to_string(), role.to_string())].into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
-            ..Default::default()
-        }),
-    })
 }
 
 fn policy(name: &str, spec: serde_json::Value) -> Arc<NetworkPolicy> {

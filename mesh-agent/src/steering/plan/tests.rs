@@ -1,50 +1,10 @@
-use k8s_openapi::{
-    api::core::v1::{NodeAddress, NodeSpec, NodeStatus, PodIP, PodSpec, PodStatus},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
 use wiremesh_policy::compile;
 
 use super::*;
-
-fn node(name: &str, ip: &str, cidr: &str) -> Arc<Node> {
-    Arc::new(Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            pod_cidrs: Some(vec![cidr.into()]),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: ip.into(),
-            }]),
-            ..Default::default()
-        }),
-    })
-}
+use crate::fixtures::node;
 
 fn pod(name: &str, node: &str, ip: &str, app: &str) -> Arc<Pod> {
-    Arc::new(Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("default".into()),
-            labels: Some([("app".to_string(), app.to_string())].into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
-            pod_ip: Some(ip.into()),
-            ..Default::default()
-        }),
-    })
+    crate::fixtures::pod(name, node, ip, ("app", app))
 }
 
 fn net(s: &str) -> Ipv4Net {
