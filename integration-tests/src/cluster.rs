@@ -87,7 +87,10 @@ pub struct ClusterOptions {
     pub spare_nodes: u32,
     /// Kubernetes namespace of the pods.
     pub pod_namespace: String,
-    /// MTU of pod veths; `None` keeps 1500.
+    /// MTU of pod veths; `None` keeps 1500. Default [`POD_MTU`]: the tunnel MTU of a 1500-byte
+    /// underlay, as a CNI configured for a WireGuard mesh sets it — the eBPF datapath redirects
+    /// pod packets straight into the tunnel, past the routing stack that would otherwise answer
+    /// an oversized packet with "fragmentation needed".
     pub pod_mtu: Option<u32>,
     /// Where logs, kubeconfigs and testenv data go; default `<tmp>/wiremesh-<id>`. Removed at teardown
     /// if the cluster created it, unless `keep_work_dir`.
@@ -116,7 +119,7 @@ impl Default for ClusterOptions {
             pods_per_node: 1,
             spare_nodes: 0,
             pod_namespace: "default".to_owned(),
-            pod_mtu: None,
+            pod_mtu: Some(POD_MTU),
             work_dir: None,
             keep_work_dir: std::env::var_os("WIREMESH_KEEP_WORK_DIR").is_some(),
             outlive_parent: false,
@@ -127,6 +130,9 @@ impl Default for ClusterOptions {
         }
     }
 }
+
+/// Default MTU of pod veths: 1500 (underlay) - 80 (WireGuard overhead).
+pub const POD_MTU: u32 = 1420;
 
 /// The name of node `index` (1-based).
 pub fn node_name(index: u32) -> String {

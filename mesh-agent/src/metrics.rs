@@ -84,6 +84,9 @@ pub struct Metrics {
     pub node_patches: Family<ResultLabels, Counter>,
     /// 1 once the eBPF datapath is loaded.
     pub ebpf_loaded: Gauge,
+    /// Local pods whose veth MTU exceeds the tunnel MTU (their large packets to other nodes are
+    /// lost: the redirect into the tunnel bypasses "fragmentation needed").
+    pub pods_mtu_above_tunnel: Gauge,
     /// 1 while the eBPF config says strict mode.
     pub ebpf_strict: Gauge,
     /// eBPF failures by stage (load, netlink).
@@ -130,6 +133,7 @@ impl Metrics {
             node_patches: Family::default(),
             ebpf_loaded: Gauge::default(),
             ebpf_strict: Gauge::default(),
+            pods_mtu_above_tunnel: Gauge::default(),
             ebpf_errors: Family::default(),
             bpf_attached_programs: Gauge::default(),
             map_entries: Family::default(),
@@ -203,6 +207,11 @@ impl Metrics {
             "ebpf_loaded",
             "1 once the eBPF datapath is loaded",
             self.ebpf_loaded.clone(),
+        );
+        registry.register(
+            "pods_mtu_above_tunnel",
+            "Local pods whose veth MTU exceeds the tunnel MTU",
+            self.pods_mtu_above_tunnel.clone(),
         );
         registry.register(
             "ebpf_strict_mode",

@@ -375,7 +375,7 @@ impl Steering {
                 name = %p.name,
                 reason = p.reason,
                 message = %p.message,
-                "object left out of NetworkPolicy enforcement"
+                "object the eBPF datapath cannot fully serve"
             );
             self.metrics
                 .invalid_objects
@@ -462,7 +462,6 @@ impl Steering {
         let policy_started = Instant::now();
         let (cluster, problems) =
             plan::policy_cluster(&namespaces, &pods, &policies).map_err(SteeringError::Policy)?;
-        self.report_problems(problems).await;
         let compiled = compile(&cluster);
         let ipcache = plan::desired_ipcache(
             &self.settings.node_name,
@@ -513,17 +512,12 @@ impl Steering {
             );
         }
         self.metrics.ebpf_strict.set(i64::from(strict));
-        let attach = attach_all(
-            loaded,
-            &snap,
-            own_ip,
-            tunnel,
-            &self.settings.node_name,
-            &pods,
-        );
+        let placed = placement(&snap, own_ip, tunnel, &self.settings.node_name, &pods);
+        let attach = attach_all(loaded, &placed.wanted);
         self.metrics
             .bpf_attached_programs
             .set(loaded.attached.len() as i64);
+        let mtu_problems = placed.mtu_problems.len();
         if let Ok(lost) = loaded.loader.maps_ref().events_lost() {
             self.metrics.flow_events_lost.set(lost as i64);
         }
@@ -535,6 +529,10 @@ impl Steering {
                 .set_backlog(&backlog),
             Err(error) => tracing::debug!(%error, "reading the flow backlog"),
         }
+        self.metrics.pods_mtu_above_tunnel.set(mtu_problems as i64);
+        let mut problems = problems;
+        problems.extend(placed.mtu_problems);
+        self.report_problems(problems).await;
         attach
     }
 }
@@ -667,23 +665,33 @@ fn write_all(
     Ok(changed)
 }
 
-/// Attaches the programs where they belong and detaches them where they no longer do. Every
-/// interface is tried; the first failure is returned.
-fn attach_all(
-    loaded: &mut Loaded,
+/// Where the programs go according to one link snapshot, and the local pods whose veth MTU
+/// exceeds the tunnel's (the redirect into the tunnel skips the routing stack, so nothing would
+/// tell such a pod to send smaller packets: its large packets are lost).
+#[derive(Debug, Default)]
+pub struct Placement {
+    /// (interface, hook) -> (hook, ifindex).
+    pub wanted: BTreeMap<(String, u8), (Hook, u32)>,
+    pub mtu_problems: Vec<ObjectProblem>,
+}
+
+/// See [`Placement`].
+pub fn placement(
     snap: &LinkSnapshot,
     own_ip: Option<Ipv4Addr>,
     tunnel: Option<u32>,
     own_node: &str,
     pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
-) -> Result<(), SteeringError> {
-    let mut wanted: BTreeMap<(String, u8), (Hook, u32)> = BTreeMap::new();
+) -> Placement {
+    let mut out = Placement::default();
     let underlay = own_ip.and_then(|ip| snap.address_iface(ip));
     if let Some((index, name)) = underlay {
         for hook in [Hook::UnderlayIngress, Hook::UnderlayEgress] {
-            wanted.insert((name.to_string(), hook as u8), (hook, index));
+            out.wanted
+                .insert((name.to_string(), hook as u8), (hook, index));
         }
     }
+    let tunnel_mtu = tunnel.and_then(|i| snap.mtus.get(&i)).copied();
     let exclude: Vec<u32> = tunnel.into_iter().chain(underlay.map(|(i, _)| i)).collect();
     for pod in pods {
         if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(own_node) {
@@ -691,15 +699,42 @@ fn attach_all(
         }
         for ip in crate::views::pod_network_ips(pod) {
             let IpAddr::V4(ip) = ip else { continue };
-            if let Some((index, name)) = snap.route_iface(ip, &exclude) {
-                for hook in [Hook::FromPod, Hook::ToPod] {
-                    wanted.insert((name.to_string(), hook as u8), (hook, index));
-                }
+            let Some((index, name)) = snap.route_iface(ip, &exclude) else {
+                continue;
+            };
+            for hook in [Hook::FromPod, Hook::ToPod] {
+                out.wanted
+                    .insert((name.to_string(), hook as u8), (hook, index));
+            }
+            if let (Some(mtu), Some(tunnel_mtu)) = (snap.mtus.get(&index), tunnel_mtu)
+                && *mtu > tunnel_mtu
+            {
+                out.mtu_problems.push(ObjectProblem {
+                    kind: "Pod",
+                    namespace: pod.metadata.namespace.clone(),
+                    name: pod.metadata.name.clone().unwrap_or_default(),
+                    uid: pod.metadata.uid.clone(),
+                    reason: "PodMTUAboveTunnelMTU",
+                    message: format!(
+                        "the pod's veth {name} has MTU {mtu}, the tunnel {tunnel_mtu}: packets \
+                         larger than {tunnel_mtu} bytes to other nodes are lost; configure the \
+                         CNI with MTU {tunnel_mtu}"
+                    ),
+                });
             }
         }
     }
+    out
+}
+
+/// Attaches the programs where they belong and detaches them where they no longer do. Every
+/// interface is tried; the first failure is returned.
+fn attach_all(
+    loaded: &mut Loaded,
+    wanted: &BTreeMap<(String, u8), (Hook, u32)>,
+) -> Result<(), SteeringError> {
     let mut first_error = None;
-    for (key, (hook, index)) in &wanted {
+    for (key, (hook, index)) in wanted {
         if loaded.attached.get(key) == Some(&(*hook, *index)) {
             continue;
         }
@@ -736,7 +771,7 @@ fn attach_all(
     // Pins an earlier run left for interfaces that are gone now.
     if !loaded.pins_collected && first_error.is_none() {
         loaded.pins_collected = true;
-        collect_stale_pins(loaded, &wanted);
+        collect_stale_pins(loaded, wanted);
     }
     match first_error {
         Some(e) => Err(e),

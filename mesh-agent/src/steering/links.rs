@@ -34,6 +34,8 @@ pub enum LinksError {
 pub struct LinkSnapshot {
     /// ifindex -> name.
     pub names: BTreeMap<u32, String>,
+    /// ifindex -> MTU.
+    pub mtus: BTreeMap<u32, u32>,
     /// IPv4 address -> ifindex holding it.
     pub addresses: BTreeMap<Ipv4Addr, u32>,
     /// Unicast IPv4 routes with an output interface: (destination, prefix length, oif).
@@ -114,6 +116,12 @@ impl Links {
             if let Some(name) = link_name(link) {
                 out.names.insert(link.header.index, name);
             }
+            if let Some(mtu) = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            }) {
+                out.mtus.insert(link.header.index, mtu);
+            }
         }
         let addresses: Vec<_> = self
             .handle
@@ -176,6 +184,7 @@ mod tests {
     fn the_most_specific_route_names_the_pod_veth() {
         let snap = LinkSnapshot {
             names: BTreeMap::from([(2, "eth0".into()), (5, "veth1".into()), (9, "wm0".into())]),
+            mtus: BTreeMap::new(),
             addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 11), 2)]),
             routes: vec![
                 (Ipv4Addr::UNSPECIFIED, 0, 2),

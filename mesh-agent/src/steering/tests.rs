@@ -1,4 +1,4 @@
-use std::{collections::BTreeSet, sync::Arc};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
 use wiremesh_bpf::{FakeMaps, sync::fake::Write};
@@ -171,4 +171,57 @@ fn a_policy_change_is_written_as_a_diff_puts_first() {
     assert!(write_policy(&mut maps, &mut written, &open, &ipcache).unwrap());
     assert_maps_hold(&maps, &open, &ipcache);
     assert_puts_before_deletes(&maps.writes);
+}
+
+#[test]
+fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_flagged() {
+    let snap = links::LinkSnapshot {
+        names: BTreeMap::from([
+            (2, "eth0".into()),
+            (5, "veth1".into()),
+            (6, "veth2".into()),
+            (9, "wm0".into()),
+        ]),
+        mtus: BTreeMap::from([(2, 1500), (5, 1420), (6, 1500), (9, 1420)]),
+        addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 11), 2)]),
+        routes: vec![
+            (Ipv4Addr::UNSPECIFIED, 0, 2),
+            (Ipv4Addr::new(10, 244, 1, 11), 32, 5),
+            (Ipv4Addr::new(10, 244, 1, 12), 32, 6),
+            (Ipv4Addr::new(10, 244, 2, 0), 24, 9),
+        ],
+    };
+    let pods = vec![
+        pod("a", "n1", "10.244.1.11", "x"),
+        pod("big", "n1", "10.244.1.12", "x"),
+        pod("unwired", "n1", "10.244.1.13", "x"),
+        pod("remote", "n2", "10.244.2.11", "x"),
+    ];
+    let placed = placement(
+        &snap,
+        Some(Ipv4Addr::new(10, 213, 0, 11)),
+        Some(9),
+        "n1",
+        &pods,
+    );
+    let wanted: Vec<(String, &str)> = placed
+        .wanted
+        .iter()
+        .map(|((iface, _), (hook, _))| (iface.clone(), hook.program()))
+        .collect();
+    assert_eq!(
+        wanted,
+        vec![
+            ("eth0".to_string(), "underlay_ingress"),
+            ("eth0".to_string(), "underlay_egress"),
+            ("veth1".to_string(), "from_pod"),
+            ("veth1".to_string(), "to_pod"),
+            ("veth2".to_string(), "from_pod"),
+            ("veth2".to_string(), "to_pod"),
+        ],
+        "a pod without its own route gets nothing (the default route is the underlay)"
+    );
+    assert_eq!(placed.mtu_problems.len(), 1);
+    assert_eq!(placed.mtu_problems[0].name, "big");
+    assert_eq!(placed.mtu_problems[0].reason, "PodMTUAboveTunnelMTU");
 }
