@@ -124,6 +124,8 @@ pub struct Steering {
     flows: SharedFlows,
     loaded: Option<Loaded>,
     reported: BTreeSet<ObjectProblem>,
+    /// Objects the last compilation left out (reported again each pass; Events only once).
+    policy_problems: Vec<ObjectProblem>,
     load_error: Option<String>,
     next_load: Option<Instant>,
 }
@@ -150,6 +152,7 @@ impl Steering {
             flows,
             loaded: None,
             reported: BTreeSet::new(),
+            policy_problems: Vec::new(),
             load_error: None,
             next_load: None,
         }
@@ -191,10 +194,14 @@ impl Steering {
                 return;
             }
         };
+        // Whether the API objects or the mesh changed since the last successful pass; periodic
+        // passes without a change only look at interfaces and the tunnel (no recompile).
+        let mut dirty = true;
         loop {
             let started = Instant::now();
-            match self.pass(&links).await {
+            match self.pass(&links, dirty).await {
                 Ok(()) => {
+                    dirty = false;
                     self.metrics
                         .steering_passes
                         .get_or_create(&ResultLabels { result: "ok" })
@@ -214,8 +221,9 @@ impl Steering {
             tokio::select! {
                 () = self.notify.notified() => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    dirty = true;
                 }
-                _ = self.mesh.changed() => {}
+                _ = self.mesh.changed() => dirty = true,
                 () = tokio::time::sleep(PERIOD) => {}
                 () = drain.signaled() => break,
             }
@@ -402,7 +410,7 @@ impl Steering {
         }
     }
 
-    async fn pass(&mut self, links: &Links) -> Result<(), SteeringError> {
+    async fn pass(&mut self, links: &Links, dirty: bool) -> Result<(), SteeringError> {
         let me = self.caches.mesh_encryption();
         let steering = me.as_ref().is_some_and(|m| m.spec.steers_traffic());
         if self.loaded.is_none() {
@@ -436,40 +444,30 @@ impl Steering {
         let namespaces = self.caches.namespaces.state();
         let policies = self.caches.policies.state();
 
-        // Names for flow records.
-        let mut names = Names::default();
-        for n in &nodes {
-            if let (Some(name), Some(ip)) = (n.metadata.name.clone(), node_ipv4(n)) {
-                names.nodes.insert(ip, name);
-            }
+        // Policy, ipcache and names only when something changed (or after a load).
+        let recompile = dirty
+            || self
+                .loaded
+                .as_ref()
+                .is_none_or(|l| l.written.policy.is_none());
+        let mut policy_started = None;
+        let mut desired = None;
+        if recompile {
+            *self.names.write().unwrap_or_else(|e| e.into_inner()) = flow_names(&nodes, &pods);
+            policy_started = Some(Instant::now());
+            let (cluster, problems) = plan::policy_cluster(&namespaces, &pods, &policies)
+                .map_err(SteeringError::Policy)?;
+            self.policy_problems = problems;
+            let compiled = compile(&cluster);
+            let ipcache = plan::desired_ipcache(
+                &self.settings.node_name,
+                &nodes,
+                &pods,
+                &compiled.endpoints,
+                &encrypted,
+            );
+            desired = Some((compiled, ipcache));
         }
-        for p in &pods {
-            for ip in crate::views::pod_network_ips(p) {
-                if let IpAddr::V4(a) = ip {
-                    names.pods.insert(
-                        a,
-                        format!(
-                            "{}/{}",
-                            p.metadata.namespace.as_deref().unwrap_or("default"),
-                            p.metadata.name.as_deref().unwrap_or("")
-                        ),
-                    );
-                }
-            }
-        }
-        *self.names.write().unwrap_or_else(|e| e.into_inner()) = names;
-
-        let policy_started = Instant::now();
-        let (cluster, problems) =
-            plan::policy_cluster(&namespaces, &pods, &policies).map_err(SteeringError::Policy)?;
-        let compiled = compile(&cluster);
-        let ipcache = plan::desired_ipcache(
-            &self.settings.node_name,
-            &nodes,
-            &pods,
-            &compiled.endpoints,
-            &encrypted,
-        );
 
         let snap = links.snapshot().await.map_err(SteeringError::Links)?;
         let tunnel = snap
@@ -495,11 +493,13 @@ impl Steering {
         let Some(loaded) = self.loaded.as_mut() else {
             return Ok(());
         };
-        let policy_changed = write_all(loaded, &compiled, &ipcache, &self.metrics)?;
-        if policy_changed {
+        if let Some((compiled, ipcache)) = &desired
+            && write_all(loaded, compiled, ipcache, &self.metrics)?
+            && let Some(started) = policy_started
+        {
             self.metrics
                 .policy_apply_duration
-                .observe(policy_started.elapsed().as_secs_f64());
+                .observe(started.elapsed().as_secs_f64());
         }
         let maps = loaded.loader.maps();
         if maps.config().ok() != Some(config) {
@@ -530,11 +530,39 @@ impl Steering {
             Err(error) => tracing::debug!(%error, "reading the flow backlog"),
         }
         self.metrics.pods_mtu_above_tunnel.set(mtu_problems as i64);
-        let mut problems = problems;
+        let mut problems = self.policy_problems.clone();
         problems.extend(placed.mtu_problems);
         self.report_problems(problems).await;
         attach
     }
+}
+
+/// Pod and node names by address, for flow records.
+fn flow_names(
+    nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
+    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+) -> Names {
+    let mut names = Names::default();
+    for n in nodes {
+        if let (Some(name), Some(ip)) = (n.metadata.name.clone(), node_ipv4(n)) {
+            names.nodes.insert(ip, name);
+        }
+    }
+    for p in pods {
+        for ip in crate::views::pod_network_ips(p) {
+            if let IpAddr::V4(a) = ip {
+                names.pods.insert(
+                    a,
+                    format!(
+                        "{}/{}",
+                        p.metadata.namespace.as_deref().unwrap_or("default"),
+                        p.metadata.name.as_deref().unwrap_or("")
+                    ),
+                );
+            }
+        }
+    }
+    names
 }
 
 /// The map writes of a pass: [`MapWriter`] plus the garbage collection after a (re)load.

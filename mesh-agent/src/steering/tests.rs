@@ -225,3 +225,51 @@ fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_flagged() {
     assert_eq!(placed.mtu_problems[0].name, "big");
     assert_eq!(placed.mtu_problems[0].reason, "PodMTUAboveTunnelMTU");
 }
+
+#[tokio::test]
+async fn a_pin_directory_outside_bpffs_is_a_clear_error_with_a_metric() {
+    use kube::runtime::reflector;
+    use prometheus_client::{encoding::text::encode, registry::Registry};
+
+    let dir = tempfile::tempdir().unwrap();
+    let client =
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+    let caches = Caches {
+        nodes: reflector::store().0,
+        pods: reflector::store().0,
+        mesh_encryption: reflector::store().0,
+        namespaces: reflector::store().0,
+        policies: reflector::store().0,
+    };
+    let mut registry = Registry::with_prefix("wiremesh");
+    let metrics = Metrics::new(&mut registry);
+    let (_tx, rx) = watch::channel(MeshSnapshot::default());
+    let mut steering = Steering::new(
+        SteeringSettings {
+            node_name: "n1".into(),
+            bpffs: dir.path().to_owned(),
+            interface: "wm0".into(),
+            listen_port: None,
+            ebpf: EbpfChoice::Auto,
+        },
+        client,
+        caches,
+        rx,
+        Arc::new(Notify::new()),
+        metrics,
+        Steering::flow_table(4),
+    );
+    let error = steering.load().await.unwrap_err().to_string();
+    let pins = dir.path().join("wiremesh/n1");
+    assert!(error.contains(&pins.display().to_string()), "{error}");
+    assert!(error.contains("not on a bpf filesystem"), "{error}");
+    assert!(error.contains("mount -t bpf"), "the fix is named: {error}");
+    assert!(steering.loaded.is_none());
+    assert!(steering.next_load.is_some(), "retried later");
+    let mut text = String::new();
+    encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"wiremesh_ebpf_errors_total{stage="load"} 1"#),
+        "{text}"
+    );
+}
