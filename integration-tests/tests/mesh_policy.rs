@@ -159,6 +159,19 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
         "drops are counted in the metrics"
     );
 
+    // The agent's status report shows the datapath.
+    let status: serde_json::Value = serde_json::from_str(
+        &agent_http(&cluster, "node-1", "/status")
+            .await
+            .expect("/status"),
+    )
+    .expect("status JSON");
+    assert_eq!(status["ebpf"]["loaded"], true, "{status}");
+    assert!(
+        status["ebpf"]["attachedPrograms"].as_u64() >= Some(6),
+        "two programs on each of the two pod veths and on the underlay: {status}"
+    );
+
     // Removing the policies opens everything again.
     delete_policy(&cluster, "default-deny").await;
     delete_policy(&cluster, "allow-client-web-80").await;

@@ -20,7 +20,7 @@ use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
 
 use crate::{
     admin::AdminServer,
-    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice},
+    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice, EbpfChoice},
     datapath::{Datapath, DeviceSettings},
     drain::{self, Trigger},
     engine::{EngineConfig, UserspaceEngine},
@@ -192,6 +192,10 @@ pub async fn build(
         config.status_interval,
         shared_report,
     );
+    let reporter = match config.ebpf {
+        EbpfChoice::Auto => reporter.with_ebpf(steering.report()),
+        EbpfChoice::Off => reporter,
+    };
 
     let (trigger, drain) = drain::channel();
     let mut tasks = JoinSet::new();

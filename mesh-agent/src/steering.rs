@@ -49,6 +49,7 @@ use crate::{
     flows::{FlowTable, Names, SharedFlows, SharedNames},
     metrics::{InvalidObjectLabels, MapLabels, Metrics, ResultLabels, StageLabels, VerdictLabels},
     reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
+    report::EbpfReport,
     watch::Caches,
 };
 
@@ -128,6 +129,7 @@ pub struct Steering {
     policy_problems: Vec<ObjectProblem>,
     load_error: Option<String>,
     next_load: Option<Instant>,
+    report: watch::Sender<EbpfReport>,
 }
 
 impl Steering {
@@ -155,7 +157,13 @@ impl Steering {
             policy_problems: Vec::new(),
             load_error: None,
             next_load: None,
+            report: watch::channel(EbpfReport::default()).0,
         }
+    }
+
+    /// The datapath's state for the status report, updated after every pass.
+    pub fn report(&self) -> watch::Receiver<EbpfReport> {
+        self.report.subscribe()
     }
 
     /// A flow table of `capacity` flows for [`Steering::new`] and the HTTP server.
@@ -199,7 +207,23 @@ impl Steering {
         let mut dirty = true;
         loop {
             let started = Instant::now();
-            match self.pass(&links, dirty).await {
+            let result = self.pass(&links, dirty).await;
+            let error = result.as_ref().err().map(|e| format!("{e:#}"));
+            self.report.send_if_modified(|r| {
+                let next = EbpfReport {
+                    loaded: self.loaded.is_some(),
+                    strict: self.metrics.ebpf_strict.get() == 1,
+                    attached_programs: self
+                        .loaded
+                        .as_ref()
+                        .map_or(0, |l| u32::try_from(l.attached.len()).unwrap_or(u32::MAX)),
+                    error,
+                };
+                let changed = *r != next;
+                *r = next;
+                changed
+            });
+            match result {
                 Ok(()) => {
                     dirty = false;
                     self.metrics
