@@ -85,6 +85,8 @@ demo: deps
 	@status=0; \
 	echo; echo "==> cross-node pod traffic through the WireGuard mesh (ping, TCP echo, UDP echo)"; \
 	$(MESHCTL) demo traffic || status=1; \
+	echo; echo "==> eBPF flow records of each agent (/flows)"; \
+	$(MESHCTL) demo flows || status=1; \
 	echo; echo "==> meshctl status"; \
 	$(MESHCTL) status --kubeconfig "$$($(MESHCTL) demo kubeconfig)" || status=1; \
 	echo; echo "==> meshctl demo down"; \

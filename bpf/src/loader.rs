@@ -32,6 +32,9 @@ use crate::abi::{
 };
 use crate::sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual};
 
+mod retain;
+pub use retain::Retained;
+
 /// The object built from `src/datapath.bpf.c` by build.rs.
 static DATAPATH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
 
