@@ -22,7 +22,8 @@ help:
 	@echo "wiremesh targets:"
 	@echo "  make demo   - local multi-node cluster of network namespaces with a real kube-apiserver"
 	@echo "  make test   - the whole test suite (installs what it needs first)"
-	@echo "  make bench  - throughput/latency ratios against wireguard-go, boringtun-cli and plain veth"
+	@echo "  make bench  - throughput/latency ratios against wireguard-go, boringtun-cli and plain veth;"
+	@echo "               eBPF datapath throughput with 1,000 policy rules vs none"
 	@echo "  make lint   - rustfmt check and clippy -D warnings"
 	@echo "  make deps   - install Debian packages, build the testenv kube-apiserver"
 	@echo "  make crds   - regenerate deploy/crds/*.yaml"
@@ -84,6 +85,8 @@ demo: deps
 	@status=0; \
 	echo; echo "==> cross-node pod traffic through the WireGuard mesh (ping, TCP echo, UDP echo)"; \
 	$(MESHCTL) demo traffic || status=1; \
+	echo; echo "==> eBPF flow records of each agent (/flows)"; \
+	$(MESHCTL) demo flows || status=1; \
 	echo; echo "==> meshctl status"; \
 	$(MESHCTL) status --kubeconfig "$$($(MESHCTL) demo kubeconfig)" || status=1; \
 	echo; echo "==> meshctl demo down"; \
@@ -91,19 +94,23 @@ demo: deps
 	if [ $$status = 0 ]; then echo "==> demo passed"; else echo "==> demo FAILED" >&2; fi; \
 	exit $$status
 
-# Userspace WireGuard benchmark (root): veth vs wireguard-go vs boringtun-cli vs our engine.
+# Benchmarks (root): veth vs wireguard-go vs boringtun-cli vs our engine; eBPF datapath with no
+# policy vs ~1,000 rules (variant `policy`, bpf/examples/datapath-bench).
 # BENCH_ARGS are passed to bench/bench.py (e.g. BENCH_ARGS="--runs 5 --time 10").
 BENCH_TOOLS := bench/.tools
 BORINGTUN_CLI := $(BENCH_TOOLS)/bin/boringtun-cli
 BENCH_ARGS ?=
 bench: deps
 	$(CARGO) build --release -p mesh-agent
+	$(CARGO) build --release -p wiremesh-bpf --example datapath-bench
 	@if [ ! -x $(BORINGTUN_CLI) ]; then \
 		echo "installing boringtun-cli into $(BENCH_TOOLS)"; \
 		$(CARGO) install --locked boringtun-cli --root $(BENCH_TOOLS); \
 	fi
 	python3 bench/bench.py --ours "$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/mesh-agent" \
-		--boringtun $(BORINGTUN_CLI) $(BENCH_ARGS)
+		--boringtun $(BORINGTUN_CLI) \
+		--datapath-bench "$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/datapath-bench" \
+		$(BENCH_ARGS)
 
 FUZZ_SECONDS ?= 60
 # cargo-fuzz needs nightly rustc features; without a nightly toolchain, stable with RUSTC_BOOTSTRAP=1.

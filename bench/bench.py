@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Userspace WireGuard benchmark: plain veth vs wireguard-go vs boringtun-cli vs our engine.
+"""Userspace WireGuard benchmark: plain veth vs wireguard-go vs boringtun-cli vs our engine;
+and the eBPF datapath with no policy vs with ~1,000 policy rules loaded (variant `policy`).
 
 Every variant gets its own pair of network namespaces joined by a veth (created here, removed
 at the end, unique names). iperf3 runs over the tunnel (or the bare veth) with cubic congestion
@@ -8,12 +9,23 @@ control on both ends: TCP single stream and 4 streams, ping RTT on the idle tunn
 interleaved across variants so drift hits all of them alike. Prints min/median/max and the
 ratios to veth and to wireguard-go, as a Markdown table.
 
+The `policy` variant: three "nodes" (network namespaces), each with two pod namespaces behind
+veths routed through the node: plain routing (no programs), the eBPF datapath with an empty
+policy, and the datapath with the policy maps filled by the wiremesh-policy compiler from a
+synthetic cluster (>= --policy-rules rule entries; the measured flow allowed by a named-port
+ingress rule and an ipBlock egress rule). bpf/examples/datapath-bench loads and attaches the
+programs and reports their kernel run-time statistics. TCP single stream pod a -> pod b, rounds
+interleaved (order reversed every other round); prints the per-round ratio policy / no-policy (min / median / max)
+and, per round, from_pod's cost under BPF_PROG_TEST_RUN (no network noise): a packet of an
+established flow, the first packet of a new allowed flow, a denied packet.
+
 Needs root, iperf3, ping, wg, wireguard-go. Run through `make bench`.
 """
 
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -177,6 +189,161 @@ def measure_throughput(topo, seconds):
     return {"single": single, "multi": multi, "cpu_sys": cpu_sys, "cpu_tunnel": cpu_tun, "retransmits": retr}
 
 
+class PodPair:
+    """A node namespace routing between two pod namespaces (pod a 10.2x.1.2, pod b 10.2x.2.2)."""
+
+    def __init__(self, tag, idx):
+        base = f"wmp{PID % 10000}{tag}"
+        self.node, self.pa, self.pb = f"{base}n", f"{base}a", f"{base}b"
+        self.host_a, self.host_b = f"h{PID % 10000}{tag}a", f"h{PID % 10000}{tag}b"
+        self.ip_a, self.ip_b = f"10.{220 + idx}.1.2", f"10.{220 + idx}.2.2"
+        for ns in (self.node, self.pa, self.pb):
+            sh("ip", "netns", "add", ns)
+            NS_LIST.append(ns)
+            nsx(ns, "ip", "link", "set", "lo", "up")
+        for ns, host, ip in ((self.pa, self.host_a, self.ip_a), (self.pb, self.host_b, self.ip_b)):
+            gw = ip.rsplit(".", 1)[0] + ".1"
+            sh("ip", "-n", self.node, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "route", "add", "default", "via", gw)
+            sh("ip", "-n", self.node, "addr", "add", f"{gw}/24", "dev", host)
+            sh("ip", "-n", self.node, "link", "set", host, "up")
+        for k in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"):
+            nsx(self.node, "sysctl", "-qw", k)
+        self.loader = None
+        self.loaded = None
+        # What iperf() expects of a topology.
+        self.source_ns, self.server_ns, self.target = self.pa, self.pb, self.ip_b
+
+    def load(self, binary, bpffs, rules, port):
+        pin = os.path.join(bpffs, self.node)
+        self.loader = subprocess.Popen(
+            [binary, "--netns", self.node, "--pin-dir", pin, "--iface", self.host_a, "--iface", self.host_b,
+             "--pod-a", self.ip_a, "--pod-b", self.ip_b, "--port", str(port), "--rules", str(rules)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        KILL_LIST.append(self.loader)
+        line = self.loader.stdout.readline()
+        if not line:
+            raise RuntimeError(f"datapath-bench exited ({self.loader.wait()}) without loading")
+        self.loaded = json.loads(line)
+
+    def test_runs(self):
+        self.loader.stdin.write("testrun\n")
+        self.loader.stdin.flush()
+        return json.loads(self.loader.stdout.readline())
+
+    def stats(self):
+        self.loader.stdin.write("stats\n")
+        self.loader.stdin.flush()
+        return json.loads(self.loader.stdout.readline())
+
+    def probe(self, port):
+        """'open', 'refused' or 'timeout' for a TCP connect a -> b:port."""
+        code = ("import socket,sys\n"
+                "try:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5); print('open')\n"
+                "except ConnectionRefusedError: print('refused')\n"
+                "except OSError: print('timeout')\n")
+        return nsx(self.pa, "python3", "-c", code, self.ip_b, str(port)).strip()
+
+
+def policy_bench(args):
+    """eBPF datapath throughput, no policy vs --policy-rules rules; returns the printed report."""
+    port = 5201
+    bpffs = tempfile.mkdtemp(prefix="wm-bench-bpffs-")
+    sh("mount", "-t", "bpf", "bpf", bpffs)
+    pairs = {}
+    try:
+        for idx, (name, rules) in enumerate((("routed", None), ("ebpf-no-policy", 0),
+                                             (f"ebpf-{args.policy_rules}-rules", args.policy_rules))):
+            pair = PodPair("rnp"[idx], idx)
+            if rules is not None:
+                pair.load(args.datapath_bench, bpffs, rules, port)
+            pairs[name] = pair
+        names = list(pairs)
+        none_name, rules_name = names[1], names[2]
+        # The policy really is enforced on this path, and the path works without it.
+        for name in names[1:]:
+            wait_for(f"{name}: pod a reaches pod b", lambda: subprocess.run(
+                ["ip", "netns", "exec", pairs[name].pa, "ping", "-c", "1", "-W", "1", pairs[name].ip_b],
+                capture_output=True).returncode == 0 or name == rules_name, timeout=10)
+        got = pairs[none_name].probe(port + 1), pairs[rules_name].probe(port + 1)
+        if got != ("refused", "timeout"):
+            raise RuntimeError(f"tcp/{port + 1} a -> b: expected refused without policy and dropped with it, got {got}")
+        results = {n: [] for n in names}
+        for r in range(args.policy_runs):
+            # Alternate the order so no variant always follows the same one.
+            for name in (names if r % 2 == 0 else names[::-1]):
+                pair = pairs[name]
+                s0 = pair.stats() if pair.loader else None
+                gbit, retr = iperf(pair, args.time, 1)
+                m = {"single": gbit, "retransmits": retr}
+                if s0:
+                    s1 = pair.stats()
+                    busy = sum(s1[p]["run_ns"] - s0[p]["run_ns"] for p in ("from_pod", "to_pod"))
+                    m["prog_cpu_pct"] = 100.0 * busy / (args.time * 1e9)
+                    for prog in ("from_pod", "to_pod"):
+                        runs = s1[prog]["runs"] - s0[prog]["runs"]
+                        m[f"{prog}_runs"] = runs
+                        m[f"{prog}_ns"] = (s1[prog]["run_ns"] - s0[prog]["run_ns"]) / max(1, runs)
+                if pair.loader:
+                    m.update(pair.test_runs())
+                results[name].append(m)
+                extra = (f"  from_pod {m['from_pod_ns']:.0f} ns/run ({m['from_pod_runs']} runs)"
+                         if "from_pod_ns" in m else "")
+                print(f"policy run {r + 1}/{args.policy_runs} {name:18s} {gbit:.2f} Gbit/s  retr {retr}{extra}",
+                      flush=True)
+                time.sleep(0.5)
+    finally:
+        for pair in pairs.values():
+            if pair.loader and pair.loader.poll() is None:
+                pair.loader.stdin.close()
+                pair.loader.wait(timeout=10)
+        for pair in pairs.values():
+            for ns in (pair.pa, pair.pb, pair.node):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+                NS_LIST.remove(ns)
+        subprocess.run(["umount", bpffs], capture_output=True)
+        os.rmdir(bpffs)
+
+    loaded = pairs[rules_name].loaded
+    ratios = [p["single"] / n["single"] for p, n in zip(results[rules_name], results[none_name])]
+    lines = [
+        "",
+        f"eBPF datapath, TCP 1 stream pod a -> pod b through the node (from_pod/to_pod on both veths): "
+        f"{args.policy_runs} interleaved rounds x {args.time} s, cubic, {os.cpu_count()} cores, kernel {os.uname().release}",
+        f"policy loaded: {loaded['policies']} NetworkPolicies compiled to {loaded['rules']} rule entries, "
+        f"{loaded['isolated']} isolation entries, {loaded['cidrs']} CIDR entries, {loaded['endpoints']} endpoints",
+        "",
+        "| variant | TCP 1 stream Gbit/s (min / median / max) | from_pod ns/run (min / median / max) | to_pod ns/run "
+        "| programs' CPU % of one core (median) | test run ns: established / new flow / denied (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        rs = results[name]
+        fp = fmt3([x["from_pod_ns"] for x in rs], "{:.0f}") if "from_pod_ns" in rs[0] else "-"
+        tp = fmt3([x["to_pod_ns"] for x in rs], "{:.0f}") if "to_pod_ns" in rs[0] else "-"
+        cpu = f"{statistics.median(x['prog_cpu_pct'] for x in rs):.1f}" if "prog_cpu_pct" in rs[0] else "-"
+        tr = "-"
+        if "established_ns" in rs[0]:
+            def tmed(key):
+                vals = [x[key] for x in rs if x[key] is not None]
+                return f"{statistics.median(vals):.0f}" if vals else "-"
+            tr = f"{tmed('established_ns')} / {tmed('new_flow_ns')} / {tmed('denied_ns')}"
+        lines.append(f"| {name} | {fmt3([x['single'] for x in rs])} | {fp} | {tp} | {cpu} | {tr} |")
+    med_ratio = statistics.median(x["single"] for x in results[rules_name]) / \
+        statistics.median(x["single"] for x in results[none_name])
+    lines += [
+        "",
+        f"throughput with {loaded['rules']} rules / no policy, per round (min / median / max): {fmt3(ratios)}; "
+        f"ratio of the medians {med_ratio:.2f} (target >= 0.95)",
+    ]
+    if args.json:
+        with open(args.json + ".policy.json", "w") as f:
+            json.dump({"loaded": loaded, "results": results, "ratios": ratios}, f, indent=1)
+    return "\n".join(lines)
+
+
 def cleanup():
     for p in KILL_LIST:
         if p.poll() is None:
@@ -203,11 +370,14 @@ def fmt3(vals, f="{:.2f}"):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ours", required=True, help="mesh-agent binary (release)")
-    ap.add_argument("--boringtun", required=True, help="boringtun-cli binary")
+    ap.add_argument("--ours", help="mesh-agent binary (release); needed for ours, ours-busy-poll")
+    ap.add_argument("--boringtun", help="boringtun-cli binary; needed for boringtun-cli")
+    ap.add_argument("--datapath-bench", help="bpf/examples/datapath-bench binary; needed for policy")
+    ap.add_argument("--policy-rules", type=int, default=1000, help="rule entries for the policy variant")
+    ap.add_argument("--policy-runs", type=int, default=7, help="interleaved rounds of the policy variant")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--time", type=int, default=5, help="seconds per iperf3 run")
-    ap.add_argument("--only", default="veth,wireguard-go,boringtun-cli,ours,ours-busy-poll")
+    ap.add_argument("--only", default="veth,wireguard-go,boringtun-cli,ours,ours-busy-poll,policy")
     ap.add_argument("--json", help="also write raw results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -224,6 +394,16 @@ def main():
         "ours-busy-poll": (lambda ifn: [args.ours, "device", "--foreground", "--busy-poll-us", "20000", ifn], {}),
     }
     chosen = [v for v in args.only.split(",") if v]
+    for v in chosen:
+        if v not in variants and v != "policy":
+            sys.exit(f"bench: unknown variant {v!r}")
+    for v, need in (("ours", "ours"), ("ours-busy-poll", "ours"), ("boringtun-cli", "boringtun"),
+                    ("policy", "datapath_bench")):
+        if v in chosen and not getattr(args, need):
+            sys.exit(f"bench: variant {v} needs --{need.replace('_', '-')}")
+    run_policy = "policy" in chosen
+    chosen = [v for v in chosen if v != "policy"]
+    # Tunnel logs and private keys; removed at the end.
     tmp = tempfile.mkdtemp(prefix="wm-bench-")
     results = {v: [] for v in chosen}
     try:
@@ -246,7 +426,16 @@ def main():
                       f"  retr {m['retransmits']}", flush=True)
     finally:
         cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
+    policy_report = policy_bench(args) if run_policy else None
+    if chosen:
+        print_tunnel_table(args, chosen, results)
+    if policy_report:
+        print(policy_report)
+
+
+def print_tunnel_table(args, chosen, results):
     def med(name, key):
         return statistics.median(x[key] for x in results[name]) if name in results and results[name] else None
 

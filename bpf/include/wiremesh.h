@@ -33,7 +33,13 @@ struct wm_lpm4_key {
 	__u8 addr[4]; /* network order */
 };
 
-/* ipcache4 value flags. */
+/* Key of every IPv6 LPM trie (ipcache6, cidrs6): 20 bytes. */
+struct wm_lpm6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* ipcache4 / ipcache6 value flags. */
 #define WM_IPCACHE_ENCRYPT 0x1    /* traffic to this prefix goes through the tunnel */
 #define WM_IPCACHE_LOCAL 0x2      /* a pod on this node */
 #define WM_IPCACHE_REMOTE_POD 0x4 /* a pod (or pod range) on another node */
@@ -72,14 +78,48 @@ struct wm_rule_key {
 #define WM_MODE_PERMISSIVE 0
 #define WM_MODE_STRICT 1
 
-/* config: array with one entry (key 0). 16 bytes. */
+/* wm_config.flags */
+#define WM_CONFIG_SET 0x1 /* written by an agent (the loader's Config::new sets it) */
+
+/* Conntrack lifetimes when the config leaves them 0 (seconds of idleness). */
+#define WM_CT_TCP_TIMEOUT_S 21600 /* 6 h, as Cilium's established TCP */
+#define WM_CT_OTHER_TIMEOUT_S 60  /* UDP, SCTP, ICMP, ... */
+
+/*
+ * config: array with one entry (key 0). 32 bytes. An array entry that was never written reads
+ * as all zeros: without WM_CONFIG_SET the programs act as strict mode with no tunnel (fail
+ * closed for cross-node plaintext) and default conntrack lifetimes.
+ */
 struct wm_config {
 	__u32 tunnel_ifindex; /* 0 = no tunnel device yet */
 	__u32 mode;           /* WM_MODE_* */
 	__u32 node_identity;  /* identity of this node's own addresses (WM_ID_HOST) */
 	__u16 wg_port;        /* WireGuard UDP port on the underlay, host order; 0 = none */
 	__u16 pad;
+	__u32 ct_tcp_timeout_s;   /* idle lifetime of TCP conntrack entries; 0 = default */
+	__u32 ct_other_timeout_s; /* idle lifetime of other conntrack entries; 0 = default */
+	__u32 flags;              /* WM_CONFIG_* */
+	__u32 reserved;
 };
+
+/*
+ * endpoints (hash): ifindex of the host side of a pod veth -> the pod's addresses. from_pod
+ * drops a packet whose source is not the pod's own address (anti-spoofing; for IPv6 also
+ * link-local and unspecified sources, but only towards on-link destinations or in neighbour
+ * discovery); an interface
+ * without an entry is not checked. 24 bytes.
+ */
+struct wm_endpoint_val {
+	__be32 ip4;    /* the pod's IPv4 (network order); 0 = the pod has none */
+	__u8 ip6[16];  /* the pod's IPv6; all zero = the pod has none */
+	__u32 flags;   /* 0 */
+};
+
+/*
+ * policy_epoch: array with one u32 (key 0), incremented by the loader after every change of
+ * the policy maps or the ipcache. A conntrack entry remembers the epoch it was decided in;
+ * packets of a flow decided in the current epoch skip the policy lookups.
+ */
 
 /* Verdicts in flow events. */
 #define WM_VERDICT_FORWARDED_ENCRYPTED 1 /* redirected into (or arrived from) the tunnel */
@@ -87,6 +127,7 @@ struct wm_config {
 #define WM_VERDICT_DROPPED_POLICY 3
 #define WM_VERDICT_DROPPED_PLAINTEXT 4   /* strict mode: cross-node pod traffic outside WireGuard */
 #define WM_VERDICT_FORWARDED_PLAIN 5     /* passed unencrypted: non-pod peer, or permissive mode */
+/* A spoofed source (not the pod behind the veth) is reported as WM_VERDICT_DROPPED_POLICY. */
 
 /* Program that reported a flow. */
 #define WM_HOOK_FROM_POD 1
@@ -114,6 +155,41 @@ struct wm_flow_event {
 	__u8 verdict; /* WM_VERDICT_* */
 	__u8 hook;    /* WM_HOOK_* */
 	__u8 pad;
+};
+
+/*
+ * The IPv6 record in the same ring (told apart by its size, 80 bytes). Same semantics as
+ * wm_flow_event; family is 6.
+ */
+struct wm_flow_event6 {
+	__u64 ts_ns;
+	__u64 packets;
+	__u64 bytes;
+	__u8 src_ip[16];
+	__u8 dst_ip[16];
+	__u32 src_identity;
+	__u32 dst_identity;
+	__be32 peer_node_ip; /* underlay IPv4 of the remote node, 0 if none */
+	__u32 ifindex;
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 protocol;
+	__u8 verdict;
+	__u8 hook;
+	__u8 family; /* 6 */
+};
+
+/* flows6 (LRU hash): aggregation state of IPv6 flows. 44 bytes. */
+struct wm_flow6_key {
+	__u8 src_ip[16];
+	__u8 dst_ip[16];
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 protocol;
+	__u8 verdict;
+	__u8 hook;
+	__u8 pad;
+	__u32 ifindex;
 };
 
 /* flows (LRU hash): aggregation state per flow and verdict. */
@@ -144,8 +220,10 @@ struct wm_stats {
 
 /*
  * ct (LRU hash): connections whose first direction policy allowed. A packet whose reversed
- * tuple is present is a reply and skips policy (NetworkPolicy allows replies). Value: __u64
- * bpf_ktime_get_ns() of the last allowed packet. 16 bytes.
+ * tuple is present and alive is a reply and skips policy (NetworkPolicy allows replies); a
+ * packet whose own tuple is alive and decided in the current policy epoch skips the lookups.
+ * An entry is alive while its last use is younger than the protocol's lifetime (wm_config);
+ * allowed packets and replies refresh it. 16 bytes.
  */
 struct wm_ct_key {
 	__be32 src_ip;
@@ -155,5 +233,38 @@ struct wm_ct_key {
 	__u8 protocol;
 	__u8 pad[3];
 };
+
+struct wm_ct_val {
+	__u64 last_ns; /* bpf_ktime_get_ns() of the last use */
+	__u32 epoch;   /* policy epoch of the decision */
+	__u32 flags;   /* WM_CT_* */
+}; /* 16 bytes */
+
+/* wm_ct_val.flags: a TCP FIN or RST passed; the entry lives at most WM_CT_TCP_CLOSE_TIMEOUT_S
+ * idle (a SYN on the same tuple clears it). */
+#define WM_CT_CLOSING 0x1
+#define WM_CT_TCP_CLOSE_TIMEOUT_S 10
+
+/* ct6 (LRU hash): the IPv6 conntrack, same semantics and value as ct. 40 bytes. */
+struct wm_ct6_key {
+	__u8 src_ip[16];
+	__u8 dst_ip[16];
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+/*
+ * stats6: per-CPU array with one entry (key 0): IPv6 packets by verdict (besides the flow
+ * records). Index WM_VERDICT_* (1..6); 0 counts spoofed sources. 64 bytes.
+ */
+struct wm_stats6 {
+	__u64 by_verdict[8];
+};
+#define WM_STATS6_SPOOFED 0
+
+/* A refresh writes last_ns at most this often (fewer writes to a shared cache line). */
+#define WM_CT_REFRESH_NS 100000000ULL
 
 #endif /* WIREMESH_H */

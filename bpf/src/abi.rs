@@ -1,10 +1,13 @@
 //! `#[repr(C)]` mirrors of `include/wiremesh.h` (keep both in step: every struct has a size
 //! assert here), and the conversions from the policy compiler's entries to map keys.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use aya::maps::lpm_trie::Key;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use wiremesh_policy::{CidrEntry, IsolationKey, RULE_KEY_FIXED_BITS, RuleKey};
 
 /// Flags of an [`IpcacheValue`] (`WM_IPCACHE_*`).
@@ -20,8 +23,9 @@ pub mod ipcache_flags {
 /// Errors converting policy entries into map entries.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AbiError {
-    /// The programs only handle IPv4 so far.
-    #[error("{0}: IPv6 entries are not supported by the eBPF programs yet")]
+    /// An IPv6 entry where only IPv4 is supported (the IPv4 helpers, or a [`crate::MapWriter`]
+    /// without IPv6 maps).
+    #[error("{0}: IPv6 entries are not supported here")]
     Ipv6(IpNet),
 }
 
@@ -112,6 +116,17 @@ pub fn lpm4_key(net: Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix_len()), net.trunc().addr().octets())
 }
 
+/// The LPM key of an IPv6 prefix (`struct wm_lpm6_key`).
+pub fn lpm6_key(net: Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(u32::from(net.prefix_len()), net.trunc().addr().octets())
+}
+
+/// The prefix an IPv6 LPM key stands for.
+pub fn lpm6_net(key: &Key<[u8; 16]>) -> Option<Ipv6Net> {
+    let len = u8::try_from(key.prefix_len()).ok()?;
+    Ipv6Net::new(Ipv6Addr::from(key.data()), len).ok()
+}
+
 /// The prefix an LPM key stands for.
 pub fn lpm4_net(key: &Key<[u8; 4]>) -> Option<Ipv4Net> {
     let len = u8::try_from(key.prefix_len()).ok()?;
@@ -145,6 +160,18 @@ pub enum Mode {
     Strict = 1,
 }
 
+/// Flags of a [`Config`] (`WM_CONFIG_*`).
+pub mod config_flags {
+    /// The entry was written by an agent. Without it (an array entry never written reads as
+    /// zeros) the programs act as strict mode without a tunnel: fail closed.
+    pub const SET: u32 = 0x1;
+}
+
+/// Conntrack idle lifetime of TCP entries when [`Config::ct_tcp_timeout_s`] is 0.
+pub const CT_TCP_TIMEOUT_DEFAULT: Duration = Duration::from_secs(21600);
+/// Conntrack idle lifetime of other entries when [`Config::ct_other_timeout_s`] is 0.
+pub const CT_OTHER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
 /// `struct wm_config` (the single entry of the config array).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -159,20 +186,84 @@ pub struct Config {
     pub wg_port: u16,
     /// Zero.
     pub pad: u16,
+    /// Idle lifetime of TCP conntrack entries in seconds; 0 = [`CT_TCP_TIMEOUT_DEFAULT`].
+    pub ct_tcp_timeout_s: u32,
+    /// Idle lifetime of other conntrack entries in seconds; 0 = [`CT_OTHER_TIMEOUT_DEFAULT`].
+    pub ct_other_timeout_s: u32,
+    /// [`config_flags`]; [`Config::new`] sets [`config_flags::SET`].
+    pub flags: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 impl Config {
-    /// A config with zero padding.
+    /// A config with zero padding, default conntrack lifetimes and [`config_flags::SET`].
     pub fn new(tunnel_ifindex: u32, mode: Mode, node_identity: u32, wg_port: u16) -> Self {
         Self {
             tunnel_ifindex,
             mode: mode as u32,
             node_identity,
             wg_port,
-            pad: 0,
+            flags: config_flags::SET,
+            ..Self::default()
+        }
+    }
+
+    /// The same config with these conntrack idle lifetimes (whole seconds, at least 1; a
+    /// reply or a packet of an allowed flow after that much idleness is decided by policy
+    /// again).
+    pub fn with_ct_timeouts(mut self, tcp: Duration, other: Duration) -> Self {
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        self.ct_tcp_timeout_s = secs(tcp);
+        self.ct_other_timeout_s = secs(other);
+        self
+    }
+}
+
+/// `struct wm_endpoint_val`: the addresses of the pod behind a veth (anti-spoofing in
+/// from_pod, keyed by the ifindex of the host side).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EndpointValue {
+    /// The pod's IPv4 octets; zero = the pod has none (every IPv4 source is then spoofed).
+    pub ip4: [u8; 4],
+    /// The pod's IPv6 octets; zero = none (not checked by the programs yet).
+    pub ip6: [u8; 16],
+    /// Zero.
+    pub flags: u32,
+}
+
+impl EndpointValue {
+    /// The pod's addresses.
+    pub fn new(ip4: Option<Ipv4Addr>, ip6: Option<Ipv6Addr>) -> Self {
+        Self {
+            ip4: ip4.map(|a| a.octets()).unwrap_or_default(),
+            ip6: ip6.map(|a| a.octets()).unwrap_or_default(),
+            flags: 0,
         }
     }
 }
+
+/// `struct wm_ct_val`: the last use and the policy epoch of a conntrack entry.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last use.
+    pub last_ns: u64,
+    /// Policy epoch of the decision.
+    pub epoch: u32,
+    /// [`CtValue::CLOSING`] or 0.
+    pub flags: u32,
+}
+
+impl CtValue {
+    /// A TCP FIN or RST passed: the entry lives at most [`CT_TCP_CLOSE_TIMEOUT`] idle.
+    pub const CLOSING: u32 = 0x1;
+}
+
+/// Idle lifetime of a TCP conntrack entry once a FIN or RST passed (or the TCP lifetime, if
+/// shorter).
+pub const CT_TCP_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Verdict of a flow record (`WM_VERDICT_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -239,6 +330,37 @@ impl Hook {
     }
 }
 
+/// The accessors both record families share.
+macro_rules! flow_accessors {
+    ($t:ty) => {
+        impl $t {
+            /// Source port (host order).
+            pub fn sport(&self) -> u16 {
+                u16::from_be_bytes(self.src_port)
+            }
+            /// Destination port (host order).
+            pub fn dport(&self) -> u16 {
+                u16::from_be_bytes(self.dst_port)
+            }
+            /// The remote node, if any.
+            pub fn peer_node(&self) -> Option<Ipv4Addr> {
+                (self.peer_node_ip != [0; 4]).then(|| Ipv4Addr::from(self.peer_node_ip))
+            }
+            /// The verdict, `None` for a value this build does not know.
+            pub fn verdict(&self) -> Option<Verdict> {
+                Verdict::from_u8(self.verdict)
+            }
+            /// The reporting program.
+            pub fn hook(&self) -> Option<Hook> {
+                Hook::from_u8(self.hook)
+            }
+        }
+    };
+}
+
+flow_accessors!(FlowEvent);
+flow_accessors!(FlowEvent6);
+
 /// `struct wm_flow_event`: one ring-buffer record.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -292,26 +414,105 @@ impl FlowEvent {
     pub fn dst(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.dst_ip)
     }
-    /// Source port (host order).
-    pub fn sport(&self) -> u16 {
-        u16::from_be_bytes(self.src_port)
+}
+
+/// `struct wm_flow_event6`: the IPv6 ring-buffer record (80 bytes; same fields as
+/// [`FlowEvent`] with 16-byte addresses).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowEvent6 {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Packets since the previous record of this flow and verdict.
+    pub packets: u64,
+    /// Bytes (skb length) since the previous record.
+    pub bytes: u64,
+    /// Source address octets.
+    pub src_ip: [u8; 16],
+    /// Destination address octets.
+    pub dst_ip: [u8; 16],
+    /// Source identity.
+    pub src_identity: u32,
+    /// Destination identity.
+    pub dst_identity: u32,
+    /// Underlay IPv4 of the remote node, zero if none.
+    pub peer_node_ip: [u8; 4],
+    /// Device the program ran on.
+    pub ifindex: u32,
+    /// Source port, big-endian bytes.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian bytes.
+    pub dst_port: [u8; 2],
+    /// IP protocol (next header).
+    pub protocol: u8,
+    /// `WM_VERDICT_*`.
+    pub verdict: u8,
+    /// `WM_HOOK_*`.
+    pub hook: u8,
+    /// 6.
+    pub family: u8,
+}
+
+impl FlowEvent6 {
+    /// Decodes a ring-buffer record; `None` if it has the wrong size or family.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length matches and FlowEvent6 is plain old data for any bit pattern.
+        let e: Self = unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) };
+        (e.family == 6).then_some(e)
     }
-    /// Destination port (host order).
-    pub fn dport(&self) -> u16 {
-        u16::from_be_bytes(self.dst_port)
+    /// Source address.
+    pub fn src(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.src_ip)
     }
-    /// The remote node, if any.
-    pub fn peer_node(&self) -> Option<Ipv4Addr> {
-        (self.peer_node_ip != [0; 4]).then(|| Ipv4Addr::from(self.peer_node_ip))
+    /// Destination address.
+    pub fn dst(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.dst_ip)
     }
-    /// The verdict, `None` for a value this build does not know.
-    pub fn verdict(&self) -> Option<Verdict> {
-        Verdict::from_u8(self.verdict)
+}
+
+/// A flow record of either family ([`crate::FlowReader::read_any`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// An IPv4 record.
+    V4(FlowEvent),
+    /// An IPv6 record.
+    V6(FlowEvent6),
+}
+
+impl Flow {
+    /// Decodes a ring-buffer record by its size; `None` for an unknown record.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        FlowEvent::from_bytes(b)
+            .map(Self::V4)
+            .or_else(|| FlowEvent6::from_bytes(b).map(Self::V6))
     }
-    /// The reporting program.
-    pub fn hook(&self) -> Option<Hook> {
-        Hook::from_u8(self.hook)
-    }
+}
+
+/// `struct wm_flow6_key`: the aggregation key of IPv6 flow records.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey6 {
+    /// Source address octets.
+    pub src_ip: [u8; 16],
+    /// Destination address octets.
+    pub dst_ip: [u8; 16],
+    /// Source port, big-endian.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian.
+    pub dst_port: [u8; 2],
+    /// IP protocol.
+    pub protocol: u8,
+    /// `WM_VERDICT_*`.
+    pub verdict: u8,
+    /// `WM_HOOK_*`.
+    pub hook: u8,
+    /// Zero.
+    pub pad: u8,
+    /// Device the program ran on.
+    pub ifindex: u32,
 }
 
 /// `struct wm_flow_key`: the aggregation key of flow records.
@@ -368,7 +569,7 @@ pub struct FlowState {
     pub bytes: u64,
 }
 
-/// `struct wm_ct_key` (value: `u64` last-allowed time).
+/// `struct wm_ct_key` (value: [`CtValue`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
@@ -386,12 +587,50 @@ pub struct CtKey {
     pub pad: [u8; 3],
 }
 
+/// `struct wm_ct6_key`: the IPv6 conntrack key (value: [`CtValue`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Key {
+    /// Source address octets.
+    pub src_ip: [u8; 16],
+    /// Destination address octets.
+    pub dst_ip: [u8; 16],
+    /// Source port, big-endian.
+    pub src_port: [u8; 2],
+    /// Destination port, big-endian.
+    pub dst_port: [u8; 2],
+    /// IP protocol (next header).
+    pub protocol: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct wm_stats6`: IPv6 packets by verdict, summed over CPUs by
+/// [`crate::Maps::ipv6_verdicts`]. Index `v as usize` for a [`Verdict`] `v`;
+/// [`STATS6_SPOOFED`] counts spoofed sources (also counted as dropped-policy).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats6 {
+    /// Packets per verdict index.
+    pub by_verdict: [u64; 8],
+}
+
+/// Index of spoofed IPv6 sources in [`Stats6::by_verdict`].
+pub const STATS6_SPOOFED: usize = 0;
+
 // Sizes of the C structs in include/wiremesh.h.
 const _: () = assert!(size_of::<Key<[u8; 4]>>() == 8); // wm_lpm4_key
 const _: () = assert!(size_of::<IpcacheValue>() == 16); // wm_ipcache_val
 const _: () = assert!(size_of::<IsolationKeyRaw>() == 8); // wm_isolation_key
 const _: () = assert!(size_of::<Key<RuleData>>() == 16); // wm_rule_key
-const _: () = assert!(size_of::<Config>() == 16); // wm_config
+const _: () = assert!(size_of::<Config>() == 32); // wm_config
+const _: () = assert!(size_of::<EndpointValue>() == 24); // wm_endpoint_val
+const _: () = assert!(size_of::<CtValue>() == 16); // wm_ct_val
+const _: () = assert!(size_of::<Key<[u8; 16]>>() == 20); // wm_lpm6_key
+const _: () = assert!(size_of::<Ct6Key>() == 40); // wm_ct6_key
+const _: () = assert!(size_of::<Stats6>() == 64); // wm_stats6
+const _: () = assert!(size_of::<FlowEvent6>() == 80); // wm_flow_event6
+const _: () = assert!(size_of::<FlowKey6>() == 44); // wm_flow6_key
 const _: () = assert!(size_of::<FlowEvent>() == 56); // wm_flow_event
 const _: () = assert!(size_of::<CtKey>() == 16); // wm_ct_key
 const _: () = assert!(size_of::<FlowKey>() == 20); // wm_flow_key
@@ -409,6 +648,18 @@ unsafe impl aya::Pod for RuleData {}
 unsafe impl aya::Pod for Config {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowEvent {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EndpointValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Ct6Key {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Stats6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowEvent6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey6 {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtKey {}
 // SAFETY: as above.

@@ -3,12 +3,18 @@
 //! programs and reads flow records.
 
 pub mod abi;
+pub mod frame;
 pub mod loader;
 pub mod sync;
 
 pub use abi::{
-    AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
-    Mode, RuleData, Verdict, ipcache_flags,
+    AbiError, CT_OTHER_TIMEOUT_DEFAULT, CT_TCP_CLOSE_TIMEOUT, CT_TCP_TIMEOUT_DEFAULT, Config,
+    Ct6Key, CtKey, CtValue, EndpointValue, Flow, FlowEvent, FlowEvent6, FlowKey, FlowKey6,
+    FlowState, Hook, IpcacheValue, IsolationKeyRaw, Mode, RuleData, STATS6_SPOOFED, Stats6,
+    Verdict, config_flags, ipcache_flags,
 };
-pub use loader::{Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, node_pin_dir};
-pub use sync::{MapWriter, PolicyApplied, apply_policy, fake::FakeMaps};
+pub use loader::{
+    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, ProgramStats, Retained, TestRun,
+    if_index, node_pin_dir,
+};
+pub use sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual, fake::FakeMaps};

@@ -5,8 +5,8 @@
 use std::{
     ffi::CString,
     io,
-    net::Ipv4Addr,
-    os::fd::AsRawFd,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -21,15 +21,19 @@ use aya::{
     },
     util::KernelVersion,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 use wiremesh_policy::{Identity, IsolationKey, MapDiff, RuleKey};
 
 use crate::abi::{
-    AbiError, Config, CtKey, FlowEvent, FlowKey, FlowState, Hook, IpcacheValue, IsolationKeyRaw,
-    RuleData, lpm4_key, lpm4_net, rule_key,
+    AbiError, Config, Ct6Key, CtKey, CtValue, EndpointValue, Flow, FlowEvent, FlowKey, FlowKey6,
+    FlowState, Hook, IpcacheValue, IsolationKeyRaw, RuleData, Stats6, lpm4_key, lpm4_net, lpm6_key,
+    lpm6_net, rule_key,
 };
-use crate::sync::{MapWriter, PolicyApplied, apply_policy};
+use crate::sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual};
+
+mod retain;
+pub use retain::Retained;
 
 /// The object built from `src/datapath.bpf.c` by build.rs.
 static DATAPATH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
@@ -147,6 +151,53 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
     }
 }
 
+/// What the kernel accounted for one program ([`Loader::program_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The kernel's program id.
+    pub id: u32,
+    /// Runs counted while statistics were enabled.
+    pub run_count: u64,
+    /// Time spent in those runs.
+    pub run_time: Duration,
+}
+
+/// The result of [`Loader::test_run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value (`TC_ACT_*`, or the redirect result) of the last run.
+    pub retval: u32,
+    /// Average time per run, as the kernel measured it.
+    pub per_run: Duration,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const _: () = assert!(size_of::<TestRunAttr>() == 80);
+
+/// The `test` member of `union bpf_attr` (80 bytes with the explicit tail padding, no implicit padding).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    /// Explicit, so it is zero: the kernel rejects (EINVAL) an attr with non-zero bytes after
+    /// the command's last field, and implicit padding would be uninitialized.
+    pad: u32,
+}
+
 /// How [`Loader::attach`] attached a program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attached {
@@ -160,7 +211,7 @@ pub enum Attached {
 
 /// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
 /// them; checked against pins reused from an earlier run.
-const MAP_SHAPES: [(&str, u32, u32, u32); 9] = [
+const MAP_SHAPES: [(&str, u32, u32, u32); 16] = [
     ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
     ("wm_cidrs4", 8, 4, 65536),
     ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
@@ -168,8 +219,25 @@ const MAP_SHAPES: [(&str, u32, u32, u32); 9] = [
     ("wm_config", 4, size_of::<Config>() as u32, 1),
     ("wm_events", 0, 0, 1 << 20),
     ("wm_flows", 20, 24, 65536),
-    ("wm_ct", size_of::<CtKey>() as u32, 8, 262_144),
+    (
+        "wm_ct",
+        size_of::<CtKey>() as u32,
+        size_of::<CtValue>() as u32,
+        262_144,
+    ),
     ("wm_stats", 4, 8, 1),
+    ("wm_endpoints", 4, size_of::<EndpointValue>() as u32, 65536),
+    ("wm_policy_epoch", 4, 4, 1),
+    ("wm_ipcache6", 20, size_of::<IpcacheValue>() as u32, 65536),
+    ("wm_cidrs6", 20, 4, 65536),
+    (
+        "wm_ct6",
+        size_of::<Ct6Key>() as u32,
+        size_of::<CtValue>() as u32,
+        65536,
+    ),
+    ("wm_stats6", 4, size_of::<Stats6>() as u32, 1),
+    ("wm_flows6", 44, 24, 65536),
 ];
 
 fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
@@ -262,6 +330,90 @@ impl Loader {
     /// The maps, read-only.
     pub fn maps_ref(&self) -> &Maps {
         &self.maps
+    }
+
+    /// Run count and cumulative run time of `hook`'s program as the kernel accounts them. The
+    /// kernel counts only while run-time statistics are enabled (`aya::sys::enable_stats` or
+    /// the `kernel.bpf_stats_enabled` sysctl); otherwise both stay zero.
+    pub fn program_stats(&self, hook: Hook) -> Result<ProgramStats, Error> {
+        self.with_program(hook, |prog| {
+            let info = prog.info()?;
+            Ok(ProgramStats {
+                id: info.id(),
+                run_count: info.run_count(),
+                run_time: info.run_time(),
+            })
+        })
+    }
+
+    /// Calls `f` on `hook`'s loaded program, naming the program in its error.
+    fn with_program<T>(
+        &self,
+        hook: Hook,
+        f: impl FnOnce(&aya::programs::Program) -> Result<T, ProgramError>,
+    ) -> Result<T, Error> {
+        let prog = self
+            .ebpf
+            .program(hook.program())
+            .ok_or(ProgramError::UnexpectedProgramType);
+        prog.and_then(f).map_err(|source| Error::Program {
+            program: hook.program(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Runs `hook`'s program `repeat` times (at least once) on `frame`, an Ethernet frame, with
+    /// `BPF_PROG_TEST_RUN`, as if it passed the device `ifindex` of this thread's network
+    /// namespace (0: loopback). Maps are used and updated as by real traffic, so this measures
+    /// the program's own cost without any network around it (benchmarks), and checks verdicts
+    /// without namespaces.
+    pub fn test_run(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRun, Error> {
+        let fd = self.with_program(hook, |prog| Ok(prog.fd()?.as_fd().as_raw_fd()))?;
+        // struct __sk_buff (192 bytes): only ifindex (offset 40) is set.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut attr = TestRunAttr {
+            prog_fd: fd as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: repeat.max(1),
+            ctx_size_in: ctx.len() as u32,
+            ctx_in: ctx.as_ptr() as u64,
+            ..TestRunAttr::default()
+        };
+        // SAFETY: BPF_PROG_TEST_RUN with an attr whose pointers reference live buffers of the
+        // sizes given; the kernel writes only into `out` and `attr`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRunAttr,
+                size_of::<TestRunAttr>() as u32,
+            )
+        };
+        if r < 0 {
+            let io_error = io::Error::last_os_error();
+            return Err(Error::Program {
+                program: hook.program(),
+                source: Box::new(ProgramError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_prog_test_run",
+                    io_error,
+                })),
+            });
+        }
+        Ok(TestRun {
+            retval: attr.retval,
+            per_run: Duration::from_nanos(u64::from(attr.duration)),
+        })
     }
 
     /// The flow-record reader; `None` once taken.
@@ -377,7 +529,9 @@ fn take(ebpf: &mut Ebpf, map: &'static str) -> Result<aya::maps::Map, Error> {
     ebpf.take_map(map).ok_or(Error::MapMissing { map })
 }
 
-fn if_index(iface: &str) -> Result<u32, Error> {
+/// The ifindex of `iface` in the calling thread's network namespace (for
+/// [`Maps::upsert_endpoint`]).
+pub fn if_index(iface: &str) -> Result<u32, Error> {
     let err = |source| Error::Interface {
         iface: iface.to_owned(),
         source,
@@ -433,6 +587,13 @@ pub struct Maps {
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, FlowKey, FlowState>,
+    endpoints: HashMap<MapData, u32, EndpointValue>,
+    epoch: Array<MapData, u32>,
+    ct: HashMap<MapData, CtKey, CtValue>,
+    ipcache6: LpmTrie<MapData, [u8; 16], IpcacheValue>,
+    cidrs6: LpmTrie<MapData, [u8; 16], u32>,
+    stats6: PerCpuArray<MapData, Stats6>,
+    flows6: HashMap<MapData, FlowKey6, FlowState>,
 }
 
 impl Maps {
@@ -447,7 +608,126 @@ impl Maps {
             config: Array::try_from(take(ebpf, "wm_config")?).map_err(map_err("wm_config"))?,
             stats: PerCpuArray::try_from(take(ebpf, "wm_stats")?).map_err(map_err("wm_stats"))?,
             flows: HashMap::try_from(take(ebpf, "wm_flows")?).map_err(map_err("wm_flows"))?,
+            endpoints: HashMap::try_from(take(ebpf, "wm_endpoints")?)
+                .map_err(map_err("wm_endpoints"))?,
+            epoch: Array::try_from(take(ebpf, "wm_policy_epoch")?)
+                .map_err(map_err("wm_policy_epoch"))?,
+            ct: HashMap::try_from(take(ebpf, "wm_ct")?).map_err(map_err("wm_ct"))?,
+            ipcache6: LpmTrie::try_from(take(ebpf, "wm_ipcache6")?)
+                .map_err(map_err("wm_ipcache6"))?,
+            cidrs6: LpmTrie::try_from(take(ebpf, "wm_cidrs6")?).map_err(map_err("wm_cidrs6"))?,
+            stats6: PerCpuArray::try_from(take(ebpf, "wm_stats6")?)
+                .map_err(map_err("wm_stats6"))?,
+            flows6: HashMap::try_from(take(ebpf, "wm_flows6")?).map_err(map_err("wm_flows6"))?,
         })
+    }
+
+    /// [`Maps::flow_backlog`] of the IPv6 flows.
+    pub fn flow_backlog6(&self) -> Result<Vec<(FlowKey6, FlowState)>, Error> {
+        self.flows6
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("wm_flows6"))
+    }
+
+    /// Inserts or overwrites an ipcache6 prefix (and starts a new policy epoch).
+    pub fn upsert_ipcache6(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), Error> {
+        self.ipcache6
+            .insert(&lpm6_key(net), value, 0)
+            .map_err(map_err("wm_ipcache6"))?;
+        self.bump_policy_epoch()
+    }
+
+    /// Deletes an ipcache6 prefix (and starts a new policy epoch); a missing entry is not an
+    /// error.
+    pub fn remove_ipcache6(&mut self, net: Ipv6Net) -> Result<(), Error> {
+        ignore_missing(self.ipcache6.remove(&lpm6_key(net)), "wm_ipcache6")?;
+        self.bump_policy_epoch()
+    }
+
+    /// All ipcache6 entries.
+    pub fn ipcache6_entries(&self) -> Result<Vec<(Ipv6Net, IpcacheValue)>, Error> {
+        let mut out = Vec::new();
+        for item in self.ipcache6.iter() {
+            let (k, v) = item.map_err(map_err("wm_ipcache6"))?;
+            if let Some(net) = lpm6_net(&k) {
+                out.push((net, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// IPv6 packets per verdict since the map was created, summed over CPUs (IPv6 has no flow
+    /// records yet). Index with `Verdict::X as usize`; [`crate::STATS6_SPOOFED`] counts
+    /// spoofed sources.
+    pub fn ipv6_verdicts(&self) -> Result<[u64; 8], Error> {
+        let per_cpu = self.stats6.get(&0, 0).map_err(map_err("wm_stats6"))?;
+        let mut out = [0u64; 8];
+        for s in per_cpu.iter() {
+            for (o, v) in out.iter_mut().zip(s.by_verdict) {
+                *o += v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies a policy diff for both address families (see [`apply_policy_dual`]), then
+    /// starts a new policy epoch.
+    pub fn apply_policy_dual(
+        &mut self,
+        diff: &MapDiff,
+        place4: impl Fn(Ipv4Addr, Identity) -> IpcacheValue,
+        place6: impl Fn(Ipv6Addr, Identity) -> IpcacheValue,
+    ) -> Result<PolicyApplied, Error> {
+        apply_policy_dual(self, diff, place4, place6)
+    }
+
+    /// Starts a new policy epoch: flows decided before re-run the policy lookups on their
+    /// next packet. [`apply_policy`] (at its end) and every ipcache write (also through
+    /// [`MapWriter`]) do this themselves; call it after writing or deleting policy entries
+    /// (isolated, rules, CIDRs) any other way, e.g. through the [`MapWriter`] methods one by
+    /// one or a garbage collection of the policy maps.
+    pub fn bump_policy_epoch(&mut self) -> Result<(), Error> {
+        let e = self.policy_epoch()?;
+        self.epoch
+            .set(0, e.wrapping_add(1), 0)
+            .map_err(map_err("wm_policy_epoch"))
+    }
+
+    /// The current policy epoch.
+    pub fn policy_epoch(&self) -> Result<u32, Error> {
+        self.epoch.get(&0, 0).map_err(map_err("wm_policy_epoch"))
+    }
+
+    /// Declares the pod behind the host-side veth `ifindex` (see [`if_index`]): from_pod
+    /// then drops packets from that veth whose source is not the pod's address
+    /// (anti-spoofing, reported as dropped-policy). Interfaces without an entry are not
+    /// checked.
+    pub fn upsert_endpoint(&mut self, ifindex: u32, value: EndpointValue) -> Result<(), Error> {
+        self.endpoints
+            .insert(ifindex, value, 0)
+            .map_err(map_err("wm_endpoints"))
+    }
+
+    /// Removes the entry of a veth; a missing entry is not an error.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), Error> {
+        ignore_missing(self.endpoints.remove(&ifindex), "wm_endpoints")
+    }
+
+    /// All endpoint entries (ifindex, addresses).
+    pub fn endpoint_entries(&self) -> Result<Vec<(u32, EndpointValue)>, Error> {
+        self.endpoints
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("wm_endpoints"))
+    }
+
+    /// The conntrack entries (tuple of the allowed direction, last use and epoch).
+    pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtValue)>, Error> {
+        self.ct
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("wm_ct"))
     }
 
     /// Writes the config entry.
@@ -477,16 +757,19 @@ impl Maps {
             .map_err(map_err("wm_flows"))
     }
 
-    /// Inserts or overwrites an ipcache prefix.
+    /// Inserts or overwrites an ipcache prefix (and starts a new policy epoch).
     pub fn upsert_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
         self.ipcache
             .insert(&lpm4_key(net), value, 0)
-            .map_err(map_err("wm_ipcache4"))
+            .map_err(map_err("wm_ipcache4"))?;
+        self.bump_policy_epoch()
     }
 
-    /// Deletes an ipcache prefix; a missing entry is not an error.
+    /// Deletes an ipcache prefix (and starts a new policy epoch); a missing entry is not an
+    /// error.
     pub fn remove_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
-        ignore_missing(self.ipcache.remove(&lpm4_key(net)), "wm_ipcache4")
+        ignore_missing(self.ipcache.remove(&lpm4_key(net)), "wm_ipcache4")?;
+        self.bump_policy_epoch()
     }
 
     /// All ipcache entries.
@@ -506,7 +789,7 @@ impl Maps {
         (self.isolated.keys().count(), self.rules.keys().count())
     }
 
-    /// Applies a policy diff (see [`apply_policy`]).
+    /// Applies a policy diff (see [`apply_policy`]), then starts a new policy epoch.
     pub fn apply_policy(
         &mut self,
         diff: &MapDiff,
@@ -520,11 +803,30 @@ impl MapWriter for Maps {
     fn set_config(&mut self, config: &Config) -> Result<(), Error> {
         Maps::set_config(self, config)
     }
+    // ipcache writes start a new epoch each (they are rare, and callers write them one by one
+    // outside apply_policy too); policy entries wait for policy_written.
     fn put_ipcache(&mut self, net: Ipv4Net, value: IpcacheValue) -> Result<(), Error> {
         self.upsert_ipcache(net, value)
     }
     fn del_ipcache(&mut self, net: Ipv4Net) -> Result<(), Error> {
         self.remove_ipcache(net)
+    }
+    fn put_ipcache6(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), Error> {
+        self.upsert_ipcache6(net, value)
+    }
+    fn del_ipcache6(&mut self, net: Ipv6Net) -> Result<(), Error> {
+        self.remove_ipcache6(net)
+    }
+    fn put_cidr6(&mut self, net: Ipv6Net, identity: u32) -> Result<(), Error> {
+        self.cidrs6
+            .insert(&lpm6_key(net), identity, 0)
+            .map_err(map_err("wm_cidrs6"))
+    }
+    fn del_cidr6(&mut self, net: Ipv6Net) -> Result<(), Error> {
+        ignore_missing(self.cidrs6.remove(&lpm6_key(net)), "wm_cidrs6")
+    }
+    fn policy_written(&mut self) -> Result<(), Error> {
+        self.bump_policy_epoch()
     }
     fn put_cidr(&mut self, net: Ipv4Net, identity: u32) -> Result<(), Error> {
         self.cidrs
@@ -568,9 +870,23 @@ pub struct FlowReader {
 }
 
 impl FlowReader {
-    /// Returns the records available now, or waits up to `timeout` for the first one (an
-    /// empty vector when none arrived). Records of an unexpected size are skipped.
+    /// Returns the IPv4 records available now, or waits up to `timeout` for the first one (an
+    /// empty vector when none arrived). IPv6 records are consumed and dropped (use
+    /// [`FlowReader::read_any`] to get both); records of an unknown size are skipped.
     pub fn read(&mut self, timeout: Duration) -> Result<Vec<FlowEvent>, Error> {
+        Ok(self
+            .read_any(timeout)?
+            .into_iter()
+            .filter_map(|f| match f {
+                Flow::V4(e) => Some(e),
+                Flow::V6(_) => None,
+            })
+            .collect())
+    }
+
+    /// Returns the records of both families available now, or waits up to `timeout` for the
+    /// first one (an empty vector when none arrived). Records of an unknown size are skipped.
+    pub fn read_any(&mut self, timeout: Duration) -> Result<Vec<Flow>, Error> {
         let mut out = self.drain();
         if !out.is_empty() {
             return Ok(out);
@@ -593,11 +909,11 @@ impl FlowReader {
         Ok(out)
     }
 
-    fn drain(&mut self) -> Vec<FlowEvent> {
+    fn drain(&mut self) -> Vec<Flow> {
         let mut out = Vec::new();
         while let Some(item) = self.ring.next() {
-            match FlowEvent::from_bytes(&item) {
-                Some(e) => out.push(e),
+            match Flow::from_bytes(&item) {
+                Some(f) => out.push(f),
                 None => warn!(len = item.len(), "flow record of unexpected size"),
             }
         }

@@ -5,7 +5,7 @@
 mod harness;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -13,7 +13,9 @@ use harness::{
     PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, ifindex, in_ns, root_or_skip, run, wait_event,
 };
 use ipnet::Ipv4Net;
-use wiremesh_bpf::{Attached, Config, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags};
+use wiremesh_bpf::{
+    Attached, Config, EndpointValue, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags,
+};
 use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
 
 const PODS: &str = r#"
@@ -153,7 +155,8 @@ fn flows_of(
     reported + backlog
 }
 
-fn udp_socket(ns: &str, bind: SocketAddrV4) -> UdpSocket {
+fn udp_socket(ns: &str, bind: impl Into<SocketAddr>) -> UdpSocket {
+    let bind: SocketAddr = bind.into();
     in_ns(ns, move || {
         let s = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
         s.set_read_timeout(Some(Duration::from_millis(150)))
@@ -163,10 +166,16 @@ fn udp_socket(ns: &str, bind: SocketAddrV4) -> UdpSocket {
 }
 
 /// Sends from `from` to `to` until `rx` receives a datagram or `timeout` passes.
-fn udp_delivered(from: &UdpSocket, to: SocketAddrV4, rx: &UdpSocket, timeout: Duration) -> bool {
+fn udp_delivered(
+    from: &UdpSocket,
+    to: impl Into<SocketAddr> + Copy,
+    rx: &UdpSocket,
+    timeout: Duration,
+) -> bool {
     let mut buf = [0u8; 64];
     eventually(timeout, || {
-        from.send_to(b"wiremesh", to).expect("send");
+        // A send may fail while IPv6 neighbours are resolved; the loop retries.
+        let _ = from.send_to(b"wiremesh", to.into());
         rx.recv_from(&mut buf).is_ok()
     })
 }
@@ -595,4 +604,870 @@ fn load_outside_bpffs_fails_with_a_clear_error() {
         "unexpected error: {err}"
     );
     assert!(err.to_string().contains("mount -t bpf"), "{err}");
+}
+
+/// a -> b udp/7777 allowed; b is isolated for egress, so b -> a passes only as a reply.
+const UDP_A_TO_B_ONLY: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-udp, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: UDP, port: 7777}]
+"#;
+
+/// b isolated both ways with no rules.
+const DENY_B_BOTH_WAYS: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-udp, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+"#;
+
+/// CLOCK_MONOTONIC in ns (what `bpf_ktime_get_ns` reads).
+fn monotonic_ns() -> u64 {
+    // SAFETY: zeroed timespec is a valid out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid clock id and pointer.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The conntrack entry of src:sport -> dst:dport, if any.
+fn ct_entry(
+    loader: &Loader,
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+) -> Option<wiremesh_bpf::CtValue> {
+    let entries = loader.maps_ref().ct_entries().expect("ct");
+    entries
+        .into_iter()
+        .find(|(k, _)| {
+            (k.src_ip, k.dst_ip, k.src_port, k.dst_port)
+                == (
+                    src.octets(),
+                    dst.octets(),
+                    sport.to_be_bytes(),
+                    dport.to_be_bytes(),
+                )
+        })
+        .map(|(_, v)| v)
+}
+
+/// Waits (bounded) until the conntrack entry of the tuple is older than `age`.
+fn wait_ct_age(loader: &Loader, tuple: (Ipv4Addr, u16, Ipv4Addr, u16), age: Duration) {
+    let (s, sp, d, dp) = tuple;
+    let aged = eventually(age + Duration::from_secs(10), || {
+        let v = ct_entry(loader, s, sp, d, dp).expect("conntrack entry vanished");
+        std::thread::yield_now();
+        monotonic_ns().saturating_sub(v.last_ns) > age.as_nanos() as u64
+    });
+    assert!(aged, "conntrack entry {tuple:?} never got {age:?} old");
+}
+
+/// Loads with the pod hooks, writes `cfg` and the compiled `policies` (from nothing); returns
+/// the loader, its flow reader and the compiled policy.
+fn loaded_with(
+    t: &Topo,
+    cfg: Config,
+    policies: &str,
+) -> (Loader, wiremesh_bpf::FlowReader, Compiled) {
+    let mut loader = load(t, pod_hooks(t));
+    let flows = loader.take_flow_reader().expect("reader");
+    loader.maps().set_config(&cfg).expect("config");
+    let policy = compiled(policies);
+    loader
+        .maps()
+        .apply_policy(&policy.diff(&Compiled::default()), local)
+        .expect("policy");
+    (loader, flows, policy)
+}
+
+#[test]
+fn conntrack_entries_expire_after_their_lifetime_and_refresh_on_use() {
+    if !root_or_skip("conntrack expiry") {
+        return;
+    }
+    let t = Topo::new();
+    let lifetime = Duration::from_secs(3);
+    let cfg = Config::new(0, Mode::Permissive, 1, 0)
+        .with_ct_timeouts(Duration::from_secs(3600), lifetime);
+    assert_eq!(cfg.ct_other_timeout_s, 3);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, UDP_A_TO_B_ONLY);
+
+    let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40100));
+    let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
+    let (to_a, to_b) = (
+        SocketAddrV4::new(POD_A, 40100),
+        SocketAddrV4::new(POD_B, 7777),
+    );
+    assert!(
+        !udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
+        "b -> a without a conversation is denied (b is isolated for egress)"
+    );
+    assert!(
+        udp_delivered(&a, to_b, &b, Duration::from_secs(5)),
+        "a -> b udp/7777 is allowed"
+    );
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(5)),
+        "b -> a as a reply passes"
+    );
+    let tuple = (POD_A, 40100, POD_B, 7777);
+    let first = ct_entry(&loader, POD_A, 40100, POD_B, 7777).expect("entry");
+
+    // A reply within the lifetime passes and refreshes the entry.
+    wait_ct_age(&loader, tuple, Duration::from_secs(1));
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
+        "a reply within the lifetime passes"
+    );
+    let refreshed = ct_entry(&loader, POD_A, 40100, POD_B, 7777).expect("entry");
+    assert!(
+        refreshed.last_ns > first.last_ns,
+        "the reply refreshed the entry: {first:?} -> {refreshed:?}"
+    );
+
+    // After the lifetime the same reply is a new b -> a flow, which b's egress denies.
+    wait_ct_age(&loader, tuple, lifetime + Duration::from_millis(200));
+    assert!(
+        !udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
+        "a reply after the lifetime must be decided by policy (denied)"
+    );
+    wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy)
+            && (e.src(), e.sport(), e.dst(), e.dport()) == (POD_B, 7777, POD_A, 40100)
+    })
+    .expect("dropped-policy record of the expired reply");
+
+    // a talking again re-creates the entry.
+    assert!(udp_delivered(&a, to_b, &b, Duration::from_secs(5)));
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(5)),
+        "replies pass again once a has talked"
+    );
+}
+
+/// A TCP connection pod a -> pod b:8080 (client with a 1.5 s read timeout, server, client
+/// port).
+fn tcp_a_to_b(t: &Topo) -> (TcpStream, TcpStream, u16) {
+    let listener = listen(&t.pod_b, 8080);
+    let client = in_ns(&t.pod_a, move || {
+        TcpStream::connect_timeout(&SocketAddr::from((POD_B, 8080)), Duration::from_secs(3))
+            .expect("a -> b tcp/8080 is allowed")
+    });
+    client
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let (server, _) = listener.accept().expect("accept");
+    let sport = client.local_addr().expect("addr").port();
+    (client, server, sport)
+}
+
+/// Waits until the connection's entry is idle past `lifetime`, then checks that server data
+/// (the reply direction; b's egress denies it as a new flow) is dropped and recorded.
+fn late_reply_is_dropped(
+    loader: &Loader,
+    flows: &mut wiremesh_bpf::FlowReader,
+    (client, server, sport): (&mut TcpStream, &mut TcpStream, u16),
+    lifetime: Duration,
+) {
+    use std::io::{Read, Write};
+    wait_ct_age(
+        loader,
+        (POD_A, sport, POD_B, 8080),
+        lifetime + Duration::from_millis(200),
+    );
+    server.write_all(b"2").expect("write");
+    let mut buf = [0u8; 1];
+    assert!(
+        client.read_exact(&mut buf).is_err(),
+        "server data after the entry's lifetime must be dropped (b's egress denies it)"
+    );
+    wait_event(flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy)
+            && (e.src(), e.sport(), e.dport()) == (POD_B, 8080, sport)
+    })
+    .expect("dropped-policy record of the server's late data");
+}
+
+#[test]
+fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
+    if !root_or_skip("tcp conntrack expiry") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let t = Topo::new();
+    let lifetime = Duration::from_secs(2);
+    let cfg =
+        Config::new(0, Mode::Permissive, 1, 0).with_ct_timeouts(lifetime, Duration::from_secs(60));
+    let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
+    let (mut client, mut server, sport) = tcp_a_to_b(&t);
+    server.write_all(b"1").expect("write");
+    let mut buf = [0u8; 1];
+    client
+        .read_exact(&mut buf)
+        .expect("server data within the lifetime reaches the client");
+
+    let late = (&mut client, &mut server, sport);
+    late_reply_is_dropped(&loader, &mut flows, late, lifetime);
+}
+
+#[test]
+fn a_tcp_fin_shortens_the_conntrack_lifetime() {
+    if !root_or_skip("tcp close") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let t = Topo::new();
+    let cfg = Config::new(0, Mode::Permissive, 1, 0);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
+    let (mut client, mut server, sport) = tcp_a_to_b(&t);
+    let entry = || ct_entry(&loader, POD_A, sport, POD_B, 8080).expect("entry");
+    assert_eq!(entry().flags, 0, "an open connection");
+
+    // The client half-closes: its FIN marks the entry, replies still pass for now.
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    assert!(
+        eventually(Duration::from_secs(5), || entry().flags
+            == wiremesh_bpf::CtValue::CLOSING),
+        "the FIN marks the entry closing: {:?}",
+        entry()
+    );
+    server.write_all(b"1").expect("write");
+    let mut buf = [0u8; 1];
+    client
+        .read_exact(&mut buf)
+        .expect("a reply right after the FIN passes");
+
+    // Idle past the close lifetime (far below the 6 h TCP default): replies are new flows.
+    let late = (&mut client, &mut server, sport);
+    late_reply_is_dropped(
+        &loader,
+        &mut flows,
+        late,
+        wiremesh_bpf::CT_TCP_CLOSE_TIMEOUT,
+    );
+}
+
+#[test]
+fn a_policy_change_applies_to_established_flows() {
+    if !root_or_skip("policy epoch") {
+        return;
+    }
+    let t = Topo::new();
+    let cfg = Config::new(0, Mode::Permissive, 1, 0);
+    let (mut loader, _flows, allow) = loaded_with(&t, cfg, UDP_A_TO_B_ONLY);
+    let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40200));
+    let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
+    let to_b = SocketAddrV4::new(POD_B, 7777);
+    assert!(udp_delivered(&a, to_b, &b, Duration::from_secs(5)));
+    let epoch = loader.maps_ref().policy_epoch().expect("epoch");
+    let entry = ct_entry(&loader, POD_A, 40200, POD_B, 7777).expect("entry");
+    assert_eq!(
+        entry.epoch, epoch,
+        "the flow was decided in the current epoch"
+    );
+
+    let to_a = SocketAddrV4::new(POD_A, 40200);
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(5)),
+        "b replies while a -> b is allowed"
+    );
+
+    // Same tuple, policy now denies b's ingress (b stays isolated for egress): the cached
+    // decision must not survive, and b's replies stop with it.
+    let deny = compiled(DENY_B_BOTH_WAYS);
+    loader
+        .maps()
+        .apply_policy(&deny.diff(&allow), local)
+        .expect("deny");
+    assert_ne!(loader.maps_ref().policy_epoch().expect("epoch"), epoch);
+    let mut buf = [0u8; 64];
+    while b.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&a, to_b, &b, Duration::from_secs(1)),
+        "an established flow is denied after the policy change"
+    );
+    assert!(
+        ct_entry(&loader, POD_A, 40200, POD_B, 7777).is_none(),
+        "the denied flow's conntrack entry is removed"
+    );
+    while a.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
+        "replies of the denied flow stop too"
+    );
+    loader
+        .maps()
+        .apply_policy(&allow.diff(&deny), local)
+        .expect("allow again");
+    assert!(udp_delivered(&a, to_b, &b, Duration::from_secs(5)));
+
+    // An ipcache write (a pod's identity changed) through the MapWriter methods also starts a
+    // new epoch.
+    let before = loader.maps_ref().policy_epoch().expect("epoch");
+    let moved = IpcacheValue::new(999, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL);
+    wiremesh_bpf::MapWriter::put_ipcache(loader.maps(), Ipv4Net::from(POD_B), moved)
+        .expect("ipcache");
+    assert_ne!(loader.maps_ref().policy_epoch().expect("epoch"), before);
+}
+
+#[test]
+fn spoofed_source_addresses_are_dropped_at_from_pod() {
+    if !root_or_skip("anti-spoofing") {
+        return;
+    }
+    let t = Topo::new();
+    let cfg = Config::new(0, Mode::Permissive, 1, 0);
+    let (mut loader, mut flows, _) = loaded_with(&t, cfg, "");
+    let spoofed = Ipv4Addr::new(10, 201, 1, 99);
+    run(&[
+        "ip",
+        "-n",
+        &t.pod_a,
+        "addr",
+        "add",
+        "10.201.1.99/24",
+        "dev",
+        "eth0",
+    ]);
+    let honest = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40300));
+    let liar = udp_socket(&t.pod_a, SocketAddrV4::new(spoofed, 40301));
+    let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
+    let to_b = SocketAddrV4::new(POD_B, 7777);
+    assert!(
+        udp_delivered(&liar, to_b, &b, Duration::from_secs(5)),
+        "without an endpoint entry the source is not checked"
+    );
+
+    let host_a = t.host_a.clone();
+    let ifindex_a = in_ns(&t.node, move || {
+        wiremesh_bpf::if_index(&host_a).expect("ifindex")
+    });
+    loader
+        .maps()
+        .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), None))
+        .expect("endpoint");
+    assert_eq!(
+        loader.maps_ref().endpoint_entries().expect("endpoints"),
+        vec![(ifindex_a, EndpointValue::new(Some(POD_A), None))]
+    );
+    let mut buf = [0u8; 64];
+    while b.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&liar, to_b, &b, Duration::from_secs(1)),
+        "a source that is not the pod's address is dropped"
+    );
+    let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::DroppedPolicy) && e.src() == spoofed
+    })
+    .expect("dropped-policy record of the spoofed packet");
+    assert_eq!((e.hook(), e.ifindex), (Some(Hook::FromPod), ifindex_a));
+    assert!(
+        udp_delivered(&honest, to_b, &b, Duration::from_secs(5)),
+        "the pod's own address still passes"
+    );
+    loader
+        .maps()
+        .remove_endpoint(ifindex_a)
+        .expect("remove endpoint");
+    assert!(udp_delivered(&liar, to_b, &b, Duration::from_secs(5)));
+}
+
+/// Ipcache of the strict tests: pods a and b local, the peer's 10.201.9.0/24 a remote pod
+/// range without the encrypt flag (no tunnel).
+fn strict_ipcache(maps: &mut wiremesh_bpf::Maps) {
+    maps.upsert_ipcache(
+        "10.201.1.0/24".parse().expect("net"),
+        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
+    )
+    .expect("ipcache");
+    maps.upsert_ipcache(
+        "10.201.2.0/24".parse().expect("net"),
+        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
+    )
+    .expect("ipcache");
+    maps.upsert_ipcache(
+        "10.201.9.0/24".parse().expect("net"),
+        IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
+    )
+    .expect("ipcache");
+}
+
+fn all_hooks(t: &Topo) -> Vec<(String, Hook)> {
+    let mut v = pod_hooks(t);
+    v.push((t.underlay.clone(), Hook::UnderlayIngress));
+    v.push((t.underlay.clone(), Hook::UnderlayEgress));
+    v
+}
+
+#[test]
+fn strict_drops_continue_with_the_agent_gone() {
+    if !root_or_skip("strict without agent") {
+        return;
+    }
+    let t = Topo::new();
+    let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
+    let remote_tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 40400));
+    let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 7777));
+    let pod_tx = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40401));
+    let (to_pod, to_remote) = (
+        SocketAddrV4::new(POD_A, 7777),
+        SocketAddrV4::new(REMOTE_POD, 7777),
+    );
+    {
+        let mut agent = load(&t, all_hooks(&t));
+        strict_ipcache(agent.maps());
+        agent
+            .maps()
+            .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
+            .expect("config");
+        assert!(
+            udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
+            "permissive: pod -> remote pod plaintext passes"
+        );
+        assert!(
+            udp_delivered(&remote_tx, to_pod, &pod_rx, Duration::from_secs(5)),
+            "permissive: remote pod -> pod plaintext passes"
+        );
+        agent
+            .maps()
+            .set_config(&Config::new(0, Mode::Strict, 1, 51820))
+            .expect("config");
+    }
+    // The agent (loader, map and program fds) is gone; the pinned links and maps enforce.
+    let mut buf = [0u8; 64];
+    while peer_rx.recv_from(&mut buf).is_ok() {}
+    while pod_rx.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(2)),
+        "strict, agent gone: pod -> remote pod plaintext is dropped"
+    );
+    assert!(
+        !udp_delivered(&remote_tx, to_pod, &pod_rx, Duration::from_secs(2)),
+        "strict, agent gone: remote pod -> pod plaintext is dropped"
+    );
+    // A restarted agent finds the drops recorded in the pinned flow state.
+    let restarted = load_expect(&t, all_hooks(&t), Attached::ReplacedPinned);
+    let backlog = restarted.maps_ref().flow_backlog().expect("flows");
+    for hook in [Hook::FromPod, Hook::UnderlayIngress] {
+        assert!(
+            backlog
+                .iter()
+                .any(|(k, _)| k.hook == hook as u8 && k.verdict == Verdict::DroppedPlaintext as u8),
+            "no dropped-plaintext flow state from {hook:?}: {backlog:?}"
+        );
+    }
+}
+
+#[test]
+fn never_written_config_fails_closed_for_plaintext() {
+    if !root_or_skip("unset config") {
+        return;
+    }
+    let t = Topo::new();
+    let mut loader = load(&t, all_hooks(&t));
+    strict_ipcache(loader.maps());
+    assert_eq!(
+        loader.maps_ref().config().expect("config"),
+        Config::default(),
+        "config never written"
+    );
+    let _l = listen(&t.pod_b, 8080);
+    assert!(
+        eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+        "pod-to-pod traffic on the node passes without a config"
+    );
+    let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 7777));
+    let pod_tx = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40500));
+    let to_remote = SocketAddrV4::new(REMOTE_POD, 7777);
+    assert!(
+        !udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(2)),
+        "unset config: cross-node plaintext is dropped (strict)"
+    );
+    let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
+    let remote_tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 40501));
+    assert!(
+        !udp_delivered(
+            &remote_tx,
+            SocketAddrV4::new(POD_A, 7777),
+            &pod_rx,
+            Duration::from_secs(2)
+        ),
+        "unset config: plaintext from a remote pod is dropped on the underlay"
+    );
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
+        .expect("config");
+    assert!(
+        udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
+        "an explicit permissive config lets it through"
+    );
+}
+
+/// IPv6-only pods a and b; b's ingress allows udp/7777 from a and udp/7778 from the remote
+/// pod range (ipBlock), and b is isolated for egress (replies only).
+const V6_POLICY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: t}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: t, labels: {app: a}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: "fd00:201:1::2"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: t, labels: {app: b}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: "fd00:201:2::2"}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-v6, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: UDP, port: 7777}]
+  - from: [{ipBlock: {cidr: "fd00:201:9::/64"}}]
+    ports: [{protocol: UDP, port: 7778}]
+"#;
+
+/// IPv6 flow records read so far (kept, so waits in any order find them).
+struct Flows6 {
+    reader: wiremesh_bpf::FlowReader,
+    seen: Vec<wiremesh_bpf::FlowEvent6>,
+}
+
+impl Flows6 {
+    /// Reads until an IPv6 record (read now or earlier) satisfies `pred` or `timeout` passes.
+    fn wait(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&wiremesh_bpf::FlowEvent6) -> bool,
+    ) -> Option<wiremesh_bpf::FlowEvent6> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.seen.iter().find(|e| pred(e)) {
+                return Some(*e);
+            }
+            if Instant::now() >= deadline {
+                eprintln!("IPv6 records seen without a match: {:#?}", self.seen);
+                return None;
+            }
+            for f in self
+                .reader
+                .read_any(Duration::from_millis(200))
+                .expect("ring")
+            {
+                if let wiremesh_bpf::Flow::V6(e) = f {
+                    self.seen.push(e);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
+    if !root_or_skip("ipv6") {
+        return;
+    }
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    let v6 = |s: &str, port: u16| SocketAddrV6::new(s.parse().expect("v6"), port, 0, 0);
+    let t = Topo::new();
+    t.add_ipv6();
+    let mut loader = load(&t, all_hooks(&t));
+    let mut flows = Flows6 {
+        reader: loader.take_flow_reader().expect("reader"),
+        seen: Vec::new(),
+    };
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
+        .expect("config");
+    let policy = compile(&load_manifest(V6_POLICY).expect("manifest"));
+    assert!(policy.warnings.is_empty(), "{:?}", policy.warnings);
+    let local6 = |_: Ipv6Addr, id: Identity| IpcacheValue::new(id.0, 0, Ipv4Addr::UNSPECIFIED, 2);
+    let applied = loader
+        .maps()
+        .apply_policy_dual(&policy.diff(&Compiled::default()), local, local6)
+        .expect("policy");
+    assert_eq!(applied.skipped_ipv6, 0);
+    loader
+        .maps()
+        .upsert_ipcache6(
+            "fd00:201:9::/64".parse().expect("net"),
+            IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
+        )
+        .expect("ipcache6");
+    assert_eq!(
+        loader
+            .maps_ref()
+            .ipcache6_entries()
+            .expect("ipcache6")
+            .len(),
+        3
+    );
+
+    let a = udp_socket(&t.pod_a, v6("fd00:201:1::2", 40600));
+    let b = udp_socket(&t.pod_b, v6("fd00:201:2::2", 7777));
+    let b8 = udp_socket(&t.pod_b, v6("::", 7778));
+    let (to_a, to_b, to_b8) = (
+        v6("fd00:201:1::2", 40600),
+        v6("fd00:201:2::2", 7777),
+        v6("fd00:201:2::2", 7778),
+    );
+    // Policy with identities (pod rule), conntrack for replies, default deny.
+    assert!(
+        udp_delivered(&a, to_b, &b, Duration::from_secs(5)),
+        "v6 a -> b udp/7777 is allowed"
+    );
+    assert!(
+        udp_delivered(&b, to_a, &a, Duration::from_secs(5)),
+        "v6 reply b -> a passes (ct6)"
+    );
+    assert!(
+        !udp_delivered(&a, to_b8, &b8, Duration::from_secs(1)),
+        "v6 a -> b udp/7778 is denied"
+    );
+    let b_new = udp_socket(&t.pod_b, v6("fd00:201:2::2", 7000));
+    assert!(
+        !udp_delivered(&b_new, to_a, &a, Duration::from_secs(1)),
+        "v6 b -> a outside a conversation is denied (b isolated for egress)"
+    );
+    // ipBlock (cidrs6) on traffic from the remote pod, decided by to_pod.
+    let remote = udp_socket(&t.peer, v6("fd00:201:9::5", 40601));
+    assert!(
+        udp_delivered(&remote, to_b8, &b8, Duration::from_secs(5)),
+        "v6 remote -> b udp/7778 is allowed by the ipBlock (IPv6 verdicts {:?}, cidrs {:?})",
+        loader.maps_ref().ipv6_verdicts(),
+        policy.cidrs
+    );
+    let mut buf = [0u8; 64];
+    while b.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&remote, to_b, &b, Duration::from_secs(1)),
+        "v6 remote -> b udp/7777 is denied"
+    );
+    let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
+    assert!(counts[Verdict::DroppedPolicy as usize] >= 3, "{counts:?}");
+    assert!(counts[Verdict::ForwardedLocal as usize] >= 2, "{counts:?}");
+    let b_id = policy.endpoints[&IpAddr::from(*to_b.ip())].0;
+    let e = flows
+        .wait(Duration::from_secs(3), |e| {
+            e.verdict() == Some(Verdict::ForwardedLocal) && e.dport() == 7777 && e.sport() == 40600
+        })
+        .expect("v6 forwarded-local record");
+    assert_eq!(
+        (e.src(), e.dst(), e.dst_identity),
+        (*to_a.ip(), *to_b.ip(), b_id)
+    );
+    assert_eq!((e.hook(), e.protocol), (Some(Hook::FromPod), 17));
+    flows
+        .wait(Duration::from_secs(3), |e| {
+            e.verdict() == Some(Verdict::DroppedPolicy) && e.dport() == 7778 && e.sport() == 40600
+        })
+        .expect("v6 dropped-policy record of a -> b udp/7778");
+    let e = flows
+        .wait(Duration::from_secs(3), |e| {
+            e.verdict() == Some(Verdict::ForwardedPlain) && e.hook() == Some(Hook::ToPod)
+        })
+        .expect("v6 to_pod record of remote -> b udp/7778");
+    assert_eq!((e.dport(), e.peer_node()), (7778, Some(PEER_NODE)));
+
+    // Anti-spoofing of IPv6 sources.
+    let host_a = t.host_a.clone();
+    let ifindex_a = in_ns(&t.node, move || {
+        wiremesh_bpf::if_index(&host_a).expect("ifindex")
+    });
+    let own6: Ipv6Addr = "fd00:201:1::2".parse().expect("v6");
+    loader
+        .maps()
+        .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), Some(own6)))
+        .expect("endpoint");
+    run(&[
+        "ip",
+        "-n",
+        &t.pod_a,
+        "addr",
+        "add",
+        "fd00:201:1::99/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let liar = udp_socket(&t.pod_a, v6("fd00:201:1::99", 40602));
+    assert!(
+        !udp_delivered(&liar, to_b, &b, Duration::from_secs(1)),
+        "v6 spoofed source is dropped"
+    );
+    assert!(
+        udp_delivered(&a, to_b, &b, Duration::from_secs(5)),
+        "the pod's own v6 address (and neighbour discovery) still works"
+    );
+    let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
+    assert!(counts[wiremesh_bpf::STATS6_SPOOFED] >= 1, "{counts:?}");
+
+    // Strict: v6 cross-node plaintext is dropped at from_pod and on the underlay.
+    let peer_rx = udp_socket(&t.peer, v6("fd00:201:9::5", 7777));
+    let to_remote = v6("fd00:201:9::5", 7777);
+    assert!(
+        udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(5)),
+        "permissive: v6 pod -> remote pod plaintext passes"
+    );
+    let a_rx = udp_socket(&t.pod_a, v6("fd00:201:1::2", 7777));
+    let remote_tx = udp_socket(&t.peer, v6("fd00:201:9::5", 40603));
+    let to_a7 = v6("fd00:201:1::2", 7777);
+    assert!(
+        udp_delivered(&remote_tx, to_a7, &a_rx, Duration::from_secs(5)),
+        "permissive: v6 remote pod -> pod plaintext passes"
+    );
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Strict, 1, 51820))
+        .expect("config");
+    while peer_rx.recv_from(&mut buf).is_ok() {}
+    while a_rx.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(1)),
+        "strict: v6 pod -> remote pod plaintext is dropped"
+    );
+    assert!(
+        !udp_delivered(&remote_tx, to_a7, &a_rx, Duration::from_secs(1)),
+        "strict: v6 remote pod -> pod plaintext is dropped on the underlay"
+    );
+    let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
+    assert!(
+        counts[Verdict::DroppedPlaintext as usize] >= 2,
+        "{counts:?}"
+    );
+    for hook in [Hook::FromPod, Hook::UnderlayIngress] {
+        flows
+            .wait(Duration::from_secs(3), |e| {
+                e.verdict() == Some(Verdict::DroppedPlaintext) && e.hook() == Some(hook)
+            })
+            .unwrap_or_else(|| panic!("v6 dropped-plaintext record from {hook:?}"));
+    }
+    let remote_wg = udp_socket(&t.peer, v6("fd00:201:9::5", 51820));
+    assert!(
+        udp_delivered(&remote_wg, to_a7, &a_rx, Duration::from_secs(5)),
+        "strict: v6 UDP from the WireGuard port passes"
+    );
+}
+
+#[test]
+fn test_run_decides_like_real_traffic() {
+    if !root_or_skip("test run") {
+        return;
+    }
+    use wiremesh_bpf::frame::{tcp_flags, tcp4};
+    let t = Topo::new();
+    let mut loader = load(&t, Vec::new());
+    loader
+        .maps()
+        .set_config(&Config::new(0, Mode::Permissive, 1, 0))
+        .expect("config");
+    let deny = compiled(DENY_B);
+    loader
+        .maps()
+        .apply_policy(&deny.diff(&Compiled::default()), local)
+        .expect("deny");
+    let (a, b) = (
+        SocketAddrV4::new(POD_A, 40700),
+        SocketAddrV4::new(POD_B, 8080),
+    );
+    let syn = tcp4(a, b, tcp_flags::SYN, 0);
+    let host_a = t.host_a.clone();
+    let (loader, denied, ifindex_a) = in_ns(&t.node, move || {
+        let ifindex_a = ifindex(&host_a);
+        let r = loader
+            .test_run(Hook::FromPod, &syn, ifindex_a, 10)
+            .expect("test run");
+        (loader, r, ifindex_a)
+    });
+    assert_eq!(denied.retval, 2, "TC_ACT_SHOT: b is isolated");
+    let mut loader = loader;
+    let allow = compiled(ALLOW_A_TO_B_8080);
+    loader
+        .maps()
+        .apply_policy(&allow.diff(&deny), local)
+        .expect("allow");
+    let syn = tcp4(a, b, tcp_flags::SYN, 0);
+    let spoofed = tcp4(
+        SocketAddrV4::new(Ipv4Addr::new(10, 201, 1, 99), 40700),
+        b,
+        tcp_flags::SYN,
+        0,
+    );
+    loader
+        .maps()
+        .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), None))
+        .expect("endpoint");
+    let (loader, allowed, spoof) = in_ns(&t.node, move || {
+        let allowed = loader
+            .test_run(Hook::FromPod, &syn, ifindex_a, 1000)
+            .expect("test run");
+        let spoof = loader
+            .test_run(Hook::FromPod, &spoofed, ifindex_a, 1)
+            .expect("test run");
+        (loader, allowed, spoof)
+    });
+    assert_eq!(allowed.retval, 0, "TC_ACT_OK: a -> b tcp/8080 is allowed");
+    assert!(allowed.per_run > Duration::ZERO);
+    assert_eq!(spoof.retval, 2, "a spoofed source is dropped");
+
+    // IPv6 link-local sources: fine on the link, spoofing towards anything else.
+    let mut loader = loader;
+    let own6: std::net::Ipv6Addr = "fd00:201:1::2".parse().expect("v6");
+    loader
+        .maps()
+        .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), Some(own6)))
+        .expect("endpoint");
+    let v6 = |s: &str, port| std::net::SocketAddrV6::new(s.parse().expect("v6"), port, 0, 0);
+    let on_link = wiremesh_bpf::frame::udp6(v6("fe80::99", 546), v6("ff02::1:2", 547), 0);
+    let off_link = wiremesh_bpf::frame::udp6(v6("fe80::99", 4000), v6("fd00:201:2::2", 53), 0);
+    let own = wiremesh_bpf::frame::udp6(v6("fd00:201:1::2", 4000), v6("fd00:201:2::2", 53), 0);
+    let (loader, r) = in_ns(&t.node, move || {
+        let r: Vec<u32> = [on_link, off_link, own]
+            .iter()
+            .map(|f| {
+                loader
+                    .test_run(Hook::FromPod, f, ifindex_a, 1)
+                    .expect("test run")
+                    .retval
+            })
+            .collect();
+        (loader, r)
+    });
+    assert_eq!(
+        r,
+        vec![0, 2, 0],
+        "link-local source: on-link passes, off-link is spoofing; the pod's address passes"
+    );
+    let entry = ct_entry(&loader, POD_A, 40700, POD_B, 8080).expect("conntrack entry");
+    assert_eq!(
+        entry.epoch,
+        loader.maps_ref().policy_epoch().expect("epoch")
+    );
 }

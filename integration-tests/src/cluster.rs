@@ -87,7 +87,10 @@ pub struct ClusterOptions {
     pub spare_nodes: u32,
     /// Kubernetes namespace of the pods.
     pub pod_namespace: String,
-    /// MTU of pod veths; `None` keeps 1500.
+    /// MTU of pod veths; `None` keeps 1500. Default [`POD_MTU`]: the tunnel MTU of a 1500-byte
+    /// underlay, as a CNI configured for a WireGuard mesh sets it — the eBPF datapath redirects
+    /// pod packets straight into the tunnel, past the routing stack that would otherwise answer
+    /// an oversized packet with "fragmentation needed".
     pub pod_mtu: Option<u32>,
     /// Where logs, kubeconfigs and testenv data go; default `<tmp>/wiremesh-<id>`. Removed at teardown
     /// if the cluster created it, unless `keep_work_dir`.
@@ -116,7 +119,7 @@ impl Default for ClusterOptions {
             pods_per_node: 1,
             spare_nodes: 0,
             pod_namespace: "default".to_owned(),
-            pod_mtu: None,
+            pod_mtu: Some(POD_MTU),
             work_dir: None,
             keep_work_dir: std::env::var_os("WIREMESH_KEEP_WORK_DIR").is_some(),
             outlive_parent: false,
@@ -127,6 +130,9 @@ impl Default for ClusterOptions {
         }
     }
 }
+
+/// Default MTU of pod veths: 1500 (underlay) - 80 (WireGuard overhead).
+pub const POD_MTU: u32 = 1420;
 
 /// The name of node `index` (1-based).
 pub fn node_name(index: u32) -> String {
@@ -167,6 +173,7 @@ pub struct VirtualCluster {
     lease: UnderlayLease,
     bridge: String,
     work_dir: PathBuf,
+    bpffs: PathBuf,
     pod_namespace: String,
     pod_mtu: Option<u32>,
     plaintext_pod_routes: bool,
@@ -225,6 +232,22 @@ impl VirtualCluster {
             });
         }
 
+        // A private bpffs for the agents' pinned maps and links (the host may have none, and
+        // clusters must not share pins): `<work dir>/bpffs-<id>`, unmounted at teardown.
+        let bpffs = work_dir.join(format!("bpffs-{id}"));
+        std::fs::create_dir_all(&bpffs).map_err(|source| ClusterError::WorkDir {
+            path: bpffs.clone(),
+            source,
+        })?;
+        command::run(
+            std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&bpffs),
+        )?;
+        ledger.push(Resource::Mount {
+            path: bpffs.clone(),
+        });
+
         let bridge = underlay::create_bridge(&id, &lease, ledger)?;
 
         let all_nodes: Vec<String> = (1..=opts.nodes + opts.spare_nodes).map(node_name).collect();
@@ -258,6 +281,7 @@ impl VirtualCluster {
             lease,
             bridge,
             work_dir,
+            bpffs,
             pod_namespace: opts.pod_namespace.clone(),
             pod_mtu: opts.pod_mtu,
             plaintext_pod_routes: opts.plaintext_pod_routes,
@@ -312,6 +336,11 @@ impl VirtualCluster {
     /// Logs, kubeconfigs, testenv data.
     pub fn work_dir(&self) -> &Path {
         &self.work_dir
+    }
+
+    /// The bpf filesystem the agents pin their maps and links in (`mesh-agent run --bpffs`).
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
     }
 
     /// Everything created on the host so far, oldest first.

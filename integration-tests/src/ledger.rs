@@ -36,6 +36,11 @@ pub enum Resource {
         /// The name under /run/netns.
         name: String,
     },
+    /// A filesystem mounted by the cluster (the agents' bpffs), unmounted.
+    Mount {
+        /// The mount point.
+        path: PathBuf,
+    },
     /// A process (an agent, testenv), stopped with SIGTERM then SIGKILL.
     Process {
         /// What it is.
@@ -52,6 +57,7 @@ impl std::fmt::Display for Resource {
             Self::Dir { path } => write!(f, "directory {}", path.display()),
             Self::HostLink { name } => write!(f, "host link {name}"),
             Self::Netns { name } => write!(f, "network namespace {name}"),
+            Self::Mount { path } => write!(f, "mount {}", path.display()),
             Self::Process { label, identity } => {
                 write!(f, "process {label} (pid {})", identity.pid)
             }
@@ -110,6 +116,18 @@ fn is_missing_link(err: &CommandError) -> bool {
     stderr.contains("Cannot find device") || stderr.contains("does not exist")
 }
 
+/// Whether `path` is listed as a mount point in /proc/self/mounts.
+pub(crate) fn is_mount_point(path: &std::path::Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .any(|m| m == wanted)
+}
+
 pub(crate) fn netns_exists(name: &str) -> bool {
     std::path::Path::new("/run/netns").join(name).exists()
 }
@@ -143,6 +161,18 @@ pub fn release(resource: &Resource) -> Result<(), ReleaseError> {
             if netns_exists(name) {
                 return Err(ReleaseError::Lingering { resource: what });
             }
+            Ok(())
+        }
+        Resource::Mount { path } => {
+            if !is_mount_point(path) {
+                return Ok(());
+            }
+            command::run(std::process::Command::new("umount").arg(path)).map_err(|source| {
+                ReleaseError::Command {
+                    resource: what,
+                    source,
+                }
+            })?;
             Ok(())
         }
         Resource::Process { label, identity } => identity

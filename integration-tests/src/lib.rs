@@ -21,7 +21,7 @@ pub mod underlay;
 pub mod wait;
 
 pub use cluster::{
-    ClusterError, ClusterNode, ClusterOptions, ClusterPod, VirtualCluster, node_name,
+    ClusterError, ClusterNode, ClusterOptions, ClusterPod, POD_MTU, VirtualCluster, node_name,
 };
 pub use description::{ClusterDescription, DescriptionError, NodeDescription, PodDescription};
 pub use fsutil::write_private_atomic;

@@ -187,8 +187,8 @@ pub async fn delete_pod(client: &Client, namespace: &str, name: &str) -> Result<
     }
 }
 
-/// Lets every node user (group `system:nodes`) get, list and watch all Nodes and Pods and the
-/// wiremesh.io resources.
+/// Lets every node user (group `system:nodes`) get, list and watch all Nodes, Pods, Namespaces,
+/// NetworkPolicies and the wiremesh.io resources (the agent compiles NetworkPolicy itself).
 ///
 /// The Node authorizer alone allows a node to read only its own Node object and to list pods only
 /// with `fieldSelector=spec.nodeName=<itself>`; an agent that runs with its node's credentials and
@@ -198,7 +198,8 @@ pub async fn install_node_read_rbac(client: &Client) -> Result<(), ObjectsError>
     let role: ClusterRole = typed(json!({
         "metadata": {"name": NODE_READ_ROLE},
         "rules": [
-            {"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["nodes", "pods", "namespaces"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["wiremesh.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
         ],
     }));

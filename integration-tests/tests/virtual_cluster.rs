@@ -45,6 +45,7 @@ struct Footprint {
     links: Vec<String>,
     processes: Vec<wiremesh_integration::ProcessIdentity>,
     dirs: Vec<std::path::PathBuf>,
+    mounts: Vec<std::path::PathBuf>,
 }
 
 fn footprint(ledger: &[Resource]) -> Footprint {
@@ -53,6 +54,7 @@ fn footprint(ledger: &[Resource]) -> Footprint {
         links: vec![],
         processes: vec![],
         dirs: vec![],
+        mounts: vec![],
     };
     for r in ledger {
         match r {
@@ -60,6 +62,7 @@ fn footprint(ledger: &[Resource]) -> Footprint {
             Resource::HostLink { name } => f.links.push(name.clone()),
             Resource::Process { identity, .. } => f.processes.push(*identity),
             Resource::Dir { path } => f.dirs.push(path.clone()),
+            Resource::Mount { path } => f.mounts.push(path.clone()),
         }
     }
     f
@@ -83,6 +86,16 @@ fn assert_gone(f: &Footprint) {
     }
     for d in &f.dirs {
         assert!(!d.exists(), "directory {} left behind", d.display());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for m in &f.mounts {
+        let m = m.to_string_lossy();
+        assert!(
+            !mounts
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(m.as_ref())),
+            "mount {m} left behind"
+        );
     }
 }
 

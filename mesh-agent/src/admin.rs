@@ -1,6 +1,7 @@
 //! The agent's local HTTP server: `/healthz` (the process serves), `/readyz` (caches synced and the
 //! mesh reconciled at least once), `/metrics` (Prometheus text format) and `/status` (this node's
-//! [`NodeReport`](crate::report::NodeReport) as JSON).
+//! [`NodeReport`](crate::report::NodeReport) as JSON) and `/flows` (the eBPF flow table as JSON,
+//! `{"flows":[...]}`, most recently seen first).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -14,7 +15,7 @@ use axum::{
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{drain::Drain, reconciler::MeshSnapshot, status::SharedReport};
+use crate::{drain::Drain, flows::SharedFlows, reconciler::MeshSnapshot, status::SharedReport};
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,7 @@ struct AdminState {
     registry: Registry,
     snapshot: watch::Receiver<MeshSnapshot>,
     report: SharedReport,
+    flows: SharedFlows,
 }
 
 /// A bound, not yet serving, admin server.
@@ -53,6 +55,7 @@ impl AdminServer {
         registry: Registry,
         snapshot: watch::Receiver<MeshSnapshot>,
         report: SharedReport,
+        flows: SharedFlows,
     ) -> Result<Self, AdminError> {
         let listener = TcpListener::bind(addr)
             .await
@@ -64,12 +67,14 @@ impl AdminServer {
             registry,
             snapshot,
             report,
+            flows,
         });
         let router = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .route("/status", get(status))
+            .route("/flows", get(flows_json))
             .with_state(state);
         Ok(Self {
             listener,
@@ -142,6 +147,19 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
+async fn flows_json(State(state): State<Arc<AdminState>>) -> Response {
+    let flows = state
+        .flows
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .snapshot();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({ "flows": flows }).to_string(),
+    )
+        .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -180,7 +198,20 @@ mod tests {
         metrics.peers_configured.set(2);
         let (tx, rx) = watch::channel(MeshSnapshot::default());
         let report: SharedReport = Arc::new(Mutex::new(None));
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), registry, rx, report)
+        let flows = crate::steering::Steering::flow_table(8);
+        flows.lock().unwrap().ingest(
+            &[wiremesh_bpf::FlowEvent {
+                packets: 3,
+                src_ip: [10, 244, 1, 11],
+                dst_ip: [10, 244, 2, 11],
+                protocol: 6,
+                verdict: 3,
+                hook: 1,
+                ..Default::default()
+            }],
+            &crate::flows::Names::default(),
+        );
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), registry, rx, report, flows)
             .await
             .unwrap();
         let addr = server.local_addr();
@@ -200,6 +231,11 @@ mod tests {
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);
         assert!(body.contains("wiremesh_peers_configured 2"), "{body}");
+        let (code, body) = get(addr, "/flows").await;
+        assert_eq!(code, 200);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["flows"][0]["verdict"], "dropped-policy", "{body}");
+        assert_eq!(json["flows"][0]["packets"], 3, "{body}");
 
         trigger.start();
         tokio::time::timeout(std::time::Duration::from_secs(5), task)

@@ -20,7 +20,7 @@ use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
 
 use crate::{
     admin::AdminServer,
-    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice},
+    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice, EbpfChoice},
     datapath::{Datapath, DeviceSettings},
     drain::{self, Trigger},
     engine::{EngineConfig, UserspaceEngine},
@@ -29,6 +29,7 @@ use crate::{
     reconciler::{MeshSnapshot, PlanSettings, Reconciler},
     routes::netlink::NetlinkRoutes,
     status::{SharedReport, StatusReporter},
+    steering::{Steering, SteeringSettings},
     watch::watchers,
 };
 
@@ -134,7 +135,9 @@ pub async fn build(
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);
     let notify = Arc::new(Notify::new());
-    let watchers = watchers(&client, notify.clone());
+    let steer_notify = Arc::new(Notify::new());
+    let watchers = watchers(&client, notify.clone(), steer_notify.clone());
+    let flows = Steering::flow_table(config.flow_table_size);
     let (snapshot_tx, snapshot_rx) = watch::channel(MeshSnapshot::default());
     let shared_report: SharedReport = SharedReport::default();
 
@@ -143,9 +146,25 @@ pub async fn build(
         registry,
         snapshot_rx.clone(),
         shared_report.clone(),
+        flows.clone(),
     )
     .await?;
-    tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics /status");
+    tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics /status /flows");
+    let steering = Steering::new(
+        SteeringSettings {
+            node_name: config.node_name.clone(),
+            bpffs: config.bpffs.clone(),
+            interface: config.interface.clone(),
+            listen_port: config.listen_port,
+            ebpf: config.ebpf,
+        },
+        client.clone(),
+        watchers.caches.clone(),
+        snapshot_rx.clone(),
+        steer_notify,
+        metrics.clone(),
+        flows,
+    );
 
     let reconciler = Reconciler::new(
         PlanSettings {
@@ -173,6 +192,10 @@ pub async fn build(
         config.status_interval,
         shared_report,
     );
+    let reporter = match config.ebpf {
+        EbpfChoice::Auto => reporter.with_ebpf(steering.report()),
+        EbpfChoice::Off => reporter,
+    };
 
     let (trigger, drain) = drain::channel();
     let mut tasks = JoinSet::new();
@@ -188,6 +211,13 @@ pub async fn build(
         tasks.spawn(async move {
             reconciler.run(drain).await;
             ("reconciler", Ok(()))
+        });
+    }
+    {
+        let drain = drain.clone();
+        tasks.spawn(async move {
+            steering.run(drain).await;
+            ("ebpf steering", Ok(()))
         });
     }
     {

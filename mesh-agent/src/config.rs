@@ -30,6 +30,16 @@ pub enum DatapathChoice {
     Kernel,
 }
 
+/// Whether the agent loads the eBPF datapath.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfChoice {
+    /// Load it when `MeshEncryption default` steers traffic.
+    Auto,
+    /// Never load it.
+    Off,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -108,6 +118,20 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Mount point of the bpf filesystem; the eBPF maps and links of this node are pinned in
+    /// `<bpffs>/wiremesh/<node name>`, so enforcement survives an agent restart.
+    #[arg(long, env = "WIREMESH_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
+    /// eBPF datapath (steering, NetworkPolicy, strict mode, flows): `auto` loads it once
+    /// `MeshEncryption default` steers traffic; `off` never loads it (routes only, no policy).
+    #[arg(long, env = "WIREMESH_EBPF", value_enum, default_value = "auto")]
+    pub ebpf: EbpfChoice,
+
+    /// Most flows kept in the agent's flow table (`/flows`); the least recently seen go first.
+    #[arg(long, env = "WIREMESH_FLOW_TABLE_SIZE", default_value_t = 4096)]
+    pub flow_table_size: usize,
 }
 
 /// Why the configuration is unusable.
@@ -149,6 +173,9 @@ pub struct Config {
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
+    pub bpffs: PathBuf,
+    pub ebpf: EbpfChoice,
+    pub flow_table_size: usize,
 }
 
 impl Config {
@@ -207,6 +234,9 @@ impl Config {
             resync_interval: Duration::from_secs(args.resync_interval_secs),
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             log_format: args.log_format,
+            bpffs: args.bpffs,
+            ebpf: args.ebpf,
+            flow_table_size: args.flow_table_size.max(1),
         })
     }
 

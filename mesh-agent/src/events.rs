@@ -98,6 +98,24 @@ impl NodeEvents {
         };
         self.recorder.publish(&event, &reference).await
     }
+
+    /// Records a Warning about any object; `action` says what the agent did about it.
+    pub async fn warn(
+        &self,
+        reference: &ObjectReference,
+        reason: &str,
+        note: &str,
+        action: &str,
+    ) -> Result<(), kube::Error> {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_string(),
+            note: Some(truncate(note, 1000)),
+            action: action.to_string(),
+            secondary: None,
+        };
+        self.recorder.publish(&event, reference).await
+    }
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -9,6 +9,9 @@ pub mod device;
 pub mod drain;
 pub mod engine;
 pub mod events;
+#[cfg(test)]
+mod fixtures;
+pub mod flows;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;
@@ -16,6 +19,7 @@ pub mod reconciler;
 pub mod report;
 pub mod routes;
 pub mod status;
+pub mod steering;
 pub mod telemetry;
 pub mod uapi;
 pub mod views;

@@ -33,6 +33,31 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
+/// Labels of [`Metrics::ebpf_errors`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: &'static str,
+}
+
+/// Labels of the flow metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub verdict: &'static str,
+}
+
+/// Labels of [`Metrics::map_entries`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+/// Labels of [`Metrics::invalid_objects`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvalidObjectLabels {
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -57,6 +82,39 @@ pub struct Metrics {
     pub peer_last_handshake: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     /// Writes of this node's annotations (key publication and status) to the API server.
     pub node_patches: Family<ResultLabels, Counter>,
+    /// 1 once the eBPF datapath is loaded.
+    pub ebpf_loaded: Gauge,
+    /// Local pods whose veth MTU exceeds the tunnel MTU (their large packets to other nodes are
+    /// lost: the redirect into the tunnel bypasses "fragmentation needed").
+    pub pods_mtu_above_tunnel: Gauge,
+    /// 1 while the eBPF config says strict mode.
+    pub ebpf_strict: Gauge,
+    /// eBPF failures by stage (load, netlink).
+    pub ebpf_errors: Family<StageLabels, Counter>,
+    /// Programs attached by this agent (two per pod veth, two on the underlay).
+    pub bpf_attached_programs: Gauge,
+    /// Entries of the policy maps and the ipcache as last written.
+    pub map_entries: Family<MapLabels, Gauge>,
+    /// Writes of a changed policy or ipcache to the maps, by result.
+    pub policy_updates: Family<ResultLabels, Counter>,
+    /// From reading the caches to the maps written, for passes that changed the maps.
+    pub policy_apply_duration: Histogram,
+    /// Steering passes by result.
+    pub steering_passes: Family<ResultLabels, Counter>,
+    /// Duration of steering passes.
+    pub steering_duration: Histogram,
+    /// Namespaces, Pods and NetworkPolicies left out of enforcement (once per distinct problem).
+    pub invalid_objects: Family<InvalidObjectLabels, Counter>,
+    /// New flows in the flow table by verdict.
+    pub flows: Family<VerdictLabels, Counter>,
+    /// Packets of flow records by verdict (drops included).
+    pub flow_packets: Family<VerdictLabels, Counter>,
+    /// Flows evicted from the bounded flow table.
+    pub flows_evicted: Counter,
+    /// Flows in the flow table.
+    pub flow_table_flows: Gauge,
+    /// Flow records the kernel dropped because the ring buffer was full.
+    pub flow_events_lost: Gauge,
 }
 
 impl Metrics {
@@ -73,6 +131,22 @@ impl Metrics {
             mesh_enabled: Gauge::default(),
             peer_last_handshake: Family::default(),
             node_patches: Family::default(),
+            ebpf_loaded: Gauge::default(),
+            ebpf_strict: Gauge::default(),
+            pods_mtu_above_tunnel: Gauge::default(),
+            ebpf_errors: Family::default(),
+            bpf_attached_programs: Gauge::default(),
+            map_entries: Family::default(),
+            policy_updates: Family::default(),
+            policy_apply_duration: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
+            steering_passes: Family::default(),
+            steering_duration: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
+            invalid_objects: Family::default(),
+            flows: Family::default(),
+            flow_packets: Family::default(),
+            flows_evicted: Counter::default(),
+            flow_table_flows: Gauge::default(),
+            flow_events_lost: Gauge::default(),
         };
         registry.register(
             "invalid_annotations",
@@ -124,7 +198,91 @@ impl Metrics {
             "Patches of this node's annotations by result",
             metrics.node_patches.clone(),
         );
+        metrics.register_ebpf(registry);
         metrics
+    }
+
+    fn register_ebpf(&self, registry: &mut Registry) {
+        registry.register(
+            "ebpf_loaded",
+            "1 once the eBPF datapath is loaded",
+            self.ebpf_loaded.clone(),
+        );
+        registry.register(
+            "pods_mtu_above_tunnel",
+            "Local pods whose veth MTU exceeds the tunnel MTU",
+            self.pods_mtu_above_tunnel.clone(),
+        );
+        registry.register(
+            "ebpf_strict_mode",
+            "1 while the eBPF datapath drops cross-node pod traffic outside WireGuard",
+            self.ebpf_strict.clone(),
+        );
+        registry.register(
+            "ebpf_errors",
+            "eBPF datapath failures by stage",
+            self.ebpf_errors.clone(),
+        );
+        registry.register(
+            "bpf_attached_programs",
+            "tc programs attached by this agent",
+            self.bpf_attached_programs.clone(),
+        );
+        registry.register(
+            "bpf_map_entries",
+            "Entries of the policy maps and the ipcache as last written",
+            self.map_entries.clone(),
+        );
+        registry.register(
+            "policy_updates",
+            "Writes of changed policy or ipcache entries to the eBPF maps by result",
+            self.policy_updates.clone(),
+        );
+        registry.register(
+            "policy_apply_duration_seconds",
+            "From reading the caches to the eBPF maps written, for passes that changed them",
+            self.policy_apply_duration.clone(),
+        );
+        registry.register(
+            "steering_passes",
+            "eBPF steering passes by result",
+            self.steering_passes.clone(),
+        );
+        registry.register(
+            "steering_duration_seconds",
+            "Duration of eBPF steering passes",
+            self.steering_duration.clone(),
+        );
+        registry.register(
+            "invalid_objects",
+            "Namespaces, Pods and NetworkPolicies left out of enforcement (by kind and reason)",
+            self.invalid_objects.clone(),
+        );
+        registry.register(
+            "flows",
+            "New flows in the flow table by verdict",
+            self.flows.clone(),
+        );
+        registry.register(
+            "flow_packets",
+            "Packets of eBPF flow records by verdict (drops included)",
+            self.flow_packets.clone(),
+        );
+        registry.register(
+            "flows_evicted",
+            "Flows evicted from the bounded flow table",
+            self.flows_evicted.clone(),
+        );
+        registry.register(
+            "flow_table_flows",
+            "Flows held in the flow table",
+            self.flow_table_flows.clone(),
+        );
+        registry.register(
+            "flow_events_lost",
+            "Flow records the kernel dropped because the ring buffer was full",
+            self.flow_events_lost.clone(),
+        );
     }
 }
 

@@ -55,6 +55,24 @@ pub struct NodeReport {
     /// The last reconcile error, if the last pass failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The eBPF datapath (absent with `--ebpf off` and in reports of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ebpf: Option<EbpfReport>,
+}
+
+/// The eBPF datapath of one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EbpfReport {
+    /// The programs are loaded (maps and links pinned).
+    pub loaded: bool,
+    /// The config says strict mode.
+    pub strict: bool,
+    /// tc programs this agent attached.
+    pub attached_programs: u32,
+    /// The last failure (load, attach, map write), if the last pass failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One peer as the device sees it.
@@ -89,6 +107,7 @@ impl NodeReport {
             || self.datapath != other.datapath
             || self.rejected != other.rejected
             || self.error.is_some() != other.error.is_some()
+            || self.ebpf != other.ebpf
             || self.peers.len() != other.peers.len()
             || self.peers.iter().zip(&other.peers).any(|(a, b)| {
                 a.node != b.node
@@ -127,6 +146,7 @@ mod tests {
 
     fn report() -> NodeReport {
         NodeReport {
+            ebpf: None,
             version: REPORT_VERSION,
             updated_at: 1_000,
             interval_secs: 30,

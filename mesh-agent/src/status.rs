@@ -23,7 +23,8 @@ use crate::{
     metrics::{Metrics, PeerLabels, ResultLabels},
     reconciler::{API_WRITE_TIMEOUT, FIELD_MANAGER, MeshSnapshot},
     report::{
-        ANNOTATION_STATUS, NodeReport, PeerReport, REPORT_VERSION, RejectedReport, unix_seconds,
+        ANNOTATION_STATUS, EbpfReport, NodeReport, PeerReport, REPORT_VERSION, RejectedReport,
+        unix_seconds,
     },
 };
 
@@ -86,6 +87,7 @@ pub fn build_report(
             })
             .collect(),
         error: device_error.or_else(|| snapshot.error.clone()),
+        ebpf: None,
     }
 }
 
@@ -100,6 +102,7 @@ pub struct StatusReporter {
     shared: SharedReport,
     written: Option<(NodeReport, Instant)>,
     handshake_peers: Vec<String>,
+    ebpf: Option<watch::Receiver<EbpfReport>>,
 }
 
 impl StatusReporter {
@@ -122,13 +125,20 @@ impl StatusReporter {
             shared,
             written: None,
             handshake_peers: Vec::new(),
+            ebpf: None,
         }
+    }
+
+    /// Includes the eBPF datapath's state (from the steering task) in every report.
+    pub fn with_ebpf(mut self, ebpf: watch::Receiver<EbpfReport>) -> Self {
+        self.ebpf = Some(ebpf);
+        self
     }
 
     fn current(&mut self) -> NodeReport {
         let snapshot = self.snapshot.borrow_and_update().clone();
         let device = self.datapath.status().map_err(|e| e.to_string());
-        let report = build_report(
+        let mut report = build_report(
             &snapshot,
             device.as_ref().map_err(Clone::clone),
             self.datapath.ifname(),
@@ -136,6 +146,7 @@ impl StatusReporter {
             self.interval,
             SystemTime::now(),
         );
+        report.ebpf = self.ebpf.as_ref().map(|e| e.borrow().clone());
         self.update_metrics(&report);
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         report

@@ -12,7 +12,10 @@
 use std::{collections::BTreeMap, fmt::Debug, sync::Arc};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::{
+    core::v1::{Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus},
+    networking::v1::NetworkPolicy,
+};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -30,12 +33,16 @@ use crate::drain::Drain;
 /// The prefix of every annotation the mesh reads from Nodes.
 const ANNOTATION_PREFIX: &str = "wiremesh.io/";
 
-/// Read handles of the three caches.
+/// Read handles of the caches.
 #[derive(Clone)]
 pub struct Caches {
     pub nodes: Store<Node>,
     pub pods: Store<Pod>,
     pub mesh_encryption: Store<MeshEncryption>,
+    /// Namespaces (labels, for policy identities).
+    pub namespaces: Store<Namespace>,
+    /// NetworkPolicies of all namespaces.
+    pub policies: Store<NetworkPolicy>,
 }
 
 impl Caches {
@@ -46,6 +53,15 @@ impl Caches {
             self.nodes.wait_until_ready(),
             self.pods.wait_until_ready(),
             self.mesh_encryption.wait_until_ready(),
+        );
+    }
+
+    /// Completes when the Namespace and NetworkPolicy caches have finished their initial list.
+    /// Separate from [`Caches::wait_synced`]: the mesh must not wait on policy RBAC.
+    pub async fn wait_policy_synced(&self) {
+        let _ = futures::join!(
+            self.namespaces.wait_until_ready(),
+            self.policies.wait_until_ready(),
         );
     }
 
@@ -75,7 +91,7 @@ impl WatchTask {
         config: watcher::Config,
         prune: fn(&mut K),
         writer: reflector::store::Writer<K>,
-        notify: Arc<Notify>,
+        notify: Vec<Arc<Notify>>,
     ) -> Self
     where
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -87,7 +103,9 @@ impl WatchTask {
             .reflect(writer)
             .map(move |event| {
                 // Every applied, deleted or re-listed object can change the mesh.
-                notify.notify_one();
+                for n in &notify {
+                    n.notify_one();
+                }
                 event.map(|_| ())
             })
             .boxed();
@@ -132,17 +150,22 @@ fn hint(error: &watcher::Error) -> &'static str {
         404 => "resource not served: are the wiremesh CRDs installed (deploy/crds)?",
         401 => "credentials rejected: check the kubeconfig or service account token",
         403 => {
-            "forbidden: the agent needs get/list/watch on nodes, pods and meshencryptions.wiremesh.io"
+            "forbidden: the agent needs get/list/watch on nodes, pods, namespaces, \
+             networkpolicies.networking.k8s.io and meshencryptions.wiremesh.io"
         }
         _ => "",
     }
 }
 
-/// Builds the three watchers. `notify` is signalled on every event.
-pub fn watchers(client: &Client, notify: Arc<Notify>) -> Watchers {
+/// Builds the watchers. Every event signals `notify` (the mesh reconciler) and `steer` (the
+/// eBPF steering task); Namespace and NetworkPolicy events only `steer`.
+pub fn watchers(client: &Client, notify: Arc<Notify>, steer: Arc<Notify>) -> Watchers {
     let (nodes, node_writer) = reflector::store();
     let (pods, pod_writer) = reflector::store();
     let (mesh_encryption, me_writer) = reflector::store();
+    let (namespaces, ns_writer) = reflector::store();
+    let (policies, np_writer) = reflector::store();
+    let both = vec![notify, steer.clone()];
     let tasks = vec![
         WatchTask::new(
             "nodes",
@@ -150,7 +173,7 @@ pub fn watchers(client: &Client, notify: Arc<Notify>) -> Watchers {
             watcher::Config::default(),
             prune_node,
             node_writer,
-            notify.clone(),
+            both.clone(),
         ),
         WatchTask::new(
             "pods",
@@ -158,7 +181,7 @@ pub fn watchers(client: &Client, notify: Arc<Notify>) -> Watchers {
             watcher::Config::default(),
             prune_pod,
             pod_writer,
-            notify.clone(),
+            both.clone(),
         ),
         WatchTask::new(
             "meshencryptions",
@@ -166,7 +189,23 @@ pub fn watchers(client: &Client, notify: Arc<Notify>) -> Watchers {
             watcher::Config::default().fields(&format!("metadata.name={MESH_ENCRYPTION_NAME}")),
             |_| {},
             me_writer,
-            notify,
+            both,
+        ),
+        WatchTask::new(
+            "namespaces",
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            prune_meta,
+            ns_writer,
+            vec![steer.clone()],
+        ),
+        WatchTask::new(
+            "networkpolicies",
+            Api::<NetworkPolicy>::all(client.clone()),
+            watcher::Config::default(),
+            prune_meta,
+            np_writer,
+            vec![steer],
         ),
     ];
     Watchers {
@@ -174,6 +213,8 @@ pub fn watchers(client: &Client, notify: Arc<Notify>) -> Watchers {
             nodes,
             pods,
             mesh_encryption,
+            namespaces,
+            policies,
         },
         tasks,
     }
@@ -202,17 +243,34 @@ pub fn prune_node(node: &mut Node) {
     });
 }
 
-/// Keeps name, namespace, uid, resourceVersion, `spec.nodeName`, `spec.hostNetwork`,
-/// `status.phase` and the pod IPs of a Pod.
+/// Drops managed fields and annotations (Namespaces and NetworkPolicies keep their labels and
+/// spec).
+pub fn prune_meta<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
+/// Keeps name, namespace, uid, resourceVersion, labels (policy identities), `spec.nodeName`,
+/// `spec.hostNetwork`, the containers' ports (named ports), `status.phase` and the pod IPs of a
+/// Pod.
 pub fn prune_pod(pod: &mut Pod) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
-    meta.labels = None;
     meta.annotations = None;
     meta.owner_references = None;
     pod.spec = pod.spec.take().map(|spec| PodSpec {
         node_name: spec.node_name,
         host_network: spec.host_network,
+        containers: spec
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports,
+                ..Container::default()
+            })
+            .collect(),
         ..PodSpec::default()
     });
     pod.status = pod.status.take().map(|status| PodStatus {
@@ -281,7 +339,10 @@ mod tests {
             },
             spec: Some(PodSpec {
                 node_name: Some("a".into()),
-                containers: vec![Container::default()],
+                containers: vec![Container {
+                    image: Some("x".into()),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             status: Some(PodStatus {
@@ -292,7 +353,9 @@ mod tests {
             }),
         };
         prune_pod(&mut pod);
-        assert!(pod.spec.as_ref().unwrap().containers.is_empty());
+        let containers = &pod.spec.as_ref().unwrap().containers;
+        assert_eq!(containers.len(), 1);
+        assert_eq!(containers[0].image, None, "only name and ports are kept");
         assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some("a"));
         assert_eq!(
             pod.status.as_ref().unwrap().pod_ips.as_ref().unwrap().len(),

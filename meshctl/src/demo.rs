@@ -155,6 +155,8 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
         n.network.netns.clone().into(),
         "--metrics-addr".into(),
         format!("0.0.0.0:{AGENT_HTTP_PORT}").into(),
+        "--bpffs".into(),
+        cluster.bpffs().as_os_str().to_owned(),
     ])
 }
 
@@ -428,6 +430,37 @@ pub fn traffic(description: &ClusterDescription, marker: &str) -> Vec<FlowResult
         }
     }
     results
+}
+
+/// The `/flows` table of every agent of the demo (HTTP on the node's underlay IP), by node.
+pub fn agent_flows(
+    description: &ClusterDescription,
+) -> Vec<(String, Result<Vec<serde_json::Value>, String>)> {
+    use std::io::{Read, Write};
+    let fetch = |ip: std::net::Ipv4Addr| -> Result<Vec<serde_json::Value>, String> {
+        let addr = std::net::SocketAddr::from((ip, AGENT_HTTP_PORT));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /flows HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .ok_or_else(|| format!("{addr}: no HTTP body"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| format!("{addr}/flows: {e}"))?;
+        Ok(json["flows"].as_array().cloned().unwrap_or_default())
+    };
+    description
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), fetch(n.underlay_ip)))
+        .collect()
 }
 
 /// [`traffic`] with a capture on the underlay bridge running throughout.

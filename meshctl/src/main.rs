@@ -71,6 +71,9 @@ enum DemoCommand {
     },
     /// Ping, TCP and UDP between every pair of pods on different nodes.
     Traffic,
+    /// Each agent's eBPF flow table (`/flows`), summarised by verdict; fails when a node has
+    /// recorded no encrypted flow (run after `demo traffic`).
+    Flows,
     /// Print the admin kubeconfig path of the running demo.
     Kubeconfig,
     /// Remove everything `demo up` created.
@@ -217,6 +220,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ExitCode::from(1)
                 },
             )
+        }
+        Command::Demo {
+            command: DemoCommand::Flows,
+        } => {
+            let description = demo::running(Path::new(demo::DEMO_DIR))?;
+            let mut ok = true;
+            for (node, flows) in demo::agent_flows(&description) {
+                match flows {
+                    Ok(flows) => {
+                        let mut by_verdict = std::collections::BTreeMap::<String, u64>::new();
+                        for f in &flows {
+                            let verdict = f["verdict"].as_str().unwrap_or("unknown").to_string();
+                            *by_verdict.entry(verdict).or_default() +=
+                                f["packets"].as_u64().unwrap_or(0);
+                        }
+                        let summary: Vec<String> = by_verdict
+                            .iter()
+                            .map(|(v, p)| format!("{v} {p} packets"))
+                            .collect();
+                        println!("    {node}: {} flows: {}", flows.len(), summary.join(", "));
+                        if !by_verdict.contains_key("forwarded-encrypted") {
+                            println!("        no flow was redirected into the tunnel");
+                            ok = false;
+                        }
+                    }
+                    Err(e) => {
+                        println!("    {node}: {e}");
+                        ok = false;
+                    }
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Demo {
             command: DemoCommand::Kubeconfig,

@@ -252,6 +252,9 @@ fn evaluate_node(
         if let Some(error) = &report.error {
             problems.push(format!("agent reports: {error}"));
         }
+        if let Some(error) = report.ebpf.as_ref().and_then(|e| e.error.as_ref()) {
+            problems.push(format!("eBPF datapath: {error}"));
+        }
         if !report.ready {
             problems.push("agent not ready".to_string());
         }

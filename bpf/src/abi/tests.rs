@@ -84,3 +84,64 @@ fn flow_event_decodes_and_rejects_wrong_size() {
     assert!(FlowEvent::from_bytes(&b[..55]).is_none());
     assert_eq!(FlowEvent { verdict: 9, ..e }.verdict(), None);
 }
+
+#[test]
+fn config_new_marks_the_entry_set_and_timeouts_are_whole_seconds() {
+    let c = Config::new(7, Mode::Strict, 1, 51820);
+    assert_eq!(c.flags, config_flags::SET);
+    assert_eq!(
+        (c.ct_tcp_timeout_s, c.ct_other_timeout_s),
+        (0, 0),
+        "0 = defaults"
+    );
+    assert_eq!(
+        Config::default().flags,
+        0,
+        "a never-written entry reads as unset"
+    );
+    let t = c.with_ct_timeouts(Duration::from_millis(300), Duration::from_secs(90));
+    assert_eq!((t.ct_tcp_timeout_s, t.ct_other_timeout_s), (1, 90));
+    assert_eq!((t.tunnel_ifindex, t.mode, t.wg_port), (7, 1, 51820));
+}
+
+#[test]
+fn lpm6_keys_round_trip() {
+    let net: Ipv6Net = "fd00:201:9::1/64".parse().expect("net");
+    let k = lpm6_key(net);
+    assert_eq!(k.prefix_len(), 64);
+    assert_eq!(lpm6_net(&k), Some(net.trunc()));
+    let ep = EndpointValue::new(None, Some("fd00::5".parse().expect("v6")));
+    assert_eq!(ep.ip4, [0; 4]);
+    assert_eq!(ep.ip6[15], 5);
+}
+
+#[test]
+fn flow_records_are_told_apart_by_size_and_family() {
+    let v4 = FlowEvent {
+        verdict: 2,
+        ..FlowEvent::default()
+    };
+    let mut v6 = FlowEvent6 {
+        src_ip: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        src_port: 7777u16.to_be_bytes(),
+        verdict: 4,
+        hook: 3,
+        family: 6,
+        ..FlowEvent6::default()
+    };
+    assert_eq!(Flow::from_bytes(&bytes(&v4)), Some(Flow::V4(v4)));
+    let f = Flow::from_bytes(&bytes(&v6));
+    assert_eq!(f, Some(Flow::V6(v6)));
+    assert_eq!(v6.src(), "fd00::1".parse::<Ipv6Addr>().expect("v6"));
+    assert_eq!(
+        (v6.sport(), v6.verdict(), v6.hook()),
+        (
+            7777,
+            Some(Verdict::DroppedPlaintext),
+            Some(Hook::UnderlayIngress)
+        )
+    );
+    v6.family = 4;
+    assert_eq!(Flow::from_bytes(&bytes(&v6)), None, "wrong family");
+    assert_eq!(Flow::from_bytes(&[0u8; 57]), None, "unknown size");
+}

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use wiremesh_policy::{IsolationKey, RuleKey};
 
 use super::MapWriter;
@@ -30,6 +30,10 @@ pub struct FakeMaps {
     pub ipcache: BTreeMap<Ipv4Net, IpcacheValue>,
     /// cidrs4.
     pub cidrs: BTreeMap<Ipv4Net, u32>,
+    /// ipcache6.
+    pub ipcache6: BTreeMap<Ipv6Net, IpcacheValue>,
+    /// cidrs6.
+    pub cidrs6: BTreeMap<Ipv6Net, u32>,
     /// isolated.
     pub isolated: BTreeSet<IsolationKey>,
     /// rules.
@@ -61,6 +65,26 @@ impl MapWriter for FakeMaps {
     }
     fn del_cidr(&mut self, net: Ipv4Net) -> Result<(), Error> {
         self.cidrs.remove(&net);
+        self.writes.push(Write::Del);
+        Ok(())
+    }
+    fn put_ipcache6(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), Error> {
+        self.ipcache6.insert(net, value);
+        self.writes.push(Write::Put);
+        Ok(())
+    }
+    fn del_ipcache6(&mut self, net: Ipv6Net) -> Result<(), Error> {
+        self.ipcache6.remove(&net);
+        self.writes.push(Write::Del);
+        Ok(())
+    }
+    fn put_cidr6(&mut self, net: Ipv6Net, identity: u32) -> Result<(), Error> {
+        self.cidrs6.insert(net, identity);
+        self.writes.push(Write::Put);
+        Ok(())
+    }
+    fn del_cidr6(&mut self, net: Ipv6Net) -> Result<(), Error> {
+        self.cidrs6.remove(&net);
         self.writes.push(Write::Del);
         Ok(())
     }

@@ -200,6 +200,89 @@ impl Topo {
         t
     }
 
+    /// Adds IPv6 beside the IPv4 plan (no DAD, so addresses are usable at once): pod a
+    /// `fd00:201:1::2/64` (gateway `::1` on `host_a`), pod b `fd00:201:2::2/64`, underlay
+    /// `fd00:77::1` <-> `fd00:77::2`, remote pod `fd00:201:9::5` on the peer, routed both ways.
+    pub fn add_ipv6(&self) {
+        let node = self.node.as_str();
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            node,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+        for (ns, host, n) in [
+            (&self.pod_a, &self.host_a, 1),
+            (&self.pod_b, &self.host_b, 2),
+        ] {
+            let (addr, gw) = (format!("fd00:201:{n}::2/64"), format!("fd00:201:{n}::1"));
+            run(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0", "nodad"]);
+            run(&["ip", "-n", ns, "-6", "route", "add", "default", "via", &gw]);
+            let gw_net = format!("{gw}/64");
+            run(&[
+                "ip", "-n", node, "addr", "add", &gw_net, "dev", host, "nodad",
+            ]);
+        }
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "addr",
+            "add",
+            "fd00:77::1/64",
+            "dev",
+            &self.underlay,
+            "nodad",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "-6",
+            "route",
+            "add",
+            "fd00:201:9::/64",
+            "via",
+            "fd00:77::2",
+        ]);
+        let peer = self.peer.as_str();
+        run(&[
+            "ip",
+            "-n",
+            peer,
+            "addr",
+            "add",
+            "fd00:77::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            peer,
+            "addr",
+            "add",
+            "fd00:201:9::5/128",
+            "dev",
+            "lo",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            peer,
+            "-6",
+            "route",
+            "add",
+            "fd00:201::/32",
+            "via",
+            "fd00:77::1",
+        ]);
+    }
+
     /// The per-node pin directory on this test's bpffs.
     pub fn pin_dir(&self) -> PathBuf {
         wiremesh_bpf::node_pin_dir(&self.bpffs.dir, "node-1")

@@ -177,21 +177,7 @@ pub async fn published_key(cluster: &VirtualCluster, node: &str) -> Option<Strin
 
 /// The agent's `/metrics` text, fetched from the host at the node's underlay address.
 pub async fn agent_metrics(cluster: &VirtualCluster, node: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ip: Ipv4Addr = cluster.node(node).expect("node").network.underlay_ip;
-    let mut stream = tokio::net::TcpStream::connect((ip, demo::AGENT_HTTP_PORT))
-        .await
-        .map_err(|e| format!("connect {ip}: {e}"))?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(text)
+    agent_http(cluster, node, "/metrics").await
 }
 
 /// A pod as a traffic end.
@@ -237,4 +223,281 @@ pub fn marker(test: &str) -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!("wiremesh-marker-{test}-{}-{nanos}", std::process::id())
+}
+
+/// The body of `GET <path>` on `node`'s agent HTTP server (from the host, at the node's
+/// underlay address).
+pub async fn agent_http(
+    cluster: &VirtualCluster,
+    node: &str,
+    path: &str,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ip: Ipv4Addr = cluster.node(node).expect("node").network.underlay_ip;
+    let mut stream = tokio::net::TcpStream::connect((ip, demo::AGENT_HTTP_PORT))
+        .await
+        .map_err(|e| format!("connect {ip}: {e}"))?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP body from {ip}{path}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "{ip}{path}: {}",
+            head.lines().next().unwrap_or_default()
+        ));
+    }
+    Ok(body.to_string())
+}
+
+/// The agent's flow table (`GET /flows`).
+pub async fn agent_flows(cluster: &VirtualCluster, node: &str) -> Vec<serde_json::Value> {
+    let body = agent_http(cluster, node, "/flows")
+        .await
+        .unwrap_or_else(|e| panic!("/flows of {node}: {e}"));
+    let json: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/flows of {node}: {e}: {body}"));
+    json["flows"].as_array().cloned().unwrap_or_default()
+}
+
+/// Whether `flows` holds a record from `from` to `to` (pod names) on TCP port `port` (any port
+/// when `None`) with `verdict`.
+pub fn has_flow(
+    flows: &[serde_json::Value],
+    from: &str,
+    to: &str,
+    port: Option<u16>,
+    verdict: &str,
+) -> bool {
+    let pod = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|s| s.split('/').nth(1))
+            .map(str::to_string)
+    };
+    flows.iter().any(|f| {
+        pod(&f["srcPod"]).as_deref() == Some(from)
+            && pod(&f["dstPod"]).as_deref() == Some(to)
+            && port.is_none_or(|p| f["dstPort"].as_u64() == Some(u64::from(p)))
+            && f["verdict"] == verdict
+    })
+}
+
+/// Sets labels on a pod of the cluster's pod namespace.
+pub async fn label_pod(cluster: &VirtualCluster, pod: &str, labels: serde_json::Value) {
+    let p = cluster.pod(pod).expect("pod");
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(cluster.client().clone(), &p.namespace);
+    api.patch(
+        pod,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": labels}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("label pod {pod}: {e}"));
+}
+
+/// Creates a NetworkPolicy in the `default` namespace from its spec.
+pub async fn create_policy(cluster: &VirtualCluster, name: &str, spec: serde_json::Value) {
+    let api: kube::Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        kube::Api::namespaced(cluster.client().clone(), "default");
+    let np = serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }))
+    .expect("NetworkPolicy");
+    api.create(&kube::api::PostParams::default(), &np)
+        .await
+        .unwrap_or_else(|e| panic!("create NetworkPolicy {name}: {e}"));
+}
+
+/// Deletes a NetworkPolicy of the `default` namespace.
+pub async fn delete_policy(cluster: &VirtualCluster, name: &str) {
+    let api: kube::Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        kube::Api::namespaced(cluster.client().clone(), "default");
+    api.delete(name, &kube::api::DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete NetworkPolicy {name}: {e}"));
+}
+
+/// Sets `MeshEncryption default` `spec.mode` (`Permissive` or `Strict`), keeping it enabled.
+pub async fn set_mesh_mode(cluster: &VirtualCluster, mode: &str) {
+    let api: kube::Api<wiremesh_crds::MeshEncryption> = kube::Api::all(cluster.client().clone());
+    api.patch(
+        "default",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"enabled": true, "mode": mode}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("set mode {mode}: {e}"));
+}
+
+/// The PID of `node`'s agent.
+pub fn agent_pid(cluster: &VirtualCluster, node: &str) -> u32 {
+    cluster
+        .node(node)
+        .expect("node")
+        .agent
+        .unwrap_or_else(|| panic!("{node} has no agent"))
+        .pid
+}
+
+/// `kill -9` of `node`'s agent: no drain; the TUN device dies with the process, pinned eBPF
+/// state stays.
+pub fn kill_agent(cluster: &mut VirtualCluster, node: &str) {
+    let pid = agent_pid(cluster, node);
+    cluster
+        .process(pid)
+        .expect("process")
+        .kill()
+        .expect("kill -9");
+}
+
+/// A TCP echo server on `port` in a pod's namespace, serving until dropped.
+pub struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn start(cluster: &VirtualCluster, pod: &str, port: u16) -> Self {
+        use std::io::{Read, Write};
+        let p = cluster.pod(pod).expect("pod");
+        let ip = p.network.ip;
+        let listener = wiremesh_integration::netns::within(&p.network.netns, move || {
+            std::net::TcpListener::bind((ip, port))
+        })
+        .expect("enter pod namespace")
+        .unwrap_or_else(|e| panic!("listen on {ip}:{port}: {e}"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        std::thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                            let mut buf = [0u8; 256];
+                            if let Ok(n) = conn.read(&mut buf) {
+                                let _ = conn.write_all(&buf[..n]);
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP exchange from pod `from` to pod `to` on `port` (an [`EchoServer`] must listen):
+/// connect, send `payload`, read it back, all within `timeout`.
+pub fn tcp_probe(
+    cluster: &VirtualCluster,
+    from: &str,
+    to: &str,
+    port: u16,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let netns = cluster
+        .pod(from)
+        .map_err(|e| e.to_string())?
+        .network
+        .netns
+        .clone();
+    let addr =
+        std::net::SocketAddr::from((cluster.pod(to).map_err(|e| e.to_string())?.network.ip, port));
+    let payload = payload.to_vec();
+    wiremesh_integration::netns::within(&netns, move || -> Result<(), String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.write_all(&payload).map_err(|e| format!("send: {e}"))?;
+        let mut back = vec![0u8; payload.len()];
+        s.read_exact(&mut back).map_err(|e| format!("echo: {e}"))?;
+        if back == payload {
+            Ok(())
+        } else {
+            Err("echo differs".into())
+        }
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// Polls until every `(from, to, port, allowed)` probe gives its expected answer.
+pub async fn expect_reachability(
+    cluster: &VirtualCluster,
+    what: &str,
+    timeout: Duration,
+    probes: &[(&str, &str, u16, bool)],
+) {
+    let started = std::time::Instant::now();
+    eventually(what, timeout, || {
+        let mut wrong = Vec::new();
+        for (from, to, port, allowed) in probes {
+            let got = tokio::task::block_in_place(|| {
+                tcp_probe(
+                    cluster,
+                    from,
+                    to,
+                    *port,
+                    b"probe",
+                    Duration::from_millis(700),
+                )
+            });
+            if got.is_ok() != *allowed {
+                wrong.push(format!(
+                    "{from} -> {to}:{port} expected {}, got {got:?}",
+                    if *allowed { "allowed" } else { "denied" }
+                ));
+            }
+        }
+        if wrong.is_empty() {
+            Ok(())
+        } else {
+            Err(wrong.join("; "))
+        }
+    })
+    .await;
+    eprintln!("{what}: as expected after {:?}", started.elapsed());
+}
+
+/// Polls an async `check` until it holds.
+pub async fn wait_async<F, Fut>(what: &str, timeout: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    wait::until(what, timeout, Duration::from_millis(250), check)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, str::FromStr};
 
 use ipnet::IpNet;
 use k8s_openapi::{
-    api::core::v1::{NodeAddress, NodeSpec, NodeStatus, PodIP, PodSpec, PodStatus},
+    api::core::v1::{PodIP, PodSpec, PodStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use wiremesh_crds::MeshEncryptionSpec;
@@ -27,24 +27,9 @@ fn node(name: &str, ip: &str, cidr: &str, key: Option<&PublicKey>, port: u16) ->
             (ANNOTATION_KEY_GENERATION.to_string(), "1".to_string()),
         ])
     });
-    Arc::new(Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            annotations,
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            pod_cidrs: Some(vec![cidr.into()]),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: ip.into(),
-            }]),
-            ..Default::default()
-        }),
-    })
+    let mut node = Node::clone(&crate::fixtures::node(name, ip, cidr));
+    node.metadata.annotations = annotations;
+    Arc::new(node)
 }
 
 fn pod(node: &str, ip: &str) -> Arc<Pod> {

@@ -43,6 +43,7 @@ fn report_for(me: &Member, all: &[Member], handshake_age: Option<u64>) -> NodeRe
         })
         .collect();
     NodeReport {
+        ebpf: None,
         version: REPORT_VERSION,
         updated_at: NOW - 5,
         interval_secs: 30,
@@ -203,4 +204,30 @@ fn node_without_key_or_report_is_not_converged() {
     assert!(n2.problems.iter().any(|p| p.contains("no status report")));
     // node-1 has no valid peer to expect.
     assert!(status.node("node-1").unwrap().converged());
+}
+
+#[test]
+fn an_ebpf_failure_in_the_report_is_a_problem() {
+    let all = members(2);
+    let mut broken = report_for(&all[0], &all, Some(10));
+    broken.ebpf = Some(mesh_agent::report::EbpfReport {
+        loaded: false,
+        strict: false,
+        attached_programs: 0,
+        error: Some("/sys/fs/bpf/wiremesh/node-1 is not on a bpf filesystem".into()),
+    });
+    let nodes = vec![
+        node(&all[0], Some(&broken)),
+        node(&all[1], Some(&report_for(&all[1], &all, Some(10)))),
+    ];
+    let status = evaluate(&nodes, Some(&enabled()), now());
+    assert!(!status.converged());
+    let n1 = status.node("node-1").unwrap();
+    assert!(
+        n1.problems
+            .iter()
+            .any(|p| p.contains("eBPF datapath") && p.contains("not on a bpf filesystem")),
+        "{:?}",
+        n1.problems
+    );
 }

@@ -1,15 +1,15 @@
 //! apply_policy over the fake: diffs of real compilations land exactly on the new state, puts
 //! before deletes.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
 
 use super::{FakeMaps, Write};
 use crate::{
     abi::{IpcacheValue, ipcache_flags},
-    sync::apply_policy,
+    sync::{apply_policy, apply_policy_dual},
 };
 
 const PODS: &str = r#"
@@ -122,4 +122,51 @@ fn diffs_land_on_the_new_state_with_puts_first() {
     let none = apply_policy(&mut m, &new.diff(&new), place).expect("apply");
     assert_eq!((none.written, none.removed), (0, 0));
     assert!(m.writes.is_empty());
+}
+
+const V6_BLOCK: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p6, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: v6}}
+  ingress:
+  - from: [{ipBlock: {cidr: "fd00:1::/64", except: ["fd00:1::/80"]}}]
+"#;
+
+fn place6(_: Ipv6Addr, id: Identity) -> IpcacheValue {
+    IpcacheValue::new(id.0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL)
+}
+
+#[test]
+fn dual_writes_ipv6_endpoints_and_cidrs_and_removes_them() {
+    let c = compiled(V6_BLOCK);
+    let mut m = FakeMaps::default();
+    let n = apply_policy_dual(&mut m, &c.diff(&Compiled::default()), place, place6).expect("apply");
+    assert_eq!(n.skipped_ipv6, 0);
+    let v6 = Ipv6Net::from("fd00::5".parse::<Ipv6Addr>().expect("v6"));
+    assert_eq!(
+        m.ipcache6.get(&v6),
+        Some(&place6(
+            Ipv6Addr::UNSPECIFIED,
+            c.endpoints[&IpAddr::from(v6.addr())]
+        ))
+    );
+    let v6_cidrs: Vec<_> = c
+        .cidrs
+        .iter()
+        .filter_map(|e| match e.prefix {
+            IpNet::V6(n) => Some((n, e.identity.0)),
+            IpNet::V4(_) => None,
+        })
+        .collect();
+    assert_eq!(v6_cidrs.len(), 2, "the block and its except");
+    assert_eq!(m.cidrs6.clone().into_iter().collect::<Vec<_>>(), v6_cidrs);
+    assert_holds(&m, &c);
+
+    let gone =
+        apply_policy_dual(&mut m, &Compiled::default().diff(&c), place, place6).expect("apply");
+    assert_eq!(gone.skipped_ipv6, 0);
+    assert!(m.ipcache6.is_empty() && m.cidrs6.is_empty() && m.rules.is_empty());
 }

@@ -1,0 +1,234 @@
+//! Issue 5, "Done when" 3: an agent killed with SIGKILL leaves enforcement in place (maps and
+//! links pinned in its bpffs directory): a denied flow stays denied, an allowed one stays
+//! allowed, and strict mode keeps pod traffic off the underlay in plaintext while it is down.
+//! The restarted agent re-adopts the pins (the programs are swapped into the pinned links) and
+//! a probe running through kill, downtime and restart never gets the denied flow through.
+
+#[path = "mesh_support/support.rs"]
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use meshctl::{capture, demo, traffic};
+use serde_json::json;
+use support::*;
+
+/// Probes `from -> to:port` over and over until stopped, counting attempts and successes.
+struct GapProbe {
+    stop: Arc<AtomicBool>,
+    attempts: Arc<AtomicU32>,
+    successes: Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GapProbe {
+    fn start(
+        cluster: &wiremesh_integration::VirtualCluster,
+        from: &str,
+        to: &str,
+        port: u16,
+    ) -> Self {
+        let netns = cluster.pod(from).expect("pod").network.netns.clone();
+        let addr = std::net::SocketAddr::from((cluster.pod(to).expect("pod").network.ip, port));
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(AtomicU32::new(0));
+        let successes = Arc::new(AtomicU32::new(0));
+        let (s, a, ok) = (stop.clone(), attempts.clone(), successes.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let connected = wiremesh_integration::netns::within(&netns, move || {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                })
+                .unwrap_or(false);
+                a.fetch_add(1, Ordering::Relaxed);
+                if connected {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            attempts,
+            successes,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> (u32, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("probe thread");
+        }
+        (
+            self.attempts.load(Ordering::Relaxed),
+            self.successes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_leaves_enforcement_in_place_and_the_restart_re_adopts_it() {
+    if !have_root() {
+        return;
+    }
+    let mut cluster = start_mesh(Shape {
+        nodes: 2,
+        pods_per_node: 3,
+        spare_nodes: 0,
+    })
+    .await;
+    set_mesh_mode(&cluster, "Strict").await;
+    label_pod(&cluster, "pod-2-1", json!({"role": "web"})).await;
+    label_pod(&cluster, "pod-2-2", json!({"role": "client"})).await;
+    label_pod(&cluster, "pod-2-3", json!({"role": "other"})).await;
+    label_pod(&cluster, "pod-1-1", json!({"role": "client"})).await;
+    create_policy(
+        &cluster,
+        "web-from-clients",
+        json!({
+            "podSelector": {"matchLabels": {"role": "web"}},
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                "ports": [{"port": 80}],
+            }],
+        }),
+    )
+    .await;
+    let _servers: Vec<EchoServer> = [("pod-2-1", 80), ("pod-1-1", 80)]
+        .into_iter()
+        .map(|(pod, port)| EchoServer::start(&cluster, pod, port))
+        .collect();
+    let enforced = [
+        ("pod-2-2", "pod-2-1", 80, true),
+        ("pod-2-3", "pod-2-1", 80, false),
+    ];
+    let mut before: Vec<(&str, &str, u16, bool)> = enforced.to_vec();
+    before.push(("pod-1-1", "pod-2-1", 80, true));
+    expect_reachability(
+        &cluster,
+        "policy enforced before the kill",
+        Duration::from_secs(20),
+        &before,
+    )
+    .await;
+
+    let probe = GapProbe::start(&cluster, "pod-2-3", "pod-2-1", 80);
+    kill_agent(&mut cluster, "node-2");
+    // The agent's pin directory, `<bpffs>/wiremesh/<node>` (wiremesh_bpf::node_pin_dir).
+    let links = cluster.bpffs().join("wiremesh/node-2/links");
+    let pins: Vec<String> = std::fs::read_dir(&links)
+        .unwrap_or_else(|e| panic!("{}: {e}", links.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        pins.len() >= 8,
+        "two programs per pod veth and two on the underlay stay pinned: {pins:?}"
+    );
+
+    // Agent down: the pinned programs keep deciding.
+    expect_reachability(
+        &cluster,
+        "policy enforced while the agent is down",
+        Duration::from_secs(10),
+        &enforced,
+    )
+    .await;
+    let description = cluster.description();
+    let underlay = demo::underlay_of(&description).expect("underlay");
+    let marker = marker("restart-strict");
+    let (a, b) = (pod_end(&cluster, "pod-2-1"), pod_end(&cluster, "pod-1-1"));
+    let c = &cluster;
+    let ((tcp, udp), report) = tokio::task::block_in_place(|| {
+        capture::during(
+            &description.bridge,
+            &underlay,
+            marker.as_bytes(),
+            Duration::from_millis(300),
+            || {
+                (
+                    tcp_probe(
+                        c,
+                        "pod-2-1",
+                        "pod-1-1",
+                        80,
+                        marker.as_bytes(),
+                        Duration::from_millis(800),
+                    ),
+                    traffic::udp_echo(&a, &b, marker.as_bytes(), Duration::from_millis(500), 2),
+                )
+            },
+        )
+    })
+    .expect("capture");
+    assert!(
+        tcp.is_err() && udp.is_err(),
+        "no tunnel while the agent is down: nothing gets through"
+    );
+    let plaintext: Vec<&String> = report
+        .violations
+        .iter()
+        .filter(|v| v.starts_with("plaintext pod packet"))
+        .collect();
+    assert!(
+        report.marker_hits == 0
+            && plaintext.is_empty()
+            && report.violation_count == report.violations.len(),
+        "strict drops continue while the agent is down: {}\n{}",
+        report.summary(),
+        report.violations.join("\n")
+    );
+
+    // Restart: the pins are re-adopted and the mesh comes back.
+    demo::start_agent(&mut cluster, "node-2", &agent_binary(), &[]).expect("restart");
+    wait_converged(&cluster).await;
+    let mut after: Vec<(&str, &str, u16, bool)> = enforced.to_vec();
+    after.push(("pod-1-1", "pod-2-1", 80, true));
+    after.push(("pod-2-1", "pod-1-1", 80, true));
+    expect_reachability(
+        &cluster,
+        "policy and tunnel after the restart",
+        Duration::from_secs(30),
+        &after,
+    )
+    .await;
+    let (attempts, successes) = probe.finish();
+    eprintln!("denied-flow probe through kill, downtime and restart: {attempts} attempts");
+    assert!(attempts >= 5, "the probe ran: {attempts} attempts");
+    assert_eq!(
+        successes, 0,
+        "the denied flow got through {successes} of {attempts} times around the restart"
+    );
+    let log = std::fs::read_to_string(
+        cluster
+            .node("node-2")
+            .expect("node")
+            .agent_log
+            .as_ref()
+            .expect("log"),
+    )
+    .expect("agent log");
+    assert!(
+        log.contains("replaced program in pinned link"),
+        "the restarted agent swapped its programs into the pinned links"
+    );
+
+    // The re-adopted maps still follow the API: deleting the policy opens the denied flow.
+    delete_policy(&cluster, "web-from-clients").await;
+    expect_reachability(
+        &cluster,
+        "policy deleted after the restart",
+        Duration::from_secs(15),
+        &[("pod-2-3", "pod-2-1", 80, true)],
+    )
+    .await;
+
+    cluster.teardown().expect("teardown");
+}

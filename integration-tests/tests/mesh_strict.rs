@@ -1,0 +1,186 @@
+//! Issue 5, "Done when" 2 (strict mode): with `MeshEncryption` in Strict mode and the tunnel to
+//! one node removed (its agent stopped, its key withdrawn so the other nodes drop the peer and
+//! its routes), pod traffic to and from that node is dropped, a capture on the underlay bridge
+//! sees none of it in plaintext, and the other nodes still talk through their tunnels. A
+//! negative control switches to Permissive and the same traffic shows up in plaintext.
+
+#[path = "mesh_support/support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use meshctl::{capture, demo, traffic};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
+    if !have_root() {
+        return;
+    }
+    let mut cluster = start_mesh(Shape {
+        nodes: 3,
+        pods_per_node: 1,
+        spare_nodes: 0,
+    })
+    .await;
+    let _servers: Vec<EchoServer> = ["pod-1-1", "pod-2-1", "pod-3-1"]
+        .into_iter()
+        .map(|pod| EchoServer::start(&cluster, pod, 80))
+        .collect();
+    set_mesh_mode(&cluster, "Strict").await;
+    for node in ["node-1", "node-2", "node-3"] {
+        let metrics_of = node.to_string();
+        let c = &cluster;
+        support::wait_async(
+            &format!("{node} in strict mode"),
+            Duration::from_secs(20),
+            || {
+                let node = metrics_of.clone();
+                async move {
+                    let m = agent_metrics(c, &node).await?;
+                    if m.contains("wiremesh_ebpf_strict_mode 1") {
+                        Ok(())
+                    } else {
+                        Err("eBPF config not strict yet".to_string())
+                    }
+                }
+            },
+        )
+        .await;
+    }
+    expect_reachability(
+        &cluster,
+        "strict mode with every tunnel up",
+        Duration::from_secs(15),
+        &[
+            ("pod-1-1", "pod-3-1", 80, true),
+            ("pod-3-1", "pod-1-1", 80, true),
+            ("pod-1-1", "pod-2-1", 80, true),
+        ],
+    )
+    .await;
+
+    // Remove the tunnel to node-3: stop its agent (the TUN goes with it; the pinned programs
+    // stay) and withdraw its key so node-1 and node-2 remove the peer and its routes.
+    let pid = agent_pid(&cluster, "node-3");
+    cluster
+        .stop_process(pid, Duration::from_secs(15))
+        .expect("stop node-3's agent");
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+        kube::Api::all(cluster.client().clone());
+    nodes
+        .patch(
+            "node-3",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                "wiremesh.io/public-key": null, "wiremesh.io/endpoint": null,
+            }}})),
+        )
+        .await
+        .expect("withdraw node-3's key");
+    let node3_cidr = cluster
+        .node("node-3")
+        .expect("node-3")
+        .network
+        .pod_cidr
+        .to_string();
+    for node in ["node-1", "node-2"] {
+        eventually(
+            &format!("{node} drops its tunnel to node-3"),
+            Duration::from_secs(30),
+            || {
+                let peers = wg_peers(&cluster, node)?;
+                let routes = mesh_routes(&cluster, node);
+                if peers.len() == 1 && !routes.contains(&node3_cidr) {
+                    Ok(())
+                } else {
+                    Err(format!("peers {peers:?}, routes {routes:?}"))
+                }
+            },
+        )
+        .await;
+    }
+
+    let description = cluster.description();
+    let underlay = demo::underlay_of(&description).expect("underlay");
+    let marker = marker("strict");
+    let (a1, a3) = (pod_end(&cluster, "pod-1-1"), pod_end(&cluster, "pod-3-1"));
+    let c = &cluster;
+    let ((to3, from3, udp3, ping3, to2, from2), report) = tokio::task::block_in_place(|| {
+        capture::during(
+            &description.bridge,
+            &underlay,
+            marker.as_bytes(),
+            Duration::from_millis(300),
+            || {
+                let short = Duration::from_millis(800);
+                (
+                    tcp_probe(c, "pod-1-1", "pod-3-1", 80, marker.as_bytes(), short),
+                    tcp_probe(c, "pod-3-1", "pod-1-1", 80, marker.as_bytes(), short),
+                    traffic::udp_echo(&a1, &a3, marker.as_bytes(), short, 2),
+                    traffic::ping(&a1, &a3, 2),
+                    tcp_probe(c, "pod-1-1", "pod-2-1", 80, marker.as_bytes(), short * 4),
+                    tcp_probe(c, "pod-2-1", "pod-1-1", 80, marker.as_bytes(), short * 4),
+                )
+            },
+        )
+    })
+    .expect("capture on the underlay bridge");
+    assert!(to3.is_err(), "pod-1-1 -> pod-3-1 must be dropped: {to3:?}");
+    assert!(from3.is_err(), "pod-3-1 -> pod-1-1 must be dropped");
+    assert!(udp3.is_err(), "UDP to pod-3-1 must be dropped");
+    assert!(ping3.is_err(), "ICMP to pod-3-1 must be dropped");
+    to2.expect("node-1 <-> node-2 still works");
+    from2.expect("node-2 <-> node-1 still works");
+    assert!(
+        report.violation_count == 0 && report.marker_hits == 0,
+        "no plaintext pod traffic on the underlay in strict mode: {}\n{}",
+        report.summary(),
+        report.violations.join("\n")
+    );
+    assert!(
+        report.wireguard_data() > 0,
+        "the working pair was encrypted: {}",
+        report.summary()
+    );
+    eprintln!("strict, tunnel to node-3 gone: {}", report.summary());
+    let flows = agent_flows(&cluster, "node-1").await;
+    assert!(
+        has_flow(&flows, "pod-1-1", "pod-3-1", Some(80), "dropped-plaintext"),
+        "node-1 records the strict drop: {flows:#?}"
+    );
+
+    // Negative control: Permissive lets node-1 send it in plaintext (the capture sees it).
+    set_mesh_mode(&cluster, "Permissive").await;
+    let c = &cluster;
+    support::wait_async(
+        "node-1 permissive",
+        Duration::from_secs(20),
+        || async move {
+            let m = agent_metrics(c, "node-1").await?;
+            if m.contains("wiremesh_ebpf_strict_mode 0") {
+                Ok(())
+            } else {
+                Err("still strict".to_string())
+            }
+        },
+    )
+    .await;
+    let (_, plain) = tokio::task::block_in_place(|| {
+        capture::during(
+            &description.bridge,
+            &underlay,
+            marker.as_bytes(),
+            Duration::from_millis(300),
+            || traffic::udp_echo(&a1, &a3, marker.as_bytes(), Duration::from_millis(500), 2),
+        )
+    })
+    .expect("capture");
+    assert!(
+        plain.marker_hits > 0,
+        "permissive mode without a tunnel sends plaintext, which the capture must see: {}",
+        plain.summary()
+    );
+
+    cluster.teardown().expect("teardown");
+}

@@ -1,0 +1,51 @@
+//! Nodes and pods for unit tests.
+
+use std::sync::Arc;
+
+use k8s_openapi::{
+    api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+/// A Node with one InternalIP and one podCIDR.
+pub fn node(name: &str, ip: &str, cidr: &str) -> Arc<Node> {
+    Arc::new(Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidrs: Some(vec![cidr.into()]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: ip.into(),
+            }]),
+            ..Default::default()
+        }),
+    })
+}
+
+/// A running pod `default/<name>` on `node` with one IP and the label `<key>=<value>`.
+pub fn pod(name: &str, node: &str, ip: &str, (key, value): (&str, &str)) -> Arc<Pod> {
+    Arc::new(Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            labels: Some([(key.to_string(), value.to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            pod_ip: Some(ip.into()),
+            ..Default::default()
+        }),
+    })
+}

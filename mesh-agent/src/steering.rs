@@ -1,0 +1,854 @@
+//! The eBPF datapath of the agent: the single writer of this node's pinned maps and links.
+//!
+//! Once `MeshEncryption default` steers traffic, the task loads the programs with their maps
+//! pinned in `<bpffs>/wiremesh/<node>` (reusing the pins of an earlier run, so enforcement never
+//! stops across a restart) and then, on every watch event (debounced 100 ms), every mesh
+//! change and every 2 s:
+//!
+//! 1. compiles Namespaces, Pods and NetworkPolicies with the `wiremesh-policy` compiler (the
+//!    same code as `meshctl policy check`) and writes `Compiled::diff` against what it wrote
+//!    last: additions first, then the ipcache, then removals, so nothing the new state allows
+//!    is missing at any moment; after a (re)load it writes the whole compilation and deletes
+//!    whatever an older run left ([`wiremesh_bpf::Maps::retain_policy`]);
+//! 2. writes the ipcache ([`plan::desired_ipcache`]) as a diff against the pinned map;
+//! 3. writes `wm_config`: the tunnel's current ifindex (a new TUN gets a new one), strict or
+//!    permissive, the host identity and the WireGuard port;
+//! 4. attaches `from_pod`/`to_pod` to the host side of each local pod's veth and the underlay
+//!    programs to the device holding the node's address, and removes the pins of veths that
+//!    are gone.
+//!
+//! A thread reads the flow ring buffer into the [`FlowTable`] served on `/flows`.
+//! When steering is switched off the programs stay attached (NetworkPolicy is still enforced
+//! and flows recorded) but nothing is redirected: the tunnel ifindex is 0, the mode permissive
+//! and no prefix carries `ENCRYPT`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::ObjectReference;
+use tokio::sync::{Notify, watch};
+use wiremesh_bpf::{
+    Config as BpfConfig, Hook, IpcacheValue, Loader, MapWriter, Mode, Retained, node_pin_dir,
+};
+use wiremesh_crds::EncryptionMode;
+use wiremesh_policy::{Compiled, Identity, MapDiff, compile};
+
+use crate::{
+    config::{DEFAULT_LISTEN_PORT, EbpfChoice},
+    drain::Drain,
+    events::NodeEvents,
+    flows::{FlowTable, Names, SharedFlows, SharedNames},
+    metrics::{InvalidObjectLabels, MapLabels, Metrics, ResultLabels, StageLabels, VerdictLabels},
+    reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
+    report::EbpfReport,
+    watch::Caches,
+};
+
+pub mod links;
+pub mod plan;
+
+#[cfg(test)]
+mod tests;
+
+use links::{LinkSnapshot, Links};
+use plan::{ObjectProblem, node_ipv4};
+
+/// Periodic pass: new pod veths and a re-created tunnel are picked up at least this often.
+const PERIOD: Duration = Duration::from_secs(2);
+
+/// Wait after a failed load before trying again.
+const LOAD_RETRY: Duration = Duration::from_secs(5);
+
+/// Why a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    #[error("loading the eBPF datapath from {pin_dir}: {source}")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: wiremesh_bpf::Error,
+    },
+    #[error("eBPF map update: {0}")]
+    Maps(#[source] wiremesh_bpf::Error),
+    #[error("policy model: {0}")]
+    Policy(#[source] wiremesh_policy::ClusterError),
+    #[error("reading interfaces: {0}")]
+    Links(#[source] links::LinksError),
+    #[error("attaching {program} to {iface}: {source}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        #[source]
+        source: wiremesh_bpf::Error,
+    },
+}
+
+/// Settings of the task from the agent's flags.
+#[derive(Debug, Clone)]
+pub struct SteeringSettings {
+    pub node_name: String,
+    pub bpffs: PathBuf,
+    /// The tunnel interface.
+    pub interface: String,
+    pub listen_port: Option<u16>,
+    pub ebpf: EbpfChoice,
+}
+
+/// What the loaded datapath holds, as this process wrote it.
+struct Loaded {
+    loader: Loader,
+    written: Written,
+    attached: BTreeMap<(String, u8), (Hook, u32)>,
+    pins_collected: bool,
+    stop_reader: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The task. See the module docs.
+pub struct Steering {
+    settings: SteeringSettings,
+    caches: Caches,
+    mesh: watch::Receiver<MeshSnapshot>,
+    notify: Arc<Notify>,
+    metrics: Metrics,
+    events: NodeEvents,
+    names: SharedNames,
+    flows: SharedFlows,
+    loaded: Option<Loaded>,
+    reported: BTreeSet<ObjectProblem>,
+    /// Objects the last compilation left out (reported again each pass; Events only once).
+    policy_problems: Vec<ObjectProblem>,
+    load_error: Option<String>,
+    next_load: Option<Instant>,
+    report: watch::Sender<EbpfReport>,
+}
+
+impl Steering {
+    /// Wires the task; `flows` is shared with the HTTP server.
+    pub fn new(
+        settings: SteeringSettings,
+        client: kube::Client,
+        caches: Caches,
+        mesh: watch::Receiver<MeshSnapshot>,
+        notify: Arc<Notify>,
+        metrics: Metrics,
+        flows: SharedFlows,
+    ) -> Self {
+        Self {
+            events: NodeEvents::new(client, &settings.node_name),
+            settings,
+            caches,
+            mesh,
+            notify,
+            metrics,
+            names: SharedNames::default(),
+            flows,
+            loaded: None,
+            reported: BTreeSet::new(),
+            policy_problems: Vec::new(),
+            load_error: None,
+            next_load: None,
+            report: watch::channel(EbpfReport::default()).0,
+        }
+    }
+
+    /// The datapath's state for the status report, updated after every pass.
+    pub fn report(&self) -> watch::Receiver<EbpfReport> {
+        self.report.subscribe()
+    }
+
+    /// A flow table of `capacity` flows for [`Steering::new`] and the HTTP server.
+    pub fn flow_table(capacity: usize) -> SharedFlows {
+        Arc::new(std::sync::Mutex::new(FlowTable::new(capacity)))
+    }
+
+    /// Runs passes until the drain starts. The maps and links stay pinned afterwards.
+    pub async fn run(mut self, mut drain: Drain) {
+        if self.settings.ebpf == EbpfChoice::Off {
+            tracing::info!("eBPF datapath off (--ebpf off): no steering, policy or flows");
+            drain.signaled().await;
+            return;
+        }
+        // The mesh's first pass (after the Node, Pod and MeshEncryption caches synced) decides
+        // which tunnels exist; steering before it would clear every ENCRYPT flag an earlier run
+        // left in the pinned ipcache. (Only the reconciler waits on those caches' readiness:
+        // kube's store readiness loses wake-ups with several concurrent waiters.)
+        tokio::select! {
+            () = self.caches.wait_policy_synced() => {}
+            () = drain.signaled() => return,
+        }
+        tokio::select! {
+            _ = self.mesh.wait_for(|s| s.reconciled) => {}
+            () = drain.signaled() => return,
+        }
+        let links = match Links::new() {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::error!(%error, "eBPF steering cannot read interfaces; not started");
+                self.metrics
+                    .ebpf_errors
+                    .get_or_create(&StageLabels { stage: "netlink" })
+                    .inc();
+                drain.signaled().await;
+                return;
+            }
+        };
+        // Whether the API objects or the mesh changed since the last successful pass; periodic
+        // passes without a change only look at interfaces and the tunnel (no recompile).
+        let mut dirty = true;
+        loop {
+            let started = Instant::now();
+            let result = self.pass(&links, dirty).await;
+            let error = result.as_ref().err().map(|e| format!("{e:#}"));
+            self.report.send_if_modified(|r| {
+                let next = EbpfReport {
+                    loaded: self.loaded.is_some(),
+                    strict: self.metrics.ebpf_strict.get() == 1,
+                    attached_programs: self
+                        .loaded
+                        .as_ref()
+                        .map_or(0, |l| u32::try_from(l.attached.len()).unwrap_or(u32::MAX)),
+                    error,
+                };
+                let changed = *r != next;
+                *r = next;
+                changed
+            });
+            match result {
+                Ok(()) => {
+                    dirty = false;
+                    self.metrics
+                        .steering_passes
+                        .get_or_create(&ResultLabels { result: "ok" })
+                        .inc();
+                }
+                Err(error) => {
+                    self.metrics
+                        .steering_passes
+                        .get_or_create(&ResultLabels { result: "error" })
+                        .inc();
+                    tracing::warn!(error = %error, "eBPF steering pass failed; retrying");
+                }
+            }
+            self.metrics
+                .steering_duration
+                .observe(started.elapsed().as_secs_f64());
+            tokio::select! {
+                () = self.notify.notified() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    dirty = true;
+                }
+                _ = self.mesh.changed() => dirty = true,
+                () = tokio::time::sleep(PERIOD) => {}
+                () = drain.signaled() => break,
+            }
+        }
+        if let Some(mut loaded) = self.loaded.take() {
+            loaded.stop_reader.store(true, Ordering::Relaxed);
+            if let Some(reader) = loaded.reader.take() {
+                let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+            }
+            tracing::info!(
+                pin_dir = %loaded.loader.pin_dir().display(),
+                "stopping; eBPF programs and maps stay pinned and keep enforcing"
+            );
+        }
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        node_pin_dir(&self.settings.bpffs, &self.settings.node_name)
+    }
+
+    async fn load(&mut self) -> Result<(), SteeringError> {
+        let pin_dir = self.pin_dir();
+        let mut loader = match Loader::load(&pin_dir) {
+            Ok(l) => l,
+            Err(source) => {
+                let error = SteeringError::Load { pin_dir, source };
+                self.metrics
+                    .ebpf_errors
+                    .get_or_create(&StageLabels { stage: "load" })
+                    .inc();
+                let message = format!("{error:#}");
+                if self.load_error.as_deref() != Some(message.as_str()) {
+                    self.load_error = Some(message.clone());
+                    self.warn_own_node("EbpfUnavailable", &message).await;
+                }
+                self.next_load = Some(Instant::now() + LOAD_RETRY);
+                return Err(error);
+            }
+        };
+        self.load_error = None;
+        let ipcache: BTreeMap<Ipv4Net, IpcacheValue> = loader
+            .maps_ref()
+            .ipcache_entries()
+            .map_err(SteeringError::Maps)?
+            .into_iter()
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = loader
+            .take_flow_reader()
+            .map(|r| self.spawn_reader(r, stop.clone()));
+        tracing::info!(
+            pin_dir = %loader.pin_dir().display(),
+            restored_ipcache = ipcache.len(),
+            "eBPF datapath loaded (pinned state reused)"
+        );
+        self.metrics.ebpf_loaded.set(1);
+        self.loaded = Some(Loaded {
+            loader,
+            written: Written {
+                ipcache,
+                policy: None,
+            },
+            attached: BTreeMap::new(),
+            pins_collected: false,
+            stop_reader: stop,
+            reader,
+        });
+        Ok(())
+    }
+
+    fn spawn_reader(
+        &self,
+        mut reader: wiremesh_bpf::FlowReader,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        let names = self.names.clone();
+        let flows = self.flows.clone();
+        let metrics = self.metrics.clone();
+        std::thread::Builder::new()
+            .name("flow-reader".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let events = match reader.read(Duration::from_millis(200)) {
+                        Ok(events) => events,
+                        Err(error) => {
+                            tracing::warn!(%error, "reading flow records");
+                            std::thread::sleep(Duration::from_secs(1));
+                            continue;
+                        }
+                    };
+                    if events.is_empty() {
+                        continue;
+                    }
+                    let names = names.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    let (ingested, len) = {
+                        let mut table = flows.lock().unwrap_or_else(|e| e.into_inner());
+                        (table.ingest(&events, &names), table.len())
+                    };
+                    for (verdict, n) in ingested.new_flows {
+                        metrics
+                            .flows
+                            .get_or_create(&VerdictLabels { verdict })
+                            .inc_by(n);
+                    }
+                    for (verdict, n) in ingested.packets {
+                        metrics
+                            .flow_packets
+                            .get_or_create(&VerdictLabels { verdict })
+                            .inc_by(n);
+                    }
+                    metrics.flows_evicted.inc_by(ingested.evicted);
+                    metrics.flow_table_flows.set(len as i64);
+                }
+            })
+            .unwrap_or_else(|e| panic!("spawn the flow reader thread: {e}"))
+    }
+
+    async fn warn_own_node(&self, reason: &str, message: &str) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.settings.node_name.clone()),
+            uid: self
+                .caches
+                .nodes
+                .state()
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(self.settings.node_name.as_str()))
+                .and_then(|n| n.metadata.uid.clone()),
+            ..ObjectReference::default()
+        };
+        self.publish(&reference, reason, message, "LoadDatapath")
+            .await;
+    }
+
+    async fn publish(&self, reference: &ObjectReference, reason: &str, note: &str, action: &str) {
+        match tokio::time::timeout(
+            API_WRITE_TIMEOUT,
+            self.events.warn(reference, reason, note, action),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, reason, "could not record Event"),
+            Err(_) => tracing::warn!(reason, "recording the Event timed out"),
+        }
+    }
+
+    async fn report_problems(&mut self, problems: Vec<ObjectProblem>) {
+        let current: BTreeSet<ObjectProblem> = problems.into_iter().collect();
+        let fresh: Vec<ObjectProblem> = current.difference(&self.reported).cloned().collect();
+        self.reported = current;
+        for p in fresh {
+            tracing::warn!(
+                kind = p.kind,
+                namespace = p.namespace.as_deref().unwrap_or(""),
+                name = %p.name,
+                reason = p.reason,
+                message = %p.message,
+                "object the eBPF datapath cannot fully serve"
+            );
+            self.metrics
+                .invalid_objects
+                .get_or_create(&InvalidObjectLabels {
+                    kind: p.kind,
+                    reason: p.reason,
+                })
+                .inc();
+            let api_version = if p.kind == "NetworkPolicy" {
+                "networking.k8s.io/v1"
+            } else {
+                "v1"
+            };
+            let reference = ObjectReference {
+                api_version: Some(api_version.into()),
+                kind: Some(p.kind.into()),
+                namespace: p.namespace.clone(),
+                name: Some(p.name.clone()),
+                uid: p.uid.clone(),
+                ..ObjectReference::default()
+            };
+            self.publish(&reference, p.reason, &p.message, "SkipObject")
+                .await;
+        }
+    }
+
+    async fn pass(&mut self, links: &Links, dirty: bool) -> Result<(), SteeringError> {
+        let me = self.caches.mesh_encryption();
+        let steering = me.as_ref().is_some_and(|m| m.spec.steers_traffic());
+        if self.loaded.is_none() {
+            if !steering {
+                return Ok(());
+            }
+            if self.next_load.is_some_and(|t| Instant::now() < t) {
+                return Ok(());
+            }
+            self.load().await?;
+        }
+        let strict = steering
+            && me
+                .as_ref()
+                .is_some_and(|m| m.spec.mode == EncryptionMode::Strict);
+        let listen_port = self
+            .settings
+            .listen_port
+            .or(me.as_ref().map(|m| m.spec.listen_port))
+            .filter(|p| *p != 0)
+            .unwrap_or(DEFAULT_LISTEN_PORT);
+        let snapshot = self.mesh.borrow().clone();
+        let encrypted: BTreeSet<String> = if steering && snapshot.enabled {
+            snapshot.configured.iter().map(|(n, _)| n.clone()).collect()
+        } else {
+            BTreeSet::new()
+        };
+
+        let nodes = self.caches.nodes.state();
+        let pods = self.caches.pods.state();
+        let namespaces = self.caches.namespaces.state();
+        let policies = self.caches.policies.state();
+
+        // Policy, ipcache and names only when something changed (or after a load).
+        let recompile = dirty
+            || self
+                .loaded
+                .as_ref()
+                .is_none_or(|l| l.written.policy.is_none());
+        let mut policy_started = None;
+        let mut desired = None;
+        if recompile {
+            *self.names.write().unwrap_or_else(|e| e.into_inner()) = flow_names(&nodes, &pods);
+            policy_started = Some(Instant::now());
+            let (cluster, problems) = plan::policy_cluster(&namespaces, &pods, &policies)
+                .map_err(SteeringError::Policy)?;
+            self.policy_problems = problems;
+            let compiled = compile(&cluster);
+            let ipcache = plan::desired_ipcache(
+                &self.settings.node_name,
+                &nodes,
+                &pods,
+                &compiled.endpoints,
+                &encrypted,
+            );
+            desired = Some((compiled, ipcache));
+        }
+
+        let snap = links.snapshot().await.map_err(SteeringError::Links)?;
+        let tunnel = snap
+            .names
+            .iter()
+            .find(|(_, n)| **n == self.settings.interface)
+            .map(|(i, _)| *i);
+        let own_ip = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.settings.node_name.as_str()))
+            .and_then(|n| node_ipv4(n));
+        let config = BpfConfig::new(
+            if steering { tunnel.unwrap_or(0) } else { 0 },
+            if strict {
+                Mode::Strict
+            } else {
+                Mode::Permissive
+            },
+            Identity::HOST.0,
+            listen_port,
+        );
+
+        let Some(loaded) = self.loaded.as_mut() else {
+            return Ok(());
+        };
+        if let Some((compiled, ipcache)) = &desired
+            && write_all(loaded, compiled, ipcache, &self.metrics)?
+            && let Some(started) = policy_started
+        {
+            self.metrics
+                .policy_apply_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        let maps = loaded.loader.maps();
+        if maps.config().ok() != Some(config) {
+            maps.set_config(&config).map_err(SteeringError::Maps)?;
+            tracing::info!(
+                tunnel_ifindex = config.tunnel_ifindex,
+                strict,
+                wg_port = listen_port,
+                "eBPF config written"
+            );
+        }
+        self.metrics.ebpf_strict.set(i64::from(strict));
+        let placed = placement(&snap, own_ip, tunnel, &self.settings.node_name, &pods);
+        let attach = attach_all(loaded, &placed.wanted);
+        self.metrics
+            .bpf_attached_programs
+            .set(loaded.attached.len() as i64);
+        let mtu_problems = placed.mtu_problems.len();
+        if let Ok(lost) = loaded.loader.maps_ref().events_lost() {
+            self.metrics.flow_events_lost.set(lost as i64);
+        }
+        match loaded.loader.maps_ref().flow_backlog() {
+            Ok(backlog) => self
+                .flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_backlog(&backlog),
+            Err(error) => tracing::debug!(%error, "reading the flow backlog"),
+        }
+        self.metrics.pods_mtu_above_tunnel.set(mtu_problems as i64);
+        let mut problems = self.policy_problems.clone();
+        problems.extend(placed.mtu_problems);
+        self.report_problems(problems).await;
+        attach
+    }
+}
+
+/// Pod and node names by address, for flow records.
+fn flow_names(
+    nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
+    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+) -> Names {
+    let mut names = Names::default();
+    for n in nodes {
+        if let (Some(name), Some(ip)) = (n.metadata.name.clone(), node_ipv4(n)) {
+            names.nodes.insert(ip, name);
+        }
+    }
+    for p in pods {
+        for ip in crate::views::pod_network_ips(p) {
+            if let IpAddr::V4(a) = ip {
+                names.pods.insert(
+                    a,
+                    format!(
+                        "{}/{}",
+                        p.metadata.namespace.as_deref().unwrap_or("default"),
+                        p.metadata.name.as_deref().unwrap_or("")
+                    ),
+                );
+            }
+        }
+    }
+    names
+}
+
+/// The map writes of a pass: [`MapWriter`] plus the garbage collection after a (re)load.
+/// Implemented by the pinned maps; unit tests use `FakeMaps`.
+pub trait PolicyMaps: MapWriter {
+    /// Deletes every policy entry `keep` lacks ([`wiremesh_bpf::Maps::retain_policy`]).
+    fn retain_policy(&mut self, keep: &Compiled) -> Result<Retained, wiremesh_bpf::Error>;
+}
+
+impl PolicyMaps for wiremesh_bpf::Maps {
+    fn retain_policy(&mut self, keep: &Compiled) -> Result<Retained, wiremesh_bpf::Error> {
+        wiremesh_bpf::Maps::retain_policy(self, keep)
+    }
+}
+
+/// What this process wrote to the maps.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// The ipcache (read back from the pinned map at load).
+    pub ipcache: BTreeMap<Ipv4Net, IpcacheValue>,
+    /// The last compilation; `None` right after a load (the pins hold an unknown one).
+    pub policy: Option<Compiled>,
+}
+
+/// Writes the policy maps and the ipcache: every put (policy additions, then ipcache) before
+/// every delete (ipcache, then policy removals), so no entry the new state needs is missing at
+/// any moment; after a load the whole compilation is written and the leftovers of the pinned
+/// state are deleted. Returns whether anything changed.
+pub fn write_policy<M: PolicyMaps>(
+    maps: &mut M,
+    written: &mut Written,
+    compiled: &Compiled,
+    ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
+) -> Result<bool, wiremesh_bpf::Error> {
+    let empty = Compiled::default();
+    let restored = written.policy.is_none();
+    let diff = compiled.diff(written.policy.as_ref().unwrap_or(&empty));
+    let adds = MapDiff {
+        cidrs_upsert: diff.cidrs_upsert,
+        isolated_add: diff.isolated_add,
+        rules_add: diff.rules_add,
+        ..MapDiff::default()
+    };
+    let removes = MapDiff {
+        cidrs_remove: diff.cidrs_remove,
+        isolated_remove: diff.isolated_remove,
+        rules_remove: diff.rules_remove,
+        ..MapDiff::default()
+    };
+    let unused = |_: Ipv4Addr, _: Identity| IpcacheValue::default();
+    let mut changed = false;
+    if !adds.is_empty() {
+        wiremesh_bpf::apply_policy(maps, &adds, unused)?;
+        changed = true;
+    }
+    for (net, value) in ipcache {
+        if written.ipcache.get(net) != Some(value) {
+            maps.put_ipcache(*net, *value)?;
+            written.ipcache.insert(*net, *value);
+            changed = true;
+        }
+    }
+    let stale: Vec<Ipv4Net> = written
+        .ipcache
+        .keys()
+        .filter(|n| !ipcache.contains_key(n))
+        .copied()
+        .collect();
+    for net in stale {
+        maps.del_ipcache(net)?;
+        written.ipcache.remove(&net);
+        changed = true;
+    }
+    if !removes.is_empty() {
+        wiremesh_bpf::apply_policy(maps, &removes, unused)?;
+        changed = true;
+    }
+    if restored {
+        let gone = maps.retain_policy(compiled)?;
+        if gone.total() > 0 {
+            tracing::info!(
+                isolated = gone.isolated,
+                rules = gone.rules,
+                cidrs = gone.cidrs,
+                "deleted policy entries an earlier run left behind"
+            );
+            changed = true;
+        }
+    }
+    written.policy = Some(compiled.clone());
+    Ok(changed)
+}
+
+fn write_all(
+    loaded: &mut Loaded,
+    compiled: &Compiled,
+    ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
+    metrics: &Metrics,
+) -> Result<bool, SteeringError> {
+    let result = write_policy(loaded.loader.maps(), &mut loaded.written, compiled, ipcache);
+    let label = ResultLabels {
+        result: if result.is_ok() { "ok" } else { "error" },
+    };
+    if !matches!(result, Ok(false)) {
+        metrics.policy_updates.get_or_create(&label).inc();
+    }
+    let changed = result.map_err(SteeringError::Maps)?;
+    if changed {
+        tracing::info!(
+            isolated = compiled.isolated.len(),
+            rules = compiled.rules.len(),
+            cidrs = compiled.cidrs.len(),
+            ipcache = ipcache.len(),
+            "eBPF policy maps and ipcache updated"
+        );
+    }
+    for (map, n) in [
+        ("isolated", compiled.isolated.len()),
+        ("rules", compiled.rules.len()),
+        ("cidrs", compiled.cidrs.len()),
+        ("ipcache", ipcache.len()),
+    ] {
+        metrics
+            .map_entries
+            .get_or_create(&MapLabels { map })
+            .set(n as i64);
+    }
+    Ok(changed)
+}
+
+/// Where the programs go according to one link snapshot, and the local pods whose veth MTU
+/// exceeds the tunnel's (the redirect into the tunnel skips the routing stack, so nothing would
+/// tell such a pod to send smaller packets: its large packets are lost).
+#[derive(Debug, Default)]
+pub struct Placement {
+    /// (interface, hook) -> (hook, ifindex).
+    pub wanted: BTreeMap<(String, u8), (Hook, u32)>,
+    pub mtu_problems: Vec<ObjectProblem>,
+}
+
+/// See [`Placement`].
+pub fn placement(
+    snap: &LinkSnapshot,
+    own_ip: Option<Ipv4Addr>,
+    tunnel: Option<u32>,
+    own_node: &str,
+    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+) -> Placement {
+    let mut out = Placement::default();
+    let underlay = own_ip.and_then(|ip| snap.address_iface(ip));
+    if let Some((index, name)) = underlay {
+        for hook in [Hook::UnderlayIngress, Hook::UnderlayEgress] {
+            out.wanted
+                .insert((name.to_string(), hook as u8), (hook, index));
+        }
+    }
+    let tunnel_mtu = tunnel.and_then(|i| snap.mtus.get(&i)).copied();
+    let exclude: Vec<u32> = tunnel.into_iter().chain(underlay.map(|(i, _)| i)).collect();
+    for pod in pods {
+        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(own_node) {
+            continue;
+        }
+        for ip in crate::views::pod_network_ips(pod) {
+            let IpAddr::V4(ip) = ip else { continue };
+            let Some((index, name)) = snap.route_iface(ip, &exclude) else {
+                continue;
+            };
+            for hook in [Hook::FromPod, Hook::ToPod] {
+                out.wanted
+                    .insert((name.to_string(), hook as u8), (hook, index));
+            }
+            if let (Some(mtu), Some(tunnel_mtu)) = (snap.mtus.get(&index), tunnel_mtu)
+                && *mtu > tunnel_mtu
+            {
+                out.mtu_problems.push(ObjectProblem {
+                    kind: "Pod",
+                    namespace: pod.metadata.namespace.clone(),
+                    name: pod.metadata.name.clone().unwrap_or_default(),
+                    uid: pod.metadata.uid.clone(),
+                    reason: "PodMTUAboveTunnelMTU",
+                    message: format!(
+                        "the pod's veth {name} has MTU {mtu}, the tunnel {tunnel_mtu}: packets \
+                         larger than {tunnel_mtu} bytes to other nodes are lost; configure the \
+                         CNI with MTU {tunnel_mtu}"
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Attaches the programs where they belong and detaches them where they no longer do. Every
+/// interface is tried; the first failure is returned.
+fn attach_all(
+    loaded: &mut Loaded,
+    wanted: &BTreeMap<(String, u8), (Hook, u32)>,
+) -> Result<(), SteeringError> {
+    let mut first_error = None;
+    for (key, (hook, index)) in wanted {
+        if loaded.attached.get(key) == Some(&(*hook, *index)) {
+            continue;
+        }
+        match loaded.loader.attach(&key.0, *hook) {
+            Ok(how) => {
+                tracing::info!(iface = %key.0, program = hook.program(), ?how, "program attached");
+                loaded.attached.insert(key.clone(), (*hook, *index));
+            }
+            Err(source) => {
+                tracing::warn!(iface = %key.0, program = hook.program(), error = %source, "attach failed");
+                first_error.get_or_insert(SteeringError::Attach {
+                    program: hook.program(),
+                    iface: key.0.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    let stale: Vec<(String, u8)> = loaded
+        .attached
+        .keys()
+        .filter(|k| !wanted.contains_key(*k))
+        .cloned()
+        .collect();
+    for key in stale {
+        if let Some((hook, _)) = loaded.attached.remove(&key) {
+            if let Err(error) = loaded.loader.detach(&key.0, hook) {
+                tracing::warn!(iface = %key.0, program = hook.program(), %error, "detach failed");
+            } else {
+                tracing::info!(iface = %key.0, program = hook.program(), "program detached");
+            }
+        }
+    }
+    // Pins an earlier run left for interfaces that are gone now.
+    if !loaded.pins_collected && first_error.is_none() {
+        loaded.pins_collected = true;
+        collect_stale_pins(loaded, wanted);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn collect_stale_pins(loaded: &mut Loaded, wanted: &BTreeMap<(String, u8), (Hook, u32)>) {
+    let dir = loaded.loader.pin_dir().join("links");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let found = Hook::ALL.into_iter().find_map(|h| {
+            name.strip_prefix(&format!("{}-", h.program()))
+                .map(|iface| (h, iface.to_string()))
+        });
+        let Some((hook, iface)) = found else { continue };
+        if wanted.contains_key(&(iface.clone(), hook as u8)) {
+            continue;
+        }
+        match loaded.loader.detach(&iface, hook) {
+            Ok(()) => tracing::info!(iface, program = hook.program(), "removed stale pinned link"),
+            Err(error) => tracing::warn!(iface, %error, "removing stale pinned link"),
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Finding the interfaces the programs go on, in the node's network namespace: the host side of
+//! each local pod's veth (the interface of the most specific IPv4 route to the pod's address,
+//! as a ptp-style CNI installs it) and the underlay device (the one holding the node's address).
+//! One rtnetlink dump of links, addresses and routes per pass.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use futures::TryStreamExt;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkMessage},
+        route::{RouteAddress, RouteAttribute, RouteType},
+    },
+};
+use tokio::task::AbortHandle;
+
+/// A netlink failure while reading the namespace's interfaces.
+#[derive(Debug, thiserror::Error)]
+pub enum LinksError {
+    #[error("open rtnetlink: {0}")]
+    Connection(#[source] std::io::Error),
+    #[error("{what}: {source}")]
+    Dump {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// Interfaces, addresses and IPv4 routes of the namespace at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct LinkSnapshot {
+    /// ifindex -> name.
+    pub names: BTreeMap<u32, String>,
+    /// ifindex -> MTU.
+    pub mtus: BTreeMap<u32, u32>,
+    /// IPv4 address -> ifindex holding it.
+    pub addresses: BTreeMap<Ipv4Addr, u32>,
+    /// Unicast IPv4 routes with an output interface: (destination, prefix length, oif).
+    pub routes: Vec<(Ipv4Addr, u8, u32)>,
+}
+
+impl LinkSnapshot {
+    /// The interface of the most specific unicast route covering `ip`, unless it is `exclude`
+    /// (the tunnel) or the device holding the node's own address.
+    pub fn route_iface(&self, ip: Ipv4Addr, exclude: &[u32]) -> Option<(u32, &str)> {
+        let mut best: Option<(u8, u32)> = None;
+        for (dst, len, oif) in &self.routes {
+            let Ok(net) = ipnet::Ipv4Net::new(*dst, *len) else {
+                continue;
+            };
+            if net.contains(&ip) && best.is_none_or(|(l, _)| *len > l) {
+                best = Some((*len, *oif));
+            }
+        }
+        let (_, oif) = best?;
+        if exclude.contains(&oif) {
+            return None;
+        }
+        self.names.get(&oif).map(|n| (oif, n.as_str()))
+    }
+
+    /// The interface holding `ip`.
+    pub fn address_iface(&self, ip: Ipv4Addr) -> Option<(u32, &str)> {
+        let index = *self.addresses.get(&ip)?;
+        self.names.get(&index).map(|n| (index, n.as_str()))
+    }
+}
+
+/// An rtnetlink connection in the namespace of the thread that opened it.
+#[derive(Debug)]
+pub struct Links {
+    handle: Handle,
+    connection: AbortHandle,
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+fn link_name(link: &LinkMessage) -> Option<String> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+impl Links {
+    /// Opens the connection on the current tokio runtime.
+    pub fn new() -> Result<Self, LinksError> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(LinksError::Connection)?;
+        let connection = tokio::spawn(connection).abort_handle();
+        Ok(Self { handle, connection })
+    }
+
+    /// Dumps links, IPv4 addresses and IPv4 unicast routes.
+    pub async fn snapshot(&self) -> Result<LinkSnapshot, LinksError> {
+        let mut out = LinkSnapshot::default();
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| LinksError::Dump {
+                what: "list links",
+                source,
+            })?;
+        for link in &links {
+            if let Some(name) = link_name(link) {
+                out.names.insert(link.header.index, name);
+            }
+            if let Some(mtu) = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            }) {
+                out.mtus.insert(link.header.index, mtu);
+            }
+        }
+        let addresses: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| LinksError::Dump {
+                what: "list addresses",
+                source,
+            })?;
+        for a in &addresses {
+            for attr in &a.attributes {
+                if let AddressAttribute::Address(std::net::IpAddr::V4(ip))
+                | AddressAttribute::Local(std::net::IpAddr::V4(ip)) = attr
+                {
+                    out.addresses.insert(*ip, a.header.index);
+                }
+            }
+        }
+        let routes: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| LinksError::Dump {
+                what: "list IPv4 routes",
+                source,
+            })?;
+        for r in &routes {
+            if r.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let mut dst = Ipv4Addr::UNSPECIFIED;
+            let mut oif = None;
+            for attr in &r.attributes {
+                match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if let Some(oif) = oif {
+                out.routes
+                    .push((dst, r.header.destination_prefix_length, oif));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_specific_route_names_the_pod_veth() {
+        let snap = LinkSnapshot {
+            names: BTreeMap::from([(2, "eth0".into()), (5, "veth1".into()), (9, "wm0".into())]),
+            mtus: BTreeMap::new(),
+            addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 11), 2)]),
+            routes: vec![
+                (Ipv4Addr::UNSPECIFIED, 0, 2),
+                (Ipv4Addr::new(10, 244, 1, 0), 24, 2),
+                (Ipv4Addr::new(10, 244, 1, 11), 32, 5),
+                (Ipv4Addr::new(10, 244, 2, 0), 24, 9),
+            ],
+        };
+        assert_eq!(
+            snap.route_iface(Ipv4Addr::new(10, 244, 1, 11), &[9]),
+            Some((5, "veth1"))
+        );
+        // A pod without its own route (not wired yet) falls to the broader one, which is
+        // excluded when it is the tunnel.
+        assert_eq!(snap.route_iface(Ipv4Addr::new(10, 244, 2, 7), &[9]), None);
+        assert_eq!(
+            snap.address_iface(Ipv4Addr::new(10, 213, 0, 11)),
+            Some((2, "eth0"))
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! What the eBPF maps should hold, from the cached API objects. Pure: unit-tested without a
+//! kernel or a cluster.
+//!
+//! - The ipcache: every Node's IPv4 podCIDRs (this node's `LOCAL`, others' `REMOTE_POD`, plus
+//!   `ENCRYPT` while the tunnel to that node is configured) and one /32 per pod IP carrying the
+//!   pod's identity and the same node fields. A remote podCIDR stays `REMOTE_POD` when its
+//!   tunnel is gone, so in strict mode the programs keep treating it as pod traffic and drop it.
+//! - The policy model: Namespaces, Pods (labels, named ports, pod-network IPv4) and
+//!   NetworkPolicies for the `wiremesh-policy` compiler; objects it cannot use are reported as
+//!   [`ObjectProblem`]s and left out (a pod keeps its identity without its bad ports).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
+use wiremesh_bpf::{IpcacheValue, ipcache_flags};
+use wiremesh_policy::{Cluster, ClusterError, Identity, Policy};
+
+use crate::views::{node_addresses, node_pod_cidrs, pod_network_ips};
+
+/// A cached object the agent could not use, for an Event and a metric.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectProblem {
+    /// `NetworkPolicy`, `Pod` or `Namespace`.
+    pub kind: &'static str,
+    /// Namespace of a namespaced object.
+    pub namespace: Option<String>,
+    pub name: String,
+    pub uid: Option<String>,
+    /// CamelCase Event reason.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The underlay IPv4 of a Node (first InternalIP/ExternalIP that is IPv4).
+pub fn node_ipv4(node: &Node) -> Option<Ipv4Addr> {
+    node_addresses(node).into_iter().find_map(|ip| match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// A stable number for a node (FNV-1a of its name, never 0 which means "this node / none").
+pub fn node_id(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+fn pod_node(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+}
+
+fn pod_ipv4(pod: &Pod) -> Option<Ipv4Addr> {
+    pod_network_ips(pod).into_iter().find_map(|ip| match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// The whole ipcache. `encrypted` names the nodes whose tunnel is configured (empty when the
+/// mesh does not steer traffic); `endpoints` are the compiler's pod identities.
+pub fn desired_ipcache(
+    own_node: &str,
+    nodes: &[Arc<Node>],
+    pods: &[Arc<Pod>],
+    endpoints: &BTreeMap<IpAddr, Identity>,
+    encrypted: &BTreeSet<String>,
+) -> BTreeMap<Ipv4Net, IpcacheValue> {
+    let place: BTreeMap<&str, (u32, Ipv4Addr, u8)> = nodes
+        .iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.as_deref()?;
+            let ip = node_ipv4(n).unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let (id, flags) = if name == own_node {
+                (0, ipcache_flags::LOCAL)
+            } else if encrypted.contains(name) {
+                (
+                    node_id(name),
+                    ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
+                )
+            } else {
+                (node_id(name), ipcache_flags::REMOTE_POD)
+            };
+            Some((name, (id, ip, flags)))
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for n in nodes {
+        let Some((id, ip, flags)) = n.metadata.name.as_deref().and_then(|m| place.get(m)) else {
+            continue;
+        };
+        for cidr in node_pod_cidrs(n) {
+            if let IpNet::V4(net) = cidr {
+                out.insert(net, IpcacheValue::new(0, *id, *ip, *flags));
+            }
+        }
+    }
+    for pod in pods {
+        let Some(ip) = pod_ipv4(pod) else { continue };
+        // A pod whose node is unknown is still a pod: strict mode must not let it leak.
+        let (id, node_ip, flags) = pod_node(pod)
+            .and_then(|n| place.get(n).copied())
+            .unwrap_or((0, Ipv4Addr::UNSPECIFIED, ipcache_flags::REMOTE_POD));
+        let identity = endpoints
+            .get(&IpAddr::V4(ip))
+            .copied()
+            .unwrap_or(Identity::UNKNOWN);
+        out.insert(
+            Ipv4Net::from(ip),
+            IpcacheValue::new(identity.0, id, node_ip, flags),
+        );
+    }
+    out
+}
+
+fn problem(
+    kind: &'static str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    reason: &'static str,
+    message: String,
+) -> ObjectProblem {
+    ObjectProblem {
+        kind,
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone(),
+        reason,
+        message,
+    }
+}
+
+/// The policy model of the cluster, and what had to be left out.
+pub fn policy_cluster(
+    namespaces: &[Arc<Namespace>],
+    pods: &[Arc<Pod>],
+    policies: &[Arc<NetworkPolicy>],
+) -> Result<(Cluster, Vec<ObjectProblem>), ClusterError> {
+    let mut problems = Vec::new();
+    let mut ns_out = Vec::new();
+    for ns in namespaces {
+        match wiremesh_policy::Namespace::from_k8s(ns) {
+            Ok(n) => ns_out.push(n),
+            Err(e) => problems.push(problem(
+                "Namespace",
+                &ns.metadata,
+                "InvalidNamespace",
+                e.to_string(),
+            )),
+        }
+    }
+    let mut pods_out = Vec::new();
+    let mut owners: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    for pod in pods {
+        // Only pods on the pod network have an address of their own.
+        let Some(ip) = pod_ipv4(pod) else { continue };
+        let converted = match wiremesh_policy::Pod::from_k8s(pod) {
+            Ok(p) => p,
+            Err(e) => {
+                problems.push(problem(
+                    "Pod",
+                    &pod.metadata,
+                    "InvalidPodPorts",
+                    format!("{e}; the pod's named ports are ignored by NetworkPolicy"),
+                ));
+                let mut stripped = Pod::clone(pod);
+                if let Some(spec) = stripped.spec.as_mut() {
+                    for c in &mut spec.containers {
+                        c.ports = None;
+                    }
+                }
+                match wiremesh_policy::Pod::from_k8s(&stripped) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        problems.push(problem("Pod", &pod.metadata, "InvalidPod", e.to_string()));
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut converted = converted;
+        converted.ip = Some(IpAddr::V4(ip));
+        if let Some(first) = owners.get(&ip) {
+            problems.push(problem(
+                "Pod",
+                &pod.metadata,
+                "DuplicatePodIP",
+                format!("pod IP {ip} is also held by {first}; this pod is left out of policy"),
+            ));
+            continue;
+        }
+        owners.insert(ip, converted.key());
+        pods_out.push(converted);
+    }
+    let mut policies_out = Vec::new();
+    for np in policies {
+        match Policy::from_k8s(np) {
+            Ok(p) => policies_out.push(p),
+            Err(e) => problems.push(problem(
+                "NetworkPolicy",
+                &np.metadata,
+                "InvalidNetworkPolicy",
+                format!("{e}; this policy is not enforced"),
+            )),
+        }
+    }
+    let cluster = Cluster::new(ns_out, pods_out, policies_out)?;
+    problems.sort();
+    Ok((cluster, problems))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,115 @@
+use wiremesh_policy::compile;
+
+use super::*;
+use crate::fixtures::node;
+
+fn pod(name: &str, node: &str, ip: &str, app: &str) -> Arc<Pod> {
+    crate::fixtures::pod(name, node, ip, ("app", app))
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+#[test]
+fn ipcache_marks_local_remote_and_encrypted_prefixes_with_identities() {
+    let nodes = vec![
+        node("n1", "10.213.0.11", "10.244.1.0/24"),
+        node("n2", "10.213.0.12", "10.244.2.0/24"),
+        node("n3", "10.213.0.13", "10.244.3.0/24"),
+    ];
+    let pods = vec![
+        pod("a", "n1", "10.244.1.11", "a"),
+        pod("b", "n2", "10.244.2.11", "b"),
+        pod("c", "n3", "10.244.3.11", "a"),
+    ];
+    let (cluster, problems) = policy_cluster(&[], &pods, &[]).unwrap();
+    assert!(problems.is_empty());
+    let compiled = compile(&cluster);
+    let encrypted = BTreeSet::from(["n2".to_string()]);
+    let ipc = desired_ipcache("n1", &nodes, &pods, &compiled.endpoints, &encrypted);
+    assert_eq!(ipc.len(), 6);
+    let own = ipc[&net("10.244.1.0/24")];
+    assert_eq!(own.flags, ipcache_flags::LOCAL);
+    let n2 = ipc[&net("10.244.2.0/24")];
+    assert_eq!(n2.flags, ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT);
+    assert_eq!(n2.node_ip, [10, 213, 0, 12]);
+    assert_eq!(n2.node_id, node_id("n2"));
+    // No tunnel to n3: still a pod range (strict mode drops it), but not encrypted.
+    assert_eq!(ipc[&net("10.244.3.0/24")].flags, ipcache_flags::REMOTE_POD);
+    let a = ipc[&net("10.244.1.11/32")];
+    let c = ipc[&net("10.244.3.11/32")];
+    assert_eq!(a.flags, ipcache_flags::LOCAL);
+    assert!(Identity(a.identity).is_pod());
+    assert_eq!(a.identity, c.identity, "same labels, same identity");
+    assert_ne!(a.identity, ipc[&net("10.244.2.11/32")].identity);
+    assert_eq!(c.flags, ipcache_flags::REMOTE_POD);
+}
+
+#[test]
+fn host_network_and_finished_pods_are_not_pod_addresses() {
+    let nodes = vec![node("n1", "10.213.0.11", "10.244.1.0/24")];
+    let mut host = Pod::clone(&pod("h", "n1", "10.213.0.11", "h"));
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let mut done = Pod::clone(&pod("d", "n1", "10.244.1.12", "d"));
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    let pods = vec![Arc::new(host), Arc::new(done)];
+    let (cluster, _) = policy_cluster(&[], &pods, &[]).unwrap();
+    let ipc = desired_ipcache(
+        "n1",
+        &nodes,
+        &pods,
+        &compile(&cluster).endpoints,
+        &BTreeSet::new(),
+    );
+    assert_eq!(
+        ipc.keys().copied().collect::<Vec<_>>(),
+        vec![net("10.244.1.0/24")]
+    );
+}
+
+#[test]
+fn malformed_objects_are_reported_and_left_out_without_failing() {
+    let bad_policy: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bad", "namespace": "default", "uid": "u1"},
+        "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Bogus"}]}}
+    }))
+    .unwrap();
+    let good_policy: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "deny", "namespace": "default"},
+        "spec": {"podSelector": {}}
+    }))
+    .unwrap();
+    let mut bad_ports = Pod::clone(&pod("p", "n1", "10.244.1.13", "p"));
+    bad_ports.spec.as_mut().unwrap().containers = vec![
+        serde_json::from_value(
+            serde_json::json!({"name": "c", "ports": [{"containerPort": 0, "name": "web"}]}),
+        )
+        .unwrap(),
+    ];
+    let twin = pod("twin", "n1", "10.244.1.13", "t");
+    let pods = vec![Arc::new(bad_ports), twin];
+    let (cluster, problems) =
+        policy_cluster(&[], &pods, &[Arc::new(bad_policy), Arc::new(good_policy)]).unwrap();
+    let reasons: Vec<&str> = problems.iter().map(|p| p.reason).collect();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(reasons.contains(&"InvalidNetworkPolicy"), "{problems:?}");
+    assert!(reasons.contains(&"InvalidPodPorts"), "{problems:?}");
+    assert!(reasons.contains(&"DuplicatePodIP"), "{problems:?}");
+    assert_eq!(
+        cluster.pods().len(),
+        1,
+        "the pod keeps its identity without its ports"
+    );
+    assert_eq!(
+        cluster.policies().len(),
+        1,
+        "the valid policy is still enforced"
+    );
+    let compiled = compile(&cluster);
+    assert_eq!(
+        compiled.isolated.len(),
+        1,
+        "default deny of the valid policy"
+    );
+}

@@ -1,0 +1,275 @@
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
+
+use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+use wiremesh_bpf::{FakeMaps, sync::fake::Write};
+
+use super::*;
+use crate::fixtures::node;
+
+fn pod(name: &str, node: &str, ip: &str, role: &str) -> Arc<Pod> {
+    crate::fixtures::pod(name, node, ip, ("role", role))
+}
+
+impl PolicyMaps for FakeMaps {
+    fn retain_policy(&mut self, keep: &Compiled) -> Result<Retained, wiremesh_bpf::Error> {
+        let mut out = Retained::default();
+        let before = (self.isolated.len(), self.rules.len(), self.cidrs.len());
+        self.isolated.retain(|k| keep.isolated.contains(k));
+        self.rules.retain(|k| keep.rules.contains(k));
+        let cidrs: BTreeSet<ipnet::IpNet> = keep.cidrs.iter().map(|e| e.prefix).collect();
+        self.cidrs
+            .retain(|n, _| cidrs.contains(&ipnet::IpNet::V4(*n)));
+        out.isolated = before.0 - self.isolated.len();
+        out.rules = before.1 - self.rules.len();
+        out.cidrs = before.2 - self.cidrs.len();
+        for _ in 0..out.total() {
+            self.writes.push(Write::Del);
+        }
+        Ok(out)
+    }
+}
+
+fn policy(name: &str, spec: serde_json::Value) -> Arc<NetworkPolicy> {
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap(),
+    )
+}
+
+/// Compilation and ipcache of a cluster state.
+fn state(
+    pods: &[Arc<Pod>],
+    policies: &[Arc<NetworkPolicy>],
+) -> (Compiled, BTreeMap<Ipv4Net, IpcacheValue>) {
+    let nodes = [
+        node("n1", "10.213.0.11", "10.244.1.0/24"),
+        node("n2", "10.213.0.12", "10.244.2.0/24"),
+    ];
+    let (cluster, problems) = plan::policy_cluster(&[], pods, policies).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let compiled = compile(&cluster);
+    let ipcache = plan::desired_ipcache(
+        "n1",
+        &nodes,
+        pods,
+        &compiled.endpoints,
+        &BTreeSet::from(["n2".to_string()]),
+    );
+    (compiled, ipcache)
+}
+
+fn assert_maps_hold(
+    maps: &FakeMaps,
+    compiled: &Compiled,
+    ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
+) {
+    assert_eq!(maps.isolated, compiled.isolated);
+    assert_eq!(maps.rules, compiled.rules);
+    assert_eq!(&maps.ipcache, ipcache);
+    assert_eq!(maps.cidrs.len(), compiled.cidrs.len());
+}
+
+/// Every put before every delete: at no moment is an entry of the new state missing.
+fn assert_puts_before_deletes(writes: &[Write]) {
+    let first_del = writes
+        .iter()
+        .position(|w| *w == Write::Del)
+        .unwrap_or(writes.len());
+    assert!(
+        writes[first_del..].iter().all(|w| *w == Write::Del),
+        "a put after a delete: {writes:?}"
+    );
+}
+
+#[test]
+fn a_restarted_agent_rewrites_the_pins_and_drops_what_an_older_run_left() {
+    let web = policy(
+        "web",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"role": "web"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                         "ports": [{"port": 80}]}],
+        }),
+    );
+    let blocks = policy(
+        "blocks",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"role": "client"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]}],
+        }),
+    );
+    let pods_old = vec![
+        pod("a", "n1", "10.244.1.11", "client"),
+        pod("b", "n2", "10.244.2.11", "web"),
+        pod("gone", "n2", "10.244.2.12", "old"),
+    ];
+    let (old, old_ipcache) = state(&pods_old, &[web.clone(), blocks]);
+
+    // The pinned maps as an earlier run left them.
+    let mut maps = FakeMaps::default();
+    let mut first = Written::default();
+    assert!(write_policy(&mut maps, &mut first, &old, &old_ipcache).unwrap());
+    assert_maps_hold(&maps, &old, &old_ipcache);
+
+    // Restart: a pod is gone, another came with labels that renumber the identities, and one
+    // policy was deleted while the agent was down.
+    let pods_new = vec![
+        pod("a", "n1", "10.244.1.11", "client"),
+        pod("b", "n2", "10.244.2.11", "web"),
+        pod("aaa", "n1", "10.244.1.12", "aaa"),
+    ];
+    let (new, new_ipcache) = state(&pods_new, &[web]);
+    assert_ne!(
+        old.endpoints[&"10.244.1.11".parse().unwrap()],
+        new.endpoints[&"10.244.1.11".parse().unwrap()],
+        "the test wants identities to move"
+    );
+    maps.writes.clear();
+    let mut restarted = Written {
+        ipcache: maps.ipcache.clone(),
+        policy: None,
+    };
+    assert!(write_policy(&mut maps, &mut restarted, &new, &new_ipcache).unwrap());
+    assert_maps_hold(&maps, &new, &new_ipcache);
+    assert!(
+        maps.cidrs.is_empty(),
+        "the deleted policy's ipBlock is gone"
+    );
+    assert_puts_before_deletes(&maps.writes);
+
+    // Nothing changed: nothing written.
+    maps.writes.clear();
+    assert!(!write_policy(&mut maps, &mut restarted, &new, &new_ipcache).unwrap());
+    assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+}
+
+#[test]
+fn a_policy_change_is_written_as_a_diff_puts_first() {
+    let pods = vec![
+        pod("a", "n1", "10.244.1.11", "client"),
+        pod("b", "n2", "10.244.2.11", "web"),
+    ];
+    let (open, ipcache) = state(&pods, &[]);
+    let mut maps = FakeMaps::default();
+    let mut written = Written::default();
+    write_policy(&mut maps, &mut written, &open, &ipcache).unwrap();
+    let deny = policy("deny", serde_json::json!({"podSelector": {}}));
+    let (denied, ipcache2) = state(&pods, &[deny]);
+    maps.writes.clear();
+    assert!(write_policy(&mut maps, &mut written, &denied, &ipcache2).unwrap());
+    assert_maps_hold(&maps, &denied, &ipcache2);
+    assert_eq!(
+        maps.writes.len(),
+        denied.isolated.len(),
+        "only the new keys"
+    );
+    maps.writes.clear();
+    assert!(write_policy(&mut maps, &mut written, &open, &ipcache).unwrap());
+    assert_maps_hold(&maps, &open, &ipcache);
+    assert_puts_before_deletes(&maps.writes);
+}
+
+#[test]
+fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_flagged() {
+    let snap = links::LinkSnapshot {
+        names: BTreeMap::from([
+            (2, "eth0".into()),
+            (5, "veth1".into()),
+            (6, "veth2".into()),
+            (9, "wm0".into()),
+        ]),
+        mtus: BTreeMap::from([(2, 1500), (5, 1420), (6, 1500), (9, 1420)]),
+        addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 11), 2)]),
+        routes: vec![
+            (Ipv4Addr::UNSPECIFIED, 0, 2),
+            (Ipv4Addr::new(10, 244, 1, 11), 32, 5),
+            (Ipv4Addr::new(10, 244, 1, 12), 32, 6),
+            (Ipv4Addr::new(10, 244, 2, 0), 24, 9),
+        ],
+    };
+    let pods = vec![
+        pod("a", "n1", "10.244.1.11", "x"),
+        pod("big", "n1", "10.244.1.12", "x"),
+        pod("unwired", "n1", "10.244.1.13", "x"),
+        pod("remote", "n2", "10.244.2.11", "x"),
+    ];
+    let placed = placement(
+        &snap,
+        Some(Ipv4Addr::new(10, 213, 0, 11)),
+        Some(9),
+        "n1",
+        &pods,
+    );
+    let wanted: Vec<(String, &str)> = placed
+        .wanted
+        .iter()
+        .map(|((iface, _), (hook, _))| (iface.clone(), hook.program()))
+        .collect();
+    assert_eq!(
+        wanted,
+        vec![
+            ("eth0".to_string(), "underlay_ingress"),
+            ("eth0".to_string(), "underlay_egress"),
+            ("veth1".to_string(), "from_pod"),
+            ("veth1".to_string(), "to_pod"),
+            ("veth2".to_string(), "from_pod"),
+            ("veth2".to_string(), "to_pod"),
+        ],
+        "a pod without its own route gets nothing (the default route is the underlay)"
+    );
+    assert_eq!(placed.mtu_problems.len(), 1);
+    assert_eq!(placed.mtu_problems[0].name, "big");
+    assert_eq!(placed.mtu_problems[0].reason, "PodMTUAboveTunnelMTU");
+}
+
+#[tokio::test]
+async fn a_pin_directory_outside_bpffs_is_a_clear_error_with_a_metric() {
+    use kube::runtime::reflector;
+    use prometheus_client::{encoding::text::encode, registry::Registry};
+
+    let dir = tempfile::tempdir().unwrap();
+    let client =
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+    let caches = Caches {
+        nodes: reflector::store().0,
+        pods: reflector::store().0,
+        mesh_encryption: reflector::store().0,
+        namespaces: reflector::store().0,
+        policies: reflector::store().0,
+    };
+    let mut registry = Registry::with_prefix("wiremesh");
+    let metrics = Metrics::new(&mut registry);
+    let (_tx, rx) = watch::channel(MeshSnapshot::default());
+    let mut steering = Steering::new(
+        SteeringSettings {
+            node_name: "n1".into(),
+            bpffs: dir.path().to_owned(),
+            interface: "wm0".into(),
+            listen_port: None,
+            ebpf: EbpfChoice::Auto,
+        },
+        client,
+        caches,
+        rx,
+        Arc::new(Notify::new()),
+        metrics,
+        Steering::flow_table(4),
+    );
+    let error = steering.load().await.unwrap_err().to_string();
+    let pins = dir.path().join("wiremesh/n1");
+    assert!(error.contains(&pins.display().to_string()), "{error}");
+    assert!(error.contains("not on a bpf filesystem"), "{error}");
+    assert!(error.contains("mount -t bpf"), "the fix is named: {error}");
+    assert!(steering.loaded.is_none());
+    assert!(steering.next_load.is_some(), "retried later");
+    let mut text = String::new();
+    encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"wiremesh_ebpf_errors_total{stage="load"} 1"#),
+        "{text}"
+    );
+}
