@@ -11,6 +11,9 @@
 //! interface does (the agent through rtnetlink, an operator with ip(8)).
 
 mod allowed_ips;
+mod checksum;
+mod gro;
+mod gso;
 mod io;
 mod state;
 mod timers;

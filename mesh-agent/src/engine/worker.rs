@@ -14,11 +14,13 @@ use boringtun::noise::{
     Packet, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon,
 };
 use quinn_udp::{RecvMeta, UdpSockRef};
-use tun_rs::{ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 use wiremesh_keyexchange::PublicKey;
 
 use super::{
     Shared,
+    gro::TunCoalescer,
+    gso,
     io::{UdpEndpoint, canonical},
     state::{DeviceState, Peer},
 };
@@ -31,63 +33,11 @@ const TX_STAGE: usize = 512 * 1024;
 const RX_BUFS: usize = 16;
 /// Largest UDP payload one GSO send may carry.
 const MAX_GSO_BYTES: usize = 65000;
-/// TUN reads per wake-up before the worker looks at the UDP side again (fairness).
-const TUN_BURST: usize = 8;
+/// TUN frames per wake-up before the worker looks at the UDP side again (fairness); what
+/// they produce is sent together.
+const TUN_BURST: usize = 16;
 /// UDP batches per wake-up before the worker looks at the TUN side again.
 const UDP_BURST: usize = 8;
-
-/// A packet buffer for `send_multiple`: fixed storage, variable length, never reallocated in
-/// steady state (GRO merges grow the first buffer of a flow in place).
-pub(crate) struct PktBuf {
-    data: Vec<u8>,
-    len: usize,
-}
-
-impl PktBuf {
-    fn new(capacity: usize) -> Self {
-        Self {
-            data: vec![0; capacity],
-            len: 0,
-        }
-    }
-}
-
-impl AsRef<[u8]> for PktBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.data[..self.len]
-    }
-}
-
-impl AsMut<[u8]> for PktBuf {
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
-    }
-}
-
-impl ExpandBuffer for PktBuf {
-    fn buf_capacity(&self) -> usize {
-        self.data.len()
-    }
-
-    fn buf_resize(&mut self, new_len: usize, value: u8) {
-        if new_len > self.data.len() {
-            self.data.resize(new_len, value);
-        }
-        if new_len > self.len {
-            self.data[self.len..new_len].fill(value);
-        }
-        self.len = new_len;
-    }
-
-    fn buf_extend_from_slice(&mut self, src: &[u8]) {
-        let end = self.len + src.len();
-        if end > self.data.len() {
-            self.data.resize(end, 0);
-        }
-        self.data[self.len..end].copy_from_slice(src);
-        self.len = end;
-    }
-}
 
 /// One encrypted datagram staged in `tx_buf`.
 #[derive(Clone, Copy)]
@@ -104,14 +54,13 @@ pub(crate) enum Step {
     Idle,
 }
 
-/// The TUN -> UDP half of a [`Worker`]: read (GSO frames split), encrypt, send as GSO trains.
+/// The TUN -> UDP half of a [`Worker`]: read a frame (a TSO super-packet or one packet),
+/// split it in place, encrypt each segment straight into the send buffer, send as GSO trains.
 pub(crate) struct TunWorker {
     shared: Arc<Shared>,
     tun: Arc<SyncDevice>,
     queue: usize,
     frame: Vec<u8>,
-    pkts: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
     tx_buf: Vec<u8>,
     tx_used: usize,
     staged: Vec<Staged>,
@@ -125,31 +74,24 @@ impl TunWorker {
             tun,
             queue,
             frame: vec![0; VIRTIO_NET_HDR_LEN + MAX_FRAME],
-            pkts: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; MAX_FRAME]).collect(),
-            sizes: vec![0; IDEAL_BATCH_SIZE],
             tx_buf: vec![0; TX_STAGE],
             tx_used: 0,
-            staged: Vec::with_capacity(IDEAL_BATCH_SIZE * 2),
+            staged: Vec::with_capacity(TX_STAGE / 1024),
             tx_acct: Vec::with_capacity(16),
         }
     }
 
+    /// Reads up to [`TUN_BURST`] frames, encrypts them and sends what they produced.
     pub(crate) fn batch(&mut self, udp: &UdpEndpoint) -> io::Result<Step> {
         let mut step = Step::Idle;
         for _ in 0..TUN_BURST {
-            let n = match self.tun.recv_multiple(
-                &mut self.frame,
-                &mut self.pkts,
-                &mut self.sizes,
-                0,
-            ) {
+            let n = match self.tun.recv(&mut self.frame) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fatal_tun_error(&e) => return Err(e),
                 Err(e) => {
-                    // A frame the offload splitter rejected: drop it, keep going.
-                    tracing::debug!(ifname = %self.shared.ifname, error = %e, "bad frame from TUN");
+                    tracing::debug!(ifname = %self.shared.ifname, error = %e, "TUN read failed");
                     self.shared
                         .counters
                         .tun_malformed
@@ -159,7 +101,10 @@ impl TunWorker {
                 }
             };
             step = Step::Busy;
-            self.encrypt_batch(n, udp);
+            self.encrypt_frame(n, udp);
+        }
+        if matches!(step, Step::Busy) {
+            self.flush(udp);
         }
         Ok(step)
     }
@@ -176,62 +121,62 @@ impl TunWorker {
         self.tx_used = 0;
     }
 
-    fn encrypt_batch(&mut self, n: usize, udp: &UdpEndpoint) {
-        let shared = self.shared.clone();
-        let state = shared.read_state();
+    /// Encrypts every segment of the `n`-byte frame in `self.frame` for the peer that owns its
+    /// destination (one lookup and one peer lock per frame).
+    fn encrypt_frame(&mut self, n: usize, udp: &UdpEndpoint) {
+        let shared = &*self.shared;
         let counters = &shared.counters;
-        for i in 0..n {
-            let size = self.sizes[i];
-            let pkt = &self.pkts[i][..size];
-            let Some(dst) = packet_dst(pkt) else {
-                counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            if let IpAddr::V6(v6) = dst
-                && (v6.is_multicast() || v6.is_unicast_link_local())
-            {
-                // Neighbour discovery and other link-local chatter the kernel sends on a new
-                // interface: never tunnelled (FACTS: it can eat the first handshake).
-                counters.tun_filtered.fetch_add(1, Ordering::Relaxed);
-                continue;
+        let state = shared.read_state();
+        let Some(dst) = self.frame.get(VIRTIO_NET_HDR_LEN..n).and_then(packet_dst) else {
+            counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if let IpAddr::V6(v6) = dst
+            && (v6.is_multicast() || v6.is_unicast_link_local())
+        {
+            // Neighbour discovery and other link-local chatter the kernel sends on a new
+            // interface: never tunnelled (FACTS: it can eat the first handshake).
+            counters.tun_filtered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Some(peer) = state.table.lookup(dst) else {
+            counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut inner = peer.lock();
+        let Some(endpoint) = inner.endpoint else {
+            counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(tunn) = inner.tunn.as_mut() else {
+            counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (tx_buf, tx_used, staged, acct, queue) = (
+            &mut self.tx_buf,
+            &mut self.tx_used,
+            &mut self.staged,
+            &mut self.tx_acct,
+            self.queue,
+        );
+        let mut sent = 0u64;
+        let split = gso::for_each_segment(&mut self.frame, n, |seg| {
+            let need = (seg.len() + 32 + 16).max(148);
+            if *tx_used + need > tx_buf.len() {
+                flush_tx(udp, queue, tx_buf, staged, acct, shared);
+                *tx_used = 0;
             }
-            let Some(peer) = state.table.lookup(dst) else {
-                counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let need = (size + 32 + 16).max(148);
-            if self.tx_used + need > self.tx_buf.len() {
-                flush_tx(
-                    udp,
-                    self.queue,
-                    &self.tx_buf,
-                    &mut self.staged,
-                    &mut self.tx_acct,
-                    &shared,
-                );
-                self.tx_used = 0;
-            }
-            let mut inner = peer.lock();
-            let Some(endpoint) = inner.endpoint else {
-                counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let Some(tunn) = inner.tunn.as_mut() else {
-                counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let start = self.tx_used;
-            match tunn.encapsulate(pkt, &mut self.tx_buf[start..start + need]) {
+            let start = *tx_used;
+            match tunn.encapsulate(seg, &mut tx_buf[start..start + need]) {
                 TunnResult::WriteToNetwork(out) => {
                     let len = out.len();
-                    drop(inner);
-                    self.staged.push(Staged {
+                    staged.push(Staged {
                         dst: endpoint,
                         start,
                         len,
                     });
-                    self.tx_used += len;
-                    account(&mut self.tx_acct, peer, len as u64);
+                    *tx_used += len;
+                    sent += len as u64;
                 }
                 // Queued inside the Tunn until the handshake completes.
                 TunnResult::Done => {}
@@ -243,9 +188,15 @@ impl TunWorker {
                     counters.tx_errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
+        });
+        drop(inner);
+        if sent > 0 {
+            account(acct, peer, sent);
         }
-        drop(state);
-        self.flush(udp);
+        if let Err(gso::Malformed(why)) = split {
+            tracing::debug!(ifname = %shared.ifname, reason = why, "bad frame from TUN");
+            counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -257,25 +208,20 @@ pub(crate) struct UdpWorker {
     index: usize,
     rx_bufs: Vec<Vec<u8>>,
     rx_meta: Vec<RecvMeta>,
-    tun_out: Vec<PktBuf>,
-    tun_out_n: usize,
-    gro: GROTable,
+    gro: TunCoalescer,
     scratch: Vec<u8>,
 }
 
 impl UdpWorker {
     pub fn new(shared: Arc<Shared>, tun: Arc<SyncDevice>, index: usize) -> Self {
+        let udp_gso = tun.udp_gso();
         Self {
             shared,
             tun,
             index,
             rx_bufs: (0..RX_BUFS).map(|_| vec![0; MAX_FRAME]).collect(),
             rx_meta: vec![RecvMeta::default(); RX_BUFS],
-            tun_out: (0..IDEAL_BATCH_SIZE)
-                .map(|_| PktBuf::new(VIRTIO_NET_HDR_LEN + MAX_FRAME))
-                .collect(),
-            tun_out_n: 0,
-            gro: GROTable::default(),
+            gro: TunCoalescer::new(udp_gso),
             scratch: vec![0; 2048],
         }
     }
@@ -329,13 +275,18 @@ impl UdpWorker {
             let mut off = 0;
             while off < meta.len {
                 let end = (off + stride).min(meta.len);
-                if self.tun_out_n == self.tun_out.len() {
-                    self.flush_tun();
-                }
                 let datagram = &self.rx_bufs[i][off..end];
-                let slot = &mut self.tun_out[self.tun_out_n];
-                if handle_datagram(&shared, &state, &tx, src, datagram, slot, &mut self.scratch) {
-                    self.tun_out_n += 1;
+                let data = datagram.first() == Some(&MSG_DATA);
+                let dst = self.gro.dst(datagram.len(), data);
+                match handle_datagram(&shared, &state, &tx, src, datagram, dst, &mut self.scratch) {
+                    Some(len) => {
+                        let tun = &self.tun;
+                        let mut out = |f: &[u8]| tun.send(f).map(drop);
+                        if let Err(e) = self.gro.commit(len, &mut out) {
+                            self.tun_write_failed(&e);
+                        }
+                    }
+                    None => self.gro.abort(),
                 }
                 off = end;
             }
@@ -345,24 +296,18 @@ impl UdpWorker {
     }
 
     fn flush_tun(&mut self) {
-        if self.tun_out_n == 0 {
-            return;
+        let tun = &self.tun;
+        if let Err(e) = self.gro.flush(&mut |f: &[u8]| tun.send(f).map(drop)) {
+            self.tun_write_failed(&e);
         }
-        let n = self.tun_out_n;
-        if let Err(e) =
-            self.tun
-                .send_multiple(&mut self.gro, &mut self.tun_out[..n], VIRTIO_NET_HDR_LEN)
-        {
-            self.shared
-                .counters
-                .tun_write_errors
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(ifname = %self.shared.ifname, error = %e, "TUN write failed");
-        }
-        for buf in &mut self.tun_out[..n] {
-            buf.len = 0;
-        }
-        self.tun_out_n = 0;
+    }
+
+    fn tun_write_failed(&self, e: &io::Error) {
+        self.shared
+            .counters
+            .tun_write_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(ifname = %self.shared.ifname, error = %e, "TUN write failed");
     }
 }
 
@@ -534,25 +479,25 @@ const MSG_RESPONSE: u8 = 2;
 const MSG_COOKIE: u8 = 3;
 const MSG_DATA: u8 = 4;
 
-/// Handles one received datagram. Returns true when a decrypted packet was left in `slot`
-/// for the TUN.
+/// Handles one received datagram. Returns the length of the decrypted packet left at the
+/// start of `dst` for the TUN, if any.
 pub(crate) fn handle_datagram(
     shared: &Shared,
     state: &DeviceState,
     tx: &TxCtx<'_>,
     src: SocketAddr,
     datagram: &[u8],
-    slot: &mut PktBuf,
+    dst: &mut [u8],
     scratch: &mut [u8],
-) -> bool {
+) -> Option<usize> {
     let counters = &shared.counters;
     if datagram.len() < 4 || datagram[1..4] != [0, 0, 0] {
         counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-        return false;
+        return None;
     }
     let Some(identity) = &state.identity else {
         counters.rx_no_key.fetch_add(1, Ordering::Relaxed);
-        return false;
+        return None;
     };
     let peer = match datagram[0] {
         MSG_DATA | MSG_RESPONSE | MSG_COOKIE => {
@@ -563,7 +508,7 @@ pub(crate) fn handle_datagram(
             };
             if datagram.len() < min || (datagram[0] != MSG_DATA && datagram.len() != min) {
                 counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             }
             // Responses carry (sender, receiver); data and cookie replies only a receiver.
             let at = if datagram[0] == MSG_RESPONSE { 8 } else { 4 };
@@ -577,14 +522,14 @@ pub(crate) fn handle_datagram(
                 Some(p) => p,
                 None => {
                     counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
             }
         }
         MSG_INIT => {
             if datagram.len() != 148 {
                 counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             }
             // Cheap checks first (mac1, load -> cookie), only then the Diffie-Hellman.
             let half = match identity
@@ -596,25 +541,25 @@ pub(crate) fn handle_datagram(
                 }
                 Ok(_) => {
                     counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     counters.rx_cookie_replies.fetch_add(1, Ordering::Relaxed);
                     tx.send(src, cookie);
-                    return false;
+                    return None;
                 }
                 Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
                     counters.rx_invalid_mac.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
                 Err(_) => {
                     counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
             };
             let Ok(half) = half else {
                 counters.rx_handshake_failed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             };
             match state
                 .peers
@@ -623,13 +568,13 @@ pub(crate) fn handle_datagram(
                 Some(entry) => &entry.peer,
                 None => {
                     counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
             }
         }
         _ => {
             counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return None;
         }
     };
 
@@ -637,35 +582,32 @@ pub(crate) fn handle_datagram(
     let inner = &mut *guard;
     let Some(tunn) = inner.tunn.as_mut() else {
         counters.rx_no_key.fetch_add(1, Ordering::Relaxed);
-        return false;
+        return None;
     };
-    let dst = &mut slot.data[VIRTIO_NET_HDR_LEN..];
     match tunn.decapsulate(Some(src.ip()), datagram, dst) {
         TunnResult::WriteToTunnelV4(pkt, from) => {
             let len = pkt.len();
             if !owns(state, peer, IpAddr::V4(from)) {
                 counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             }
             inner.endpoint = Some(src);
             drop(guard);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            slot.len = VIRTIO_NET_HDR_LEN + len;
-            true
+            Some(len)
         }
         TunnResult::WriteToTunnelV6(pkt, from) => {
             let len = pkt.len();
             if !owns(state, peer, IpAddr::V6(from)) {
                 counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return None;
             }
             inner.endpoint = Some(src);
             drop(guard);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            slot.len = VIRTIO_NET_HDR_LEN + len;
-            true
+            Some(len)
         }
         TunnResult::Done => {
             // Keepalive or cookie reply: authenticated, nothing for the TUN.
@@ -673,7 +615,7 @@ pub(crate) fn handle_datagram(
             drop(guard);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            false
+            None
         }
         TunnResult::WriteToNetwork(reply) => {
             // Handshake answered (or a keepalive after our initiation completed).
@@ -700,12 +642,12 @@ pub(crate) fn handle_datagram(
             drop(guard);
             peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
             peer.last_tx_ms.store(shared.now_ms(), Ordering::Relaxed);
-            false
+            None
         }
         TunnResult::Err(e) => {
             drop(guard);
             count_error(counters, &e);
-            false
+            None
         }
     }
 }
