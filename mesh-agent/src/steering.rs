@@ -548,7 +548,6 @@ impl Steering {
         self.metrics
             .bpf_attached_programs
             .set(loaded.attached.len() as i64);
-        let mtu_problems = placed.mtu_problems.len();
         if let Ok(lost) = loaded.loader.maps_ref().events_lost() {
             self.metrics.flow_events_lost.set(lost as i64);
         }
@@ -560,10 +559,10 @@ impl Steering {
                 .set_backlog(&backlog),
             Err(error) => tracing::debug!(%error, "reading the flow backlog"),
         }
-        self.metrics.pods_mtu_above_tunnel.set(mtu_problems as i64);
-        let mut problems = self.policy_problems.clone();
-        problems.extend(placed.mtu_problems);
-        self.report_problems(problems).await;
+        self.metrics
+            .pods_mtu_above_tunnel
+            .set(placed.above_tunnel_mtu.len() as i64);
+        self.report_problems(self.policy_problems.clone()).await;
         attach
     }
 }
@@ -725,9 +724,11 @@ fn write_all(
     Ok(changed)
 }
 
-/// Where the programs go according to one link snapshot, and the local pods whose veth MTU
-/// exceeds the tunnel's (the redirect into the tunnel skips the routing stack, so nothing would
-/// tell such a pod to send smaller packets: its large packets are lost).
+/// Where the programs go according to one link snapshot, the anti-spoofing entries, and the
+/// local pods whose veth MTU exceeds the tunnel's. The latter is information, not a fault:
+/// `from_pod` hands a packet too big for the tunnel to the routing stack, which answers with a
+/// PMTU error, so such pods work and only pay a round trip of path MTU discovery per
+/// destination (no Event; the `pods_mtu_above_tunnel` gauge counts them).
 #[derive(Debug, Default)]
 pub struct Placement {
     /// (interface, hook) -> (hook, ifindex).
@@ -736,7 +737,8 @@ pub struct Placement {
     /// `wm_endpoints` anti-spoofing entries). An interface that routes to several pods (a
     /// bridge) gets none: the program cannot tell which pod sent a packet, so it does not check.
     pub endpoints: BTreeMap<u32, EndpointValue>,
-    pub mtu_problems: Vec<ObjectProblem>,
+    /// `namespace/name` of the local pods whose veth MTU is above the tunnel's.
+    pub above_tunnel_mtu: Vec<String>,
 }
 
 /// See [`Placement`].
@@ -785,18 +787,17 @@ pub fn placement(
             if let (Some(mtu), Some(tunnel_mtu)) = (snap.mtus.get(&index), tunnel_mtu)
                 && *mtu > tunnel_mtu
             {
-                out.mtu_problems.push(ObjectProblem {
-                    kind: "Pod",
-                    namespace: pod.metadata.namespace.clone(),
-                    name: pod.metadata.name.clone().unwrap_or_default(),
-                    uid: pod.metadata.uid.clone(),
-                    reason: "PodMTUAboveTunnelMTU",
-                    message: format!(
-                        "the pod's veth {name} has MTU {mtu}, the tunnel {tunnel_mtu}: packets \
-                         larger than {tunnel_mtu} bytes to other nodes are lost; configure the \
-                         CNI with MTU {tunnel_mtu}"
-                    ),
-                });
+                out.above_tunnel_mtu.push(format!(
+                    "{}/{}",
+                    pod.metadata.namespace.as_deref().unwrap_or("default"),
+                    pod.metadata.name.as_deref().unwrap_or("")
+                ));
+                tracing::debug!(
+                    iface = name,
+                    mtu,
+                    tunnel_mtu,
+                    "pod veth MTU above the tunnel's (PMTU discovery applies)"
+                );
             }
         }
     }

@@ -178,7 +178,7 @@ fn a_policy_change_is_written_as_a_diff_puts_first() {
 }
 
 #[test]
-fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_flagged() {
+fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_counted() {
     let snap = links::LinkSnapshot {
         names: BTreeMap::from([
             (2, "eth0".into()),
@@ -225,9 +225,7 @@ fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_flagged() {
         ],
         "a pod without its own route gets nothing (the default route is the underlay)"
     );
-    assert_eq!(placed.mtu_problems.len(), 1);
-    assert_eq!(placed.mtu_problems[0].name, "big");
-    assert_eq!(placed.mtu_problems[0].reason, "PodMTUAboveTunnelMTU");
+    assert_eq!(placed.above_tunnel_mtu, vec!["default/big".to_string()]);
     assert_eq!(
         placed.endpoints,
         BTreeMap::from([
