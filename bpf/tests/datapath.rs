@@ -1632,3 +1632,114 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
     );
     assert_eq!(pipe.dropped(), 0);
 }
+
+/// Replaces the pin `path` with a new, empty array map of `value_size`-byte values (a map of
+/// another shape, as an older build would have left it). The map it pinned before lives on
+/// while programs use it.
+fn pin_map_of_another_shape(path: &std::path::Path, value_size: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::remove_file(path).expect("unpin");
+    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, rest 0.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[2 /* BPF_MAP_TYPE_ARRAY */, 4, value_size, 1]);
+    // SAFETY: BPF_MAP_CREATE (0) with a zeroed attr of 128 bytes.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128) };
+    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // BPF_OBJ_PIN: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: BPF_OBJ_PIN (6) with a valid path pointer and map fd.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), 128) };
+    assert_eq!(r, 0, "pin: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is ours; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
+    if !root_or_skip("upgrade") {
+        return;
+    }
+    let t = Topo::new();
+    let _l = listen(&t.pod_b, 8080);
+    let deny = compiled(DENY_B);
+    {
+        let mut old = load(&t, pod_hooks(&t));
+        let maps = old.maps();
+        maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
+            .expect("config");
+        maps.apply_policy(&deny.diff(&Compiled::default()), local)
+            .expect("deny");
+        assert!(!connect(&t.pod_a, POD_B, 8080), "deny with the old build");
+    }
+    // "An older build": its wm_config pin has another value size.
+    pin_map_of_another_shape(&t.pin_dir().join("wm_config"), 8);
+    assert!(
+        !connect(&t.pod_a, POD_B, 8080),
+        "old programs still enforce"
+    );
+
+    let pin = t.pin_dir();
+    let mut new = in_ns(&t.node, move || {
+        Loader::load(&pin).expect("load a new generation")
+    });
+    assert_eq!(new.map_dir(), t.pin_dir().join("gen-1"));
+    assert_eq!(new.previous_generations(), [t.pin_dir()]);
+    assert!(t.pin_dir().join("gen-1/wm_ipcache4").exists());
+    assert_eq!(
+        new.maps_ref().policy_counts(),
+        (0, 0),
+        "new maps start empty"
+    );
+    // Loaded, not attached: the old programs and maps still decide.
+    assert!(
+        !connect(&t.pod_a, POD_B, 8080),
+        "deny while the new maps are empty"
+    );
+    let maps = new.maps();
+    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
+        .expect("config");
+    maps.apply_policy(&deny.diff(&Compiled::default()), local)
+        .expect("deny in the new maps");
+    let hooks = pod_hooks(&t);
+    let mut new = in_ns(&t.node, move || {
+        for (iface, hook) in hooks {
+            let how = new.attach(&iface, hook).expect("attach");
+            assert_eq!(
+                how,
+                Attached::ReplacedPinned,
+                "{iface} {hook:?}: swapped in place"
+            );
+        }
+        new
+    });
+    assert!(!connect(&t.pod_a, POD_B, 8080), "deny after the swap");
+    // The new maps drive the attached programs now.
+    let allow = compiled(ALLOW_A_TO_B_8080);
+    new.maps()
+        .apply_policy(&allow.diff(&deny), local)
+        .expect("allow in the new maps");
+    assert!(
+        eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+        "the new generation's maps decide after the swap"
+    );
+    let removed = new.remove_previous_generations().expect("remove old pins");
+    assert!(removed >= 10, "old map pins removed: {removed}");
+    assert!(!t.pin_dir().join("wm_ipcache4").exists());
+    assert!(!t.pin_dir().join("wm_config").exists());
+    assert!(t.pin_dir().join("links").exists(), "links stay");
+    assert!(new.previous_generations().is_empty());
+    drop(new);
+
+    // The next start reuses generation 1 with its entries.
+    let pin = t.pin_dir();
+    let again = in_ns(&t.node, move || Loader::load(&pin).expect("reload"));
+    assert_eq!(again.map_dir(), t.pin_dir().join("gen-1"));
+    assert!(again.previous_generations().is_empty());
+    assert_eq!(
+        again.maps_ref().policy_counts(),
+        (allow.isolated.len(), allow.rules.len())
+    );
+}

@@ -2,7 +2,9 @@
 //!
 //! Once `MeshEncryption default` steers traffic, the task loads the programs with their maps
 //! pinned in `<bpffs>/wiremesh/<node>` (reusing the pins of an earlier run, so enforcement never
-//! stops across a restart) and then, on every watch event (debounced 100 ms), every mesh
+//! stops across a restart; pins of an older build with other map shapes stay in use until this
+//! run has filled a new generation of maps and swapped its programs into the pinned links, see
+//! [`wiremesh_bpf::Loader::load`]) and then, on every watch event (debounced 100 ms), every mesh
 //! change and every 2 s:
 //!
 //! 1. compiles Namespaces, Pods and NetworkPolicies with the `wiremesh-policy` compiler (the
@@ -928,10 +930,21 @@ fn attach_all(
             }
         }
     }
-    // Pins an earlier run left for interfaces that are gone now.
+    // Pins an earlier run left for interfaces that are gone now; then, every attached hook
+    // running this loader's programs, the map pins of an older build's generation.
     if !loaded.pins_collected && first_error.is_none() {
         loaded.pins_collected = true;
         collect_stale_pins(loaded, wanted);
+        if !loaded.loader.previous_generations().is_empty() {
+            match loaded.loader.remove_previous_generations() {
+                Ok(n) => tracing::info!(
+                    pins = n,
+                    map_dir = %loaded.loader.map_dir().display(),
+                    "upgrade finished: programs swapped onto the new maps, old map pins removed"
+                ),
+                Err(error) => tracing::warn!(%error, "removing the old generation's map pins"),
+            }
+        }
     }
     match first_error {
         Some(e) => Err(e),
