@@ -4,9 +4,16 @@
  *
  * from_pod  (tc ingress, host side of a pod veth): egress policy of the source pod; for a local
  *           destination also its ingress policy (one decision, one flow record); a remote pod
- *           destination with the encrypt flag is redirected into the tunnel device.
+ *           destination with the encrypt flag is redirected into the tunnel device, unless
+ *           the packet (or a GSO segment of it) is larger than the tunnel's MTU: such a packet
+ *           goes to the routing stack, whose routes send remote pod CIDRs into the tunnel, so
+ *           the kernel answers ICMP "fragmentation needed" / "packet too big" (PMTU) or
+ *           fragments it, as for any smaller-MTU hop (a redirect would skip that and the
+ *           packet would be lost in the tunnel).
  * to_pod    (tc egress, host side of a pod veth): ingress policy of the destination pod for
  *           traffic that does not come from a local pod (from_pod already decided those).
+ *           ICMP "fragmentation needed" / ICMPv6 "packet too big" that this node generated
+ *           passes (the PMTU signal of the check above must reach isolated pods too).
  * underlay  (tc ingress and egress of the node's underlay device): in strict mode drops
  *           pod-to-pod packets (both addresses pods in the ipcache) that are not WireGuard UDP.
  * Conntrack (wm_ct) remembers allowed flows for their idle lifetime (wm_config), so replies
@@ -172,6 +179,8 @@ struct pkt {
 	__u8 v6;
 	__u8 nd;        /* ICMPv6 neighbour discovery (RS, RA, NS, NA, redirect) */
 	__u8 tcp_flags; /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10 */
+	__u8 too_big;   /* ICMP fragmentation needed (3/4) or ICMPv6 packet too big (2) */
+	__u8 pad[3];
 	__u8 src6[16];
 	__u8 dst6[16];
 };
@@ -253,6 +262,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		if (p->protocol == IPPROTO_ICMPV6 && l4 + 1 <= data_end) {
 			__u8 type = *(__u8 *)l4;
 			p->nd = type >= 133 && type <= 137;
+			p->too_big = type == 2;
 		}
 		return 0;
 	}
@@ -266,11 +276,15 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	p->protocol = ip->protocol;
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 0;
-	if (is_l4(ip->protocol)) {
-		__u32 ihl = ip->ihl * 4;
-		if (ihl < sizeof(*ip))
-			return -1;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return -1;
+	if (is_l4(ip->protocol))
 		parse_ports(p, (void *)ip + ihl, data_end);
+	if (ip->protocol == IPPROTO_ICMP) {
+		__u8 *icmp = (void *)ip + ihl;
+		if ((void *)(icmp + 2) <= data_end)
+			p->too_big = icmp[0] == 3 && icmp[1] == 4;
 	}
 	return 0;
 }
@@ -663,6 +677,24 @@ static __always_inline int source_ok(struct __sk_buff *skb, const struct pkt *p)
 	return (b[0] | b[1]) && a[0] == b[0] && a[1] == b[1];
 }
 
+/*
+ * Whether the packet, or each segment of a GSO packet, fits the tunnel device's MTU (read
+ * live from the device, so an MTU change needs no config write). skb->len counts the
+ * Ethernet header of the veth, the tunnel has none: the plain check subtracts it; the
+ * segment check works on L3 lengths and takes no length adjustment. An error (no such
+ * device) counts as fitting: the redirect behaves as before.
+ */
+static __always_inline int fits_tunnel(struct __sk_buff *skb, __u32 tunnel)
+{
+	__u32 mtu_len = 0;
+	long r;
+	if (skb->gso_size)
+		r = bpf_check_mtu(skb, tunnel, &mtu_len, 0, BPF_MTU_CHK_SEGS);
+	else
+		r = bpf_check_mtu(skb, tunnel, &mtu_len, -ETH_HLEN, 0);
+	return r <= 0;
+}
+
 SEC("classifier")
 int from_pod(struct __sk_buff *skb)
 {
@@ -720,6 +752,10 @@ int from_pod(struct __sk_buff *skb)
 		if ((dst_flags & WM_IPCACHE_ENCRYPT) && tunnel) {
 			report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_FORWARDED_ENCRYPTED,
 			       WM_HOOK_FROM_POD);
+			/* Too big for the tunnel: the routing stack sends it into the tunnel
+			 * (fragmented) or answers with a PMTU error; see the header. */
+			if (!fits_tunnel(skb, tunnel))
+				return TC_ACT_OK;
 			return bpf_redirect(tunnel, 0);
 		}
 		if (strict(cfg)) {
@@ -742,6 +778,9 @@ int to_pod(struct __sk_buff *skb)
 	if (!cfg)
 		return TC_ACT_OK;
 	if (p.v6 && (p.nd || v6_on_link(p.src6) || v6_on_link(p.dst6)))
+		return TC_ACT_OK;
+	/* A PMTU error this node generated (it did not arrive on any interface). */
+	if (p.too_big && skb->ingress_ifindex == 0)
 		return TC_ACT_OK;
 	struct wm_ipcache_val *src = ipcache_lookup(&p, 1);
 	/* from_pod already decided both sides for pod-to-pod traffic on this node. */

@@ -1,6 +1,10 @@
 //! The loader: loads the embedded object, pins its maps under the node's bpffs directory
 //! (reusing pins left by a previous run, so enforcement survives an agent restart), attaches
 //! the programs to interfaces with pinned TCX links, and exposes the maps and the flow ring.
+//! Pins of an older build whose maps have another shape are not reused: the maps go to a new
+//! generation directory (`<pin_dir>/gen-<n>`) beside them, the caller fills them, `attach`
+//! swaps the new programs into the pinned links atomically, and
+//! [`Loader::remove_previous_generations`] deletes the old map pins (no enforcement gap).
 
 use std::{
     ffi::CString,
@@ -260,10 +264,45 @@ fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Where the generations of map pins live under a node's pin directory: the directory itself
+/// (generation 0, as every build before generations pinned them) and `gen-<n>` in it.
+fn generation_dir(pin_dir: &Path, generation: u32) -> PathBuf {
+    if generation == 0 {
+        pin_dir.to_owned()
+    } else {
+        pin_dir.join(format!("gen-{generation}"))
+    }
+}
+
+/// The generations that hold map pins, oldest first.
+fn pinned_generations(pin_dir: &Path) -> Vec<u32> {
+    let holds_maps = |dir: &Path| MAP_SHAPES.iter().any(|(name, ..)| dir.join(name).exists());
+    let mut out: Vec<u32> = std::fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("gen-")?
+                .parse::<u32>()
+                .ok()
+        })
+        .filter(|g| *g > 0 && holds_maps(&generation_dir(pin_dir, *g)))
+        .collect();
+    if holds_maps(pin_dir) {
+        out.push(0);
+    }
+    out.sort_unstable();
+    out
+}
+
 /// A loaded datapath: the programs (loaded, verified) and the maps, pinned per node.
 pub struct Loader {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    map_dir: PathBuf,
+    previous: Vec<PathBuf>,
     maps: Maps,
     flows: Option<FlowReader>,
 }
@@ -280,16 +319,52 @@ impl Loader {
     /// Loads the object with its maps pinned in `pin_dir` (created if missing, must be on a
     /// bpffs). Maps already pinned there by an earlier run are reused with their entries;
     /// every program is loaded (verified) now. Must run in the node's network namespace.
+    ///
+    /// When the newest pinned generation has a map of another shape (an older build), the maps
+    /// are created empty in a new generation directory instead and the old ones keep serving
+    /// the programs still attached: fill the new maps, [`Loader::attach`] every hook again
+    /// (the pinned links switch to the new programs atomically), then call
+    /// [`Loader::remove_previous_generations`].
     pub fn load(pin_dir: &Path) -> Result<Self, Error> {
         std::fs::create_dir_all(pin_dir.join("links")).map_err(|source| Error::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
         check_bpffs(pin_dir)?;
-        check_pinned_shapes(pin_dir)?;
+        let generations = pinned_generations(pin_dir);
+        let newest = generations.last().copied().unwrap_or(0);
+        let generation = match check_pinned_shapes(&generation_dir(pin_dir, newest)) {
+            Ok(()) => newest,
+            Err(Error::PinnedMapMismatch {
+                path,
+                found,
+                expected,
+            }) => {
+                warn!(
+                    pin = %path.display(),
+                    ?found,
+                    ?expected,
+                    generation = newest + 1,
+                    "pinned maps of an older build have another shape; loading a new generation \
+                     beside them (the attached programs keep the old maps until swapped)"
+                );
+                newest + 1
+            }
+            Err(e) => return Err(e),
+        };
+        let map_dir = generation_dir(pin_dir, generation);
+        std::fs::create_dir_all(&map_dir).map_err(|source| Error::PinDir {
+            path: map_dir.clone(),
+            source,
+        })?;
+        let previous: Vec<PathBuf> = generations
+            .iter()
+            .filter(|g| **g != generation)
+            .map(|g| generation_dir(pin_dir, *g))
+            .collect();
         raise_memlock();
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+            .default_map_pin_directory(&map_dir)
             .load(DATAPATH)
             .map_err(|e| Error::Load {
                 pin_dir: pin_dir.to_owned(),
@@ -308,10 +383,12 @@ impl Loader {
         let flows = FlowReader {
             ring: RingBuf::try_from(ring).map_err(map_err("wm_events"))?,
         };
-        info!(pin_dir = %pin_dir.display(), "eBPF datapath loaded");
+        info!(pin_dir = %pin_dir.display(), map_dir = %map_dir.display(), "eBPF datapath loaded");
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            map_dir,
+            previous,
             maps,
             flows: Some(flows),
         })
@@ -320,6 +397,41 @@ impl Loader {
     /// The pin directory.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The directory of this loader's map pins: the pin directory, or a `gen-<n>` directory in
+    /// it after an upgrade changed the maps' shapes.
+    pub fn map_dir(&self) -> &Path {
+        &self.map_dir
+    }
+
+    /// Map pin directories of other generations (an older build's maps, still used by the
+    /// programs attached before this loader's [`Loader::attach`] calls replaced them).
+    pub fn previous_generations(&self) -> &[PathBuf] {
+        &self.previous
+    }
+
+    /// Deletes the map pins of the other generations; call it once every attached hook runs
+    /// this loader's programs (the kernel frees the old maps when their last program goes).
+    /// Returns the number of pins deleted.
+    pub fn remove_previous_generations(&mut self) -> Result<usize, Error> {
+        let mut n = 0;
+        for dir in std::mem::take(&mut self.previous) {
+            for (name, ..) in MAP_SHAPES {
+                let path = dir.join(name);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => n += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(Error::PinDir { path, source }),
+                }
+            }
+            if dir != self.pin_dir {
+                // Empty now unless something foreign lives there; then it stays.
+                let _ = std::fs::remove_dir(&dir);
+            }
+            info!(dir = %dir.display(), "removed the map pins of a previous generation");
+        }
+        Ok(n)
     }
 
     /// The maps.

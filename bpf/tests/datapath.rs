@@ -10,7 +10,8 @@ use std::{
 };
 
 use harness::{
-    PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, ifindex, in_ns, root_or_skip, run, wait_event,
+    PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, TunPipe, ifindex, in_ns, root_or_skip, run,
+    wait_event,
 };
 use ipnet::Ipv4Net;
 use wiremesh_bpf::{
@@ -69,6 +70,17 @@ spec:
   egress:
   - to: [{podSelector: {matchLabels: {app: b}}}]
     ports: [{protocol: TCP, port: 8080}]
+"#;
+
+/// a is isolated for ingress with no rules.
+const DENY_A: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-a, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress]
 "#;
 
 fn compiled(policies: &str) -> Compiled {
@@ -1469,5 +1481,265 @@ fn test_run_decides_like_real_traffic() {
     assert_eq!(
         entry.epoch,
         loader.maps_ref().policy_epoch().expect("epoch")
+    );
+}
+
+/// Sends `len` bytes from pod `from` to `to` over TCP and returns what the receiver counted
+/// when the sender finished or `timeout` passed.
+fn bulk_tcp(t: &Topo, from: &str, to: SocketAddr, len: usize, timeout: Duration) -> usize {
+    use std::io::{Read, Write};
+    let listener = in_ns(&t.peer, move || TcpListener::bind(to).expect("bind"));
+    let receiver = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(timeout)).expect("timeout");
+        let mut buf = vec![0u8; 65536];
+        let mut got = 0;
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        got
+    });
+    let sent = in_ns(from, move || -> Result<(), String> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .map_err(|e| format!("connect {to}: {e}"))?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.write_all(&vec![0x5a; len])
+            .map_err(|e| format!("send: {e}"))?;
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())
+    });
+    let got = receiver.join().expect("receiver");
+    if let Err(e) = sent {
+        eprintln!("bulk sender: {e}");
+    }
+    got
+}
+
+#[test]
+fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
+    if !root_or_skip("mtu") {
+        return;
+    }
+    let t = Topo::new();
+    // Pod veths keep MTU 1500 (checked), the tunnel has 1420 and its "underlay" (a pipe into
+    // a TUN in the peer) carries nothing larger, like a real WireGuard tunnel.
+    let link = std::process::Command::new("ip")
+        .args(["-n", &t.pod_a, "-o", "link", "show", "eth0"])
+        .output()
+        .expect("ip link");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains(" mtu 1500 "), "pod a's eth0: {link}");
+    let tun_name = format!("wt{}", &t.host_a[2..]);
+    let peer_tun = format!("wr{}", &t.host_a[2..]);
+    let tn = tun_name.clone();
+    let (tun, tun_index) = in_ns(&t.node, move || {
+        let tun = Tun::create(&tn);
+        (tun, ifindex(&tn))
+    });
+    for k in [
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    ] {
+        run(&["ip", "netns", "exec", &t.peer, "sysctl", "-qw", k]);
+    }
+    let pt = peer_tun.clone();
+    let rx_tun = in_ns(&t.peer, move || Tun::create(&pt));
+    run(&[
+        "ip", "-n", &t.node, "link", "set", &tun_name, "mtu", "1420", "up",
+    ]);
+    run(&["ip", "-n", &t.peer, "link", "set", &peer_tun, "up"]);
+    // The agent's route: remote pods into the tunnel.
+    run(&[
+        "ip",
+        "-n",
+        &t.node,
+        "route",
+        "replace",
+        "10.201.9.0/24",
+        "dev",
+        &tun_name,
+    ]);
+    let pipe = TunPipe::start(tun, rx_tun, 1420);
+
+    let mut loader = load(&t, pod_hooks(&t));
+    let mut flows = loader.take_flow_reader().expect("reader");
+    let maps = loader.maps();
+    maps.set_config(&Config::new(tun_index, Mode::Permissive, 1, 0))
+        .expect("config");
+    let none = compiled("");
+    maps.apply_policy(&none.diff(&Compiled::default()), local)
+        .expect("endpoints");
+    let remote = IpcacheValue::new(
+        300,
+        2,
+        PEER_NODE,
+        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
+    );
+    maps.upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote)
+        .expect("ipcache");
+
+    const LEN: usize = 4 << 20;
+    let started = Instant::now();
+    let got = bulk_tcp(
+        &t,
+        &t.pod_a,
+        SocketAddr::from((REMOTE_POD, 7001)),
+        LEN,
+        Duration::from_secs(20),
+    );
+    eprintln!(
+        "4 MiB from a 1500-MTU pod through a 1420 tunnel in {:?} ({} oversized packets reached \
+         the pipe)",
+        started.elapsed(),
+        pipe.dropped()
+    );
+    assert_eq!(
+        got, LEN,
+        "the bulk transfer through the redirect must complete"
+    );
+    assert_eq!(
+        pipe.dropped(),
+        0,
+        "no packet above the tunnel MTU is redirected into the tunnel"
+    );
+    wait_event(&mut flows, Duration::from_secs(3), |e| {
+        e.verdict() == Some(Verdict::ForwardedEncrypted) && e.dst() == REMOTE_POD
+    })
+    .expect("the transfer was redirected (forwarded-encrypted)");
+
+    // The PMTU error also reaches a pod isolated for ingress (it is no reply of the flow's
+    // tuple): forget the learned PMTU and send again.
+    let deny = compiled(DENY_A);
+    loader
+        .maps()
+        .apply_policy(&deny.diff(&none), local)
+        .expect("deny a");
+    run(&["ip", "-n", &t.pod_a, "route", "flush", "cache"]);
+    let got = bulk_tcp(
+        &t,
+        &t.pod_a,
+        SocketAddr::from((REMOTE_POD, 7002)),
+        LEN,
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        got, LEN,
+        "isolated pod: the bulk transfer must complete too"
+    );
+    assert_eq!(pipe.dropped(), 0);
+}
+
+/// Replaces the pin `path` with a new, empty array map of `value_size`-byte values (a map of
+/// another shape, as an older build would have left it). The map it pinned before lives on
+/// while programs use it.
+fn pin_map_of_another_shape(path: &std::path::Path, value_size: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::remove_file(path).expect("unpin");
+    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, rest 0.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[2 /* BPF_MAP_TYPE_ARRAY */, 4, value_size, 1]);
+    // SAFETY: BPF_MAP_CREATE (0) with a zeroed attr of 128 bytes.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128) };
+    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // BPF_OBJ_PIN: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: BPF_OBJ_PIN (6) with a valid path pointer and map fd.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), 128) };
+    assert_eq!(r, 0, "pin: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is ours; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
+    if !root_or_skip("upgrade") {
+        return;
+    }
+    let t = Topo::new();
+    let _l = listen(&t.pod_b, 8080);
+    let deny = compiled(DENY_B);
+    {
+        let mut old = load(&t, pod_hooks(&t));
+        let maps = old.maps();
+        maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
+            .expect("config");
+        maps.apply_policy(&deny.diff(&Compiled::default()), local)
+            .expect("deny");
+        assert!(!connect(&t.pod_a, POD_B, 8080), "deny with the old build");
+    }
+    // "An older build": its wm_config pin has another value size.
+    pin_map_of_another_shape(&t.pin_dir().join("wm_config"), 8);
+    assert!(
+        !connect(&t.pod_a, POD_B, 8080),
+        "old programs still enforce"
+    );
+
+    let pin = t.pin_dir();
+    let mut new = in_ns(&t.node, move || {
+        Loader::load(&pin).expect("load a new generation")
+    });
+    assert_eq!(new.map_dir(), t.pin_dir().join("gen-1"));
+    assert_eq!(new.previous_generations(), [t.pin_dir()]);
+    assert!(t.pin_dir().join("gen-1/wm_ipcache4").exists());
+    assert_eq!(
+        new.maps_ref().policy_counts(),
+        (0, 0),
+        "new maps start empty"
+    );
+    // Loaded, not attached: the old programs and maps still decide.
+    assert!(
+        !connect(&t.pod_a, POD_B, 8080),
+        "deny while the new maps are empty"
+    );
+    let maps = new.maps();
+    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
+        .expect("config");
+    maps.apply_policy(&deny.diff(&Compiled::default()), local)
+        .expect("deny in the new maps");
+    let hooks = pod_hooks(&t);
+    let mut new = in_ns(&t.node, move || {
+        for (iface, hook) in hooks {
+            let how = new.attach(&iface, hook).expect("attach");
+            assert_eq!(
+                how,
+                Attached::ReplacedPinned,
+                "{iface} {hook:?}: swapped in place"
+            );
+        }
+        new
+    });
+    assert!(!connect(&t.pod_a, POD_B, 8080), "deny after the swap");
+    // The new maps drive the attached programs now.
+    let allow = compiled(ALLOW_A_TO_B_8080);
+    new.maps()
+        .apply_policy(&allow.diff(&deny), local)
+        .expect("allow in the new maps");
+    assert!(
+        eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+        "the new generation's maps decide after the swap"
+    );
+    let removed = new.remove_previous_generations().expect("remove old pins");
+    assert!(removed >= 10, "old map pins removed: {removed}");
+    assert!(!t.pin_dir().join("wm_ipcache4").exists());
+    assert!(!t.pin_dir().join("wm_config").exists());
+    assert!(t.pin_dir().join("links").exists(), "links stay");
+    assert!(new.previous_generations().is_empty());
+    drop(new);
+
+    // The next start reuses generation 1 with its entries.
+    let pin = t.pin_dir();
+    let again = in_ns(&t.node, move || Loader::load(&pin).expect("reload"));
+    assert_eq!(again.map_dir(), t.pin_dir().join("gen-1"));
+    assert!(again.previous_generations().is_empty());
+    assert_eq!(
+        again.maps_ref().policy_counts(),
+        (allow.isolated.len(), allow.rules.len())
     );
 }

@@ -35,6 +35,7 @@ spec:
   ingress:
   - from: [{ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.128/25]}}]
     ports: [{port: 8080}]
+  - from: [{ipBlock: {cidr: "2001:db8::/64"}}]
 "#;
 
 const NEW: &str = r#"
@@ -79,9 +80,11 @@ fn retain_policy_deletes_exactly_what_the_current_compilation_lacks() {
         {
             let mut l = Loader::load(&pins).expect("load");
             l.maps()
-                .apply_policy(&old.diff(&Compiled::default()), |_, _| {
-                    wiremesh_bpf::IpcacheValue::default()
-                })
+                .apply_policy_dual(
+                    &old.diff(&Compiled::default()),
+                    |_, _| wiremesh_bpf::IpcacheValue::default(),
+                    |_, _| wiremesh_bpf::IpcacheValue::default(),
+                )
                 .expect("old policy");
         }
         // A "restarted agent": same pins, writes the new compilation, then retains it.
@@ -96,7 +99,14 @@ fn retain_policy_deletes_exactly_what_the_current_compilation_lacks() {
                 wiremesh_bpf::IpcacheValue::default()
             })
             .expect("new policy");
+        let epoch = l.maps_ref().policy_epoch().expect("epoch");
         let gone = l.maps().retain_policy(&new).expect("retain");
+        // Flows decided under the deleted entries must re-run their lookups: a new epoch.
+        assert_ne!(
+            l.maps_ref().policy_epoch().expect("epoch"),
+            epoch,
+            "deleting policy entries starts a new policy epoch"
+        );
         assert_eq!(
             l.maps_ref().policy_counts(),
             (new.isolated.len(), new.rules.len()),
@@ -110,8 +120,11 @@ fn retain_policy_deletes_exactly_what_the_current_compilation_lacks() {
             gone.cidrs > 0,
             "the old ipBlock prefixes are deleted: {gone:?}"
         );
-        // Idempotent.
+        assert_eq!(gone.cidrs6, 1, "the old IPv6 ipBlock is deleted: {gone:?}");
+        // Idempotent, and nothing deleted means no new epoch.
+        let epoch = l.maps_ref().policy_epoch().expect("epoch");
         assert_eq!(l.maps().retain_policy(&new).expect("again").total(), 0);
+        assert_eq!(l.maps_ref().policy_epoch().expect("epoch"), epoch);
     });
     let _ = Command::new("umount").arg(&dir).status();
     if let Err(p) = result {

@@ -84,8 +84,8 @@ pub struct Metrics {
     pub node_patches: Family<ResultLabels, Counter>,
     /// 1 once the eBPF datapath is loaded.
     pub ebpf_loaded: Gauge,
-    /// Local pods whose veth MTU exceeds the tunnel MTU (their large packets to other nodes are
-    /// lost: the redirect into the tunnel bypasses "fragmentation needed").
+    /// Local pods whose veth MTU exceeds the tunnel MTU (information: their packets too big for
+    /// the tunnel get a PMTU error from the node, so they pay a round trip of path MTU discovery).
     pub pods_mtu_above_tunnel: Gauge,
     /// 1 while the eBPF config says strict mode.
     pub ebpf_strict: Gauge,
@@ -210,7 +210,7 @@ impl Metrics {
         );
         registry.register(
             "pods_mtu_above_tunnel",
-            "Local pods whose veth MTU exceeds the tunnel MTU",
+            "Local pods whose veth MTU exceeds the tunnel MTU (they rely on path MTU discovery)",
             self.pods_mtu_above_tunnel.clone(),
         );
         registry.register(

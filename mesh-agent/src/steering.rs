@@ -2,7 +2,9 @@
 //!
 //! Once `MeshEncryption default` steers traffic, the task loads the programs with their maps
 //! pinned in `<bpffs>/wiremesh/<node>` (reusing the pins of an earlier run, so enforcement never
-//! stops across a restart) and then, on every watch event (debounced 100 ms), every mesh
+//! stops across a restart; pins of an older build with other map shapes stay in use until this
+//! run has filled a new generation of maps and swapped its programs into the pinned links, see
+//! [`wiremesh_bpf::Loader::load`]) and then, on every watch event (debounced 100 ms), every mesh
 //! change and every 2 s:
 //!
 //! 1. compiles Namespaces, Pods and NetworkPolicies with the `wiremesh-policy` compiler (the
@@ -13,9 +15,11 @@
 //! 2. writes the ipcache ([`plan::desired_ipcache`]) as a diff against the pinned map;
 //! 3. writes `wm_config`: the tunnel's current ifindex (a new TUN gets a new one), strict or
 //!    permissive, the host identity and the WireGuard port;
-//! 4. attaches `from_pod`/`to_pod` to the host side of each local pod's veth and the underlay
-//!    programs to the device holding the node's address, and removes the pins of veths that
-//!    are gone.
+//! 4. writes the anti-spoofing entry of each local pod's veth (`wm_endpoints`: host-side
+//!    ifindex -> the pod's addresses) and only then attaches `from_pod`/`to_pod` to it, so the
+//!    first packet `from_pod` sees is already checked; attaches the underlay programs to the
+//!    device holding the node's address; then deletes the endpoint entries and link pins of
+//!    veths that are gone (also those an earlier run left behind).
 //!
 //! A thread reads the flow ring buffer into the [`FlowTable`] served on `/flows`.
 //! When steering is switched off the programs stay attached (NetworkPolicy is still enforced
@@ -24,7 +28,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::{
         Arc,
@@ -37,7 +41,8 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::ObjectReference;
 use tokio::sync::{Notify, watch};
 use wiremesh_bpf::{
-    Config as BpfConfig, Hook, IpcacheValue, Loader, MapWriter, Mode, Retained, node_pin_dir,
+    Config as BpfConfig, EndpointValue, Hook, IpcacheValue, Loader, MapWriter, Mode, Retained,
+    node_pin_dir,
 };
 use wiremesh_crds::EncryptionMode;
 use wiremesh_policy::{Compiled, Identity, MapDiff, compile};
@@ -537,11 +542,14 @@ impl Steering {
         }
         self.metrics.ebpf_strict.set(i64::from(strict));
         let placed = placement(&snap, own_ip, tunnel, &self.settings.node_name, &pods);
+        // Anti-spoofing entries before from_pod goes on a new veth; stale ones after the
+        // programs left the veths that are gone.
+        write_endpoints(loaded.loader.maps(), &placed.endpoints).map_err(SteeringError::Maps)?;
         let attach = attach_all(loaded, &placed.wanted);
+        prune_endpoints(loaded.loader.maps(), &placed.endpoints).map_err(SteeringError::Maps)?;
         self.metrics
             .bpf_attached_programs
             .set(loaded.attached.len() as i64);
-        let mtu_problems = placed.mtu_problems.len();
         if let Ok(lost) = loaded.loader.maps_ref().events_lost() {
             self.metrics.flow_events_lost.set(lost as i64);
         }
@@ -553,10 +561,10 @@ impl Steering {
                 .set_backlog(&backlog),
             Err(error) => tracing::debug!(%error, "reading the flow backlog"),
         }
-        self.metrics.pods_mtu_above_tunnel.set(mtu_problems as i64);
-        let mut problems = self.policy_problems.clone();
-        problems.extend(placed.mtu_problems);
-        self.report_problems(problems).await;
+        self.metrics
+            .pods_mtu_above_tunnel
+            .set(placed.above_tunnel_mtu.len() as i64);
+        self.report_problems(self.policy_problems.clone()).await;
         attach
     }
 }
@@ -671,6 +679,7 @@ pub fn write_policy<M: PolicyMaps>(
                 isolated = gone.isolated,
                 rules = gone.rules,
                 cidrs = gone.cidrs,
+                cidrs6 = gone.cidrs6,
                 "deleted policy entries an earlier run left behind"
             );
             changed = true;
@@ -717,14 +726,21 @@ fn write_all(
     Ok(changed)
 }
 
-/// Where the programs go according to one link snapshot, and the local pods whose veth MTU
-/// exceeds the tunnel's (the redirect into the tunnel skips the routing stack, so nothing would
-/// tell such a pod to send smaller packets: its large packets are lost).
+/// Where the programs go according to one link snapshot, the anti-spoofing entries, and the
+/// local pods whose veth MTU exceeds the tunnel's. The latter is information, not a fault:
+/// `from_pod` hands a packet too big for the tunnel to the routing stack, which answers with a
+/// PMTU error, so such pods work and only pay a round trip of path MTU discovery per
+/// destination (no Event; the `pods_mtu_above_tunnel` gauge counts them).
 #[derive(Debug, Default)]
 pub struct Placement {
     /// (interface, hook) -> (hook, ifindex).
     pub wanted: BTreeMap<(String, u8), (Hook, u32)>,
-    pub mtu_problems: Vec<ObjectProblem>,
+    /// Host-side veth ifindex -> the addresses of the one local pod behind it (the
+    /// `wm_endpoints` anti-spoofing entries). An interface that routes to several pods (a
+    /// bridge) gets none: the program cannot tell which pod sent a packet, so it does not check.
+    pub endpoints: BTreeMap<u32, EndpointValue>,
+    /// `namespace/name` of the local pods whose veth MTU is above the tunnel's.
+    pub above_tunnel_mtu: Vec<String>,
 }
 
 /// See [`Placement`].
@@ -745,15 +761,27 @@ pub fn placement(
     }
     let tunnel_mtu = tunnel.and_then(|i| snap.mtus.get(&i)).copied();
     let exclude: Vec<u32> = tunnel.into_iter().chain(underlay.map(|(i, _)| i)).collect();
+    // ifindex -> the pods behind it (more than one: no anti-spoofing entry).
+    let mut behind: BTreeMap<u32, Vec<EndpointValue>> = BTreeMap::new();
     for pod in pods {
         if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(own_node) {
             continue;
         }
-        for ip in crate::views::pod_network_ips(pod) {
+        let ips = crate::views::pod_network_ips(pod);
+        let ip6 = ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        });
+        for ip in ips {
             let IpAddr::V4(ip) = ip else { continue };
             let Some((index, name)) = snap.route_iface(ip, &exclude) else {
                 continue;
             };
+            let ep = EndpointValue::new(Some(ip), ip6);
+            let pods_here = behind.entry(index).or_default();
+            if !pods_here.contains(&ep) {
+                pods_here.push(ep);
+            }
             for hook in [Hook::FromPod, Hook::ToPod] {
                 out.wanted
                     .insert((name.to_string(), hook as u8), (hook, index));
@@ -761,22 +789,104 @@ pub fn placement(
             if let (Some(mtu), Some(tunnel_mtu)) = (snap.mtus.get(&index), tunnel_mtu)
                 && *mtu > tunnel_mtu
             {
-                out.mtu_problems.push(ObjectProblem {
-                    kind: "Pod",
-                    namespace: pod.metadata.namespace.clone(),
-                    name: pod.metadata.name.clone().unwrap_or_default(),
-                    uid: pod.metadata.uid.clone(),
-                    reason: "PodMTUAboveTunnelMTU",
-                    message: format!(
-                        "the pod's veth {name} has MTU {mtu}, the tunnel {tunnel_mtu}: packets \
-                         larger than {tunnel_mtu} bytes to other nodes are lost; configure the \
-                         CNI with MTU {tunnel_mtu}"
-                    ),
-                });
+                out.above_tunnel_mtu.push(format!(
+                    "{}/{}",
+                    pod.metadata.namespace.as_deref().unwrap_or("default"),
+                    pod.metadata.name.as_deref().unwrap_or("")
+                ));
+                tracing::debug!(
+                    iface = name,
+                    mtu,
+                    tunnel_mtu,
+                    "pod veth MTU above the tunnel's (PMTU discovery applies)"
+                );
             }
         }
     }
+    for (index, eps) in behind {
+        match eps.as_slice() {
+            [one] => {
+                out.endpoints.insert(index, *one);
+            }
+            _ => tracing::debug!(
+                ifindex = index,
+                pods = eps.len(),
+                "interface routes to several pods: no anti-spoofing entry"
+            ),
+        }
+    }
     out
+}
+
+/// The `wm_endpoints` map as the steering pass uses it. Implemented by the pinned maps; unit
+/// tests use a `BTreeMap`.
+pub trait EndpointMaps {
+    /// All entries.
+    fn endpoints(&self) -> Result<BTreeMap<u32, EndpointValue>, wiremesh_bpf::Error>;
+    /// Inserts or overwrites one.
+    fn put_endpoint(
+        &mut self,
+        ifindex: u32,
+        value: EndpointValue,
+    ) -> Result<(), wiremesh_bpf::Error>;
+    /// Deletes one (missing is not an error).
+    fn del_endpoint(&mut self, ifindex: u32) -> Result<(), wiremesh_bpf::Error>;
+}
+
+impl EndpointMaps for wiremesh_bpf::Maps {
+    fn endpoints(&self) -> Result<BTreeMap<u32, EndpointValue>, wiremesh_bpf::Error> {
+        Ok(self.endpoint_entries()?.into_iter().collect())
+    }
+    fn put_endpoint(
+        &mut self,
+        ifindex: u32,
+        value: EndpointValue,
+    ) -> Result<(), wiremesh_bpf::Error> {
+        self.upsert_endpoint(ifindex, value)
+    }
+    fn del_endpoint(&mut self, ifindex: u32) -> Result<(), wiremesh_bpf::Error> {
+        self.remove_endpoint(ifindex)
+    }
+}
+
+/// Writes every wanted endpoint entry the map does not hold yet (a new veth, or a reused
+/// ifindex now behind another pod). Returns how many were written.
+pub fn write_endpoints<M: EndpointMaps>(
+    maps: &mut M,
+    wanted: &BTreeMap<u32, EndpointValue>,
+) -> Result<usize, wiremesh_bpf::Error> {
+    let have = maps.endpoints()?;
+    let mut n = 0;
+    for (index, value) in wanted {
+        if have.get(index) != Some(value) {
+            maps.put_endpoint(*index, *value)?;
+            tracing::info!(
+                ifindex = index,
+                ip4 = %Ipv4Addr::from(value.ip4),
+                ip6 = %Ipv6Addr::from(value.ip6),
+                "anti-spoofing entry written"
+            );
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Deletes every endpoint entry not wanted (veths that are gone, an interface now shared by
+/// several pods, leftovers of an earlier run). Returns how many were deleted.
+pub fn prune_endpoints<M: EndpointMaps>(
+    maps: &mut M,
+    wanted: &BTreeMap<u32, EndpointValue>,
+) -> Result<usize, wiremesh_bpf::Error> {
+    let mut n = 0;
+    for index in maps.endpoints()?.into_keys() {
+        if !wanted.contains_key(&index) {
+            maps.del_endpoint(index)?;
+            tracing::info!(ifindex = index, "anti-spoofing entry deleted");
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Attaches the programs where they belong and detaches them where they no longer do. Every
@@ -820,10 +930,21 @@ fn attach_all(
             }
         }
     }
-    // Pins an earlier run left for interfaces that are gone now.
+    // Pins an earlier run left for interfaces that are gone now; then, every attached hook
+    // running this loader's programs, the map pins of an older build's generation.
     if !loaded.pins_collected && first_error.is_none() {
         loaded.pins_collected = true;
         collect_stale_pins(loaded, wanted);
+        if !loaded.loader.previous_generations().is_empty() {
+            match loaded.loader.remove_previous_generations() {
+                Ok(n) => tracing::info!(
+                    pins = n,
+                    map_dir = %loaded.loader.map_dir().display(),
+                    "upgrade finished: programs swapped onto the new maps, old map pins removed"
+                ),
+                Err(error) => tracing::warn!(%error, "removing the old generation's map pins"),
+            }
+        }
     }
     match first_error {
         Some(e) => Err(e),

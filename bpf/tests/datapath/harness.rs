@@ -412,6 +412,70 @@ impl Tun {
     }
 }
 
+/// A thread carrying the packets of one TUN into another, as a tunnel whose underlay carries
+/// at most `mtu`-byte inner packets: larger ones are dropped (counted), as a WireGuard
+/// tunnel's oversized UDP datagrams would be. Stops on drop.
+pub struct TunPipe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dropped: std::sync::Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TunPipe {
+    pub fn start(from: Tun, to: Tun, mtu: usize) -> Self {
+        use std::io::Write;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropped = std::sync::Arc::new(AtomicU32::new(0));
+        let (flag, count) = (stop.clone(), dropped.clone());
+        let thread = std::thread::spawn(move || {
+            let mut rx = File::from(from.fd);
+            let mut tx = File::from(to.fd);
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                match rx.read(&mut buf) {
+                    Ok(n) if n > mtu => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(n) => {
+                        // The receiving TUN is non-blocking too; a full queue loses the
+                        // packet like a congested link (TCP retransmits).
+                        let _ = tx.write(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let mut pfd = libc::pollfd {
+                            fd: rx.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: one valid pollfd.
+                        unsafe { libc::poll(&mut pfd, 1, 50) };
+                    }
+                    Err(e) => panic!("reading tun: {e}"),
+                }
+            }
+        });
+        TunPipe {
+            stop,
+            dropped,
+            thread: Some(thread),
+        }
+    }
+
+    /// Packets dropped for exceeding the MTU so far.
+    pub fn dropped(&self) -> u32 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TunPipe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The ifindex of `iface` in the calling thread's namespace.
 pub fn ifindex(iface: &str) -> u32 {
     let c = std::ffi::CString::new(iface).expect("name");

@@ -11,6 +11,10 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -500,4 +504,98 @@ where
     wait::until(what, timeout, Duration::from_millis(250), check)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Probes `from -> to:port` over and over until stopped, counting attempts and successes.
+pub struct GapProbe {
+    stop: Arc<AtomicBool>,
+    attempts: Arc<AtomicU32>,
+    successes: Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GapProbe {
+    pub fn start(
+        cluster: &wiremesh_integration::VirtualCluster,
+        from: &str,
+        to: &str,
+        port: u16,
+    ) -> Self {
+        let netns = cluster.pod(from).expect("pod").network.netns.clone();
+        let addr = std::net::SocketAddr::from((cluster.pod(to).expect("pod").network.ip, port));
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(AtomicU32::new(0));
+        let successes = Arc::new(AtomicU32::new(0));
+        let (s, a, ok) = (stop.clone(), attempts.clone(), successes.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let connected = wiremesh_integration::netns::within(&netns, move || {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                })
+                .unwrap_or(false);
+                a.fetch_add(1, Ordering::Relaxed);
+                if connected {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            attempts,
+            successes,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the probe and asserts it ran and never got through (`what`: the window it covered).
+    pub fn assert_never_through(self, what: &str) {
+        let (attempts, successes) = self.finish();
+        eprintln!("denied-flow probe through {what}: {attempts} attempts");
+        assert!(attempts >= 5, "the probe ran: {attempts} attempts");
+        assert_eq!(
+            successes, 0,
+            "the denied flow got through {successes} of {attempts} times around {what}"
+        );
+    }
+
+    /// Stops the probe; returns (attempts, successes).
+    pub fn finish(mut self) -> (u32, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("probe thread");
+        }
+        (
+            self.attempts.load(Ordering::Relaxed),
+            self.successes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The log of `node`'s agent so far.
+pub fn agent_log(cluster: &VirtualCluster, node: &str) -> String {
+    let path = cluster
+        .node(node)
+        .expect("node")
+        .agent_log
+        .clone()
+        .expect("the agent logs to a file");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The NetworkPolicy `web-from-clients`: pods labelled `role=web` accept port 80 from
+/// `role=client` pods only.
+pub async fn create_web_from_clients(cluster: &VirtualCluster) {
+    create_policy(
+        cluster,
+        "web-from-clients",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"role": "web"}},
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                "ports": [{"port": 80}],
+            }],
+        }),
+    )
+    .await;
 }

@@ -19,6 +19,10 @@ impl PolicyMaps for FakeMaps {
         let cidrs: BTreeSet<ipnet::IpNet> = keep.cidrs.iter().map(|e| e.prefix).collect();
         self.cidrs
             .retain(|n, _| cidrs.contains(&ipnet::IpNet::V4(*n)));
+        let before6 = self.cidrs6.len();
+        self.cidrs6
+            .retain(|n, _| cidrs.contains(&ipnet::IpNet::V6(*n)));
+        out.cidrs6 = before6 - self.cidrs6.len();
         out.isolated = before.0 - self.isolated.len();
         out.rules = before.1 - self.rules.len();
         out.cidrs = before.2 - self.cidrs.len();
@@ -174,7 +178,7 @@ fn a_policy_change_is_written_as_a_diff_puts_first() {
 }
 
 #[test]
-fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_flagged() {
+fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_counted() {
     let snap = links::LinkSnapshot {
         names: BTreeMap::from([
             (2, "eth0".into()),
@@ -221,9 +225,102 @@ fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_flagged() {
         ],
         "a pod without its own route gets nothing (the default route is the underlay)"
     );
-    assert_eq!(placed.mtu_problems.len(), 1);
-    assert_eq!(placed.mtu_problems[0].name, "big");
-    assert_eq!(placed.mtu_problems[0].reason, "PodMTUAboveTunnelMTU");
+    assert_eq!(placed.above_tunnel_mtu, vec!["default/big".to_string()]);
+    assert_eq!(
+        placed.endpoints,
+        BTreeMap::from([
+            (
+                5,
+                EndpointValue::new(Some(Ipv4Addr::new(10, 244, 1, 11)), None)
+            ),
+            (
+                6,
+                EndpointValue::new(Some(Ipv4Addr::new(10, 244, 1, 12)), None)
+            ),
+        ]),
+        "each local pod veth is declared with its pod's address"
+    );
+}
+
+#[test]
+fn an_interface_routing_to_several_pods_gets_no_anti_spoofing_entry() {
+    let snap = links::LinkSnapshot {
+        names: BTreeMap::from([(2, "eth0".into()), (7, "cni0".into())]),
+        mtus: BTreeMap::new(),
+        addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 11), 2)]),
+        routes: vec![
+            (Ipv4Addr::UNSPECIFIED, 0, 2),
+            (Ipv4Addr::new(10, 244, 1, 0), 24, 7),
+        ],
+    };
+    let pods = vec![
+        pod("a", "n1", "10.244.1.11", "x"),
+        pod("b", "n1", "10.244.1.12", "x"),
+    ];
+    let placed = placement(
+        &snap,
+        Some(Ipv4Addr::new(10, 213, 0, 11)),
+        None,
+        "n1",
+        &pods,
+    );
+    assert!(
+        placed
+            .wanted
+            .contains_key(&("cni0".to_string(), Hook::FromPod as u8))
+    );
+    assert!(
+        placed.endpoints.is_empty(),
+        "a shared bridge cannot be checked per pod: {:?}",
+        placed.endpoints
+    );
+}
+
+#[derive(Default)]
+struct FakeEndpoints {
+    map: BTreeMap<u32, EndpointValue>,
+    ops: Vec<(char, u32)>,
+}
+
+impl EndpointMaps for FakeEndpoints {
+    fn endpoints(&self) -> Result<BTreeMap<u32, EndpointValue>, wiremesh_bpf::Error> {
+        Ok(self.map.clone())
+    }
+    fn put_endpoint(
+        &mut self,
+        ifindex: u32,
+        value: EndpointValue,
+    ) -> Result<(), wiremesh_bpf::Error> {
+        self.ops.push(('+', ifindex));
+        self.map.insert(ifindex, value);
+        Ok(())
+    }
+    fn del_endpoint(&mut self, ifindex: u32) -> Result<(), wiremesh_bpf::Error> {
+        self.ops.push(('-', ifindex));
+        self.map.remove(&ifindex);
+        Ok(())
+    }
+}
+
+#[test]
+fn endpoint_entries_are_written_changed_and_pruned_like_the_pinned_state_demands() {
+    let ep = |last: u8| EndpointValue::new(Some(Ipv4Addr::new(10, 244, 1, last)), None);
+    // Pinned by an earlier run: veth 5 (still there), 6 (ifindex reused by another pod), 8
+    // (gone).
+    let mut maps = FakeEndpoints {
+        map: BTreeMap::from([(5, ep(11)), (6, ep(12)), (8, ep(13))]),
+        ops: Vec::new(),
+    };
+    let wanted = BTreeMap::from([(5, ep(11)), (6, ep(20)), (9, ep(21))]);
+    assert_eq!(write_endpoints(&mut maps, &wanted).unwrap(), 2);
+    assert_eq!(maps.ops, vec![('+', 6), ('+', 9)], "only what differs");
+    assert_eq!(maps.map.get(&8), Some(&ep(13)), "writes delete nothing");
+    assert_eq!(prune_endpoints(&mut maps, &wanted).unwrap(), 1);
+    assert_eq!(maps.map, wanted);
+    maps.ops.clear();
+    assert_eq!(write_endpoints(&mut maps, &wanted).unwrap(), 0);
+    assert_eq!(prune_endpoints(&mut maps, &wanted).unwrap(), 0);
+    assert!(maps.ops.is_empty());
 }
 
 #[tokio::test]
