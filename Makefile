@@ -101,7 +101,7 @@ BENCH_TOOLS := bench/.tools
 BORINGTUN_CLI := $(BENCH_TOOLS)/bin/boringtun-cli
 BENCH_ARGS ?=
 bench: deps
-	$(CARGO) build --release -p mesh-agent
+	$(CARGO) build --release -p mesh-agent --bin mesh-agent --example engine-floor
 	$(CARGO) build --release -p wiremesh-bpf --example datapath-bench
 	@if [ ! -x $(BORINGTUN_CLI) ]; then \
 		echo "installing boringtun-cli into $(BENCH_TOOLS)"; \
@@ -110,6 +110,7 @@ bench: deps
 	python3 bench/bench.py --ours "$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/mesh-agent" \
 		--boringtun $(BORINGTUN_CLI) \
 		--datapath-bench "$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/datapath-bench" \
+		--engine-floor "$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/engine-floor" \
 		$(BENCH_ARGS)
 
 FUZZ_SECONDS ?= 60

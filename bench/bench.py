@@ -19,12 +19,22 @@ interleaved (order reversed every other round); prints the per-round ratio polic
 and, per round, from_pod's cost under BPF_PROG_TEST_RUN (no network noise): a packet of an
 established flow, the first packet of a new allowed flow, a denied packet.
 
+The `floor` variant: what this machine allows any userspace engine, measured in the same run by
+mesh-agent/examples/engine-floor (no network I/O): how many Gbit/s one core moves through the noise
+layer our engine drives (boringtun encapsulate + decapsulate, 1420-byte packets), and how long a
+sleeping thread takes to wake (after 10 ms idle, and right after a round trip). From these and the
+veth run it prints the best single-stream rate this machine could reach if a tunnel's only cost
+were its crypto, and the part of our engine's CPU per Gbit/s that is not crypto (I/O and engine).
+Every tunnel variant also gets a back-to-back RTT (ping -f): the path's cost without the idle
+CPU's wake-up and cold caches.
+
 Needs root, iperf3, ping, wg, wireguard-go. Run through `make bench`.
 """
 
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -169,6 +179,25 @@ def ping_rtt(topo, count):
     if len(times) < count // 2:
         raise RuntimeError(f"ping {topo.target}: only {len(times)} of {count} replies")
     return statistics.median(times) * 1000.0
+
+
+def flood_rtt(topo, count):
+    """Mean round-trip time in microseconds of `count` back-to-back pings (ping -f: the next one
+    leaves when the previous reply arrives), so no CPU goes idle between them."""
+    out = nsx(topo.source_ns, "ping", "-f", "-q", "-c", str(count), topo.target)
+    m = re.search(r"= [0-9.]+/([0-9.]+)/", out)
+    if not m or f"{count} received" not in out:
+        raise RuntimeError(f"ping -f {topo.target}: {out.strip().splitlines()[-2:]}")
+    return float(m.group(1)) * 1000.0
+
+
+def engine_floor(binary):
+    """Runs bench/engine-floor once; returns its JSON."""
+    out = subprocess.run([binary, "--seconds", "1", "--wakes", "200"], capture_output=True, text=True,
+                         timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"engine-floor failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
 
 
 def measure_throughput(topo, seconds):
@@ -373,11 +402,12 @@ def main():
     ap.add_argument("--ours", help="mesh-agent binary (release); needed for ours, ours-busy-poll")
     ap.add_argument("--boringtun", help="boringtun-cli binary; needed for boringtun-cli")
     ap.add_argument("--datapath-bench", help="bpf/examples/datapath-bench binary; needed for policy")
+    ap.add_argument("--engine-floor", help="mesh-agent/examples/engine-floor binary; needed for floor")
     ap.add_argument("--policy-rules", type=int, default=1000, help="rule entries for the policy variant")
     ap.add_argument("--policy-runs", type=int, default=7, help="interleaved rounds of the policy variant")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--time", type=int, default=5, help="seconds per iperf3 run")
-    ap.add_argument("--only", default="veth,wireguard-go,boringtun-cli,ours,ours-busy-poll,policy")
+    ap.add_argument("--only", default="veth,wireguard-go,boringtun-cli,ours,ours-busy-poll,floor,policy")
     ap.add_argument("--json", help="also write raw results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -395,14 +425,16 @@ def main():
     }
     chosen = [v for v in args.only.split(",") if v]
     for v in chosen:
-        if v not in variants and v != "policy":
+        if v not in variants and v not in ("policy", "floor"):
             sys.exit(f"bench: unknown variant {v!r}")
     for v, need in (("ours", "ours"), ("ours-busy-poll", "ours"), ("boringtun-cli", "boringtun"),
-                    ("policy", "datapath_bench")):
+                    ("policy", "datapath_bench"), ("floor", "engine_floor")):
         if v in chosen and not getattr(args, need):
             sys.exit(f"bench: variant {v} needs --{need.replace('_', '-')}")
     run_policy = "policy" in chosen
-    chosen = [v for v in chosen if v != "policy"]
+    run_floor = "floor" in chosen
+    chosen = [v for v in chosen if v not in ("policy", "floor")]
+    floors = []
     # Tunnel logs and private keys; removed at the end.
     tmp = tempfile.mkdtemp(prefix="wm-bench-")
     results = {v: [] for v in chosen}
@@ -417,13 +449,22 @@ def main():
         for r in range(args.runs):
             # RTT of every variant first, on idle tunnels, before this round's bulk transfers.
             rtts = {name: ping_rtt(topos[name], 200) for name in chosen}
+            floods = {name: flood_rtt(topos[name], 5000) for name in chosen}
             for name in chosen:
                 m = measure_throughput(topos[name], args.time)
                 m["rtt_us"] = rtts[name]
+                m["flood_rtt_us"] = floods[name]
                 results[name].append(m)
                 print(f"run {r + 1}/{args.runs} {name:14s} single {m['single']:.2f} Gbit/s  4x {m['multi']:.2f}"
-                      f"  rtt {m['rtt_us']:.0f} us  cpu {m['cpu_sys']:.0f}% (tunnel {m['cpu_tunnel']:.0f}%)"
+                      f"  rtt {m['rtt_us']:.0f} us (back-to-back {m['flood_rtt_us']:.0f})"
+                      f"  cpu {m['cpu_sys']:.0f}% (tunnel {m['cpu_tunnel']:.0f}%)"
                       f"  retr {m['retransmits']}", flush=True)
+            if run_floor:
+                f = engine_floor(args.engine_floor)
+                floors.append(f)
+                print(f"run {r + 1}/{args.runs} floor          noise layer {f['noise_gbps']:.2f} Gbit/s per core"
+                      f"  wake-up {f['wake_cold_us']:.0f} us after 10 ms idle, {f['wake_warm_us']:.0f} us warm",
+                      flush=True)
     finally:
         cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -431,6 +472,8 @@ def main():
     policy_report = policy_bench(args) if run_policy else None
     if chosen:
         print_tunnel_table(args, chosen, results)
+    if floors:
+        print_floor(floors, results)
     if policy_report:
         print(policy_report)
 
@@ -444,22 +487,54 @@ def print_tunnel_table(args, chosen, results):
           f"{os.cpu_count()} cores, kernel {os.uname().release}")
     print()
     print("| variant | TCP 1 stream Gbit/s (min / median / max) | TCP 4 streams Gbit/s | ping RTT us (median of 200) | "
+          "back-to-back RTT us (ping -f, mean) | "
           "CPU % machine / tunnel procs / tunnel per Gbit/s | 1-stream x veth | 1-stream x wireguard-go | RTT over veth us |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in chosen:
         rs = results[name]
         single = [x["single"] for x in rs]
         multi = [x["multi"] for x in rs]
         rtt = [x["rtt_us"] for x in rs]
+        flood = [x["flood_rtt_us"] for x in rs]
         xv = f"{med(name, 'single') / med('veth', 'single'):.2f}" if "veth" in results else "-"
         xg = f"{med(name, 'single') / med('wireguard-go', 'single'):.1f}" if "wireguard-go" in results else "-"
         ro = f"{med(name, 'rtt_us') - med('veth', 'rtt_us'):+.0f}" if "veth" in results else "-"
         per_gbit = f"{med(name, 'cpu_tunnel') / med(name, 'single'):.0f}" if name != "veth" else "-"
-        print(f"| {name} | {fmt3(single)} | {fmt3(multi)} | {fmt3(rtt, '{:.0f}')} | "
+        print(f"| {name} | {fmt3(single)} | {fmt3(multi)} | {fmt3(rtt, '{:.0f}')} | {fmt3(flood, '{:.0f}')} | "
               f"{med(name, 'cpu_sys'):.0f} / {med(name, 'cpu_tunnel'):.0f} / {per_gbit} | {xv} | {xg} | {ro} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def print_floor(floors, results):
+    """What the machine allows: the crypto-only ceiling and the wake-up cost, next to ours."""
+    ncpu = os.cpu_count()
+    noise = statistics.median(f["noise_gbps"] for f in floors)
+    cold = statistics.median(f["wake_cold_us"] for f in floors)
+    warm = statistics.median(f["wake_warm_us"] for f in floors)
+    print()
+    print(f"Floors (mesh-agent/examples/engine-floor, {len(floors)} runs interleaved with the above, no network I/O):")
+    print(f"- noise layer (boringtun encapsulate + decapsulate, {floors[0]['packet_bytes']}-byte packets) on one core: "
+          f"{noise:.2f} Gbit/s, i.e. {100.0 / noise:.1f} % of a core per Gbit/s carried")
+    print(f"- wake-up of a thread blocked in read(2): {cold:.0f} us after 10 ms idle, {warm:.0f} us right after a round trip")
+    if "veth" in results and results["veth"]:
+        veth = statistics.median(x["single"] for x in results["veth"])
+        tcp = statistics.median(x["cpu_sys"] / x["single"] for x in results["veth"])
+        ceiling = ncpu * 100.0 / (tcp + 100.0 / noise)
+        print(f"- TCP itself (iperf3 ends and both stacks, veth run): {tcp:.1f} % CPU per Gbit/s; with both tunnel ends "
+              f"on these {ncpu} cores, a tunnel whose only cost were the noise layer would top out at {ceiling:.2f} Gbit/s "
+              f"= {ceiling / veth:.2f}x veth (no I/O, no engine: an upper bound)")
+        if "ours" in results and results["ours"]:
+            ours = statistics.median(x["single"] for x in results["ours"])
+            per = statistics.median(x["cpu_tunnel"] / x["single"] for x in results["ours"])
+            print(f"- ours: {ours:.2f} Gbit/s = {ours / veth:.2f}x veth = {ours / ceiling:.2f} of that ceiling; tunnel "
+                  f"processes {per:.1f} % CPU per Gbit/s, of which noise layer {100.0 / noise:.1f}, TUN/UDP I/O and "
+                  f"engine {per - 100.0 / noise:.1f}")
+            rtt = statistics.median(x["rtt_us"] for x in results["ours"])
+            vrtt = statistics.median(x["rtt_us"] for x in results["veth"])
+            print(f"- idle RTT over veth, ours: {rtt - vrtt:+.0f} us; of that, the wake-ups a sleeping userspace tunnel "
+                  f"cannot avoid (two idle workers, then the first one again) {2 * cold + warm:.0f} us")
 
 
 if __name__ == "__main__":
