@@ -47,11 +47,14 @@ struct Staged {
     len: usize,
 }
 
-pub(crate) enum Step {
-    /// Did some work; try again without polling.
-    Busy,
-    /// Nothing to read.
-    Idle,
+/// What one [`TunWorker::batch`] or [`UdpWorker::batch`] call found.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Step {
+    /// Packets were handled (or errors counted): the device is not idle.
+    pub worked: bool,
+    /// The descriptor was read until it had nothing left; it need not be read again until
+    /// poll() reports it readable. `false` when the burst limit stopped the reads.
+    pub drained: bool,
 }
 
 /// The TUN -> UDP half of a [`Worker`]: read a frame (a TSO super-packet or one packet),
@@ -83,11 +86,14 @@ impl TunWorker {
 
     /// Reads up to [`TUN_BURST`] frames, encrypts them and sends what they produced.
     pub(crate) fn batch(&mut self, udp: &UdpEndpoint) -> io::Result<Step> {
-        let mut step = Step::Idle;
+        let mut step = Step::default();
         for _ in 0..TUN_BURST {
             let n = match self.tun.recv(&mut self.frame) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    step.drained = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fatal_tun_error(&e) => return Err(e),
                 Err(e) => {
@@ -96,14 +102,14 @@ impl TunWorker {
                         .counters
                         .tun_malformed
                         .fetch_add(1, Ordering::Relaxed);
-                    step = Step::Busy;
+                    step.worked = true;
                     continue;
                 }
             };
-            step = Step::Busy;
+            step.worked = true;
             self.encrypt_frame(n, udp);
         }
-        if matches!(step, Step::Busy) {
+        if step.worked {
             self.flush(udp);
         }
         Ok(step)
@@ -226,8 +232,10 @@ impl UdpWorker {
         }
     }
 
+    /// Receives up to [`UDP_BURST`] batches. A batch that does not fill every buffer means
+    /// recvmmsg(2) found the queue empty: the socket counts as drained without another probe.
     pub(crate) fn batch(&mut self, udp: &UdpEndpoint) -> Step {
-        let mut step = Step::Idle;
+        let mut step = Step::default();
         let sock = udp.sock(self.index);
         for _ in 0..UDP_BURST {
             let n = {
@@ -242,21 +250,29 @@ impl UdpWorker {
                     .recv(UdpSockRef::from(&sock.socket), &mut iovs, &mut self.rx_meta)
                 {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        step.drained = true;
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         // ICMP errors surface here (ECONNREFUSED...): not fatal for a UDP server.
                         tracing::trace!(error = %e, "UDP receive error");
-                        step = Step::Busy;
+                        step.worked = true;
                         continue;
                     }
                 }
             };
             if n == 0 {
+                step.drained = true;
                 break;
             }
-            step = Step::Busy;
+            step.worked = true;
             self.decrypt_batch(n, udp);
+            if n < RX_BUFS {
+                step.drained = true;
+                break;
+            }
         }
         step
     }
@@ -326,29 +342,49 @@ pub(crate) struct Worker {
 
 impl Worker {
     /// Runs until the engine stops or the TUN device goes away.
+    ///
+    /// Poll-driven: a descriptor is read only when poll(2) said it is readable or its last
+    /// burst stopped at the burst limit (fairness between the directions under load); one
+    /// that was read until empty is left to the next (level-triggered) poll instead of being
+    /// probed again. The waker eventfd stays readable once signalled, so a stop is never
+    /// missed; a replaced UDP endpoint is noticed by pointer at the top of every round.
     pub fn run(mut self) {
         let shared = self.tx.shared.clone();
         let tun_fd = self.tx.tun.as_raw_fd();
         let spin = self.busy_poll;
         let mut last_busy = std::time::Instant::now();
+        let mut udp = shared.read_state().udp.clone();
+        let (mut tun_ready, mut udp_ready) = (true, true);
         while !shared.stopping() {
-            let udp = shared.read_state().udp.clone();
-            let mut busy = match self.tx.batch(&udp) {
-                Ok(step) => matches!(step, Step::Busy),
-                Err(e) => {
-                    shared.mark_dead(format!("TUN queue {} failed: {e}", self.tx.queue));
-                    return;
+            {
+                let st = shared.read_state();
+                if !Arc::ptr_eq(&st.udp, &udp) {
+                    udp = st.udp.clone();
+                    udp_ready = true;
                 }
-            };
-            busy |= matches!(self.rx.batch(&udp), Step::Busy);
-            if busy {
-                last_busy = std::time::Instant::now();
-                continue;
             }
-            if !spin.is_zero() && last_busy.elapsed() < spin {
-                // Busy polling (opt-in): catch the answer to what we just sent without a
-                // wake-up. Yield rather than spin so the CPU's other tasks still run.
-                std::thread::yield_now();
+            let mut worked = false;
+            if tun_ready {
+                match self.tx.batch(&udp) {
+                    Ok(step) => {
+                        worked |= step.worked;
+                        tun_ready = !step.drained;
+                    }
+                    Err(e) => {
+                        shared.mark_dead(format!("TUN queue {} failed: {e}", self.tx.queue));
+                        return;
+                    }
+                }
+            }
+            if udp_ready {
+                let step = self.rx.batch(&udp);
+                worked |= step.worked;
+                udp_ready = !step.drained;
+            }
+            if worked {
+                last_busy = std::time::Instant::now();
+            }
+            if tun_ready || udp_ready {
                 continue;
             }
             let mut fds = [
@@ -368,10 +404,24 @@ impl Worker {
                     revents: 0,
                 },
             ];
+            let timeout = if !spin.is_zero() && last_busy.elapsed() < spin {
+                // Busy polling (opt-in): catch the answer to what we just sent without a
+                // wake-up. Check readiness without sleeping, then yield so the CPU's other
+                // tasks still run.
+                0
+            } else {
+                1000
+            };
             // SAFETY: three valid pollfds for the duration of the call.
-            unsafe {
-                libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000);
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n <= 0 {
+                if timeout == 0 {
+                    std::thread::yield_now();
+                }
+                continue;
             }
+            tun_ready = fds[0].revents != 0;
+            udp_ready = fds[1].revents != 0;
         }
     }
 }
