@@ -14,6 +14,7 @@ mod allowed_ips;
 mod checksum;
 mod gro;
 mod gso;
+mod int_hash;
 mod io;
 mod state;
 mod timers;

@@ -284,6 +284,7 @@ impl UdpWorker {
             udp,
             idx: self.index,
         };
+        let mut cache = RxCache::default();
         for i in 0..n {
             let meta = self.rx_meta[i];
             let src = canonical(meta.addr);
@@ -294,7 +295,16 @@ impl UdpWorker {
                 let datagram = &self.rx_bufs[i][off..end];
                 let data = datagram.first() == Some(&MSG_DATA);
                 let dst = self.gro.dst(datagram.len(), data);
-                match handle_datagram(&shared, &state, &tx, src, datagram, dst, &mut self.scratch) {
+                match handle_datagram(
+                    &shared,
+                    &state,
+                    &tx,
+                    src,
+                    datagram,
+                    dst,
+                    &mut self.scratch,
+                    &mut cache,
+                ) {
                     Some(len) => {
                         let tun = &self.tun;
                         let mut out = |f: &[u8]| tun.send(f).map(drop);
@@ -529,16 +539,30 @@ const MSG_RESPONSE: u8 = 2;
 const MSG_COOKIE: u8 = 3;
 const MSG_DATA: u8 = 4;
 
+/// The last lookups of one receive batch: a GRO train is many datagrams of one peer carrying
+/// packets of a few flows, so the receiver-index map and the allowed-IPs table need to be
+/// consulted once per batch rather than per packet. Valid only under the state read guard
+/// the batch holds (the maps cannot change meanwhile).
+#[derive(Default)]
+pub(crate) struct RxCache<'s> {
+    /// Receiver index (shifted) -> peer.
+    index: Option<(u32, &'s Arc<Peer>)>,
+    /// Inner source address known to belong to the peer at this address.
+    src: Option<(IpAddr, *const Peer)>,
+}
+
 /// Handles one received datagram. Returns the length of the decrypted packet left at the
 /// start of `dst` for the TUN, if any.
-pub(crate) fn handle_datagram(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn handle_datagram<'s>(
     shared: &Shared,
-    state: &DeviceState,
+    state: &'s DeviceState,
     tx: &TxCtx<'_>,
     src: SocketAddr,
     datagram: &[u8],
     dst: &mut [u8],
     scratch: &mut [u8],
+    cache: &mut RxCache<'s>,
 ) -> Option<usize> {
     let counters = &shared.counters;
     if datagram.len() < 4 || datagram[1..4] != [0, 0, 0] {
@@ -568,12 +592,19 @@ pub(crate) fn handle_datagram(
                 datagram[at + 2],
                 datagram[at + 3],
             ]);
-            match state.by_index.get(&(receiver >> 8)) {
-                Some(p) => p,
-                None => {
-                    counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
+            let key = receiver >> 8;
+            match cache.index {
+                Some((k, p)) if k == key => p,
+                _ => match state.by_index.get(&key) {
+                    Some(p) => {
+                        cache.index = Some((key, p));
+                        p
+                    }
+                    None => {
+                        counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                },
             }
         }
         MSG_INIT => {
@@ -637,7 +668,7 @@ pub(crate) fn handle_datagram(
     match tunn.decapsulate(Some(src.ip()), datagram, dst) {
         TunnResult::WriteToTunnelV4(pkt, from) => {
             let len = pkt.len();
-            if !owns(state, peer, IpAddr::V4(from)) {
+            if !owns(state, peer, IpAddr::V4(from), &mut cache.src) {
                 counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
@@ -649,7 +680,7 @@ pub(crate) fn handle_datagram(
         }
         TunnResult::WriteToTunnelV6(pkt, from) => {
             let len = pkt.len();
-            if !owns(state, peer, IpAddr::V6(from)) {
+            if !owns(state, peer, IpAddr::V6(from), &mut cache.src) {
                 counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
@@ -702,11 +733,25 @@ pub(crate) fn handle_datagram(
     }
 }
 
-fn owns(state: &DeviceState, peer: &Arc<Peer>, addr: IpAddr) -> bool {
-    state
+/// Whether `addr` is in `peer`'s allowed IPs (cryptokey routing); `last` remembers the last
+/// address that was.
+fn owns(
+    state: &DeviceState,
+    peer: &Arc<Peer>,
+    addr: IpAddr,
+    last: &mut Option<(IpAddr, *const Peer)>,
+) -> bool {
+    if *last == Some((addr, Arc::as_ptr(peer))) {
+        return true;
+    }
+    let ok = state
         .table
         .lookup(addr)
-        .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+        .is_some_and(|owner| Arc::ptr_eq(owner, peer));
+    if ok {
+        *last = Some((addr, Arc::as_ptr(peer)));
+    }
+    ok
 }
 
 fn count_error(counters: &super::Counters, e: &WireGuardError) {
