@@ -343,7 +343,7 @@ impl UdpWorker {
 /// picked up by the same thread without sleeping) and fewer context switches, measured as
 /// lower RTT and higher TCP throughput on a 2-core machine (see docs/benchmarks.md).
 /// Busy polling before sleeping is opt-in (`EngineConfig::busy_poll`): it trades a CPU for
-/// ~50-100 us less round-trip time on an idle tunnel.
+/// ~50-100 us less round-trip time on an idle tunnel; one worker per device spins.
 pub(crate) struct Worker {
     pub tx: TunWorker,
     pub rx: UdpWorker,
@@ -362,6 +362,7 @@ impl Worker {
         let shared = self.tx.shared.clone();
         let tun_fd = self.tx.tun.as_raw_fd();
         let spin = self.busy_poll;
+        let queue = self.tx.queue;
         let mut last_busy = std::time::Instant::now();
         let mut udp = shared.read_state().udp.clone();
         let (mut tun_ready, mut udp_ready) = (true, true);
@@ -381,7 +382,7 @@ impl Worker {
                         tun_ready = !step.drained;
                     }
                     Err(e) => {
-                        shared.mark_dead(format!("TUN queue {} failed: {e}", self.tx.queue));
+                        shared.mark_dead(format!("TUN queue {queue} failed: {e}"));
                         return;
                     }
                 }
@@ -393,8 +394,29 @@ impl Worker {
             }
             if worked {
                 last_busy = std::time::Instant::now();
+                if !spin.is_zero() && shared.spinner.load(Ordering::Relaxed) != queue {
+                    shared.spinner.store(queue, Ordering::Relaxed);
+                }
             }
             if tun_ready || udp_ready {
+                continue;
+            }
+            if !spin.is_zero()
+                && shared.spinner.load(Ordering::Relaxed) == queue
+                && last_busy.elapsed() < spin
+            {
+                // Busy polling (opt-in): catch the next packet without a wake-up. Only the
+                // worker that handled the last packet spins (a peer's traffic converges on
+                // one worker: its UDP socket by 4-tuple, its TUN flows by the TUN's flow
+                // table), so idle workers leave the CPUs to the application and softirqs.
+                // Read both descriptors directly (a readiness poll first was measured
+                // slower), and yield only after a round that found nothing: the answer to
+                // what was just written to the TUN is often already queued.
+                if !worked {
+                    std::thread::yield_now();
+                }
+                tun_ready = true;
+                udp_ready = true;
                 continue;
             }
             let mut fds = [
@@ -414,20 +436,9 @@ impl Worker {
                     revents: 0,
                 },
             ];
-            let timeout = if !spin.is_zero() && last_busy.elapsed() < spin {
-                // Busy polling (opt-in): catch the answer to what we just sent without a
-                // wake-up. Check readiness without sleeping, then yield so the CPU's other
-                // tasks still run.
-                0
-            } else {
-                1000
-            };
             // SAFETY: three valid pollfds for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
             if n <= 0 {
-                if timeout == 0 {
-                    std::thread::yield_now();
-                }
                 continue;
             }
             tun_ready = fds[0].revents != 0;
