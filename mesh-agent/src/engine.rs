@@ -14,6 +14,7 @@ mod allowed_ips;
 mod checksum;
 mod gro;
 mod gso;
+mod int_hash;
 mod io;
 mod state;
 mod timers;
@@ -23,7 +24,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime},
@@ -210,6 +211,9 @@ pub(crate) struct Shared {
     udp_sockets: usize,
     started: Instant,
     pub rekey_after: Option<Duration>,
+    /// Busy polling (opt-in): the worker that handled the last packet, the only one that
+    /// spins; the others sleep in poll(2).
+    pub spinner: AtomicUsize,
 }
 
 impl Shared {
@@ -398,6 +402,7 @@ impl UserspaceEngine {
             udp_sockets: threads,
             started: Instant::now(),
             rekey_after: config.rekey_after,
+            spinner: AtomicUsize::new(0),
         });
         let engine = Arc::new(Self {
             shared: shared.clone(),

@@ -4,7 +4,7 @@
 //!
 //! One hash map per prefix length, probed from the longest populated length down. A mesh has
 //! a handful of distinct lengths (/32 host routes, /24 pod CIDRs), so a lookup is a few hash
-//! probes and never allocates.
+//! probes (with a cheap integer hash, see `int_hash`) and never allocates.
 
 use std::{
     collections::HashMap,
@@ -12,6 +12,8 @@ use std::{
 };
 
 use ipnet::IpNet;
+
+use super::int_hash::IntHashBuilder;
 
 /// See the module docs. `T` is the peer handle (cheap to clone).
 #[derive(Debug, Clone)]
@@ -23,15 +25,15 @@ pub struct AllowedIps<T> {
 #[derive(Debug, Clone)]
 struct Family<K, T> {
     /// Index = prefix length.
-    by_len: Vec<HashMap<K, T>>,
+    by_len: Vec<HashMap<K, T, IntHashBuilder>>,
     /// Populated prefix lengths, longest first.
     lens: Vec<u8>,
 }
 
 impl<K: std::hash::Hash + Eq + Copy + Mask, T: Clone> Family<K, T> {
-    fn new(bits: usize) -> Self {
+    fn new(bits: usize, hasher: IntHashBuilder) -> Self {
         Self {
-            by_len: (0..=bits).map(|_| HashMap::new()).collect(),
+            by_len: (0..=bits).map(|_| HashMap::with_hasher(hasher)).collect(),
             lens: Vec::new(),
         }
     }
@@ -89,9 +91,10 @@ impl Mask for u128 {
 
 impl<T: Clone> Default for AllowedIps<T> {
     fn default() -> Self {
+        let hasher = IntHashBuilder::default();
         Self {
-            v4: Family::new(32),
-            v6: Family::new(128),
+            v4: Family::new(32, hasher),
+            v6: Family::new(128, hasher),
         }
     }
 }

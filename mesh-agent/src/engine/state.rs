@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use wiremesh_keyexchange::PublicKey;
 use zeroize::Zeroizing;
 
-use super::{allowed_ips::AllowedIps, io::UdpEndpoint};
+use super::{allowed_ips::AllowedIps, int_hash::IntHashBuilder, io::UdpEndpoint};
 use crate::uapi::parse::{PeerUpdate, SetRequest};
 
 /// Handshake messages per second (all peers) before the responder asks for cookies. Each
@@ -77,7 +77,7 @@ pub(crate) struct DeviceState {
     pub fwmark: u32,
     pub udp: Arc<UdpEndpoint>,
     pub peers: BTreeMap<PublicKey, PeerEntry>,
-    pub by_index: HashMap<u32, Arc<Peer>>,
+    pub by_index: HashMap<u32, Arc<Peer>, IntHashBuilder>,
     pub table: AllowedIps<Arc<Peer>>,
 }
 
@@ -105,7 +105,7 @@ impl DeviceState {
             fwmark: 0,
             udp,
             peers: BTreeMap::new(),
-            by_index: HashMap::new(),
+            by_index: HashMap::default(),
             table: AllowedIps::default(),
         }
     }

@@ -47,11 +47,14 @@ struct Staged {
     len: usize,
 }
 
-pub(crate) enum Step {
-    /// Did some work; try again without polling.
-    Busy,
-    /// Nothing to read.
-    Idle,
+/// What one [`TunWorker::batch`] or [`UdpWorker::batch`] call found.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Step {
+    /// Packets were handled (or errors counted): the device is not idle.
+    pub worked: bool,
+    /// The descriptor was read until it had nothing left; it need not be read again until
+    /// poll() reports it readable. `false` when the burst limit stopped the reads.
+    pub drained: bool,
 }
 
 /// The TUN -> UDP half of a [`Worker`]: read a frame (a TSO super-packet or one packet),
@@ -83,11 +86,14 @@ impl TunWorker {
 
     /// Reads up to [`TUN_BURST`] frames, encrypts them and sends what they produced.
     pub(crate) fn batch(&mut self, udp: &UdpEndpoint) -> io::Result<Step> {
-        let mut step = Step::Idle;
+        let mut step = Step::default();
         for _ in 0..TUN_BURST {
             let n = match self.tun.recv(&mut self.frame) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    step.drained = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fatal_tun_error(&e) => return Err(e),
                 Err(e) => {
@@ -96,14 +102,14 @@ impl TunWorker {
                         .counters
                         .tun_malformed
                         .fetch_add(1, Ordering::Relaxed);
-                    step = Step::Busy;
+                    step.worked = true;
                     continue;
                 }
             };
-            step = Step::Busy;
+            step.worked = true;
             self.encrypt_frame(n, udp);
         }
-        if matches!(step, Step::Busy) {
+        if step.worked {
             self.flush(udp);
         }
         Ok(step)
@@ -226,8 +232,10 @@ impl UdpWorker {
         }
     }
 
+    /// Receives up to [`UDP_BURST`] batches. A batch that does not fill every buffer means
+    /// recvmmsg(2) found the queue empty: the socket counts as drained without another probe.
     pub(crate) fn batch(&mut self, udp: &UdpEndpoint) -> Step {
-        let mut step = Step::Idle;
+        let mut step = Step::default();
         let sock = udp.sock(self.index);
         for _ in 0..UDP_BURST {
             let n = {
@@ -242,21 +250,29 @@ impl UdpWorker {
                     .recv(UdpSockRef::from(&sock.socket), &mut iovs, &mut self.rx_meta)
                 {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        step.drained = true;
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         // ICMP errors surface here (ECONNREFUSED...): not fatal for a UDP server.
                         tracing::trace!(error = %e, "UDP receive error");
-                        step = Step::Busy;
+                        step.worked = true;
                         continue;
                     }
                 }
             };
             if n == 0 {
+                step.drained = true;
                 break;
             }
-            step = Step::Busy;
+            step.worked = true;
             self.decrypt_batch(n, udp);
+            if n < RX_BUFS {
+                step.drained = true;
+                break;
+            }
         }
         step
     }
@@ -268,6 +284,7 @@ impl UdpWorker {
             udp,
             idx: self.index,
         };
+        let mut cache = RxCache::default();
         for i in 0..n {
             let meta = self.rx_meta[i];
             let src = canonical(meta.addr);
@@ -278,7 +295,16 @@ impl UdpWorker {
                 let datagram = &self.rx_bufs[i][off..end];
                 let data = datagram.first() == Some(&MSG_DATA);
                 let dst = self.gro.dst(datagram.len(), data);
-                match handle_datagram(&shared, &state, &tx, src, datagram, dst, &mut self.scratch) {
+                match handle_datagram(
+                    &shared,
+                    &state,
+                    &tx,
+                    src,
+                    datagram,
+                    dst,
+                    &mut self.scratch,
+                    &mut cache,
+                ) {
                     Some(len) => {
                         let tun = &self.tun;
                         let mut out = |f: &[u8]| tun.send(f).map(drop);
@@ -317,7 +343,7 @@ impl UdpWorker {
 /// picked up by the same thread without sleeping) and fewer context switches, measured as
 /// lower RTT and higher TCP throughput on a 2-core machine (see docs/benchmarks.md).
 /// Busy polling before sleeping is opt-in (`EngineConfig::busy_poll`): it trades a CPU for
-/// ~50-100 us less round-trip time on an idle tunnel.
+/// ~50-100 us less round-trip time on an idle tunnel; one worker per device spins.
 pub(crate) struct Worker {
     pub tx: TunWorker,
     pub rx: UdpWorker,
@@ -326,29 +352,71 @@ pub(crate) struct Worker {
 
 impl Worker {
     /// Runs until the engine stops or the TUN device goes away.
+    ///
+    /// Poll-driven: a descriptor is read only when poll(2) said it is readable or its last
+    /// burst stopped at the burst limit (fairness between the directions under load); one
+    /// that was read until empty is left to the next (level-triggered) poll instead of being
+    /// probed again. The waker eventfd stays readable once signalled, so a stop is never
+    /// missed; a replaced UDP endpoint is noticed by pointer at the top of every round.
     pub fn run(mut self) {
         let shared = self.tx.shared.clone();
         let tun_fd = self.tx.tun.as_raw_fd();
         let spin = self.busy_poll;
+        let queue = self.tx.queue;
         let mut last_busy = std::time::Instant::now();
+        let mut udp = shared.read_state().udp.clone();
+        let (mut tun_ready, mut udp_ready) = (true, true);
         while !shared.stopping() {
-            let udp = shared.read_state().udp.clone();
-            let mut busy = match self.tx.batch(&udp) {
-                Ok(step) => matches!(step, Step::Busy),
-                Err(e) => {
-                    shared.mark_dead(format!("TUN queue {} failed: {e}", self.tx.queue));
-                    return;
+            {
+                let st = shared.read_state();
+                if !Arc::ptr_eq(&st.udp, &udp) {
+                    udp = st.udp.clone();
+                    udp_ready = true;
                 }
-            };
-            busy |= matches!(self.rx.batch(&udp), Step::Busy);
-            if busy {
+            }
+            let mut worked = false;
+            if tun_ready {
+                match self.tx.batch(&udp) {
+                    Ok(step) => {
+                        worked |= step.worked;
+                        tun_ready = !step.drained;
+                    }
+                    Err(e) => {
+                        shared.mark_dead(format!("TUN queue {queue} failed: {e}"));
+                        return;
+                    }
+                }
+            }
+            if udp_ready {
+                let step = self.rx.batch(&udp);
+                worked |= step.worked;
+                udp_ready = !step.drained;
+            }
+            if worked {
                 last_busy = std::time::Instant::now();
+                if !spin.is_zero() && shared.spinner.load(Ordering::Relaxed) != queue {
+                    shared.spinner.store(queue, Ordering::Relaxed);
+                }
+            }
+            if tun_ready || udp_ready {
                 continue;
             }
-            if !spin.is_zero() && last_busy.elapsed() < spin {
-                // Busy polling (opt-in): catch the answer to what we just sent without a
-                // wake-up. Yield rather than spin so the CPU's other tasks still run.
-                std::thread::yield_now();
+            if !spin.is_zero()
+                && shared.spinner.load(Ordering::Relaxed) == queue
+                && last_busy.elapsed() < spin
+            {
+                // Busy polling (opt-in): catch the next packet without a wake-up. Only the
+                // worker that handled the last packet spins (a peer's traffic converges on
+                // one worker: its UDP socket by 4-tuple, its TUN flows by the TUN's flow
+                // table), so idle workers leave the CPUs to the application and softirqs.
+                // Read both descriptors directly (a readiness poll first was measured
+                // slower), and yield only after a round that found nothing: the answer to
+                // what was just written to the TUN is often already queued.
+                if !worked {
+                    std::thread::yield_now();
+                }
+                tun_ready = true;
+                udp_ready = true;
                 continue;
             }
             let mut fds = [
@@ -369,9 +437,12 @@ impl Worker {
                 },
             ];
             // SAFETY: three valid pollfds for the duration of the call.
-            unsafe {
-                libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000);
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            if n <= 0 {
+                continue;
             }
+            tun_ready = fds[0].revents != 0;
+            udp_ready = fds[1].revents != 0;
         }
     }
 }
@@ -479,16 +550,30 @@ const MSG_RESPONSE: u8 = 2;
 const MSG_COOKIE: u8 = 3;
 const MSG_DATA: u8 = 4;
 
+/// The last lookups of one receive batch: a GRO train is many datagrams of one peer carrying
+/// packets of a few flows, so the receiver-index map and the allowed-IPs table need to be
+/// consulted once per batch rather than per packet. Valid only under the state read guard
+/// the batch holds (the maps cannot change meanwhile).
+#[derive(Default)]
+pub(crate) struct RxCache<'s> {
+    /// Receiver index (shifted) -> peer.
+    index: Option<(u32, &'s Arc<Peer>)>,
+    /// Inner source address known to belong to the peer at this address.
+    src: Option<(IpAddr, *const Peer)>,
+}
+
 /// Handles one received datagram. Returns the length of the decrypted packet left at the
 /// start of `dst` for the TUN, if any.
-pub(crate) fn handle_datagram(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn handle_datagram<'s>(
     shared: &Shared,
-    state: &DeviceState,
+    state: &'s DeviceState,
     tx: &TxCtx<'_>,
     src: SocketAddr,
     datagram: &[u8],
     dst: &mut [u8],
     scratch: &mut [u8],
+    cache: &mut RxCache<'s>,
 ) -> Option<usize> {
     let counters = &shared.counters;
     if datagram.len() < 4 || datagram[1..4] != [0, 0, 0] {
@@ -518,12 +603,19 @@ pub(crate) fn handle_datagram(
                 datagram[at + 2],
                 datagram[at + 3],
             ]);
-            match state.by_index.get(&(receiver >> 8)) {
-                Some(p) => p,
-                None => {
-                    counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
+            let key = receiver >> 8;
+            match cache.index {
+                Some((k, p)) if k == key => p,
+                _ => match state.by_index.get(&key) {
+                    Some(p) => {
+                        cache.index = Some((key, p));
+                        p
+                    }
+                    None => {
+                        counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                },
             }
         }
         MSG_INIT => {
@@ -587,7 +679,7 @@ pub(crate) fn handle_datagram(
     match tunn.decapsulate(Some(src.ip()), datagram, dst) {
         TunnResult::WriteToTunnelV4(pkt, from) => {
             let len = pkt.len();
-            if !owns(state, peer, IpAddr::V4(from)) {
+            if !owns(state, peer, IpAddr::V4(from), &mut cache.src) {
                 counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
@@ -599,7 +691,7 @@ pub(crate) fn handle_datagram(
         }
         TunnResult::WriteToTunnelV6(pkt, from) => {
             let len = pkt.len();
-            if !owns(state, peer, IpAddr::V6(from)) {
+            if !owns(state, peer, IpAddr::V6(from), &mut cache.src) {
                 counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
@@ -652,11 +744,25 @@ pub(crate) fn handle_datagram(
     }
 }
 
-fn owns(state: &DeviceState, peer: &Arc<Peer>, addr: IpAddr) -> bool {
-    state
+/// Whether `addr` is in `peer`'s allowed IPs (cryptokey routing); `last` remembers the last
+/// address that was.
+fn owns(
+    state: &DeviceState,
+    peer: &Arc<Peer>,
+    addr: IpAddr,
+    last: &mut Option<(IpAddr, *const Peer)>,
+) -> bool {
+    if *last == Some((addr, Arc::as_ptr(peer))) {
+        return true;
+    }
+    let ok = state
         .table
         .lookup(addr)
-        .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+        .is_some_and(|owner| Arc::ptr_eq(owner, peer));
+    if ok {
+        *last = Some((addr, Arc::as_ptr(peer)));
+    }
+    ok
 }
 
 fn count_error(counters: &super::Counters, e: &WireGuardError) {
