@@ -4,6 +4,8 @@
 //! must trigger cookie replies) — all dropped with counters, the tunnel still working after.
 //! Privileged: creates (and removes) its own namespaces.
 
+#[path = "device_support/engines.rs"]
+mod engines;
 #[path = "device_support/netns.rs"]
 mod netns;
 
@@ -13,70 +15,14 @@ use boringtun::{
     noise::{Tunn, TunnResult},
     x25519::{PublicKey as XPublic, StaticSecret},
 };
-use mesh_agent::{
-    datapath::{Datapath, DeviceSettings, PeerConfig},
-    engine::{EngineConfig, UserspaceEngine},
-};
+use engines::*;
+use mesh_agent::{datapath::Datapath, engine::EngineConfig};
 use netns::*;
-use wiremesh_keyexchange::PrivateKey;
-
-const T_A: &str = "10.79.0.1";
-const T_B: &str = "10.79.0.2";
-
-struct Two {
-    a: Arc<UserspaceEngine>,
-    b: Arc<UserspaceEngine>,
-    key_a: PrivateKey,
-    key_b: PrivateKey,
-    pair: Pair,
-}
-
-fn engine_in(ns: &Netns, ifname: &str) -> Arc<UserspaceEngine> {
-    let mut config = EngineConfig::new(ifname);
-    config.threads = 2;
-    ns.run(move || UserspaceEngine::create(config).expect("create engine"))
-}
-
-fn two() -> Two {
-    let pair = Pair::new();
-    let a = engine_in(&pair.a, &unique("ea"));
-    let b = engine_in(&pair.b, &unique("eb"));
-    let key_a = PrivateKey::generate().expect("key");
-    let key_b = PrivateKey::generate().expect("key");
-    for (engine, key, port) in [(&a, &key_a, 53001), (&b, &key_b, 53002)] {
-        engine
-            .configure(&DeviceSettings {
-                private_key: Some(key.clone()),
-                listen_port: Some(port),
-                fwmark: None,
-            })
-            .expect("configure");
-    }
-    let mut peer_b = PeerConfig::new(key_b.public_key());
-    peer_b.endpoint = Some(format!("{UNDER_B}:53002").parse().expect("ep"));
-    peer_b.allowed_ips = vec![format!("{T_B}/32").parse().expect("net")];
-    a.set_peer(&peer_b).expect("set peer");
-    let mut peer_a = PeerConfig::new(key_a.public_key());
-    peer_a.allowed_ips = vec![format!("{T_A}/32").parse().expect("net")];
-    b.set_peer(&peer_a).expect("set peer");
-    for (ns, engine, ip) in [(&pair.a, &a, T_A), (&pair.b, &b, T_B)] {
-        // The engine never touches addresses: the owner does, as the agent does.
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", engine.ifname()]);
-        ns.ip(&["link", "set", engine.ifname(), "up"]);
-    }
-    Two {
-        a,
-        b,
-        key_a,
-        key_b,
-        pair,
-    }
-}
 
 #[test]
 fn datapath_api_status_and_cryptokey_routing() {
     require_root!();
-    let t = two();
+    let t = two(|ifname| EngineConfig::new(ifname));
     // The agent holds the engine as a trait object.
     let datapath: Arc<dyn Datapath> = t.a.clone();
     assert_eq!(
@@ -173,7 +119,7 @@ fn datapath_api_status_and_cryptokey_routing() {
 #[test]
 fn hostile_datagrams_are_counted_and_dropped() {
     require_root!();
-    let t = two();
+    let t = two(|ifname| EngineConfig::new(ifname));
     wait_for("ping a -> b", Duration::from_secs(20), || {
         t.pair.a.ping(T_B).then_some(())
     });
