@@ -534,7 +534,7 @@ def print_floor(floors, results):
             rtt = statistics.median(x["rtt_us"] for x in results["ours"])
             vrtt = statistics.median(x["rtt_us"] for x in results["veth"])
             floor = vrtt + 2 * cold + warm
-            print(f"- idle RTT over veth, ours: {rtt - vrtt:+.0f} us. Lower bound for any userspace tunnel that sleeps "
+            print(f"- idle RTT over veth, ours: {rtt - vrtt:+.0f} us. Estimated floor for a userspace tunnel that sleeps "
                   f"when idle: the encrypted datagrams make the same veth round trip the baseline ping makes "
                   f"({vrtt:.0f} us), plus the wake-ups of the two idle workers and of the first one again for the "
                   f"reply ({2 * cold + warm:.0f} us): +{floor:.0f} us; without the wake-ups (busy polling) +{vrtt:.0f} us")
