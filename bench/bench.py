@@ -192,7 +192,7 @@ def flood_rtt(topo, count):
 
 
 def engine_floor(binary):
-    """Runs bench/engine-floor once; returns its JSON."""
+    """Runs mesh-agent/examples/engine-floor once; returns its JSON."""
     out = subprocess.run([binary, "--seconds", "1", "--wakes", "200"], capture_output=True, text=True,
                          timeout=120)
     if out.returncode != 0:
