@@ -676,38 +676,18 @@ pub(crate) fn handle_datagram<'s>(
         counters.rx_no_key.fetch_add(1, Ordering::Relaxed);
         return None;
     };
-    match tunn.decapsulate(Some(src.ip()), datagram, dst) {
-        TunnResult::WriteToTunnelV4(pkt, from) => {
-            let len = pkt.len();
-            if !owns(state, peer, IpAddr::V4(from), &mut cache.src) {
-                counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            inner.endpoint = Some(src);
-            drop(guard);
-            peer.rx_bytes
-                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            Some(len)
-        }
-        TunnResult::WriteToTunnelV6(pkt, from) => {
-            let len = pkt.len();
-            if !owns(state, peer, IpAddr::V6(from), &mut cache.src) {
-                counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            inner.endpoint = Some(src);
-            drop(guard);
-            peer.rx_bytes
-                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            Some(len)
-        }
+    // A decrypted packet falls through to the cryptokey-routing check below; everything
+    // else is finished here.
+    let (len, from) = match tunn.decapsulate(Some(src.ip()), datagram, dst) {
+        TunnResult::WriteToTunnelV4(pkt, from) => (pkt.len(), IpAddr::V4(from)),
+        TunnResult::WriteToTunnelV6(pkt, from) => (pkt.len(), IpAddr::V6(from)),
         TunnResult::Done => {
             // Keepalive or cookie reply: authenticated, nothing for the TUN.
             inner.endpoint = Some(src);
             drop(guard);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            None
+            return None;
         }
         TunnResult::WriteToNetwork(reply) => {
             // Handshake answered (or a keepalive after our initiation completed).
@@ -734,14 +714,23 @@ pub(crate) fn handle_datagram<'s>(
             drop(guard);
             peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
             peer.last_tx_ms.store(shared.now_ms(), Ordering::Relaxed);
-            None
+            return None;
         }
         TunnResult::Err(e) => {
             drop(guard);
             count_error(counters, &e);
-            None
+            return None;
         }
+    };
+    if !owns(state, peer, from, &mut cache.src) {
+        counters.rx_src_not_allowed.fetch_add(1, Ordering::Relaxed);
+        return None;
     }
+    inner.endpoint = Some(src);
+    drop(guard);
+    peer.rx_bytes
+        .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+    Some(len)
 }
 
 /// Whether `addr` is in `peer`'s allowed IPs (cryptokey routing); `last` remembers the last
