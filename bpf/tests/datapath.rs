@@ -1,6 +1,8 @@
 //! Privileged datapath tests (root): real namespaces, veths, a TUN tunnel and a private bpffs;
 //! the programs are loaded and attached with the crate's loader and driven with real traffic.
 
+#[path = "common/fixtures.rs"]
+mod fixtures;
 #[path = "datapath/harness.rs"]
 mod harness;
 
@@ -9,82 +11,73 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fixtures::{pods_v4, root_or_skip, run, two_pods};
 use harness::{
-    PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, TunPipe, ifindex, in_ns, root_or_skip, run,
-    wait_event,
+    PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, TunPipe, ifindex, in_ns, ip, wait_event,
 };
 use ipnet::Ipv4Net;
 use wiremesh_bpf::{
     Attached, Config, EndpointValue, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags,
 };
+use wiremesh_integration::pin_map_of_another_shape;
 use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
 
-const PODS: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: t}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: t, labels: {app: a}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: 10.201.1.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: t, labels: {app: b}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: 10.201.2.2}
-"#;
+/// One more YAML document: NetworkPolicy `name` in namespace t for the pods labelled
+/// app=`app`, with `policyTypes: [types]` (left out when empty) and the `rules` (`ingress:` /
+/// `egress:` lists, indented by two spaces).
+fn net_policy(name: &str, app: &str, types: &str, rules: &str) -> String {
+    let types = if types.is_empty() {
+        String::new()
+    } else {
+        format!("  policyTypes: [{types}]\n")
+    };
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: {name}, namespace: t}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n{types}{rules}"
+    )
+}
 
 /// b is isolated for ingress with no rules.
-const DENY_B: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-b, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress]
-"#;
+fn deny_b() -> String {
+    net_policy("deny-b", "b", "Ingress", "")
+}
+
+/// a is isolated for ingress with no rules.
+fn deny_a() -> String {
+    net_policy("deny-a", "a", "Ingress", "")
+}
+
+/// b isolated both ways with no rules.
+fn deny_b_both_ways() -> String {
+    net_policy("b-udp", "b", "Ingress, Egress", "")
+}
 
 /// Both pods isolated both ways; only a -> b tcp/8080 is allowed (replies need conntrack).
-const ALLOW_A_TO_B_8080: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-in, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
+fn allow_a_to_b_8080() -> String {
+    let b_in = r#"  ingress:
   - from: [{podSelector: {matchLabels: {app: a}}}]
     ports: [{protocol: TCP, port: 8080}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-out, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  policyTypes: [Ingress, Egress]
-  egress:
+"#;
+    let a_out = r#"  egress:
   - to: [{podSelector: {matchLabels: {app: b}}}]
     ports: [{protocol: TCP, port: 8080}]
 "#;
+    net_policy("b-in", "b", "Ingress, Egress", b_in)
+        + &net_policy("a-out", "a", "Ingress, Egress", a_out)
+}
 
-/// a is isolated for ingress with no rules.
-const DENY_A: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-a, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  policyTypes: [Ingress]
+/// a -> b udp/7777 allowed; b is isolated for egress, so b -> a passes only as a reply.
+fn udp_a_to_b_only() -> String {
+    let rules = r#"  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: UDP, port: 7777}]
 "#;
+    net_policy("b-udp", "b", "Ingress, Egress", rules)
+}
 
 fn compiled(policies: &str) -> Compiled {
-    let c = compile(&load_manifest(&format!("{PODS}{policies}")).expect("manifest"));
+    let c = compile(&load_manifest(&format!("{}{policies}", pods_v4())).expect("manifest"));
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     c
 }
@@ -192,20 +185,57 @@ fn udp_delivered(
     })
 }
 
+/// Reads and discards what is queued on the `sockets` (each read waits their read timeout).
+fn drain(sockets: &[&UdpSocket]) {
+    let mut buf = [0u8; 64];
+    for s in sockets {
+        while s.recv_from(&mut buf).is_ok() {}
+    }
+}
+
+/// Creates the TUN "tunnel" `wt<id>` in the node namespace; returns its name, the device and
+/// its ifindex.
+fn node_tun(t: &Topo) -> (String, Tun, u32) {
+    let name = format!("wt{}", &t.host_a[2..]);
+    let n = name.clone();
+    let (tun, index) = in_ns(&t.node, move || {
+        let tun = Tun::create(&n);
+        (tun, ifindex(&n))
+    });
+    (name, tun, index)
+}
+
+/// The ifindex of pod a's veth in the node namespace.
+fn host_a_ifindex(t: &Topo) -> u32 {
+    let host_a = t.host_a.clone();
+    in_ns(&t.node, move || {
+        wiremesh_bpf::if_index(&host_a).expect("ifindex")
+    })
+}
+
+/// Ipcache value of the peer node's pod range without the encrypt flag.
+fn remote_plain() -> IpcacheValue {
+    IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD)
+}
+
+/// Ipcache value of the remote pods (identity 300) behind the tunnel.
+fn remote_encrypted() -> IpcacheValue {
+    IpcacheValue::new(
+        300,
+        2,
+        PEER_NODE,
+        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
+    )
+}
+
 #[test]
 fn policy_drops_with_isolation_and_passes_with_allow_rule() {
     if !root_or_skip("policy") {
         return;
     }
     let t = Topo::new();
-    let mut loader = load(&t, pod_hooks(&t));
-    let maps = loader.maps();
-    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
-        .expect("config");
-    let none = compiled("");
-    maps.apply_policy(&none.diff(&Compiled::default()), local)
-        .expect("endpoints");
-    let mut flows = loader.take_flow_reader().expect("reader");
+    let cfg = Config::new(0, Mode::Permissive, 1, 0);
+    let (mut loader, mut flows, none) = loaded_with(&t, cfg, "");
     let _l80 = listen(&t.pod_b, 8080);
     let _l81 = listen(&t.pod_b, 8081);
 
@@ -223,7 +253,7 @@ fn policy_drops_with_isolation_and_passes_with_allow_rule() {
     assert_eq!(e.dst_identity, none.endpoints[&POD_B.into()].0);
     assert_eq!(e.protocol, 6);
 
-    let deny = compiled(DENY_B);
+    let deny = compiled(&deny_b());
     let applied = loader
         .maps()
         .apply_policy(&deny.diff(&none), local)
@@ -241,7 +271,7 @@ fn policy_drops_with_isolation_and_passes_with_allow_rule() {
     assert_eq!(e.hook(), Some(Hook::FromPod));
     assert!(e.packets >= 1 && e.bytes >= 40, "{e:?}");
 
-    let allow = compiled(ALLOW_A_TO_B_8080);
+    let allow = compiled(&allow_a_to_b_8080());
     loader
         .maps()
         .apply_policy(&allow.diff(&deny), local)
@@ -265,13 +295,8 @@ fn remote_pod_is_redirected_into_the_tunnel() {
         return;
     }
     let t = Topo::new();
-    let tun_name = format!("wt{}", &t.host_a[2..]);
-    let tn = tun_name.clone();
-    let (tun, tun_index) = in_ns(&t.node, move || {
-        let tun = Tun::create(&tn);
-        (tun, ifindex(&tn))
-    });
-    run(&["ip", "-n", &t.node, "link", "set", &tun_name, "up"]);
+    let (tun_name, tun, tun_index) = node_tun(&t);
+    ip(&t.node, &["link", "set", &tun_name, "up"]);
     let mut loader = load(&t, pod_hooks(&t));
     let mut flows = loader.take_flow_reader().expect("reader");
     let maps = loader.maps();
@@ -279,14 +304,9 @@ fn remote_pod_is_redirected_into_the_tunnel() {
         .expect("config");
     maps.upsert_ipcache(Ipv4Net::from(POD_A), local(POD_A, Identity(256)))
         .expect("ipcache");
-    let remote = IpcacheValue::new(
-        300,
-        2,
-        PEER_NODE,
-        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
-    );
     let range: Ipv4Net = "10.201.9.0/24".parse().expect("net");
-    maps.upsert_ipcache(range, remote).expect("ipcache");
+    maps.upsert_ipcache(range, remote_encrypted())
+        .expect("ipcache");
 
     let tx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 5555));
@@ -326,7 +346,7 @@ fn remote_pod_is_redirected_into_the_tunnel() {
         .maps()
         .set_config(&Config::new(tun_index, Mode::Strict, 1, 0))
         .expect("config");
-    while peer_rx.recv_from(&mut buf).is_ok() {}
+    drain(&[&peer_rx]);
     assert!(
         !udp_delivered(&tx, dst, &peer_rx, Duration::from_secs(1)),
         "strict: plaintext must not reach the peer"
@@ -355,16 +375,10 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
     maps.set_config(&Config::new(0, Mode::Strict, 1, 51820))
         .expect("config");
     let local_range: Ipv4Net = "10.201.1.0/24".parse().expect("net");
-    maps.upsert_ipcache(
-        local_range,
-        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
-    )
-    .expect("ipcache");
-    maps.upsert_ipcache(
-        "10.201.9.0/24".parse().expect("net"),
-        IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
-    )
-    .expect("ipcache");
+    maps.upsert_ipcache(local_range, local(Ipv4Addr::UNSPECIFIED, Identity(0)))
+        .expect("ipcache");
+    maps.upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote_plain())
+        .expect("ipcache");
 
     // Ingress: remote pod -> local pod.
     let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
@@ -440,17 +454,10 @@ fn pinned_maps_and_links_survive_the_loader() {
     let t = Topo::new();
     let _l = listen(&t.pod_b, 8080);
     let none = compiled("");
-    let deny = compiled(DENY_B);
+    let deny = compiled(&deny_b());
     {
         let mut first = load(&t, pod_hooks(&t));
-        first
-            .maps()
-            .set_config(&Config::new(0, Mode::Permissive, 1, 0))
-            .expect("config");
-        first
-            .maps()
-            .apply_policy(&none.diff(&Compiled::default()), local)
-            .expect("endpoints");
+        write_config_and_policy(&mut first, &Config::new(0, Mode::Permissive, 1, 0), &none);
         assert!(
             eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
             "a -> b without policy"
@@ -486,7 +493,7 @@ fn pinned_maps_and_links_survive_the_loader() {
     );
     assert_eq!(maps.config().expect("config").mode, Mode::Permissive as u32);
     assert!(!connect(&t.pod_a, POD_B, 8080), "deny after re-attach");
-    let allow = compiled(ALLOW_A_TO_B_8080);
+    let allow = compiled(&allow_a_to_b_8080());
     maps.apply_policy(&allow.diff(&deny), local).expect("allow");
     assert!(
         eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
@@ -524,23 +531,20 @@ fn pinned_maps_and_links_survive_the_loader() {
 
 /// A remote pod `r` (10.201.9.5, app=r, on the peer node) and pod b, whose ingress allows only
 /// udp/7777 from r.
-const REMOTE_TO_B: &str = r#"
----
+fn remote_to_b() -> String {
+    let r = r#"---
 apiVersion: v1
 kind: Pod
 metadata: {name: r, namespace: t, labels: {app: r}}
 spec: {containers: [{name: c, image: x}]}
 status: {podIP: 10.201.9.5}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-from-r, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  ingress:
+"#;
+    let rules = r#"  ingress:
   - from: [{podSelector: {matchLabels: {app: r}}}]
     ports: [{protocol: UDP, port: 7777}]
 "#;
+    format!("{r}{}", net_policy("b-from-r", "b", "", rules))
+}
 
 #[test]
 fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
@@ -560,7 +564,7 @@ fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
     let maps = loader.maps();
     maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
         .expect("config");
-    let policy = compiled(REMOTE_TO_B);
+    let policy = compiled(&remote_to_b());
     maps.apply_policy(&policy.diff(&Compiled::default()), place)
         .expect("policy");
     let remote_id = policy.endpoints[&REMOTE_POD.into()].0;
@@ -618,31 +622,6 @@ fn load_outside_bpffs_fails_with_a_clear_error() {
     assert!(err.to_string().contains("mount -t bpf"), "{err}");
 }
 
-/// a -> b udp/7777 allowed; b is isolated for egress, so b -> a passes only as a reply.
-const UDP_A_TO_B_ONLY: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-udp, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: a}}}]
-    ports: [{protocol: UDP, port: 7777}]
-"#;
-
-/// b isolated both ways with no rules.
-const DENY_B_BOTH_WAYS: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-udp, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-"#;
-
 /// CLOCK_MONOTONIC in ns (what `bpf_ktime_get_ns` reads).
 fn monotonic_ns() -> u64 {
     // SAFETY: zeroed timespec is a valid out-parameter.
@@ -698,13 +677,17 @@ fn loaded_with(
 ) -> (Loader, wiremesh_bpf::FlowReader, Compiled) {
     let mut loader = load(t, pod_hooks(t));
     let flows = loader.take_flow_reader().expect("reader");
-    loader.maps().set_config(&cfg).expect("config");
     let policy = compiled(policies);
-    loader
-        .maps()
-        .apply_policy(&policy.diff(&Compiled::default()), local)
-        .expect("policy");
+    write_config_and_policy(&mut loader, &cfg, &policy);
     (loader, flows, policy)
+}
+
+/// Writes `cfg` and `policy` (from nothing) into the loader's maps.
+fn write_config_and_policy(loader: &mut Loader, cfg: &Config, policy: &Compiled) {
+    let maps = loader.maps();
+    maps.set_config(cfg).expect("config");
+    maps.apply_policy(&policy.diff(&Compiled::default()), local)
+        .expect("policy");
 }
 
 #[test]
@@ -717,7 +700,7 @@ fn conntrack_entries_expire_after_their_lifetime_and_refresh_on_use() {
     let cfg = Config::new(0, Mode::Permissive, 1, 0)
         .with_ct_timeouts(Duration::from_secs(3600), lifetime);
     assert_eq!(cfg.ct_other_timeout_s, 3);
-    let (loader, mut flows, _) = loaded_with(&t, cfg, UDP_A_TO_B_ONLY);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, &udp_a_to_b_only());
 
     let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40100));
     let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
@@ -825,7 +808,7 @@ fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
     let lifetime = Duration::from_secs(2);
     let cfg =
         Config::new(0, Mode::Permissive, 1, 0).with_ct_timeouts(lifetime, Duration::from_secs(60));
-    let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, &allow_a_to_b_8080());
     let (mut client, mut server, sport) = tcp_a_to_b(&t);
     server.write_all(b"1").expect("write");
     let mut buf = [0u8; 1];
@@ -845,7 +828,7 @@ fn a_tcp_fin_shortens_the_conntrack_lifetime() {
     use std::io::{Read, Write};
     let t = Topo::new();
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
-    let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, &allow_a_to_b_8080());
     let (mut client, mut server, sport) = tcp_a_to_b(&t);
     let entry = || ct_entry(&loader, POD_A, sport, POD_B, 8080).expect("entry");
     assert_eq!(entry().flags, 0, "an open connection");
@@ -883,7 +866,7 @@ fn a_policy_change_applies_to_established_flows() {
     }
     let t = Topo::new();
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
-    let (mut loader, _flows, allow) = loaded_with(&t, cfg, UDP_A_TO_B_ONLY);
+    let (mut loader, _flows, allow) = loaded_with(&t, cfg, &udp_a_to_b_only());
     let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40200));
     let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
     let to_b = SocketAddrV4::new(POD_B, 7777);
@@ -903,14 +886,13 @@ fn a_policy_change_applies_to_established_flows() {
 
     // Same tuple, policy now denies b's ingress (b stays isolated for egress): the cached
     // decision must not survive, and b's replies stop with it.
-    let deny = compiled(DENY_B_BOTH_WAYS);
+    let deny = compiled(&deny_b_both_ways());
     loader
         .maps()
         .apply_policy(&deny.diff(&allow), local)
         .expect("deny");
     assert_ne!(loader.maps_ref().policy_epoch().expect("epoch"), epoch);
-    let mut buf = [0u8; 64];
-    while b.recv_from(&mut buf).is_ok() {}
+    drain(&[&b]);
     assert!(
         !udp_delivered(&a, to_b, &b, Duration::from_secs(1)),
         "an established flow is denied after the policy change"
@@ -919,7 +901,7 @@ fn a_policy_change_applies_to_established_flows() {
         ct_entry(&loader, POD_A, 40200, POD_B, 7777).is_none(),
         "the denied flow's conntrack entry is removed"
     );
-    while a.recv_from(&mut buf).is_ok() {}
+    drain(&[&a]);
     assert!(
         !udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
         "replies of the denied flow stop too"
@@ -933,7 +915,7 @@ fn a_policy_change_applies_to_established_flows() {
     // An ipcache write (a pod's identity changed) through the MapWriter methods also starts a
     // new epoch.
     let before = loader.maps_ref().policy_epoch().expect("epoch");
-    let moved = IpcacheValue::new(999, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL);
+    let moved = local(POD_B, Identity(999));
     wiremesh_bpf::MapWriter::put_ipcache(loader.maps(), Ipv4Net::from(POD_B), moved)
         .expect("ipcache");
     assert_ne!(loader.maps_ref().policy_epoch().expect("epoch"), before);
@@ -967,10 +949,7 @@ fn spoofed_source_addresses_are_dropped_at_from_pod() {
         "without an endpoint entry the source is not checked"
     );
 
-    let host_a = t.host_a.clone();
-    let ifindex_a = in_ns(&t.node, move || {
-        wiremesh_bpf::if_index(&host_a).expect("ifindex")
-    });
+    let ifindex_a = host_a_ifindex(&t);
     loader
         .maps()
         .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), None))
@@ -979,8 +958,7 @@ fn spoofed_source_addresses_are_dropped_at_from_pod() {
         loader.maps_ref().endpoint_entries().expect("endpoints"),
         vec![(ifindex_a, EndpointValue::new(Some(POD_A), None))]
     );
-    let mut buf = [0u8; 64];
-    while b.recv_from(&mut buf).is_ok() {}
+    drain(&[&b]);
     assert!(
         !udp_delivered(&liar, to_b, &b, Duration::from_secs(1)),
         "a source that is not the pod's address is dropped"
@@ -1004,21 +982,13 @@ fn spoofed_source_addresses_are_dropped_at_from_pod() {
 /// Ipcache of the strict tests: pods a and b local, the peer's 10.201.9.0/24 a remote pod
 /// range without the encrypt flag (no tunnel).
 fn strict_ipcache(maps: &mut wiremesh_bpf::Maps) {
-    maps.upsert_ipcache(
-        "10.201.1.0/24".parse().expect("net"),
-        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
-    )
-    .expect("ipcache");
-    maps.upsert_ipcache(
-        "10.201.2.0/24".parse().expect("net"),
-        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
-    )
-    .expect("ipcache");
-    maps.upsert_ipcache(
-        "10.201.9.0/24".parse().expect("net"),
-        IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
-    )
-    .expect("ipcache");
+    for range in ["10.201.1.0/24", "10.201.2.0/24"] {
+        let local_range = range.parse().expect("net");
+        maps.upsert_ipcache(local_range, local(Ipv4Addr::UNSPECIFIED, Identity(0)))
+            .expect("ipcache");
+    }
+    maps.upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote_plain())
+        .expect("ipcache");
 }
 
 fn all_hooks(t: &Topo) -> Vec<(String, Hook)> {
@@ -1063,9 +1033,7 @@ fn strict_drops_continue_with_the_agent_gone() {
             .expect("config");
     }
     // The agent (loader, map and program fds) is gone; the pinned links and maps enforce.
-    let mut buf = [0u8; 64];
-    while peer_rx.recv_from(&mut buf).is_ok() {}
-    while pod_rx.recv_from(&mut buf).is_ok() {}
+    drain(&[&peer_rx, &pod_rx]);
     assert!(
         !udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(2)),
         "strict, agent gone: pod -> remote pod plaintext is dropped"
@@ -1135,35 +1103,16 @@ fn never_written_config_fails_closed_for_plaintext() {
 
 /// IPv6-only pods a and b; b's ingress allows udp/7777 from a and udp/7778 from the remote
 /// pod range (ipBlock), and b is isolated for egress (replies only).
-const V6_POLICY: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: t}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: t, labels: {app: a}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: "fd00:201:1::2"}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: t, labels: {app: b}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: "fd00:201:2::2"}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-v6, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
+fn v6_policy() -> String {
+    let rules = r#"  ingress:
   - from: [{podSelector: {matchLabels: {app: a}}}]
     ports: [{protocol: UDP, port: 7777}]
   - from: [{ipBlock: {cidr: "fd00:201:9::/64"}}]
     ports: [{protocol: UDP, port: 7778}]
 "#;
+    let pods = two_pods("fd00:201:1::2", "fd00:201:2::2");
+    pods + &net_policy("b-v6", "b", "Ingress, Egress", rules)
+}
 
 /// IPv6 flow records read so far (kept, so waits in any order find them).
 struct Flows6 {
@@ -1218,7 +1167,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
         .maps()
         .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
         .expect("config");
-    let policy = compile(&load_manifest(V6_POLICY).expect("manifest"));
+    let policy = compile(&load_manifest(&v6_policy()).expect("manifest"));
     assert!(policy.warnings.is_empty(), "{:?}", policy.warnings);
     let local6 = |_: Ipv6Addr, id: Identity| IpcacheValue::new(id.0, 0, Ipv4Addr::UNSPECIFIED, 2);
     let applied = loader
@@ -1228,10 +1177,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
     assert_eq!(applied.skipped_ipv6, 0);
     loader
         .maps()
-        .upsert_ipcache6(
-            "fd00:201:9::/64".parse().expect("net"),
-            IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
-        )
+        .upsert_ipcache6("fd00:201:9::/64".parse().expect("net"), remote_plain())
         .expect("ipcache6");
     assert_eq!(
         loader
@@ -1276,8 +1222,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
         loader.maps_ref().ipv6_verdicts(),
         policy.cidrs
     );
-    let mut buf = [0u8; 64];
-    while b.recv_from(&mut buf).is_ok() {}
+    drain(&[&b]);
     assert!(
         !udp_delivered(&remote, to_b, &b, Duration::from_secs(1)),
         "v6 remote -> b udp/7777 is denied"
@@ -1309,10 +1254,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
     assert_eq!((e.dport(), e.peer_node()), (7778, Some(PEER_NODE)));
 
     // Anti-spoofing of IPv6 sources.
-    let host_a = t.host_a.clone();
-    let ifindex_a = in_ns(&t.node, move || {
-        wiremesh_bpf::if_index(&host_a).expect("ifindex")
-    });
+    let ifindex_a = host_a_ifindex(&t);
     let own6: Ipv6Addr = "fd00:201:1::2".parse().expect("v6");
     loader
         .maps()
@@ -1359,8 +1301,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
         .maps()
         .set_config(&Config::new(0, Mode::Strict, 1, 51820))
         .expect("config");
-    while peer_rx.recv_from(&mut buf).is_ok() {}
-    while a_rx.recv_from(&mut buf).is_ok() {}
+    drain(&[&peer_rx, &a_rx]);
     assert!(
         !udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(1)),
         "strict: v6 pod -> remote pod plaintext is dropped"
@@ -1396,15 +1337,8 @@ fn test_run_decides_like_real_traffic() {
     use wiremesh_bpf::frame::{tcp_flags, tcp4};
     let t = Topo::new();
     let mut loader = load(&t, Vec::new());
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Permissive, 1, 0))
-        .expect("config");
-    let deny = compiled(DENY_B);
-    loader
-        .maps()
-        .apply_policy(&deny.diff(&Compiled::default()), local)
-        .expect("deny");
+    let deny = compiled(&deny_b());
+    write_config_and_policy(&mut loader, &Config::new(0, Mode::Permissive, 1, 0), &deny);
     let (a, b) = (
         SocketAddrV4::new(POD_A, 40700),
         SocketAddrV4::new(POD_B, 8080),
@@ -1420,7 +1354,7 @@ fn test_run_decides_like_real_traffic() {
     });
     assert_eq!(denied.retval, 2, "TC_ACT_SHOT: b is isolated");
     let mut loader = loader;
-    let allow = compiled(ALLOW_A_TO_B_8080);
+    let allow = compiled(&allow_a_to_b_8080());
     loader
         .maps()
         .apply_policy(&allow.diff(&deny), local)
@@ -1533,13 +1467,8 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
         .expect("ip link");
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(link.contains(" mtu 1500 "), "pod a's eth0: {link}");
-    let tun_name = format!("wt{}", &t.host_a[2..]);
     let peer_tun = format!("wr{}", &t.host_a[2..]);
-    let tn = tun_name.clone();
-    let (tun, tun_index) = in_ns(&t.node, move || {
-        let tun = Tun::create(&tn);
-        (tun, ifindex(&tn))
-    });
+    let (tun_name, tun, tun_index) = node_tun(&t);
     for k in [
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.default.rp_filter=0",
@@ -1565,21 +1494,11 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
     ]);
     let pipe = TunPipe::start(tun, rx_tun, 1420);
 
-    let mut loader = load(&t, pod_hooks(&t));
-    let mut flows = loader.take_flow_reader().expect("reader");
-    let maps = loader.maps();
-    maps.set_config(&Config::new(tun_index, Mode::Permissive, 1, 0))
-        .expect("config");
-    let none = compiled("");
-    maps.apply_policy(&none.diff(&Compiled::default()), local)
-        .expect("endpoints");
-    let remote = IpcacheValue::new(
-        300,
-        2,
-        PEER_NODE,
-        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
-    );
-    maps.upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote)
+    let cfg = Config::new(tun_index, Mode::Permissive, 1, 0);
+    let (mut loader, mut flows, none) = loaded_with(&t, cfg, "");
+    loader
+        .maps()
+        .upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote_encrypted())
         .expect("ipcache");
 
     const LEN: usize = 4 << 20;
@@ -1613,7 +1532,7 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
 
     // The PMTU error also reaches a pod isolated for ingress (it is no reply of the flow's
     // tuple): forget the learned PMTU and send again.
-    let deny = compiled(DENY_A);
+    let deny = compiled(&deny_a());
     loader
         .maps()
         .apply_policy(&deny.diff(&none), local)
@@ -1633,30 +1552,6 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
     assert_eq!(pipe.dropped(), 0);
 }
 
-/// Replaces the pin `path` with a new, empty array map of `value_size`-byte values (a map of
-/// another shape, as an older build would have left it). The map it pinned before lives on
-/// while programs use it.
-fn pin_map_of_another_shape(path: &std::path::Path, value_size: u32) {
-    use std::os::unix::ffi::OsStrExt;
-    std::fs::remove_file(path).expect("unpin");
-    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, rest 0.
-    let mut attr = [0u32; 32];
-    attr[..4].copy_from_slice(&[2 /* BPF_MAP_TYPE_ARRAY */, 4, value_size, 1]);
-    // SAFETY: BPF_MAP_CREATE (0) with a zeroed attr of 128 bytes.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128) };
-    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
-    // BPF_OBJ_PIN: pathname (u64), bpf_fd (u32), file_flags (u32).
-    let mut pin = [0u64; 16];
-    pin[0] = c_path.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: BPF_OBJ_PIN (6) with a valid path pointer and map fd.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), 128) };
-    assert_eq!(r, 0, "pin: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is ours; the pin keeps the map.
-    unsafe { libc::close(fd as i32) };
-}
-
 #[test]
 fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
     if !root_or_skip("upgrade") {
@@ -1664,18 +1559,15 @@ fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
     }
     let t = Topo::new();
     let _l = listen(&t.pod_b, 8080);
-    let deny = compiled(DENY_B);
+    let deny = compiled(&deny_b());
     {
         let mut old = load(&t, pod_hooks(&t));
-        let maps = old.maps();
-        maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
-            .expect("config");
-        maps.apply_policy(&deny.diff(&Compiled::default()), local)
-            .expect("deny");
+        write_config_and_policy(&mut old, &Config::new(0, Mode::Permissive, 1, 0), &deny);
         assert!(!connect(&t.pod_a, POD_B, 8080), "deny with the old build");
     }
     // "An older build": its wm_config pin has another value size.
-    pin_map_of_another_shape(&t.pin_dir().join("wm_config"), 8);
+    pin_map_of_another_shape(&t.pin_dir().join("wm_config"), 8)
+        .expect("pin a map of another shape");
     assert!(
         !connect(&t.pod_a, POD_B, 8080),
         "old programs still enforce"
@@ -1698,11 +1590,7 @@ fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
         !connect(&t.pod_a, POD_B, 8080),
         "deny while the new maps are empty"
     );
-    let maps = new.maps();
-    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
-        .expect("config");
-    maps.apply_policy(&deny.diff(&Compiled::default()), local)
-        .expect("deny in the new maps");
+    write_config_and_policy(&mut new, &Config::new(0, Mode::Permissive, 1, 0), &deny);
     let hooks = pod_hooks(&t);
     let mut new = in_ns(&t.node, move || {
         for (iface, hook) in hooks {
@@ -1717,7 +1605,7 @@ fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
     });
     assert!(!connect(&t.pod_a, POD_B, 8080), "deny after the swap");
     // The new maps drive the attached programs now.
-    let allow = compiled(ALLOW_A_TO_B_8080);
+    let allow = compiled(&allow_a_to_b_8080());
     new.maps()
         .apply_policy(&allow.diff(&deny), local)
         .expect("allow in the new maps");
