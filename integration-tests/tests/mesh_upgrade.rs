@@ -16,15 +16,9 @@ use wiremesh_integration::pin_map_of_another_shape;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_upgrades_pins_of_another_shape_without_an_enforcement_gap() {
-    if !have_root() {
+    let Some(mut cluster) = start_mesh_or_skip(Shape::new(2, 2)).await else {
         return;
-    }
-    let mut cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 2,
-        spare_nodes: 0,
-    })
-    .await;
+    };
     set_mesh_mode(&cluster, "Strict").await;
     label_pod(&cluster, "pod-2-1", json!({"role": "web"})).await;
     label_pod(&cluster, "pod-2-2", json!({"role": "other"})).await;
