@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fixtures::{pods_v4, root_or_skip, run, two_pods};
+use fixtures::{net_policy, pods_v4, root_or_skip, run, two_pods};
 use harness::{
     PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, TunPipe, ifindex, in_ns, ip, wait_event,
 };
@@ -21,22 +21,6 @@ use wiremesh_bpf::{
 };
 use wiremesh_integration::pin_map_of_another_shape;
 use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
-
-/// One more YAML document: NetworkPolicy `name` in namespace t for the pods labelled
-/// app=`app`, with `policyTypes: [types]` (left out when empty) and the `rules` (`ingress:` /
-/// `egress:` lists, indented by two spaces).
-fn net_policy(name: &str, app: &str, types: &str, rules: &str) -> String {
-    let types = if types.is_empty() {
-        String::new()
-    } else {
-        format!("  policyTypes: [{types}]\n")
-    };
-    format!(
-        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-         metadata: {{name: {name}, namespace: t}}\n\
-         spec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n{types}{rules}"
-    )
-}
 
 /// b is isolated for ingress with no rules.
 fn deny_b() -> String {

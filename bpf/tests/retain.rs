@@ -4,35 +4,28 @@
 #[path = "common/fixtures.rs"]
 mod fixtures;
 
-use fixtures::{Bpffs, pods_v4, root_or_skip};
+use fixtures::{Bpffs, net_policy, pods_v4, root_or_skip};
 use wiremesh_bpf::Loader;
 use wiremesh_policy::{Compiled, compile, load_manifest};
 
-const OLD: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: old, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
+/// b isolated both ways; ingress from two ipBlocks (one with an exception, one IPv6).
+fn old() -> String {
+    let rules = r#"  ingress:
   - from: [{ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.128/25]}}]
     ports: [{port: 8080}]
   - from: [{ipBlock: {cidr: "2001:db8::/64"}}]
 "#;
+    net_policy("old", "b", "Ingress, Egress", rules)
+}
 
-const NEW: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: new, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  ingress:
+/// a's ingress from b on port 80.
+fn new() -> String {
+    let rules = r#"  ingress:
   - from: [{podSelector: {matchLabels: {app: b}}}]
     ports: [{port: 80}]
 "#;
+    net_policy("new", "a", "", rules)
+}
 
 fn compiled(policies: &str) -> Compiled {
     compile(&load_manifest(&format!("{}{policies}", pods_v4())).expect("manifest"))
@@ -45,8 +38,8 @@ fn retain_policy_deletes_exactly_what_the_current_compilation_lacks() {
     }
     let bpffs = Bpffs::new(&format!("retain-{}", std::process::id()));
     let pins = wiremesh_bpf::node_pin_dir(&bpffs.dir, "node-r");
-    let old = compiled(OLD);
-    let new = compiled(NEW);
+    let old = compiled(&old());
+    let new = compiled(&new());
     {
         let mut l = Loader::load(&pins).expect("load");
         l.maps()

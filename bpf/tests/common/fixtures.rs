@@ -77,3 +77,19 @@ pub fn two_pods(ip_a: &str, ip_b: &str) -> String {
 pub fn pods_v4() -> String {
     two_pods("10.201.1.2", "10.201.2.2")
 }
+
+/// One more YAML document: NetworkPolicy `name` in namespace t for the pods labelled
+/// app=`app`, with `policyTypes: [types]` (left out when empty) and the `rules` (`ingress:` /
+/// `egress:` lists, indented by two spaces).
+pub fn net_policy(name: &str, app: &str, types: &str, rules: &str) -> String {
+    let types = if types.is_empty() {
+        String::new()
+    } else {
+        format!("  policyTypes: [{types}]\n")
+    };
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: {name}, namespace: t}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n{types}{rules}"
+    )
+}
