@@ -169,6 +169,35 @@ fn udp_delivered(
     })
 }
 
+/// Plaintext UDP both ways between pod a and the remote pod: `out` (pod -> remote pod) and
+/// `back` (remote pod -> pod), each a sender, its destination and the receiving socket there.
+struct CrossNode<'a> {
+    out: (&'a UdpSocket, SocketAddr, &'a UdpSocket),
+    back: (&'a UdpSocket, SocketAddr, &'a UdpSocket),
+}
+
+impl CrossNode<'_> {
+    /// Asserts that both directions pass (`want`) or are dropped, each tried for `timeout`; the
+    /// receivers are drained first when a drop is expected. `what` starts the messages.
+    #[track_caller]
+    fn assert(&self, want: bool, timeout: Duration, what: &str) {
+        if !want {
+            drain(&[self.out.2, self.back.2]);
+        }
+        let outcome = if want { "passes" } else { "is dropped" };
+        for (dir, (tx, to, rx)) in [
+            ("pod -> remote pod", self.out),
+            ("remote pod -> pod", self.back),
+        ] {
+            assert_eq!(
+                udp_delivered(tx, to, rx, timeout),
+                want,
+                "{what}: {dir} plaintext {outcome}"
+            );
+        }
+    }
+}
+
 /// Reads and discards what is queued on the `sockets` (each read waits their read timeout).
 fn drain(sockets: &[&UdpSocket]) {
     let mut buf = [0u8; 64];
@@ -992,10 +1021,10 @@ fn strict_drops_continue_with_the_agent_gone() {
     let remote_tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 40400));
     let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 7777));
     let pod_tx = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40401));
-    let (to_pod, to_remote) = (
-        SocketAddrV4::new(POD_A, 7777),
-        SocketAddrV4::new(REMOTE_POD, 7777),
-    );
+    let paths = CrossNode {
+        out: (&pod_tx, SocketAddr::from((REMOTE_POD, 7777)), &peer_rx),
+        back: (&remote_tx, SocketAddr::from((POD_A, 7777)), &pod_rx),
+    };
     {
         let mut agent = load(&t, all_hooks(&t));
         strict_ipcache(agent.maps());
@@ -1003,29 +1032,14 @@ fn strict_drops_continue_with_the_agent_gone() {
             .maps()
             .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
             .expect("config");
-        assert!(
-            udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
-            "permissive: pod -> remote pod plaintext passes"
-        );
-        assert!(
-            udp_delivered(&remote_tx, to_pod, &pod_rx, Duration::from_secs(5)),
-            "permissive: remote pod -> pod plaintext passes"
-        );
+        paths.assert(true, Duration::from_secs(5), "permissive");
         agent
             .maps()
             .set_config(&Config::new(0, Mode::Strict, 1, 51820))
             .expect("config");
     }
     // The agent (loader, map and program fds) is gone; the pinned links and maps enforce.
-    drain(&[&peer_rx, &pod_rx]);
-    assert!(
-        !udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(2)),
-        "strict, agent gone: pod -> remote pod plaintext is dropped"
-    );
-    assert!(
-        !udp_delivered(&remote_tx, to_pod, &pod_rx, Duration::from_secs(2)),
-        "strict, agent gone: remote pod -> pod plaintext is dropped"
-    );
+    paths.assert(false, Duration::from_secs(2), "strict, agent gone");
     // A restarted agent finds the drops recorded in the pinned flow state.
     let restarted = load_expect(&t, all_hooks(&t), Attached::ReplacedPinned);
     let backlog = restarted.maps_ref().flow_backlog().expect("flows");
@@ -1269,31 +1283,20 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
 
     // Strict: v6 cross-node plaintext is dropped at from_pod and on the underlay.
     let peer_rx = udp_socket(&t.peer, v6("fd00:201:9::5", 7777));
-    let to_remote = v6("fd00:201:9::5", 7777);
-    assert!(
-        udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(5)),
-        "permissive: v6 pod -> remote pod plaintext passes"
-    );
     let a_rx = udp_socket(&t.pod_a, v6("fd00:201:1::2", 7777));
     let remote_tx = udp_socket(&t.peer, v6("fd00:201:9::5", 40603));
     let to_a7 = v6("fd00:201:1::2", 7777);
-    assert!(
-        udp_delivered(&remote_tx, to_a7, &a_rx, Duration::from_secs(5)),
-        "permissive: v6 remote pod -> pod plaintext passes"
-    );
+    let paths = CrossNode {
+        out: (&a, v6("fd00:201:9::5", 7777).into(), &peer_rx),
+        back: (&remote_tx, to_a7.into(), &a_rx),
+    };
+    paths.assert(true, Duration::from_secs(5), "permissive, v6");
     loader
         .maps()
         .set_config(&Config::new(0, Mode::Strict, 1, 51820))
         .expect("config");
-    drain(&[&peer_rx, &a_rx]);
-    assert!(
-        !udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(1)),
-        "strict: v6 pod -> remote pod plaintext is dropped"
-    );
-    assert!(
-        !udp_delivered(&remote_tx, to_a7, &a_rx, Duration::from_secs(1)),
-        "strict: v6 remote pod -> pod plaintext is dropped on the underlay"
-    );
+    // Dropped at from_pod and on the underlay.
+    paths.assert(false, Duration::from_secs(1), "strict, v6");
     let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
     assert!(
         counts[Verdict::DroppedPlaintext as usize] >= 2,
