@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fixtures::{net_policy, pods_v4, root_or_skip, run, two_pods};
+use fixtures::{net_policy, pods_v4, run, two_pods};
 use harness::{
     PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, TunPipe, ifindex, in_ns, ip, wait_event,
 };
@@ -243,10 +243,9 @@ fn remote_encrypted() -> IpcacheValue {
 
 #[test]
 fn policy_drops_with_isolation_and_passes_with_allow_rule() {
-    if !root_or_skip("policy") {
+    let Some(t) = Topo::for_test("policy") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
     let (mut loader, mut flows, none) = loaded_with(&t, cfg, "");
     let _l80 = listen(&t.pod_b, 8080);
@@ -304,10 +303,9 @@ fn policy_drops_with_isolation_and_passes_with_allow_rule() {
 
 #[test]
 fn remote_pod_is_redirected_into_the_tunnel() {
-    if !root_or_skip("redirect") {
+    let Some(t) = Topo::for_test("redirect") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let (tun_name, tun, tun_index) = node_tun(&t);
     ip(&t.node, &["link", "set", &tun_name, "up"]);
     let mut loader = load(&t, pod_hooks(&t));
@@ -355,10 +353,7 @@ fn remote_pod_is_redirected_into_the_tunnel() {
         "permissive: plaintext reaches the peer"
     );
     // ... and strict drops it at the pod.
-    loader
-        .maps()
-        .set_config(&Config::new(tun_index, Mode::Strict, 1, 0))
-        .expect("config");
+    set_config(&mut loader, Config::new(tun_index, Mode::Strict, 1, 0));
     drain(&[&peer_rx]);
     assert!(
         !udp_delivered(&tx, dst, &peer_rx, Duration::from_secs(1)),
@@ -372,10 +367,9 @@ fn remote_pod_is_redirected_into_the_tunnel() {
 
 #[test]
 fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
-    if !root_or_skip("strict underlay") {
+    let Some(t) = Topo::for_test("strict underlay") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let mut loader = load(
         &t,
         vec![
@@ -449,10 +443,7 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
     );
 
     // Permissive lets the same plaintext through: the drop above was strict mode's.
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
-        .expect("config");
+    set_config(&mut loader, Config::new(0, Mode::Permissive, 1, 51820));
     assert!(
         udp_delivered(&node_plain, to_remote, &peer_rx, Duration::from_secs(5)),
         "permissive: plaintext passes"
@@ -461,10 +452,9 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
 
 #[test]
 fn pinned_maps_and_links_survive_the_loader() {
-    if !root_or_skip("pinning") {
+    let Some(t) = Topo::for_test("pinning") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let _l = listen(&t.pod_b, 8080);
     let none = compiled("");
     let deny = compiled(&deny_b());
@@ -561,10 +551,9 @@ status: {podIP: 10.201.9.5}
 
 #[test]
 fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
-    if !root_or_skip("to_pod ingress") {
+    let Some(t) = Topo::for_test("to_pod ingress") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let mut loader = load(&t, pod_hooks(&t));
     let mut flows = loader.take_flow_reader().expect("reader");
     let place = |ip: Ipv4Addr, id: Identity| {
@@ -695,6 +684,11 @@ fn loaded_with(
     (loader, flows, policy)
 }
 
+/// Writes `cfg` into the loader's config map.
+fn set_config(loader: &mut Loader, cfg: Config) {
+    loader.maps().set_config(&cfg).expect("config");
+}
+
 /// Writes `cfg` and `policy` (from nothing) into the loader's maps.
 fn write_config_and_policy(loader: &mut Loader, cfg: &Config, policy: &Compiled) {
     let maps = loader.maps();
@@ -705,10 +699,9 @@ fn write_config_and_policy(loader: &mut Loader, cfg: &Config, policy: &Compiled)
 
 #[test]
 fn conntrack_entries_expire_after_their_lifetime_and_refresh_on_use() {
-    if !root_or_skip("conntrack expiry") {
+    let Some(t) = Topo::for_test("conntrack expiry") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let lifetime = Duration::from_secs(3);
     let cfg = Config::new(0, Mode::Permissive, 1, 0)
         .with_ct_timeouts(Duration::from_secs(3600), lifetime);
@@ -813,11 +806,10 @@ fn late_reply_is_dropped(
 
 #[test]
 fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
-    if !root_or_skip("tcp conntrack expiry") {
-        return;
-    }
     use std::io::{Read, Write};
-    let t = Topo::new();
+    let Some(t) = Topo::for_test("tcp conntrack expiry") else {
+        return;
+    };
     let lifetime = Duration::from_secs(2);
     let cfg =
         Config::new(0, Mode::Permissive, 1, 0).with_ct_timeouts(lifetime, Duration::from_secs(60));
@@ -835,11 +827,10 @@ fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
 
 #[test]
 fn a_tcp_fin_shortens_the_conntrack_lifetime() {
-    if !root_or_skip("tcp close") {
-        return;
-    }
     use std::io::{Read, Write};
-    let t = Topo::new();
+    let Some(t) = Topo::for_test("tcp close") else {
+        return;
+    };
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
     let (loader, mut flows, _) = loaded_with(&t, cfg, &allow_a_to_b_8080());
     let (mut client, mut server, sport) = tcp_a_to_b(&t);
@@ -874,10 +865,9 @@ fn a_tcp_fin_shortens_the_conntrack_lifetime() {
 
 #[test]
 fn a_policy_change_applies_to_established_flows() {
-    if !root_or_skip("policy epoch") {
+    let Some(t) = Topo::for_test("policy epoch") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
     let (mut loader, _flows, allow) = loaded_with(&t, cfg, &udp_a_to_b_only());
     let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40200));
@@ -936,10 +926,9 @@ fn a_policy_change_applies_to_established_flows() {
 
 #[test]
 fn spoofed_source_addresses_are_dropped_at_from_pod() {
-    if !root_or_skip("anti-spoofing") {
+    let Some(t) = Topo::for_test("anti-spoofing") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
     let (mut loader, mut flows, _) = loaded_with(&t, cfg, "");
     let spoofed = Ipv4Addr::new(10, 201, 1, 99);
@@ -1013,10 +1002,9 @@ fn all_hooks(t: &Topo) -> Vec<(String, Hook)> {
 
 #[test]
 fn strict_drops_continue_with_the_agent_gone() {
-    if !root_or_skip("strict without agent") {
+    let Some(t) = Topo::for_test("strict without agent") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
     let remote_tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 40400));
     let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 7777));
@@ -1028,15 +1016,9 @@ fn strict_drops_continue_with_the_agent_gone() {
     {
         let mut agent = load(&t, all_hooks(&t));
         strict_ipcache(agent.maps());
-        agent
-            .maps()
-            .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
-            .expect("config");
+        set_config(&mut agent, Config::new(0, Mode::Permissive, 1, 51820));
         paths.assert(true, Duration::from_secs(5), "permissive");
-        agent
-            .maps()
-            .set_config(&Config::new(0, Mode::Strict, 1, 51820))
-            .expect("config");
+        set_config(&mut agent, Config::new(0, Mode::Strict, 1, 51820));
     }
     // The agent (loader, map and program fds) is gone; the pinned links and maps enforce.
     paths.assert(false, Duration::from_secs(2), "strict, agent gone");
@@ -1055,10 +1037,9 @@ fn strict_drops_continue_with_the_agent_gone() {
 
 #[test]
 fn never_written_config_fails_closed_for_plaintext() {
-    if !root_or_skip("unset config") {
+    let Some(t) = Topo::for_test("unset config") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let mut loader = load(&t, all_hooks(&t));
     strict_ipcache(loader.maps());
     assert_eq!(
@@ -1089,10 +1070,7 @@ fn never_written_config_fails_closed_for_plaintext() {
         ),
         "unset config: plaintext from a remote pod is dropped on the underlay"
     );
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
-        .expect("config");
+    set_config(&mut loader, Config::new(0, Mode::Permissive, 1, 51820));
     assert!(
         udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
         "an explicit permissive config lets it through"
@@ -1149,22 +1127,18 @@ impl Flows6 {
 
 #[test]
 fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
-    if !root_or_skip("ipv6") {
-        return;
-    }
     use std::net::{Ipv6Addr, SocketAddrV6};
     let v6 = |s: &str, port: u16| SocketAddrV6::new(s.parse().expect("v6"), port, 0, 0);
-    let t = Topo::new();
+    let Some(t) = Topo::for_test("ipv6") else {
+        return;
+    };
     t.add_ipv6();
     let mut loader = load(&t, all_hooks(&t));
     let mut flows = Flows6 {
         reader: loader.take_flow_reader().expect("reader"),
         seen: Vec::new(),
     };
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
-        .expect("config");
+    set_config(&mut loader, Config::new(0, Mode::Permissive, 1, 51820));
     let policy = compile(&load_manifest(&v6_policy()).expect("manifest"));
     assert!(policy.warnings.is_empty(), "{:?}", policy.warnings);
     let local6 = |_: Ipv6Addr, id: Identity| IpcacheValue::new(id.0, 0, Ipv4Addr::UNSPECIFIED, 2);
@@ -1291,10 +1265,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
         back: (&remote_tx, to_a7.into(), &a_rx),
     };
     paths.assert(true, Duration::from_secs(5), "permissive, v6");
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Strict, 1, 51820))
-        .expect("config");
+    set_config(&mut loader, Config::new(0, Mode::Strict, 1, 51820));
     // Dropped at from_pod and on the underlay.
     paths.assert(false, Duration::from_secs(1), "strict, v6");
     let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
@@ -1318,11 +1289,10 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
 
 #[test]
 fn test_run_decides_like_real_traffic() {
-    if !root_or_skip("test run") {
-        return;
-    }
     use wiremesh_bpf::frame::{tcp_flags, tcp4};
-    let t = Topo::new();
+    let Some(t) = Topo::for_test("test run") else {
+        return;
+    };
     let mut loader = load(&t, Vec::new());
     let deny = compiled(&deny_b());
     write_config_and_policy(&mut loader, &Config::new(0, Mode::Permissive, 1, 0), &deny);
@@ -1442,10 +1412,9 @@ fn bulk_tcp(t: &Topo, from: &str, to: SocketAddr, len: usize, timeout: Duration)
 
 #[test]
 fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
-    if !root_or_skip("mtu") {
+    let Some(t) = Topo::for_test("mtu") else {
         return;
-    }
-    let t = Topo::new();
+    };
     // Pod veths keep MTU 1500 (checked), the tunnel has 1420 and its "underlay" (a pipe into
     // a TUN in the peer) carries nothing larger, like a real WireGuard tunnel.
     let link = std::process::Command::new("ip")
@@ -1541,10 +1510,9 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
 
 #[test]
 fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
-    if !root_or_skip("upgrade") {
+    let Some(t) = Topo::for_test("upgrade") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let _l = listen(&t.pod_b, 8080);
     let deny = compiled(&deny_b());
     {

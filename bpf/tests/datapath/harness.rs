@@ -16,7 +16,7 @@ use std::{
 
 use wiremesh_bpf::{FlowEvent, FlowReader};
 
-use crate::fixtures::{Bpffs, run};
+use crate::fixtures::{Bpffs, root_or_skip, run};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -64,6 +64,12 @@ pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 201, 9, 5);
 pub const PEER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 
 impl Topo {
+    /// The topology of privileged test `test`, or `None` (the test returns) when it may not run
+    /// as root ([`root_or_skip`]).
+    pub fn for_test(test: &str) -> Option<Self> {
+        root_or_skip(test).then(Topo::new)
+    }
+
     pub fn new() -> Self {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{n}", std::process::id());
