@@ -578,13 +578,12 @@ fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
     let rx7777 = udp_socket(&t.pod_b, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
     let rx7778 = udp_socket(&t.pod_b, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7778));
     let tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 0));
+    let (to7777, to7778) = (
+        SocketAddrV4::new(POD_B, 7777),
+        SocketAddrV4::new(POD_B, 7778),
+    );
     assert!(
-        udp_delivered(
-            &tx,
-            SocketAddrV4::new(POD_B, 7777),
-            &rx7777,
-            Duration::from_secs(5)
-        ),
+        udp_delivered(&tx, to7777, &rx7777, Duration::from_secs(5)),
         "r -> b udp/7777 is allowed"
     );
     let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
@@ -597,12 +596,7 @@ fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
         (remote_id, Some(PEER_NODE))
     );
     assert!(
-        !udp_delivered(
-            &tx,
-            SocketAddrV4::new(POD_B, 7778),
-            &rx7778,
-            Duration::from_secs(1)
-        ),
+        !udp_delivered(&tx, to7778, &rx7778, Duration::from_secs(1)),
         "r -> b udp/7778 is not allowed"
     );
     let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
