@@ -1,6 +1,8 @@
 //! Privileged datapath tests (root): real namespaces, veths, a TUN tunnel and a private bpffs;
 //! the programs are loaded and attached with the crate's loader and driven with real traffic.
 
+#[path = "common/fixtures.rs"]
+mod fixtures;
 #[path = "datapath/harness.rs"]
 mod harness;
 
@@ -9,82 +11,57 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fixtures::{net_policy, pods_v4, run, two_pods};
 use harness::{
-    PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, TunPipe, ifindex, in_ns, root_or_skip, run,
-    wait_event,
+    PEER_NODE, POD_A, POD_B, REMOTE_POD, Topo, Tun, TunPipe, ifindex, in_ns, ip, wait_event,
 };
 use ipnet::Ipv4Net;
 use wiremesh_bpf::{
     Attached, Config, EndpointValue, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags,
 };
+use wiremesh_integration::pin_map_of_another_shape;
 use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
 
-const PODS: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: t}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: t, labels: {app: a}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: 10.201.1.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: t, labels: {app: b}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: 10.201.2.2}
-"#;
-
 /// b is isolated for ingress with no rules.
-const DENY_B: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-b, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress]
-"#;
+fn deny_b() -> String {
+    net_policy("deny-b", "b", "Ingress", "")
+}
+
+/// a is isolated for ingress with no rules.
+fn deny_a() -> String {
+    net_policy("deny-a", "a", "Ingress", "")
+}
+
+/// b isolated both ways with no rules.
+fn deny_b_both_ways() -> String {
+    net_policy("b-udp", "b", "Ingress, Egress", "")
+}
 
 /// Both pods isolated both ways; only a -> b tcp/8080 is allowed (replies need conntrack).
-const ALLOW_A_TO_B_8080: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-in, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
+fn allow_a_to_b_8080() -> String {
+    let b_in = r#"  ingress:
   - from: [{podSelector: {matchLabels: {app: a}}}]
     ports: [{protocol: TCP, port: 8080}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-out, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  policyTypes: [Ingress, Egress]
-  egress:
+"#;
+    let a_out = r#"  egress:
   - to: [{podSelector: {matchLabels: {app: b}}}]
     ports: [{protocol: TCP, port: 8080}]
 "#;
+    net_policy("b-in", "b", "Ingress, Egress", b_in)
+        + &net_policy("a-out", "a", "Ingress, Egress", a_out)
+}
 
-/// a is isolated for ingress with no rules.
-const DENY_A: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-a, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  policyTypes: [Ingress]
+/// a -> b udp/7777 allowed; b is isolated for egress, so b -> a passes only as a reply.
+fn udp_a_to_b_only() -> String {
+    let rules = r#"  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: UDP, port: 7777}]
 "#;
+    net_policy("b-udp", "b", "Ingress, Egress", rules)
+}
 
 fn compiled(policies: &str) -> Compiled {
-    let c = compile(&load_manifest(&format!("{PODS}{policies}")).expect("manifest"));
+    let c = compile(&load_manifest(&format!("{}{policies}", pods_v4())).expect("manifest"));
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     c
 }
@@ -192,20 +169,85 @@ fn udp_delivered(
     })
 }
 
+/// Plaintext UDP both ways between pod a and the remote pod: `out` (pod -> remote pod) and
+/// `back` (remote pod -> pod), each a sender, its destination and the receiving socket there.
+struct CrossNode<'a> {
+    out: (&'a UdpSocket, SocketAddr, &'a UdpSocket),
+    back: (&'a UdpSocket, SocketAddr, &'a UdpSocket),
+}
+
+impl CrossNode<'_> {
+    /// Asserts that both directions pass (`want`) or are dropped, each tried for `timeout`; the
+    /// receivers are drained first when a drop is expected. `what` starts the messages.
+    #[track_caller]
+    fn assert(&self, want: bool, timeout: Duration, what: &str) {
+        if !want {
+            drain(&[self.out.2, self.back.2]);
+        }
+        let outcome = if want { "passes" } else { "is dropped" };
+        for (dir, (tx, to, rx)) in [
+            ("pod -> remote pod", self.out),
+            ("remote pod -> pod", self.back),
+        ] {
+            assert_eq!(
+                udp_delivered(tx, to, rx, timeout),
+                want,
+                "{what}: {dir} plaintext {outcome}"
+            );
+        }
+    }
+}
+
+/// Reads and discards what is queued on the `sockets` (each read waits their read timeout).
+fn drain(sockets: &[&UdpSocket]) {
+    let mut buf = [0u8; 64];
+    for s in sockets {
+        while s.recv_from(&mut buf).is_ok() {}
+    }
+}
+
+/// Creates the TUN "tunnel" `wt<id>` in the node namespace; returns its name, the device and
+/// its ifindex.
+fn node_tun(t: &Topo) -> (String, Tun, u32) {
+    let name = format!("wt{}", &t.host_a[2..]);
+    let n = name.clone();
+    let (tun, index) = in_ns(&t.node, move || {
+        let tun = Tun::create(&n);
+        (tun, ifindex(&n))
+    });
+    (name, tun, index)
+}
+
+/// The ifindex of pod a's veth in the node namespace.
+fn host_a_ifindex(t: &Topo) -> u32 {
+    let host_a = t.host_a.clone();
+    in_ns(&t.node, move || {
+        wiremesh_bpf::if_index(&host_a).expect("ifindex")
+    })
+}
+
+/// Ipcache value of the peer node's pod range without the encrypt flag.
+fn remote_plain() -> IpcacheValue {
+    IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD)
+}
+
+/// Ipcache value of the remote pods (identity 300) behind the tunnel.
+fn remote_encrypted() -> IpcacheValue {
+    IpcacheValue::new(
+        300,
+        2,
+        PEER_NODE,
+        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
+    )
+}
+
 #[test]
 fn policy_drops_with_isolation_and_passes_with_allow_rule() {
-    if !root_or_skip("policy") {
+    let Some(t) = Topo::for_test("policy") else {
         return;
-    }
-    let t = Topo::new();
-    let mut loader = load(&t, pod_hooks(&t));
-    let maps = loader.maps();
-    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
-        .expect("config");
-    let none = compiled("");
-    maps.apply_policy(&none.diff(&Compiled::default()), local)
-        .expect("endpoints");
-    let mut flows = loader.take_flow_reader().expect("reader");
+    };
+    let cfg = Config::new(0, Mode::Permissive, 1, 0);
+    let (mut loader, mut flows, none) = loaded_with(&t, cfg, "");
     let _l80 = listen(&t.pod_b, 8080);
     let _l81 = listen(&t.pod_b, 8081);
 
@@ -223,7 +265,7 @@ fn policy_drops_with_isolation_and_passes_with_allow_rule() {
     assert_eq!(e.dst_identity, none.endpoints[&POD_B.into()].0);
     assert_eq!(e.protocol, 6);
 
-    let deny = compiled(DENY_B);
+    let deny = compiled(&deny_b());
     let applied = loader
         .maps()
         .apply_policy(&deny.diff(&none), local)
@@ -241,7 +283,7 @@ fn policy_drops_with_isolation_and_passes_with_allow_rule() {
     assert_eq!(e.hook(), Some(Hook::FromPod));
     assert!(e.packets >= 1 && e.bytes >= 40, "{e:?}");
 
-    let allow = compiled(ALLOW_A_TO_B_8080);
+    let allow = compiled(&allow_a_to_b_8080());
     loader
         .maps()
         .apply_policy(&allow.diff(&deny), local)
@@ -261,17 +303,11 @@ fn policy_drops_with_isolation_and_passes_with_allow_rule() {
 
 #[test]
 fn remote_pod_is_redirected_into_the_tunnel() {
-    if !root_or_skip("redirect") {
+    let Some(t) = Topo::for_test("redirect") else {
         return;
-    }
-    let t = Topo::new();
-    let tun_name = format!("wt{}", &t.host_a[2..]);
-    let tn = tun_name.clone();
-    let (tun, tun_index) = in_ns(&t.node, move || {
-        let tun = Tun::create(&tn);
-        (tun, ifindex(&tn))
-    });
-    run(&["ip", "-n", &t.node, "link", "set", &tun_name, "up"]);
+    };
+    let (tun_name, tun, tun_index) = node_tun(&t);
+    ip(&t.node, &["link", "set", &tun_name, "up"]);
     let mut loader = load(&t, pod_hooks(&t));
     let mut flows = loader.take_flow_reader().expect("reader");
     let maps = loader.maps();
@@ -279,14 +315,9 @@ fn remote_pod_is_redirected_into_the_tunnel() {
         .expect("config");
     maps.upsert_ipcache(Ipv4Net::from(POD_A), local(POD_A, Identity(256)))
         .expect("ipcache");
-    let remote = IpcacheValue::new(
-        300,
-        2,
-        PEER_NODE,
-        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
-    );
     let range: Ipv4Net = "10.201.9.0/24".parse().expect("net");
-    maps.upsert_ipcache(range, remote).expect("ipcache");
+    maps.upsert_ipcache(range, remote_encrypted())
+        .expect("ipcache");
 
     let tx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 5555));
@@ -322,11 +353,8 @@ fn remote_pod_is_redirected_into_the_tunnel() {
         "permissive: plaintext reaches the peer"
     );
     // ... and strict drops it at the pod.
-    loader
-        .maps()
-        .set_config(&Config::new(tun_index, Mode::Strict, 1, 0))
-        .expect("config");
-    while peer_rx.recv_from(&mut buf).is_ok() {}
+    set_config(&mut loader, Config::new(tun_index, Mode::Strict, 1, 0));
+    drain(&[&peer_rx]);
     assert!(
         !udp_delivered(&tx, dst, &peer_rx, Duration::from_secs(1)),
         "strict: plaintext must not reach the peer"
@@ -339,10 +367,9 @@ fn remote_pod_is_redirected_into_the_tunnel() {
 
 #[test]
 fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
-    if !root_or_skip("strict underlay") {
+    let Some(t) = Topo::for_test("strict underlay") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let mut loader = load(
         &t,
         vec![
@@ -355,16 +382,10 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
     maps.set_config(&Config::new(0, Mode::Strict, 1, 51820))
         .expect("config");
     let local_range: Ipv4Net = "10.201.1.0/24".parse().expect("net");
-    maps.upsert_ipcache(
-        local_range,
-        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
-    )
-    .expect("ipcache");
-    maps.upsert_ipcache(
-        "10.201.9.0/24".parse().expect("net"),
-        IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
-    )
-    .expect("ipcache");
+    maps.upsert_ipcache(local_range, local(Ipv4Addr::UNSPECIFIED, Identity(0)))
+        .expect("ipcache");
+    maps.upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote_plain())
+        .expect("ipcache");
 
     // Ingress: remote pod -> local pod.
     let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
@@ -422,10 +443,7 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
     );
 
     // Permissive lets the same plaintext through: the drop above was strict mode's.
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
-        .expect("config");
+    set_config(&mut loader, Config::new(0, Mode::Permissive, 1, 51820));
     assert!(
         udp_delivered(&node_plain, to_remote, &peer_rx, Duration::from_secs(5)),
         "permissive: plaintext passes"
@@ -434,23 +452,15 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
 
 #[test]
 fn pinned_maps_and_links_survive_the_loader() {
-    if !root_or_skip("pinning") {
+    let Some(t) = Topo::for_test("pinning") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let _l = listen(&t.pod_b, 8080);
     let none = compiled("");
-    let deny = compiled(DENY_B);
+    let deny = compiled(&deny_b());
     {
         let mut first = load(&t, pod_hooks(&t));
-        first
-            .maps()
-            .set_config(&Config::new(0, Mode::Permissive, 1, 0))
-            .expect("config");
-        first
-            .maps()
-            .apply_policy(&none.diff(&Compiled::default()), local)
-            .expect("endpoints");
+        write_config_and_policy(&mut first, &Config::new(0, Mode::Permissive, 1, 0), &none);
         assert!(
             eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
             "a -> b without policy"
@@ -486,7 +496,7 @@ fn pinned_maps_and_links_survive_the_loader() {
     );
     assert_eq!(maps.config().expect("config").mode, Mode::Permissive as u32);
     assert!(!connect(&t.pod_a, POD_B, 8080), "deny after re-attach");
-    let allow = compiled(ALLOW_A_TO_B_8080);
+    let allow = compiled(&allow_a_to_b_8080());
     maps.apply_policy(&allow.diff(&deny), local).expect("allow");
     assert!(
         eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
@@ -524,30 +534,26 @@ fn pinned_maps_and_links_survive_the_loader() {
 
 /// A remote pod `r` (10.201.9.5, app=r, on the peer node) and pod b, whose ingress allows only
 /// udp/7777 from r.
-const REMOTE_TO_B: &str = r#"
----
+fn remote_to_b() -> String {
+    let r = r#"---
 apiVersion: v1
 kind: Pod
 metadata: {name: r, namespace: t, labels: {app: r}}
 spec: {containers: [{name: c, image: x}]}
 status: {podIP: 10.201.9.5}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-from-r, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  ingress:
+"#;
+    let rules = r#"  ingress:
   - from: [{podSelector: {matchLabels: {app: r}}}]
     ports: [{protocol: UDP, port: 7777}]
 "#;
+    format!("{r}{}", net_policy("b-from-r", "b", "", rules))
+}
 
 #[test]
 fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
-    if !root_or_skip("to_pod ingress") {
+    let Some(t) = Topo::for_test("to_pod ingress") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let mut loader = load(&t, pod_hooks(&t));
     let mut flows = loader.take_flow_reader().expect("reader");
     let place = |ip: Ipv4Addr, id: Identity| {
@@ -560,7 +566,7 @@ fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
     let maps = loader.maps();
     maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
         .expect("config");
-    let policy = compiled(REMOTE_TO_B);
+    let policy = compiled(&remote_to_b());
     maps.apply_policy(&policy.diff(&Compiled::default()), place)
         .expect("policy");
     let remote_id = policy.endpoints[&REMOTE_POD.into()].0;
@@ -572,13 +578,12 @@ fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
     let rx7777 = udp_socket(&t.pod_b, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
     let rx7778 = udp_socket(&t.pod_b, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7778));
     let tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 0));
+    let (to7777, to7778) = (
+        SocketAddrV4::new(POD_B, 7777),
+        SocketAddrV4::new(POD_B, 7778),
+    );
     assert!(
-        udp_delivered(
-            &tx,
-            SocketAddrV4::new(POD_B, 7777),
-            &rx7777,
-            Duration::from_secs(5)
-        ),
+        udp_delivered(&tx, to7777, &rx7777, Duration::from_secs(5)),
         "r -> b udp/7777 is allowed"
     );
     let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
@@ -591,12 +596,7 @@ fn to_pod_enforces_ingress_for_traffic_from_other_nodes() {
         (remote_id, Some(PEER_NODE))
     );
     assert!(
-        !udp_delivered(
-            &tx,
-            SocketAddrV4::new(POD_B, 7778),
-            &rx7778,
-            Duration::from_secs(1)
-        ),
+        !udp_delivered(&tx, to7778, &rx7778, Duration::from_secs(1)),
         "r -> b udp/7778 is not allowed"
     );
     let e = wait_event(&mut flows, Duration::from_secs(3), |e| {
@@ -617,31 +617,6 @@ fn load_outside_bpffs_fails_with_a_clear_error() {
     );
     assert!(err.to_string().contains("mount -t bpf"), "{err}");
 }
-
-/// a -> b udp/7777 allowed; b is isolated for egress, so b -> a passes only as a reply.
-const UDP_A_TO_B_ONLY: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-udp, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: a}}}]
-    ports: [{protocol: UDP, port: 7777}]
-"#;
-
-/// b isolated both ways with no rules.
-const DENY_B_BOTH_WAYS: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-udp, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-"#;
 
 /// CLOCK_MONOTONIC in ns (what `bpf_ktime_get_ns` reads).
 fn monotonic_ns() -> u64 {
@@ -698,26 +673,34 @@ fn loaded_with(
 ) -> (Loader, wiremesh_bpf::FlowReader, Compiled) {
     let mut loader = load(t, pod_hooks(t));
     let flows = loader.take_flow_reader().expect("reader");
-    loader.maps().set_config(&cfg).expect("config");
     let policy = compiled(policies);
-    loader
-        .maps()
-        .apply_policy(&policy.diff(&Compiled::default()), local)
-        .expect("policy");
+    write_config_and_policy(&mut loader, &cfg, &policy);
     (loader, flows, policy)
+}
+
+/// Writes `cfg` into the loader's config map.
+fn set_config(loader: &mut Loader, cfg: Config) {
+    loader.maps().set_config(&cfg).expect("config");
+}
+
+/// Writes `cfg` and `policy` (from nothing) into the loader's maps.
+fn write_config_and_policy(loader: &mut Loader, cfg: &Config, policy: &Compiled) {
+    let maps = loader.maps();
+    maps.set_config(cfg).expect("config");
+    maps.apply_policy(&policy.diff(&Compiled::default()), local)
+        .expect("policy");
 }
 
 #[test]
 fn conntrack_entries_expire_after_their_lifetime_and_refresh_on_use() {
-    if !root_or_skip("conntrack expiry") {
+    let Some(t) = Topo::for_test("conntrack expiry") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let lifetime = Duration::from_secs(3);
     let cfg = Config::new(0, Mode::Permissive, 1, 0)
         .with_ct_timeouts(Duration::from_secs(3600), lifetime);
     assert_eq!(cfg.ct_other_timeout_s, 3);
-    let (loader, mut flows, _) = loaded_with(&t, cfg, UDP_A_TO_B_ONLY);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, &udp_a_to_b_only());
 
     let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40100));
     let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
@@ -817,15 +800,14 @@ fn late_reply_is_dropped(
 
 #[test]
 fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
-    if !root_or_skip("tcp conntrack expiry") {
-        return;
-    }
     use std::io::{Read, Write};
-    let t = Topo::new();
+    let Some(t) = Topo::for_test("tcp conntrack expiry") else {
+        return;
+    };
     let lifetime = Duration::from_secs(2);
     let cfg =
         Config::new(0, Mode::Permissive, 1, 0).with_ct_timeouts(lifetime, Duration::from_secs(60));
-    let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, &allow_a_to_b_8080());
     let (mut client, mut server, sport) = tcp_a_to_b(&t);
     server.write_all(b"1").expect("write");
     let mut buf = [0u8; 1];
@@ -839,13 +821,12 @@ fn tcp_reply_after_the_tcp_lifetime_is_decided_by_policy() {
 
 #[test]
 fn a_tcp_fin_shortens_the_conntrack_lifetime() {
-    if !root_or_skip("tcp close") {
-        return;
-    }
     use std::io::{Read, Write};
-    let t = Topo::new();
+    let Some(t) = Topo::for_test("tcp close") else {
+        return;
+    };
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
-    let (loader, mut flows, _) = loaded_with(&t, cfg, ALLOW_A_TO_B_8080);
+    let (loader, mut flows, _) = loaded_with(&t, cfg, &allow_a_to_b_8080());
     let (mut client, mut server, sport) = tcp_a_to_b(&t);
     let entry = || ct_entry(&loader, POD_A, sport, POD_B, 8080).expect("entry");
     assert_eq!(entry().flags, 0, "an open connection");
@@ -878,12 +859,11 @@ fn a_tcp_fin_shortens_the_conntrack_lifetime() {
 
 #[test]
 fn a_policy_change_applies_to_established_flows() {
-    if !root_or_skip("policy epoch") {
+    let Some(t) = Topo::for_test("policy epoch") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
-    let (mut loader, _flows, allow) = loaded_with(&t, cfg, UDP_A_TO_B_ONLY);
+    let (mut loader, _flows, allow) = loaded_with(&t, cfg, &udp_a_to_b_only());
     let a = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40200));
     let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
     let to_b = SocketAddrV4::new(POD_B, 7777);
@@ -903,14 +883,13 @@ fn a_policy_change_applies_to_established_flows() {
 
     // Same tuple, policy now denies b's ingress (b stays isolated for egress): the cached
     // decision must not survive, and b's replies stop with it.
-    let deny = compiled(DENY_B_BOTH_WAYS);
+    let deny = compiled(&deny_b_both_ways());
     loader
         .maps()
         .apply_policy(&deny.diff(&allow), local)
         .expect("deny");
     assert_ne!(loader.maps_ref().policy_epoch().expect("epoch"), epoch);
-    let mut buf = [0u8; 64];
-    while b.recv_from(&mut buf).is_ok() {}
+    drain(&[&b]);
     assert!(
         !udp_delivered(&a, to_b, &b, Duration::from_secs(1)),
         "an established flow is denied after the policy change"
@@ -919,7 +898,7 @@ fn a_policy_change_applies_to_established_flows() {
         ct_entry(&loader, POD_A, 40200, POD_B, 7777).is_none(),
         "the denied flow's conntrack entry is removed"
     );
-    while a.recv_from(&mut buf).is_ok() {}
+    drain(&[&a]);
     assert!(
         !udp_delivered(&b, to_a, &a, Duration::from_secs(1)),
         "replies of the denied flow stop too"
@@ -933,7 +912,7 @@ fn a_policy_change_applies_to_established_flows() {
     // An ipcache write (a pod's identity changed) through the MapWriter methods also starts a
     // new epoch.
     let before = loader.maps_ref().policy_epoch().expect("epoch");
-    let moved = IpcacheValue::new(999, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL);
+    let moved = local(POD_B, Identity(999));
     wiremesh_bpf::MapWriter::put_ipcache(loader.maps(), Ipv4Net::from(POD_B), moved)
         .expect("ipcache");
     assert_ne!(loader.maps_ref().policy_epoch().expect("epoch"), before);
@@ -941,10 +920,9 @@ fn a_policy_change_applies_to_established_flows() {
 
 #[test]
 fn spoofed_source_addresses_are_dropped_at_from_pod() {
-    if !root_or_skip("anti-spoofing") {
+    let Some(t) = Topo::for_test("anti-spoofing") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let cfg = Config::new(0, Mode::Permissive, 1, 0);
     let (mut loader, mut flows, _) = loaded_with(&t, cfg, "");
     let spoofed = Ipv4Addr::new(10, 201, 1, 99);
@@ -967,10 +945,7 @@ fn spoofed_source_addresses_are_dropped_at_from_pod() {
         "without an endpoint entry the source is not checked"
     );
 
-    let host_a = t.host_a.clone();
-    let ifindex_a = in_ns(&t.node, move || {
-        wiremesh_bpf::if_index(&host_a).expect("ifindex")
-    });
+    let ifindex_a = host_a_ifindex(&t);
     loader
         .maps()
         .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), None))
@@ -979,8 +954,7 @@ fn spoofed_source_addresses_are_dropped_at_from_pod() {
         loader.maps_ref().endpoint_entries().expect("endpoints"),
         vec![(ifindex_a, EndpointValue::new(Some(POD_A), None))]
     );
-    let mut buf = [0u8; 64];
-    while b.recv_from(&mut buf).is_ok() {}
+    drain(&[&b]);
     assert!(
         !udp_delivered(&liar, to_b, &b, Duration::from_secs(1)),
         "a source that is not the pod's address is dropped"
@@ -1004,21 +978,13 @@ fn spoofed_source_addresses_are_dropped_at_from_pod() {
 /// Ipcache of the strict tests: pods a and b local, the peer's 10.201.9.0/24 a remote pod
 /// range without the encrypt flag (no tunnel).
 fn strict_ipcache(maps: &mut wiremesh_bpf::Maps) {
-    maps.upsert_ipcache(
-        "10.201.1.0/24".parse().expect("net"),
-        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
-    )
-    .expect("ipcache");
-    maps.upsert_ipcache(
-        "10.201.2.0/24".parse().expect("net"),
-        IpcacheValue::new(0, 0, Ipv4Addr::UNSPECIFIED, ipcache_flags::LOCAL),
-    )
-    .expect("ipcache");
-    maps.upsert_ipcache(
-        "10.201.9.0/24".parse().expect("net"),
-        IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
-    )
-    .expect("ipcache");
+    for range in ["10.201.1.0/24", "10.201.2.0/24"] {
+        let local_range = range.parse().expect("net");
+        maps.upsert_ipcache(local_range, local(Ipv4Addr::UNSPECIFIED, Identity(0)))
+            .expect("ipcache");
+    }
+    maps.upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote_plain())
+        .expect("ipcache");
 }
 
 fn all_hooks(t: &Topo) -> Vec<(String, Hook)> {
@@ -1030,50 +996,26 @@ fn all_hooks(t: &Topo) -> Vec<(String, Hook)> {
 
 #[test]
 fn strict_drops_continue_with_the_agent_gone() {
-    if !root_or_skip("strict without agent") {
+    let Some(t) = Topo::for_test("strict without agent") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let pod_rx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
     let remote_tx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 40400));
     let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 7777));
     let pod_tx = udp_socket(&t.pod_a, SocketAddrV4::new(POD_A, 40401));
-    let (to_pod, to_remote) = (
-        SocketAddrV4::new(POD_A, 7777),
-        SocketAddrV4::new(REMOTE_POD, 7777),
-    );
+    let paths = CrossNode {
+        out: (&pod_tx, SocketAddr::from((REMOTE_POD, 7777)), &peer_rx),
+        back: (&remote_tx, SocketAddr::from((POD_A, 7777)), &pod_rx),
+    };
     {
         let mut agent = load(&t, all_hooks(&t));
         strict_ipcache(agent.maps());
-        agent
-            .maps()
-            .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
-            .expect("config");
-        assert!(
-            udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
-            "permissive: pod -> remote pod plaintext passes"
-        );
-        assert!(
-            udp_delivered(&remote_tx, to_pod, &pod_rx, Duration::from_secs(5)),
-            "permissive: remote pod -> pod plaintext passes"
-        );
-        agent
-            .maps()
-            .set_config(&Config::new(0, Mode::Strict, 1, 51820))
-            .expect("config");
+        set_config(&mut agent, Config::new(0, Mode::Permissive, 1, 51820));
+        paths.assert(true, Duration::from_secs(5), "permissive");
+        set_config(&mut agent, Config::new(0, Mode::Strict, 1, 51820));
     }
     // The agent (loader, map and program fds) is gone; the pinned links and maps enforce.
-    let mut buf = [0u8; 64];
-    while peer_rx.recv_from(&mut buf).is_ok() {}
-    while pod_rx.recv_from(&mut buf).is_ok() {}
-    assert!(
-        !udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(2)),
-        "strict, agent gone: pod -> remote pod plaintext is dropped"
-    );
-    assert!(
-        !udp_delivered(&remote_tx, to_pod, &pod_rx, Duration::from_secs(2)),
-        "strict, agent gone: remote pod -> pod plaintext is dropped"
-    );
+    paths.assert(false, Duration::from_secs(2), "strict, agent gone");
     // A restarted agent finds the drops recorded in the pinned flow state.
     let restarted = load_expect(&t, all_hooks(&t), Attached::ReplacedPinned);
     let backlog = restarted.maps_ref().flow_backlog().expect("flows");
@@ -1089,10 +1031,9 @@ fn strict_drops_continue_with_the_agent_gone() {
 
 #[test]
 fn never_written_config_fails_closed_for_plaintext() {
-    if !root_or_skip("unset config") {
+    let Some(t) = Topo::for_test("unset config") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let mut loader = load(&t, all_hooks(&t));
     strict_ipcache(loader.maps());
     assert_eq!(
@@ -1123,10 +1064,7 @@ fn never_written_config_fails_closed_for_plaintext() {
         ),
         "unset config: plaintext from a remote pod is dropped on the underlay"
     );
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
-        .expect("config");
+    set_config(&mut loader, Config::new(0, Mode::Permissive, 1, 51820));
     assert!(
         udp_delivered(&pod_tx, to_remote, &peer_rx, Duration::from_secs(5)),
         "an explicit permissive config lets it through"
@@ -1135,35 +1073,16 @@ fn never_written_config_fails_closed_for_plaintext() {
 
 /// IPv6-only pods a and b; b's ingress allows udp/7777 from a and udp/7778 from the remote
 /// pod range (ipBlock), and b is isolated for egress (replies only).
-const V6_POLICY: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: t}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: t, labels: {app: a}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: "fd00:201:1::2"}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: t, labels: {app: b}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: "fd00:201:2::2"}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-v6, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
+fn v6_policy() -> String {
+    let rules = r#"  ingress:
   - from: [{podSelector: {matchLabels: {app: a}}}]
     ports: [{protocol: UDP, port: 7777}]
   - from: [{ipBlock: {cidr: "fd00:201:9::/64"}}]
     ports: [{protocol: UDP, port: 7778}]
 "#;
+    let pods = two_pods("fd00:201:1::2", "fd00:201:2::2");
+    pods + &net_policy("b-v6", "b", "Ingress, Egress", rules)
+}
 
 /// IPv6 flow records read so far (kept, so waits in any order find them).
 struct Flows6 {
@@ -1202,23 +1121,19 @@ impl Flows6 {
 
 #[test]
 fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
-    if !root_or_skip("ipv6") {
-        return;
-    }
     use std::net::{Ipv6Addr, SocketAddrV6};
     let v6 = |s: &str, port: u16| SocketAddrV6::new(s.parse().expect("v6"), port, 0, 0);
-    let t = Topo::new();
+    let Some(t) = Topo::for_test("ipv6") else {
+        return;
+    };
     t.add_ipv6();
     let mut loader = load(&t, all_hooks(&t));
     let mut flows = Flows6 {
         reader: loader.take_flow_reader().expect("reader"),
         seen: Vec::new(),
     };
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Permissive, 1, 51820))
-        .expect("config");
-    let policy = compile(&load_manifest(V6_POLICY).expect("manifest"));
+    set_config(&mut loader, Config::new(0, Mode::Permissive, 1, 51820));
+    let policy = compile(&load_manifest(&v6_policy()).expect("manifest"));
     assert!(policy.warnings.is_empty(), "{:?}", policy.warnings);
     let local6 = |_: Ipv6Addr, id: Identity| IpcacheValue::new(id.0, 0, Ipv4Addr::UNSPECIFIED, 2);
     let applied = loader
@@ -1228,10 +1143,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
     assert_eq!(applied.skipped_ipv6, 0);
     loader
         .maps()
-        .upsert_ipcache6(
-            "fd00:201:9::/64".parse().expect("net"),
-            IpcacheValue::new(0, 2, PEER_NODE, ipcache_flags::REMOTE_POD),
-        )
+        .upsert_ipcache6("fd00:201:9::/64".parse().expect("net"), remote_plain())
         .expect("ipcache6");
     assert_eq!(
         loader
@@ -1276,8 +1188,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
         loader.maps_ref().ipv6_verdicts(),
         policy.cidrs
     );
-    let mut buf = [0u8; 64];
-    while b.recv_from(&mut buf).is_ok() {}
+    drain(&[&b]);
     assert!(
         !udp_delivered(&remote, to_b, &b, Duration::from_secs(1)),
         "v6 remote -> b udp/7777 is denied"
@@ -1309,10 +1220,7 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
     assert_eq!((e.dport(), e.peer_node()), (7778, Some(PEER_NODE)));
 
     // Anti-spoofing of IPv6 sources.
-    let host_a = t.host_a.clone();
-    let ifindex_a = in_ns(&t.node, move || {
-        wiremesh_bpf::if_index(&host_a).expect("ifindex")
-    });
+    let ifindex_a = host_a_ifindex(&t);
     let own6: Ipv6Addr = "fd00:201:1::2".parse().expect("v6");
     loader
         .maps()
@@ -1343,32 +1251,17 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
 
     // Strict: v6 cross-node plaintext is dropped at from_pod and on the underlay.
     let peer_rx = udp_socket(&t.peer, v6("fd00:201:9::5", 7777));
-    let to_remote = v6("fd00:201:9::5", 7777);
-    assert!(
-        udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(5)),
-        "permissive: v6 pod -> remote pod plaintext passes"
-    );
     let a_rx = udp_socket(&t.pod_a, v6("fd00:201:1::2", 7777));
     let remote_tx = udp_socket(&t.peer, v6("fd00:201:9::5", 40603));
     let to_a7 = v6("fd00:201:1::2", 7777);
-    assert!(
-        udp_delivered(&remote_tx, to_a7, &a_rx, Duration::from_secs(5)),
-        "permissive: v6 remote pod -> pod plaintext passes"
-    );
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Strict, 1, 51820))
-        .expect("config");
-    while peer_rx.recv_from(&mut buf).is_ok() {}
-    while a_rx.recv_from(&mut buf).is_ok() {}
-    assert!(
-        !udp_delivered(&a, to_remote, &peer_rx, Duration::from_secs(1)),
-        "strict: v6 pod -> remote pod plaintext is dropped"
-    );
-    assert!(
-        !udp_delivered(&remote_tx, to_a7, &a_rx, Duration::from_secs(1)),
-        "strict: v6 remote pod -> pod plaintext is dropped on the underlay"
-    );
+    let paths = CrossNode {
+        out: (&a, v6("fd00:201:9::5", 7777).into(), &peer_rx),
+        back: (&remote_tx, to_a7.into(), &a_rx),
+    };
+    paths.assert(true, Duration::from_secs(5), "permissive, v6");
+    set_config(&mut loader, Config::new(0, Mode::Strict, 1, 51820));
+    // Dropped at from_pod and on the underlay.
+    paths.assert(false, Duration::from_secs(1), "strict, v6");
     let counts = loader.maps_ref().ipv6_verdicts().expect("stats6");
     assert!(
         counts[Verdict::DroppedPlaintext as usize] >= 2,
@@ -1390,21 +1283,13 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
 
 #[test]
 fn test_run_decides_like_real_traffic() {
-    if !root_or_skip("test run") {
-        return;
-    }
     use wiremesh_bpf::frame::{tcp_flags, tcp4};
-    let t = Topo::new();
+    let Some(t) = Topo::for_test("test run") else {
+        return;
+    };
     let mut loader = load(&t, Vec::new());
-    loader
-        .maps()
-        .set_config(&Config::new(0, Mode::Permissive, 1, 0))
-        .expect("config");
-    let deny = compiled(DENY_B);
-    loader
-        .maps()
-        .apply_policy(&deny.diff(&Compiled::default()), local)
-        .expect("deny");
+    let deny = compiled(&deny_b());
+    write_config_and_policy(&mut loader, &Config::new(0, Mode::Permissive, 1, 0), &deny);
     let (a, b) = (
         SocketAddrV4::new(POD_A, 40700),
         SocketAddrV4::new(POD_B, 8080),
@@ -1420,7 +1305,7 @@ fn test_run_decides_like_real_traffic() {
     });
     assert_eq!(denied.retval, 2, "TC_ACT_SHOT: b is isolated");
     let mut loader = loader;
-    let allow = compiled(ALLOW_A_TO_B_8080);
+    let allow = compiled(&allow_a_to_b_8080());
     loader
         .maps()
         .apply_policy(&allow.diff(&deny), local)
@@ -1521,10 +1406,9 @@ fn bulk_tcp(t: &Topo, from: &str, to: SocketAddr, len: usize, timeout: Duration)
 
 #[test]
 fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
-    if !root_or_skip("mtu") {
+    let Some(t) = Topo::for_test("mtu") else {
         return;
-    }
-    let t = Topo::new();
+    };
     // Pod veths keep MTU 1500 (checked), the tunnel has 1420 and its "underlay" (a pipe into
     // a TUN in the peer) carries nothing larger, like a real WireGuard tunnel.
     let link = std::process::Command::new("ip")
@@ -1533,13 +1417,8 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
         .expect("ip link");
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(link.contains(" mtu 1500 "), "pod a's eth0: {link}");
-    let tun_name = format!("wt{}", &t.host_a[2..]);
     let peer_tun = format!("wr{}", &t.host_a[2..]);
-    let tn = tun_name.clone();
-    let (tun, tun_index) = in_ns(&t.node, move || {
-        let tun = Tun::create(&tn);
-        (tun, ifindex(&tn))
-    });
+    let (tun_name, tun, tun_index) = node_tun(&t);
     for k in [
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.default.rp_filter=0",
@@ -1565,21 +1444,11 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
     ]);
     let pipe = TunPipe::start(tun, rx_tun, 1420);
 
-    let mut loader = load(&t, pod_hooks(&t));
-    let mut flows = loader.take_flow_reader().expect("reader");
-    let maps = loader.maps();
-    maps.set_config(&Config::new(tun_index, Mode::Permissive, 1, 0))
-        .expect("config");
-    let none = compiled("");
-    maps.apply_policy(&none.diff(&Compiled::default()), local)
-        .expect("endpoints");
-    let remote = IpcacheValue::new(
-        300,
-        2,
-        PEER_NODE,
-        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT,
-    );
-    maps.upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote)
+    let cfg = Config::new(tun_index, Mode::Permissive, 1, 0);
+    let (mut loader, mut flows, none) = loaded_with(&t, cfg, "");
+    loader
+        .maps()
+        .upsert_ipcache("10.201.9.0/24".parse().expect("net"), remote_encrypted())
         .expect("ipcache");
 
     const LEN: usize = 4 << 20;
@@ -1613,7 +1482,7 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
 
     // The PMTU error also reaches a pod isolated for ingress (it is no reply of the flow's
     // tuple): forget the learned PMTU and send again.
-    let deny = compiled(DENY_A);
+    let deny = compiled(&deny_a());
     loader
         .maps()
         .apply_policy(&deny.diff(&none), local)
@@ -1633,49 +1502,21 @@ fn packets_above_the_tunnel_mtu_get_pmtu_errors_instead_of_a_redirect() {
     assert_eq!(pipe.dropped(), 0);
 }
 
-/// Replaces the pin `path` with a new, empty array map of `value_size`-byte values (a map of
-/// another shape, as an older build would have left it). The map it pinned before lives on
-/// while programs use it.
-fn pin_map_of_another_shape(path: &std::path::Path, value_size: u32) {
-    use std::os::unix::ffi::OsStrExt;
-    std::fs::remove_file(path).expect("unpin");
-    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, rest 0.
-    let mut attr = [0u32; 32];
-    attr[..4].copy_from_slice(&[2 /* BPF_MAP_TYPE_ARRAY */, 4, value_size, 1]);
-    // SAFETY: BPF_MAP_CREATE (0) with a zeroed attr of 128 bytes.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128) };
-    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
-    // BPF_OBJ_PIN: pathname (u64), bpf_fd (u32), file_flags (u32).
-    let mut pin = [0u64; 16];
-    pin[0] = c_path.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: BPF_OBJ_PIN (6) with a valid path pointer and map fd.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), 128) };
-    assert_eq!(r, 0, "pin: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is ours; the pin keeps the map.
-    unsafe { libc::close(fd as i32) };
-}
-
 #[test]
 fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
-    if !root_or_skip("upgrade") {
+    let Some(t) = Topo::for_test("upgrade") else {
         return;
-    }
-    let t = Topo::new();
+    };
     let _l = listen(&t.pod_b, 8080);
-    let deny = compiled(DENY_B);
+    let deny = compiled(&deny_b());
     {
         let mut old = load(&t, pod_hooks(&t));
-        let maps = old.maps();
-        maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
-            .expect("config");
-        maps.apply_policy(&deny.diff(&Compiled::default()), local)
-            .expect("deny");
+        write_config_and_policy(&mut old, &Config::new(0, Mode::Permissive, 1, 0), &deny);
         assert!(!connect(&t.pod_a, POD_B, 8080), "deny with the old build");
     }
     // "An older build": its wm_config pin has another value size.
-    pin_map_of_another_shape(&t.pin_dir().join("wm_config"), 8);
+    pin_map_of_another_shape(&t.pin_dir().join("wm_config"), 8)
+        .expect("pin a map of another shape");
     assert!(
         !connect(&t.pod_a, POD_B, 8080),
         "old programs still enforce"
@@ -1698,11 +1539,7 @@ fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
         !connect(&t.pod_a, POD_B, 8080),
         "deny while the new maps are empty"
     );
-    let maps = new.maps();
-    maps.set_config(&Config::new(0, Mode::Permissive, 1, 0))
-        .expect("config");
-    maps.apply_policy(&deny.diff(&Compiled::default()), local)
-        .expect("deny in the new maps");
+    write_config_and_policy(&mut new, &Config::new(0, Mode::Permissive, 1, 0), &deny);
     let hooks = pod_hooks(&t);
     let mut new = in_ns(&t.node, move || {
         for (iface, hook) in hooks {
@@ -1717,7 +1554,7 @@ fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
     });
     assert!(!connect(&t.pod_a, POD_B, 8080), "deny after the swap");
     // The new maps drive the attached programs now.
-    let allow = compiled(ALLOW_A_TO_B_8080);
+    let allow = compiled(&allow_a_to_b_8080());
     new.maps()
         .apply_policy(&allow.diff(&deny), local)
         .expect("allow in the new maps");

@@ -1,133 +1,91 @@
 //! `Maps::retain_policy` (root, private bpffs): after a restart the agent writes the current
 //! compilation over the pinned maps and deletes whatever an older compilation left behind.
 
-use std::process::Command;
+#[path = "common/fixtures.rs"]
+mod fixtures;
 
+use fixtures::{Bpffs, net_policy, pods_v4, root_or_skip};
 use wiremesh_bpf::Loader;
 use wiremesh_policy::{Compiled, compile, load_manifest};
 
-const BASE: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: t}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: t, labels: {app: a}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: 10.201.1.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: t, labels: {app: b}}
-spec: {containers: [{name: c, image: x}]}
-status: {podIP: 10.201.2.2}
-"#;
-
-const OLD: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: old, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  policyTypes: [Ingress, Egress]
-  ingress:
+/// b isolated both ways; ingress from two ipBlocks (one with an exception, one IPv6).
+fn old() -> String {
+    let rules = r#"  ingress:
   - from: [{ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.128/25]}}]
     ports: [{port: 8080}]
   - from: [{ipBlock: {cidr: "2001:db8::/64"}}]
 "#;
+    net_policy("old", "b", "Ingress, Egress", rules)
+}
 
-const NEW: &str = r#"
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: new, namespace: t}
-spec:
-  podSelector: {matchLabels: {app: a}}
-  ingress:
+/// a's ingress from b on port 80.
+fn new() -> String {
+    let rules = r#"  ingress:
   - from: [{podSelector: {matchLabels: {app: b}}}]
     ports: [{port: 80}]
 "#;
+    net_policy("new", "a", "", rules)
+}
 
 fn compiled(policies: &str) -> Compiled {
-    compile(&load_manifest(&format!("{BASE}{policies}")).expect("manifest"))
+    compile(&load_manifest(&format!("{}{policies}", pods_v4())).expect("manifest"))
 }
 
 #[test]
 fn retain_policy_deletes_exactly_what_the_current_compilation_lacks() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "needs root under CI");
-        eprintln!("SKIPPED: needs root (bpffs)");
+    if !root_or_skip("retain") {
         return;
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("wmb-retain-{}-", std::process::id()))
-        .tempdir()
-        .expect("tempdir");
-    let dir = tmp.path().to_owned();
-    let ok = Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(&dir)
-        .status()
-        .expect("mount");
-    assert!(ok.success(), "mount bpffs on {}", dir.display());
-    let result = std::panic::catch_unwind(|| {
-        let pins = wiremesh_bpf::node_pin_dir(&dir, "node-r");
-        let old = compiled(OLD);
-        let new = compiled(NEW);
-        {
-            let mut l = Loader::load(&pins).expect("load");
-            l.maps()
-                .apply_policy_dual(
-                    &old.diff(&Compiled::default()),
-                    |_, _| wiremesh_bpf::IpcacheValue::default(),
-                    |_, _| wiremesh_bpf::IpcacheValue::default(),
-                )
-                .expect("old policy");
-        }
-        // A "restarted agent": same pins, writes the new compilation, then retains it.
-        let mut l = Loader::load(&pins).expect("reload");
-        let before = l.maps_ref().policy_counts();
-        assert!(
-            before.0 > 0 && before.1 > 0,
-            "old entries pinned: {before:?}"
-        );
+    let bpffs = Bpffs::new(&format!("retain-{}", std::process::id()));
+    let pins = wiremesh_bpf::node_pin_dir(&bpffs.dir, "node-r");
+    let old = compiled(&old());
+    let new = compiled(&new());
+    {
+        let mut l = Loader::load(&pins).expect("load");
         l.maps()
-            .apply_policy(&new.diff(&Compiled::default()), |_, _| {
-                wiremesh_bpf::IpcacheValue::default()
-            })
-            .expect("new policy");
-        let epoch = l.maps_ref().policy_epoch().expect("epoch");
-        let gone = l.maps().retain_policy(&new).expect("retain");
-        // Flows decided under the deleted entries must re-run their lookups: a new epoch.
-        assert_ne!(
-            l.maps_ref().policy_epoch().expect("epoch"),
-            epoch,
-            "deleting policy entries starts a new policy epoch"
-        );
-        assert_eq!(
-            l.maps_ref().policy_counts(),
-            (new.isolated.len(), new.rules.len()),
-            "exactly the new compilation remains"
-        );
-        let old_only_rules = old.rules.difference(&new.rules).count();
-        let old_only_isolated = old.isolated.difference(&new.isolated).count();
-        assert_eq!(gone.rules, old_only_rules);
-        assert_eq!(gone.isolated, old_only_isolated);
-        assert!(
-            gone.cidrs > 0,
-            "the old ipBlock prefixes are deleted: {gone:?}"
-        );
-        assert_eq!(gone.cidrs6, 1, "the old IPv6 ipBlock is deleted: {gone:?}");
-        // Idempotent, and nothing deleted means no new epoch.
-        let epoch = l.maps_ref().policy_epoch().expect("epoch");
-        assert_eq!(l.maps().retain_policy(&new).expect("again").total(), 0);
-        assert_eq!(l.maps_ref().policy_epoch().expect("epoch"), epoch);
-    });
-    let _ = Command::new("umount").arg(&dir).status();
-    if let Err(p) = result {
-        std::panic::resume_unwind(p);
+            .apply_policy_dual(
+                &old.diff(&Compiled::default()),
+                |_, _| wiremesh_bpf::IpcacheValue::default(),
+                |_, _| wiremesh_bpf::IpcacheValue::default(),
+            )
+            .expect("old policy");
     }
+    // A "restarted agent": same pins, writes the new compilation, then retains it.
+    let mut l = Loader::load(&pins).expect("reload");
+    let before = l.maps_ref().policy_counts();
+    assert!(
+        before.0 > 0 && before.1 > 0,
+        "old entries pinned: {before:?}"
+    );
+    l.maps()
+        .apply_policy(&new.diff(&Compiled::default()), |_, _| {
+            wiremesh_bpf::IpcacheValue::default()
+        })
+        .expect("new policy");
+    let epoch = l.maps_ref().policy_epoch().expect("epoch");
+    let gone = l.maps().retain_policy(&new).expect("retain");
+    // Flows decided under the deleted entries must re-run their lookups: a new epoch.
+    assert_ne!(
+        l.maps_ref().policy_epoch().expect("epoch"),
+        epoch,
+        "deleting policy entries starts a new policy epoch"
+    );
+    assert_eq!(
+        l.maps_ref().policy_counts(),
+        (new.isolated.len(), new.rules.len()),
+        "exactly the new compilation remains"
+    );
+    let old_only_rules = old.rules.difference(&new.rules).count();
+    let old_only_isolated = old.isolated.difference(&new.isolated).count();
+    assert_eq!(gone.rules, old_only_rules);
+    assert_eq!(gone.isolated, old_only_isolated);
+    assert!(
+        gone.cidrs > 0,
+        "the old ipBlock prefixes are deleted: {gone:?}"
+    );
+    assert_eq!(gone.cidrs6, 1, "the old IPv6 ipBlock is deleted: {gone:?}");
+    // Idempotent, and nothing deleted means no new epoch.
+    let epoch = l.maps_ref().policy_epoch().expect("epoch");
+    assert_eq!(l.maps().retain_policy(&new).expect("again").total(), 0);
+    assert_eq!(l.maps_ref().policy_epoch().expect("epoch"), epoch);
 }

@@ -7,6 +7,7 @@
 //! detached cluster down from another process. Everything created is recorded in a [`Ledger`] and
 //! removed newest first; nothing is ever deleted by name pattern.
 
+pub mod bpfpin;
 mod cluster;
 pub mod command;
 mod description;
@@ -15,11 +16,13 @@ mod ledger;
 mod names;
 pub mod netns;
 pub mod objects;
+mod privilege;
 mod process;
 pub mod testenv;
 pub mod underlay;
 pub mod wait;
 
+pub use bpfpin::pin_map_of_another_shape;
 pub use cluster::{
     ClusterError, ClusterNode, ClusterOptions, ClusterPod, POD_MTU, VirtualCluster, node_name,
 };
@@ -27,5 +30,6 @@ pub use description::{ClusterDescription, DescriptionError, NodeDescription, Pod
 pub use fsutil::write_private_atomic;
 pub use ledger::{Ledger, ReleaseError, Resource, TeardownError};
 pub use names::ClusterId;
+pub use privilege::have_root;
 pub use process::{ManagedProcess, ProcessError, ProcessIdentity, ProcessSpec};
 pub use testenv::{Testenv, TestenvCredentials, TestenvError, TestenvOptions, UserCredential};

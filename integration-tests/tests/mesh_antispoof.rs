@@ -15,15 +15,9 @@ const SPOOF_PORT: u16 = 9977;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_sending_with_another_pods_address_is_dropped_on_its_veth() {
-    if !have_root() {
+    let Some(cluster) = start_mesh_or_skip(Shape::new(2, 2)).await else {
         return;
-    }
-    let cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 2,
-        spare_nodes: 0,
-    })
-    .await;
+    };
     let _server = EchoServer::start(&cluster, "pod-2-1", 80);
     // The pod's own traffic works (and the agents have attached their programs).
     expect_reachability(

@@ -15,15 +15,9 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_leaves_enforcement_in_place_and_the_restart_re_adopts_it() {
-    if !have_root() {
+    let Some(mut cluster) = start_mesh_or_skip(Shape::new(2, 3)).await else {
         return;
-    }
-    let mut cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 3,
-        spare_nodes: 0,
-    })
-    .await;
+    };
     set_mesh_mode(&cluster, "Strict").await;
     label_pod(&cluster, "pod-2-1", json!({"role": "web"})).await;
     label_pod(&cluster, "pod-2-2", json!({"role": "client"})).await;

@@ -43,15 +43,9 @@ async fn reconciles(cluster: &wiremesh_integration::VirtualCluster, node: &str) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_annotation_is_reported_and_skipped_while_others_stay_meshed() {
-    if !have_root() {
+    let Some(mut cluster) = start_mesh_or_skip(Shape::new(2, 1).with_spare_nodes(1)).await else {
         return;
-    }
-    let mut cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 1,
-        spare_nodes: 1,
-    })
-    .await;
+    };
     let marker = marker("invalid");
 
     // node-3 exists (namespace, pod, Node) but runs no agent; someone writes garbage on it.

@@ -11,15 +11,9 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_node_joins_and_deleted_node_is_pruned() {
-    if !have_root() {
+    let Some(mut cluster) = start_mesh_or_skip(Shape::new(2, 1).with_spare_nodes(1)).await else {
         return;
-    }
-    let mut cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 1,
-        spare_nodes: 1,
-    })
-    .await;
+    };
     let marker = marker("membership");
 
     // A node added later, with a pod and its own agent.

@@ -17,15 +17,9 @@ const POLICY: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
-    if !have_root() {
+    let Some(cluster) = start_mesh_or_skip(Shape::new(2, 2)).await else {
         return;
-    }
-    let cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 2,
-        spare_nodes: 0,
-    })
-    .await;
+    };
     // node-1: pod-1-1 client, pod-1-2 web; node-2: pod-2-1 web, pod-2-2 other.
     label_pod(&cluster, "pod-1-1", json!({"role": "client"})).await;
     label_pod(&cluster, "pod-1-2", json!({"role": "web"})).await;

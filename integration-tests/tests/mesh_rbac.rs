@@ -22,15 +22,9 @@ fn forbidden(result: Result<impl std::fmt::Debug, kube::Error>) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_credentials_can_patch_only_their_own_node() {
-    if !have_root() {
+    let Some(cluster) = start_mesh_or_skip(Shape::new(2, 1)).await else {
         return;
-    }
-    let cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 1,
-        spare_nodes: 0,
-    })
-    .await;
+    };
 
     // The agents ran with these kubeconfigs (spawn_agent sets KUBECONFIG to them) and published
     // their keys: the mesh converged in start_mesh.

@@ -12,30 +12,14 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agent_keeps_its_key_and_the_mesh_reconverges() {
-    if !have_root() {
+    let Some(mut cluster) = start_mesh_or_skip(Shape::new(2, 1)).await else {
         return;
-    }
-    let mut cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 1,
-        spare_nodes: 0,
-    })
-    .await;
+    };
     let marker = marker("restart");
     let key_before = published_key(&cluster, "node-1").await.expect("key");
 
     // kill -9: no drain, the TUN device and its routes vanish with the process.
-    let pid = cluster
-        .node("node-1")
-        .expect("node")
-        .agent
-        .expect("agent")
-        .pid;
-    cluster
-        .process(pid)
-        .expect("process")
-        .kill()
-        .expect("kill -9");
+    kill_agent(&mut cluster, "node-1");
     demo::start_agent(&mut cluster, "node-1", &agent_binary(), &[]).expect("restart");
     let status = wait_converged(&cluster).await;
     let key_after = published_key(&cluster, "node-1").await.expect("key");
@@ -52,12 +36,7 @@ async fn killed_agent_keeps_its_key_and_the_mesh_reconverges() {
     assert_eq!(peers, vec![key_after.clone()]);
 
     // SIGTERM: a clean drain with exit status 0 and a last report that says so.
-    let pid = cluster
-        .node("node-1")
-        .expect("node")
-        .agent
-        .expect("agent")
-        .pid;
+    let pid = agent_pid(&cluster, "node-1");
     let exit = cluster
         .stop_process(pid, Duration::from_secs(15))
         .expect("stop agent");

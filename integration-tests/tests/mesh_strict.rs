@@ -14,15 +14,9 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
-    if !have_root() {
+    let Some(mut cluster) = start_mesh_or_skip(Shape::new(3, 1)).await else {
         return;
-    }
-    let mut cluster = start_mesh(Shape {
-        nodes: 3,
-        pods_per_node: 1,
-        spare_nodes: 0,
-    })
-    .await;
+    };
     let _servers: Vec<EchoServer> = ["pod-1-1", "pod-2-1", "pod-3-1"]
         .into_iter()
         .map(|pod| EchoServer::start(&cluster, pod, 80))

@@ -14,15 +14,9 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cross_node_pod_pair_is_encrypted_on_the_underlay() {
-    if !have_root() {
+    let Some(cluster) = start_mesh_or_skip(Shape::new(3, 2)).await else {
         return;
-    }
-    let cluster = start_mesh(Shape {
-        nodes: 3,
-        pods_per_node: 2,
-        spare_nodes: 0,
-    })
-    .await;
+    };
     let description = cluster.description();
     let underlay = demo::underlay_of(&description).expect("underlay");
     let marker = marker("traffic");

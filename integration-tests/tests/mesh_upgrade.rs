@@ -7,45 +7,18 @@
 #[path = "mesh_support/support.rs"]
 mod support;
 
-use std::{os::unix::ffi::OsStrExt, path::Path, time::Duration};
+use std::time::Duration;
 
 use meshctl::demo;
 use serde_json::json;
 use support::*;
-
-/// Replaces the pin `path` with an empty array map of `value_size`-byte values. The map it
-/// pinned before lives on while the attached programs use it.
-fn pin_map_of_another_shape(path: &Path, value_size: u32) {
-    std::fs::remove_file(path).unwrap_or_else(|e| panic!("unpin {}: {e}", path.display()));
-    // union bpf_attr of BPF_MAP_CREATE: map_type (array), key_size, value_size, max_entries.
-    let mut attr = [0u32; 32];
-    attr[..4].copy_from_slice(&[2, 4, value_size, 1]);
-    // SAFETY: BPF_MAP_CREATE (0) with a zeroed 128-byte attr.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128) };
-    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
-    // BPF_OBJ_PIN: pathname (u64), bpf_fd (u32).
-    let mut pin = [0u64; 16];
-    pin[0] = c_path.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: BPF_OBJ_PIN (6) with a valid path pointer and map fd.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), 128) };
-    assert_eq!(r, 0, "pin: {}", std::io::Error::last_os_error());
-    // SAFETY: the fd is ours; the pin keeps the map.
-    unsafe { libc::close(fd as i32) };
-}
+use wiremesh_integration::pin_map_of_another_shape;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_upgrades_pins_of_another_shape_without_an_enforcement_gap() {
-    if !have_root() {
+    let Some(mut cluster) = start_mesh_or_skip(Shape::new(2, 2)).await else {
         return;
-    }
-    let mut cluster = start_mesh(Shape {
-        nodes: 2,
-        pods_per_node: 2,
-        spare_nodes: 0,
-    })
-    .await;
+    };
     set_mesh_mode(&cluster, "Strict").await;
     label_pod(&cluster, "pod-2-1", json!({"role": "web"})).await;
     label_pod(&cluster, "pod-2-2", json!({"role": "other"})).await;
@@ -67,7 +40,7 @@ async fn an_agent_upgrades_pins_of_another_shape_without_an_enforcement_gap() {
     let probe = GapProbe::start(&cluster, "pod-2-2", "pod-2-1", 80);
     kill_agent(&mut cluster, "node-2");
     let pins = cluster.bpffs().join("wiremesh/node-2");
-    pin_map_of_another_shape(&pins.join("wm_config"), 8);
+    pin_map_of_another_shape(&pins.join("wm_config"), 8).expect("pin a map of another shape");
     demo::start_agent(&mut cluster, "node-2", &agent_binary(), &[]).expect("restart");
     wait_converged(&cluster).await;
     expect_reachability(

@@ -16,19 +16,9 @@ use wiremesh_integration::{
     testenv::client_from_kubeconfig, wait,
 };
 
-/// Privileged tests need root. Without root they fail under CI (which runs as root, so a skip there
-/// would hide a broken setup) and are skipped loudly elsewhere.
+/// Privileged tests need root (see [`wiremesh_integration::have_root`]).
 fn have_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "privileged test run without root under CI"
-    );
-    eprintln!("SKIPPED: needs root (network namespaces)");
-    false
+    wiremesh_integration::have_root("network namespaces")
 }
 
 fn netns_list() -> String {

@@ -104,22 +104,24 @@ fn assert_table(c: &Cluster, port: &str, expected: &str) {
     );
 }
 
-const ALL: &str = "
-    x/a xxx xxx xxx
-    x/b xxx xxx xxx
-    x/c xxx xxx xxx
-    y/a xxx xxx xxx
-    y/b xxx xxx xxx
-    y/c xxx xxx xxx
-    z/a xxx xxx xxx
-    z/b xxx xxx xxx
-    z/c xxx xxx xxx";
+/// The table in which every source sees the same `cells` (one row, like `... xxx xxx`): the
+/// outcome depends on the destination only.
+fn every_source(cells: &str) -> String {
+    PODS.iter()
+        .map(|from| format!("{from} {cells}\n"))
+        .collect()
+}
+
+/// Everything open.
+fn all() -> String {
+    every_source("xxx xxx xxx")
+}
 
 #[test]
 fn no_policy_allows_everything() {
     let c = cluster("");
     for p in ["tcp/80", "udp/53", "sctp/9"] {
-        assert_table(&c, p, ALL);
+        assert_table(&c, p, &all());
     }
 }
 
@@ -134,16 +136,7 @@ spec:
   podSelector: {}
 ",
     );
-    let t = "
-        x/a ... xxx xxx
-        x/b ... xxx xxx
-        x/c ... xxx xxx
-        y/a ... xxx xxx
-        y/b ... xxx xxx
-        y/c ... xxx xxx
-        z/a ... xxx xxx
-        z/b ... xxx xxx
-        z/c ... xxx xxx";
+    let t = &every_source("... xxx xxx");
     assert_table(&c, "tcp/80", t);
     assert_table(&c, "udp/53", t);
 }
@@ -441,17 +434,8 @@ spec:
     - port: 80
 ",
     );
-    assert_table(&c, "tcp/80", ALL);
-    let closed = "
-        x/a .xx xxx xxx
-        x/b .xx xxx xxx
-        x/c .xx xxx xxx
-        y/a .xx xxx xxx
-        y/b .xx xxx xxx
-        y/c .xx xxx xxx
-        z/a .xx xxx xxx
-        z/b .xx xxx xxx
-        z/c .xx xxx xxx";
+    assert_table(&c, "tcp/80", &all());
+    let closed = &every_source(".xx xxx xxx");
     assert_table(&c, "tcp/81", closed);
     assert_table(&c, "udp/80", closed);
     assert_table(&c, "sctp/80", closed);
@@ -471,18 +455,9 @@ spec:
     - {protocol: UDP, port: 1000, endPort: 1025}
 ",
     );
-    let closed = "
-        x/a ... xxx xxx
-        x/b ... xxx xxx
-        x/c ... xxx xxx
-        y/a ... xxx xxx
-        y/b ... xxx xxx
-        y/c ... xxx xxx
-        z/a ... xxx xxx
-        z/b ... xxx xxx
-        z/c ... xxx xxx";
+    let closed = &every_source("... xxx xxx");
     for p in ["udp/1000", "udp/1023", "udp/1024", "udp/1025"] {
-        assert_table(&c, p, ALL);
+        assert_table(&c, p, &all());
     }
     for p in ["udp/999", "udp/1026", "tcp/1000", "sctp/1024"] {
         assert_table(&c, p, closed);
@@ -504,19 +479,10 @@ spec:
     - {protocol: UDP}
 ",
     );
-    let closed = "
-        x/a xxx x.x xxx
-        x/b xxx x.x xxx
-        x/c xxx x.x xxx
-        y/a xxx x.x xxx
-        y/b xxx x.x xxx
-        y/c xxx x.x xxx
-        z/a xxx x.x xxx
-        z/b xxx x.x xxx
-        z/c xxx x.x xxx";
-    assert_table(&c, "sctp/9", ALL);
-    assert_table(&c, "udp/7", ALL);
-    assert_table(&c, "udp/65535", ALL);
+    let closed = &every_source("xxx x.x xxx");
+    assert_table(&c, "sctp/9", &all());
+    assert_table(&c, "udp/7", &all());
+    assert_table(&c, "udp/65535", &all());
     assert_table(&c, "sctp/10", closed);
     assert_table(&c, "tcp/9", closed);
 }
@@ -536,49 +502,10 @@ spec:
     - port: http
 ",
     );
-    assert_table(
-        &c,
-        "tcp/80",
-        "
-        x/a xx. xxx xxx
-        x/b xx. xxx xxx
-        x/c xx. xxx xxx
-        y/a xx. xxx xxx
-        y/b xx. xxx xxx
-        y/c xx. xxx xxx
-        z/a xx. xxx xxx
-        z/b xx. xxx xxx
-        z/c xx. xxx xxx",
-    );
-    assert_table(
-        &c,
-        "tcp/81",
-        "
-        x/a ..x xxx xxx
-        x/b ..x xxx xxx
-        x/c ..x xxx xxx
-        y/a ..x xxx xxx
-        y/b ..x xxx xxx
-        y/c ..x xxx xxx
-        z/a ..x xxx xxx
-        z/b ..x xxx xxx
-        z/c ..x xxx xxx",
-    );
+    assert_table(&c, "tcp/80", &every_source("xx. xxx xxx"));
+    assert_table(&c, "tcp/81", &every_source("..x xxx xxx"));
     // `http` is TCP only: UDP 80 is not opened by it.
-    assert_table(
-        &c,
-        "udp/80",
-        "
-        x/a ... xxx xxx
-        x/b ... xxx xxx
-        x/c ... xxx xxx
-        y/a ... xxx xxx
-        y/b ... xxx xxx
-        y/c ... xxx xxx
-        z/a ... xxx xxx
-        z/b ... xxx xxx
-        z/c ... xxx xxx",
-    );
+    assert_table(&c, "udp/80", &every_source("... xxx xxx"));
 }
 
 #[test]

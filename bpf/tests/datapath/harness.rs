@@ -1,6 +1,7 @@
 //! Test harness: network namespaces ("node", "pods", an underlay peer) joined by veths, a
-//! private bpffs for pins, a TUN "tunnel", and helpers to run code inside a namespace. Every
-//! name carries the PID and a counter; everything is removed on drop.
+//! private bpffs for pins ([`Bpffs`] of `tests/common/fixtures.rs`), a TUN "tunnel", and helpers
+//! to run code inside a namespace. Every name carries the PID and a counter; everything is
+//! removed on drop.
 
 use std::{
     fs::File,
@@ -15,33 +16,15 @@ use std::{
 
 use wiremesh_bpf::{FlowEvent, FlowReader};
 
+use crate::fixtures::{Bpffs, root_or_skip, run};
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Whether privileged tests can run; panics under CI without root.
-pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "privileged test {test} run without root under CI"
-    );
-    eprintln!("SKIPPED {test}: needs root (netns, bpf)");
-    false
-}
-
-/// Runs a command, panicking with its output on failure.
-pub fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs `ip -n <ns> <args>`, panicking with its output on failure.
+pub fn ip(ns: &str, args: &[&str]) {
+    let mut all = vec!["ip", "-n", ns];
+    all.extend_from_slice(args);
+    run(&all);
 }
 
 /// Runs `f` on a new thread that has joined namespace `ns` and returns its result.
@@ -81,6 +64,12 @@ pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 201, 9, 5);
 pub const PEER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 
 impl Topo {
+    /// The topology of privileged test `test`, or `None` (the test returns) when it may not run
+    /// as root ([`root_or_skip`]).
+    pub fn for_test(test: &str) -> Option<Self> {
+        root_or_skip(test).then(Topo::new)
+    }
+
     pub fn new() -> Self {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{n}", std::process::id());
@@ -102,94 +91,36 @@ impl Topo {
             (&t.pod_a, &t.host_a, "10.201.1.2/24", "10.201.1.1"),
             (&t.pod_b, &t.host_b, "10.201.2.2/24", "10.201.2.1"),
         ] {
-            run(&[
-                "ip", "-n", node, "link", "add", host, "type", "veth", "peer", "name", "eth0",
-                "netns", ns,
-            ]);
-            run(&["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"]);
-            run(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-            run(&["ip", "-n", ns, "route", "add", "default", "via", gw]);
-            run(&[
-                "ip",
-                "-n",
-                node,
-                "addr",
-                "add",
-                &format!("{gw}/24"),
-                "dev",
-                host,
-            ]);
-            run(&["ip", "-n", node, "link", "set", host, "up"]);
+            let veth: [&str; 10] = [
+                "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ];
+            ip(node, &veth);
+            ip(ns, &["addr", "add", addr, "dev", "eth0"]);
+            ip(ns, &["link", "set", "eth0", "up"]);
+            ip(ns, &["link", "set", "lo", "up"]);
+            ip(ns, &["route", "add", "default", "via", gw]);
+            ip(node, &["addr", "add", &format!("{gw}/24"), "dev", host]);
+            ip(node, &["link", "set", host, "up"]);
         }
-        run(&[
-            "ip",
-            "-n",
+        let (underlay, peer) = (t.underlay.as_str(), t.peer.as_str());
+        let veth: [&str; 10] = [
+            "link", "add", underlay, "type", "veth", "peer", "name", "eth0", "netns", peer,
+        ];
+        ip(node, &veth);
+        ip(node, &["addr", "add", "192.168.77.1/24", "dev", underlay]);
+        ip(node, &["link", "set", underlay, "up"]);
+        ip(
             node,
-            "link",
-            "add",
-            &t.underlay,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &t.peer,
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            node,
-            "addr",
-            "add",
-            "192.168.77.1/24",
-            "dev",
-            &t.underlay,
-        ]);
-        run(&["ip", "-n", node, "link", "set", &t.underlay, "up"]);
-        run(&[
-            "ip",
-            "-n",
-            node,
-            "route",
-            "add",
-            "10.201.9.0/24",
-            "via",
-            "192.168.77.2",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &t.peer,
-            "addr",
-            "add",
-            "192.168.77.2/24",
-            "dev",
-            "eth0",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &t.peer,
-            "addr",
-            "add",
-            "10.201.9.5/32",
-            "dev",
-            "lo",
-        ]);
-        run(&["ip", "-n", &t.peer, "link", "set", "eth0", "up"]);
-        run(&["ip", "-n", &t.peer, "link", "set", "lo", "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &t.peer,
-            "route",
-            "add",
-            "10.201.0.0/16",
-            "via",
-            "192.168.77.1",
-        ]);
+            &["route", "add", "10.201.9.0/24", "via", "192.168.77.2"],
+        );
+        ip(peer, &["addr", "add", "192.168.77.2/24", "dev", "eth0"]);
+        ip(peer, &["addr", "add", "10.201.9.5/32", "dev", "lo"]);
+        ip(peer, &["link", "set", "eth0", "up"]);
+        ip(peer, &["link", "set", "lo", "up"]);
+        ip(
+            peer,
+            &["route", "add", "10.201.0.0/16", "via", "192.168.77.1"],
+        );
         for k in [
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
@@ -205,82 +136,38 @@ impl Topo {
     /// `fd00:77::1` <-> `fd00:77::2`, remote pod `fd00:201:9::5` on the peer, routed both ways.
     pub fn add_ipv6(&self) {
         let node = self.node.as_str();
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            node,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.forwarding=1",
-        ]);
+        let forwarding = "net.ipv6.conf.all.forwarding=1";
+        run(&["ip", "netns", "exec", node, "sysctl", "-qw", forwarding]);
         for (ns, host, n) in [
             (&self.pod_a, &self.host_a, 1),
             (&self.pod_b, &self.host_b, 2),
         ] {
             let (addr, gw) = (format!("fd00:201:{n}::2/64"), format!("fd00:201:{n}::1"));
-            run(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0", "nodad"]);
-            run(&["ip", "-n", ns, "-6", "route", "add", "default", "via", &gw]);
-            let gw_net = format!("{gw}/64");
-            run(&[
-                "ip", "-n", node, "addr", "add", &gw_net, "dev", host, "nodad",
-            ]);
+            ip(ns, &["addr", "add", &addr, "dev", "eth0", "nodad"]);
+            ip(ns, &["-6", "route", "add", "default", "via", &gw]);
+            ip(
+                node,
+                &["addr", "add", &format!("{gw}/64"), "dev", host, "nodad"],
+            );
         }
-        run(&[
-            "ip",
-            "-n",
+        let (underlay, peer) = (self.underlay.as_str(), self.peer.as_str());
+        ip(
             node,
-            "addr",
-            "add",
-            "fd00:77::1/64",
-            "dev",
-            &self.underlay,
-            "nodad",
-        ]);
-        run(&[
-            "ip",
-            "-n",
+            &["addr", "add", "fd00:77::1/64", "dev", underlay, "nodad"],
+        );
+        ip(
             node,
-            "-6",
-            "route",
-            "add",
-            "fd00:201:9::/64",
-            "via",
-            "fd00:77::2",
-        ]);
-        let peer = self.peer.as_str();
-        run(&[
-            "ip",
-            "-n",
+            &["-6", "route", "add", "fd00:201:9::/64", "via", "fd00:77::2"],
+        );
+        ip(
             peer,
-            "addr",
-            "add",
-            "fd00:77::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        run(&[
-            "ip",
-            "-n",
+            &["addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"],
+        );
+        ip(peer, &["addr", "add", "fd00:201:9::5/128", "dev", "lo"]);
+        ip(
             peer,
-            "addr",
-            "add",
-            "fd00:201:9::5/128",
-            "dev",
-            "lo",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            peer,
-            "-6",
-            "route",
-            "add",
-            "fd00:201::/32",
-            "via",
-            "fd00:77::1",
-        ]);
+            &["-6", "route", "add", "fd00:201::/32", "via", "fd00:77::1"],
+        );
     }
 
     /// The per-node pin directory on this test's bpffs.
@@ -294,36 +181,6 @@ impl Drop for Topo {
         for ns in [&self.pod_a, &self.pod_b, &self.peer, &self.node] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-    }
-}
-
-/// A private bpffs mounted on a temporary directory (unmounted on drop).
-pub struct Bpffs {
-    pub dir: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Bpffs {
-    fn new(id: &str) -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("wmb-bpffs-{id}-"))
-            .tempdir()
-            .expect("tempdir");
-        let dir = tmp.path().to_owned();
-        run(&[
-            "mount",
-            "-t",
-            "bpf",
-            "bpf",
-            dir.to_str().expect("utf-8 path"),
-        ]);
-        Bpffs { dir, _tmp: tmp }
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
     }
 }
 

@@ -19,22 +19,7 @@ use std::{
 };
 
 use meshctl::{demo, status, traffic::PodEnd};
-use wiremesh_integration::{ClusterOptions, VirtualCluster, wait};
-
-/// Privileged tests need root: under CI (root) a missing privilege is a failure, elsewhere a loud
-/// skip.
-pub fn have_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "privileged test run without root under CI"
-    );
-    eprintln!("SKIPPED: needs root (network namespaces, TUN devices)");
-    false
-}
+use wiremesh_integration::{ClusterOptions, VirtualCluster, have_root, wait};
 
 /// The mesh-agent executable under test.
 pub fn agent_binary() -> PathBuf {
@@ -61,11 +46,44 @@ pub fn agent_binary() -> PathBuf {
 pub struct Shape {
     pub nodes: u32,
     pub pods_per_node: u32,
+    /// Node names and subnets reserved for nodes the test adds later.
     pub spare_nodes: u32,
+}
+
+impl Shape {
+    /// `nodes` nodes with `pods_per_node` pods each, no spare nodes.
+    pub fn new(nodes: u32, pods_per_node: u32) -> Self {
+        Shape {
+            nodes,
+            pods_per_node,
+            spare_nodes: 0,
+        }
+    }
+
+    /// Reserves `spare_nodes` more nodes for [`VirtualCluster::add_node`].
+    pub fn with_spare_nodes(self, spare_nodes: u32) -> Self {
+        Shape {
+            spare_nodes,
+            ..self
+        }
+    }
 }
 
 /// How long a mesh may take to converge (testenv on 2 shared cores, debug build).
 pub const CONVERGE: Duration = Duration::from_secs(90);
+
+/// The start of every mesh scenario: `None` (the test returns at once) when it may not run
+/// privileged (see [`wiremesh_integration::have_root`]), else the converged mesh of
+/// [`start_mesh`].
+///
+/// It lives here and not in the `wiremesh_integration` library because it drives
+/// `meshctl::demo`, and `meshctl` depends on that library.
+pub async fn start_mesh_or_skip(shape: Shape) -> Option<VirtualCluster> {
+    if !have_root("network namespaces, TUN devices") {
+        return None;
+    }
+    Some(start_mesh(shape).await)
+}
 
 /// Starts the cluster, installs the CRDs, enables the mesh, starts every agent and waits until
 /// `meshctl status` reports the mesh converged.

@@ -334,11 +334,7 @@ impl Agent {
         let k = key(1);
         Self {
             node,
-            keys: LocalKeys {
-                current: k,
-                next: None,
-                previous: None,
-            },
+            keys: local_keys(k, None, None),
             own: published(k, 4, None, None),
             plan: plan3(),
             phase: Some(RotationPhase::Preparing),
@@ -415,6 +411,34 @@ fn published(
         rotation: mark,
     }
     .render()
+}
+
+/// The local key slots, in the field order of [`LocalKeys`].
+fn local_keys(
+    current: PublicKey,
+    next: Option<PublicKey>,
+    previous: Option<PublicKey>,
+) -> LocalKeys {
+    LocalKeys {
+        current,
+        next,
+        previous,
+    }
+}
+
+/// The keys of a rotating node right after `PromoteNext`: current K' (key 2), previous K (key 1).
+fn promoted_keys() -> LocalKeys {
+    local_keys(key(2), None, Some(key(1)))
+}
+
+/// Rotating node "a" after its switch: [`promoted_keys`], K' published with generation 5 and
+/// the mark `published_step`, rotation in `phase`.
+fn switched_agent(published_step: RotationStep, phase: RotationPhase) -> Agent {
+    let mut a = Agent::new("a");
+    a.keys = promoted_keys();
+    a.own = published(key(2), 5, None, mark(published_step));
+    a.phase = Some(phase);
+    a
 }
 
 fn mark(step: RotationStep) -> Option<RotationMark> {
@@ -547,14 +571,7 @@ fn rotating_node_switches_in_one_patch_after_promoting() {
     while a.step(2).is_some() {}
     a.phase = Some(RotationPhase::Switching);
     assert_eq!(a.step(0), ks(KeystoreStep::PromoteNext));
-    assert_eq!(
-        a.keys,
-        LocalKeys {
-            current: key(2),
-            next: None,
-            previous: Some(key(1))
-        }
-    );
+    assert_eq!(a.keys, promoted_keys());
     let n = a.publishes();
     assert_eq!(n.public_key, key(2));
     assert_eq!(n.key_generation, 5);
@@ -566,15 +583,7 @@ fn rotating_node_switches_in_one_patch_after_promoting() {
 
 #[test]
 fn rotating_node_retires_after_seeing_switches_then_drops_its_old_key_last() {
-    let mut a = Agent::new("a");
-    a.keys = LocalKeys {
-        current: key(2),
-        next: None,
-        previous: Some(key(1)),
-    };
-    a.own = published(key(2), 5, None, mark(Switched));
-    a.phase = Some(RotationPhase::Retiring);
-    let a = a
+    let a = switched_agent(Switched, RotationPhase::Retiring)
         .peer("b", None, Some(Prepared))
         .peer("c", None, Some(Switched));
     let p = a.plan();
@@ -596,14 +605,7 @@ fn rotating_node_retires_after_seeing_switches_then_drops_its_old_key_last() {
 
 #[test]
 fn complete_drops_the_old_key_without_waiting() {
-    let mut a = Agent::new("a");
-    a.keys = LocalKeys {
-        current: key(2),
-        next: None,
-        previous: Some(key(1)),
-    };
-    a.own = published(key(2), 5, None, mark(Retired));
-    a.phase = Some(RotationPhase::Complete);
+    let mut a = switched_agent(Retired, RotationPhase::Complete);
     assert_eq!(a.step(0), ks(KeystoreStep::RetirePrevious));
     assert_eq!(a.action(), None);
 }
@@ -666,60 +668,26 @@ fn failure_before_retiring_rolls_back_from_every_step() {
     let k = key(1);
     let k2 = key(2);
     let cases = [
+        (local_keys(k, None, None), published(k, 4, None, None)),
+        (local_keys(k, Some(k2), None), published(k, 4, None, None)),
         (
-            LocalKeys {
-                current: k,
-                next: None,
-                previous: None,
-            },
-            published(k, 4, None, None),
-        ),
-        (
-            LocalKeys {
-                current: k,
-                next: Some(k2),
-                previous: None,
-            },
-            published(k, 4, None, None),
-        ),
-        (
-            LocalKeys {
-                current: k,
-                next: Some(k2),
-                previous: None,
-            },
+            local_keys(k, Some(k2), None),
             published(k, 4, Some(k2), None),
         ),
         (
-            LocalKeys {
-                current: k,
-                next: Some(k2),
-                previous: None,
-            },
+            local_keys(k, Some(k2), None),
             published(k, 4, Some(k2), mark(Prepared)),
         ),
         (
-            LocalKeys {
-                current: k2,
-                next: None,
-                previous: Some(k),
-            },
+            local_keys(k2, None, Some(k)),
             published(k, 4, Some(k2), mark(Prepared)),
         ),
         (
-            LocalKeys {
-                current: k2,
-                next: None,
-                previous: Some(k),
-            },
+            local_keys(k2, None, Some(k)),
             published(k2, 5, None, mark(Switched)),
         ),
         (
-            LocalKeys {
-                current: k,
-                next: None,
-                previous: None,
-            },
+            local_keys(k, None, None),
             published(k2, 5, None, mark(Switched)),
         ),
     ];
@@ -735,15 +703,7 @@ fn failure_before_retiring_rolls_back_from_every_step() {
                 steps += 1;
                 assert!(steps < 10, "no progress from {keys:?}");
             }
-            assert_eq!(
-                a.keys,
-                LocalKeys {
-                    current: k,
-                    next: None,
-                    previous: None
-                },
-                "{during} from {keys:?}"
-            );
+            assert_eq!(a.keys, local_keys(k, None, None), "{during} from {keys:?}");
             let n =
                 NodeAnnotations::parse(&a.own, &[EP.parse::<SocketAddr>().unwrap().ip()]).unwrap();
             assert_eq!(n.public_key, k);
@@ -762,14 +722,7 @@ fn failure_before_retiring_rolls_back_from_every_step() {
 
 #[test]
 fn failure_in_retiring_keeps_the_new_key() {
-    let mut a = Agent::new("a");
-    a.keys = LocalKeys {
-        current: key(2),
-        next: None,
-        previous: Some(key(1)),
-    };
-    a.own = published(key(2), 5, None, mark(Switched));
-    a.phase = Some(RotationPhase::Failed);
+    let mut a = switched_agent(Switched, RotationPhase::Failed);
     a.failed_during = Some(RotationPhase::Retiring);
     assert_eq!(a.step(0), ks(KeystoreStep::RetirePrevious));
     assert_eq!(a.action(), None);
@@ -814,11 +767,7 @@ fn observer_acknowledges_a_failure() {
 #[test]
 fn resume_after_crash_between_promote_and_publish() {
     let mut a = Agent::new("a");
-    a.keys = LocalKeys {
-        current: key(2),
-        next: None,
-        previous: Some(key(1)),
-    };
+    a.keys = promoted_keys();
     a.own = published(key(1), 4, Some(key(2)), mark(Prepared));
     a.phase = Some(RotationPhase::Switching);
     let n = a.publishes();
@@ -881,11 +830,7 @@ fn leftover_old_identity_is_settled_before_a_new_rotation() {
     assert_eq!(a.action(), ks(KeystoreStep::RetirePrevious));
     // K' promoted but never published: undo.
     let mut a = Agent::new("a");
-    a.keys = LocalKeys {
-        current: key(2),
-        next: None,
-        previous: Some(key(1)),
-    };
+    a.keys = promoted_keys();
     a.phase = None;
     assert_eq!(a.action(), ks(KeystoreStep::RestorePrevious));
 }
@@ -893,11 +838,7 @@ fn leftover_old_identity_is_settled_before_a_new_rotation() {
 #[test]
 fn stray_next_key_beside_a_promotion_is_settled_first() {
     let mut a = Agent::new("a");
-    a.keys = LocalKeys {
-        current: key(1),
-        next: Some(key(2)),
-        previous: Some(key(0)),
-    };
+    a.keys = local_keys(key(1), Some(key(2)), Some(key(0)));
     a.own = published(key(1), 4, Some(key(2)), mark(Prepared));
     a.phase = Some(RotationPhase::Switching);
     assert_eq!(a.step(0), ks(KeystoreStep::RetirePrevious));
