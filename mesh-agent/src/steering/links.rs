@@ -7,14 +7,15 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use futures::TryStreamExt;
 use rtnetlink::{
-    Handle, RouteMessageBuilder,
+    RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
         link::{LinkAttribute, LinkMessage},
         route::{RouteAddress, RouteAttribute, RouteType},
     },
 };
-use tokio::task::AbortHandle;
+
+use crate::netlink;
 
 /// A netlink failure while reading the namespace's interfaces.
 #[derive(Debug, thiserror::Error)]
@@ -72,14 +73,7 @@ impl LinkSnapshot {
 /// An rtnetlink connection in the namespace of the thread that opened it.
 #[derive(Debug)]
 pub struct Links {
-    handle: Handle,
-    connection: AbortHandle,
-}
-
-impl Drop for Links {
-    fn drop(&mut self) {
-        self.connection.abort();
-    }
+    netlink: netlink::Connection,
 }
 
 fn link_name(link: &LinkMessage) -> Option<String> {
@@ -92,17 +86,16 @@ fn link_name(link: &LinkMessage) -> Option<String> {
 impl Links {
     /// Opens the connection on the current tokio runtime.
     pub fn new() -> Result<Self, LinksError> {
-        let (connection, handle, _) =
-            rtnetlink::new_connection().map_err(LinksError::Connection)?;
-        let connection = tokio::spawn(connection).abort_handle();
-        Ok(Self { handle, connection })
+        let netlink = netlink::Connection::open().map_err(LinksError::Connection)?;
+        Ok(Self { netlink })
     }
 
     /// Dumps links, IPv4 addresses and IPv4 unicast routes.
     pub async fn snapshot(&self) -> Result<LinkSnapshot, LinksError> {
         let mut out = LinkSnapshot::default();
         let links: Vec<LinkMessage> = self
-            .handle
+            .netlink
+            .handle()
             .link()
             .get()
             .execute()
@@ -124,7 +117,8 @@ impl Links {
             }
         }
         let addresses: Vec<_> = self
-            .handle
+            .netlink
+            .handle()
             .address()
             .get()
             .execute()
@@ -144,7 +138,8 @@ impl Links {
             }
         }
         let routes: Vec<_> = self
-            .handle
+            .netlink
+            .handle()
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
