@@ -3,7 +3,11 @@
 
 use std::io;
 
-use rtnetlink::Handle;
+use futures::TryStreamExt;
+use rtnetlink::{
+    Handle,
+    packet_route::{address::AddressMessage, link::LinkMessage, route::RouteMessage},
+};
 use tokio::task::AbortHandle;
 
 /// An open rtnetlink connection. Dropping it stops the task that drives the socket.
@@ -24,6 +28,29 @@ impl Connection {
     /// The request handle of the connection.
     pub(crate) fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// Every link of the namespace.
+    pub(crate) async fn links(&self) -> Result<Vec<LinkMessage>, rtnetlink::Error> {
+        self.handle.link().get().execute().try_collect().await
+    }
+
+    /// Every address of the namespace, both families.
+    pub(crate) async fn addresses(&self) -> Result<Vec<AddressMessage>, rtnetlink::Error> {
+        self.handle.address().get().execute().try_collect().await
+    }
+
+    /// The routes of the family (and table, protocol, ...) that `filter` is built for.
+    pub(crate) async fn routes(
+        &self,
+        filter: RouteMessage,
+    ) -> Result<Vec<RouteMessage>, rtnetlink::Error> {
+        self.handle
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await
     }
 }
 

@@ -79,16 +79,6 @@ impl NetlinkRoutes {
             .scope(RouteScope::Link)
             .build())
     }
-
-    async fn dump(&self, message: RouteMessage) -> Result<Vec<RouteMessage>, rtnetlink::Error> {
-        self.netlink
-            .handle()
-            .route()
-            .get(message)
-            .execute()
-            .try_collect()
-            .await
-    }
 }
 
 impl Routes for NetlinkRoutes {
@@ -108,11 +98,13 @@ impl Routes for NetlinkRoutes {
             return Ok(Vec::new());
         };
         let mut messages = self
-            .dump(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .netlink
+            .routes(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .await
             .map_err(|e| netlink_error("list IPv4 routes", ifname, e))?;
         messages.extend(
-            self.dump(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            self.netlink
+                .routes(RouteMessageBuilder::<Ipv6Addr>::new().build())
                 .await
                 .map_err(|e| netlink_error("list IPv6 routes", ifname, e))?,
         );
@@ -180,13 +172,9 @@ impl Routes for NetlinkRoutes {
     }
 
     async fn mtu_of_address(&self, address: IpAddr) -> Result<u32, RoutesError> {
-        let addresses: Vec<_> = self
+        let addresses = self
             .netlink
-            .handle()
-            .address()
-            .get()
-            .execute()
-            .try_collect()
+            .addresses()
             .await
             .map_err(|e| netlink_error("list addresses", "*", e))?;
         let index = addresses

@@ -5,7 +5,6 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use futures::TryStreamExt;
 use rtnetlink::{
     RouteMessageBuilder,
     packet_route::{
@@ -76,6 +75,11 @@ pub struct Links {
     netlink: netlink::Connection,
 }
 
+/// Names the dump that failed.
+fn dump_error(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> LinksError {
+    move |source| LinksError::Dump { what, source }
+}
+
 fn link_name(link: &LinkMessage) -> Option<String> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.clone()),
@@ -93,18 +97,11 @@ impl Links {
     /// Dumps links, IPv4 addresses and IPv4 unicast routes.
     pub async fn snapshot(&self) -> Result<LinkSnapshot, LinksError> {
         let mut out = LinkSnapshot::default();
-        let links: Vec<LinkMessage> = self
+        let links = self
             .netlink
-            .handle()
-            .link()
-            .get()
-            .execute()
-            .try_collect()
+            .links()
             .await
-            .map_err(|source| LinksError::Dump {
-                what: "list links",
-                source,
-            })?;
+            .map_err(dump_error("list links"))?;
         for link in &links {
             if let Some(name) = link_name(link) {
                 out.names.insert(link.header.index, name);
@@ -116,18 +113,11 @@ impl Links {
                 out.mtus.insert(link.header.index, mtu);
             }
         }
-        let addresses: Vec<_> = self
+        let addresses = self
             .netlink
-            .handle()
-            .address()
-            .get()
-            .execute()
-            .try_collect()
+            .addresses()
             .await
-            .map_err(|source| LinksError::Dump {
-                what: "list addresses",
-                source,
-            })?;
+            .map_err(dump_error("list addresses"))?;
         for a in &addresses {
             for attr in &a.attributes {
                 if let AddressAttribute::Address(std::net::IpAddr::V4(ip))
@@ -137,18 +127,11 @@ impl Links {
                 }
             }
         }
-        let routes: Vec<_> = self
+        let routes = self
             .netlink
-            .handle()
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
+            .routes(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .await
-            .map_err(|source| LinksError::Dump {
-                what: "list IPv4 routes",
-                source,
-            })?;
+            .map_err(dump_error("list IPv4 routes"))?;
         for r in &routes {
             if r.header.kind != RouteType::Unicast {
                 continue;
