@@ -207,33 +207,11 @@ pub async fn build(
     let (trigger, drain) = drain::channel();
     let mut tasks = JoinSet::new();
     for watch in watchers.tasks {
-        let drain = drain.clone();
-        tasks.spawn(async move {
-            watch.run(drain).await;
-            ("watcher", Ok(()))
-        });
+        spawn_until_drained(&mut tasks, "watcher", watch.run(drain.clone()));
     }
-    {
-        let drain = drain.clone();
-        tasks.spawn(async move {
-            reconciler.run(drain).await;
-            ("reconciler", Ok(()))
-        });
-    }
-    {
-        let drain = drain.clone();
-        tasks.spawn(async move {
-            steering.run(drain).await;
-            ("ebpf steering", Ok(()))
-        });
-    }
-    {
-        let drain = drain.clone();
-        tasks.spawn(async move {
-            reporter.run(drain).await;
-            ("status reporter", Ok(()))
-        });
-    }
+    spawn_until_drained(&mut tasks, "reconciler", reconciler.run(drain.clone()));
+    spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
+    spawn_until_drained(&mut tasks, "status reporter", reporter.run(drain.clone()));
     tasks.spawn(async move { ("http server", admin.run(drain).await.map_err(Into::into)) });
 
     Ok(App {
@@ -241,6 +219,18 @@ pub async fn build(
         trigger,
         drain_timeout: config.drain_timeout,
     })
+}
+
+/// Spawns a task that only ends when the drain starts; it ends as `name` without an error.
+fn spawn_until_drained(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    name: &'static str,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        task.await;
+        (name, Ok(()))
+    });
 }
 
 impl App {
