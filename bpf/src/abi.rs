@@ -491,14 +491,15 @@ impl Flow {
     }
 }
 
-/// `struct wm_flow6_key`: the aggregation key of IPv6 flow records.
+/// `struct wm_flow_key` ([`FlowKey`], 4-byte addresses) and `struct wm_flow6_key` ([`FlowKey6`],
+/// 16-byte addresses): the aggregation key of flow records. `A` is the address octet array.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct FlowKey6 {
+pub struct FlowKeyOf<A> {
     /// Source address octets.
-    pub src_ip: [u8; 16],
+    pub src_ip: A,
     /// Destination address octets.
-    pub dst_ip: [u8; 16],
+    pub dst_ip: A,
     /// Source port, big-endian.
     pub src_port: [u8; 2],
     /// Destination port, big-endian.
@@ -515,29 +516,10 @@ pub struct FlowKey6 {
     pub ifindex: u32,
 }
 
-/// `struct wm_flow_key`: the aggregation key of flow records.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct FlowKey {
-    /// Source address octets.
-    pub src_ip: [u8; 4],
-    /// Destination address octets.
-    pub dst_ip: [u8; 4],
-    /// Source port, big-endian.
-    pub src_port: [u8; 2],
-    /// Destination port, big-endian.
-    pub dst_port: [u8; 2],
-    /// IP protocol.
-    pub protocol: u8,
-    /// `WM_VERDICT_*`.
-    pub verdict: u8,
-    /// `WM_HOOK_*`.
-    pub hook: u8,
-    /// Zero.
-    pub pad: u8,
-    /// Device the program ran on.
-    pub ifindex: u32,
-}
+/// `struct wm_flow_key`: the aggregation key of IPv4 flow records.
+pub type FlowKey = FlowKeyOf<[u8; 4]>;
+/// `struct wm_flow6_key`: the aggregation key of IPv6 flow records.
+pub type FlowKey6 = FlowKeyOf<[u8; 16]>;
 
 impl FlowKey {
     /// Whether `e` is a record of this flow.
@@ -569,41 +551,29 @@ pub struct FlowState {
     pub bytes: u64,
 }
 
-/// `struct wm_ct_key` (value: [`CtValue`]).
+/// `struct wm_ct_key` ([`CtKey`], 4-byte addresses) and `struct wm_ct6_key` ([`Ct6Key`],
+/// 16-byte addresses): a conntrack key (value: [`CtValue`]). `A` is the address octet array.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct CtKey {
+pub struct CtKeyOf<A> {
     /// Source address octets.
-    pub src_ip: [u8; 4],
+    pub src_ip: A,
     /// Destination address octets.
-    pub dst_ip: [u8; 4],
+    pub dst_ip: A,
     /// Source port, big-endian.
     pub src_port: [u8; 2],
     /// Destination port, big-endian.
     pub dst_port: [u8; 2],
-    /// IP protocol.
+    /// IP protocol (IPv6: next header).
     pub protocol: u8,
     /// Zero.
     pub pad: [u8; 3],
 }
 
+/// `struct wm_ct_key`: the IPv4 conntrack key (value: [`CtValue`]).
+pub type CtKey = CtKeyOf<[u8; 4]>;
 /// `struct wm_ct6_key`: the IPv6 conntrack key (value: [`CtValue`]).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Ct6Key {
-    /// Source address octets.
-    pub src_ip: [u8; 16],
-    /// Destination address octets.
-    pub dst_ip: [u8; 16],
-    /// Source port, big-endian.
-    pub src_port: [u8; 2],
-    /// Destination port, big-endian.
-    pub dst_port: [u8; 2],
-    /// IP protocol (next header).
-    pub protocol: u8,
-    /// Zero.
-    pub pad: [u8; 3],
-}
+pub type Ct6Key = CtKeyOf<[u8; 16]>;
 
 /// `struct wm_stats6`: IPv6 packets by verdict, summed over CPUs by
 /// [`crate::Maps::ipv6_verdicts`]. Index `v as usize` for a [`Verdict`] `v`;

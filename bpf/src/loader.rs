@@ -16,8 +16,10 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
+    Ebpf, EbpfLoader, Pod, include_bytes_aligned,
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key,
+    },
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -736,10 +738,7 @@ impl Maps {
 
     /// [`Maps::flow_backlog`] of the IPv6 flows.
     pub fn flow_backlog6(&self) -> Result<Vec<(FlowKey6, FlowState)>, Error> {
-        self.flows6
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("wm_flows6"))
+        hash_entries(&self.flows6, "wm_flows6")
     }
 
     /// Inserts or overwrites an ipcache6 prefix (and starts a new policy epoch).
@@ -759,14 +758,7 @@ impl Maps {
 
     /// All ipcache6 entries.
     pub fn ipcache6_entries(&self) -> Result<Vec<(Ipv6Net, IpcacheValue)>, Error> {
-        let mut out = Vec::new();
-        for item in self.ipcache6.iter() {
-            let (k, v) = item.map_err(map_err("wm_ipcache6"))?;
-            if let Some(net) = lpm6_net(&k) {
-                out.push((net, v));
-            }
-        }
-        Ok(out)
+        lpm_entries(&self.ipcache6, "wm_ipcache6", lpm6_net)
     }
 
     /// IPv6 packets per verdict since the map was created, summed over CPUs (IPv6 has no flow
@@ -828,18 +820,12 @@ impl Maps {
 
     /// All endpoint entries (ifindex, addresses).
     pub fn endpoint_entries(&self) -> Result<Vec<(u32, EndpointValue)>, Error> {
-        self.endpoints
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("wm_endpoints"))
+        hash_entries(&self.endpoints, "wm_endpoints")
     }
 
     /// The conntrack entries (tuple of the allowed direction, last use and epoch).
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtValue)>, Error> {
-        self.ct
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("wm_ct"))
+        hash_entries(&self.ct, "wm_ct")
     }
 
     /// Writes the config entry.
@@ -863,10 +849,7 @@ impl Maps {
     /// again only when it sees a packet a second or more after its last record; read this to
     /// account for flows that went idle).
     pub fn flow_backlog(&self) -> Result<Vec<(FlowKey, FlowState)>, Error> {
-        self.flows
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("wm_flows"))
+        hash_entries(&self.flows, "wm_flows")
     }
 
     /// Inserts or overwrites an ipcache prefix (and starts a new policy epoch).
@@ -886,14 +869,7 @@ impl Maps {
 
     /// All ipcache entries.
     pub fn ipcache_entries(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>, Error> {
-        let mut out = Vec::new();
-        for item in self.ipcache.iter() {
-            let (k, v) = item.map_err(map_err("wm_ipcache4"))?;
-            if let Some(net) = lpm4_net(&k) {
-                out.push((net, v));
-            }
-        }
-        Ok(out)
+        lpm_entries(&self.ipcache, "wm_ipcache4", lpm4_net)
     }
 
     /// Number of entries in the isolated and rules maps.
@@ -967,6 +943,32 @@ impl MapWriter for Maps {
     fn del_rule(&mut self, key: &RuleKey) -> Result<(), Error> {
         ignore_missing(self.rules.remove(&rule_key(key)), "wm_rules")
     }
+}
+
+/// Every entry of a hash map.
+fn hash_entries<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, Error> {
+    map.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(name))
+}
+
+/// Every entry of an LPM trie whose key `net` reads as a prefix; other keys are passed over.
+fn lpm_entries<K: Pod, V: Pod, N>(
+    trie: &LpmTrie<MapData, K, V>,
+    name: &'static str,
+    net: impl Fn(&Key<K>) -> Option<N>,
+) -> Result<Vec<(N, V)>, Error> {
+    let mut out = Vec::new();
+    for item in trie.iter() {
+        let (key, value) = item.map_err(map_err(name))?;
+        if let Some(net) = net(&key) {
+            out.push((net, value));
+        }
+    }
+    Ok(out)
 }
 
 fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), Error> {

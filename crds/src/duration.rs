@@ -103,6 +103,32 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
     Ok(Duration::new(secs, subsec))
 }
 
+/// What a spec duration field may hold besides durations of at least the minimum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Zero {
+    /// "0s" is below the minimum like any other short duration.
+    Rejected,
+    /// "0s" is accepted: it switches the feature the field times off.
+    Accepted,
+}
+
+/// A spec duration field checked by the rules the API server applies: a Go duration (`invalid`
+/// builds the error otherwise) of at least `min` (`too_short` builds the error otherwise), or zero
+/// where `zero` accepts it. Both error builders get the text as written.
+pub(crate) fn parse_spec_duration<E>(
+    value: &str,
+    min: Duration,
+    zero: Zero,
+    invalid: impl FnOnce(String, DurationError) -> E,
+    too_short: impl FnOnce(String) -> E,
+) -> Result<Duration, E> {
+    let duration = parse_go_duration(value).map_err(|source| invalid(value.to_owned(), source))?;
+    if duration < min && !(zero == Zero::Accepted && duration.is_zero()) {
+        return Err(too_short(value.to_owned()));
+    }
+    Ok(duration)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

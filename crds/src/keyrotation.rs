@@ -13,7 +13,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::duration::{self, DurationError};
+use crate::duration::{self, DurationError, Zero};
 
 /// Per-phase timeout when `phaseTimeout` is not set.
 pub const DEFAULT_PHASE_TIMEOUT: &str = "10m";
@@ -251,18 +251,13 @@ impl Default for KeyRotationSpec {
 impl KeyRotationSpec {
     /// The per-phase timeout, checked by the same rules as the API server applies.
     pub fn phase_timeout(&self) -> Result<Duration, SpecError> {
-        let value = &self.phase_timeout;
-        let timeout =
-            duration::parse_go_duration(value).map_err(|source| SpecError::PhaseTimeout {
-                value: value.clone(),
-                source,
-            })?;
-        if timeout < MIN_PHASE_TIMEOUT {
-            return Err(SpecError::PhaseTimeoutTooShort {
-                value: value.clone(),
-            });
-        }
-        Ok(timeout)
+        duration::parse_spec_duration(
+            &self.phase_timeout,
+            MIN_PHASE_TIMEOUT,
+            Zero::Rejected,
+            |value, source| SpecError::PhaseTimeout { value, source },
+            |value| SpecError::PhaseTimeoutTooShort { value },
+        )
     }
 }
 

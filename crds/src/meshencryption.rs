@@ -9,7 +9,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::duration::{self, DurationError};
+use crate::duration::{self, DurationError, Zero};
 
 /// The only accepted `metadata.name` of a `MeshEncryption`.
 pub const MESH_ENCRYPTION_NAME: &str = "default";
@@ -183,22 +183,14 @@ impl MeshEncryptionSpec {
     /// The periodic rotation interval, `None` when periodic rotation is disabled ("0s").
     /// Applies the same rules as the API server, for objects that reached us another way.
     pub fn key_rotation_interval(&self) -> Result<Option<Duration>, SpecError> {
-        let value = &self.key_rotation_interval;
-        let interval = duration::parse_go_duration(value).map_err(|source| {
-            SpecError::KeyRotationInterval {
-                value: value.clone(),
-                source,
-            }
-        })?;
-        if interval.is_zero() {
-            return Ok(None);
-        }
-        if interval < MIN_KEY_ROTATION_INTERVAL {
-            return Err(SpecError::KeyRotationIntervalTooShort {
-                value: value.clone(),
-            });
-        }
-        Ok(Some(interval))
+        let interval = duration::parse_spec_duration(
+            &self.key_rotation_interval,
+            MIN_KEY_ROTATION_INTERVAL,
+            Zero::Accepted,
+            |value, source| SpecError::KeyRotationInterval { value, source },
+            |value| SpecError::KeyRotationIntervalTooShort { value },
+        )?;
+        Ok((!interval.is_zero()).then_some(interval))
     }
 
     /// Whether cross-node pod traffic is steered into the tunnels at all.

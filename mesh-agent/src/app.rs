@@ -3,7 +3,7 @@
 //! HTTP server) in one JoinSet; [`App::wait_termination`] runs until SIGTERM/SIGINT or until a
 //! task dies, then drains with a deadline.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use kube::{
@@ -90,7 +90,14 @@ pub fn open_datapath(config: &Config) -> anyhow::Result<Arc<UserspaceEngine>> {
 
 /// A kube client from `--kubeconfig`, or inferred (in-cluster, then $KUBECONFIG).
 pub async fn kube_client(config: &Config) -> anyhow::Result<Client> {
-    let kube_config = match &config.kubeconfig {
+    kube_client_from(config.kubeconfig.as_deref()).await
+}
+
+/// A kube client from the kubeconfig file `kubeconfig`, or from what `kube::Config::infer` finds
+/// ($KUBECONFIG, the in-cluster service account) without one. The agent and meshctl both connect
+/// through here.
+pub async fn kube_client_from(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let kube_config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .with_context(|| format!("read kubeconfig {}", path.display()))?;
@@ -100,7 +107,7 @@ pub async fn kube_client(config: &Config) -> anyhow::Result<Client> {
         }
         None => kube::Config::infer()
             .await
-            .context("no --kubeconfig and no in-cluster configuration")?,
+            .context("no --kubeconfig, no $KUBECONFIG and not in a cluster")?,
     };
     Client::try_from(kube_config).context("build kube client")
 }
@@ -200,33 +207,11 @@ pub async fn build(
     let (trigger, drain) = drain::channel();
     let mut tasks = JoinSet::new();
     for watch in watchers.tasks {
-        let drain = drain.clone();
-        tasks.spawn(async move {
-            watch.run(drain).await;
-            ("watcher", Ok(()))
-        });
+        spawn_until_drained(&mut tasks, "watcher", watch.run(drain.clone()));
     }
-    {
-        let drain = drain.clone();
-        tasks.spawn(async move {
-            reconciler.run(drain).await;
-            ("reconciler", Ok(()))
-        });
-    }
-    {
-        let drain = drain.clone();
-        tasks.spawn(async move {
-            steering.run(drain).await;
-            ("ebpf steering", Ok(()))
-        });
-    }
-    {
-        let drain = drain.clone();
-        tasks.spawn(async move {
-            reporter.run(drain).await;
-            ("status reporter", Ok(()))
-        });
-    }
+    spawn_until_drained(&mut tasks, "reconciler", reconciler.run(drain.clone()));
+    spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
+    spawn_until_drained(&mut tasks, "status reporter", reporter.run(drain.clone()));
     tasks.spawn(async move { ("http server", admin.run(drain).await.map_err(Into::into)) });
 
     Ok(App {
@@ -234,6 +219,18 @@ pub async fn build(
         trigger,
         drain_timeout: config.drain_timeout,
     })
+}
+
+/// Spawns a task that only ends when the drain starts; it ends as `name` without an error.
+fn spawn_until_drained(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    name: &'static str,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        task.await;
+        (name, Ok(()))
+    });
 }
 
 impl App {

@@ -9,7 +9,12 @@ use k8s_openapi::{
 
 /// A Node with one InternalIP and one podCIDR.
 pub fn node(name: &str, ip: &str, cidr: &str) -> Arc<Node> {
-    Arc::new(Node {
+    Arc::new(node_with_addresses(name, cidr, &[("InternalIP", ip)]))
+}
+
+/// A Node with one podCIDR and `status.addresses` given as `(type, address)` pairs, in order.
+pub fn node_with_addresses(name: &str, cidr: &str, addresses: &[(&str, &str)]) -> Node {
+    Node {
         metadata: ObjectMeta {
             name: Some(name.into()),
             ..Default::default()
@@ -19,13 +24,18 @@ pub fn node(name: &str, ip: &str, cidr: &str) -> Arc<Node> {
             ..Default::default()
         }),
         status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: ip.into(),
-            }]),
+            addresses: Some(
+                addresses
+                    .iter()
+                    .map(|&(type_, address)| NodeAddress {
+                        type_: type_.into(),
+                        address: address.into(),
+                    })
+                    .collect(),
+            ),
             ..Default::default()
         }),
-    })
+    }
 }
 
 /// A running pod `default/<name>` on `node` with one IP and the label `<key>=<value>`.

@@ -14,6 +14,7 @@ mod fixtures;
 pub mod flows;
 pub mod mesh;
 pub mod metrics;
+mod netlink;
 pub mod netns;
 pub mod reconciler;
 pub mod report;

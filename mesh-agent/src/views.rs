@@ -189,41 +189,25 @@ pub fn missing_annotations(
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::{NodeAddress, NodeSpec, NodeStatus, PodIP, PodSpec, PodStatus},
+        api::core::v1::{PodIP, PodSpec, PodStatus},
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
     use wiremesh_keyexchange::PrivateKey;
 
     use super::*;
+    use crate::fixtures::node_with_addresses;
 
-    pub(crate) fn node(name: &str, ip: &str, cidr: &str) -> Node {
-        Node {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            spec: Some(NodeSpec {
-                pod_cidrs: Some(vec![cidr.into()]),
-                ..Default::default()
-            }),
-            status: Some(NodeStatus {
-                addresses: Some(vec![
-                    NodeAddress {
-                        type_: "Hostname".into(),
-                        address: name.into(),
-                    },
-                    NodeAddress {
-                        type_: "ExternalIP".into(),
-                        address: "203.0.113.9".into(),
-                    },
-                    NodeAddress {
-                        type_: "InternalIP".into(),
-                        address: ip.into(),
-                    },
-                ]),
-                ..Default::default()
-            }),
-        }
+    /// A Node whose InternalIP comes after a Hostname and an ExternalIP address.
+    fn node(name: &str, ip: &str, cidr: &str) -> Node {
+        node_with_addresses(
+            name,
+            cidr,
+            &[
+                ("Hostname", name),
+                ("ExternalIP", "203.0.113.9"),
+                ("InternalIP", ip),
+            ],
+        )
     }
 
     fn pod(node: &str, ips: &[&str], host_network: bool, phase: &str) -> Pod {

@@ -8,10 +8,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::{
-    Client,
-    config::{KubeConfigOptions, Kubeconfig},
-};
+use mesh_agent::app::kube_client_from;
 use meshctl::{demo, status};
 
 mod policy;
@@ -80,22 +77,6 @@ enum DemoCommand {
     Down,
 }
 
-async fn client(kubeconfig: Option<PathBuf>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(&path)
-                .with_context(|| format!("read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("load kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no --kubeconfig, no $KUBECONFIG and not in a cluster")?,
-    };
-    Client::try_from(config).context("build kube client")
-}
-
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Policy(args) => {
@@ -107,7 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             wait,
         } => {
-            let client = client(kubeconfig).await?;
+            let client = kube_client_from(kubeconfig.as_deref()).await?;
             let mut current = status::collect(&client).await?;
             if wait > 0 && !current.converged() {
                 current =

@@ -4,9 +4,12 @@
 //! then starts a new policy epoch so established flows decided under the deleted entries
 //! re-run their policy lookups on the next packet.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, hash::Hash};
 
-use aya::maps::lpm_trie::Key;
+use aya::{
+    Pod,
+    maps::{LpmTrie, MapData, lpm_trie::Key},
+};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use wiremesh_policy::Compiled;
 
@@ -65,18 +68,13 @@ impl Maps {
                 (k.prefix_len(), k.data())
             })
             .collect();
-        let stale: Vec<Key<RuleData>> = self
-            .rules
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("wm_rules"))?
-            .into_iter()
-            .filter(|k| !rules.contains(&(k.prefix_len(), k.data())))
-            .collect();
-        for k in &stale {
-            ignore_missing(self.rules.remove(k), "wm_rules")?;
-        }
-        out.rules = stale.len();
+        out.rules = retain_lpm(
+            &mut self.rules,
+            "wm_rules",
+            &rules,
+            |k| Some((k.prefix_len(), k.data())),
+            |(len, data)| Key::new(len, data),
+        )?;
 
         let (cidrs4, cidrs6): (HashSet<Ipv4Net>, HashSet<Ipv6Net>) =
             keep.cidrs
@@ -88,37 +86,38 @@ impl Maps {
                     };
                     (v4, v6)
                 });
-        let stale: Vec<Ipv4Net> = self
-            .cidrs
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("wm_cidrs4"))?
-            .iter()
-            .filter_map(lpm4_net)
-            .filter(|n| !cidrs4.contains(n))
-            .collect();
-        for n in &stale {
-            ignore_missing(self.cidrs.remove(&lpm4_key(*n)), "wm_cidrs4")?;
-        }
-        out.cidrs = stale.len();
+        out.cidrs = retain_lpm(&mut self.cidrs, "wm_cidrs4", &cidrs4, lpm4_net, lpm4_key)?;
 
-        let stale: Vec<Ipv6Net> = self
-            .cidrs6
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("wm_cidrs6"))?
-            .iter()
-            .filter_map(lpm6_net)
-            .filter(|n| !cidrs6.contains(n))
-            .collect();
-        for n in &stale {
-            ignore_missing(self.cidrs6.remove(&lpm6_key(*n)), "wm_cidrs6")?;
-        }
-        out.cidrs6 = stale.len();
+        out.cidrs6 = retain_lpm(&mut self.cidrs6, "wm_cidrs6", &cidrs6, lpm6_net, lpm6_key)?;
 
         if out.total() > 0 {
             self.bump_policy_epoch()?;
         }
         Ok(out)
     }
+}
+
+/// Deletes every entry of an LPM trie whose key, read by `entry`, `keep` does not hold; keys
+/// `entry` cannot read are left alone. `key` builds the map key back from what `entry` read.
+/// Returns how many entries it deleted.
+fn retain_lpm<K: Pod, V: Pod, E: Eq + Hash>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    name: &'static str,
+    keep: &HashSet<E>,
+    entry: impl Fn(&Key<K>) -> Option<E>,
+    key: impl Fn(E) -> Key<K>,
+) -> Result<usize, Error> {
+    let stale: Vec<E> = trie
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(name))?
+        .iter()
+        .filter_map(entry)
+        .filter(|e| !keep.contains(e))
+        .collect();
+    let deleted = stale.len();
+    for e in stale {
+        ignore_missing(trie.remove(&key(e)), name)?;
+    }
+    Ok(deleted)
 }

@@ -211,6 +211,11 @@ fn phase_timeout_accessor() {
         with("9s").phase_timeout(),
         Err(SpecError::PhaseTimeoutTooShort { value: "9s".into() })
     );
+    assert_eq!(
+        with("0s").phase_timeout(),
+        Err(SpecError::PhaseTimeoutTooShort { value: "0s".into() }),
+        "unlike keyRotationInterval, zero does not switch the timeout off"
+    );
     let err = with("ten minutes").phase_timeout().unwrap_err();
     assert!(
         err.to_string().contains("phaseTimeout \"ten minutes\""),

@@ -8,16 +8,16 @@ use std::{
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::{
-    Handle, LinkUnspec, RouteMessageBuilder,
+    LinkUnspec, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
         link::LinkAttribute,
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
     },
 };
-use tokio::task::AbortHandle;
 
 use super::{ROUTE_PROTOCOL, Routes, RoutesError};
+use crate::netlink;
 
 /// The main routing table.
 const RT_TABLE_MAIN: u32 = 254;
@@ -25,22 +25,20 @@ const RT_TABLE_MAIN: u32 = 254;
 /// See the module docs. Dropping it closes the netlink connection.
 #[derive(Debug)]
 pub struct NetlinkRoutes {
-    handle: Handle,
-    connection: AbortHandle,
+    netlink: netlink::Connection,
 }
 
 impl NetlinkRoutes {
     /// Opens an rtnetlink socket and drives it on the current tokio runtime.
     pub fn new() -> Result<Self, RoutesError> {
-        let (connection, handle, _) =
-            rtnetlink::new_connection().map_err(RoutesError::Connection)?;
-        let connection = tokio::spawn(connection).abort_handle();
-        Ok(Self { handle, connection })
+        let netlink = netlink::Connection::open().map_err(RoutesError::Connection)?;
+        Ok(Self { netlink })
     }
 
     async fn ifindex(&self, ifname: &str) -> Result<Option<u32>, RoutesError> {
         let mut links = self
-            .handle
+            .netlink
+            .handle()
             .link()
             .get()
             .match_name(ifname.to_string())
@@ -81,27 +79,13 @@ impl NetlinkRoutes {
             .scope(RouteScope::Link)
             .build())
     }
-
-    async fn dump(&self, message: RouteMessage) -> Result<Vec<RouteMessage>, rtnetlink::Error> {
-        self.handle
-            .route()
-            .get(message)
-            .execute()
-            .try_collect()
-            .await
-    }
-}
-
-impl Drop for NetlinkRoutes {
-    fn drop(&mut self) {
-        self.connection.abort();
-    }
 }
 
 impl Routes for NetlinkRoutes {
     async fn link_up(&self, ifname: &str, mtu: u32) -> Result<(), RoutesError> {
         let ifindex = self.require_ifindex(ifname).await?;
-        self.handle
+        self.netlink
+            .handle()
             .link()
             .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).up().build())
             .execute()
@@ -114,11 +98,13 @@ impl Routes for NetlinkRoutes {
             return Ok(Vec::new());
         };
         let mut messages = self
-            .dump(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .netlink
+            .routes(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .await
             .map_err(|e| netlink_error("list IPv4 routes", ifname, e))?;
         messages.extend(
-            self.dump(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            self.netlink
+                .routes(RouteMessageBuilder::<Ipv6Addr>::new().build())
                 .await
                 .map_err(|e| netlink_error("list IPv6 routes", ifname, e))?,
         );
@@ -162,7 +148,8 @@ impl Routes for NetlinkRoutes {
     async fn add(&self, ifname: &str, dst: IpNet) -> Result<(), RoutesError> {
         let ifindex = self.require_ifindex(ifname).await?;
         let message = Self::route_message(ifname, ifindex, dst, "add route")?;
-        self.handle
+        self.netlink
+            .handle()
             .route()
             .add(message)
             .replace()
@@ -177,7 +164,7 @@ impl Routes for NetlinkRoutes {
             return Ok(());
         };
         let message = Self::route_message(ifname, ifindex, dst, "delete route")?;
-        match self.handle.route().del(message).execute().await {
+        match self.netlink.handle().route().del(message).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
             Err(e) => Err(netlink_error(&format!("delete route {dst}"), ifname, e)),
@@ -185,12 +172,9 @@ impl Routes for NetlinkRoutes {
     }
 
     async fn mtu_of_address(&self, address: IpAddr) -> Result<u32, RoutesError> {
-        let addresses: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
+        let addresses = self
+            .netlink
+            .addresses()
             .await
             .map_err(|e| netlink_error("list addresses", "*", e))?;
         let index = addresses
@@ -204,7 +188,8 @@ impl Routes for NetlinkRoutes {
             .map(|message| message.header.index)
             .ok_or(RoutesError::NoSuchAddress { address })?;
         let link = self
-            .handle
+            .netlink
+            .handle()
             .link()
             .get()
             .match_index(index)
@@ -294,7 +279,8 @@ mod tests {
         in_private_netns(|| async {
             let routes = NetlinkRoutes::new().unwrap();
             routes
-                .handle
+                .netlink
+                .handle()
                 .link()
                 .add(LinkVeth::new("wmtest0", "wmtest1").build())
                 .execute()
@@ -336,7 +322,7 @@ mod tests {
         }
         in_private_netns(|| async {
             let routes = NetlinkRoutes::new().unwrap();
-            let handle = &routes.handle;
+            let handle = routes.netlink.handle();
             handle
                 .link()
                 .add(LinkVeth::new("wmunder0", "wmunder1").build())

@@ -5,16 +5,16 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use futures::TryStreamExt;
 use rtnetlink::{
-    Handle, RouteMessageBuilder,
+    RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
         link::{LinkAttribute, LinkMessage},
         route::{RouteAddress, RouteAttribute, RouteType},
     },
 };
-use tokio::task::AbortHandle;
+
+use crate::netlink;
 
 /// A netlink failure while reading the namespace's interfaces.
 #[derive(Debug, thiserror::Error)]
@@ -72,14 +72,12 @@ impl LinkSnapshot {
 /// An rtnetlink connection in the namespace of the thread that opened it.
 #[derive(Debug)]
 pub struct Links {
-    handle: Handle,
-    connection: AbortHandle,
+    netlink: netlink::Connection,
 }
 
-impl Drop for Links {
-    fn drop(&mut self) {
-        self.connection.abort();
-    }
+/// Names the dump that failed.
+fn dump_error(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> LinksError {
+    move |source| LinksError::Dump { what, source }
 }
 
 fn link_name(link: &LinkMessage) -> Option<String> {
@@ -92,26 +90,18 @@ fn link_name(link: &LinkMessage) -> Option<String> {
 impl Links {
     /// Opens the connection on the current tokio runtime.
     pub fn new() -> Result<Self, LinksError> {
-        let (connection, handle, _) =
-            rtnetlink::new_connection().map_err(LinksError::Connection)?;
-        let connection = tokio::spawn(connection).abort_handle();
-        Ok(Self { handle, connection })
+        let netlink = netlink::Connection::open().map_err(LinksError::Connection)?;
+        Ok(Self { netlink })
     }
 
     /// Dumps links, IPv4 addresses and IPv4 unicast routes.
     pub async fn snapshot(&self) -> Result<LinkSnapshot, LinksError> {
         let mut out = LinkSnapshot::default();
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
+        let links = self
+            .netlink
+            .links()
             .await
-            .map_err(|source| LinksError::Dump {
-                what: "list links",
-                source,
-            })?;
+            .map_err(dump_error("list links"))?;
         for link in &links {
             if let Some(name) = link_name(link) {
                 out.names.insert(link.header.index, name);
@@ -123,17 +113,11 @@ impl Links {
                 out.mtus.insert(link.header.index, mtu);
             }
         }
-        let addresses: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
+        let addresses = self
+            .netlink
+            .addresses()
             .await
-            .map_err(|source| LinksError::Dump {
-                what: "list addresses",
-                source,
-            })?;
+            .map_err(dump_error("list addresses"))?;
         for a in &addresses {
             for attr in &a.attributes {
                 if let AddressAttribute::Address(std::net::IpAddr::V4(ip))
@@ -143,17 +127,11 @@ impl Links {
                 }
             }
         }
-        let routes: Vec<_> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
+        let routes = self
+            .netlink
+            .routes(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .await
-            .map_err(|source| LinksError::Dump {
-                what: "list IPv4 routes",
-                source,
-            })?;
+            .map_err(dump_error("list IPv4 routes"))?;
         for r in &routes {
             if r.header.kind != RouteType::Unicast {
                 continue;
