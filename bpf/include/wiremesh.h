@@ -127,6 +127,9 @@ struct wm_endpoint_val {
 #define WM_VERDICT_DROPPED_POLICY 3
 #define WM_VERDICT_DROPPED_PLAINTEXT 4   /* strict mode: cross-node pod traffic outside WireGuard */
 #define WM_VERDICT_FORWARDED_PLAIN 5     /* passed unencrypted: non-pod peer, or permissive mode */
+/* Larger than the tunnel MTU: handed to the routing stack instead of the tunnel; the kernel answers
+ * with a PMTU error (DF set / IPv6) or fragments it into the tunnel. Never sent in plaintext. */
+#define WM_VERDICT_TOO_BIG 6
 /* A spoofed source (not the pod behind the veth) is reported as WM_VERDICT_DROPPED_POLICY. */
 
 /* Program that reported a flow. */

@@ -278,6 +278,9 @@ pub enum Verdict {
     DroppedPlaintext = 4,
     /// Passed unencrypted: non-pod peer, or permissive mode without a tunnel.
     ForwardedPlain = 5,
+    /// Larger than the tunnel MTU: handed to the routing stack (which answers with a PMTU
+    /// error or fragments it into the tunnel) instead of being redirected.
+    TooBig = 6,
 }
 
 impl Verdict {
@@ -288,6 +291,7 @@ impl Verdict {
             3 => Self::DroppedPolicy,
             4 => Self::DroppedPlaintext,
             5 => Self::ForwardedPlain,
+            6 => Self::TooBig,
             _ => return None,
         })
     }

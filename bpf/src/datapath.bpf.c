@@ -750,11 +750,14 @@ int from_pod(struct __sk_buff *skb)
 	if (dst_flags & WM_IPCACHE_REMOTE_POD) {
 		__u32 tunnel = cfg->tunnel_ifindex;
 		if ((dst_flags & WM_IPCACHE_ENCRYPT) && tunnel) {
-			report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_FORWARDED_ENCRYPTED,
-			       WM_HOOK_FROM_POD);
 			/* Too big for the tunnel: the routing stack sends it into the tunnel
-			 * (fragmented) or answers with a PMTU error; see the header. */
-			if (!fits_tunnel(skb, tunnel))
+			 * (fragmented) or answers with a PMTU error; see the header. Recorded
+			 * as such, not as encrypted: it may never reach the tunnel. */
+			int fits = fits_tunnel(skb, tunnel);
+			report(skb, &p, src_id, dst_id, peer_node,
+			       fits ? WM_VERDICT_FORWARDED_ENCRYPTED : WM_VERDICT_TOO_BIG,
+			       WM_HOOK_FROM_POD);
+			if (!fits)
 				return TC_ACT_OK;
 			return bpf_redirect(tunnel, 0);
 		}

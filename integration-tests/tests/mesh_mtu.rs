@@ -2,7 +2,8 @@
 //! have MTU 1500 (the cluster's default is the tunnel MTU, 1420; both ends at 1500 so TCP's MSS
 //! is not clamped by the receiver) move a bulk TCP transfer in Strict mode. `from_pod` hands its too-big packets to the routing stack, whose ICMP
 //! "fragmentation needed" teaches the pod the path MTU; its packets then fit and are redirected
-//! into the tunnel (forwarded-encrypted), so the transfer completes instead of stalling.
+//! into the tunnel (forwarded-encrypted), so the transfer completes instead of stalling. The
+//! too-big packets are recorded as `too-big`, not as encrypted.
 
 #[path = "mesh_support/support.rs"]
 mod support;
@@ -131,6 +132,11 @@ async fn a_pod_with_mtu_1500_gets_bulk_tcp_through_the_tunnel_in_strict_mode() {
             "forwarded-encrypted"
         ),
         "the transfer went through the tunnel: {flows:#?}"
+    );
+    assert!(
+        has_flow(&flows, "pod-1-1", "pod-2-1", Some(PORT), "too-big"),
+        "the packets above the tunnel MTU are recorded as handed to the stack, not as \
+         encrypted: {flows:#?}"
     );
     assert!(
         !has_flow(&flows, "pod-1-1", "pod-2-1", None, "dropped-plaintext"),

@@ -32,6 +32,7 @@ pub fn verdict_str(v: Option<Verdict>) -> &'static str {
         Some(Verdict::DroppedPolicy) => "dropped-policy",
         Some(Verdict::DroppedPlaintext) => "dropped-plaintext",
         Some(Verdict::ForwardedPlain) => "forwarded-plain",
+        Some(Verdict::TooBig) => "too-big",
         None => "unknown",
     }
 }
@@ -71,7 +72,8 @@ pub struct FlowRecord {
     pub dst_port: u16,
     pub protocol: String,
     /// `forwarded-encrypted`, `forwarded-local`, `forwarded-plain`, `dropped-policy`,
-    /// `dropped-plaintext`.
+    /// `dropped-plaintext`, `too-big` (above the tunnel MTU, handed to the routing stack for
+    /// its PMTU error or fragmentation).
     pub verdict: &'static str,
     /// The program that decided: `from-pod`, `to-pod`, `underlay-ingress`, `underlay-egress`.
     pub hook: &'static str,
