@@ -221,7 +221,8 @@ pub async fn build(
     })
 }
 
-/// Spawns a task that only ends when the drain starts; it ends as `name` without an error.
+/// Spawns `task`, a component's run loop that returns once the drain starts, as `name`; its end
+/// counts as a clean stop (no error).
 fn spawn_until_drained(
     tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
     name: &'static str,
