@@ -221,8 +221,9 @@ pub async fn build(
     })
 }
 
-/// Spawns `task`, a component's run loop that returns once the drain starts, as `name`; its end
-/// counts as a clean stop (no error).
+/// Spawns `task`, a component's run loop that returns once the drain starts, as `name`. It ends
+/// with `Ok(())`; an end before the drain is still reported by [`App::wait_termination`] as the
+/// task stopping unexpectedly.
 fn spawn_until_drained(
     tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
     name: &'static str,
