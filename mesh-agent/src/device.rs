@@ -36,7 +36,7 @@ pub struct DeviceArgs {
     /// Datapath worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// UAPI socket path (default /var/run/wireguard/<ifname>.sock).
+    /// UAPI socket path (default `/var/run/wireguard/<ifname>.sock`).
     #[arg(long)]
     pub uapi_socket: Option<PathBuf>,
     /// Busy-poll this many microseconds after traffic before sleeping (0 = off): lower

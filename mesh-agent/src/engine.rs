@@ -1,7 +1,7 @@
 //! The userspace WireGuard engine: boringtun's `noise` layer (handshakes, sessions, timers,
 //! cookies) driven by our own I/O — a multi-queue TUN with virtio-net offloads and one batched
 //! UDP socket with GSO/GRO — with one datapath worker per core. It implements
-//! [`Datapath`](crate::datapath::Datapath) for the agent and serves the wg(8) UAPI (see
+//! [`Datapath`] for the agent and serves the wg(8) UAPI (see
 //! [`crate::uapi`]) so that `wg show`/`wg set` work against it.
 //!
 //! Threads: `wm-dp-N`, one per core, each owning TUN queue N (encrypt -> UDP) and UDP
