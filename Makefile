@@ -101,7 +101,8 @@ BENCH_TOOLS := bench/.tools
 BORINGTUN_CLI := $(BENCH_TOOLS)/bin/boringtun-cli
 BENCH_ARGS ?=
 bench: deps
-	$(CARGO) build --release -p mesh-agent --bin mesh-agent --example engine-floor
+	$(CARGO) build --release -p mesh-agent --bin mesh-agent
+	$(CARGO) build --release -p wiremesh-device --example engine-floor
 	$(CARGO) build --release -p wiremesh-bpf --example datapath-bench
 	@if [ ! -x $(BORINGTUN_CLI) ]; then \
 		echo "installing boringtun-cli into $(BENCH_TOOLS)"; \
