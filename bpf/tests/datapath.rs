@@ -19,8 +19,16 @@ use ipnet::Ipv4Net;
 use wiremesh_bpf::{
     Attached, Config, EndpointValue, Hook, IpcacheValue, Loader, Mode, Verdict, ipcache_flags,
 };
-use wiremesh_integration::pin_map_of_another_shape;
+use wiremesh_integration::{pin_map_of_another_shape, vm};
 use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
+
+/// Every other test of this binary again on Debian's kernel 6.1 in the kernel VM (one boot): there
+/// the programs attach through netlink and a clsact qdisc, as TCX arrived in 6.6, which is what
+/// production kernels 5.15-6.1 need.
+#[test]
+fn datapath_tests_on_kernel_6_1() {
+    vm::rerun_all_in_vm(&["datapath_tests_on_kernel_6_1"]);
+}
 
 /// b is isolated for ingress with no rules.
 fn deny_b() -> String {
@@ -71,7 +79,7 @@ fn local(_: Ipv4Addr, id: Identity) -> IpcacheValue {
 }
 
 fn load(t: &Topo, hooks: Vec<(String, Hook)>) -> Loader {
-    load_expect(t, hooks, Attached::Pinned)
+    load_expect(t, hooks, Attached::fresh())
 }
 
 fn load_expect(t: &Topo, hooks: Vec<(String, Hook)>, how: Attached) -> Loader {
@@ -476,11 +484,19 @@ fn pinned_maps_and_links_survive_the_loader() {
         !connect(&t.pod_a, POD_B, 8080),
         "deny must hold with no loader alive"
     );
-    let links = t.pin_dir().join("links");
-    assert!(links.join(format!("from_pod-{}", t.host_a)).exists());
+    if wiremesh_bpf::tcx_available() {
+        let links = t.pin_dir().join("links");
+        assert!(links.join(format!("from_pod-{}", t.host_a)).exists());
+    } else {
+        assert_eq!(
+            our_filters(&t, &t.host_a, "ingress"),
+            ["from_pod"],
+            "one filter of ours, in our slot"
+        );
+    }
 
     // A second loader reuses the maps and swaps its programs into the pinned links.
-    let mut second = load_expect(&t, pod_hooks(&t), Attached::ReplacedPinned);
+    let mut second = load_expect(&t, pod_hooks(&t), Attached::replaced());
     let maps = second.maps();
     let entries = maps.ipcache_entries().expect("ipcache");
     for ip in [POD_A, POD_B] {
@@ -514,7 +530,7 @@ fn pinned_maps_and_links_survive_the_loader() {
     let mut second = in_ns(&t.node, move || {
         assert_eq!(
             second.attach(&d1, Hook::UnderlayIngress).expect("attach"),
-            Attached::Pinned
+            Attached::fresh()
         );
         second
     });
@@ -527,9 +543,65 @@ fn pinned_maps_and_links_survive_the_loader() {
     });
     assert_eq!(
         got,
-        Attached::Pinned,
-        "a stale pinned link is replaced by a new one"
+        Attached::fresh(),
+        "a stale pinned link is replaced by a new one (netlink: the filter went with the device)"
     );
+}
+
+/// The names of the bpf filters at our netlink priority/handle on `iface` (`tc filter show`,
+/// kernels before 6.6).
+fn our_filters(t: &Topo, iface: &str, direction: &str) -> Vec<String> {
+    let out = std::process::Command::new("tc")
+        .args(["-n", &t.node, "filter", "show", "dev", iface, direction])
+        .output()
+        .expect("tc filter show");
+    assert!(out.status.success(), "{out:?}");
+    let slot = format!(
+        "pref {} bpf chain 0 handle {:#x}",
+        wiremesh_bpf::NETLINK_PRIORITY,
+        wiremesh_bpf::NETLINK_HANDLE
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&slot))
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "handle").nth(2))
+        .map(|name| name.split(':').next().unwrap_or(name).to_owned())
+        .collect()
+}
+
+#[test]
+fn detach_stops_enforcement_and_attach_after_it_starts_afresh() {
+    let Some(t) = Topo::for_test("detach") else {
+        return;
+    };
+    let _l = listen(&t.pod_b, 8080);
+    let deny = compiled(&deny_b());
+    let mut loader = load(&t, pod_hooks(&t));
+    write_config_and_policy(&mut loader, &Config::new(0, Mode::Permissive, 1, 0), &deny);
+    assert!(!connect(&t.pod_a, POD_B, 8080), "deny while attached");
+    let hooks = pod_hooks(&t);
+    let loader = in_ns(&t.node, move || {
+        let mut loader = loader;
+        for (iface, hook) in hooks {
+            loader.detach(&iface, hook).expect("detach");
+            loader
+                .detach(&iface, hook)
+                .expect("a second detach is harmless");
+        }
+        loader
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || connect(&t.pod_a, POD_B, 8080)),
+        "nothing enforces once detached"
+    );
+    if !wiremesh_bpf::tcx_available() {
+        assert!(our_filters(&t, &t.host_b, "egress").is_empty());
+    }
+    drop(loader);
+    // The maps kept the policy: attaching again enforces it at once, in a fresh attachment.
+    let again = load_expect(&t, pod_hooks(&t), Attached::fresh());
+    assert!(!connect(&t.pod_a, POD_B, 8080), "deny after re-attaching");
+    drop(again);
 }
 
 /// A remote pod `r` (10.201.9.5, app=r, on the peer node) and pod b, whose ingress allows only
@@ -1017,7 +1089,7 @@ fn strict_drops_continue_with_the_agent_gone() {
     // The agent (loader, map and program fds) is gone; the pinned links and maps enforce.
     paths.assert(false, Duration::from_secs(2), "strict, agent gone");
     // A restarted agent finds the drops recorded in the pinned flow state.
-    let restarted = load_expect(&t, all_hooks(&t), Attached::ReplacedPinned);
+    let restarted = load_expect(&t, all_hooks(&t), Attached::replaced());
     let backlog = restarted.maps_ref().flow_backlog().expect("flows");
     for hook in [Hook::FromPod, Hook::UnderlayIngress] {
         assert!(
@@ -1562,7 +1634,7 @@ fn maps_of_another_shape_are_upgraded_without_an_enforcement_gap() {
             let how = new.attach(&iface, hook).expect("attach");
             assert_eq!(
                 how,
-                Attached::ReplacedPinned,
+                Attached::replaced(),
                 "{iface} {hook:?}: swapped in place"
             );
         }

@@ -32,10 +32,11 @@ use std::{
 
 use wiremesh_keyexchange::PublicKey;
 use wiremesh_wgctrl::{
+    convert,
     datapath::{
         Datapath, DatapathError, DatapathKind, DeviceSettings, DeviceStatus, PeerConfig, PeerStatus,
     },
-    uapi::parse::{self as uapi_parse, GetPeer, GetResponse, PeerUpdate, SecretKey, SetRequest},
+    uapi::parse::{self as uapi_parse, GetPeer, GetResponse, SecretKey, SetRequest},
 };
 use zeroize::Zeroizing;
 
@@ -603,46 +604,16 @@ impl Datapath for UserspaceEngine {
     }
 
     fn configure(&self, settings: &DeviceSettings) -> Result<(), DatapathError> {
-        let req = SetRequest {
-            private_key: settings
-                .private_key
-                .as_ref()
-                .map(|k| SecretKey(Zeroizing::new(*k.to_bytes()))),
-            listen_port: settings.listen_port,
-            fwmark: settings.fwmark,
-            replace_peers: false,
-            peers: Vec::new(),
-        };
-        self.apply(&req)
+        self.apply(&convert::configure_request(settings))
     }
 
     fn set_peer(&self, peer: &PeerConfig) -> Result<(), DatapathError> {
-        if let Some(ep) = peer.endpoint
-            && (ep.port() == 0 || ep.ip().is_unspecified())
-        {
-            return Err(self.invalid(format!("peer {}: invalid endpoint {ep}", peer.public_key)));
-        }
-        let mut update = PeerUpdate::new(*peer.public_key.as_bytes());
-        update.preshared_key = Some(SecretKey(Zeroizing::new(
-            peer.preshared_key.unwrap_or([0; 32]),
-        )));
-        update.endpoint = peer.endpoint;
-        update.persistent_keepalive = Some(peer.persistent_keepalive.unwrap_or(0));
-        update.replace_allowed_ips = true;
-        update.allowed_ips = peer.allowed_ips.iter().map(|n| n.trunc()).collect();
-        self.apply(&SetRequest {
-            peers: vec![update],
-            ..SetRequest::default()
-        })
+        let req = convert::set_peer_request(peer).map_err(|message| self.invalid(message))?;
+        self.apply(&req)
     }
 
     fn remove_peer(&self, public_key: &PublicKey) -> Result<(), DatapathError> {
-        let mut update = PeerUpdate::new(*public_key.as_bytes());
-        update.remove = true;
-        self.apply(&SetRequest {
-            peers: vec![update],
-            ..SetRequest::default()
-        })
+        self.apply(&convert::remove_peer_request(public_key))
     }
 
     fn status(&self) -> Result<DeviceStatus, DatapathError> {

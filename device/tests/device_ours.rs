@@ -76,9 +76,11 @@ fn detached_device_reports_ready_and_stops_on_sigterm() {
     require_root!();
     let ns = Netns::new("wmd");
     let ifname = unique("wd");
-    let bin = env!("CARGO_BIN_EXE_wiremesh-device");
+    let device = device_command();
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, bin, &ifname])
+        .args(["netns", "exec", &ns.name])
+        .args(&device)
+        .arg(&ifname)
         .output()
         .expect("run device");
     assert!(
@@ -107,7 +109,9 @@ fn detached_device_reports_ready_and_stops_on_sigterm() {
 
     // A second device with the same name must fail, not steal the socket.
     let again = Command::new("ip")
-        .args(["netns", "exec", &ns.name, bin, &ifname])
+        .args(["netns", "exec", &ns.name])
+        .args(&device)
+        .arg(&ifname)
         .output()
         .expect("run device");
     assert!(

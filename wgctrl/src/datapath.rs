@@ -1,11 +1,14 @@
-//! The contract between the agent and a WireGuard implementation. The userspace engine (boringtun's
-//! noise layer + TUN + UDP) and the kernel engine (generic netlink) both implement [`Datapath`]; the
-//! agent's reconciler only ever talks to this trait, and unit tests use [`fake::FakeDatapath`].
+//! The contract between the agent and a WireGuard implementation. The userspace engine in-process
+//! (crate `wiremesh-device`), a userspace device process over its UAPI socket
+//! ([`crate::UapiDevice`]) and the kernel module over generic netlink ([`crate::KernelDevice`]) all
+//! implement [`Datapath`]; the agent's reconciler only ever talks to this trait, and unit tests use
+//! [`fake::FakeDatapath`].
 //!
-//! The trait is synchronous on purpose: every call is a short, bounded operation on in-process state
-//! (userspace) or one netlink round trip (kernel). Callers on a tokio runtime may call it directly.
+//! The trait is synchronous on purpose: every call is a short, bounded operation on in-process
+//! state, one UAPI exchange or a few netlink round trips (each bounded by a timeout). Callers on a
+//! tokio runtime may call it directly.
 
-use std::{net::SocketAddr, time::SystemTime};
+use std::{net::SocketAddr, path::PathBuf, time::SystemTime};
 
 use ipnet::IpNet;
 use wiremesh_keyexchange::{PrivateKey, PublicKey};
@@ -106,6 +109,21 @@ pub enum DatapathError {
     },
     #[error("interface {ifname} is closed")]
     Closed { ifname: String },
+    /// A userspace device reached over its UAPI socket failed (see [`crate::UapiDevice`]).
+    #[error("interface {ifname}: UAPI socket {}: {source}", socket.display())]
+    Uapi {
+        ifname: String,
+        socket: PathBuf,
+        #[source]
+        source: crate::UapiClientError,
+    },
+    /// The kernel module failed (see [`crate::KernelDevice`]).
+    #[error("interface {ifname}: {source}")]
+    Kernel {
+        ifname: String,
+        #[source]
+        source: crate::KernelError,
+    },
 }
 
 /// A WireGuard device that the agent configures.

@@ -277,13 +277,26 @@ pub fn spawn_in(ns: &Netns, dir: &Path, what: &str, args: &[&str], env: &[(&str,
     }
 }
 
-/// Our device in `ns` (`wiremesh-device <ifname> --foreground`, the command `mesh-agent device`
-/// runs), waited for until its socket exists.
+/// The command line of our device: this package's `wiremesh-device` binary in the device
+/// crate's tests, `mesh-agent device` in the agent's (the two run the same command).
+pub fn device_command() -> Vec<&'static str> {
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_wiremesh-device") {
+        vec![bin]
+    } else if let Some(bin) = option_env!("CARGO_BIN_EXE_mesh-agent") {
+        vec![bin, "device"]
+    } else {
+        panic!("this test crate has no device binary")
+    }
+}
+
+/// Our device in `ns` in the foreground (see [`device_command`]), waited for until its socket
+/// exists.
 pub fn start_ours(ns: &Netns, dir: &Path, ifname: &str, env: &[(&str, &str)]) -> Proc {
-    let bin = env!("CARGO_BIN_EXE_wiremesh-device");
     let mut env = env.to_vec();
     env.push(("RUST_LOG", "debug"));
-    let mut p = spawn_in(ns, dir, ifname, &[bin, ifname, "--foreground"], &env);
+    let mut args = device_command();
+    args.extend_from_slice(&[ifname, "--foreground"]);
+    let mut p = spawn_in(ns, dir, ifname, &args, &env);
     wait_socket(&mut p, ifname);
     p
 }

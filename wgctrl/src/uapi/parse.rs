@@ -1,6 +1,7 @@
-//! The pure half of the wg(8) cross-platform configuration protocol: parsing the body of a `set=1`
-//! request into a [`SetRequest`] and rendering a `get=1` answer from a [`GetResponse`]. No I/O, no
-//! engine state, so it can be fuzzed (see `wgctrl/fuzz`) and unit-tested exhaustively.
+//! The pure half of the wg(8) cross-platform configuration protocol: parsing and rendering the
+//! body of a `set=1` request ([`SetRequest`]) and of a `get=1` answer ([`GetResponse`]), for the
+//! server of our device and for the client ([`super::UapiDevice`]). No I/O, no engine state, so
+//! it can be fuzzed (see `wgctrl/fuzz`) and unit-tested exhaustively.
 //!
 //! The grammar follows what wg(8) writes and what wireguard-go accepts: `key=value` lines, device
 //! keys first, then one section per peer opened by `public_key=`. Keys are lowercase hex. The whole
@@ -40,6 +41,8 @@ pub enum ParseError {
     UnknownDeviceKey { line: usize, key: String },
     #[error("line {line}: unknown peer key {key:?}")]
     UnknownPeerKey { line: usize, key: String },
+    #[error("line {line}: {key} before any public_key")]
+    PeerKeyFirst { line: usize, key: &'static str },
     #[error("request body is longer than {MAX_SET_BODY} bytes")]
     TooLong,
 }
@@ -285,15 +288,20 @@ fn parse_endpoint(value: &str) -> Result<SocketAddr, String> {
     if addr.port() == 0 {
         return Err("port 0".into());
     }
-    // An IPv6 zone is meaningless for an underlay endpoint here and wg(8) never sends one that
-    // we could route by; keep the address but drop scope/flow info.
-    Ok(match addr {
+    Ok(normalize_endpoint(addr))
+}
+
+/// An endpoint as every part of wiremesh compares it: an IPv4-mapped IPv6 address becomes IPv4,
+/// and IPv6 scope and flow information are dropped (meaningless for an underlay endpoint here;
+/// wg(8) never sends a zone we could route by).
+pub fn normalize_endpoint(addr: SocketAddr) -> SocketAddr {
+    match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
             None => SocketAddr::new(IpAddr::V6(*v6.ip()), v6.port()),
         },
         v4 => v4,
-    })
+    }
 }
 
 /// `ip/len`; host bits are cleared like the kernel and wireguard-go do.
@@ -443,6 +451,131 @@ pub fn format_get(resp: &GetResponse) -> Zeroizing<String> {
     }
     out.push_str("errno=0\n\n");
     out
+}
+
+/// Parses the body of a `get=1` answer: the lines before `errno=` (which the caller checks).
+/// Keys this version does not know are skipped, so newer devices stay readable; a known key with
+/// a bad value is an error. The private key, if present, ends up in a zeroized [`SecretKey`].
+pub fn parse_get(body: &str) -> Result<GetResponse, ParseError> {
+    let mut resp = GetResponse::default();
+    for (idx, line) in body.split('\n').enumerate() {
+        let line_no = idx + 1;
+        if line.is_empty() {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or(ParseError::NoEquals { line: line_no })?;
+        if key == "public_key" {
+            let public_key = parse_hex_key(value).map_err(|r| invalid(line_no, "public_key", r))?;
+            resp.peers.push(GetPeer {
+                public_key,
+                preshared_key: None,
+                endpoint: None,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                persistent_keepalive: 0,
+                allowed_ips: Vec::new(),
+            });
+            continue;
+        }
+        match resp.peers.last_mut() {
+            None => parse_get_device_line(&mut resp, line_no, key, value)?,
+            Some(peer) => parse_get_peer_line(peer, line_no, key, value)?,
+        }
+    }
+    Ok(resp)
+}
+
+fn parse_get_device_line(
+    resp: &mut GetResponse,
+    line: usize,
+    key: &str,
+    value: &str,
+) -> Result<(), ParseError> {
+    match key {
+        "private_key" => {
+            let bytes = parse_hex_key(value).map_err(|r| invalid(line, "private_key", r))?;
+            resp.private_key = Some(SecretKey(Zeroizing::new(bytes)));
+        }
+        "listen_port" => {
+            resp.listen_port = parse_decimal(value).map_err(|r| invalid(line, "listen_port", r))?;
+        }
+        "fwmark" => resp.fwmark = parse_decimal(value).map_err(|r| invalid(line, "fwmark", r))?,
+        "endpoint" | "allowed_ip" | "preshared_key" => {
+            return Err(ParseError::PeerKeyFirst {
+                line,
+                key: match key {
+                    "endpoint" => "endpoint",
+                    "allowed_ip" => "allowed_ip",
+                    _ => "preshared_key",
+                },
+            });
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn parse_get_peer_line(
+    peer: &mut GetPeer,
+    line: usize,
+    key: &str,
+    value: &str,
+) -> Result<(), ParseError> {
+    match key {
+        "preshared_key" => {
+            let bytes = parse_hex_key(value).map_err(|r| invalid(line, "preshared_key", r))?;
+            let psk = SecretKey(Zeroizing::new(bytes));
+            peer.preshared_key = (!psk.is_zero()).then_some(psk);
+        }
+        "endpoint" => {
+            peer.endpoint = Some(parse_endpoint(value).map_err(|r| invalid(line, "endpoint", r))?);
+        }
+        "last_handshake_time_sec" => {
+            let secs: u64 =
+                parse_decimal(value).map_err(|r| invalid(line, "last_handshake_time_sec", r))?;
+            let nanos = peer
+                .last_handshake
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.subsec_nanos());
+            peer.last_handshake = handshake_time(secs, nanos);
+        }
+        "last_handshake_time_nsec" => {
+            let nanos: u32 =
+                parse_decimal(value).map_err(|r| invalid(line, "last_handshake_time_nsec", r))?;
+            if nanos >= 1_000_000_000 {
+                return Err(invalid(line, "last_handshake_time_nsec", "not below 10^9"));
+            }
+            let secs = peer
+                .last_handshake
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            peer.last_handshake = handshake_time(secs, nanos);
+        }
+        "rx_bytes" => {
+            peer.rx_bytes = parse_decimal(value).map_err(|r| invalid(line, "rx_bytes", r))?
+        }
+        "tx_bytes" => {
+            peer.tx_bytes = parse_decimal(value).map_err(|r| invalid(line, "tx_bytes", r))?
+        }
+        "persistent_keepalive_interval" => {
+            peer.persistent_keepalive = parse_decimal(value)
+                .map_err(|r| invalid(line, "persistent_keepalive_interval", r))?;
+        }
+        "allowed_ip" => {
+            let net = parse_prefix(value).map_err(|r| invalid(line, "allowed_ip", r))?;
+            peer.allowed_ips.push(net);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// 0 seconds and 0 nanoseconds is "never", as the protocol writes it.
+fn handshake_time(secs: u64, nanos: u32) -> Option<SystemTime> {
+    (secs != 0 || nanos != 0).then(|| UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 #[cfg(test)]
