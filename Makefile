@@ -80,8 +80,8 @@ MESHCTL = $(or $(CARGO_TARGET_DIR),target)/debug/meshctl
 
 demo: deps
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo: needs root (network namespaces, TUN devices)" >&2; exit 1; fi
-	@echo "==> building mesh-agent and meshctl"
-	$(CARGO) build -p mesh-agent -p meshctl
+	@echo "==> building mesh-agent, meshctl and the process supervisor of the virtual cluster"
+	$(CARGO) build -p mesh-agent -p meshctl -p wiremesh-integration --bins
 	@echo
 	@echo "==> meshctl demo up --nodes $(DEMO_NODES) --pods-per-node $(DEMO_PODS_PER_NODE)"
 	@$(MESHCTL) demo up --nodes $(DEMO_NODES) --pods-per-node $(DEMO_PODS_PER_NODE)

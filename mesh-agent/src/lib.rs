@@ -3,7 +3,8 @@
 //!
 //! `datapath` is the device-control layer of crate `wiremesh-wgctrl`, re-exported under its old
 //! path. This library never links the userspace engine (crate `wiremesh-device`): only the
-//! `mesh-agent` binary does, for `mesh-agent device` and to hand [`app::run`] a datapath.
+//! `mesh-agent` binary does, for `mesh-agent device`. The agent reaches a device through
+//! [`select`]: the device process's UAPI socket, or a kernel `wireguard` link.
 
 pub mod admin;
 pub mod app;
@@ -13,6 +14,7 @@ pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod flows;
+pub mod health;
 pub mod mesh;
 pub mod metrics;
 mod netlink;
@@ -20,6 +22,7 @@ pub mod netns;
 pub mod reconciler;
 pub mod report;
 pub mod routes;
+pub mod select;
 pub mod status;
 pub mod steering;
 pub mod telemetry;

@@ -1,19 +1,15 @@
-//! `mesh-agent`: the wiremesh node agent binary. It links the userspace device (crate
-//! `wiremesh-device`) for `mesh-agent device` and for the in-process engine it hands the agent.
-
-use std::sync::Arc;
+//! `mesh-agent`: the wiremesh node agent binary. `mesh-agent run` is the agent, which drives a
+//! WireGuard device it does not own; `mesh-agent device` is the userspace device (crate
+//! `wiremesh-device`), run as its own process.
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    app::{self, OpenedDatapath},
-    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice, RunArgs},
+    app,
+    config::{Config, RunArgs},
     netns, telemetry,
 };
-use wiremesh_device::{
-    command::{self, DeviceArgs},
-    engine::{EngineConfig, UserspaceEngine},
-};
+use wiremesh_device::command::{self, DeviceArgs};
 
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "wiremesh node agent")]
@@ -58,33 +54,5 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .thread_name("mesh-agent")
         .build()
         .context("start tokio runtime")?;
-    runtime.block_on(app::run(config, open_datapath))
-}
-
-/// Creates the datapath chosen by `--datapath`, in the current network namespace: the userspace
-/// engine in this process (`auto` too, until the kernel datapath is wired in). Shutting it down
-/// removes the TUN device and the UAPI socket; the kernel drops the routes through the device
-/// with it.
-fn open_datapath(config: &Config) -> anyhow::Result<OpenedDatapath> {
-    match config.datapath {
-        DatapathChoice::Kernel => anyhow::bail!(
-            "--datapath kernel: the kernel WireGuard engine is not built yet; use --datapath userspace"
-        ),
-        DatapathChoice::Auto | DatapathChoice::Userspace => {
-            let mut engine = EngineConfig::new(&config.interface);
-            engine.uapi_socket = Some(config.uapi_socket.clone());
-            engine.listen_port = config.listen_port.unwrap_or(DEFAULT_LISTEN_PORT);
-            if let Some(mtu) = config.mtu {
-                engine.mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
-            }
-            let engine = UserspaceEngine::create(engine).with_context(|| {
-                format!("create userspace WireGuard device {}", config.interface)
-            })?;
-            let datapath: Arc<UserspaceEngine> = engine.clone();
-            Ok(OpenedDatapath {
-                datapath,
-                shutdown: Some(Box::new(move || engine.shutdown())),
-            })
-        }
-    }
+    runtime.block_on(app::run(config))
 }
