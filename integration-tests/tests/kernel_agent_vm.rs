@@ -14,7 +14,7 @@ use mesh_agent::{
     datapath::{Datapath, DatapathKind, PeerConfig},
     mesh::{Mesh, Wanted, WantedPeer},
     routes::netlink::NetlinkRoutes,
-    select::{DatapathSlot, SystemDevices, SystemLinks, select},
+    select::{DatapathSlot, Selection, SystemDevices, SystemLinks, select},
 };
 use wiremesh_integration::vm;
 use wiremesh_keyexchange::PrivateKey;
@@ -54,20 +54,25 @@ fn guest_agent_selects_configures_repairs_and_adopts_a_kernel_device() {
     .expect("guest test thread");
 }
 
-async fn agent_on_kernel() {
-    let ifname = "wmk0";
+/// `auto` as the agent selects it (no device process: there is no UAPI socket).
+async fn select_auto(
+    ifname: &str,
+) -> Result<(Arc<dyn Datapath>, Selection), mesh_agent::select::SelectError> {
     let socket = Path::new("/nonexistent/wmk0.sock");
-    let wait = Duration::from_secs(1);
-    let (device, selection) = select(
+    select(
         &SystemLinks,
         &SystemDevices,
         DatapathChoice::Auto,
         ifname,
         socket,
-        wait,
+        Duration::from_secs(1),
     )
     .await
-    .expect("auto selects the kernel");
+}
+
+async fn agent_on_kernel() {
+    let ifname = "wmk0";
+    let (device, selection) = select_auto(ifname).await.expect("auto selects the kernel");
     assert_eq!(
         (selection.kind, selection.reason),
         (DatapathKind::Kernel, "kernel-module"),
@@ -118,16 +123,9 @@ async fn agent_on_kernel() {
     assert!(sh(&["ip", "route", "show", "table", "87"]).contains("10.244.2.0/24"));
 
     // A restarted agent: selects again, adopts the same link, rewrites nothing.
-    let (device, selection) = select(
-        &SystemLinks,
-        &SystemDevices,
-        DatapathChoice::Auto,
-        ifname,
-        socket,
-        wait,
-    )
-    .await
-    .expect("auto adopts the kernel link");
+    let (device, selection) = select_auto(ifname)
+        .await
+        .expect("auto adopts the kernel link");
     assert_eq!(selection.reason, "adopted-kernel-link");
     let slot = Arc::new(DatapathSlot::new(ifname));
     slot.set(device, selection);
