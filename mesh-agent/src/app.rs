@@ -21,6 +21,7 @@ use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
 use crate::{
     admin::AdminServer,
     config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice, EbpfChoice},
+    coordinator::{Coordinator, CoordinatorMetrics, CoordinatorSettings},
     datapath::{Datapath, DeviceSettings},
     drain::{self, Trigger},
     engine::{EngineConfig, UserspaceEngine},
@@ -112,6 +113,31 @@ pub async fn kube_client_from(kubeconfig: Option<&Path>) -> anyhow::Result<Clien
     Client::try_from(kube_config).context("build kube client")
 }
 
+/// The rotation coordinator's client: `--coordinator-kubeconfig`, else the pod's ServiceAccount;
+/// `None` (with the reason logged) when the agent does not stand for election.
+async fn coordinator_client(config: &Config) -> Option<Client> {
+    if !config.coordinator {
+        tracing::info!("--coordinator false: not standing for rotation coordinator");
+        return None;
+    }
+    let client = match &config.coordinator_kubeconfig {
+        Some(path) => kube_client_from(Some(path)).await,
+        None => kube::Config::incluster()
+            .context("no --coordinator-kubeconfig and no in-cluster ServiceAccount")
+            .and_then(|c| Client::try_from(c).context("build kube client")),
+    };
+    match client {
+        Ok(client) => Some(client),
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "no credentials for the rotation coordinator; this agent does not stand for election"
+            );
+            None
+        }
+    }
+}
+
 /// Starts every task of the agent on the current runtime.
 pub async fn build(
     config: &Config,
@@ -141,6 +167,14 @@ pub async fn build(
 
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);
+    let coordinator = match coordinator_client(config).await {
+        Some(coordinator_client) => Some(Coordinator::new(
+            CoordinatorSettings::new(&config.node_name, &config.lease_namespace),
+            coordinator_client,
+            CoordinatorMetrics::new(&mut registry),
+        )),
+        None => None,
+    };
     let notify = Arc::new(Notify::new());
     let steer_notify = Arc::new(Notify::new());
     let watchers = watchers(&client, notify.clone(), steer_notify.clone());
@@ -212,6 +246,13 @@ pub async fn build(
     spawn_until_drained(&mut tasks, "reconciler", reconciler.run(drain.clone()));
     spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
     spawn_until_drained(&mut tasks, "status reporter", reporter.run(drain.clone()));
+    if let Some(coordinator) = coordinator {
+        spawn_until_drained(
+            &mut tasks,
+            "rotation coordinator",
+            coordinator.run(drain.clone()),
+        );
+    }
     tasks.spawn(async move { ("http server", admin.run(drain).await.map_err(Into::into)) });
 
     Ok(App {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod coordinator;
 pub mod datapath;
 pub mod device;
 pub mod drain;
