@@ -167,14 +167,13 @@ pub async fn build(
 
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);
-    let coordinator = match coordinator_client(config).await {
-        Some(coordinator_client) => Some(Coordinator::new(
+    let coordinator = coordinator_client(config).await.map(|coordinator_client| {
+        Coordinator::new(
             CoordinatorSettings::new(&config.node_name, &config.lease_namespace),
             coordinator_client,
             CoordinatorMetrics::new(&mut registry),
-        )),
-        None => None,
-    };
+        )
+    });
     let notify = Arc::new(Notify::new());
     let steer_notify = Arc::new(Notify::new());
     let watchers = watchers(&client, notify.clone(), steer_notify.clone());

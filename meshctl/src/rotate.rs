@@ -66,7 +66,7 @@ pub fn parse_selector(text: &str) -> Result<LabelSelector, RotateError> {
     };
     let mut labels = BTreeMap::new();
     let mut expressions = Vec::new();
-    for term in split_terms(text).map_err(|m| bad(m))? {
+    for term in split_terms(text).map_err(&bad)? {
         let term = term.trim();
         let requirement = |key: &str, operator: &str, values: Option<Vec<String>>| {
             if !valid_key(key) {
@@ -81,20 +81,16 @@ pub fn parse_selector(text: &str) -> Result<LabelSelector, RotateError> {
         if let Some(key) = term.strip_prefix('!') {
             expressions.push(requirement(key.trim(), "DoesNotExist", None)?);
         } else if let Some((key, values)) = set_term(term, " notin ") {
-            expressions.push(requirement(
-                key,
-                "NotIn",
-                Some(values.map_err(|m| bad(m))?),
-            )?);
+            expressions.push(requirement(key, "NotIn", Some(values.map_err(&bad)?))?);
         } else if let Some((key, values)) = set_term(term, " in ") {
-            expressions.push(requirement(key, "In", Some(values.map_err(|m| bad(m))?))?);
+            expressions.push(requirement(key, "In", Some(values.map_err(&bad)?))?);
         } else if let Some((key, value)) = term.split_once("!=") {
-            let value = checked_value(value).map_err(|m| bad(m))?;
+            let value = checked_value(value).map_err(&bad)?;
             expressions.push(requirement(key.trim(), "NotIn", Some(vec![value]))?);
         } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
             let key = key.trim();
             requirement(key, "In", None)?;
-            labels.insert(key.to_string(), checked_value(value).map_err(|m| bad(m))?);
+            labels.insert(key.to_string(), checked_value(value).map_err(&bad)?);
         } else {
             expressions.push(requirement(term, "Exists", None)?);
         }
