@@ -228,8 +228,9 @@ pub const COORDINATOR_ROLE: &str = "wiremesh-rotation-coordinator";
 
 /// Grants the ServiceAccount `namespace/service_account` what the rotation coordinator needs: the
 /// Lease in `namespace` (get, create, patch: kube-lease-manager reads it and writes it with
-/// server-side apply), Nodes' metadata (get, list, watch), KeyRotations (get, list, watch) and
-/// their status (get, update, patch), Events (create, patch). The same grants the DaemonSet's RBAC
+/// server-side apply), Nodes' metadata (get, list, watch), MeshEncryptions (get, list, watch),
+/// KeyRotations (get, list, watch; create for the schedule) and their status (get, update,
+/// patch), Events (create, patch). The same grants the DaemonSet's RBAC
 /// must ship. Node credentials cannot hold the Lease: NodeRestriction lets a node write only its
 /// own Lease in `kube-node-lease`.
 pub async fn install_coordinator_rbac(
@@ -241,7 +242,8 @@ pub async fn install_coordinator_rbac(
         "metadata": {"name": COORDINATOR_ROLE},
         "rules": [
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["wiremesh.io"], "resources": ["keyrotations"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["wiremesh.io"], "resources": ["keyrotations"], "verbs": ["get", "list", "watch", "create"]},
+            {"apiGroups": ["wiremesh.io"], "resources": ["meshencryptions"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["wiremesh.io"], "resources": ["keyrotations/status"], "verbs": ["get", "update", "patch"]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         ],

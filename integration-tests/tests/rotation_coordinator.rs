@@ -12,9 +12,18 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Api,
+    api::{ListParams, Patch, PatchParams},
+};
 use meshctl::rotate::{self, RotateOptions};
+use serde_json::json;
 use support::*;
-use wiremesh_crds::{CONDITION_FAILED, RotationPhase, find_condition, is_condition_true};
+use wiremesh_crds::{
+    CONDITION_FAILED, KeyRotation, KeyRotationSpec, MeshEncryption, RotationPhase, find_condition,
+    is_condition_true,
+};
 use wiremesh_integration::wait;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,5 +282,84 @@ async fn coordinator_failover_mid_rotation_and_phase_timeout() {
         holder(&admin, &lease).await.is_err(),
         "the Lease is released on drain"
     );
+    setup.teardown().await;
+}
+
+/// `MeshEncryption.spec.keyRotationInterval`: with the last rotation completed two hours ago and
+/// an interval of one hour, the coordinator creates one scheduled rotation of every node, and no
+/// second one while it is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_rotation_when_the_interval_has_passed() {
+    let nodes: Vec<String> = vec!["s1".into(), "s2".into()];
+    let setup = setup("rotation-sched", &nodes, |_| "all").await;
+    let admin = setup.admin.clone();
+    let rotations = Api::<KeyRotation>::all(admin.clone());
+    rotations
+        .create(
+            &Default::default(),
+            &KeyRotation::new("past", KeyRotationSpec::default()),
+        )
+        .await
+        .expect("create past rotation");
+    let two_hours_ago = Timestamp::from_second(Timestamp::now().as_second() - 7200).expect("time");
+    let status =
+        json!({"status": {"phase": "Complete", "completionTime": two_hours_ago.to_string()}});
+    rotations
+        .patch_status("past", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("past rotation completed");
+    Api::<MeshEncryption>::all(admin.clone())
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "wiremesh.io/v1alpha1", "kind": "MeshEncryption",
+                "metadata": {"name": "default"},
+                "spec": {"enabled": true, "keyRotationInterval": "1h"},
+            }))
+            .expect("mesh"),
+        )
+        .await
+        .expect("MeshEncryption default");
+
+    let lease = format!("wm-sched-{}", std::process::id());
+    let coordinator = start(&setup.coordinator_client().await, "s1", &lease);
+    let scheduled = wait::until(
+        "a scheduled rotation",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let rotations = rotations.clone();
+            async move {
+                let list = rotations
+                    .list(&ListParams::default().labels("wiremesh.io/scheduled=true"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                list.items
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| "none yet".to_string())
+            }
+        },
+    )
+    .await
+    .expect("scheduled rotation created");
+    let name = kube::ResourceExt::name_any(&scheduled);
+    assert!(name.starts_with("scheduled-"), "{name}");
+    assert_eq!(scheduled.spec.reason, "scheduled: keyRotationInterval 1h");
+    let r = wait_phase(
+        &admin,
+        &name,
+        RotationPhase::Preparing,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(r.status.expect("status").selected_nodes, ["s1", "s2"]);
+    // Several passes later there is still exactly one open rotation.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = rotations.list(&ListParams::default()).await.expect("list");
+    assert_eq!(all.items.len(), 2, "past + one scheduled: {:?}", all.items);
+
+    coordinator.trigger.start();
+    let _ = tokio::time::timeout(Duration::from_secs(10), coordinator.task).await;
     setup.teardown().await;
 }

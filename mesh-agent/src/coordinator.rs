@@ -15,6 +15,7 @@
 //! noticing yet gets a conflict instead of overwriting its successor's work.
 
 pub mod decide;
+pub mod schedule;
 #[cfg(test)]
 mod tests;
 
@@ -43,7 +44,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::sync::{Notify, watch};
-use wiremesh_crds::{KeyRotation, RotationPhase as CrdPhase};
+use wiremesh_crds::{KeyRotation, MESH_ENCRYPTION_NAME, MeshEncryption, RotationPhase as CrdPhase};
 
 use self::decide::{Decision, EventKind, decide, is_active};
 use crate::{drain::Drain, events::REPORTING_CONTROLLER, reconciler::API_WRITE_TIMEOUT};
@@ -96,6 +97,12 @@ pub enum CoordinatorError {
     },
     #[error("write status of KeyRotation {name}: no answer within {API_WRITE_TIMEOUT:?}")]
     WriteTimeout { name: String },
+    #[error("create scheduled KeyRotation {name}: {source}")]
+    CreateScheduled {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("Lease {namespace}/{name}: {source}")]
     Lease {
         namespace: String,
@@ -157,6 +164,13 @@ pub struct Coordinator {
 
 type NodeMeta = PartialObjectMeta<Node>;
 
+/// The coordinator's caches.
+struct Stores {
+    rotations: Store<KeyRotation>,
+    nodes: Store<NodeMeta>,
+    mesh: Store<MeshEncryption>,
+}
+
 impl Coordinator {
     pub fn new(settings: CoordinatorSettings, client: Client, metrics: CoordinatorMetrics) -> Self {
         let recorder = Recorder::new(
@@ -213,12 +227,35 @@ impl Coordinator {
                 std::future::ready(())
             })
         };
+        let (mesh, mesh_writer) = reflector::store::<MeshEncryption>();
+        let mesh_events = {
+            let notify = notify.clone();
+            let config =
+                watcher::Config::default().fields(&format!("metadata.name={MESH_ENCRYPTION_NAME}"));
+            watcher(Api::<MeshEncryption>::all(self.client.clone()), config)
+                .default_backoff()
+                .modify(|m: &mut MeshEncryption| m.metadata.managed_fields = None)
+                .reflect(mesh_writer)
+                .for_each(move |event| {
+                    notify.notify_one();
+                    if let Err(error) = event {
+                        tracing::warn!(%error, "coordinator: MeshEncryption watch failed; retrying");
+                    }
+                    std::future::ready(())
+                })
+        };
+        let stores = Stores {
+            rotations,
+            nodes,
+            mesh,
+        };
         let (leader_tx, leader_rx) = watch::channel(false);
         tokio::select! {
             () = node_events => tracing::warn!("coordinator: node watch ended"),
             () = rotation_events => tracing::warn!("coordinator: KeyRotation watch ended"),
+            () = mesh_events => tracing::warn!("coordinator: MeshEncryption watch ended"),
             () = self.hold_lease(leader_tx, drain) => {}
-            () = self.coordinate(leader_rx, &rotations, &nodes, &notify) => {}
+            () = self.coordinate(leader_rx, &stores, &notify) => {}
         }
         self.metrics.leader.set(0);
     }
@@ -305,8 +342,7 @@ impl Coordinator {
     async fn coordinate(
         &self,
         mut leader: watch::Receiver<bool>,
-        rotations: &Store<KeyRotation>,
-        nodes: &Store<NodeMeta>,
+        stores: &Stores,
         notify: &Notify,
     ) {
         loop {
@@ -316,8 +352,12 @@ impl Coordinator {
                 }
             }
             // Never decide on a half-filled cache: a missing Node reads as removed.
-            let _ = futures::join!(rotations.wait_until_ready(), nodes.wait_until_ready());
-            let result = self.pass(rotations, nodes).await;
+            let _ = futures::join!(
+                stores.rotations.wait_until_ready(),
+                stores.nodes.wait_until_ready(),
+                stores.mesh.wait_until_ready(),
+            );
+            let result = self.pass(stores).await;
             let label = ResultLabels {
                 result: if result.is_ok() { "ok" } else { "error" },
             };
@@ -338,12 +378,8 @@ impl Coordinator {
 
     /// One pass over every KeyRotation, oldest first, so that Pending ones start in creation
     /// order and only one is ever active. Every rotation is handled even if another fails.
-    async fn pass(
-        &self,
-        rotations: &Store<KeyRotation>,
-        nodes: &Store<NodeMeta>,
-    ) -> Result<(), CoordinatorError> {
-        let mut all = rotations.state();
+    async fn pass(&self, stores: &Stores) -> Result<(), CoordinatorError> {
+        let mut all = stores.rotations.state();
         all.sort_by(|a, b| {
             (
                 a.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -354,7 +390,12 @@ impl Coordinator {
                     b.name_any(),
                 ))
         });
-        let node_meta: Vec<ObjectMeta> = nodes.state().iter().map(|n| n.metadata.clone()).collect();
+        let node_meta: Vec<ObjectMeta> = stores
+            .nodes
+            .state()
+            .iter()
+            .map(|n| n.metadata.clone())
+            .collect();
         let mut active = all.iter().any(|r| is_active(phase_of(r)));
         let mut first_error = None;
         for rotation in &all {
@@ -372,9 +413,39 @@ impl Coordinator {
                 first_error.get_or_insert(error);
             }
         }
+        let rotations: Vec<KeyRotation> = all.iter().map(|r| r.as_ref().clone()).collect();
+        let mesh = stores
+            .mesh
+            .find(|m| m.metadata.name.as_deref() == Some(MESH_ENCRYPTION_NAME));
+        if let Some(due) = schedule::due_rotation(mesh.as_deref(), &rotations, Timestamp::now())
+            && let Err(error) = self.create_scheduled(&due).await
+        {
+            first_error.get_or_insert(error);
+        }
         match first_error {
             Some(error) => Err(error),
             None => Ok(()),
+        }
+    }
+
+    /// Creates a scheduled rotation; one that exists already (another coordinator was faster)
+    /// is fine.
+    async fn create_scheduled(&self, rotation: &KeyRotation) -> Result<(), CoordinatorError> {
+        let name = rotation.name_any();
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PostParams::default()
+        };
+        match Api::<KeyRotation>::all(self.client.clone())
+            .create(&params, rotation)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(rotation = %name, reason = %rotation.spec.reason, "scheduled rotation created");
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            Err(source) => Err(CoordinatorError::CreateScheduled { name, source }),
         }
     }
 
