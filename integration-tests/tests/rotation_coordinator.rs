@@ -82,16 +82,7 @@ async fn coordinator_failover_mid_rotation_and_phase_timeout() {
     let id = rotation_id(&r);
     assert!(id.starts_with(&format!("{name}.")), "{id}");
 
-    for node in NODES {
-        mark(&admin, node, &format!("{id}=prepared")).await;
-    }
-    wait_phase(
-        &admin,
-        &name,
-        RotationPhase::Switching,
-        Duration::from_secs(30),
-    )
-    .await;
+    advance(&admin, &name, &id, "prepared", RotationPhase::Switching).await;
 
     // The Event of that phase change is recorded after the status write; let it land before the
     // kill (a coordinator killed between the two loses that Event, not the phase).
@@ -106,32 +97,14 @@ async fn coordinator_failover_mid_rotation_and_phase_timeout() {
     let (_, leader) = candidates.remove(index);
     leader.task.abort();
     let _ = leader.task.await;
-    for node in NODES {
-        mark(&admin, node, &format!("{id}=switched")).await;
-    }
-    let r = wait_phase(
-        &admin,
-        &name,
-        RotationPhase::Retiring,
-        Duration::from_secs(30),
-    )
-    .await;
+    let r = advance(&admin, &name, &id, "switched", RotationPhase::Retiring).await;
     let takeover = killed_at.elapsed();
     let second = holder(&admin, &lease).await.expect("holder");
     assert_ne!(second, first, "the surviving candidate took the Lease");
     assert_eq!(rotation_id(&r), id, "the plan survived the takeover");
     println!("takeover after the leader was killed: {takeover:?} (lease 4 s)");
 
-    for node in NODES {
-        mark(&admin, node, &format!("{id}=retired")).await;
-    }
-    let r = wait_phase(
-        &admin,
-        &name,
-        RotationPhase::Complete,
-        Duration::from_secs(30),
-    )
-    .await;
+    let r = advance(&admin, &name, &id, "retired", RotationPhase::Complete).await;
     let status = r.status.expect("status");
     assert_eq!(status.progress.as_deref(), Some("3/3"));
     assert!(is_condition_true(&status.conditions, "Complete"));

@@ -10,61 +10,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams},
-    runtime::{WatchStreamExt, watcher},
-};
+use kube::{Api, Client};
 use meshctl::rotate::{self, RotateOptions};
 use support::*;
 use wiremesh_crds::{KeyRotation, RotationPhase};
 use wiremesh_integration::testenv::client_from_kubeconfig;
-use wiremesh_keyexchange::ANNOTATION_ROTATION;
 
 const NODE_COUNT: usize = 100;
-
-/// One simulated agent: on every KeyRotation event, the step its node must reach for the active
-/// rotation it takes part in, patched onto its own Node once.
-async fn simulated_agent(client: Client, node: String) {
-    let rotations = watcher(
-        Api::<KeyRotation>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .applied_objects();
-    let nodes = Api::<Node>::all(client);
-    let mut written = String::new();
-    futures::pin_mut!(rotations);
-    while let Some(event) = rotations.next().await {
-        let Ok(rotation) = event else { continue };
-        let Some(status) = rotation.status else {
-            continue;
-        };
-        let step = match status.phase {
-            RotationPhase::Preparing => "prepared",
-            RotationPhase::Switching => "switched",
-            RotationPhase::Retiring => "retired",
-            _ => continue,
-        };
-        let (Some(id), true) = (status.rotation_id, status.participants.contains(&node)) else {
-            continue;
-        };
-        let mark = format!("{id}={step}");
-        if mark == written {
-            continue;
-        }
-        let body = serde_json::json!({"metadata": {"annotations": {ANNOTATION_ROTATION: mark}}});
-        if nodes
-            .patch(&node, &PatchParams::default(), &Patch::Merge(&body))
-            .await
-            .is_ok()
-        {
-            written = mark;
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_node_rotation_completes() {

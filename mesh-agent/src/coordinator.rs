@@ -193,56 +193,40 @@ impl Coordinator {
         let notify = Arc::new(Notify::new());
         let (nodes, node_writer) = reflector::store::<NodeMeta>();
         let (rotations, rotation_writer) = reflector::store::<KeyRotation>();
-        let node_events = {
-            let notify = notify.clone();
+        let node_events = follow(
             watcher(
                 Api::<NodeMeta>::all(self.client.clone()),
                 watcher::Config::default(),
             )
             .default_backoff()
             .modify(prune_node_meta)
-            .reflect(node_writer)
-            .for_each(move |event| {
-                notify.notify_one();
-                if let Err(error) = event {
-                    tracing::warn!(%error, "coordinator: node watch failed; retrying");
-                }
-                std::future::ready(())
-            })
-        };
-        let rotation_events = {
-            let notify = notify.clone();
+            .reflect(node_writer),
+            notify.clone(),
+            "node",
+        );
+        let rotation_events = follow(
             watcher(
                 Api::<KeyRotation>::all(self.client.clone()),
                 watcher::Config::default(),
             )
             .default_backoff()
             .modify(|r: &mut KeyRotation| r.metadata.managed_fields = None)
-            .reflect(rotation_writer)
-            .for_each(move |event| {
-                notify.notify_one();
-                if let Err(error) = event {
-                    tracing::warn!(%error, "coordinator: KeyRotation watch failed; retrying");
-                }
-                std::future::ready(())
-            })
-        };
+            .reflect(rotation_writer),
+            notify.clone(),
+            "KeyRotation",
+        );
         let (mesh, mesh_writer) = reflector::store::<MeshEncryption>();
         let mesh_events = {
-            let notify = notify.clone();
             let config =
                 watcher::Config::default().fields(&format!("metadata.name={MESH_ENCRYPTION_NAME}"));
-            watcher(Api::<MeshEncryption>::all(self.client.clone()), config)
-                .default_backoff()
-                .modify(|m: &mut MeshEncryption| m.metadata.managed_fields = None)
-                .reflect(mesh_writer)
-                .for_each(move |event| {
-                    notify.notify_one();
-                    if let Err(error) = event {
-                        tracing::warn!(%error, "coordinator: MeshEncryption watch failed; retrying");
-                    }
-                    std::future::ready(())
-                })
+            follow(
+                watcher(Api::<MeshEncryption>::all(self.client.clone()), config)
+                    .default_backoff()
+                    .modify(|m: &mut MeshEncryption| m.metadata.managed_fields = None)
+                    .reflect(mesh_writer),
+                notify.clone(),
+                "MeshEncryption",
+            )
         };
         let stores = Stores {
             rotations,
@@ -512,6 +496,24 @@ impl Coordinator {
             Err(_) => tracing::warn!("recording a rotation Event timed out"),
         }
     }
+}
+
+/// Drives a reflected watch stream, waking the passes on every event; errors are logged (the
+/// stream's backoff retries).
+async fn follow<T, E: std::fmt::Display>(
+    stream: impl futures::Stream<Item = Result<T, E>>,
+    notify: Arc<Notify>,
+    what: &'static str,
+) {
+    stream
+        .for_each(|event| {
+            notify.notify_one();
+            if let Err(error) = event {
+                tracing::warn!(%error, watch = what, "coordinator watch failed; retrying");
+            }
+            std::future::ready(())
+        })
+        .await;
 }
 
 fn phase_of(rotation: &KeyRotation) -> CrdPhase {

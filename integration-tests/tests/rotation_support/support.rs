@@ -5,10 +5,12 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
+use futures::StreamExt;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node, events::v1::Event};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams},
+    runtime::{WatchStreamExt, watcher},
 };
 use mesh_agent::{
     coordinator::{Coordinator, CoordinatorMetrics, CoordinatorSettings},
@@ -104,6 +106,21 @@ pub async fn wait_phase(
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Moves every node of [`NODES`] to `step` of the rotation `id` and waits for `name` to reach
+/// `phase`.
+pub async fn advance(
+    client: &Client,
+    name: &str,
+    id: &str,
+    step: &str,
+    phase: RotationPhase,
+) -> KeyRotation {
+    for node in NODES {
+        mark(client, node, &format!("{id}={step}")).await;
+    }
+    wait_phase(client, name, phase, Duration::from_secs(30)).await
+}
+
 pub fn rotation_id(r: &KeyRotation) -> String {
     r.status
         .as_ref()
@@ -153,6 +170,47 @@ pub async fn table(client: &Client) -> serde_json::Value {
         .expect("request");
     let text = client.request_text(request).await.expect("table");
     serde_json::from_str(&text).expect("table json")
+}
+
+/// One simulated agent: on every KeyRotation event, the step its node must reach for the active
+/// rotation it takes part in, patched onto its own Node once.
+pub async fn simulated_agent(client: Client, node: String) {
+    let rotations = watcher(
+        Api::<KeyRotation>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .applied_objects();
+    let nodes = Api::<Node>::all(client);
+    let mut written = String::new();
+    futures::pin_mut!(rotations);
+    while let Some(event) = rotations.next().await {
+        let Ok(rotation) = event else { continue };
+        let Some(status) = rotation.status else {
+            continue;
+        };
+        let step = match status.phase {
+            RotationPhase::Preparing => "prepared",
+            RotationPhase::Switching => "switched",
+            RotationPhase::Retiring => "retired",
+            _ => continue,
+        };
+        let (Some(id), true) = (status.rotation_id, status.participants.contains(&node)) else {
+            continue;
+        };
+        let mark = format!("{id}={step}");
+        if mark == written {
+            continue;
+        }
+        let body = serde_json::json!({"metadata": {"annotations": {ANNOTATION_ROTATION: mark}}});
+        if nodes
+            .patch(&node, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+            .is_ok()
+        {
+            written = mark;
+        }
+    }
 }
 
 /// A running testenv prepared for rotation tests.

@@ -171,6 +171,46 @@ fn elapsed_since(start: Option<&Time>, now: Timestamp) -> Duration {
         .unwrap_or_default()
 }
 
+/// Sets one condition (`at`: the object's generation and the time of this pass).
+fn put(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    state: ConditionStatus,
+    reason: &str,
+    message: String,
+    at: (Option<i64>, Timestamp),
+) {
+    set_condition(
+        conditions,
+        condition(type_, state, reason, message, at.0, at.1),
+    );
+}
+
+/// Failed True and Progressing False, both with `message`.
+fn put_failed(
+    conditions: &mut Vec<Condition>,
+    reason: &str,
+    message: &str,
+    at: (Option<i64>, Timestamp),
+) {
+    put(
+        conditions,
+        CONDITION_FAILED,
+        ConditionStatus::True,
+        reason,
+        message.to_string(),
+        at,
+    );
+    put(
+        conditions,
+        CONDITION_PROGRESSING,
+        ConditionStatus::False,
+        "Failed",
+        message.to_string(),
+        at,
+    );
+}
+
 fn condition(
     type_: &str,
     status: ConditionStatus,
@@ -243,27 +283,11 @@ pub fn decide(
             let message = format!("{unusable}; old keys stay in force");
             status.failed_during = Some(old.phase);
             status.set_phase(CrdPhase::Failed, now);
-            set_condition(
+            put_failed(
                 &mut status.conditions,
-                condition(
-                    CONDITION_FAILED,
-                    ConditionStatus::True,
-                    "InvalidRotation",
-                    message.clone(),
-                    generation,
-                    now,
-                ),
-            );
-            set_condition(
-                &mut status.conditions,
-                condition(
-                    CONDITION_PROGRESSING,
-                    ConditionStatus::False,
-                    "Failed",
-                    message.clone(),
-                    generation,
-                    now,
-                ),
+                "InvalidRotation",
+                &message,
+                (generation, now),
             );
             events.push(RotationEvent {
                 kind: EventKind::Warning,
@@ -317,27 +341,21 @@ pub fn decide(
             "{} of {} participants retired their old keys; {} nodes rotated",
             counts.retired, counts.total, counts.rotating
         );
-        set_condition(
+        put(
             &mut status.conditions,
-            condition(
-                CONDITION_COMPLETE,
-                ConditionStatus::True,
-                "Rotated",
-                message.clone(),
-                generation,
-                now,
-            ),
+            CONDITION_COMPLETE,
+            ConditionStatus::True,
+            "Rotated",
+            message.clone(),
+            (generation, now),
         );
-        set_condition(
+        put(
             &mut status.conditions,
-            condition(
-                CONDITION_PROGRESSING,
-                ConditionStatus::False,
-                "Complete",
-                message.clone(),
-                generation,
-                now,
-            ),
+            CONDITION_PROGRESSING,
+            ConditionStatus::False,
+            "Complete",
+            message.clone(),
+            (generation, now),
         );
         if outcome.changed {
             events.push(RotationEvent {
@@ -358,16 +376,13 @@ pub fn decide(
                 waiting_message(phase, &outcome.waiting_on),
             )
         };
-        set_condition(
+        put(
             &mut status.conditions,
-            condition(
-                CONDITION_PROGRESSING,
-                state,
-                phase.as_str(),
-                message,
-                generation,
-                now,
-            ),
+            CONDITION_PROGRESSING,
+            state,
+            phase.as_str(),
+            message,
+            (generation, now),
         );
         if outcome.changed {
             events.push(RotationEvent {
@@ -412,28 +427,7 @@ fn record_failure(
     status.failed_nodes = failure.stuck.clone();
     status.failed_during = Some(crd_phase(failure.during));
     let reason = failure.reason.as_str();
-    set_condition(
-        &mut status.conditions,
-        condition(
-            CONDITION_FAILED,
-            ConditionStatus::True,
-            reason,
-            message.clone(),
-            generation,
-            now,
-        ),
-    );
-    set_condition(
-        &mut status.conditions,
-        condition(
-            CONDITION_PROGRESSING,
-            ConditionStatus::False,
-            "Failed",
-            message.clone(),
-            generation,
-            now,
-        ),
-    );
+    put_failed(&mut status.conditions, reason, &message, (generation, now));
     events.push(RotationEvent {
         kind: if failure.reason == FailureReason::Aborted {
             EventKind::Normal
