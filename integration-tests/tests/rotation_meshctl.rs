@@ -9,7 +9,6 @@ mod support;
 use std::{path::PathBuf, process::Output, time::Duration};
 
 use support::*;
-use wiremesh_integration::testenv::client_from_kubeconfig;
 
 /// The meshctl executable (built next to the test's deps: `cargo build -p meshctl`), or
 /// `WIREMESH_MESHCTL_BIN`.
@@ -88,18 +87,7 @@ async fn rotate_wait_reports_failure_and_completion() {
     );
 
     // Simulated agents move the marks: Complete, exit 0.
-    let mut agents = Vec::new();
-    for node in &nodes {
-        let kubeconfig = setup.dir.join(format!("{node}.kubeconfig"));
-        setup
-            .env
-            .write_node_kubeconfig(node, &kubeconfig)
-            .expect("node kubeconfig");
-        let client = client_from_kubeconfig(&kubeconfig)
-            .await
-            .expect("node client");
-        agents.push(tokio::spawn(simulated_agent(client, node.clone())));
-    }
+    let agents = setup.spawn_simulated_agents(&nodes).await;
     let out = meshctl(&setup, &["rotate", "--wait", "--timeout", "60s"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("meshctl rotate --wait (simulated agents):\n{stdout}");

@@ -14,7 +14,6 @@ use kube::{Api, Client};
 use meshctl::rotate::{self, RotateOptions};
 use support::*;
 use wiremesh_crds::{KeyRotation, RotationPhase};
-use wiremesh_integration::testenv::client_from_kubeconfig;
 
 const NODE_COUNT: usize = 100;
 
@@ -25,18 +24,7 @@ async fn hundred_node_rotation_completes() {
     let admin = setup.admin.clone();
     objects_read_rbac(&admin).await;
 
-    let mut agents = Vec::new();
-    for node in &nodes {
-        let kubeconfig = setup.dir.join(format!("{node}.kubeconfig"));
-        setup
-            .env
-            .write_node_kubeconfig(node, &kubeconfig)
-            .expect("node kubeconfig");
-        let client = client_from_kubeconfig(&kubeconfig)
-            .await
-            .expect("node client");
-        agents.push(tokio::spawn(simulated_agent(client, node.clone())));
-    }
+    let agents = setup.spawn_simulated_agents(&nodes).await;
     let lease = format!("wm-scale-{}", std::process::id());
     let coordinator = start(&setup.coordinator_client().await, "sim-001", &lease);
     wiremesh_integration::wait::until(

@@ -316,6 +316,25 @@ impl Setup {
             .expect("service account client")
     }
 
+    /// Starts a [`simulated_agent`] for each of `nodes`, each with its node's own credentials.
+    pub async fn spawn_simulated_agents(
+        &self,
+        nodes: &[String],
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut agents = Vec::new();
+        for node in nodes {
+            let kubeconfig = self.dir.join(format!("{node}.kubeconfig"));
+            self.env
+                .write_node_kubeconfig(node, &kubeconfig)
+                .expect("node kubeconfig");
+            let client = client_from_kubeconfig(&kubeconfig)
+                .await
+                .expect("node client");
+            agents.push(tokio::spawn(simulated_agent(client, node.clone())));
+        }
+        agents
+    }
+
     /// Stops testenv and removes the test directory.
     pub async fn teardown(self) {
         let env = self.env;
