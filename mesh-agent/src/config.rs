@@ -144,6 +144,20 @@ pub struct RunArgs {
     /// Most flows kept in the agent's flow table (`/flows`); the least recently seen go first.
     #[arg(long, env = "WIREMESH_FLOW_TABLE_SIZE", default_value_t = 4096)]
     pub flow_table_size: usize,
+
+    /// Stand for election as the cluster's key-rotation coordinator (a Lease among the agents).
+    #[arg(long, env = "WIREMESH_COORDINATOR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub coordinator: bool,
+
+    /// Namespace of the coordinator's Lease: the agent's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "wiremesh-system")]
+    pub lease_namespace: String,
+
+    /// Credentials of the rotation coordinator (default: the pod's ServiceAccount). Node
+    /// credentials cannot hold the Lease: NodeRestriction allows a node only its own Lease in
+    /// `kube-node-lease`. Without either, this agent does not stand for election.
+    #[arg(long, env = "WIREMESH_COORDINATOR_KUBECONFIG")]
+    pub coordinator_kubeconfig: Option<PathBuf>,
 }
 
 /// Why the configuration is unusable.
@@ -194,6 +208,9 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub ebpf: EbpfChoice,
     pub flow_table_size: usize,
+    pub coordinator: bool,
+    pub lease_namespace: String,
+    pub coordinator_kubeconfig: Option<PathBuf>,
 }
 
 impl Config {
@@ -261,6 +278,9 @@ impl Config {
             bpffs: args.bpffs,
             ebpf: args.ebpf,
             flow_table_size: args.flow_table_size.max(1),
+            coordinator: args.coordinator,
+            lease_namespace: args.lease_namespace,
+            coordinator_kubeconfig: args.coordinator_kubeconfig,
         })
     }
 
