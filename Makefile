@@ -103,6 +103,19 @@ install-plugin:
 	ln -sfn $(MESHCTL_BIN) $(CLIENTS_DIR)/kubectl-wiremesh
 	@echo "installed $(CLIENTS_DIR)/kubectl-wiremesh -> $(MESHCTL_BIN); add $(abspath $(CLIENTS_DIR)) to PATH"
 
+# The mesh-agent OCI image, built here without a registry or a Docker engine: Containerfile FROM
+# scratch + the release binary and the glibc libraries it links, by buildah (Debian) with private vfs
+# storage. Output: $(IMAGE_DIR)/oci (OCI layout, tag = version) and $(IMAGE_DIR)/mesh-agent-<version>.oci.tar
+# (load it with `skopeo copy oci-archive:... docker://REGISTRY/...` or `ctr images import`).
+IMAGE_DIR := .cache/image
+IMAGE_VERSION = $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
+image:
+	@if [ "$$(id -u)" != 0 ]; then echo "make image: needs root (buildah's storage)" >&2; exit 1; fi
+	@command -v buildah >/dev/null || { echo "installing buildah (Debian package)"; apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah >/dev/null; }
+	$(CARGO) build --release -p mesh-agent --bin mesh-agent
+	hack/build-image.sh $(abspath $(or $(CARGO_TARGET_DIR),target))/release/mesh-agent $(IMAGE_DIR) $(IMAGE_VERSION)
+
 # deploy/ is generated from the Helm chart (the one source of truth); a test fails when they drift.
 deploy-manifests: $(HELM)
 	hack/render-deploy.sh $(HELM)
