@@ -91,14 +91,22 @@ async fn key_annotations_are_bound_to_their_node() {
 
     // A workload on node-a with RBAC to patch every Node (so only admission can stop it), as a
     // compromised node's pod might have.
-    objects::ensure_namespace(&admin, "wm-other").await.expect("ns");
+    objects::ensure_namespace(&admin, "wm-other")
+        .await
+        .expect("ns");
     kubectl(
         &env.kubeconfig(),
         &["create", "serviceaccount", "patcher", "-n", "wm-other"],
     );
     kubectl(
         &env.kubeconfig(),
-        &["create", "clusterrole", "wm-node-patcher", "--verb=patch,get", "--resource=nodes"],
+        &[
+            "create",
+            "clusterrole",
+            "wm-node-patcher",
+            "--verb=patch,get",
+            "--resource=nodes",
+        ],
     );
     kubectl(
         &env.kubeconfig(),
@@ -129,23 +137,32 @@ async fn key_annotations_are_bound_to_their_node() {
     // was not, whatever the timing.
     let message = denied.expect("a pod on node-a must not change node-b's key");
     assert!(
-        message.contains("wiremesh-node-bound-keys")
-            && message.contains("comes from node node-a"),
+        message.contains("wiremesh-node-bound-keys") && message.contains("comes from node node-a"),
         "{message}"
     );
-    assert_eq!(key_of(&admin, "node-b").await, None, "node-b's key untouched");
+    assert_eq!(
+        key_of(&admin, "node-b").await,
+        None,
+        "node-b's key untouched"
+    );
 
     // The same pod may change node-a's key; other annotations of node-b are not this policy's.
     patch(&on_a, "node-a", key(KEY_A))
         .await
         .expect("a pod on node-a changes node-a's key");
     assert_eq!(key_of(&admin, "node-a").await.as_deref(), Some(KEY_A));
-    patch(&on_a, "node-b", json!({"metadata": {"annotations": {"example.com/x": "1"}}}))
-        .await
-        .expect("non-wiremesh annotations are not node-bound");
+    patch(
+        &on_a,
+        "node-b",
+        json!({"metadata": {"annotations": {"example.com/x": "1"}}}),
+    )
+    .await
+    .expect("non-wiremesh annotations are not node-bound");
     // Removing another node's key is a change too.
     let on_b = bound_client(&admin, &env, "wm-other", "patcher", "patcher-b", "node-b").await;
-    patch(&on_b, "node-b", key(KEY_B)).await.expect("node-b's own key");
+    patch(&on_b, "node-b", key(KEY_B))
+        .await
+        .expect("node-b's own key");
     let removed = patch(
         &on_a,
         "node-b",
@@ -168,7 +185,9 @@ async fn key_annotations_are_bound_to_their_node() {
     env.testenv()
         .write_node_kubeconfig("node-a", &node_a_kubeconfig)
         .expect("node kubeconfig");
-    let kubelet_a = client_from_kubeconfig(&node_a_kubeconfig).await.expect("client");
+    let kubelet_a = client_from_kubeconfig(&node_a_kubeconfig)
+        .await
+        .expect("client");
     patch(&kubelet_a, "node-a", key(KEY_B))
         .await
         .expect("system:node:node-a changes node-a's key");
@@ -195,7 +214,9 @@ async fn key_annotations_are_bound_to_their_node() {
     )
     .await
     .expect("agent kubeconfig");
-    let agent_a = client_from_kubeconfig(&agent_kubeconfig).await.expect("client");
+    let agent_a = client_from_kubeconfig(&agent_kubeconfig)
+        .await
+        .expect("client");
     patch(&agent_a, "node-a", key(KEY_A))
         .await
         .expect("the agent publishes its own key");

@@ -28,7 +28,13 @@ async fn kustomization_and_chart_apply_server_side() {
     // Everything is there afterwards.
     let listed = kubectl(
         &kubeconfig,
-        &["get", "-k", deploy_dir().to_str().expect("utf-8"), "-o", "name"],
+        &[
+            "get",
+            "-k",
+            deploy_dir().to_str().expect("utf-8"),
+            "-o",
+            "name",
+        ],
     );
     assert_eq!(listed.lines().count(), want - 1, "{listed}");
 
@@ -46,7 +52,12 @@ async fn kustomization_and_chart_apply_server_side() {
     std::fs::write(&file, &chart).expect("write rendered chart");
     let applied = applied_names(&kubectl(
         &kubeconfig,
-        &["apply", "--server-side", "-f", file.to_str().expect("utf-8")],
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            file.to_str().expect("utf-8"),
+        ],
     ));
     assert_eq!(applied.len(), yaml_docs(&chart).len(), "{applied:?}");
 
@@ -105,7 +116,11 @@ const TABLE: &[(&str, &str, bool)] = &[
     ("list", "configmaps", false),
     ("create", "serviceaccounts/token", false),
     ("patch", "clusterroles.rbac.authorization.k8s.io", false),
-    ("create", "clusterrolebindings.rbac.authorization.k8s.io", false),
+    (
+        "create",
+        "clusterrolebindings.rbac.authorization.k8s.io",
+        false,
+    ),
     (
         "delete",
         "validatingadmissionpolicies.admissionregistration.k8s.io",
@@ -203,5 +218,8 @@ async fn agent_can_do_what_it_needs_and_not_more() {
             wrong.push(format!("{verb} meshnodes/{sub}: got {got}"));
         }
     }
-    assert!(wrong.is_empty(), "agent permissions differ from the table: {wrong:#?}");
+    assert!(
+        wrong.is_empty(),
+        "agent permissions differ from the table: {wrong:#?}"
+    );
 }

@@ -86,7 +86,12 @@ async fn agents_run_with_only_the_daemonset_capabilities() {
         ];
         args.extend(demo::agent_args(&cluster, node).expect("agent args"));
         cluster
-            .spawn_agent(node, std::path::Path::new("/usr/bin/setpriv"), args, env.clone())
+            .spawn_agent(
+                node,
+                std::path::Path::new("/usr/bin/setpriv"),
+                args,
+                env.clone(),
+            )
             .expect("spawn agent under setpriv");
     }
     mesh::wait_converged(&cluster).await;
@@ -103,8 +108,7 @@ async fn agents_run_with_only_the_daemonset_capabilities() {
             Duration::from_secs(60),
             || {
                 let metrics = tokio::task::block_in_place(|| {
-                    tokio::runtime::Handle::current()
-                        .block_on(mesh::agent_metrics(&cluster, node))
+                    tokio::runtime::Handle::current().block_on(mesh::agent_metrics(&cluster, node))
                 })?;
                 if metrics.lines().any(|l| l == "wiremesh_ebpf_loaded 1") {
                     Ok(())

@@ -194,7 +194,13 @@ fn values_reach_the_objects() {
     let device = container(only(&docs, "DaemonSet"), "device").expect("device");
     assert_eq!(
         device["args"],
-        json!(["device", "wiremesh0", "--foreground", "--threads=0", "--mtu=1380"])
+        json!([
+            "device",
+            "wiremesh0",
+            "--foreground",
+            "--threads=0",
+            "--mtu=1380"
+        ])
     );
 }
 

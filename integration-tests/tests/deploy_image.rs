@@ -51,17 +51,25 @@ fn image_builds_from_scratch_with_only_what_the_agent_needs() {
     let manifest = json_blob(&layout, entry["digest"].as_str().expect("digest"));
     let config = json_blob(
         &layout,
-        manifest["config"]["digest"].as_str().expect("config digest"),
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config digest"),
     );
     assert_eq!(config["architecture"], "amd64");
     assert_eq!(config["os"], "linux");
     let c = &config["config"];
-    assert_eq!(c["Entrypoint"], serde_json::json!(["/usr/local/bin/mesh-agent"]));
+    assert_eq!(
+        c["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/mesh-agent"])
+    );
     assert_eq!(c["Cmd"], serde_json::json!(["--help"]));
     assert_eq!(c["User"], "65534:65534", "non-root by default");
     let labels = c["Labels"].as_object().expect("labels");
     for (key, want) in [
-        ("org.opencontainers.image.title", Some("wiremesh mesh-agent")),
+        (
+            "org.opencontainers.image.title",
+            Some("wiremesh mesh-agent"),
+        ),
         ("org.opencontainers.image.version", Some("9.9.9-test")),
         ("org.opencontainers.image.licenses", Some("Apache-2.0")),
         ("org.opencontainers.image.source", None),
@@ -82,7 +90,10 @@ fn image_builds_from_scratch_with_only_what_the_agent_needs() {
     // One layer (FROM scratch + one COPY), small.
     let layers = manifest["layers"].as_array().expect("layers");
     assert_eq!(layers.len(), 1, "{layers:?}");
-    let size: u64 = layers.iter().map(|l| l["size"].as_u64().expect("size")).sum();
+    let size: u64 = layers
+        .iter()
+        .map(|l| l["size"].as_u64().expect("size"))
+        .sum();
     eprintln!("image layer: {} bytes compressed", size);
     assert!(size < 40 << 20, "image layer is {size} bytes");
 
@@ -95,8 +106,14 @@ fn image_builds_from_scratch_with_only_what_the_agent_needs() {
             .and_then(|d| d.strip_prefix("sha256:"))
             .expect("layer digest"),
     );
-    let listing = clients::run(Command::new("tar").arg("-xvzf").arg(&layer).arg("-C").arg(&rootfs))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let listing = clients::run(
+        Command::new("tar")
+            .arg("-xvzf")
+            .arg(&layer)
+            .arg("-C")
+            .arg(&rootfs),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut files: Vec<&str> = listing
         .lines()
         .map(|l| l.trim_start_matches("./"))

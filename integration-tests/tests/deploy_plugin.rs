@@ -39,7 +39,10 @@ fn kubectl_wiremesh(plugins: &Path, args: &[&str]) -> Output {
     Command::new(kubectl)
         .arg("wiremesh")
         .args(args)
-        .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", plugins.display()))
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", plugins.display()),
+        )
         .env_remove("KUBECONFIG")
         .output()
         .expect("run kubectl")
@@ -82,7 +85,10 @@ async fn kubectl_wiremesh_status_through_the_real_kubectl() {
     assert!(list.contains("kubectl-wiremesh"), "{list}");
 
     let json = stdout_of(
-        &kubectl_wiremesh(&plugins, &["status", "--kubeconfig", &kubeconfig, "-o", "json"]),
+        &kubectl_wiremesh(
+            &plugins,
+            &["status", "--kubeconfig", &kubeconfig, "-o", "json"],
+        ),
         "status -o json",
     );
     let status: serde_json::Value = serde_json::from_str(&json).expect("JSON status");
@@ -97,7 +103,15 @@ async fn kubectl_wiremesh_status_through_the_real_kubectl() {
     let yaml = stdout_of(
         &kubectl_wiremesh(
             &plugins,
-            &["status", "--kubeconfig", &kubeconfig, "--context", "testenv", "-o", "yaml"],
+            &[
+                "status",
+                "--kubeconfig",
+                &kubeconfig,
+                "--context",
+                "testenv",
+                "-o",
+                "yaml",
+            ],
         ),
         "status -o yaml",
     );
@@ -107,7 +121,15 @@ async fn kubectl_wiremesh_status_through_the_real_kubectl() {
     let wide = stdout_of(
         &kubectl_wiremesh(
             &plugins,
-            &["status", "--kubeconfig", &kubeconfig, "-n", "kube-system", "-o", "wide"],
+            &[
+                "status",
+                "--kubeconfig",
+                &kubeconfig,
+                "-n",
+                "kube-system",
+                "-o",
+                "wide",
+            ],
         ),
         "status -o wide",
     );
@@ -135,7 +157,13 @@ async fn kubectl_wiremesh_status_through_the_real_kubectl() {
     // A context the kubeconfig does not have is an error, not a silent fallback.
     let bad = kubectl_wiremesh(
         &plugins,
-        &["status", "--kubeconfig", &kubeconfig, "--context", "no-such-context"],
+        &[
+            "status",
+            "--kubeconfig",
+            &kubeconfig,
+            "--context",
+            "no-such-context",
+        ],
     );
     assert!(!bad.status.success(), "an unknown context must fail");
     assert!(

@@ -42,9 +42,9 @@ impl KubeFlags {
             (None, Some(_)) => kube::Config::from_kubeconfig(&options)
                 .await
                 .context("load kubeconfig")?,
-            (None, None) => kube::Config::infer()
-                .await
-                .context("no --kubeconfig, no $KUBECONFIG or ~/.kube/config, and not in a cluster")?,
+            (None, None) => kube::Config::infer().await.context(
+                "no --kubeconfig, no $KUBECONFIG or ~/.kube/config, and not in a cluster",
+            )?,
         };
         if let Some(ns) = &self.namespace {
             config.default_namespace.clone_from(ns);

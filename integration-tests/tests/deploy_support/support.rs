@@ -66,7 +66,12 @@ pub fn yaml_docs(text: &str) -> Vec<serde_json::Value> {
 /// The one document of `kind` (panics when there is not exactly one).
 pub fn only<'a>(docs: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
     let found: Vec<&serde_json::Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
-    assert_eq!(found.len(), 1, "want exactly one {kind}, got {}", found.len());
+    assert_eq!(
+        found.len(),
+        1,
+        "want exactly one {kind}, got {}",
+        found.len()
+    );
     found[0]
 }
 
@@ -125,11 +130,22 @@ pub fn apply_deploy_dir(kubeconfig: &Path) -> Vec<String> {
     let deploy = deploy_dir();
     let mut applied = applied_names(&kubectl(
         kubeconfig,
-        &["apply", "--server-side", "-k", deploy.to_str().expect("utf-8 path")],
+        &[
+            "apply",
+            "--server-side",
+            "-k",
+            deploy.to_str().expect("utf-8 path"),
+        ],
     ));
     kubectl(
         kubeconfig,
-        &["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"],
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ],
     );
     applied.extend(applied_names(&kubectl(
         kubeconfig,
@@ -137,7 +153,10 @@ pub fn apply_deploy_dir(kubeconfig: &Path) -> Vec<String> {
             "apply",
             "--server-side",
             "-f",
-            deploy.join("meshencryption.yaml").to_str().expect("utf-8 path"),
+            deploy
+                .join("meshencryption.yaml")
+                .to_str()
+                .expect("utf-8 path"),
         ],
     )));
     applied
