@@ -13,23 +13,9 @@ use std::{
 use mesh::{Shape, start_mesh_or_skip};
 use wiremesh_integration::clients;
 
-/// The meshctl executable under test: next to the test binary's `deps/`, or `$WIREMESH_MESHCTL_BIN`.
+/// The meshctl executable under test.
 fn meshctl_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WIREMESH_MESHCTL_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("meshctl"))
-        .expect("test binary lives in target/<profile>/deps");
-    assert!(
-        path.exists(),
-        "{} not found: `cargo build -p meshctl`, or set WIREMESH_MESHCTL_BIN",
-        path.display()
-    );
-    path
+    mesh::workspace_binary("meshctl", "WIREMESH_MESHCTL_BIN")
 }
 
 /// `kubectl wiremesh args...` with only `plugins` on PATH besides the system directories, so the

@@ -86,12 +86,7 @@ fn render_wide(status: &MeshStatus) -> String {
         "NODE", "KEY", "GEN", "DATAPATH", "PEERS", "READY", "STATUS"
     );
     for node in &status.nodes {
-        let peers = format!(
-            "{}/{}",
-            node.peers_configured
-                .map_or_else(|| "-".to_string(), |c| c.to_string()),
-            node.peers_expected
-        );
+        let [name, key, generation, datapath, peers, ready, state] = status::node_cells(node);
         let problems = if node.problems.is_empty() {
             "<none>".to_string()
         } else {
@@ -99,20 +94,7 @@ fn render_wide(status: &MeshStatus) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  {:<13}  {}",
-            node.name,
-            node.key_fingerprint.as_deref().unwrap_or("-"),
-            node.key_generation
-                .map_or_else(|| "-".to_string(), |g| g.to_string()),
-            node.datapath.as_deref().unwrap_or("-"),
-            peers,
-            if node.ready { "yes" } else { "no" },
-            if node.converged() {
-                "converged"
-            } else {
-                "NOT CONVERGED"
-            },
-            problems,
+            "{name:<14} {key:<9} {generation:>4}  {datapath:<10} {peers:>6}  {ready:<5}  {state:<13}  {problems}",
         );
     }
     for problem in &status.problems {

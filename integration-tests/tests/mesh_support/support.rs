@@ -23,20 +23,24 @@ use wiremesh_integration::{ClusterOptions, VirtualCluster, have_root, wait};
 
 /// The mesh-agent executable under test.
 pub fn agent_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WIREMESH_AGENT_BIN") {
+    workspace_binary("mesh-agent", "WIREMESH_AGENT_BIN")
+}
+
+/// The workspace binary `name` next to the test binary's `deps/` directory, or `$env`.
+pub fn workspace_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> -> target/debug/mesh-agent
+    // target/debug/deps/<test> -> target/debug/<name>
     let path = exe
         .parent()
         .and_then(Path::parent)
-        .map(|dir| dir.join("mesh-agent"))
+        .map(|dir| dir.join(name))
         .expect("test binary lives in target/<profile>/deps");
     assert!(
         path.exists(),
-        "{} not found: build it first (`cargo build -p mesh-agent`, or `make test`), \
-         or set WIREMESH_AGENT_BIN",
+        "{} not found: build it first (`cargo build -p {name}`, or `make test`), or set {env}",
         path.display()
     );
     path
