@@ -63,13 +63,9 @@ async fn client_with_token(env: &Env, name: &str, token: String) -> Client {
 }
 
 async fn key_of(admin: &Client, node: &str) -> Option<String> {
-    Api::<Node>::all(admin.clone())
-        .get(node)
+    objects::node_annotation(admin, node, "wiremesh.io/public-key")
         .await
         .expect("get node")
-        .metadata
-        .annotations
-        .and_then(|a| a.get("wiremesh.io/public-key").cloned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,15 +190,9 @@ pub fn mesh_routes(cluster: &VirtualCluster, node: &str) -> Vec<String> {
 
 /// The `wiremesh.io/public-key` annotation of `node`.
 pub async fn published_key(cluster: &VirtualCluster, node: &str) -> Option<String> {
-    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
-        kube::Api::all(cluster.client().clone());
-    nodes
-        .get(node)
+    wiremesh_integration::objects::node_annotation(cluster.client(), node, "wiremesh.io/public-key")
         .await
         .expect("get node")
-        .metadata
-        .annotations
-        .and_then(|a| a.get("wiremesh.io/public-key").cloned())
 }
 
 /// The agent's `/metrics` text, fetched from the host at the node's underlay address.
