@@ -8,9 +8,12 @@ GO ?= go
 export CARGO_TERM_COLOR ?= never
 export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 
-# Debian packages the build, the tests and the demo use.
+# Debian packages the build, the tests and the demo use. The kernel VM tests (integration-tests/src/vm.rs)
+# need qemu, a static busybox for the initramfs, kmod (depmod/modprobe on the unpacked kernel package)
+# and xz (the uncompressed vmlinux); they download the kernel package themselves (apt-get download).
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev pkg-config iproute2 wireguard-tools wireguard-go \
-	iperf3 iputils-ping tcpdump ca-certificates procps
+	iperf3 iputils-ping tcpdump ca-certificates procps \
+	qemu-system-x86 busybox-static kmod xz-utils
 
 TESTENV_DIR := integration-tests/testenv
 TESTENV_BIN := $(TESTENV_DIR)/bin/testenv
@@ -170,7 +173,8 @@ BENCH_TOOLS := bench/.tools
 BORINGTUN_CLI := $(BENCH_TOOLS)/bin/boringtun-cli
 BENCH_ARGS ?=
 bench: deps
-	$(CARGO) build --release -p mesh-agent --bin mesh-agent --example engine-floor
+	$(CARGO) build --release -p mesh-agent --bin mesh-agent
+	$(CARGO) build --release -p wiremesh-device --example engine-floor
 	$(CARGO) build --release -p wiremesh-bpf --example datapath-bench
 	@if [ ! -x $(BORINGTUN_CLI) ]; then \
 		echo "installing boringtun-cli into $(BENCH_TOOLS)"; \

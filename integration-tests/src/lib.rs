@@ -22,6 +22,7 @@ mod privilege;
 mod process;
 pub mod testenv;
 pub mod underlay;
+pub mod vm;
 pub mod wait;
 
 pub use bpfpin::pin_map_of_another_shape;

@@ -20,10 +20,9 @@ use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
 
 use crate::{
     admin::AdminServer,
-    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice, EbpfChoice},
+    config::{Config, EbpfChoice},
     datapath::{Datapath, DeviceSettings},
     drain::{self, Trigger},
-    engine::{EngineConfig, UserspaceEngine},
     mesh::Mesh,
     metrics::Metrics,
     reconciler::{MeshSnapshot, PlanSettings, Reconciler},
@@ -68,25 +67,17 @@ pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
     Ok(key)
 }
 
-/// Creates the datapath chosen by `--datapath`, in the current network namespace. `auto` is the
-/// userspace engine until the kernel engine exists.
-pub fn open_datapath(config: &Config) -> anyhow::Result<Arc<UserspaceEngine>> {
-    match config.datapath {
-        DatapathChoice::Kernel => anyhow::bail!(
-            "--datapath kernel: the kernel WireGuard engine is not built yet; use --datapath userspace"
-        ),
-        DatapathChoice::Auto | DatapathChoice::Userspace => {
-            let mut engine = EngineConfig::new(&config.interface);
-            engine.uapi_socket = Some(config.uapi_socket.clone());
-            engine.listen_port = config.listen_port.unwrap_or(DEFAULT_LISTEN_PORT);
-            if let Some(mtu) = config.mtu {
-                engine.mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
-            }
-            UserspaceEngine::create(engine)
-                .with_context(|| format!("create userspace WireGuard device {}", config.interface))
-        }
-    }
+/// The datapath the agent runs on, and what to do with it once the agent has stopped.
+pub struct OpenedDatapath {
+    pub datapath: Arc<dyn Datapath>,
+    /// Runs on a blocking thread after the drain (e.g. stops an in-process engine and removes its
+    /// TUN device); `None` leaves the device as it is.
+    pub shutdown: Option<Box<dyn FnOnce() + Send>>,
 }
+
+/// Opens the datapath chosen by `--datapath` in the current network namespace. The agent library
+/// does not link a WireGuard implementation: the `mesh-agent` binary passes one to [`run`].
+pub type OpenDatapath = fn(&Config) -> anyhow::Result<OpenedDatapath>;
 
 /// A kube client from `--kubeconfig`, or inferred (in-cluster, then $KUBECONFIG).
 pub async fn kube_client(config: &Config) -> anyhow::Result<Client> {
@@ -281,22 +272,22 @@ impl App {
     }
 }
 
-/// `mesh-agent run` after the configuration is parsed, logging set up and the namespace entered.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// `mesh-agent run` after the configuration is parsed, logging set up and the namespace entered;
+/// `open_datapath` creates the device.
+pub async fn run(config: Config, open_datapath: OpenDatapath) -> anyhow::Result<()> {
     let key = load_key(&config)?;
     // Configuration errors first, before a device exists.
     let client = kube_client(&config).await?;
-    let engine = open_datapath(&config)?;
+    let OpenedDatapath { datapath, shutdown } = open_datapath(&config)?;
     let result = async {
-        let app = build(&config, key, engine.clone(), client).await?;
+        let app = build(&config, key, datapath, client).await?;
         app.wait_termination().await
     }
     .await;
-    // Stop the workers and remove the TUN device and UAPI socket; the kernel drops the routes
-    // through the device with it.
-    let engine_for_shutdown = engine.clone();
-    tokio::task::spawn_blocking(move || engine_for_shutdown.shutdown())
-        .await
-        .context("shut down the datapath")?;
+    if let Some(shutdown) = shutdown {
+        tokio::task::spawn_blocking(shutdown)
+            .await
+            .context("shut down the datapath")?;
+    }
     result
 }

@@ -1,13 +1,14 @@
 //! The wiremesh node agent: publishes this node's WireGuard key, watches the other nodes, and keeps a
 //! full mesh of tunnels configured through a [`datapath::Datapath`].
+//!
+//! `datapath` is the device-control layer of crate `wiremesh-wgctrl`, re-exported under its old
+//! path. This library never links the userspace engine (crate `wiremesh-device`): only the
+//! `mesh-agent` binary does, for `mesh-agent device` and to hand [`app::run`] a datapath.
 
 pub mod admin;
 pub mod app;
 pub mod config;
-pub mod datapath;
-pub mod device;
 pub mod drain;
-pub mod engine;
 pub mod events;
 #[cfg(test)]
 mod fixtures;
@@ -22,6 +23,7 @@ pub mod routes;
 pub mod status;
 pub mod steering;
 pub mod telemetry;
-pub mod uapi;
 pub mod views;
 pub mod watch;
+
+pub use wiremesh_wgctrl::datapath;

@@ -1,11 +1,18 @@
-//! `mesh-agent`: the wiremesh node agent binary.
+//! `mesh-agent`: the wiremesh node agent binary. It links the userspace device (crate
+//! `wiremesh-device`) for `mesh-agent device` and for the in-process engine it hands the agent.
+
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    app,
-    config::{Config, RunArgs},
+    app::{self, OpenedDatapath},
+    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice, RunArgs},
     netns, telemetry,
+};
+use wiremesh_device::{
+    command::{self, DeviceArgs},
+    engine::{EngineConfig, UserspaceEngine},
 };
 
 #[derive(Parser)]
@@ -20,7 +27,7 @@ enum Command {
     /// Run the node agent (watch Nodes, publish this node's key, keep the mesh configured).
     Run(Box<RunArgs>),
     /// Run a standalone WireGuard device speaking the wg(8) UAPI.
-    Device(mesh_agent::device::DeviceArgs),
+    Device(DeviceArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,23 +35,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Device(args) => {
-            init_device_logging();
-            mesh_agent::device::run(args)
+            command::init_logging();
+            command::run(args, &["device"])
         }
-    }
-}
-
-/// Logging for `mesh-agent device`: RUST_LOG filter (default info), JSON with LOG_FORMAT=json.
-fn init_device_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 
@@ -65,5 +58,33 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .thread_name("mesh-agent")
         .build()
         .context("start tokio runtime")?;
-    runtime.block_on(app::run(config))
+    runtime.block_on(app::run(config, open_datapath))
+}
+
+/// Creates the datapath chosen by `--datapath`, in the current network namespace: the userspace
+/// engine in this process (`auto` too, until the kernel datapath is wired in). Shutting it down
+/// removes the TUN device and the UAPI socket; the kernel drops the routes through the device
+/// with it.
+fn open_datapath(config: &Config) -> anyhow::Result<OpenedDatapath> {
+    match config.datapath {
+        DatapathChoice::Kernel => anyhow::bail!(
+            "--datapath kernel: the kernel WireGuard engine is not built yet; use --datapath userspace"
+        ),
+        DatapathChoice::Auto | DatapathChoice::Userspace => {
+            let mut engine = EngineConfig::new(&config.interface);
+            engine.uapi_socket = Some(config.uapi_socket.clone());
+            engine.listen_port = config.listen_port.unwrap_or(DEFAULT_LISTEN_PORT);
+            if let Some(mtu) = config.mtu {
+                engine.mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+            }
+            let engine = UserspaceEngine::create(engine).with_context(|| {
+                format!("create userspace WireGuard device {}", config.interface)
+            })?;
+            let datapath: Arc<UserspaceEngine> = engine.clone();
+            Ok(OpenedDatapath {
+                datapath,
+                shutdown: Some(Box::new(move || engine.shutdown())),
+            })
+        }
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use mesh_agent::uapi::parse::{format_set, parse_set};
+use wiremesh_wgctrl::uapi::parse::{format_set, parse_set};
 
 #[test]
 fn seed_corpus_round_trips() {

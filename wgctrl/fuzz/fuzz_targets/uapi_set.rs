@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::uapi::parse::{format_set, parse_set};
+use wiremesh_wgctrl::uapi::parse::{format_set, parse_set};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

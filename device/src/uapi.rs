@@ -1,9 +1,8 @@
 //! The wg(8) cross-platform UAPI server: a Unix socket (normally
 //! `/var/run/wireguard/<ifname>.sock`) speaking `get=1` / `set=1` exactly like wireguard-go,
 //! so `wg show`, `wg set`, `wg setconf` and `wg showconf` work unchanged. Parsing and rendering
-//! live in [`parse`] (pure, fuzzed); this module owns the socket and the connection loop.
-
-pub mod parse;
+//! live in [`wiremesh_wgctrl::uapi::parse`] (pure, fuzzed, shared with the client); this module
+//! owns the socket and the connection loop.
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -23,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use self::parse::{GetResponse, MAX_SET_BODY, SetRequest};
+use wiremesh_wgctrl::uapi::parse::{self, GetResponse, MAX_SET_BODY, SetRequest};
 
 /// What the UAPI server needs from a device.
 pub trait UapiHandler: Send + Sync + 'static {

@@ -6,11 +6,9 @@
 
 use std::sync::Arc;
 
-use mesh_agent::{
-    datapath::{Datapath, DeviceSettings, PeerConfig},
-    engine::{EngineConfig, UserspaceEngine},
-};
+use wiremesh_device::engine::{EngineConfig, UserspaceEngine};
 use wiremesh_keyexchange::PrivateKey;
+use wiremesh_wgctrl::datapath::{Datapath, DeviceSettings, PeerConfig};
 
 use crate::netns::{Netns, Pair, UNDER_B, unique};
 

@@ -16,8 +16,9 @@ use boringtun::{
     x25519::{PublicKey as XPublic, StaticSecret},
 };
 use engines::*;
-use mesh_agent::{datapath::Datapath, engine::EngineConfig};
 use netns::*;
+use wiremesh_device::engine::EngineConfig;
+use wiremesh_wgctrl::datapath::{Datapath, DatapathKind};
 
 #[test]
 fn datapath_api_status_and_cryptokey_routing() {
@@ -25,10 +26,7 @@ fn datapath_api_status_and_cryptokey_routing() {
     let t = two(|ifname| EngineConfig::new(ifname));
     // The agent holds the engine as a trait object.
     let datapath: Arc<dyn Datapath> = t.a.clone();
-    assert_eq!(
-        datapath.kind(),
-        mesh_agent::datapath::DatapathKind::Userspace
-    );
+    assert_eq!(datapath.kind(), DatapathKind::Userspace);
     let links = t.pair.a.ip(&["-o", "link", "show", t.a.ifname()]);
     assert!(
         links.contains(&format!("{}:", t.a.ifindex())),

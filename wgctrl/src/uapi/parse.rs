@@ -1,6 +1,6 @@
 //! The pure half of the wg(8) cross-platform configuration protocol: parsing the body of a `set=1`
 //! request into a [`SetRequest`] and rendering a `get=1` answer from a [`GetResponse`]. No I/O, no
-//! engine state, so it can be fuzzed (see `mesh-agent/fuzz`) and unit-tested exhaustively.
+//! engine state, so it can be fuzzed (see `wgctrl/fuzz`) and unit-tested exhaustively.
 //!
 //! The grammar follows what wg(8) writes and what wireguard-go accepts: `key=value` lines, device
 //! keys first, then one section per peer opened by `public_key=`. Keys are lowercase hex. The whole

@@ -18,10 +18,10 @@ use boringtun::{
 };
 use ipnet::IpNet;
 use wiremesh_keyexchange::PublicKey;
+use wiremesh_wgctrl::uapi::parse::{PeerUpdate, SetRequest};
 use zeroize::Zeroizing;
 
 use super::{allowed_ips::AllowedIps, int_hash::IntHashBuilder, io::UdpEndpoint};
-use crate::uapi::parse::{PeerUpdate, SetRequest};
 
 /// Handshake messages per second (all peers) before the responder asks for cookies. Each
 /// initiation is counted twice (device-level check, then inside the peer's `Tunn`).

@@ -1,8 +1,8 @@
-//! `mesh-agent device <ifname> [--foreground]`: a standalone WireGuard device like
-//! wireguard-go and boringtun-cli. It creates the TUN interface, serves the wg(8) UAPI on
-//! `/var/run/wireguard/<ifname>.sock`, and runs until SIGTERM/SIGINT or until the interface is
-//! deleted, then removes the socket. Without `--foreground` it re-executes itself detached
-//! (new session, stdio on /dev/null) and returns once the device is up, like wireguard-go.
+//! `mesh-agent device <ifname> [--foreground]` (also `wiremesh-device <ifname>`): a standalone
+//! WireGuard device like wireguard-go and boringtun-cli. It creates the TUN interface, serves the
+//! wg(8) UAPI on `/var/run/wireguard/<ifname>.sock`, and runs until SIGTERM/SIGINT or until the
+//! interface is deleted, then removes the socket. Without `--foreground` it re-executes itself
+//! detached (new session, stdio on /dev/null) and returns once the device is up, like wireguard-go.
 
 use std::{
     io::{BufRead, Write},
@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::engine::{EngineConfig, UserspaceEngine};
+use crate::engine::{DEFAULT_MTU, EngineConfig, UserspaceEngine};
 
 /// Environment variable carrying the readiness pipe to a detached child.
 const READY_FD_ENV: &str = "MESH_AGENT_DEVICE_READY_FD";
@@ -31,7 +31,7 @@ pub struct DeviceArgs {
     #[arg(short, long)]
     pub foreground: bool,
     /// Interface MTU.
-    #[arg(long, default_value_t = crate::engine::DEFAULT_MTU)]
+    #[arg(long, default_value_t = DEFAULT_MTU)]
     pub mtu: u16,
     /// Datapath worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
@@ -45,11 +45,13 @@ pub struct DeviceArgs {
     pub busy_poll_us: u64,
 }
 
-/// Runs the subcommand. Must be called before any other thread exists (signals are blocked
-/// here so that only the signal thread receives them).
-pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
+/// Runs the command. Must be called before any other thread exists (signals are blocked
+/// here so that only the signal thread receives them). `subcommand` is what precedes the
+/// device's own arguments on the command line of this executable (`["device"]` for
+/// `mesh-agent device`, nothing for `wiremesh-device`): the detached mode re-executes it.
+pub fn run(args: DeviceArgs, subcommand: &[&str]) -> anyhow::Result<()> {
     if !args.foreground && std::env::var_os(READY_FD_ENV).is_none() {
-        return detach(&args);
+        return detach(&args, subcommand);
     }
     let ready_fd: Option<i32> = std::env::var(READY_FD_ENV)
         .ok()
@@ -133,7 +135,7 @@ fn block_signals() -> anyhow::Result<libc::sigset_t> {
 
 /// Re-executes ourselves in the foreground, detached, and waits until the child reports that
 /// the device is up (or why it is not).
-fn detach(args: &DeviceArgs) -> anyhow::Result<()> {
+fn detach(args: &DeviceArgs, subcommand: &[&str]) -> anyhow::Result<()> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills two fds; the read end is close-on-exec, the write end is inherited.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), 0) } != 0 {
@@ -146,7 +148,7 @@ fn detach(args: &DeviceArgs) -> anyhow::Result<()> {
     unsafe { libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC) };
     let exe = std::env::current_exe().context("cannot find own executable")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("device")
+    cmd.args(subcommand)
         .arg(&args.ifname)
         .arg("--foreground")
         .arg("--mtu")
@@ -184,5 +186,20 @@ fn detach(args: &DeviceArgs) -> anyhow::Result<()> {
         }
         Some(err) => bail!("device {} failed: {err}", args.ifname),
         None => bail!("device {} exited before it was up", args.ifname),
+    }
+}
+
+/// Logging for the device command: RUST_LOG filter (default info) on stderr, JSON with
+/// LOG_FORMAT=json.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }

@@ -277,18 +277,13 @@ pub fn spawn_in(ns: &Netns, dir: &Path, what: &str, args: &[&str], env: &[(&str,
     }
 }
 
-/// Our `mesh-agent device <ifname> --foreground` in `ns`, waited for until its socket exists.
+/// Our device in `ns` (`wiremesh-device <ifname> --foreground`, the command `mesh-agent device`
+/// runs), waited for until its socket exists.
 pub fn start_ours(ns: &Netns, dir: &Path, ifname: &str, env: &[(&str, &str)]) -> Proc {
-    let bin = env!("CARGO_BIN_EXE_mesh-agent");
+    let bin = env!("CARGO_BIN_EXE_wiremesh-device");
     let mut env = env.to_vec();
     env.push(("RUST_LOG", "debug"));
-    let mut p = spawn_in(
-        ns,
-        dir,
-        ifname,
-        &[bin, "device", ifname, "--foreground"],
-        &env,
-    );
+    let mut p = spawn_in(ns, dir, ifname, &[bin, ifname, "--foreground"], &env);
     wait_socket(&mut p, ifname);
     p
 }

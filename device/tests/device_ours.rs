@@ -1,4 +1,4 @@
-//! `mesh-agent device` against itself, configured with wg(8): ping and TCP both ways,
+//! Our device (`wiremesh-device`, the command behind `mesh-agent device`) against itself, configured with wg(8): ping and TCP both ways,
 //! `wg show`/`wg showconf`, shutdown on SIGTERM and on interface deletion (socket removed),
 //! and the detached (daemon) mode. Privileged: creates (and removes) its own namespaces.
 
@@ -76,9 +76,9 @@ fn detached_device_reports_ready_and_stops_on_sigterm() {
     require_root!();
     let ns = Netns::new("wmd");
     let ifname = unique("wd");
-    let bin = env!("CARGO_BIN_EXE_mesh-agent");
+    let bin = env!("CARGO_BIN_EXE_wiremesh-device");
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, bin, "device", &ifname])
+        .args(["netns", "exec", &ns.name, bin, &ifname])
         .output()
         .expect("run device");
     assert!(
@@ -107,7 +107,7 @@ fn detached_device_reports_ready_and_stops_on_sigterm() {
 
     // A second device with the same name must fail, not steal the socket.
     let again = Command::new("ip")
-        .args(["netns", "exec", &ns.name, bin, "device", &ifname])
+        .args(["netns", "exec", &ns.name, bin, &ifname])
         .output()
         .expect("run device");
     assert!(

@@ -12,8 +12,8 @@ mod netns;
 use std::time::Duration;
 
 use engines::*;
-use mesh_agent::engine::EngineConfig;
 use netns::*;
+use wiremesh_device::engine::EngineConfig;
 
 /// CPU time used so far by this process's datapath worker threads (`wm-dp-*`).
 fn datapath_cpu() -> Duration {

@@ -2,8 +2,9 @@
 
 use std::net::IpAddr;
 
+use wiremesh_wgctrl::uapi::parse::{SecretKey, parse_set};
+
 use super::*;
-use crate::uapi::parse::{SecretKey, parse_set};
 
 fn state() -> DeviceState {
     DeviceState::new(Arc::new(UdpEndpoint::bind(0, 0, 1).expect("bind")))

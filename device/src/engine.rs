@@ -31,21 +31,19 @@ use std::{
 };
 
 use wiremesh_keyexchange::PublicKey;
+use wiremesh_wgctrl::{
+    datapath::{
+        Datapath, DatapathError, DatapathKind, DeviceSettings, DeviceStatus, PeerConfig, PeerStatus,
+    },
+    uapi::parse::{self as uapi_parse, GetPeer, GetResponse, PeerUpdate, SecretKey, SetRequest},
+};
 use zeroize::Zeroizing;
 
 use self::{
     io::{NetNs, UdpEndpoint, Waker},
     state::{ApplyError, DeviceState},
 };
-use crate::{
-    datapath::{
-        Datapath, DatapathError, DatapathKind, DeviceSettings, DeviceStatus, PeerConfig, PeerStatus,
-    },
-    uapi::{
-        UapiHandler, UapiServer,
-        parse::{self as uapi_parse, GetPeer, GetResponse, PeerUpdate, SecretKey, SetRequest},
-    },
-};
+use crate::uapi::{UapiHandler, UapiServer};
 
 /// Default tunnel MTU: a 1500-byte underlay minus the 80 bytes of WireGuard-over-IPv6
 /// overhead (40 IPv6 + 8 UDP + 32 WireGuard), so full-size packets never fragment.
