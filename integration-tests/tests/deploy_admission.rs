@@ -224,7 +224,8 @@ async fn key_annotations_are_bound_to_their_node() {
     .await
     .expect("and its own endpoint");
     let cases = [
-        ("node-b", key(KEY_B), "only its own node"),
+        // Both policies deny this one; the apiserver reports whichever it evaluated first.
+        ("node-b", key(KEY_B), "node-a"),
         (
             "node-a",
             json!({"metadata": {"labels": {"node-role.kubernetes.io/x": ""}}}),
