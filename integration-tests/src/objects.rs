@@ -156,6 +156,25 @@ pub async fn create_pod(
         })
 }
 
+/// The annotation `key` of Node `node`, if it has it.
+pub async fn node_annotation(
+    client: &Client,
+    node: &str,
+    key: &str,
+) -> Result<Option<String>, ObjectsError> {
+    let node_obj = Api::<Node>::all(client.clone())
+        .get(node)
+        .await
+        .map_err(|source| ObjectsError {
+            what: format!("reading Node {node}"),
+            source,
+        })?;
+    Ok(node_obj
+        .metadata
+        .annotations
+        .and_then(|mut a| a.remove(key)))
+}
+
 /// Deletes a Node; a missing one counts as deleted.
 pub async fn delete_node(client: &Client, name: &str) -> Result<(), ObjectsError> {
     match Api::<Node>::all(client.clone())

@@ -7,10 +7,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use mesh_agent::app::kube_client_from;
 use meshctl::{demo, rotate, status};
 
+mod kubeflags;
 mod policy;
 
 #[derive(Parser)]
@@ -20,22 +21,15 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Show per-node key, peers and handshakes; exit status 1 when the mesh is not converged.
     Status {
-        /// Kubeconfig file (default: $KUBECONFIG, then in-cluster).
-        #[arg(long, env = "KUBECONFIG")]
-        kubeconfig: Option<PathBuf>,
+        #[command(flatten)]
+        kube: kubeflags::KubeFlags,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
-        output: Output,
+        output: kubeflags::OutputFormat,
         /// Wait up to this many seconds for the mesh to converge before reporting.
         #[arg(long, default_value_t = 0)]
         wait: u64,
@@ -114,12 +108,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rotate(args) => run_rotate(args).await,
-        Command::Status {
-            kubeconfig,
-            output,
-            wait,
-        } => {
-            let client = kube_client_from(kubeconfig.as_deref()).await?;
+        Command::Status { kube, output, wait } => {
+            let client = kube.client().await?;
             let mut current = status::collect(&client).await?;
             if wait > 0 && !current.converged() {
                 current =
@@ -128,10 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         Err(_) => status::collect(&client).await?,
                     };
             }
-            match output {
-                Output::Table => print!("{}", status::render(&current)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&current)?),
-            }
+            print!("{}", kubeflags::render_status(&current, output)?);
             Ok(if current.converged() {
                 ExitCode::SUCCESS
             } else {
