@@ -44,12 +44,20 @@ pub struct App {
     drain_timeout: Duration,
 }
 
-/// Loads (or creates) the node's key from the keystore in `config.state_dir`.
+/// Loads (or creates) the node's key from the keystore in `config.state_dir`; with
+/// `--regenerate-key` replaces it with a new one first.
 pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
     let keystore = Keystore::new(&config.state_dir);
-    let outcome = keystore
-        .load_or_generate()
-        .with_context(|| format!("keystore {}", config.state_dir.display()))?;
+    let outcome = if config.regenerate_key {
+        tracing::warn!(
+            state_dir = %config.state_dir.display(),
+            "--regenerate-key: replacing this node's key; every peer must pick up the new one"
+        );
+        keystore.regenerate()
+    } else {
+        keystore.load_or_generate()
+    }
+    .with_context(|| format!("keystore {}", config.state_dir.display()))?;
     for fix in &outcome.permissions_fixed {
         tracing::warn!(
             path = %fix.path.display(),
