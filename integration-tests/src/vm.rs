@@ -337,6 +337,7 @@ impl KernelVm {
         let _lock = FileLock::acquire(&lock_path)?;
         let t0 = Instant::now();
         let prepared = kernel::prepare(&cache)?;
+        remove_dead_runs(&cache.join("runs"));
         debug!(elapsed = ?t0.elapsed(), "kernel VM prepare");
         Ok(Self {
             qemu,
@@ -766,6 +767,20 @@ impl Drop for RunDir {
     }
 }
 
+/// Removes run directories of processes that are gone (killed before their cleanup ran).
+fn remove_dead_runs(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name.to_str().and_then(|n| n.split('-').next());
+        if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// An exclusive `flock` on a file, released on drop (concurrent test binaries prepare once).
 struct FileLock {
     _file: fs::File,
@@ -851,8 +866,12 @@ pub fn prepare_for_test() -> Option<KernelVm> {
         !in_guest(),
         "already inside the kernel VM: a guest test must not boot another VM"
     );
+    let t0 = Instant::now();
     match KernelVm::prepare() {
-        Ok(vm) => Some(vm),
+        Ok(vm) => {
+            eprintln!("kernel VM prepared in {:.1?}", t0.elapsed());
+            Some(vm)
+        }
         Err(e) if e.is_missing_tool() && std::env::var_os("CI").is_none() => {
             eprintln!("SKIPPED: the kernel VM cannot run on this machine: {e}");
             None

@@ -96,12 +96,36 @@ pub(super) fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> 
     move |source| VmError::Io { what, path, source }
 }
 
+/// Where apt keeps the package lists; `apt-get update` changes its modification time.
+const APT_LISTS: &str = "/var/lib/apt/lists";
+
 /// The versioned image package (`linux-image-6.1.0-57-amd64`) the meta package depends on,
-/// from apt's local lists (no network). `WIREMESH_VM_KERNEL_PACKAGE` overrides it.
-fn resolve_package() -> Result<String, VmError> {
+/// from apt's local lists (no network). `WIREMESH_VM_KERNEL_PACKAGE` overrides it. The answer is
+/// remembered in `<cache>/resolved-package` until the lists change (apt-cache takes 1-2 s on a
+/// loaded machine, and every test binary prepares).
+fn resolve_package(cache: &Path) -> Result<String, VmError> {
     if let Some(p) = std::env::var_os("WIREMESH_VM_KERNEL_PACKAGE") {
         return Ok(p.to_string_lossy().into_owned());
     }
+    let memo = cache.join("resolved-package");
+    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(at), Some(lists)) = (modified(&memo), modified(Path::new(APT_LISTS))) {
+        if at >= lists {
+            if let Some(p) = fs::read_to_string(&memo)
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| s.starts_with("linux-image-"))
+            {
+                return Ok(p);
+            }
+        }
+    }
+    let package = resolve_with_apt_cache()?;
+    fs::write(&memo, &package).map_err(io_err("writing", &memo))?;
+    Ok(package)
+}
+
+fn resolve_with_apt_cache() -> Result<String, VmError> {
     let apt_cache = tool("apt-cache", "apt")?;
     let lookup = || -> Result<Option<String>, VmError> {
         let out = run(Command::new(&apt_cache).args(["depends", META_PACKAGE]))?;
@@ -248,7 +272,7 @@ pub(super) fn load_order(show_depends: &str) -> Vec<(String, String)> {
 /// caller), reusing whatever is there.
 pub(super) fn prepare(cache: &Path) -> Result<Prepared, VmError> {
     let (busybox, busybox_bytes) = busybox()?;
-    let package = resolve_package()?;
+    let package = resolve_package(cache)?;
     let release = package
         .strip_prefix("linux-image-")
         .unwrap_or(&package)
