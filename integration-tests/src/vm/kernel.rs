@@ -109,16 +109,17 @@ fn resolve_package(cache: &Path) -> Result<String, VmError> {
     }
     let memo = cache.join("resolved-package");
     let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
-    if let (Some(at), Some(lists)) = (modified(&memo), modified(Path::new(APT_LISTS))) {
-        if at >= lists {
-            if let Some(p) = fs::read_to_string(&memo)
-                .ok()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| s.starts_with("linux-image-"))
-            {
-                return Ok(p);
-            }
-        }
+    let fresh = matches!(
+        (modified(&memo), modified(Path::new(APT_LISTS))),
+        (Some(at), Some(lists)) if at >= lists
+    );
+    if let Some(p) = fresh
+        .then(|| fs::read_to_string(&memo).ok())
+        .flatten()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| s.starts_with("linux-image-"))
+    {
+        return Ok(p);
     }
     let package = resolve_with_apt_cache()?;
     fs::write(&memo, &package).map_err(io_err("writing", &memo))?;
