@@ -81,25 +81,9 @@ pub enum VmError {
         /// modprobe's message.
         detail: String,
     },
-    /// A program could not be started.
-    #[error("cannot run `{command}`: {source}")]
-    Spawn {
-        /// The command line.
-        command: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A preparation step failed.
-    #[error("`{command}` failed ({status}): {stderr}")]
-    CommandFailed {
-        /// The command line.
-        command: String,
-        /// Its exit status.
-        status: String,
-        /// Its standard error.
-        stderr: String,
-    },
+    /// A preparation step (apt, dpkg-deb, depmod, modprobe) could not run or failed.
+    #[error(transparent)]
+    Command(#[from] crate::command::CommandError),
     /// A file operation failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -398,10 +382,9 @@ impl KernelVm {
         }
         info!(release = %self.prepared.release, accel = ?self.accel, argv = ?cmd.argv, "booting the kernel VM");
         let t0 = Instant::now();
-        let child = command.spawn().map_err(|source| VmError::Spawn {
-            command: format!("{} {}", self.qemu.display(), args.join(" ")),
-            source,
-        })?;
+        let child = command
+            .spawn()
+            .map_err(kernel::io_err("starting", &self.qemu))?;
         let mut qemu = Qemu(child);
         let verbose = std::env::var_os("WIREMESH_VM_VERBOSE").is_some_and(|v| v == "1");
         let mut tail = ConsoleFollower::new(&console, verbose);
@@ -411,10 +394,11 @@ impl KernelVm {
             if started.is_none() && tail.seen(MARK_START) {
                 started = Some(t0.elapsed());
             }
-            if let Some(status) = qemu.0.try_wait().map_err(|source| VmError::Spawn {
-                command: "waiting for qemu".to_owned(),
-                source,
-            })? {
+            if let Some(status) = qemu
+                .0
+                .try_wait()
+                .map_err(kernel::io_err("waiting for", &self.qemu))?
+            {
                 break status;
             }
             let elapsed = t0.elapsed();
@@ -656,15 +640,6 @@ fn exit_marker(console: &str) -> Option<i32> {
 fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-pub(crate) fn command_line(cmd: &Command) -> String {
-    let mut line = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        line.push(' ');
-        line.push_str(&arg.to_string_lossy());
-    }
-    line
 }
 
 /// qemu, killed if still running when dropped (a panicking test leaves no VM behind).

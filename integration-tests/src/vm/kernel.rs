@@ -74,21 +74,7 @@ pub(super) fn tool(name: &str, package: &'static str) -> Result<PathBuf, VmError
 }
 
 fn run(cmd: &mut Command) -> Result<String, VmError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| VmError::Spawn {
-            command: super::command_line(cmd),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(VmError::CommandFailed {
-            command: super::command_line(cmd),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(crate::command::run(cmd)?)
 }
 
 pub(super) fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -231,10 +217,7 @@ fn extract_vmlinux(xz: &Path, vmlinuz: &Path, out: &Path) -> Result<bool, VmErro
         .stdout(file)
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|source| VmError::Spawn {
-            command: format!("{} -dc", xz.display()),
-            source,
-        })?;
+        .map_err(io_err("starting", xz))?;
     let mut stdin = child.stdin.take().expect("piped stdin");
     // A broken pipe only means xz stopped reading after the stream's end.
     let _ = stdin.write_all(&image[off..]);
