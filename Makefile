@@ -80,8 +80,8 @@ MESHCTL = $(or $(CARGO_TARGET_DIR),target)/debug/meshctl
 
 demo: deps
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo: needs root (network namespaces, TUN devices)" >&2; exit 1; fi
-	@echo "==> building mesh-agent and meshctl"
-	$(CARGO) build -p mesh-agent -p meshctl
+	@echo "==> building mesh-agent, meshctl and the process supervisor of the virtual cluster"
+	$(CARGO) build -p mesh-agent -p meshctl -p wiremesh-integration --bins
 	@echo
 	@echo "==> meshctl demo up --nodes $(DEMO_NODES) --pods-per-node $(DEMO_PODS_PER_NODE)"
 	@$(MESHCTL) demo up --nodes $(DEMO_NODES) --pods-per-node $(DEMO_PODS_PER_NODE)
@@ -104,7 +104,8 @@ BENCH_TOOLS := bench/.tools
 BORINGTUN_CLI := $(BENCH_TOOLS)/bin/boringtun-cli
 BENCH_ARGS ?=
 bench: deps
-	$(CARGO) build --release -p mesh-agent --bin mesh-agent --example engine-floor
+	$(CARGO) build --release -p mesh-agent --bin mesh-agent
+	$(CARGO) build --release -p wiremesh-device --example engine-floor
 	$(CARGO) build --release -p wiremesh-bpf --example datapath-bench
 	@if [ ! -x $(BORINGTUN_CLI) ]; then \
 		echo "installing boringtun-cli into $(BENCH_TOOLS)"; \

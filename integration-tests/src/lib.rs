@@ -18,6 +18,7 @@ pub mod netns;
 pub mod objects;
 mod privilege;
 mod process;
+pub mod supervise;
 pub mod testenv;
 pub mod underlay;
 pub mod vm;
@@ -25,7 +26,7 @@ pub mod wait;
 
 pub use bpfpin::pin_map_of_another_shape;
 pub use cluster::{
-    ClusterError, ClusterNode, ClusterOptions, ClusterPod, POD_MTU, VirtualCluster, node_name,
+    ClusterError, ClusterNode, ClusterOptions, ClusterPod, POD_MTU, Role, VirtualCluster, node_name,
 };
 pub use description::{ClusterDescription, DescriptionError, NodeDescription, PodDescription};
 pub use fsutil::write_private_atomic;

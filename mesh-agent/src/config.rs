@@ -93,9 +93,21 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_NETNS")]
     pub netns: Option<String>,
 
-    /// WireGuard implementation.
-    #[arg(long, env = "WIREMESH_DATAPATH", value_enum, default_value = "auto")]
-    pub datapath: DatapathChoice,
+    /// WireGuard device to drive: `kernel` (create or adopt a `wireguard` link), `userspace` (the
+    /// device process's UAPI socket) or `auto` (kernel when the module is there). Without it
+    /// `MeshEncryption.spec.datapath` decides, at run time.
+    #[arg(long, env = "WIREMESH_DATAPATH", value_enum)]
+    pub datapath: Option<DatapathChoice>,
+
+    /// How long to wait for the userspace device's UAPI socket before giving up (seconds); the
+    /// agent is not ready meanwhile.
+    #[arg(long, env = "WIREMESH_DEVICE_WAIT", default_value_t = 60)]
+    pub device_wait_secs: u64,
+
+    /// Routing table of the agent's routes (selected by an `ip rule` of its own, ahead of the
+    /// main table); never 253-255 (default, main, local).
+    #[arg(long, env = "WIREMESH_ROUTE_TABLE", default_value_t = crate::routes::DEFAULT_ROUTE_TABLE)]
+    pub route_table: u32,
 
     /// Persistent keepalive towards every peer, in seconds (0 turns it off). Keeps a session up
     /// between idle nodes so `meshctl status` sees live handshakes and NAT state stays warm.
@@ -149,6 +161,8 @@ pub enum ConfigError {
     Mtu(u32),
     #[error("{name} must be at least 1 second")]
     ZeroInterval { name: &'static str },
+    #[error("route table {0} is reserved (0 and 253-255 are unspec, default, main and local)")]
+    RouteTable(u32),
 }
 
 /// The validated configuration of `mesh-agent run`.
@@ -164,7 +178,11 @@ pub struct Config {
     pub uapi_socket: PathBuf,
     pub metrics_addr: SocketAddr,
     pub netns: Option<String>,
-    pub datapath: DatapathChoice,
+    /// `None`: `MeshEncryption.spec.datapath` decides (default auto).
+    pub datapath: Option<DatapathChoice>,
+    #[serde(with = "secs")]
+    pub device_wait: Duration,
+    pub route_table: u32,
     pub persistent_keepalive: u16,
     #[serde(with = "secs")]
     pub status_interval: Duration,
@@ -210,10 +228,14 @@ impl Config {
             ("status interval", args.status_interval_secs),
             ("resync interval", args.resync_interval_secs),
             ("drain timeout", args.drain_timeout_secs),
+            ("device wait", args.device_wait_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroInterval { name });
             }
+        }
+        if matches!(args.route_table, 0 | 253..=255) {
+            return Err(ConfigError::RouteTable(args.route_table));
         }
         let uapi_socket = args
             .uapi_socket
@@ -229,6 +251,8 @@ impl Config {
             metrics_addr: args.metrics_addr,
             netns: args.netns,
             datapath: args.datapath,
+            device_wait: Duration::from_secs(args.device_wait_secs),
+            route_table: args.route_table,
             persistent_keepalive: args.persistent_keepalive,
             status_interval: Duration::from_secs(args.status_interval_secs),
             resync_interval: Duration::from_secs(args.resync_interval_secs),
@@ -291,7 +315,8 @@ mod tests {
             PathBuf::from("/var/run/wireguard/wiremesh0.sock")
         );
         assert_eq!(config.listen_port, None);
-        assert_eq!(config.datapath, DatapathChoice::Auto);
+        assert_eq!(config.datapath, None);
+        assert_eq!(config.route_table, 87);
         assert_eq!(config.netns_path(), None);
     }
 
@@ -316,6 +341,10 @@ mod tests {
         assert_eq!(
             parse(&["--node-name", "n", "--mtu", "500"]).unwrap_err(),
             ConfigError::Mtu(500)
+        );
+        assert_eq!(
+            parse(&["--node-name", "n", "--route-table", "254"]).unwrap_err(),
+            ConfigError::RouteTable(254)
         );
     }
 

@@ -50,6 +50,9 @@ pub struct NodeView {
     pub key_fingerprint: Option<String>,
     pub key_generation: Option<u64>,
     pub datapath: Option<String>,
+    /// Why the agent drives this datapath.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath_reason: Option<String>,
     pub peers_configured: Option<u32>,
     /// Valid other nodes, as meshctl sees them.
     pub peers_expected: u32,
@@ -236,6 +239,7 @@ fn evaluate_node(
         key_fingerprint,
         key_generation,
         datapath: report.as_ref().map(|r| r.datapath.clone()),
+        datapath_reason: report.as_ref().and_then(|r| r.datapath_reason.clone()),
         peers_configured: report.as_ref().map(|r| r.peers_configured),
         peers_expected,
         ready: report.as_ref().is_some_and(|r| r.ready),
@@ -362,6 +366,9 @@ pub fn render(status: &MeshStatus) -> String {
                 "NOT CONVERGED"
             },
         );
+        if let Some(reason) = &node.datapath_reason {
+            let _ = writeln!(out, "    datapath: {reason}");
+        }
         for peer in &node.peers {
             let handshake = peer
                 .handshake_age_secs
