@@ -12,7 +12,7 @@ mod mesh;
 use std::time::Duration;
 
 use meshctl::demo;
-use wiremesh_integration::{ClusterOptions, VirtualCluster, have_root};
+use wiremesh_integration::{ClusterOptions, Role, VirtualCluster, have_root};
 
 /// Capability numbers (linux/capability.h) of the names the chart uses.
 fn cap_bit(name: &str) -> u32 {
@@ -76,14 +76,29 @@ async fn agents_run_with_only_the_daemonset_capabilities() {
     let agent_bin = mesh::agent_binary();
     let env = vec![("RUST_LOG".into(), "info,kube=warn".into())];
     for node in ["node-1", "node-2"] {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--bounding-set".into(),
-            bounding.clone().into(),
-            "--inh-caps".into(),
-            "-all".into(),
-            "--".into(),
-            agent_bin.clone().into(),
-        ];
+        let setpriv = || -> Vec<std::ffi::OsString> {
+            vec![
+                "--bounding-set".into(),
+                bounding.clone().into(),
+                "--inh-caps".into(),
+                "-all".into(),
+                "--".into(),
+                agent_bin.clone().into(),
+            ]
+        };
+        // The DaemonSet's `device` container: the userspace device under the same capabilities.
+        let mut device = setpriv();
+        device.extend(demo::device_args(&cluster, node).expect("device args"));
+        cluster
+            .spawn_supervised(
+                node,
+                Role::Device,
+                std::path::Path::new("/usr/bin/setpriv"),
+                device,
+                env.clone(),
+            )
+            .expect("spawn device under setpriv");
+        let mut args = setpriv();
         args.extend(demo::agent_args(&cluster, node).expect("agent args"));
         cluster
             .spawn_agent(
