@@ -26,6 +26,7 @@ pub mod routes;
 pub mod select;
 pub mod status;
 pub mod steering;
+pub mod taint;
 pub mod telemetry;
 pub mod views;
 pub mod watch;
