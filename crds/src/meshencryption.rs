@@ -85,7 +85,11 @@ pub struct MeshEncryptionSpec {
     pub pod_cidrs: Vec<String>,
 
     /// The cluster's service address ranges: never accepted as pod addresses.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "serviceCIDRs")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "serviceCIDRs"
+    )]
     #[schemars(length(max = 16), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("serviceCIDRs must be CIDRs such as 10.96.0.0/12"))]
     pub service_cidrs: Vec<String>,

@@ -45,10 +45,29 @@ pub const CONDITION_SETTINGS_APPLIED: &str = "SettingsApplied";
     status = "MeshNodeStatus",
     derive = "PartialEq",
     doc = "Live status of one node's wiremesh agent (name = the Node's name), written only by that agent.",
-    printcolumn(name = "Ready", type_ = "boolean", json_path = ".status.ready", description = "agent synced and reconciled"),
-    printcolumn(name = "Peers", type_ = "integer", json_path = ".status.peersConfigured", description = "peers configured on the device"),
-    printcolumn(name = "Datapath", type_ = "string", json_path = ".status.datapath", description = "userspace or kernel"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "boolean",
+        json_path = ".status.ready",
+        description = "agent synced and reconciled"
+    ),
+    printcolumn(
+        name = "Peers",
+        type_ = "integer",
+        json_path = ".status.peersConfigured",
+        description = "peers configured on the device"
+    ),
+    printcolumn(
+        name = "Datapath",
+        type_ = "string",
+        json_path = ".status.datapath",
+        description = "userspace or kernel"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 pub struct MeshNodeSpec {}
 
@@ -170,9 +189,9 @@ impl MeshNodeStatus {
 
 fn conditions_differ(a: &[Condition], b: &[Condition]) -> bool {
     a.len() != b.len()
-        || a.iter().zip(b).any(|(x, y)| {
-            x.type_ != y.type_ || x.status != y.status || x.reason != y.reason
-        })
+        || a.iter()
+            .zip(b)
+            .any(|(x, y)| x.type_ != y.type_ || x.status != y.status || x.reason != y.reason)
 }
 
 /// Seconds since the Unix epoch (0 for times before it).

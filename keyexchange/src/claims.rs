@@ -243,7 +243,10 @@ mod tests {
         let policy = AddressPolicy::new(&[net("192.168.0.0/24")], &[]);
         assert_eq!(policy.check_pod_ip(&[], ip("192.168.0.101")), Ok(()));
         assert_eq!(
-            policy.check_pod_ip(&[], ip("192.168.1.1")).unwrap_err().reason(),
+            policy
+                .check_pod_ip(&[], ip("192.168.1.1"))
+                .unwrap_err()
+                .reason(),
             "PodAddressOutsideClusterPodCIDRs"
         );
     }

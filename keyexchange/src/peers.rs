@@ -27,11 +27,11 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    claims::{AddressPolicy, ClaimError, ClaimKind},
     annotations::{
         ANNOTATION_NEXT_PUBLIC_KEY, ANNOTATION_PUBLIC_KEY, AnnotationError, NodeAnnotations,
         parse_key,
     },
+    claims::{AddressPolicy, ClaimError, ClaimKind},
     keys::PublicKey,
 };
 
@@ -380,7 +380,10 @@ pub struct PodClaims {
 impl PodClaims {
     /// The accepted prefixes of `node`.
     pub fn prefixes(&self, node: &str) -> &[IpNet] {
-        self.accepted.get(node).map(Vec::as_slice).unwrap_or_default()
+        self.accepted
+            .get(node)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// Whether `ip`, claimed by a pod on `node`, lies inside one of that node's accepted
@@ -566,7 +569,16 @@ fn record_overlap<'a>(
         }
         (Holder::Cidr(_), Holder::PodIp { .. }) => drop(inner, outer),
         (Holder::PodIp { .. }, Holder::Cidr(_)) => drop(outer, inner),
-        (Holder::PodIp { created: a, node: na }, Holder::PodIp { created: b, node: nb }) => {
+        (
+            Holder::PodIp {
+                created: a,
+                node: na,
+            },
+            Holder::PodIp {
+                created: b,
+                node: nb,
+            },
+        ) => {
             // Equal host prefixes: the younger claim loses.
             if (a, na) < (b, nb) {
                 drop(inner, outer);

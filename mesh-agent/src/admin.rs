@@ -1,6 +1,6 @@
 //! The agent's local HTTP server: `/healthz` (the process serves), `/readyz` (caches synced and the
 //! mesh reconciled at least once), `/metrics` (Prometheus text format) and `/status` (this node's
-//! [`NodeReport`](crate::report::NodeReport) as JSON) and `/flows` (the eBPF flow table as JSON,
+//! [`NodeReport`](crate::nodestatus::NodeReport) as JSON) and `/flows` (the eBPF flow table as JSON,
 //! `{"flows":[...]}`, most recently seen first).
 
 use std::{net::SocketAddr, sync::Arc};

@@ -102,8 +102,8 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_PERSISTENT_KEEPALIVE", default_value_t = 25)]
     pub persistent_keepalive: u16,
 
-    /// How often the agent refreshes its status annotation on its own Node (seconds); it also
-    /// writes at once when the peer count changes, but never more often than every 2 seconds.
+    /// How often the agent refreshes the status of its `MeshNode` (seconds); it also writes at
+    /// once when the peer count changes, but never more often than every 2 seconds.
     #[arg(long, env = "WIREMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval_secs: u64,
 
@@ -132,6 +132,13 @@ pub struct RunArgs {
     /// Most flows kept in the agent's flow table (`/flows`); the least recently seen go first.
     #[arg(long, env = "WIREMESH_FLOW_TABLE_SIZE", default_value_t = 4096)]
     pub flow_table_size: usize,
+
+    /// Also export one handshake-time series per peer node
+    /// (`wiremesh_peer_last_handshake_timestamp_seconds{peer}`). Off by default: N agents times
+    /// N-1 peers is N² series for the cluster's Prometheus; the bounded
+    /// `wiremesh_peers_by_handshake_age{age}` is always there.
+    #[arg(long, env = "WIREMESH_PER_PEER_METRICS", default_value_t = false)]
+    pub per_peer_metrics: bool,
 }
 
 /// Why the configuration is unusable.
@@ -176,6 +183,7 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub ebpf: EbpfChoice,
     pub flow_table_size: usize,
+    pub per_peer_metrics: bool,
 }
 
 impl Config {
@@ -237,6 +245,7 @@ impl Config {
             bpffs: args.bpffs,
             ebpf: args.ebpf,
             flow_table_size: args.flow_table_size.max(1),
+            per_peer_metrics: args.per_peer_metrics,
         })
     }
 

@@ -24,16 +24,18 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use tokio::sync::{Notify, watch};
-use wiremesh_crds::MeshEncryption;
-use wiremesh_keyexchange::{PeerSet, PublicKey, desired_peers_with_local_keys};
+use wiremesh_crds::{MeshEncryption, MeshEncryptionSpecError};
+use wiremesh_keyexchange::{
+    AddressPolicy, PeerSet, PodClaims, PublicKey, desired_peers_with_claims, pod_claims,
+};
 
 use crate::{
     config::DEFAULT_LISTEN_PORT,
     datapath::PeerConfig,
     drain::Drain,
-    events::{NodeEvents, Problem, ProblemKind, RejectionTracker},
+    events::{EventSender, NodeEvents, Problem, ProblemKind, RejectionTracker, is_emitter},
     mesh::{Mesh, Wanted, WantedPeer},
-    metrics::{InvalidAnnotationLabels, Metrics, ResultLabels},
+    metrics::{InvalidAnnotationLabels, Metrics, ReasonLabels, ResultLabels},
     routes::Routes,
     views::{PublishError, missing_annotations, node_addresses, node_views, own_annotations},
     watch::Caches,
@@ -70,6 +72,8 @@ pub enum ReconcileError {
     PatchOwnNodeTimeout { node: String },
     #[error("{count} step(s) failed, first: {first}")]
     Apply { count: usize, first: String },
+    #[error("MeshEncryption default is unusable, keeping the current mesh: {0}")]
+    Spec(#[from] MeshEncryptionSpecError),
 }
 
 /// The settings of a pass that come from the agent's flags.
@@ -84,8 +88,12 @@ pub struct PlanSettings {
 /// Everything a pass decides, before touching anything.
 #[derive(Debug)]
 pub struct Plan {
-    /// `MeshEncryption default` exists with `enabled: true`.
+    /// `MeshEncryption default` (or the remembered spec) steers traffic: `enabled: true` and a
+    /// mode other than `Disabled`.
     pub enabled: bool,
+    /// The pod prefixes every node may hold (allowed IPs, routes and ENCRYPT ipcache entries all
+    /// come from this one decision).
+    pub claims: Arc<PodClaims>,
     pub wanted: Wanted,
     /// The full peer set, also when the mesh is disabled (for status only).
     pub peer_set: PeerSet,
@@ -113,7 +121,12 @@ pub fn plan(
             node: settings.node_name.clone(),
         })?;
     let spec = mesh_encryption.map(|m| &m.spec);
-    let enabled = spec.is_some_and(|s| s.enabled);
+    // `mode: Disabled` steers nothing: no peers, no routes (issue 13, finding 8).
+    let enabled = spec.is_some_and(|s| s.steers_traffic());
+    let policy = match spec {
+        Some(spec) => AddressPolicy::new(&spec.pod_cidrs()?, &spec.service_cidrs()?),
+        None => AddressPolicy::default(),
+    };
     let listen_port = settings
         .listen_port
         .or(spec.map(|s| s.listen_port))
@@ -136,7 +149,8 @@ pub fn plan(
         nodes.iter().map(|n| n.as_ref()),
         pods.iter().map(|p| p.as_ref()),
     );
-    let peer_set = desired_peers_with_local_keys(&settings.node_name, &[*local_key], &views);
+    let claims = pod_claims(&settings.node_name, &policy, &views);
+    let peer_set = desired_peers_with_claims(&settings.node_name, &[*local_key], &views, &claims);
 
     let keepalive = Some(settings.persistent_keepalive).filter(|k| *k > 0);
     let peers = if enabled {
@@ -164,6 +178,7 @@ pub fn plan(
     };
     Ok(Plan {
         enabled,
+        claims: Arc::new(claims),
         wanted: Wanted {
             peers,
             mtu,
@@ -174,6 +189,31 @@ pub fn plan(
         own_patch,
         own_address,
     })
+}
+
+/// Why the settings in force differ from `MeshEncryption default` as written (condition reason,
+/// message), for the `SettingsApplied` condition; `None`: applied as written.
+pub fn settings_problem(
+    mesh_encryption: Option<&MeshEncryption>,
+    remembered: bool,
+) -> Option<(String, String)> {
+    let spec = &mesh_encryption?.spec;
+    if remembered {
+        return Some((
+            crate::settings::REASON_REMEMBERED.to_string(),
+            format!(
+                "MeshEncryption default is gone; keeping the last spec this node applied (enabled: {}, mode: {:?}) until an object says otherwise",
+                spec.enabled, spec.mode
+            ),
+        ));
+    }
+    if spec.node_encryption {
+        return Some((
+            "NodeEncryptionNotImplemented".to_string(),
+            "spec.nodeEncryption: true is not implemented: host-to-host traffic is not encrypted (pod traffic is)".to_string(),
+        ));
+    }
+    None
 }
 
 /// Skipped nodes and dropped prefixes as reportable problems.
@@ -214,6 +254,11 @@ pub struct MeshSnapshot {
     pub rejected: Vec<(String, String)>,
     /// The last pass's error.
     pub error: Option<String>,
+    /// The pod prefixes each node may hold, as the last pass decided (for the ipcache).
+    pub claims: Arc<PodClaims>,
+    /// Why `MeshEncryption default` is not applied exactly as written: (condition reason,
+    /// message). `None`: applied.
+    pub settings_problem: Option<(String, String)>,
 }
 
 /// The reconciler task. See the module docs.
@@ -224,8 +269,10 @@ pub struct Reconciler<R: Routes> {
     nodes_api: Api<Node>,
     mesh: Mesh<R>,
     routes: Arc<R>,
-    events: NodeEvents,
+    events: EventSender,
     tracker: RejectionTracker,
+    /// Reasons of the `pod_claims_refused` series last set (to zero the ones that went away).
+    claim_reasons: Vec<String>,
     metrics: Metrics,
     snapshot: watch::Sender<MeshSnapshot>,
     notify: Arc<Notify>,
@@ -249,7 +296,11 @@ impl<R: Routes> Reconciler<R> {
         resync_interval: Duration,
     ) -> Self {
         Self {
-            events: NodeEvents::new(client.clone(), &settings.node_name),
+            events: EventSender::spawn(
+                NodeEvents::new(client.clone(), &settings.node_name),
+                API_WRITE_TIMEOUT,
+            ),
+            claim_reasons: Vec::new(),
             nodes_api: Api::all(client),
             settings,
             local_key,
@@ -340,7 +391,8 @@ impl<R: Routes> Reconciler<R> {
     async fn reconcile_once(&mut self) -> Result<(), ReconcileError> {
         let nodes = self.caches.nodes.state();
         let pods = self.caches.pods.state();
-        let mesh_encryption = self.caches.mesh_encryption();
+        let (mesh_encryption, remembered) = self.caches.mesh_encryption_effective();
+        let settings_problem = settings_problem(mesh_encryption.as_deref(), remembered);
 
         // The underlay MTU only matters when neither flag nor spec sets the MTU; look it up once
         // per address.
@@ -403,7 +455,7 @@ impl<R: Routes> Reconciler<R> {
             tracing::warn!(%error, "mesh step failed");
         }
 
-        self.report_problems(&plan, &nodes).await;
+        self.report_problems(&plan, &nodes);
 
         let configured: Vec<(String, PublicKey)> = plan
             .wanted
@@ -431,6 +483,8 @@ impl<R: Routes> Reconciler<R> {
         self.snapshot.send_modify(|s| {
             s.reconciled = true;
             s.enabled = plan.enabled;
+            s.claims = Arc::clone(&plan.claims);
+            s.settings_problem = settings_problem;
             s.expected = expected;
             s.configured = configured;
             s.rejected = plan
@@ -482,8 +536,54 @@ impl<R: Routes> Reconciler<R> {
         }
     }
 
-    async fn report_problems(&mut self, plan: &Plan, nodes: &[Arc<Node>]) {
-        for problem in self.tracker.observe(&plan.problems) {
+    /// Reports the problems this agent is the emitter of ([`is_emitter`]): one Event each
+    /// (queued, never awaited here) and an `invalid_annotations{node,reason}` series that is
+    /// removed once the problem is gone. Refused pod claims are also counted by reason on every
+    /// agent (`pod_claims_refused{reason}`: bounded, no per-node series).
+    fn report_problems(&mut self, plan: &Plan, nodes: &[Arc<Node>]) {
+        let mut by_reason: BTreeMap<String, i64> = BTreeMap::new();
+        for conflict in &plan.peer_set.conflicts {
+            *by_reason.entry(conflict.reason().to_string()).or_default() += 1;
+        }
+        for reason in self.claim_reasons.drain(..) {
+            if !by_reason.contains_key(&reason) {
+                self.metrics
+                    .pod_claims_refused
+                    .remove(&ReasonLabels { reason });
+            }
+        }
+        for (reason, count) in &by_reason {
+            self.metrics
+                .pod_claims_refused
+                .get_or_create(&ReasonLabels {
+                    reason: reason.clone(),
+                })
+                .set(*count);
+        }
+        self.claim_reasons = by_reason.into_keys().collect();
+
+        let own = self.settings.node_name.as_str();
+        let healthy: Vec<&str> = plan
+            .peer_set
+            .peers
+            .iter()
+            .map(|p| p.node.as_str())
+            .collect();
+        let mine: Vec<Problem> = plan
+            .problems
+            .iter()
+            .filter(|p| is_emitter(own, &p.node, healthy.iter().copied()))
+            .cloned()
+            .collect();
+        let (fresh, gone) = self.tracker.observe_changes(&mine);
+        for (node, kind, reason) in gone {
+            if kind == ProblemKind::Rejected {
+                self.metrics
+                    .invalid_annotations
+                    .remove(&InvalidAnnotationLabels { node, reason });
+            }
+        }
+        for problem in fresh {
             tracing::warn!(
                 node = %problem.node,
                 reason = %problem.reason,
@@ -503,14 +603,7 @@ impl<R: Routes> Reconciler<R> {
                 .iter()
                 .find(|n| n.metadata.name.as_deref() == Some(problem.node.as_str()))
                 .and_then(|n| n.metadata.uid.clone());
-            match tokio::time::timeout(API_WRITE_TIMEOUT, self.events.publish(&problem, uid)).await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    tracing::warn!(node = %problem.node, %error, "could not record Event");
-                }
-                Err(_) => tracing::warn!(node = %problem.node, "recording the Event timed out"),
-            }
+            self.events.send(problem, uid);
         }
     }
 }

@@ -53,8 +53,8 @@ use crate::{
     events::NodeEvents,
     flows::{FlowTable, Names, SharedFlows, SharedNames},
     metrics::{InvalidObjectLabels, MapLabels, Metrics, ResultLabels, StageLabels, VerdictLabels},
+    nodestatus::EbpfReport,
     reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
-    report::EbpfReport,
     watch::Caches,
 };
 
@@ -494,6 +494,7 @@ impl Steering {
                 &pods,
                 &compiled.endpoints,
                 &encrypted,
+                &snapshot.claims,
             );
             desired = Some((compiled, ipcache));
         }

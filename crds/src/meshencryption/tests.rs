@@ -393,7 +393,12 @@ fn pod_and_service_cidrs_parse_with_host_bits_cleared() {
         pod_cidrs: vec!["10.244.0.0".into()],
         ..MeshEncryptionSpec::default()
     };
-    assert!(bad.pod_cidrs().unwrap_err().to_string().contains("podCIDRs"));
+    assert!(
+        bad.pod_cidrs()
+            .unwrap_err()
+            .to_string()
+            .contains("podCIDRs")
+    );
     let schema = schema(&crd());
     let rules = rules(at(&schema, "spec.podCIDRs"));
     assert!(rules.iter().any(|r| r.contains("isCIDR")), "{rules:?}");

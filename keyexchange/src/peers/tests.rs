@@ -283,7 +283,11 @@ fn pod_ips_outside_their_nodes_pod_cidrs_are_refused() {
     let refused: Vec<_> = set.conflicts.iter().map(|c| c.prefix).collect();
     assert_eq!(
         refused,
-        [net("10.50.0.3/32"), net("10.50.0.4/32"), net("fd00:2::5/128")]
+        [
+            net("10.50.0.3/32"),
+            net("10.50.0.4/32"),
+            net("fd00:2::5/128")
+        ]
     );
     assert!(
         set.conflicts
@@ -492,7 +496,11 @@ fn a_local_pod_ip_is_never_taken_by_a_remote_claim() {
 #[test]
 fn peer_prefix_overlapping_ours_is_dropped_from_the_peer() {
     let mut b = node(2);
-    b.pod_cidrs = vec![net("10.244.1.0/25"), net("10.244.2.0/24"), net("10.244.1.128/25")];
+    b.pod_cidrs = vec![
+        net("10.244.1.0/25"),
+        net("10.244.2.0/24"),
+        net("10.244.1.128/25"),
+    ];
     b.pod_ips = vec![ip("10.244.1.200")];
     let set = desired_peers("node-1", &[node(1), b]);
     assert_eq!(
@@ -531,7 +539,11 @@ fn host_network_pod_ips_are_dropped() {
     a.pod_cidrs.clear();
     a.pod_ips = vec![ip("192.168.0.1"), ip("192.168.0.2"), ip("10.99.0.1")];
     let policy = AddressPolicy::new(
-        &[net("10.99.0.0/16"), net("192.168.0.0/24"), net("10.244.0.0/16")],
+        &[
+            net("10.99.0.0/16"),
+            net("192.168.0.0/24"),
+            net("10.244.0.0/16"),
+        ],
         &[],
     );
     let set = peers_with_policy("node-9", &policy, &[a, node(2)]);
