@@ -192,7 +192,9 @@ async fn garbage_annotation_is_reported_and_skipped_while_others_stay_meshed() {
         Duration::from_secs(30),
         Duration::from_millis(250),
         || async move {
-            let text = agent_metrics(cluster_ref, "node-1").await.map_err(|e| e.to_string())?;
+            let text = agent_metrics(cluster_ref, "node-1")
+                .await
+                .map_err(|e| e.to_string())?;
             match series(&text) {
                 None => Ok(()),
                 Some(line) => Err(line),
