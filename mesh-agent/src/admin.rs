@@ -1,5 +1,7 @@
-//! The agent's local HTTP server: `/healthz` (the process serves), `/readyz` (caches synced and the
-//! mesh reconciled at least once), `/metrics` (Prometheus text format) and `/status` (this node's
+//! The agent's local HTTP server: `/healthz` (the datapath is alive: fails while the device process
+//! is gone or its link was deleted; not while the agent is still starting), `/readyz` (converged:
+//! caches synced, the last pass without error, every wanted peer configured, the device alive),
+//! `/metrics` (Prometheus text format) and `/status` (this node's
 //! [`NodeReport`](crate::nodestatus::NodeReport) as JSON) and `/flows` (the eBPF flow table as JSON,
 //! `{"flows":[...]}`, most recently seen first).
 
@@ -15,7 +17,10 @@ use axum::{
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{drain::Drain, flows::SharedFlows, reconciler::MeshSnapshot, status::SharedReport};
+use crate::{
+    drain::Drain, flows::SharedFlows, health::DatapathHealth, reconciler::MeshSnapshot,
+    status::SharedReport,
+};
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +42,7 @@ pub enum AdminError {
 struct AdminState {
     registry: Registry,
     snapshot: watch::Receiver<MeshSnapshot>,
+    health: watch::Receiver<DatapathHealth>,
     report: SharedReport,
     flows: SharedFlows,
 }
@@ -54,6 +60,7 @@ impl AdminServer {
         addr: SocketAddr,
         registry: Registry,
         snapshot: watch::Receiver<MeshSnapshot>,
+        health: watch::Receiver<DatapathHealth>,
         report: SharedReport,
         flows: SharedFlows,
     ) -> Result<Self, AdminError> {
@@ -66,11 +73,12 @@ impl AdminServer {
         let state = Arc::new(AdminState {
             registry,
             snapshot,
+            health,
             report,
             flows,
         });
         let router = Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .route("/status", get(status))
@@ -98,22 +106,44 @@ impl AdminServer {
     }
 }
 
+async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
+    match state.health.borrow().check() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("datapath dead: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     let snapshot = state.snapshot.borrow().clone();
-    if snapshot.synced && snapshot.reconciled {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        let why = if snapshot.synced {
-            "caches synced, first reconcile pending"
-        } else {
-            "caches not synced"
-        };
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
+    let health = state.health.borrow().clone();
+    let why = if !snapshot.synced {
+        "caches not synced".to_string()
+    } else if !snapshot.reconciled {
+        "caches synced, first reconcile pending".to_string()
+    } else if snapshot.datapath.is_none() || health.starting {
+        "no WireGuard device yet".to_string()
+    } else if let Err(why) = health.check() {
+        format!("datapath dead: {why}")
+    } else if let Some(error) = &snapshot.error {
+        format!("last pass failed: {error}")
+    } else if snapshot.configured.len() != snapshot.expected.len() {
+        format!(
+            "{} of {} peers configured",
+            snapshot.configured.len(),
+            snapshot.expected.len()
         )
-            .into_response()
-    }
+    } else {
+        return (StatusCode::OK, "ready\n").into_response();
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {why}\n"),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
@@ -197,6 +227,10 @@ mod tests {
         let metrics = Metrics::new(&mut registry);
         metrics.peers_configured.set(2);
         let (tx, rx) = watch::channel(MeshSnapshot::default());
+        let (health_tx, health_rx) = watch::channel(DatapathHealth {
+            starting: true,
+            ..DatapathHealth::default()
+        });
         let report: SharedReport = Arc::new(Mutex::new(None));
         let flows = crate::steering::Steering::flow_table(8);
         flows.lock().unwrap().ingest(
@@ -211,9 +245,16 @@ mod tests {
             }],
             &crate::flows::Names::default(),
         );
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), registry, rx, report, flows)
-            .await
-            .unwrap();
+        let server = AdminServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            registry,
+            rx,
+            health_rx,
+            report,
+            flows,
+        )
+        .await
+        .unwrap();
         let addr = server.local_addr();
         let (trigger, drain) = drain::channel();
         let task = tokio::spawn(server.run(drain));
@@ -226,7 +267,44 @@ mod tests {
         tx.send_modify(|s| {
             s.synced = true;
             s.reconciled = true;
+            s.datapath = Some(crate::select::Selection {
+                choice: crate::config::DatapathChoice::Auto,
+                kind: crate::datapath::DatapathKind::Userspace,
+                reason: "no-kernel-module",
+                message: String::new(),
+            });
         });
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("no WireGuard device yet"), "{body}");
+        health_tx.send_modify(|h| {
+            h.starting = false;
+            h.alive = true;
+        });
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        // The device process dies: not healthy, not ready.
+        health_tx.send_modify(|h| {
+            h.alive = false;
+            h.error = Some("datapath wm0: connection refused".into());
+        });
+        let (code, body) = get(addr, "/healthz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("connection refused"), "{body}");
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        health_tx.send_modify(|h| h.alive = true);
+        // A peer not configured: not converged.
+        tx.send_modify(|s| {
+            s.expected.push((
+                "b".into(),
+                wiremesh_keyexchange::PrivateKey::generate()
+                    .unwrap()
+                    .public_key(),
+            ))
+        });
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("0 of 1 peers"), "{body}");
+        tx.send_modify(|s| s.expected.clear());
         assert_eq!(get(addr, "/readyz").await.0, 200);
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);

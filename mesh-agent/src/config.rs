@@ -93,9 +93,21 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_NETNS")]
     pub netns: Option<String>,
 
-    /// WireGuard implementation.
-    #[arg(long, env = "WIREMESH_DATAPATH", value_enum, default_value = "auto")]
-    pub datapath: DatapathChoice,
+    /// WireGuard device to drive: `kernel` (create or adopt a `wireguard` link), `userspace` (the
+    /// device process's UAPI socket) or `auto` (kernel when the module is there). Without it
+    /// `MeshEncryption.spec.datapath` decides, at run time.
+    #[arg(long, env = "WIREMESH_DATAPATH", value_enum)]
+    pub datapath: Option<DatapathChoice>,
+
+    /// How long to wait for the userspace device's UAPI socket before giving up (seconds); the
+    /// agent is not ready meanwhile.
+    #[arg(long, env = "WIREMESH_DEVICE_WAIT", default_value_t = 60)]
+    pub device_wait_secs: u64,
+
+    /// Routing table of the agent's routes (selected by an `ip rule` of its own, ahead of the
+    /// main table); never 253-255 (default, main, local).
+    #[arg(long, env = "WIREMESH_ROUTE_TABLE", default_value_t = crate::routes::DEFAULT_ROUTE_TABLE)]
+    pub route_table: u32,
 
     /// Persistent keepalive towards every peer, in seconds (0 turns it off). Keeps a session up
     /// between idle nodes so `meshctl status` sees live handshakes and NAT state stays warm.
@@ -139,6 +151,25 @@ pub struct RunArgs {
     /// `wiremesh_peers_by_handshake_age{age}` is always there.
     #[arg(long, env = "WIREMESH_PER_PEER_METRICS", default_value_t = false)]
     pub per_peer_metrics: bool,
+    /// Stand for election as the cluster's key-rotation coordinator (a Lease among the agents).
+    #[arg(long, env = "WIREMESH_COORDINATOR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub coordinator: bool,
+
+    /// Namespace of the coordinator's Lease: the agent's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "wiremesh-system")]
+    pub lease_namespace: String,
+
+    /// Credentials of the rotation coordinator (default: the pod's ServiceAccount). Node
+    /// credentials cannot hold the Lease: NodeRestriction allows a node only its own Lease in
+    /// `kube-node-lease`. Without either, this agent does not stand for election.
+    #[arg(long, env = "WIREMESH_COORDINATOR_KUBECONFIG")]
+    pub coordinator_kubeconfig: Option<PathBuf>,
+    /// Replace this node's key with a new one before starting, whatever the keystore holds
+    /// (also a corrupt or half-present one), and drop any rotation state. This changes the
+    /// node's identity: every peer picks up the new public key. A flag only (no environment
+    /// variable), so a restart never repeats it by accident.
+    #[arg(long)]
+    pub regenerate_key: bool,
 }
 
 /// Why the configuration is unusable.
@@ -156,6 +187,8 @@ pub enum ConfigError {
     Mtu(u32),
     #[error("{name} must be at least 1 second")]
     ZeroInterval { name: &'static str },
+    #[error("route table {0} is reserved (0 and 253-255 are unspec, default, main and local)")]
+    RouteTable(u32),
 }
 
 /// The validated configuration of `mesh-agent run`.
@@ -171,7 +204,11 @@ pub struct Config {
     pub uapi_socket: PathBuf,
     pub metrics_addr: SocketAddr,
     pub netns: Option<String>,
-    pub datapath: DatapathChoice,
+    /// `None`: `MeshEncryption.spec.datapath` decides (default auto).
+    pub datapath: Option<DatapathChoice>,
+    #[serde(with = "secs")]
+    pub device_wait: Duration,
+    pub route_table: u32,
     pub persistent_keepalive: u16,
     #[serde(with = "secs")]
     pub status_interval: Duration,
@@ -184,6 +221,10 @@ pub struct Config {
     pub ebpf: EbpfChoice,
     pub flow_table_size: usize,
     pub per_peer_metrics: bool,
+    pub coordinator: bool,
+    pub lease_namespace: String,
+    pub coordinator_kubeconfig: Option<PathBuf>,
+    pub regenerate_key: bool,
 }
 
 impl Config {
@@ -218,10 +259,14 @@ impl Config {
             ("status interval", args.status_interval_secs),
             ("resync interval", args.resync_interval_secs),
             ("drain timeout", args.drain_timeout_secs),
+            ("device wait", args.device_wait_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroInterval { name });
             }
+        }
+        if matches!(args.route_table, 0 | 253..=255) {
+            return Err(ConfigError::RouteTable(args.route_table));
         }
         let uapi_socket = args
             .uapi_socket
@@ -237,6 +282,8 @@ impl Config {
             metrics_addr: args.metrics_addr,
             netns: args.netns,
             datapath: args.datapath,
+            device_wait: Duration::from_secs(args.device_wait_secs),
+            route_table: args.route_table,
             persistent_keepalive: args.persistent_keepalive,
             status_interval: Duration::from_secs(args.status_interval_secs),
             resync_interval: Duration::from_secs(args.resync_interval_secs),
@@ -246,6 +293,10 @@ impl Config {
             ebpf: args.ebpf,
             flow_table_size: args.flow_table_size.max(1),
             per_peer_metrics: args.per_peer_metrics,
+            coordinator: args.coordinator,
+            lease_namespace: args.lease_namespace,
+            coordinator_kubeconfig: args.coordinator_kubeconfig,
+            regenerate_key: args.regenerate_key,
         })
     }
 
@@ -300,8 +351,39 @@ mod tests {
             PathBuf::from("/var/run/wireguard/wiremesh0.sock")
         );
         assert_eq!(config.listen_port, None);
-        assert_eq!(config.datapath, DatapathChoice::Auto);
+        assert_eq!(config.datapath, None);
+        assert_eq!(config.route_table, 87);
         assert_eq!(config.netns_path(), None);
+    }
+
+    /// Finding 14 (docs/threat-model.md): the flag that keystore errors tell the operator to
+    /// use exists and does what they say: a corrupt key stops the agent with an error naming
+    /// it, and with it the agent starts on a new key.
+    #[test]
+    fn the_flag_keystore_errors_name_regenerates_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let state_arg = state.to_str().expect("utf-8").to_string();
+        let plain = parse(&["--node-name", "n", "--state-dir", &state_arg]).unwrap();
+        assert!(!plain.regenerate_key);
+        let first = crate::app::load_key(&plain).expect("first start generates");
+        std::fs::write(state.join("private.key"), "not a key\n").expect("corrupt it");
+        let error = format!("{:#}", crate::app::load_key(&plain).unwrap_err());
+        let flag = error
+            .split_whitespace()
+            .find(|w| {
+                w.trim_matches(|c: char| c == '(' || c == ')')
+                    .starts_with("--")
+            })
+            .map(|w| w.trim_matches(|c: char| c == '(' || c == ')' || c == ','))
+            .unwrap_or_else(|| panic!("the error names no flag: {error}"));
+        assert_eq!(flag, "--regenerate-key", "{error}");
+        let regenerate = parse(&["--node-name", "n", "--state-dir", &state_arg, flag]).unwrap();
+        assert!(regenerate.regenerate_key);
+        let new = crate::app::load_key(&regenerate).expect("regenerated");
+        assert_ne!(new.public_key(), first.public_key());
+        let reloaded = crate::app::load_key(&plain).expect("the new key loads");
+        assert_eq!(reloaded.public_key(), new.public_key());
     }
 
     #[test]
@@ -325,6 +407,10 @@ mod tests {
         assert_eq!(
             parse(&["--node-name", "n", "--mtu", "500"]).unwrap_err(),
             ConfigError::Mtu(500)
+        );
+        assert_eq!(
+            parse(&["--node-name", "n", "--route-table", "254"]).unwrap_err(),
+            ConfigError::RouteTable(254)
         );
     }
 

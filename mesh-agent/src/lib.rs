@@ -1,17 +1,21 @@
 //! The wiremesh node agent: publishes this node's WireGuard key, watches the other nodes, and keeps a
 //! full mesh of tunnels configured through a [`datapath::Datapath`].
+//!
+//! `datapath` is the device-control layer of crate `wiremesh-wgctrl`, re-exported under its old
+//! path. This library never links the userspace engine (crate `wiremesh-device`): only the
+//! `mesh-agent` binary does, for `mesh-agent device`. The agent reaches a device through
+//! [`select`]: the device process's UAPI socket, or a kernel `wireguard` link.
 
 pub mod admin;
 pub mod app;
 pub mod config;
-pub mod datapath;
-pub mod device;
+pub mod coordinator;
 pub mod drain;
-pub mod engine;
 pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod flows;
+pub mod health;
 pub mod mesh;
 pub mod metrics;
 mod netlink;
@@ -19,10 +23,12 @@ pub mod netns;
 pub mod nodestatus;
 pub mod reconciler;
 pub mod routes;
+pub mod select;
 pub mod settings;
 pub mod status;
 pub mod steering;
 pub mod telemetry;
-pub mod uapi;
 pub mod views;
 pub mod watch;
+
+pub use wiremesh_wgctrl::datapath;
