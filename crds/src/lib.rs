@@ -1,5 +1,6 @@
 //! wiremesh custom resources (group `wiremesh.io`, version `v1alpha1`): `MeshEncryption`, the
-//! cluster-wide settings singleton, and `KeyRotation`, one rotation of the nodes' static keys;
+//! cluster-wide settings singleton, `KeyRotation`, one rotation of the nodes' static keys, and
+//! `MeshNode`, the live status of one node's agent;
 //! helpers for their status conditions; and the CRD manifests generated from the types.
 #![forbid(unsafe_code)]
 
@@ -8,6 +9,7 @@ mod duration;
 mod keyrotation;
 mod manifests;
 mod meshencryption;
+pub mod meshnode;
 #[cfg(test)]
 mod test_support;
 
@@ -30,3 +32,4 @@ pub use meshencryption::{
     MIN_MTU, MeshEncryption, MeshEncryptionSpec, MeshEncryptionStatus,
     SpecError as MeshEncryptionSpecError,
 };
+pub use meshnode::{CONDITION_SETTINGS_APPLIED, MeshNode, MeshNodeSpec, MeshNodeStatus};

@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{keyrotation::KeyRotation, meshencryption::MeshEncryption};
+use crate::{keyrotation::KeyRotation, meshencryption::MeshEncryption, meshnode::MeshNode};
 
 mod structural;
 
@@ -85,6 +85,10 @@ pub fn manifests() -> Result<Vec<Manifest>, ManifestError> {
         Manifest {
             file_name: "keyrotation.yaml",
             crd: KeyRotation::crd(),
+        },
+        Manifest {
+            file_name: "meshnode.yaml",
+            crd: MeshNode::crd(),
         },
     ];
     for manifest in &mut all {

@@ -68,9 +68,31 @@ pub struct MeshEncryptionSpec {
     #[serde(default)]
     pub mode: EncryptionMode,
 
-    /// Also encrypt host-to-host traffic between node addresses, not only pod traffic.
+    /// Also encrypt host-to-host traffic between node addresses, not only pod traffic. Not
+    /// implemented yet: agents refuse `true` with the condition `NodeEncryptionNotImplemented` on
+    /// their `MeshNode` status (host traffic stays as it was).
     #[serde(default)]
     pub node_encryption: bool,
+
+    /// The cluster's pod address ranges (CIDR notation). Only addresses inside them are ever
+    /// accepted from Nodes (`spec.podCIDRs`) and Pods (`status.podIPs`) as tunnel destinations;
+    /// a pod IP must also lie inside its own node's podCIDRs when the node has any. Unset: each
+    /// node is confined to its own podCIDRs (the union of what the Nodes say is not trusted, a
+    /// hostile Node could widen it), and pod IPs of nodes without podCIDRs are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "podCIDRs")]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("podCIDRs must be CIDRs such as 10.244.0.0/16"))]
+    pub pod_cidrs: Vec<String>,
+
+    /// The cluster's service address ranges: never accepted as pod addresses.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "serviceCIDRs"
+    )]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("serviceCIDRs must be CIDRs such as 10.96.0.0/12"))]
+    pub service_cidrs: Vec<String>,
 
     /// How often every node's static key is rotated, as a Go duration ("720h", "90m"). A
     /// `KeyRotation` is created on this schedule. "0s" disables periodic rotation; otherwise at
@@ -162,6 +184,13 @@ pub enum SpecError {
         "MeshEncryption spec.keyRotationInterval {value:?} is shorter than the minimum of 1h (use 0s to disable periodic rotation)"
     )]
     KeyRotationIntervalTooShort { value: String },
+    #[error("MeshEncryption spec.{field} entry {value:?} is not a CIDR: {source}")]
+    Cidr {
+        field: &'static str,
+        value: String,
+        #[source]
+        source: ipnet::AddrParseError,
+    },
 }
 
 impl Default for MeshEncryptionSpec {
@@ -175,6 +204,8 @@ impl Default for MeshEncryptionSpec {
             listen_port: DEFAULT_LISTEN_PORT,
             mtu: None,
             datapath: DatapathMode::default(),
+            pod_cidrs: Vec::new(),
+            service_cidrs: Vec::new(),
         }
     }
 }
@@ -193,6 +224,17 @@ impl MeshEncryptionSpec {
         Ok((!interval.is_zero()).then_some(interval))
     }
 
+    /// `podCIDRs` parsed (host bits cleared). The API server checks the syntax; this applies
+    /// the same rule for objects that reached us another way.
+    pub fn pod_cidrs(&self) -> Result<Vec<ipnet::IpNet>, SpecError> {
+        parse_cidrs("podCIDRs", &self.pod_cidrs)
+    }
+
+    /// `serviceCIDRs` parsed (host bits cleared).
+    pub fn service_cidrs(&self) -> Result<Vec<ipnet::IpNet>, SpecError> {
+        parse_cidrs("serviceCIDRs", &self.service_cidrs)
+    }
+
     /// Whether cross-node pod traffic is steered into the tunnels at all.
     pub fn steers_traffic(&self) -> bool {
         self.enabled && self.mode != EncryptionMode::Disabled
@@ -207,6 +249,22 @@ impl MeshEncryptionStatus {
         self.nodes_total = total;
         self.ready = Some(format!("{ready}/{total}"));
     }
+}
+
+fn parse_cidrs(field: &'static str, values: &[String]) -> Result<Vec<ipnet::IpNet>, SpecError> {
+    values
+        .iter()
+        .map(|v| {
+            v.trim()
+                .parse::<ipnet::IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|source| SpecError::Cidr {
+                    field,
+                    value: v.clone(),
+                    source,
+                })
+        })
+        .collect()
 }
 
 fn default_key_rotation_interval() -> String {

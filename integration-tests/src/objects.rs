@@ -208,7 +208,8 @@ pub async fn delete_pod(client: &Client, namespace: &str, name: &str) -> Result<
 }
 
 /// Lets every node user (group `system:nodes`) get, list and watch all Nodes, Pods, Namespaces,
-/// NetworkPolicies and the wiremesh.io resources (the agent compiles NetworkPolicy itself).
+/// NetworkPolicies and the wiremesh.io resources (the agent compiles NetworkPolicy itself), and
+/// write `MeshNode` objects (each agent's live status).
 ///
 /// The Node authorizer alone allows a node to read only its own Node object and to list pods only
 /// with `fieldSelector=spec.nodeName=<itself>`; an agent that runs with its node's credentials and
@@ -221,6 +222,9 @@ pub async fn install_node_read_rbac(client: &Client) -> Result<(), ObjectsError>
             {"apiGroups": [""], "resources": ["nodes", "pods", "namespaces"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["wiremesh.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
+            // Each agent's live status: its own MeshNode (RBAC cannot say "own"; the name is the
+            // node's by convention, see docs/ARCHITECTURE.md "Per-node live status").
+            {"apiGroups": ["wiremesh.io"], "resources": ["meshnodes", "meshnodes/status"], "verbs": ["create", "patch", "update"]},
         ],
     }));
     create_if_missing(

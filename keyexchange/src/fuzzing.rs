@@ -64,6 +64,7 @@ pub fn annotations(data: &[u8]) {
         addresses,
         pod_cidrs: vec!["10.244.1.0/24".parse().expect("literal")],
         pod_ips: Vec::new(),
+        pod_ip_created: Default::default(),
     };
     let set = desired_peers("self", &[node]);
     match parsed {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod annotations;
+pub mod claims;
 pub mod fuzzing;
 mod keys;
 pub mod keystore;
@@ -15,11 +16,13 @@ pub use annotations::{
     ANNOTATION_PUBLIC_KEY, ANNOTATION_ROTATION, AnnotationError, DEFAULT_LISTEN_PORT, KeyProblem,
     NodeAnnotations, RotationMark, RotationStep,
 };
+pub use claims::{AddressPolicy, ClaimError, ClaimKind};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use keystore::{KeySet, KeySource, Keystore, KeystoreError, LoadOutcome, PermissionFix};
 pub use peers::{
-    ConflictWith, DesiredPeer, NodeView, PeerSet, PrefixConflict, RejectReason, RejectedNode,
-    desired_peers, desired_peers_with_local_keys,
+    ConflictWith, DesiredPeer, NodeView, PeerSet, PodClaims, PrefixConflict, RejectReason,
+    RejectedNode, desired_peers, desired_peers_with_claims, desired_peers_with_local_keys,
+    pod_claims,
 };
 pub use rotation::{
     Failure, FailureReason, RotationError, RotationPhase, RotationPlan,

@@ -3,21 +3,20 @@
 //!
 //! Deterministic: the result depends only on the set of views, not on their order. Hostile or
 //! broken input only ever costs the node that published it (and, for a stolen key or an
-//! overlapping prefix, the node it collides with), never other peers.
+//! overlapping podCIDR, the node it collides with), never other peers.
 //!
 //! Decisions an operator can rely on:
 //! - Two nodes that claim the same key (public or next) are both rejected: the datapath
 //!   identifies a peer by its static key, so either claim could be the impostor. A node claiming a
 //!   key of this node is rejected as well.
-//! - A pod prefix (podCIDR, or a pod IP outside the node's own podCIDRs) that overlaps a prefix of
-//!   another node is dropped from every peer that claims it, and the overlap is reported in
-//!   [`PeerSet::conflicts`]. Overlapping prefixes are a misconfiguration or an attempt to pull
-//!   another node's pod traffic; longest-prefix match would silently pick one side. Dropped means
-//!   no tunnel route: Strict mode drops that traffic, Permissive sends it in plaintext as without
-//!   wiremesh. Prefixes of this node win: a peer's prefix overlapping ours is dropped from the peer.
-//! - A prefix that contains a node address (any node's `status.addresses`) is dropped and reported
-//!   the same way: routing an underlay address into the tunnel loops the tunnel into itself.
-//!   This also removes hostNetwork pod IPs, which equal their node's address.
+//! - Pod prefixes (podCIDRs, and pod IPs outside them) come from [`pod_claims`]: each claim must
+//!   pass the [`AddressPolicy`] (never a reserved, service or out-of-range address, a pod IP only
+//!   inside its node's podCIDRs), and overlaps are resolved there: a prefix containing a node
+//!   address is dropped, this node's prefixes win, an assigned podCIDR wins over another node's pod
+//!   IP inside it, overlapping podCIDRs are dropped from both, and a pod IP claimed twice goes to
+//!   the oldest pod. Every refused or dropped claim is reported in [`PeerSet::conflicts`].
+//!   Dropped means no tunnel route: Strict mode drops that traffic, Permissive sends it in
+//!   plaintext as without wiremesh.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,6 +31,7 @@ use crate::{
         ANNOTATION_NEXT_PUBLIC_KEY, ANNOTATION_PUBLIC_KEY, AnnotationError, NodeAnnotations,
         parse_key,
     },
+    claims::{AddressPolicy, ClaimError, ClaimKind},
     keys::PublicKey,
 };
 
@@ -51,6 +51,9 @@ pub struct NodeView {
     pub pod_cidrs: Vec<IpNet>,
     /// `status.podIPs` of the non-hostNetwork pods with `spec.nodeName` = this node.
     pub pod_ips: Vec<IpAddr>,
+    /// Unix seconds of the oldest pod holding each pod IP (`metadata.creationTimestamp`); an IP
+    /// missing here counts as the newest. Decides which of two nodes claiming one IP keeps it.
+    pub pod_ip_created: BTreeMap<IpAddr, i64>,
 }
 
 /// A peer the datapath should have.
@@ -122,6 +125,10 @@ pub enum ConflictWith {
     Prefix { node: String, prefix: IpNet },
     /// An address of a node.
     NodeAddress { node: String, address: IpAddr },
+    /// The same pod IP, claimed for an older pod by another node.
+    DuplicatePodIp { node: String },
+    /// The [`AddressPolicy`] refuses it.
+    Policy(ClaimError),
 }
 
 /// A prefix dropped from a peer.
@@ -138,9 +145,11 @@ pub struct PrefixConflict {
 impl PrefixConflict {
     /// The Kubernetes Event reason.
     pub fn reason(&self) -> &'static str {
-        match self.with {
+        match &self.with {
             ConflictWith::Prefix { .. } => "OverlappingPodPrefix",
             ConflictWith::NodeAddress { .. } => "PodPrefixContainsNodeAddress",
+            ConflictWith::DuplicatePodIp { .. } => "DuplicatePodIP",
+            ConflictWith::Policy(error) => error.reason(),
         }
     }
 }
@@ -158,6 +167,17 @@ impl fmt::Display for PrefixConflict {
                 "pod prefix {} of node {} contains address {address} of node {node}; dropped",
                 self.prefix, self.node
             ),
+            ConflictWith::DuplicatePodIp { node } => write!(
+                f,
+                "pod IP {} of node {} is also claimed, for an older pod, by node {node}; dropped",
+                self.prefix.addr(),
+                self.node
+            ),
+            ConflictWith::Policy(error) => write!(
+                f,
+                "pod prefix {} of node {} refused: {error}",
+                self.prefix, self.node
+            ),
         }
     }
 }
@@ -171,7 +191,7 @@ pub struct PeerSet {
     pub rejected: Vec<RejectedNode>,
     /// Nodes that have not published a key yet.
     pub pending: Vec<String>,
-    /// Prefixes dropped from peers.
+    /// Pod claims refused or dropped, of any node (this one included).
     pub conflicts: Vec<PrefixConflict>,
 }
 
@@ -192,11 +212,24 @@ pub fn desired_peers(self_name: &str, nodes: &[NodeView]) -> PeerSet {
 }
 
 /// [`desired_peers`], treating `local_keys` (e.g. every key in this node's keystore) as this
-/// node's too: a node claiming one is rejected.
+/// node's too: a node claiming one is rejected. Pod claims are checked against the default
+/// [`AddressPolicy`].
 pub fn desired_peers_with_local_keys(
     self_name: &str,
     local_keys: &[PublicKey],
     nodes: &[NodeView],
+) -> PeerSet {
+    let claims = pod_claims(self_name, &AddressPolicy::default(), nodes);
+    desired_peers_with_claims(self_name, local_keys, nodes, &claims)
+}
+
+/// [`desired_peers_with_local_keys`] with the pod prefixes already decided by [`pod_claims`]
+/// (so the ipcache and the peers use one decision).
+pub fn desired_peers_with_claims(
+    self_name: &str,
+    local_keys: &[PublicKey],
+    nodes: &[NodeView],
+    claims: &PodClaims,
 ) -> PeerSet {
     let mut by_name: BTreeMap<&str, Vec<&NodeView>> = BTreeMap::new();
     for view in nodes {
@@ -204,10 +237,8 @@ pub fn desired_peers_with_local_keys(
     }
 
     let mut own_keys: BTreeSet<PublicKey> = local_keys.iter().copied().collect();
-    let mut own_prefixes = Vec::new();
     for view in by_name.get(self_name).into_iter().flatten() {
         own_keys.extend(published_keys(&view.annotations));
-        own_prefixes.extend(view.pod_cidrs.iter().map(IpNet::trunc));
     }
 
     let mut set = PeerSet::default();
@@ -234,15 +265,15 @@ pub fn desired_peers_with_local_keys(
         }
     }
 
-    let mut claims: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
+    let mut key_claims: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
     for (view, parsed) in &candidates {
         for key in parsed.claimed_keys() {
-            claims.entry(key).or_default().push(view.name.as_str());
+            key_claims.entry(key).or_default().push(view.name.as_str());
         }
     }
     let mut accepted = Vec::new();
     for (view, parsed) in candidates {
-        match key_conflict(&view.name, &parsed, &own_keys, &claims) {
+        match key_conflict(&view.name, &parsed, &own_keys, &key_claims) {
             Some(error) => set.rejected.push(RejectedNode {
                 node: view.name.clone(),
                 error,
@@ -251,18 +282,13 @@ pub fn desired_peers_with_local_keys(
         }
     }
 
-    let prefixes = assign_prefixes(self_name, &own_prefixes, nodes, &accepted);
+    set.conflicts = claims.conflicts.clone();
     for (view, parsed) in accepted {
-        let (allowed_ips, mut conflicts) = prefixes
-            .get(view.name.as_str())
-            .cloned()
-            .unwrap_or_default();
-        set.conflicts.append(&mut conflicts);
         set.peers.push(DesiredPeer {
             node: view.name.clone(),
             public_key: parsed.public_key,
             endpoint: parsed.endpoint,
-            allowed_ips,
+            allowed_ips: claims.prefixes(&view.name).to_vec(),
             key_generation: parsed.key_generation,
             next_public_key: parsed.next_public_key,
         });
@@ -318,36 +344,110 @@ fn key_conflict(
     None
 }
 
-/// Who holds a prefix in the overlap sweep.
+/// Who holds a prefix in the overlap sweep, strongest first.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Holder<'a> {
-    /// A peer's pod prefix: dropped on any overlap.
-    Peer(&'a str),
-    /// This node's podCIDR: never dropped, wins against peers.
-    Local(&'a str),
-    /// A node address as a host prefix: never dropped, kills every prefix containing it.
+    /// A node address as a host prefix: never dropped, drops every prefix containing it.
     Address(&'a str),
+    /// This node's podCIDR or pod IP: never dropped, wins against every remote claim.
+    Local(&'a str),
+    /// Another node's podCIDR: dropped when it overlaps another podCIDR (either could be
+    /// wrong), ours or a node address; wins against pod IPs.
+    Cidr(&'a str),
+    /// Another node's pod IP outside its podCIDRs: loses against every other holder except an
+    /// equal claim of a younger pod (the oldest pod, then the lowest node name, wins).
+    PodIp { created: i64, node: &'a str },
 }
 
-/// Allowed IPs and conflicts per accepted peer.
-fn assign_prefixes<'a>(
-    self_name: &'a str,
-    own_prefixes: &[IpNet],
-    all_nodes: &'a [NodeView],
-    accepted: &[(&'a NodeView, NodeAnnotations)],
-) -> BTreeMap<&'a str, (Vec<IpNet>, Vec<PrefixConflict>)> {
-    let mut items: Vec<(IpNet, Holder<'a>)> = Vec::new();
-    for net in own_prefixes {
-        items.push((*net, Holder::Local(self_name)));
+impl<'a> Holder<'a> {
+    fn node(self) -> &'a str {
+        match self {
+            Self::Address(n) | Self::Local(n) | Self::Cidr(n) | Self::PodIp { node: n, .. } => n,
+        }
     }
-    for view in all_nodes {
+}
+
+/// The pod prefixes every node may hold, after [`pod_claims`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodClaims {
+    /// Accepted prefixes per node (podCIDRs and host prefixes of pod IPs outside them), sorted,
+    /// none nested in another of the same node, none overlapping another node's.
+    pub accepted: BTreeMap<String, Vec<IpNet>>,
+    /// Claims refused or dropped, sorted.
+    pub conflicts: Vec<PrefixConflict>,
+}
+
+impl PodClaims {
+    /// The accepted prefixes of `node`.
+    pub fn prefixes(&self, node: &str) -> &[IpNet] {
+        self.accepted
+            .get(node)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Whether `ip`, claimed by a pod on `node`, lies inside one of that node's accepted
+    /// prefixes: the test the ipcache applies to each pod address.
+    pub fn accepts(&self, node: &str, ip: IpAddr) -> bool {
+        let host = IpNet::from(ip);
+        self.prefixes(node).iter().any(|p| p.contains(&host))
+    }
+}
+
+/// Decides which pod prefixes each node may hold. Every claim first passes
+/// [`AddressPolicy::check`]; then one sweep over all claims and all node addresses resolves
+/// overlaps:
+/// - a prefix containing any node's address is dropped (an underlay address routed into the
+///   tunnel loops it into itself; this also removes hostNetwork pod IPs);
+/// - this node's podCIDRs and pod IPs are never dropped; a remote claim overlapping them is;
+/// - a podCIDR wins over a pod IP of another node inside it (one bad pod claim never costs a
+///   node its assigned range);
+/// - two podCIDRs that overlap are both dropped (either could be the impostor);
+/// - two nodes claiming the same pod IP: the oldest pod keeps it (then the lowest node name).
+pub fn pod_claims(self_name: &str, policy: &AddressPolicy, nodes: &[NodeView]) -> PodClaims {
+    let mut by_name: BTreeMap<&str, Vec<&NodeView>> = BTreeMap::new();
+    for view in nodes {
+        by_name.entry(view.name.as_str()).or_default().push(view);
+    }
+    let mut out = PodClaims::default();
+    let mut items: Vec<(IpNet, Holder<'_>)> = Vec::new();
+    for view in nodes {
         for addr in &view.addresses {
             items.push((IpNet::from(*addr), Holder::Address(view.name.as_str())));
         }
     }
-    for (view, _) in accepted {
-        for net in own_pod_prefixes(view) {
-            items.push((net, Holder::Peer(view.name.as_str())));
+    for (name, views) in &by_name {
+        let local = *name == self_name;
+        // Two views of one remote name: the caches disagree; claim nothing for it. Every view
+        // of this node's own name is ours (nothing may overlap any of them).
+        if !local && views.len() > 1 {
+            continue;
+        }
+        for (view, (net, kind)) in views
+            .iter()
+            .flat_map(|view| own_pod_prefixes(view).into_iter().map(move |c| (*view, c)))
+        {
+            if let Err(error) = policy.check(&view.pod_cidrs, net, kind) {
+                out.conflicts.push(PrefixConflict {
+                    node: name.to_string(),
+                    prefix: net,
+                    with: ConflictWith::Policy(error),
+                });
+                continue;
+            }
+            let holder = match (local, kind) {
+                (true, _) => Holder::Local(name),
+                (false, ClaimKind::PodCidr) => Holder::Cidr(name),
+                (false, ClaimKind::PodIp) => Holder::PodIp {
+                    created: view
+                        .pod_ip_created
+                        .get(&net.addr())
+                        .copied()
+                        .unwrap_or(i64::MAX),
+                    node: name,
+                },
+            };
+            items.push((net, holder));
         }
     }
     // Prefixes are nested or disjoint. Sorted by (family, network, length), each prefix comes
@@ -356,8 +456,7 @@ fn assign_prefixes<'a>(
     items.sort();
     items.dedup();
     let mut dropped: BTreeSet<(IpNet, &str)> = BTreeSet::new();
-    let mut conflicts: BTreeMap<&str, Vec<PrefixConflict>> = BTreeMap::new();
-    let mut stack: Vec<(IpNet, Holder<'a>)> = Vec::new();
+    let mut stack: Vec<(IpNet, Holder<'_>)> = Vec::new();
     for (net, holder) in &items {
         while let Some((top, _)) = stack.last() {
             if top.contains(net) {
@@ -365,97 +464,127 @@ fn assign_prefixes<'a>(
             }
             stack.pop();
         }
-        for (outer, outer_holder) in &stack {
-            record_overlap(
-                (*outer, *outer_holder),
-                (*net, *holder),
-                &mut dropped,
-                &mut conflicts,
-            );
+        for outer in &stack {
+            record_overlap(*outer, (*net, *holder), &mut dropped, &mut out.conflicts);
         }
         stack.push((*net, *holder));
     }
-
-    let mut out = BTreeMap::new();
-    for (view, _) in accepted {
-        let name = view.name.as_str();
-        let mut kept: Vec<IpNet> = own_pod_prefixes(view)
-            .into_iter()
-            .filter(|net| !dropped.contains(&(*net, name)))
-            .collect();
-        kept.sort();
-        kept.dedup();
-        let mut node_conflicts = conflicts.remove(name).unwrap_or_default();
-        node_conflicts.sort();
-        node_conflicts.dedup();
-        out.insert(name, (kept, node_conflicts));
+    for (net, holder) in items {
+        if matches!(holder, Holder::Address(_)) || dropped.contains(&(net, holder.node())) {
+            continue;
+        }
+        out.accepted
+            .entry(holder.node().to_string())
+            .or_default()
+            .push(net);
     }
+    for prefixes in out.accepted.values_mut() {
+        prefixes.sort();
+        prefixes.dedup();
+    }
+    out.conflicts.sort();
+    out.conflicts.dedup();
     out
 }
 
-/// A peer's podCIDRs (host bits cleared) plus host prefixes for pod IPs outside them, without
+/// A node's podCIDRs (host bits cleared) plus host prefixes for pod IPs outside them, without
 /// prefixes nested inside another of its own.
-fn own_pod_prefixes(view: &NodeView) -> Vec<IpNet> {
-    let mut nets: Vec<IpNet> = view.pod_cidrs.iter().map(IpNet::trunc).collect();
+fn own_pod_prefixes(view: &NodeView) -> Vec<(IpNet, ClaimKind)> {
+    let mut nets: Vec<(IpNet, ClaimKind)> = view
+        .pod_cidrs
+        .iter()
+        .map(|n| (n.trunc(), ClaimKind::PodCidr))
+        .collect();
     for ip in &view.pod_ips {
-        nets.push(IpNet::from(*ip));
+        nets.push((IpNet::from(*ip), ClaimKind::PodIp));
     }
     nets.sort();
-    nets.dedup();
-    let mut out: Vec<IpNet> = Vec::new();
-    for net in nets {
+    nets.dedup_by(|a, b| a.0 == b.0);
+    let mut out: Vec<(IpNet, ClaimKind)> = Vec::new();
+    for (net, kind) in nets {
         // Sorted: a containing prefix of the same family sorts before what it contains.
-        if !out.iter().any(|outer| outer.contains(&net)) {
-            out.push(net);
+        if !out.iter().any(|(outer, _)| outer.contains(&net)) {
+            out.push((net, kind));
         }
     }
     out
 }
 
+/// Applies the rules of [`pod_claims`] to one pair of overlapping prefixes (`outer` contains
+/// `inner`).
 fn record_overlap<'a>(
     outer: (IpNet, Holder<'a>),
     inner: (IpNet, Holder<'a>),
     dropped: &mut BTreeSet<(IpNet, &'a str)>,
-    conflicts: &mut BTreeMap<&'a str, Vec<PrefixConflict>>,
+    conflicts: &mut Vec<PrefixConflict>,
 ) {
-    let owner = |h: Holder<'a>| match h {
-        Holder::Peer(n) | Holder::Local(n) | Holder::Address(n) => n,
-    };
-    if owner(outer.1) == owner(inner.1) {
-        // A node's own prefixes nest harmlessly, and a node's pod prefix containing its own
-        // address is handled below only for addresses.
-        if !matches!((outer.1, inner.1), (Holder::Peer(_), Holder::Address(_))) {
-            return;
-        }
-    }
     let mut drop = |victim: (IpNet, Holder<'a>), other: (IpNet, Holder<'a>)| {
-        let Holder::Peer(node) = victim.1 else {
-            return;
+        let node = match victim.1 {
+            Holder::Cidr(n) | Holder::PodIp { node: n, .. } => n,
+            Holder::Address(_) | Holder::Local(_) => return,
         };
         let with = match other.1 {
             Holder::Address(n) => ConflictWith::NodeAddress {
                 node: n.to_string(),
                 address: other.0.addr(),
             },
-            Holder::Peer(n) | Holder::Local(n) => ConflictWith::Prefix {
-                node: n.to_string(),
-                prefix: other.0,
-            },
+            Holder::PodIp { node: n, .. } if matches!(victim.1, Holder::PodIp { .. }) => {
+                ConflictWith::DuplicatePodIp {
+                    node: n.to_string(),
+                }
+            }
+            Holder::Local(n) | Holder::Cidr(n) | Holder::PodIp { node: n, .. } => {
+                ConflictWith::Prefix {
+                    node: n.to_string(),
+                    prefix: other.0,
+                }
+            }
         };
         dropped.insert((victim.0, node));
-        conflicts.entry(node).or_default().push(PrefixConflict {
+        conflicts.push(PrefixConflict {
             node: node.to_string(),
             prefix: victim.0,
             with,
         });
     };
+    if outer.1.node() == inner.1.node() {
+        // A node's own prefixes nest harmlessly; only its pod prefix containing (or equal to) its
+        // own address is dropped (hostNetwork pod IPs).
+        match (outer.1, inner.1) {
+            (_, Holder::Address(_)) => drop(outer, inner),
+            (Holder::Address(_), _) => drop(inner, outer),
+            _ => {}
+        }
+        return;
+    }
     match (outer.1, inner.1) {
         // Addresses are sentinels: only the prefix containing one is dropped.
         (_, Holder::Address(_)) => drop(outer, inner),
         (Holder::Address(_), _) => drop(inner, outer),
-        _ => {
+        (Holder::Local(_), _) => drop(inner, outer),
+        (_, Holder::Local(_)) => drop(outer, inner),
+        (Holder::Cidr(_), Holder::Cidr(_)) => {
             drop(outer, inner);
             drop(inner, outer);
+        }
+        (Holder::Cidr(_), Holder::PodIp { .. }) => drop(inner, outer),
+        (Holder::PodIp { .. }, Holder::Cidr(_)) => drop(outer, inner),
+        (
+            Holder::PodIp {
+                created: a,
+                node: na,
+            },
+            Holder::PodIp {
+                created: b,
+                node: nb,
+            },
+        ) => {
+            // Equal host prefixes: the younger claim loses.
+            if (a, na) < (b, nb) {
+                drop(inner, outer);
+            } else {
+                drop(outer, inner);
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The agent's local HTTP server: `/healthz` (the datapath is alive: fails while the device process
 //! is gone or its link was deleted; not while the agent is still starting), `/readyz` (converged:
-//! caches synced, the last pass without error, every wanted peer configured, the device alive), `/metrics` (Prometheus text format) and `/status` (this node's
-//! [`NodeReport`](crate::report::NodeReport) as JSON) and `/flows` (the eBPF flow table as JSON,
+//! caches synced, the last pass without error, every wanted peer configured, the device alive),
+//! `/metrics` (Prometheus text format) and `/status` (this node's
+//! [`NodeReport`](crate::nodestatus::NodeReport) as JSON) and `/flows` (the eBPF flow table as JSON,
 //! `{"flows":[...]}`, most recently seen first).
 
 use std::{net::SocketAddr, sync::Arc};

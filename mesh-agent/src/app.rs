@@ -156,7 +156,11 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
     });
     let notify = Arc::new(Notify::new());
     let steer_notify = Arc::new(Notify::new());
-    let watchers = watchers(&client, notify.clone(), steer_notify.clone());
+    let mut watchers = watchers(&client, notify.clone(), steer_notify.clone());
+    // A deleted MeshEncryption keeps the last spec (issue 13, finding 8); a corrupt memory
+    // stops the agent rather than silently turning the mesh off.
+    let memory = crate::settings::SettingsMemory::open(&config.state_dir)?;
+    watchers.caches = watchers.caches.with_settings_memory(Arc::new(memory));
     let flows = Steering::flow_table(config.flow_table_size);
     let (snapshot_tx, snapshot_rx) = watch::channel(MeshSnapshot::default());
     let shared_report: SharedReport = SharedReport::default();
@@ -225,7 +229,8 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
         metrics,
         config.status_interval,
         shared_report,
-    );
+    )
+    .with_per_peer_metrics(config.per_peer_metrics);
     let reporter = match config.ebpf {
         EbpfChoice::Auto => reporter.with_ebpf(steering.report()),
         EbpfChoice::Off => reporter,

@@ -114,8 +114,8 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_PERSISTENT_KEEPALIVE", default_value_t = 25)]
     pub persistent_keepalive: u16,
 
-    /// How often the agent refreshes its status annotation on its own Node (seconds); it also
-    /// writes at once when the peer count changes, but never more often than every 2 seconds.
+    /// How often the agent refreshes the status of its `MeshNode` (seconds); it also writes at
+    /// once when the peer count changes, but never more often than every 2 seconds.
     #[arg(long, env = "WIREMESH_STATUS_INTERVAL", default_value_t = 30)]
     pub status_interval_secs: u64,
 
@@ -145,6 +145,12 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_FLOW_TABLE_SIZE", default_value_t = 4096)]
     pub flow_table_size: usize,
 
+    /// Also export one handshake-time series per peer node
+    /// (`wiremesh_peer_last_handshake_timestamp_seconds{peer}`). Off by default: N agents times
+    /// N-1 peers is N² series for the cluster's Prometheus; the bounded
+    /// `wiremesh_peers_by_handshake_age{age}` is always there.
+    #[arg(long, env = "WIREMESH_PER_PEER_METRICS", default_value_t = false)]
+    pub per_peer_metrics: bool,
     /// Stand for election as the cluster's key-rotation coordinator (a Lease among the agents).
     #[arg(long, env = "WIREMESH_COORDINATOR", default_value_t = true, action = clap::ArgAction::Set)]
     pub coordinator: bool,
@@ -219,6 +225,7 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub ebpf: EbpfChoice,
     pub flow_table_size: usize,
+    pub per_peer_metrics: bool,
     pub coordinator: bool,
     pub lease_namespace: String,
     pub coordinator_kubeconfig: Option<PathBuf>,
@@ -291,6 +298,7 @@ impl Config {
             bpffs: args.bpffs,
             ebpf: args.ebpf,
             flow_table_size: args.flow_table_size.max(1),
+            per_peer_metrics: args.per_peer_metrics,
             coordinator: args.coordinator,
             lease_namespace: args.lease_namespace,
             coordinator_kubeconfig: args.coordinator_kubeconfig,

@@ -2,8 +2,12 @@
 //! (events.k8s.io/v1 through kube's Recorder) and a metric. Reconciles run often; a broken node
 //! must not produce an Event per pass, so [`RejectionTracker`] reports a problem only when it
 //! appears or changes, and forgets it once the node is fixed (a later breakage is news again).
+//!
+//! Every agent sees the same bad remote object; only one of them reports it (issue 13, finding
+//! 13): [`is_emitter`] picks the same agent on every node. Events are published by a background
+//! task ([`EventSender`]), so a slow API server never holds up a reconcile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
@@ -47,6 +51,15 @@ impl RejectionTracker {
     /// Takes the full list of current problems and returns those not reported before (new, or with
     /// a different message). Problems that are gone are forgotten.
     pub fn observe(&mut self, current: &[Problem]) -> Vec<Problem> {
+        self.observe_changes(current).0
+    }
+
+    /// [`RejectionTracker::observe`], also returning the (node, kind, reason) of problems that
+    /// were reported before and are gone now (fixed, or the node deleted).
+    pub fn observe_changes(
+        &mut self,
+        current: &[Problem],
+    ) -> (Vec<Problem>, Vec<(String, ProblemKind, String)>) {
         let mut fresh = Vec::new();
         let mut next = BTreeMap::new();
         for problem in current {
@@ -56,8 +69,69 @@ impl RejectionTracker {
             }
             next.insert(key, problem.message.clone());
         }
+        let gone = self
+            .reported
+            .keys()
+            .filter(|k| !next.contains_key(*k))
+            .cloned()
+            .collect();
         self.reported = next;
-        fresh
+        (fresh, gone)
+    }
+}
+
+/// Whether this agent (`own`) is the one that reports problems about `concerned`: the
+/// lowest-named node other than `concerned` among this node and `healthy` (the nodes this agent
+/// peers with). Every agent with the same caches computes the same answer, so each bad object
+/// gets one Event cluster-wide instead of one per agent; the node at fault never reports itself
+/// (its agent may be the one that is broken).
+pub fn is_emitter<'a>(
+    own: &'a str,
+    concerned: &str,
+    healthy: impl IntoIterator<Item = &'a str>,
+) -> bool {
+    let candidates: BTreeSet<&str> = healthy
+        .into_iter()
+        .chain(std::iter::once(own))
+        .filter(|n| *n != concerned)
+        .collect();
+    candidates.first() == Some(&own)
+}
+
+/// Most Events waiting for the background publisher; more are dropped (and logged).
+const EVENT_QUEUE: usize = 256;
+
+/// The reconciler's handle on the background Event publisher. See the module docs.
+#[derive(Clone)]
+pub struct EventSender {
+    queue: tokio::sync::mpsc::Sender<(Problem, Option<String>)>,
+}
+
+impl EventSender {
+    /// Spawns the publisher task on the current runtime; it ends when every sender is dropped.
+    pub fn spawn(events: NodeEvents, timeout: std::time::Duration) -> Self {
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<(Problem, Option<String>)>(EVENT_QUEUE);
+        tokio::spawn(async move {
+            while let Some((problem, uid)) = rx.recv().await {
+                match tokio::time::timeout(timeout, events.publish(&problem, uid)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(node = %problem.node, %error, "could not record Event");
+                    }
+                    Err(_) => {
+                        tracing::warn!(node = %problem.node, "recording the Event timed out");
+                    }
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Queues an Event; never waits.
+    pub fn send(&self, problem: Problem, uid: Option<String>) {
+        if let Err(error) = self.queue.try_send((problem, uid)) {
+            tracing::warn!(%error, "Event queue full or closed; Event dropped");
+        }
     }
 }
 
@@ -185,6 +259,42 @@ mod tests {
             other.clone(),
         ]);
         assert_eq!(fresh, vec![other]);
+    }
+
+    #[test]
+    fn exactly_one_agent_reports_a_bad_node() {
+        // Issue 13, finding 13: on main every agent published the Event (N copies).
+        let healthy = ["node-1", "node-2", "node-4"];
+        let emitters: Vec<&str> = ["node-1", "node-2", "node-4"]
+            .into_iter()
+            .filter(|own| {
+                let peers = healthy.iter().copied().filter(|n| n != own);
+                is_emitter(own, "node-3", peers)
+            })
+            .collect();
+        assert_eq!(emitters, ["node-1"]);
+        // The node at fault is never its own reporter; the next one is.
+        let peers = ["node-2", "node-3"];
+        assert!(!is_emitter("node-1", "node-1", peers));
+        assert!(is_emitter("node-2", "node-1", ["node-1", "node-3"]));
+    }
+
+    #[test]
+    fn fixed_problems_are_returned_as_gone() {
+        let mut tracker = RejectionTracker::default();
+        let bad = problem("n3", "InvalidPublicKeyBase64", "bad base64");
+        let (fresh, gone) = tracker.observe_changes(std::slice::from_ref(&bad));
+        assert_eq!((fresh.len(), gone.len()), (1, 0));
+        let (fresh, gone) = tracker.observe_changes(&[]);
+        assert!(fresh.is_empty());
+        assert_eq!(
+            gone,
+            [(
+                "n3".to_string(),
+                ProblemKind::Rejected,
+                "InvalidPublicKeyBase64".to_string()
+            )]
+        );
     }
 
     #[test]

@@ -59,3 +59,16 @@ pub fn pod(name: &str, node: &str, ip: &str, (key, value): (&str, &str)) -> Arc<
         }),
     })
 }
+
+/// The pod claims the reconciler would decide for `own` with the default address policy.
+pub fn claims(
+    own: &str,
+    nodes: &[std::sync::Arc<k8s_openapi::api::core::v1::Node>],
+    pods: &[std::sync::Arc<k8s_openapi::api::core::v1::Pod>],
+) -> wiremesh_keyexchange::PodClaims {
+    let views = crate::views::node_views(
+        nodes.iter().map(|n| n.as_ref()),
+        pods.iter().map(|p| p.as_ref()),
+    );
+    wiremesh_keyexchange::pod_claims(own, &wiremesh_keyexchange::AddressPolicy::default(), &views)
+}

@@ -21,6 +21,12 @@ pub struct InvalidAnnotationLabels {
     pub reason: String,
 }
 
+/// Labels of [`Metrics::pod_claims_refused`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 /// Labels of [`Metrics::reconciles`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -31,6 +37,12 @@ pub struct ResultLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
+}
+
+/// Labels of [`Metrics::peers_by_handshake_age`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgeLabels {
+    pub age: &'static str,
 }
 
 /// Labels of [`Metrics::ebpf_errors`].
@@ -75,8 +87,15 @@ pub struct RepairLabels {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     /// Times a distinct invalid annotation set of another node was seen (once per node and
-    /// rejected value, not once per reconcile).
+    /// rejected value, not once per reconcile). Only the agent that reports the node
+    /// ([`crate::events::is_emitter`]) exports it, and the series goes when the node is fixed or
+    /// gone: one series per broken node cluster-wide.
     pub invalid_annotations: Family<InvalidAnnotationLabels, Counter>,
+    /// Pod address claims refused or dropped (issue 13, findings 1 and 2), by Event reason.
+    pub pod_claims_refused: Family<ReasonLabels, Gauge>,
+    /// Peers by the age of their last handshake (`age`: `fresh` within 180 s, `stale`, `never`):
+    /// bounded, unlike the per-peer series behind `--per-peer-metrics`.
+    pub peers_by_handshake_age: Family<AgeLabels, Gauge>,
     /// Reconcile passes by outcome.
     pub reconciles: Family<ResultLabels, Counter>,
     /// Duration of reconcile passes.
@@ -99,10 +118,13 @@ pub struct Metrics {
     /// by a resync (peers or routes missing or changed behind the agent's back, a recreated device,
     /// another key on the device).
     pub datapath_repairs: Family<RepairLabels, Counter>,
-    /// Unix time of the last handshake with each peer node (absent: none yet).
+    /// Unix time of the last handshake with each peer node (absent: none yet). Only with
+    /// `--per-peer-metrics`: N agents times N-1 peers is N² series cluster-wide.
     pub peer_last_handshake: Family<PeerLabels, Gauge<f64, AtomicU64>>,
-    /// Writes of this node's annotations (key publication and status) to the API server.
+    /// Writes of this node's key annotations to its Node.
     pub node_patches: Family<ResultLabels, Counter>,
+    /// Writes of this node's `MeshNode` status.
+    pub status_writes: Family<ResultLabels, Counter>,
     /// 1 once the eBPF datapath is loaded.
     pub ebpf_loaded: Gauge,
     /// Local pods whose veth MTU exceeds the tunnel MTU (information: their packets too big for
@@ -143,6 +165,8 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self {
             invalid_annotations: Family::default(),
+            pod_claims_refused: Family::default(),
+            peers_by_handshake_age: Family::default(),
             reconciles: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
             peers_configured: Gauge::default(),
@@ -155,6 +179,7 @@ impl Metrics {
             datapath_repairs: Family::default(),
             peer_last_handshake: Family::default(),
             node_patches: Family::default(),
+            status_writes: Family::default(),
             ebpf_loaded: Gauge::default(),
             ebpf_strict: Gauge::default(),
             pods_mtu_above_tunnel: Gauge::default(),
@@ -176,6 +201,16 @@ impl Metrics {
             "invalid_annotations",
             "Invalid wiremesh annotations seen on other nodes (by node and reason)",
             metrics.invalid_annotations.clone(),
+        );
+        registry.register(
+            "pod_claims_refused",
+            "Pod address claims refused or dropped (outside the pod ranges, reserved, a node address, overlapping), by reason",
+            metrics.pod_claims_refused.clone(),
+        );
+        registry.register(
+            "peers_by_handshake_age",
+            "Configured peers by the age of their last handshake (fresh: within 180 s, stale, never)",
+            metrics.peers_by_handshake_age.clone(),
         );
         registry.register(
             "reconciles",
@@ -236,6 +271,11 @@ impl Metrics {
             "node_patches",
             "Patches of this node's annotations by result",
             metrics.node_patches.clone(),
+        );
+        registry.register(
+            "meshnode_status_writes",
+            "Writes of this node's MeshNode status by result",
+            metrics.status_writes.clone(),
         );
         metrics.register_ebpf(registry);
         metrics

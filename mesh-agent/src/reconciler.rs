@@ -25,16 +25,20 @@ use kube::{
     runtime::events::EventType,
 };
 use tokio::sync::{Notify, watch};
-use wiremesh_crds::MeshEncryption;
-use wiremesh_keyexchange::{PeerSet, PublicKey, desired_peers_with_local_keys};
+use wiremesh_crds::{MeshEncryption, MeshEncryptionSpecError};
+use wiremesh_keyexchange::{
+    AddressPolicy, PeerSet, PodClaims, PublicKey, desired_peers_with_claims, pod_claims,
+};
 
 use crate::{
     config::{DEFAULT_LISTEN_PORT, DatapathChoice},
     datapath::PeerConfig,
     drain::Drain,
-    events::{NodeEvents, Problem, ProblemKind, RejectionTracker},
+    events::{EventSender, NodeEvents, Problem, ProblemKind, RejectionTracker, is_emitter},
     mesh::{ApplyOutcome, Mesh, Wanted, WantedPeer},
-    metrics::{DatapathLabels, InvalidAnnotationLabels, Metrics, RepairLabels, ResultLabels},
+    metrics::{
+        DatapathLabels, InvalidAnnotationLabels, Metrics, ReasonLabels, RepairLabels, ResultLabels,
+    },
     routes::Routes,
     select::{DatapathSlot, SelectError, Selection, Selector, effective_choice},
     views::{PublishError, missing_annotations, node_addresses, node_views, own_annotations},
@@ -72,6 +76,8 @@ pub enum ReconcileError {
     PatchOwnNodeTimeout { node: String },
     #[error("{count} step(s) failed, first: {first}")]
     Apply { count: usize, first: String },
+    #[error("MeshEncryption default is unusable, keeping the current mesh: {0}")]
+    Spec(#[from] MeshEncryptionSpecError),
     #[error(transparent)]
     Select(#[from] SelectError),
 }
@@ -88,8 +94,12 @@ pub struct PlanSettings {
 /// Everything a pass decides, before touching anything.
 #[derive(Debug)]
 pub struct Plan {
-    /// `MeshEncryption default` exists with `enabled: true`.
+    /// `MeshEncryption default` (or the remembered spec) steers traffic: `enabled: true` and a
+    /// mode other than `Disabled`.
     pub enabled: bool,
+    /// The pod prefixes every node may hold (allowed IPs, routes and ENCRYPT ipcache entries all
+    /// come from this one decision).
+    pub claims: Arc<PodClaims>,
     pub wanted: Wanted,
     /// The full peer set, also when the mesh is disabled (for status only).
     pub peer_set: PeerSet,
@@ -117,7 +127,12 @@ pub fn plan(
             node: settings.node_name.clone(),
         })?;
     let spec = mesh_encryption.map(|m| &m.spec);
-    let enabled = spec.is_some_and(|s| s.enabled);
+    // `mode: Disabled` steers nothing: no peers, no routes (issue 13, finding 8).
+    let enabled = spec.is_some_and(|s| s.steers_traffic());
+    let policy = match spec {
+        Some(spec) => AddressPolicy::new(&spec.pod_cidrs()?, &spec.service_cidrs()?),
+        None => AddressPolicy::default(),
+    };
     let listen_port = settings
         .listen_port
         .or(spec.map(|s| s.listen_port))
@@ -140,7 +155,8 @@ pub fn plan(
         nodes.iter().map(|n| n.as_ref()),
         pods.iter().map(|p| p.as_ref()),
     );
-    let peer_set = desired_peers_with_local_keys(&settings.node_name, &[*local_key], &views);
+    let claims = pod_claims(&settings.node_name, &policy, &views);
+    let peer_set = desired_peers_with_claims(&settings.node_name, &[*local_key], &views, &claims);
 
     let keepalive = Some(settings.persistent_keepalive).filter(|k| *k > 0);
     let peers = if enabled {
@@ -168,6 +184,7 @@ pub fn plan(
     };
     Ok(Plan {
         enabled,
+        claims: Arc::new(claims),
         wanted: Wanted {
             enabled,
             peers,
@@ -179,6 +196,31 @@ pub fn plan(
         own_patch,
         own_address,
     })
+}
+
+/// Why the settings in force differ from `MeshEncryption default` as written (condition reason,
+/// message), for the `SettingsApplied` condition; `None`: applied as written.
+pub fn settings_problem(
+    mesh_encryption: Option<&MeshEncryption>,
+    remembered: bool,
+) -> Option<(String, String)> {
+    let spec = &mesh_encryption?.spec;
+    if remembered {
+        return Some((
+            crate::settings::REASON_REMEMBERED.to_string(),
+            format!(
+                "MeshEncryption default is gone; keeping the last spec this node applied (enabled: {}, mode: {:?}) until an object says otherwise",
+                spec.enabled, spec.mode
+            ),
+        ));
+    }
+    if spec.node_encryption {
+        return Some((
+            "NodeEncryptionNotImplemented".to_string(),
+            "spec.nodeEncryption: true is not implemented: host-to-host traffic is not encrypted (pod traffic is)".to_string(),
+        ));
+    }
+    None
 }
 
 /// Skipped nodes and dropped prefixes as reportable problems.
@@ -219,6 +261,11 @@ pub struct MeshSnapshot {
     pub rejected: Vec<(String, String)>,
     /// The last pass's error.
     pub error: Option<String>,
+    /// The pod prefixes each node may hold, as the last pass decided (for the ipcache).
+    pub claims: Arc<PodClaims>,
+    /// Why `MeshEncryption default` is not applied exactly as written: (condition reason,
+    /// message). `None`: applied.
+    pub settings_problem: Option<(String, String)>,
     /// The device the agent drives and why (None until one is selected).
     pub datapath: Option<Selection>,
 }
@@ -251,8 +298,13 @@ pub struct Reconciler<R: Routes> {
     nodes_api: Api<Node>,
     mesh: Mesh<R>,
     routes: Arc<R>,
-    events: NodeEvents,
+    /// Problems with remote objects, published in the background.
+    events: EventSender,
+    /// Events about this node itself (datapath selection, device key), awaited with a deadline.
+    own_events: NodeEvents,
     tracker: RejectionTracker,
+    /// Reasons of the `pod_claims_refused` series last set (to zero the ones that went away).
+    claim_reasons: Vec<String>,
     metrics: Metrics,
     snapshot: watch::Sender<MeshSnapshot>,
     notify: Arc<Notify>,
@@ -282,7 +334,12 @@ impl<R: Routes> Reconciler<R> {
         datapath: DatapathControl,
     ) -> Self {
         Self {
-            events: NodeEvents::new(client.clone(), &settings.node_name),
+            events: EventSender::spawn(
+                NodeEvents::new(client.clone(), &settings.node_name),
+                API_WRITE_TIMEOUT,
+            ),
+            own_events: NodeEvents::new(client.clone(), &settings.node_name),
+            claim_reasons: Vec::new(),
             nodes_api: Api::all(client),
             settings,
             local_key,
@@ -376,7 +433,8 @@ impl<R: Routes> Reconciler<R> {
     async fn reconcile_once(&mut self) -> Result<(), ReconcileError> {
         let nodes = self.caches.nodes.state();
         let pods = self.caches.pods.state();
-        let mesh_encryption = self.caches.mesh_encryption();
+        let (mesh_encryption, remembered) = self.caches.mesh_encryption_effective();
+        let settings_problem = settings_problem(mesh_encryption.as_deref(), remembered);
 
         // The underlay MTU only matters when neither flag nor spec sets the MTU; look it up once
         // per address.
@@ -478,7 +536,7 @@ impl<R: Routes> Reconciler<R> {
         }
         self.report_device_changes(&outcome, &nodes).await;
 
-        self.report_problems(&plan, &nodes).await;
+        self.report_problems(&plan, &nodes);
 
         let configured: Vec<(String, PublicKey)> = plan
             .wanted
@@ -508,6 +566,8 @@ impl<R: Routes> Reconciler<R> {
             s.datapath = selection;
             s.reconciled = true;
             s.enabled = plan.enabled;
+            s.claims = Arc::clone(&plan.claims);
+            s.settings_problem = settings_problem;
             s.expected = expected;
             s.configured = configured;
             s.rejected = plan
@@ -631,7 +691,7 @@ impl<R: Routes> Reconciler<R> {
     ) {
         let reference = self.own_reference(nodes);
         let publish = self
-            .events
+            .own_events
             .publish_on(&reference, type_, reason, note, action);
         match tokio::time::timeout(API_WRITE_TIMEOUT, publish).await {
             Ok(Ok(())) => {}
@@ -699,8 +759,54 @@ impl<R: Routes> Reconciler<R> {
         }
     }
 
-    async fn report_problems(&mut self, plan: &Plan, nodes: &[Arc<Node>]) {
-        for problem in self.tracker.observe(&plan.problems) {
+    /// Reports the problems this agent is the emitter of ([`is_emitter`]): one Event each
+    /// (queued, never awaited here) and an `invalid_annotations{node,reason}` series that is
+    /// removed once the problem is gone. Refused pod claims are also counted by reason on every
+    /// agent (`pod_claims_refused{reason}`: bounded, no per-node series).
+    fn report_problems(&mut self, plan: &Plan, nodes: &[Arc<Node>]) {
+        let mut by_reason: BTreeMap<String, i64> = BTreeMap::new();
+        for conflict in &plan.peer_set.conflicts {
+            *by_reason.entry(conflict.reason().to_string()).or_default() += 1;
+        }
+        for reason in self.claim_reasons.drain(..) {
+            if !by_reason.contains_key(&reason) {
+                self.metrics
+                    .pod_claims_refused
+                    .remove(&ReasonLabels { reason });
+            }
+        }
+        for (reason, count) in &by_reason {
+            self.metrics
+                .pod_claims_refused
+                .get_or_create(&ReasonLabels {
+                    reason: reason.clone(),
+                })
+                .set(*count);
+        }
+        self.claim_reasons = by_reason.into_keys().collect();
+
+        let own = self.settings.node_name.as_str();
+        let healthy: Vec<&str> = plan
+            .peer_set
+            .peers
+            .iter()
+            .map(|p| p.node.as_str())
+            .collect();
+        let mine: Vec<Problem> = plan
+            .problems
+            .iter()
+            .filter(|p| is_emitter(own, &p.node, healthy.iter().copied()))
+            .cloned()
+            .collect();
+        let (fresh, gone) = self.tracker.observe_changes(&mine);
+        for (node, kind, reason) in gone {
+            if kind == ProblemKind::Rejected {
+                self.metrics
+                    .invalid_annotations
+                    .remove(&InvalidAnnotationLabels { node, reason });
+            }
+        }
+        for problem in fresh {
             tracing::warn!(
                 node = %problem.node,
                 reason = %problem.reason,
@@ -720,14 +826,7 @@ impl<R: Routes> Reconciler<R> {
                 .iter()
                 .find(|n| n.metadata.name.as_deref() == Some(problem.node.as_str()))
                 .and_then(|n| n.metadata.uid.clone());
-            match tokio::time::timeout(API_WRITE_TIMEOUT, self.events.publish(&problem, uid)).await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    tracing::warn!(node = %problem.node, %error, "could not record Event");
-                }
-                Err(_) => tracing::warn!(node = %problem.node, "recording the Event timed out"),
-            }
+            self.events.send(problem, uid);
         }
     }
 }

@@ -1,31 +1,30 @@
 //! The status reporter task: joins the reconciler's [`MeshSnapshot`] with the device's live peer
-//! state (handshake times) into a [`NodeReport`], keeps the per-peer handshake metric current,
-//! serves the report to `/status`, and writes it to the `wiremesh.io/status` annotation of this
-//! node's own Node: at once (at most every [`MIN_WRITE_SPACING`]) when it changes materially,
-//! otherwise every status interval as a heartbeat. On drain it writes a last report saying the
-//! agent stopped, so `meshctl status` does not wait for the report to go stale.
+//! state (handshake times) into a [`NodeReport`], keeps the handshake metrics current (bounded by
+//! age; per peer only with `--per-peer-metrics`), serves the report to `/status`, and writes it
+//! as the status of this node's `MeshNode` ([`crate::nodestatus`]): at once (at most every
+//! [`MIN_WRITE_SPACING`]) when it changes materially, otherwise every status interval as a
+//! heartbeat. Nothing is written to the Node object, so no agent's Node watch wakes up. On drain
+//! it writes a last report saying the agent stopped, so `meshctl status` does not wait for the
+//! report to go stale.
 
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
-use k8s_openapi::api::core::v1::Node;
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams},
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Client;
 use tokio::sync::watch;
 
 use crate::{
     datapath::{Datapath, DeviceStatus},
     drain::Drain,
-    metrics::{Metrics, PeerLabels, ResultLabels},
-    reconciler::{API_WRITE_TIMEOUT, FIELD_MANAGER, MeshSnapshot},
-    report::{
-        ANNOTATION_STATUS, EbpfReport, NodeReport, PeerReport, REPORT_VERSION, RejectedReport,
-        unix_seconds,
+    metrics::{AgeLabels, Metrics, PeerLabels, ResultLabels},
+    nodestatus::{
+        CONDITION_SETTINGS_APPLIED, EbpfReport, HANDSHAKE_FRESH, NodeReport, NodeStatusWriter,
+        PeerReport, REPORT_VERSION, RejectedReport, unix_seconds,
     },
+    reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
 };
 
 /// Minimum time between two writes of the status annotation.
@@ -93,14 +92,41 @@ pub fn build_report(
             .collect(),
         error: device_error.or_else(|| snapshot.error.clone()),
         ebpf: None,
+        conditions: vec![settings_condition(snapshot, now)],
+    }
+}
+
+/// The `SettingsApplied` condition: `True` when `MeshEncryption default` is applied as written,
+/// `False` naming what is refused or that a remembered spec is in force.
+fn settings_condition(snapshot: &MeshSnapshot, now: SystemTime) -> Condition {
+    let (status, reason, message) = match &snapshot.settings_problem {
+        None => (
+            "True",
+            "Applied".to_string(),
+            "MeshEncryption default is applied".to_string(),
+        ),
+        Some((reason, message)) => ("False", reason.clone(), message.clone()),
+    };
+    Condition {
+        type_: CONDITION_SETTINGS_APPLIED.to_string(),
+        status: status.to_string(),
+        reason,
+        message,
+        observed_generation: None,
+        last_transition_time: Time(
+            k8s_openapi::jiff::Timestamp::from_second(
+                i64::try_from(unix_seconds(now)).unwrap_or(0),
+            )
+            .unwrap_or_default(),
+        ),
     }
 }
 
 /// See the module docs.
 pub struct StatusReporter {
-    node_name: String,
     datapath: Arc<dyn Datapath>,
-    nodes_api: Api<Node>,
+    writer: NodeStatusWriter,
+    per_peer_metrics: bool,
     snapshot: watch::Receiver<MeshSnapshot>,
     metrics: Metrics,
     interval: Duration,
@@ -121,9 +147,9 @@ impl StatusReporter {
         shared: SharedReport,
     ) -> Self {
         Self {
-            node_name,
+            writer: NodeStatusWriter::new(client, &node_name),
+            per_peer_metrics: false,
             datapath,
-            nodes_api: Api::all(client),
             snapshot,
             metrics,
             interval,
@@ -132,6 +158,12 @@ impl StatusReporter {
             handshake_peers: Vec::new(),
             ebpf: None,
         }
+    }
+
+    /// Also exports one handshake series per peer (`--per-peer-metrics`).
+    pub fn with_per_peer_metrics(mut self, on: bool) -> Self {
+        self.per_peer_metrics = on;
+        self
     }
 
     /// Includes the eBPF datapath's state (from the steering task) in every report.
@@ -158,8 +190,23 @@ impl StatusReporter {
     }
 
     fn update_metrics(&mut self, report: &NodeReport) {
-        let mut seen = Vec::new();
+        let mut ages: [(&'static str, i64); 3] = [("fresh", 0), ("stale", 0), ("never", 0)];
         for peer in &report.peers {
+            let slot = match peer.last_handshake {
+                None => 2,
+                Some(at) if report.updated_at.saturating_sub(at) <= HANDSHAKE_FRESH.as_secs() => 0,
+                Some(_) => 1,
+            };
+            ages[slot].1 += 1;
+        }
+        for (age, count) in ages {
+            self.metrics
+                .peers_by_handshake_age
+                .get_or_create(&AgeLabels { age })
+                .set(count);
+        }
+        let mut seen = Vec::new();
+        for peer in report.peers.iter().filter(|_| self.per_peer_metrics) {
             if let Some(at) = peer.last_handshake {
                 let labels = PeerLabels {
                     peer: peer.node.clone(),
@@ -191,15 +238,7 @@ impl StatusReporter {
     }
 
     async fn write(&mut self, report: &NodeReport) -> Result<(), String> {
-        let body = serde_json::json!({
-            "metadata": { "annotations": { ANNOTATION_STATUS: report.to_annotation() } }
-        });
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.to_string()),
-            ..PatchParams::default()
-        };
-        let patch = Patch::Merge(&body);
-        let call = self.nodes_api.patch(&self.node_name, &params, &patch);
+        let call = self.writer.write(report);
         let (result, label) = match tokio::time::timeout(API_WRITE_TIMEOUT, call).await {
             Ok(Ok(_)) => (Ok(()), "ok"),
             Ok(Err(error)) => (Err(error.to_string()), "error"),
@@ -209,7 +248,7 @@ impl StatusReporter {
             ),
         };
         self.metrics
-            .node_patches
+            .status_writes
             .get_or_create(&ResultLabels { result: label })
             .inc();
         result
@@ -236,7 +275,7 @@ impl StatusReporter {
                     }
                     Err(error) => {
                         if !failures_logged {
-                            tracing::warn!(%error, "could not write the status annotation");
+                            tracing::warn!(%error, "could not write the MeshNode status");
                             failures_logged = true;
                         }
                     }
@@ -297,6 +336,7 @@ mod tests {
                 reason: "no-kernel-module",
                 message: "auto: no wireguard kernel module".into(),
             }),
+            ..MeshSnapshot::default()
         };
         let peer = |key, hs: Option<u64>| PeerStatus {
             public_key: key,

@@ -58,8 +58,8 @@ use crate::{
     events::NodeEvents,
     flows::{FlowTable, Names, SharedFlows, SharedNames},
     metrics::{InvalidObjectLabels, MapLabels, Metrics, ResultLabels, StageLabels, VerdictLabels},
+    nodestatus::EbpfReport,
     reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
-    report::EbpfReport,
     watch::Caches,
 };
 
@@ -523,6 +523,7 @@ impl Steering {
                 &pods,
                 &compiled.endpoints,
                 &encrypted,
+                &snapshot.claims,
             );
             desired = Some((compiled, ipcache));
         }

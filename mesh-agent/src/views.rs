@@ -94,14 +94,24 @@ pub fn node_views<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
 ) -> Vec<NodeView> {
     let mut pod_ips: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
+    let mut created: BTreeMap<&str, BTreeMap<IpAddr, i64>> = BTreeMap::new();
     for pod in pods {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
             continue;
         };
-        pod_ips
-            .entry(node)
-            .or_default()
-            .extend(pod_network_ips(pod));
+        let ips = pod_network_ips(pod);
+        // The oldest pod holding an address decides a duplicate claim; unknown: the newest.
+        let at = pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(i64::MAX, |t| t.0.as_second());
+        let node_created = created.entry(node).or_default();
+        for ip in &ips {
+            let entry = node_created.entry(*ip).or_insert(at);
+            *entry = (*entry).min(at);
+        }
+        pod_ips.entry(node).or_default().extend(ips);
     }
     let mut views: Vec<NodeView> = nodes
         .into_iter()
@@ -115,6 +125,7 @@ pub fn node_views<'a>(
                     .get(name.as_str())
                     .map(|ips| ips.iter().copied().collect())
                     .unwrap_or_default(),
+                pod_ip_created: created.remove(name.as_str()).unwrap_or_default(),
                 name,
             })
         })

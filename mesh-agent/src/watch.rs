@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption};
 
-use crate::drain::Drain;
+use crate::{drain::Drain, settings::SettingsMemory};
 
 /// The prefix of every annotation the mesh reads from Nodes.
 const ANNOTATION_PREFIX: &str = "wiremesh.io/";
@@ -43,6 +43,9 @@ pub struct Caches {
     pub namespaces: Store<Namespace>,
     /// NetworkPolicies of all namespaces.
     pub policies: Store<NetworkPolicy>,
+    /// The last spec applied, standing in for a deleted `MeshEncryption default`
+    /// ([`crate::settings`]); `None`: a missing object means off (tests).
+    pub settings: Option<Arc<SettingsMemory>>,
 }
 
 impl Caches {
@@ -65,10 +68,27 @@ impl Caches {
         );
     }
 
-    /// `MeshEncryption default`, if it exists.
+    /// The `MeshEncryption default` to apply: the object, or while it is missing the last spec
+    /// this node applied (see [`crate::settings`]).
     pub fn mesh_encryption(&self) -> Option<Arc<MeshEncryption>> {
-        self.mesh_encryption
-            .find(|m| m.metadata.name.as_deref() == Some(MESH_ENCRYPTION_NAME))
+        self.mesh_encryption_effective().0
+    }
+
+    /// [`Caches::mesh_encryption`], and whether it is the remembered spec of a missing object.
+    pub fn mesh_encryption_effective(&self) -> (Option<Arc<MeshEncryption>>, bool) {
+        let live = self
+            .mesh_encryption
+            .find(|m| m.metadata.name.as_deref() == Some(MESH_ENCRYPTION_NAME));
+        match &self.settings {
+            Some(memory) => memory.effective(live),
+            None => (live, false),
+        }
+    }
+
+    /// Uses `memory` for a missing `MeshEncryption default`.
+    pub fn with_settings_memory(mut self, memory: Arc<SettingsMemory>) -> Self {
+        self.settings = Some(memory);
+        self
     }
 }
 
@@ -215,6 +235,7 @@ pub fn watchers(client: &Client, notify: Arc<Notify>, steer: Arc<Notify>) -> Wat
             mesh_encryption,
             namespaces,
             policies,
+            settings: None,
         },
         tasks,
     }

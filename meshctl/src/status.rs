@@ -1,6 +1,6 @@
 //! `meshctl status`: the mesh as the API server shows it, with nothing but a kubeconfig. Each
 //! node's key fingerprint and generation come from its key annotations; peers, handshakes and the
-//! datapath from the [`NodeReport`] its agent keeps in `wiremesh.io/status`. The mesh is
+//! datapath from the [`NodeReport`] its agent keeps in the status of its `MeshNode`. The mesh is
 //! converged when `MeshEncryption default` is enabled and every node has a valid key, a fresh
 //! report from a ready agent, and a configured peer with a recent handshake for every other valid
 //! node, under the key that node publishes.
@@ -15,7 +15,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, api::ListParams};
-use mesh_agent::report::{ANNOTATION_STATUS, HANDSHAKE_FRESH, NodeReport, unix_seconds};
+use mesh_agent::nodestatus::{HANDSHAKE_FRESH, MeshNode, NodeReport, unix_seconds};
 use serde::Serialize;
 use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption};
 use wiremesh_keyexchange::{AnnotationError, NodeAnnotations};
@@ -25,6 +25,8 @@ use wiremesh_keyexchange::{AnnotationError, NodeAnnotations};
 pub enum StatusError {
     #[error("list Nodes: {0}")]
     ListNodes(#[source] kube::Error),
+    #[error("list MeshNodes (is the meshnodes.wiremesh.io CRD installed?): {0}")]
+    ListMeshNodes(#[source] kube::Error),
     #[error("get MeshEncryption {MESH_ENCRYPTION_NAME}: {0}")]
     GetMeshEncryption(#[source] kube::Error),
 }
@@ -108,6 +110,25 @@ pub async fn collect(client: &Client) -> Result<MeshStatus, StatusError> {
         .await
         .map_err(StatusError::ListNodes)?
         .items;
+    let reports: BTreeMap<String, NodeReport> = Api::<MeshNode>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(StatusError::ListMeshNodes)?
+        .items
+        .into_iter()
+        .filter_map(|m| Some((m.metadata.name?, m.status?)))
+        .collect();
+    let nodes: Vec<(Node, Option<NodeReport>)> = nodes
+        .into_iter()
+        .map(|n| {
+            let report = n
+                .metadata
+                .name
+                .as_ref()
+                .and_then(|name| reports.get(name).cloned());
+            (n, report)
+        })
+        .collect();
     let mesh_encryption = Api::<MeshEncryption>::all(client.clone())
         .get_opt(MESH_ENCRYPTION_NAME)
         .await
@@ -130,9 +151,10 @@ fn addresses(node: &Node) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Pure evaluation of the mesh status (see the module docs).
+/// Pure evaluation of the mesh status (see the module docs): each Node with the status of its
+/// `MeshNode`, if any.
 pub fn evaluate(
-    nodes: &[Node],
+    nodes: &[(Node, Option<NodeReport>)],
     mesh_encryption: Option<&MeshEncryption>,
     now: SystemTime,
 ) -> MeshStatus {
@@ -154,7 +176,7 @@ pub fn evaluate(
     // Key annotations of every node, validated as the agents validate them.
     let parsed: BTreeMap<String, Result<NodeAnnotations, AnnotationError>> = nodes
         .iter()
-        .filter_map(|n| {
+        .filter_map(|(n, _)| {
             let name = n.metadata.name.clone()?;
             let annotations = n.metadata.annotations.clone().unwrap_or_default();
             Some((name, NodeAnnotations::parse(&annotations, &addresses(n))))
@@ -167,10 +189,10 @@ pub fn evaluate(
 
     let mut views: Vec<NodeView> = nodes
         .iter()
-        .filter_map(|node| {
+        .filter_map(|(node, report)| {
             let name = node.metadata.name.clone()?;
             Some(evaluate_node(
-                node,
+                report.as_ref(),
                 &name,
                 &parsed[&name],
                 &valid,
@@ -189,7 +211,7 @@ pub fn evaluate(
 }
 
 fn evaluate_node(
-    node: &Node,
+    report: Option<&NodeReport>,
     name: &str,
     annotations: &Result<NodeAnnotations, AnnotationError>,
     valid: &BTreeMap<&str, &NodeAnnotations>,
@@ -215,38 +237,24 @@ fn evaluate_node(
         .collect();
     let peers_expected = u32::try_from(others.len()).unwrap_or(u32::MAX);
 
-    let report = node
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_STATUS))
-        .map(|v| NodeReport::from_annotation(v));
-    let report = match report {
-        None => {
-            problems.push("no status report (agent not running or not started yet)".to_string());
-            None
-        }
-        Some(Err(e)) => {
-            problems.push(format!("unreadable status report: {e}"));
-            None
-        }
-        Some(Ok(r)) => Some(r),
-    };
+    if report.is_none() {
+        problems.push("no status report (agent not running or not started yet)".to_string());
+    }
 
     let mut peers = Vec::new();
     let mut view = NodeView {
         name: name.to_string(),
         key_fingerprint,
         key_generation,
-        datapath: report.as_ref().map(|r| r.datapath.clone()),
-        datapath_reason: report.as_ref().and_then(|r| r.datapath_reason.clone()),
-        peers_configured: report.as_ref().map(|r| r.peers_configured),
+        datapath: report.map(|r| r.datapath.clone()),
+        datapath_reason: report.and_then(|r| r.datapath_reason.clone()),
+        peers_configured: report.map(|r| r.peers_configured),
         peers_expected,
-        ready: report.as_ref().is_some_and(|r| r.ready),
+        ready: report.is_some_and(|r| r.ready),
         peers: Vec::new(),
         problems: Vec::new(),
     };
-    if let Some(report) = &report {
+    if let Some(report) = report {
         if report.is_stale(now) {
             problems.push(format!(
                 "status report is {}s old (agent stopped?)",
@@ -258,6 +266,12 @@ fn evaluate_node(
         }
         if let Some(error) = report.ebpf.as_ref().and_then(|e| e.error.as_ref()) {
             problems.push(format!("eBPF datapath: {error}"));
+        }
+        for condition in report.conditions.iter().filter(|c| c.status == "False") {
+            problems.push(format!(
+                "settings not applied as written ({}): {}",
+                condition.reason, condition.message
+            ));
         }
         if !report.ready {
             problems.push("agent not ready".to_string());

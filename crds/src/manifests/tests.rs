@@ -34,6 +34,7 @@ fn every_crd_is_listed_once_with_its_file() {
                 "meshencryptions.wiremesh.io".to_owned()
             ),
             ("keyrotation.yaml", "keyrotations.wiremesh.io".to_owned()),
+            ("meshnode.yaml", "meshnodes.wiremesh.io".to_owned()),
         ]
     );
 }
@@ -59,7 +60,7 @@ fn write_then_check_passes() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("nested/crds");
     let written = write_dir(&out).unwrap();
-    assert_eq!(written.len(), 2);
+    assert_eq!(written.len(), 3);
     check_dir(&out).unwrap();
 }
 

@@ -27,6 +27,8 @@ fn enabled_alone_is_a_complete_spec() {
             listen_port: 51871,
             mtu: None,
             datapath: DatapathMode::Auto,
+            pod_cidrs: vec![],
+            service_cidrs: vec![],
         }
     );
     assert_eq!(
@@ -65,6 +67,8 @@ fn full_object_round_trips_in_camel_case() {
             listen_port: 51820,
             mtu: Some(1420),
             datapath: DatapathMode::Userspace,
+            pod_cidrs: vec!["10.244.0.0/16".into()],
+            service_cidrs: vec!["10.96.0.0/12".into()],
         },
     );
     let mut status = MeshEncryptionStatus {
@@ -99,6 +103,8 @@ fn full_object_round_trips_in_camel_case() {
             "listenPort": 51820,
             "mtu": 1420,
             "datapath": "Userspace",
+            "podCIDRs": ["10.244.0.0/16"],
+            "serviceCIDRs": ["10.96.0.0/12"],
         })
     );
     assert_eq!(value["status"]["nodesReady"], 2);
@@ -365,4 +371,35 @@ fn status_conditions_are_a_list_map() {
     let conditions = at(&schema, "status.conditions");
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
     assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+}
+
+#[test]
+fn pod_and_service_cidrs_parse_with_host_bits_cleared() {
+    let spec: MeshEncryptionSpec = serde_json::from_value(json!({
+        "enabled": true,
+        "podCIDRs": ["10.244.1.7/16", "fd00::/48"],
+        "serviceCIDRs": ["10.96.0.0/12"],
+    }))
+    .unwrap();
+    assert_eq!(
+        spec.pod_cidrs().unwrap(),
+        vec![
+            "10.244.0.0/16".parse::<ipnet::IpNet>().unwrap(),
+            "fd00::/48".parse().unwrap()
+        ]
+    );
+    assert_eq!(spec.service_cidrs().unwrap().len(), 1);
+    let bad = MeshEncryptionSpec {
+        pod_cidrs: vec!["10.244.0.0".into()],
+        ..MeshEncryptionSpec::default()
+    };
+    assert!(
+        bad.pod_cidrs()
+            .unwrap_err()
+            .to_string()
+            .contains("podCIDRs")
+    );
+    let schema = schema(&crd());
+    let rules = rules(at(&schema, "spec.podCIDRs"));
+    assert!(rules.iter().any(|r| r.contains("isCIDR")), "{rules:?}");
 }

@@ -42,6 +42,7 @@ fn node(i: u8) -> NodeView {
         addresses: vec![addr],
         pod_cidrs: vec![net(&format!("10.244.{i}.0/24"))],
         pod_ips: vec![],
+        pod_ip_created: Default::default(),
     }
 }
 
@@ -251,8 +252,15 @@ fn duplicate_views_of_one_node_are_rejected() {
     assert_eq!(names(&set), ["node-2"]);
 }
 
+/// [`desired_peers`] with the pod claims checked against `policy`.
+fn peers_with_policy(self_name: &str, policy: &AddressPolicy, nodes: &[NodeView]) -> PeerSet {
+    let claims = pod_claims(self_name, policy, nodes);
+    desired_peers_with_claims(self_name, &[], nodes, &claims)
+}
+
 #[test]
-fn pod_ips_outside_pod_cidrs_become_host_prefixes() {
+fn pod_ips_outside_their_nodes_pod_cidrs_are_refused() {
+    // Issue 13, finding 1: a node with podCIDRs may not claim pod IPs outside them.
     let mut a = node(1);
     a.pod_cidrs = vec![
         net("10.244.1.7/24"),
@@ -270,33 +278,84 @@ fn pod_ips_outside_pod_cidrs_become_host_prefixes() {
     let set = desired_peers("node-9", &[a]);
     assert_eq!(
         set.peers[0].allowed_ips,
+        [net("10.244.1.0/24"), net("fd00:1::/64")]
+    );
+    let refused: Vec<_> = set.conflicts.iter().map(|c| c.prefix).collect();
+    assert_eq!(
+        refused,
         [
             net("10.50.0.3/32"),
             net("10.50.0.4/32"),
-            net("10.244.1.0/24"),
-            net("fd00:1::/64"),
-            net("fd00:2::5/128"),
+            net("fd00:2::5/128")
         ]
+    );
+    assert!(
+        set.conflicts
+            .iter()
+            .all(|c| c.reason() == "PodIPOutsideNodePodCIDRs" && c.node == "node-1")
     );
 }
 
 #[test]
-fn shared_subnet_cni_uses_pod_ips_only() {
-    // Azure CNI style: no podCIDRs, pods from the node subnet.
+fn hostile_pod_addresses_never_become_allowed_ips() {
+    // Issue 13, finding 1: the metadata server, loopback, multicast, a service address and an
+    // address outside the cluster's pod range, claimed by a pod on node-2.
+    let policy = AddressPolicy::new(&[net("10.244.0.0/16")], &[net("10.96.0.0/12")]);
+    let mut b = node(2);
+    b.pod_cidrs.clear();
+    b.pod_ips = vec![
+        ip("169.254.169.254"),
+        ip("127.0.0.1"),
+        ip("224.0.0.1"),
+        ip("10.96.0.1"),
+        ip("10.0.0.53"),
+        ip("192.168.0.1"),
+        ip("10.244.200.7"),
+    ];
+    let set = peers_with_policy("node-1", &policy, &[node(1), b]);
+    assert_eq!(
+        set.peer("node-2").unwrap().allowed_ips,
+        [net("10.244.200.7/32")]
+    );
+    let reasons: BTreeSet<&str> = set.conflicts.iter().map(PrefixConflict::reason).collect();
+    assert_eq!(
+        reasons,
+        BTreeSet::from([
+            "PodAddressReserved",
+            "PodAddressInServiceCIDR",
+            "PodAddressOutsideClusterPodCIDRs",
+        ])
+    );
+    assert_eq!(set.conflicts.len(), 6, "{:#?}", set.conflicts);
+}
+
+#[test]
+fn shared_subnet_cni_needs_the_cluster_pod_cidrs() {
+    // Azure CNI style: no podCIDRs, pods from a shared subnet. Without a configured cluster
+    // range there is nothing to trust the pod IPs against: refused (fail closed).
     let mut a = node(1);
     let mut b = node(2);
     a.pod_cidrs.clear();
     b.pod_cidrs.clear();
-    a.pod_ips = vec![ip("192.168.0.101"), ip("192.168.0.102")];
-    b.pod_ips = vec![ip("192.168.0.201")];
-    let set = desired_peers("node-9", &[a, b]);
+    a.pod_ips = vec![ip("192.168.1.101"), ip("192.168.1.102")];
+    b.pod_ips = vec![ip("192.168.1.201")];
+    let closed = desired_peers("node-9", &[a.clone(), b.clone()]);
+    assert!(closed.peers.iter().all(|p| p.allowed_ips.is_empty()));
+    assert!(
+        closed
+            .conflicts
+            .iter()
+            .all(|c| c.reason() == "PodIPWithoutPodCIDRs")
+    );
+    let policy = AddressPolicy::new(&[net("192.168.1.0/24")], &[]);
+    let set = peers_with_policy("node-9", &policy, &[a, b]);
     assert_eq!(
         set.peer("node-1").unwrap().allowed_ips,
-        [net("192.168.0.101/32"), net("192.168.0.102/32")]
+        [net("192.168.1.101/32"), net("192.168.1.102/32")]
     );
     assert_eq!(
         set.peer("node-2").unwrap().allowed_ips,
-        [net("192.168.0.201/32")]
+        [net("192.168.1.201/32")]
     );
     assert!(set.conflicts.is_empty());
 }
@@ -348,34 +407,100 @@ fn nested_pod_cidrs_of_two_nodes_are_dropped_from_both() {
 }
 
 #[test]
-fn pod_ip_inside_another_nodes_pod_cidr_is_dropped() {
+fn pod_ip_inside_another_nodes_pod_cidr_never_costs_that_node_its_range() {
+    // Issue 13, finding 2: this used to drop node-1's podCIDR together with the claim, cutting
+    // node-1 off. The assigned podCIDR wins; the claim is refused (and reported).
+    let policy = AddressPolicy::new(&[net("10.244.0.0/16")], &[]);
     let mut b = node(2);
-    b.pod_ips = vec![ip("10.244.1.50"), ip("10.99.0.1")];
-    let set = desired_peers("node-9", &[node(1), b]);
-    assert!(set.peer("node-1").unwrap().allowed_ips.is_empty());
+    b.pod_ips = vec![ip("10.244.1.50"), ip("10.244.2.9")];
+    for set in [
+        desired_peers("node-9", &[node(1), b.clone()]),
+        peers_with_policy("node-3", &policy, &[node(1), b.clone(), node(3)]),
+    ] {
+        assert_eq!(
+            set.peer("node-1").unwrap().allowed_ips,
+            [net("10.244.1.0/24")]
+        );
+        assert_eq!(
+            set.peer("node-2").unwrap().allowed_ips,
+            [net("10.244.2.0/24")]
+        );
+        assert_eq!(set.conflicts.len(), 1, "{:#?}", set.conflicts);
+        assert_eq!(set.conflicts[0].node, "node-2");
+        assert_eq!(set.conflicts[0].prefix, net("10.244.1.50/32"));
+    }
+    // Without podCIDRs of its own (shared subnet) the claim loses against the assigned range
+    // too.
+    b.pod_cidrs.clear();
+    let set = peers_with_policy("node-9", &policy, &[node(1), b]);
+    assert_eq!(
+        set.peer("node-1").unwrap().allowed_ips,
+        [net("10.244.1.0/24")]
+    );
     assert_eq!(
         set.peer("node-2").unwrap().allowed_ips,
-        [net("10.99.0.1/32"), net("10.244.2.0/24")]
+        [net("10.244.2.9/32")]
     );
+    assert_eq!(set.conflicts[0].reason(), "OverlappingPodPrefix");
 }
 
 #[test]
-fn pod_ip_claimed_by_two_nodes_is_dropped_from_both() {
+fn pod_ip_claimed_by_two_nodes_goes_to_the_oldest_pod() {
+    let policy = AddressPolicy::new(&[net("10.99.0.0/16")], &[]);
     let mut a = node(1);
     let mut b = node(2);
-    a.pod_ips = vec![ip("10.99.0.1")];
-    b.pod_ips = vec![ip("10.99.0.1")];
-    let set = desired_peers("node-9", &[a, b]);
-    for n in ["node-1", "node-2"] {
-        assert_eq!(set.peer(n).unwrap().allowed_ips.len(), 1, "{n}");
+    for v in [&mut a, &mut b] {
+        v.pod_cidrs.clear();
+        v.pod_ips = vec![ip("10.99.0.1")];
     }
-    assert_eq!(set.conflicts.len(), 2);
+    b.pod_ip_created.insert(ip("10.99.0.1"), 1_000);
+    a.pod_ip_created.insert(ip("10.99.0.1"), 2_000);
+    let set = peers_with_policy("node-9", &policy, &[a.clone(), b.clone()]);
+    assert!(set.peer("node-1").unwrap().allowed_ips.is_empty());
+    assert_eq!(
+        set.peer("node-2").unwrap().allowed_ips,
+        [net("10.99.0.1/32")]
+    );
+    assert_eq!(set.conflicts.len(), 1);
+    assert_eq!(set.conflicts[0].reason(), "DuplicatePodIP");
+    assert!(set.conflicts[0].to_string().contains("older pod"));
+    // Same age: the lowest node name wins, whatever the input order.
+    b.pod_ip_created.insert(ip("10.99.0.1"), 2_000);
+    let set = peers_with_policy("node-9", &policy, &[b, a]);
+    assert_eq!(
+        set.peer("node-1").unwrap().allowed_ips,
+        [net("10.99.0.1/32")]
+    );
+    assert!(set.peer("node-2").unwrap().allowed_ips.is_empty());
+}
+
+#[test]
+fn a_local_pod_ip_is_never_taken_by_a_remote_claim() {
+    let policy = AddressPolicy::new(&[net("10.99.0.0/16")], &[]);
+    let mut me = node(1);
+    let mut b = node(2);
+    for v in [&mut me, &mut b] {
+        v.pod_cidrs.clear();
+    }
+    me.pod_ips = vec![ip("10.99.0.1")];
+    me.pod_ip_created.insert(ip("10.99.0.1"), 5_000);
+    b.pod_ips = vec![ip("10.99.0.1"), ip("10.99.0.2")];
+    b.pod_ip_created.insert(ip("10.99.0.1"), 1);
+    let claims = pod_claims("node-1", &policy, &[me, b]);
+    assert_eq!(claims.prefixes("node-1"), [net("10.99.0.1/32")]);
+    assert_eq!(claims.prefixes("node-2"), [net("10.99.0.2/32")]);
+    assert!(claims.accepts("node-1", ip("10.99.0.1")));
+    assert!(!claims.accepts("node-2", ip("10.99.0.1")));
 }
 
 #[test]
 fn peer_prefix_overlapping_ours_is_dropped_from_the_peer() {
     let mut b = node(2);
-    b.pod_cidrs = vec![net("10.244.1.0/25"), net("10.244.2.0/24")];
+    b.pod_cidrs = vec![
+        net("10.244.1.0/25"),
+        net("10.244.2.0/24"),
+        net("10.244.1.128/25"),
+    ];
     b.pod_ips = vec![ip("10.244.1.200")];
     let set = desired_peers("node-1", &[node(1), b]);
     assert_eq!(
@@ -411,13 +536,27 @@ fn prefix_containing_a_node_address_is_dropped() {
 #[test]
 fn host_network_pod_ips_are_dropped() {
     let mut a = node(1);
+    a.pod_cidrs.clear();
     a.pod_ips = vec![ip("192.168.0.1"), ip("192.168.0.2"), ip("10.99.0.1")];
-    let set = desired_peers("node-9", &[a, node(2)]);
+    let policy = AddressPolicy::new(
+        &[
+            net("10.99.0.0/16"),
+            net("192.168.0.0/24"),
+            net("10.244.0.0/16"),
+        ],
+        &[],
+    );
+    let set = peers_with_policy("node-9", &policy, &[a, node(2)]);
     assert_eq!(
         set.peer("node-1").unwrap().allowed_ips,
-        [net("10.99.0.1/32"), net("10.244.1.0/24")]
+        [net("10.99.0.1/32")]
     );
     assert_eq!(set.conflicts.len(), 2);
+    assert!(
+        set.conflicts
+            .iter()
+            .all(|c| c.reason() == "PodPrefixContainsNodeAddress")
+    );
 }
 
 #[test]
@@ -515,6 +654,7 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
                     .into_iter()
                     .map(|p| IpAddr::from([10, 0, p % 5, p]))
                     .collect(),
+                pod_ip_created: Default::default(),
             }
         })
 }
@@ -596,7 +736,8 @@ proptest! {
 
 #[test]
 fn large_cluster_is_fast_enough() {
-    // 2000 nodes with 30 pod IPs each outside their CIDRs: the sweep is O(n log n).
+    // 2000 nodes with 30 pod IPs each from a shared range (no podCIDRs): the sweep is
+    // O(n log n).
     let views: Vec<NodeView> = (0..2000u32)
         .map(|i| {
             let b = i.to_be_bytes();
@@ -617,15 +758,17 @@ fn large_cluster_is_fast_enough() {
                 }
                 .render(),
                 addresses: vec![addr],
-                pod_cidrs: vec![IpNet::new(IpAddr::from([10, b[2], b[3], 0]), 24).unwrap()],
+                pod_cidrs: vec![],
                 pod_ips: (0..30u8)
                     .map(|p| IpAddr::from([100, b[2], b[3], p]))
                     .collect(),
+                pod_ip_created: Default::default(),
             }
         })
         .collect();
-    let set = desired_peers("node-0000", &views);
+    let policy = AddressPolicy::new(&[net("100.0.0.0/8")], &[]);
+    let set = peers_with_policy("node-0000", &policy, &views);
     assert_eq!(set.peers.len(), 1999);
     assert!(set.conflicts.is_empty());
-    assert_eq!(set.peers[5].allowed_ips.len(), 31);
+    assert_eq!(set.peers[5].allowed_ips.len(), 30);
 }

@@ -82,7 +82,7 @@ fn cluster() -> Cluster {
             node("b", "10.0.0.2", "10.244.2.0/24", Some(&kb), 51871),
             node("c", "10.0.0.3", "10.244.3.0/24", Some(&kc), 51871),
         ],
-        pods: vec![pod("b", "10.244.2.5"), pod("c", "10.99.0.7")],
+        pods: vec![pod("b", "10.244.2.5"), pod("c", "10.244.3.7")],
         me,
         kb,
         kc,
@@ -91,7 +91,8 @@ fn cluster() -> Cluster {
 
 #[test]
 fn enabled_mesh_wants_every_valid_remote_node() {
-    let c = cluster();
+    let mut c = cluster();
+    c.pods.push(pod("c", "10.99.0.7"));
     let me = mesh_encryption(true);
     let plan = plan(&settings(), &c.me, &c.nodes, &c.pods, Some(&me), Some(1500)).unwrap();
     assert!(plan.enabled);
@@ -111,14 +112,41 @@ fn enabled_mesh_wants_every_valid_remote_node() {
         vec![IpNet::from_str("10.244.2.0/24").unwrap()]
     );
     assert_eq!(b.persistent_keepalive, Some(25));
-    // c's pod IP outside its podCIDR is routed to c as a /32.
+    // c's pod IP outside its podCIDR is refused (issue 13, finding 1): only c's range is routed.
     let c_ips = &plan.wanted.peers[1].config.allowed_ips;
-    assert!(
-        c_ips.contains(&IpNet::from_str("10.99.0.7/32").unwrap()),
-        "{c_ips:?}"
-    );
+    assert_eq!(c_ips, &vec![IpNet::from_str("10.244.3.0/24").unwrap()]);
     assert_eq!(plan.wanted.peers[1].config.public_key, c.kc);
-    assert!(plan.problems.is_empty());
+    assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
+    assert_eq!(plan.problems[0].node, "c");
+    assert_eq!(plan.problems[0].reason, "PodIPOutsideNodePodCIDRs");
+}
+
+#[test]
+fn disabled_mode_installs_no_peers_or_routes() {
+    // Issue 13, finding 8: on main `enabled: true, mode: Disabled` still configured every peer
+    // and route (only the eBPF steering looked at the mode).
+    let c = cluster();
+    let spec: MeshEncryptionSpec =
+        serde_json::from_value(serde_json::json!({ "enabled": true, "mode": "Disabled" })).unwrap();
+    let me = MeshEncryption::new("default", spec);
+    let plan = plan(&settings(), &c.me, &c.nodes, &c.pods, Some(&me), None).unwrap();
+    assert!(!plan.enabled);
+    assert!(plan.wanted.peers.is_empty());
+}
+
+#[test]
+fn settings_problems_name_a_remembered_spec_and_node_encryption() {
+    assert_eq!(settings_problem(None, false), None);
+    let mut me = mesh_encryption(true);
+    assert_eq!(settings_problem(Some(&me), false), None);
+    let (reason, message) = settings_problem(Some(&me), true).unwrap();
+    assert_eq!(reason, "MeshEncryptionMissing");
+    assert!(message.contains("keeping the last spec"), "{message}");
+    me.spec.node_encryption = true;
+    assert_eq!(
+        settings_problem(Some(&me), false).unwrap().0,
+        "NodeEncryptionNotImplemented"
+    );
 }
 
 #[test]
@@ -233,7 +261,8 @@ async fn plan_then_apply_follows_enable_disable_and_node_removal() {
     let p = plan(&settings(), &c.me, &c.nodes, &c.pods, Some(&on), None).unwrap();
     assert!(mesh.apply(&p.wanted).await.errors.is_empty());
     assert_eq!(datapath.status().unwrap().peers.len(), 2);
-    assert_eq!(routes.routes("wm0").len(), 3);
+    // Two podCIDRs; c's pod IP lies inside c's range, so no /32 of its own.
+    assert_eq!(routes.routes("wm0").len(), 2);
 
     // Node c deleted: its peer and routes go, b stays.
     let p = plan(&settings(), &c.me, &c.nodes[..2], &c.pods, Some(&on), None).unwrap();

@@ -5,6 +5,9 @@
 //!   `ENCRYPT` while the tunnel to that node is configured) and one /32 per pod IP carrying the
 //!   pod's identity and the same node fields. A remote podCIDR stays `REMOTE_POD` when its
 //!   tunnel is gone, so in strict mode the programs keep treating it as pod traffic and drop it.
+//!   Only prefixes the reconciler's [`PodClaims`] accept for that node get an entry (issue 13,
+//!   finding 1): a pod "at" 169.254.169.254, a node or a service address is not a pod address,
+//!   neither encrypted nor dropped as one.
 //!   Every Node's IPv4 address gets a /32 `NODE` entry: identity host for this node, remote-node
 //!   for the others (never a pod address, so strict mode never drops node-to-node WireGuard).
 //! - The policy model: Namespaces, Pods (labels, named ports, pod-network IPv4) and
@@ -23,6 +26,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use wiremesh_bpf::{IpcacheValue, ipcache_flags};
+use wiremesh_keyexchange::PodClaims;
 use wiremesh_policy::{Cluster, ClusterError, Identity, IdentityAllocator, Policy};
 
 use crate::views::{node_addresses, node_pod_cidrs, pod_network_ips};
@@ -71,13 +75,15 @@ fn pod_ipv4(pod: &Pod) -> Option<Ipv4Addr> {
 }
 
 /// The whole ipcache. `encrypted` names the nodes whose tunnel is configured (empty when the
-/// mesh does not steer traffic); `endpoints` are the compiler's pod identities.
+/// mesh does not steer traffic); `endpoints` are the compiler's pod identities; `claims` the
+/// pod prefixes each node may hold (a podCIDR or pod IP it does not accept gets no entry).
 pub fn desired_ipcache(
     own_node: &str,
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
     endpoints: &BTreeMap<IpAddr, Identity>,
     encrypted: &BTreeSet<String>,
+    claims: &PodClaims,
 ) -> BTreeMap<Ipv4Net, IpcacheValue> {
     let place: BTreeMap<&str, (u32, Ipv4Addr, u8)> = nodes
         .iter()
@@ -102,18 +108,30 @@ pub fn desired_ipcache(
         let Some((id, ip, flags)) = n.metadata.name.as_deref().and_then(|m| place.get(m)) else {
             continue;
         };
+        let accepted = claims.prefixes(n.metadata.name.as_deref().unwrap_or_default());
         for cidr in node_pod_cidrs(n) {
-            if let IpNet::V4(net) = cidr {
+            if let IpNet::V4(net) = cidr
+                && accepted.contains(&cidr)
+            {
                 out.insert(net, IpcacheValue::new(0, *id, *ip, *flags));
             }
         }
     }
     for pod in pods {
         let Some(ip) = pod_ipv4(pod) else { continue };
-        // A pod whose node is unknown is still a pod: strict mode must not let it leak.
-        let (id, node_ip, flags) = pod_node(pod)
-            .and_then(|n| place.get(n).copied())
-            .unwrap_or((0, Ipv4Addr::UNSPECIFIED, ipcache_flags::REMOTE_POD));
+        let node = pod_node(pod);
+        // A pod whose node is unknown is still a pod: strict mode must not let it leak; a pod
+        // address its node may not claim is not one.
+        if let Some(node) = node.filter(|n| place.contains_key(n))
+            && !claims.accepts(node, IpAddr::V4(ip))
+        {
+            continue;
+        }
+        let (id, node_ip, flags) = node.and_then(|n| place.get(n).copied()).unwrap_or((
+            0,
+            Ipv4Addr::UNSPECIFIED,
+            ipcache_flags::REMOTE_POD,
+        ));
         let identity = endpoints
             .get(&IpAddr::V4(ip))
             .copied()

@@ -62,6 +62,7 @@ fn state(
         pods,
         &compiled.endpoints,
         &BTreeSet::from(["n2".to_string()]),
+        &crate::fixtures::claims("n1", &nodes, pods),
     );
     (compiled, ipcache)
 }
@@ -406,6 +407,7 @@ async fn a_pin_directory_outside_bpffs_is_a_clear_error_with_a_metric() {
         mesh_encryption: reflector::store().0,
         namespaces: reflector::store().0,
         policies: reflector::store().0,
+        settings: None,
     };
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);

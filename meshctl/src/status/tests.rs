@@ -6,7 +6,7 @@ use k8s_openapi::{
     api::core::v1::{NodeAddress, NodeStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use mesh_agent::report::{PeerReport, REPORT_VERSION};
+use mesh_agent::nodestatus::{PeerReport, REPORT_VERSION};
 use wiremesh_crds::MeshEncryptionSpec;
 use wiremesh_keyexchange::{
     ANNOTATION_ENDPOINT, ANNOTATION_KEY_GENERATION, ANNOTATION_PUBLIC_KEY, PrivateKey, PublicKey,
@@ -58,19 +58,17 @@ fn report_for(me: &Member, all: &[Member], handshake_age: Option<u64>) -> NodeRe
         peers,
         rejected: vec![],
         error: None,
+        conditions: vec![],
     }
 }
 
-fn node(m: &Member, report: Option<&NodeReport>) -> Node {
-    let mut annotations = BTreeMap::from([
+fn node(m: &Member, report: Option<&NodeReport>) -> (Node, Option<NodeReport>) {
+    let annotations = BTreeMap::from([
         (ANNOTATION_PUBLIC_KEY.to_string(), m.key.to_base64()),
         (ANNOTATION_ENDPOINT.to_string(), format!("{}:51871", m.ip)),
         (ANNOTATION_KEY_GENERATION.to_string(), "3".to_string()),
     ]);
-    if let Some(r) = report {
-        annotations.insert(ANNOTATION_STATUS.to_string(), r.to_annotation());
-    }
-    Node {
+    let node = Node {
         metadata: ObjectMeta {
             name: Some(m.name.clone()),
             annotations: Some(annotations),
@@ -84,7 +82,8 @@ fn node(m: &Member, report: Option<&NodeReport>) -> Node {
             }]),
             ..Default::default()
         }),
-    }
+    };
+    (node, report.cloned())
 }
 
 fn enabled() -> MeshEncryption {
@@ -100,7 +99,7 @@ fn now() -> SystemTime {
 #[test]
 fn full_mesh_with_fresh_handshakes_is_converged() {
     let all = members(3);
-    let nodes: Vec<Node> = all
+    let nodes: Vec<(Node, Option<NodeReport>)> = all
         .iter()
         .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
         .collect();
@@ -119,7 +118,7 @@ fn full_mesh_with_fresh_handshakes_is_converged() {
 #[test]
 fn disabled_or_absent_mesh_is_not_converged() {
     let all = members(2);
-    let nodes: Vec<Node> = all
+    let nodes: Vec<(Node, Option<NodeReport>)> = all
         .iter()
         .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
         .collect();
@@ -134,7 +133,7 @@ fn disabled_or_absent_mesh_is_not_converged() {
 #[test]
 fn missing_handshake_stale_report_and_wrong_key_are_reported() {
     let all = members(3);
-    let mut nodes: Vec<Node> = all
+    let mut nodes: Vec<(Node, Option<NodeReport>)> = all
         .iter()
         .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
         .collect();
@@ -167,12 +166,13 @@ fn missing_handshake_stale_report_and_wrong_key_are_reported() {
 fn node_with_garbage_annotation_is_excluded_from_expectations() {
     let all = members(3);
     let good = &all[..2];
-    let mut nodes: Vec<Node> = good
+    let mut nodes: Vec<(Node, Option<NodeReport>)> = good
         .iter()
         .map(|m| node(m, Some(&report_for(m, good, Some(10)))))
         .collect();
     let mut bad = node(&all[2], None);
-    bad.metadata
+    bad.0
+        .metadata
         .annotations
         .as_mut()
         .unwrap()
@@ -194,7 +194,7 @@ fn node_with_garbage_annotation_is_excluded_from_expectations() {
 fn node_without_key_or_report_is_not_converged() {
     let all = members(2);
     let mut n2 = node(&all[1], None);
-    n2.metadata.annotations = None;
+    n2.0.metadata.annotations = None;
     let nodes = vec![
         node(&all[0], Some(&report_for(&all[0], &all[..1], Some(1)))),
         n2,
@@ -211,7 +211,7 @@ fn node_without_key_or_report_is_not_converged() {
 fn an_ebpf_failure_in_the_report_is_a_problem() {
     let all = members(2);
     let mut broken = report_for(&all[0], &all, Some(10));
-    broken.ebpf = Some(mesh_agent::report::EbpfReport {
+    broken.ebpf = Some(mesh_agent::nodestatus::EbpfReport {
         loaded: false,
         strict: false,
         attached_programs: 0,

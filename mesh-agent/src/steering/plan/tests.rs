@@ -1,7 +1,7 @@
 use wiremesh_policy::compile;
 
 use super::*;
-use crate::fixtures::node;
+use crate::fixtures::{claims, node};
 
 fn pod(name: &str, node: &str, ip: &str, app: &str) -> Arc<Pod> {
     crate::fixtures::pod(name, node, ip, ("app", app))
@@ -27,7 +27,14 @@ fn ipcache_marks_local_remote_and_encrypted_prefixes_with_identities() {
     assert!(problems.is_empty());
     let compiled = compile(&cluster);
     let encrypted = BTreeSet::from(["n2".to_string()]);
-    let ipc = desired_ipcache("n1", &nodes, &pods, &compiled.endpoints, &encrypted);
+    let ipc = desired_ipcache(
+        "n1",
+        &nodes,
+        &pods,
+        &compiled.endpoints,
+        &encrypted,
+        &claims("n1", &nodes, &pods),
+    );
     assert_eq!(ipc.len(), 9, "3 pod CIDRs, 3 pods, 3 node addresses");
     // Node addresses: this node is the host, the others remote nodes; never pod addresses.
     let me = ipc[&net("10.213.0.11/32")];
@@ -94,6 +101,7 @@ fn host_network_and_finished_pods_are_not_pod_addresses() {
         &pods,
         &compile(&cluster).endpoints,
         &BTreeSet::new(),
+        &claims("n1", &nodes, &pods),
     );
     assert_eq!(
         ipc.keys().copied().collect::<Vec<_>>(),
@@ -104,6 +112,47 @@ fn host_network_and_finished_pods_are_not_pod_addresses() {
         ipcache_flags::NODE,
         "the host-network pod's address is the node's, not a pod's"
     );
+}
+
+#[test]
+fn hostile_pod_addresses_get_no_ipcache_entry() {
+    // Issue 13, findings 1 and 2: a pod on n2 whose status says the metadata server, n1's node
+    // address, or an IP inside n3's podCIDR. None may become an ENCRYPT entry towards n2 (on
+    // main they all did, and the last one overwrote n3's pod).
+    let nodes = vec![
+        node("n1", "10.213.0.11", "10.244.1.0/24"),
+        node("n2", "10.213.0.12", "10.244.2.0/24"),
+        node("n3", "10.213.0.13", "10.244.3.0/24"),
+    ];
+    let pods = vec![
+        pod("good", "n2", "10.244.2.11", "a"),
+        pod("meta", "n2", "169.254.169.254", "a"),
+        pod("node", "n2", "10.213.0.11", "a"),
+        pod("steal", "n2", "10.244.3.11", "a"),
+        pod("victim", "n3", "10.244.3.12", "a"),
+    ];
+    let (cluster, _) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
+    let encrypted = BTreeSet::from(["n2".to_string(), "n3".to_string()]);
+    let ipc = desired_ipcache(
+        "n1",
+        &nodes,
+        &pods,
+        &compile(&cluster).endpoints,
+        &encrypted,
+        &claims("n1", &nodes, &pods),
+    );
+    for hostile in ["169.254.169.254/32", "10.244.3.11/32"] {
+        assert!(!ipc.contains_key(&net(hostile)), "{hostile}: {ipc:?}");
+    }
+    // n1's address keeps its own entry (the host), never a pod entry towards n2.
+    let me = ipc[&net("10.213.0.11/32")];
+    assert_eq!(
+        (me.identity, me.flags),
+        (Identity::HOST.0, ipcache_flags::NODE)
+    );
+    assert_eq!(ipc[&net("10.244.2.11/32")].node_id, node_id("n2"));
+    assert_eq!(ipc[&net("10.244.3.0/24")].node_id, node_id("n3"));
+    assert_eq!(ipc[&net("10.244.3.12/32")].node_id, node_id("n3"));
 }
 
 #[test]

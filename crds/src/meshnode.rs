@@ -1,37 +1,89 @@
-//! The live state an agent reports about itself, for operators: a compact JSON document in the
-//! `wiremesh.io/status` annotation of the agent's own Node. `meshctl status` reads it with nothing
-//! but a kubeconfig (no network path to the nodes needed), and `GET /status` on the agent's HTTP
-//! port serves the same document.
+//! `MeshNode` (`meshnodes.wiremesh.io/v1alpha1`, cluster-scoped): the live status of one node's
+//! agent, named after its Node (with an owner reference to it, so it goes with the Node). Only
+//! that node's agent writes it (status subresource); `meshctl status` and the rotation
+//! coordinator read it. Agents do not watch MeshNodes, so a status write wakes nobody — unlike
+//! the `wiremesh.io/status` Node annotation it replaces, whose every write reached every agent's
+//! Node watch.
 //!
-//! The agent rewrites it when the peer counts change (at most every 2 s) and otherwise refreshes it
-//! every status interval (30 s by default), so `updatedAt` doubles as a heartbeat: a report older
-//! than a few intervals means the agent is not running. It holds public facts only (key
-//! fingerprints, counts, handshake times, Event reasons); never key material.
+//! The status is rewritten when something material changes and refreshed every
+//! `intervalSecs` as a heartbeat: a status older than three intervals means the agent is not
+//! running. Public facts only (key fingerprints, counts, handshake times, Event reasons); never key
+//! material.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The Node annotation holding the [`NodeReport`] as JSON.
-pub const ANNOTATION_STATUS: &str = "wiremesh.io/status";
-
-/// Version of the [`NodeReport`] layout.
+/// Version of the [`MeshNodeStatus`] layout.
 pub const REPORT_VERSION: u32 = 1;
 
 /// A handshake older than this means the session is gone (WireGuard's REJECT_AFTER_TIME is 180 s;
 /// with persistent keepalive a live session re-handshakes every 2 minutes).
 pub const HANDSHAKE_FRESH: Duration = Duration::from_secs(180);
 
+/// Condition type on a [`MeshNodeStatus`]: the agent applies `MeshEncryption default` as
+/// written. `False` names what it refuses (a setting not implemented) or why it runs on a
+/// remembered spec (the object is gone).
+pub const CONDITION_SETTINGS_APPLIED: &str = "SettingsApplied";
+
+/// The node's agent and its view of the mesh. The spec is empty: everything is observed state.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "printcolumn(..) entries repeat type_ by design"
+)]
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "wiremesh.io",
+    version = "v1alpha1",
+    kind = "MeshNode",
+    plural = "meshnodes",
+    singular = "meshnode",
+    category = "wiremesh",
+    status = "MeshNodeStatus",
+    derive = "PartialEq",
+    doc = "Live status of one node's wiremesh agent (name = the Node's name), written only by that agent.",
+    printcolumn(
+        name = "Ready",
+        type_ = "boolean",
+        json_path = ".status.ready",
+        description = "agent synced and reconciled"
+    ),
+    printcolumn(
+        name = "Peers",
+        type_ = "integer",
+        json_path = ".status.peersConfigured",
+        description = "peers configured on the device"
+    ),
+    printcolumn(
+        name = "Datapath",
+        type_ = "string",
+        json_path = ".status.datapath",
+        description = "userspace or kernel"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct MeshNodeSpec {}
+
 /// One agent's view of its part of the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct NodeReport {
+pub struct MeshNodeStatus {
     /// [`REPORT_VERSION`].
+    #[schemars(extend("format" = "int32"))]
     pub version: u32,
-    /// Unix seconds when the agent wrote this report.
+    /// Unix seconds when the agent wrote this status.
+    #[schemars(extend("format" = "int64"))]
     pub updated_at: u64,
-    /// Seconds between periodic refreshes; readers treat a report older than three of these as
+    /// Seconds between periodic refreshes; readers treat a status older than three of these as
     /// stale.
+    #[schemars(extend("format" = "int64"))]
     pub interval_secs: u64,
     /// `userspace` or `kernel`.
     pub datapath: String,
@@ -42,16 +94,21 @@ pub struct NodeReport {
     /// The tunnel interface.
     pub interface: String,
     /// Fingerprint of the public key the device uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
-    /// Whether `MeshEncryption default` has `enabled: true` (as seen by this agent).
+    /// Whether the mesh is on, as this agent applies it (from `MeshEncryption default`, or the
+    /// remembered spec when the object is gone).
     pub enabled: bool,
     /// Caches synced and the mesh reconciled at least once.
     pub ready: bool,
     /// Peers the mesh wants on this node.
+    #[schemars(extend("format" = "int32"))]
     pub peers_expected: u32,
     /// Wanted peers configured on the device.
+    #[schemars(extend("format" = "int32"))]
     pub peers_configured: u32,
     /// One entry per configured peer, sorted by node name.
+    #[serde(default)]
     pub peers: Vec<PeerReport>,
     /// Remote nodes this agent skips, with the Event reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -59,13 +116,17 @@ pub struct NodeReport {
     /// The last reconcile error, if the last pass failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The eBPF datapath (absent with `--ebpf off` and in reports of older agents).
+    /// The eBPF datapath (absent with `--ebpf off`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ebpf: Option<EbpfReport>,
+    /// Conditions (type [`CONDITION_SETTINGS_APPLIED`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::conditions::conditions_schema")]
+    pub conditions: Vec<Condition>,
 }
 
 /// The eBPF datapath of one node.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EbpfReport {
     /// The programs are loaded (maps and links pinned).
@@ -73,6 +134,7 @@ pub struct EbpfReport {
     /// The config says strict mode.
     pub strict: bool,
     /// tc programs this agent attached.
+    #[schemars(extend("format" = "int32"))]
     pub attached_programs: u32,
     /// The last failure (load, attach, map write), if the last pass failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,7 +142,7 @@ pub struct EbpfReport {
 }
 
 /// One peer as the device sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerReport {
     /// The peer's Node name.
@@ -89,19 +151,20 @@ pub struct PeerReport {
     pub key: String,
     /// Unix seconds of the last completed handshake, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "int64"))]
     pub last_handshake: Option<u64>,
 }
 
 /// A remote node this agent does not peer with.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RejectedReport {
     pub node: String,
     pub reason: String,
 }
 
-impl NodeReport {
-    /// Whether two reports differ in more than their timestamps: a change worth writing at once.
+impl MeshNodeStatus {
+    /// Whether two statuses differ in more than their timestamps: a change worth writing at once.
     pub fn differs_materially(&self, other: &Self) -> bool {
         self.enabled != other.enabled
             || self.ready != other.ready
@@ -119,23 +182,21 @@ impl NodeReport {
                     || a.key != b.key
                     || a.last_handshake.is_some() != b.last_handshake.is_some()
             })
+            || conditions_differ(&self.conditions, &other.conditions)
     }
 
-    /// Whether the report is older than three refresh intervals at `now`.
+    /// Whether the status is older than three refresh intervals at `now`.
     pub fn is_stale(&self, now: SystemTime) -> bool {
         let age = unix_seconds(now).saturating_sub(self.updated_at);
         age > self.interval_secs.saturating_mul(3).max(30)
     }
+}
 
-    /// Parses the annotation value.
-    pub fn from_annotation(value: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(value)
-    }
-
-    /// The annotation value.
-    pub fn to_annotation(&self) -> String {
-        serde_json::to_string(self).expect("a NodeReport always serializes")
-    }
+fn conditions_differ(a: &[Condition], b: &[Condition]) -> bool {
+    a.len() != b.len()
+        || a.iter()
+            .zip(b)
+            .any(|(x, y)| x.type_ != y.type_ || x.status != y.status || x.reason != y.reason)
 }
 
 /// Seconds since the Unix epoch (0 for times before it).
@@ -147,11 +208,12 @@ pub fn unix_seconds(time: SystemTime) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use kube::CustomResourceExt;
+
     use super::*;
 
-    fn report() -> NodeReport {
-        NodeReport {
-            ebpf: None,
+    fn report() -> MeshNodeStatus {
+        MeshNodeStatus {
             version: REPORT_VERSION,
             updated_at: 1_000,
             interval_secs: 30,
@@ -168,19 +230,18 @@ mod tests {
                 key: "12345678".into(),
                 last_handshake: Some(990),
             }],
-            rejected: vec![],
-            error: None,
+            ..MeshNodeStatus::default()
         }
     }
 
     #[test]
     fn roundtrips_and_uses_camel_case() {
         let r = report();
-        let text = r.to_annotation();
+        let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains("\"peersConfigured\":1"), "{text}");
         assert!(text.contains("\"lastHandshake\":990"), "{text}");
         assert!(!text.contains("rejected"), "{text}");
-        assert_eq!(NodeReport::from_annotation(&text).unwrap(), r);
+        assert_eq!(serde_json::from_str::<MeshNodeStatus>(&text).unwrap(), r);
     }
 
     #[test]
@@ -202,5 +263,14 @@ mod tests {
         let r = report();
         assert!(!r.is_stale(UNIX_EPOCH + Duration::from_secs(1_090)));
         assert!(r.is_stale(UNIX_EPOCH + Duration::from_secs(1_091)));
+    }
+
+    #[test]
+    fn crd_is_cluster_scoped_with_a_status_subresource() {
+        let crd = MeshNode::crd();
+        assert_eq!(crd.spec.scope, "Cluster");
+        assert_eq!(crd.metadata.name.as_deref(), Some("meshnodes.wiremesh.io"));
+        let version = &crd.spec.versions[0];
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
     }
 }
