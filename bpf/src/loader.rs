@@ -39,8 +39,8 @@ use wiremesh_policy::{Identity, IsolationKey, MapDiff, RuleKey};
 
 use crate::abi::{
     AbiError, Config, Ct6Key, CtKey, CtValue, EndpointValue, Flow, FlowEvent, FlowKey, FlowKey6,
-    FlowState, Hook, IpcacheValue, IsolationKeyRaw, RuleData, Stats6, lpm4_key, lpm4_net, lpm6_key,
-    lpm6_net, rule_key,
+    FlowState, FragKey, FragValue, Hook, IpcacheValue, IsolationKeyRaw, RuleData, Stats6, lpm4_key,
+    lpm4_net, lpm6_key, lpm6_net, rule_key,
 };
 use crate::sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual};
 
@@ -263,7 +263,7 @@ pub const NETLINK_HANDLE: u32 = 0x776d;
 
 /// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
 /// them; checked against pins reused from an earlier run.
-const MAP_SHAPES: [(&str, u32, u32, u32); 16] = [
+const MAP_SHAPES: [(&str, u32, u32, u32); 17] = [
     ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
     ("wm_cidrs4", 8, 4, 65536),
     ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
@@ -290,6 +290,12 @@ const MAP_SHAPES: [(&str, u32, u32, u32); 16] = [
     ),
     ("wm_stats6", 4, size_of::<Stats6>() as u32, 1),
     ("wm_flows6", 44, 24, 65536),
+    (
+        "wm_frags",
+        size_of::<FragKey>() as u32,
+        size_of::<FragValue>() as u32,
+        8192,
+    ),
 ];
 
 fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {

@@ -29,6 +29,8 @@ use wiremesh_policy::{Compiled, Identity, compile, load_manifest};
 fn datapath_tests_on_kernel_6_1() {
     vm::rerun_all_in_vm(&["datapath_tests_on_kernel_6_1"]);
 }
+#[path = "datapath/trust.rs"]
+mod trust;
 
 /// b is isolated for ingress with no rules.
 fn deny_b() -> String {
@@ -82,11 +84,24 @@ fn load(t: &Topo, hooks: Vec<(String, Hook)>) -> Loader {
     load_expect(t, hooks, Attached::fresh())
 }
 
+/// Loads and attaches `hooks`; like the agent, writes the anti-spoofing entry of a pod veth
+/// (its pod's IPv4 and IPv6 address) before attaching `from_pod` to it.
 fn load_expect(t: &Topo, hooks: Vec<(String, Hook)>, how: Attached) -> Loader {
     let pin = t.pin_dir();
+    let pods = [
+        (t.host_a.clone(), POD_A, "fd00:201:1::2"),
+        (t.host_b.clone(), POD_B, "fd00:201:2::2"),
+    ];
     in_ns(&t.node, move || {
         let mut l = Loader::load(&pin).expect("load");
         for (iface, hook) in hooks {
+            if let Some((_, ip4, ip6)) = pods.iter().find(|(h, _, _)| *h == iface)
+                && hook == Hook::FromPod
+            {
+                let ep = EndpointValue::new(Some(*ip4), Some(ip6.parse().expect("v6")));
+                let index = ifindex(&iface);
+                l.maps().upsert_endpoint(index, ep).expect("endpoint");
+            }
             let got = l.attach(&iface, hook).expect("attach");
             assert_eq!(got, how, "{iface} {hook:?}");
         }
@@ -374,7 +389,7 @@ fn remote_pod_is_redirected_into_the_tunnel() {
 }
 
 #[test]
-fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
+fn strict_underlay_drops_plaintext_pod_traffic() {
     let Some(t) = Topo::for_test("strict underlay") else {
         return;
     };
@@ -423,12 +438,6 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
         }),
         "5 dropped packets: records + backlog went from {before} to {last}"
     );
-    let remote_wg = udp_socket(&t.peer, SocketAddrV4::new(REMOTE_POD, 51820));
-    assert!(
-        udp_delivered(&remote_wg, to_pod, &pod_rx, Duration::from_secs(5)),
-        "UDP from the WireGuard port passes"
-    );
-
     // Egress: local pod address -> remote pod.
     let peer_rx = udp_socket(&t.peer, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7777));
     let to_remote = SocketAddrV4::new(REMOTE_POD, 7777);
@@ -444,11 +453,6 @@ fn strict_underlay_drops_plaintext_pod_traffic_but_not_wireguard() {
             && e.dst() == REMOTE_POD
     })
     .expect("dropped-plaintext record (egress)");
-    let node_wg = udp_socket(&t.node, SocketAddrV4::new(gw, 51820));
-    assert!(
-        udp_delivered(&node_wg, to_remote, &peer_rx, Duration::from_secs(5)),
-        "UDP from the WireGuard port passes on egress"
-    );
 
     // Permissive lets the same plaintext through: the drop above was strict mode's.
     set_config(&mut loader, Config::new(0, Mode::Permissive, 1, 51820));
@@ -1012,19 +1016,26 @@ fn spoofed_source_addresses_are_dropped_at_from_pod() {
     let liar = udp_socket(&t.pod_a, SocketAddrV4::new(spoofed, 40301));
     let b = udp_socket(&t.pod_b, SocketAddrV4::new(POD_B, 7777));
     let to_b = SocketAddrV4::new(POD_B, 7777);
+    let ifindex_a = host_a_ifindex(&t);
+    loader
+        .maps()
+        .remove_endpoint(ifindex_a)
+        .expect("remove endpoint");
     assert!(
         udp_delivered(&liar, to_b, &b, Duration::from_secs(5)),
         "without an endpoint entry the source is not checked"
     );
 
-    let ifindex_a = host_a_ifindex(&t);
     loader
         .maps()
         .upsert_endpoint(ifindex_a, EndpointValue::new(Some(POD_A), None))
         .expect("endpoint");
-    assert_eq!(
-        loader.maps_ref().endpoint_entries().expect("endpoints"),
-        vec![(ifindex_a, EndpointValue::new(Some(POD_A), None))]
+    assert!(
+        loader
+            .maps_ref()
+            .endpoint_entries()
+            .expect("endpoints")
+            .contains(&(ifindex_a, EndpointValue::new(Some(POD_A), None)))
     );
     drain(&[&b]);
     assert!(
@@ -1346,10 +1357,12 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
             })
             .unwrap_or_else(|| panic!("v6 dropped-plaintext record from {hook:?}"));
     }
+    // Finding 5 (docs/threat-model.md): the WireGuard port exempts no pod traffic.
     let remote_wg = udp_socket(&t.peer, v6("fd00:201:9::5", 51820));
+    drain(&[&a_rx]);
     assert!(
-        udp_delivered(&remote_wg, to_a7, &a_rx, Duration::from_secs(5)),
-        "strict: v6 UDP from the WireGuard port passes"
+        !udp_delivered(&remote_wg, to_a7, &a_rx, Duration::from_secs(1)),
+        "strict: v6 pod UDP from the WireGuard port is dropped too"
     );
 }
 

@@ -13,6 +13,7 @@ use std::{
 };
 
 use crate::{
+    agentidentity::{self, AgentIdentity, IdentityError},
     command::{self, CommandError},
     description::{ClusterDescription, NodeDescription, PodDescription},
     ledger::{Ledger, Resource, TeardownError},
@@ -73,6 +74,9 @@ pub enum ClusterError {
     /// Removing host resources failed.
     #[error(transparent)]
     Teardown(#[from] TeardownError),
+    /// The agents' ServiceAccount, RBAC or bound tokens could not be set up.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// What to build.
@@ -150,7 +154,8 @@ pub struct ClusterNode {
     pub name: String,
     /// Its namespace, addresses and podCIDR.
     pub network: NodeNetwork,
-    /// Kubeconfig with the node's own credentials.
+    /// Kubeconfig of the node's agent: a token of the agent ServiceAccount of `deploy/wiremesh.yaml`
+    /// bound to the node's agent Pod (see [`agentidentity`]), as the DaemonSet's pod has.
     pub kubeconfig: PathBuf,
     /// The agent running in it, if any (for a supervised agent: the first run; the current one
     /// is [`VirtualCluster::supervised_pid`]).
@@ -215,6 +220,7 @@ pub struct VirtualCluster {
     plaintext_pod_routes: bool,
     testenv: Option<Testenv>,
     client: kube::Client,
+    agent_identity: AgentIdentity,
     nodes: Vec<ClusterNode>,
     pods: Vec<ClusterPod>,
     next_pod_index: std::collections::BTreeMap<String, u32>,
@@ -313,6 +319,8 @@ impl VirtualCluster {
         if opts.node_read_rbac {
             objects::install_node_read_rbac(&client).await?;
         }
+        let agent_identity =
+            agentidentity::install(&client, &agentidentity::default_manifest()).await?;
 
         let mut cluster = Self {
             id,
@@ -325,6 +333,7 @@ impl VirtualCluster {
             plaintext_pod_routes: opts.plaintext_pod_routes,
             testenv: Some(testenv),
             client,
+            agent_identity,
             nodes: Vec::new(),
             pods: Vec::new(),
             next_pod_index: Default::default(),
@@ -361,6 +370,11 @@ impl VirtualCluster {
     /// The admin kubeconfig.
     pub fn kubeconfig_path(&self) -> Option<&Path> {
         self.testenv.as_ref().map(Testenv::kubeconfig_path)
+    }
+
+    /// The ServiceAccount the agents run as.
+    pub fn agent_identity(&self) -> &AgentIdentity {
+        &self.agent_identity
     }
 
     /// The underlay bridge in the host namespace.
@@ -450,8 +464,7 @@ impl VirtualCluster {
             .work_dir
             .join("nodes")
             .join(format!("{name}.kubeconfig"));
-        // Fails for a node without credentials before anything is created.
-        testenv.write_node_kubeconfig(&name, &kubeconfig)?;
+        let credentials = testenv.credentials().clone();
         let network =
             netns::create_node(&self.id, &self.lease, &self.bridge, index, &mut self.ledger)?;
         if self.plaintext_pod_routes {
@@ -461,6 +474,15 @@ impl VirtualCluster {
             }
         }
         objects::create_node(&self.client, &name, network.pod_cidr, network.underlay_ip).await?;
+        // After the Node: the token carries the node's name and UID.
+        agentidentity::write_agent_kubeconfig(
+            &self.client,
+            &self.agent_identity,
+            &credentials,
+            &name,
+            &kubeconfig,
+        )
+        .await?;
         tracing::info!(node = %name, netns = %network.netns, "node added");
         self.nodes.push(ClusterNode {
             name,
@@ -535,6 +557,7 @@ impl VirtualCluster {
             objects::delete_pod(&self.client, &pod.namespace, &pod.name).await?;
         }
         objects::delete_node(&self.client, name).await?;
+        agentidentity::delete_agent_pod(&self.client, &self.agent_identity, name).await?;
 
         let (in_node, keep): (Vec<NodeProcess>, Vec<NodeProcess>) =
             self.processes.drain(..).partition(|p| p.node == name);

@@ -7,7 +7,9 @@
 //! detached cluster down from another process. Everything created is recorded in a [`Ledger`] and
 //! removed newest first; nothing is ever deleted by name pattern.
 
+pub mod agentidentity;
 pub mod bpfpin;
+pub mod clients;
 mod cluster;
 pub mod command;
 mod description;

@@ -81,25 +81,9 @@ pub enum VmError {
         /// modprobe's message.
         detail: String,
     },
-    /// A program could not be started.
-    #[error("cannot run `{command}`: {source}")]
-    Spawn {
-        /// The command line.
-        command: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A preparation step failed.
-    #[error("`{command}` failed ({status}): {stderr}")]
-    CommandFailed {
-        /// The command line.
-        command: String,
-        /// Its exit status.
-        status: String,
-        /// Its standard error.
-        stderr: String,
-    },
+    /// A preparation step (apt, dpkg-deb, depmod, modprobe) could not run or failed.
+    #[error(transparent)]
+    Command(#[from] crate::command::CommandError),
     /// A file operation failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -337,6 +321,7 @@ impl KernelVm {
         let _lock = FileLock::acquire(&lock_path)?;
         let t0 = Instant::now();
         let prepared = kernel::prepare(&cache)?;
+        remove_dead_runs(&cache.join("runs"));
         debug!(elapsed = ?t0.elapsed(), "kernel VM prepare");
         Ok(Self {
             qemu,
@@ -397,10 +382,9 @@ impl KernelVm {
         }
         info!(release = %self.prepared.release, accel = ?self.accel, argv = ?cmd.argv, "booting the kernel VM");
         let t0 = Instant::now();
-        let child = command.spawn().map_err(|source| VmError::Spawn {
-            command: format!("{} {}", self.qemu.display(), args.join(" ")),
-            source,
-        })?;
+        let child = command
+            .spawn()
+            .map_err(kernel::io_err("starting", &self.qemu))?;
         let mut qemu = Qemu(child);
         let verbose = std::env::var_os("WIREMESH_VM_VERBOSE").is_some_and(|v| v == "1");
         let mut tail = ConsoleFollower::new(&console, verbose);
@@ -410,10 +394,11 @@ impl KernelVm {
             if started.is_none() && tail.seen(MARK_START) {
                 started = Some(t0.elapsed());
             }
-            if let Some(status) = qemu.0.try_wait().map_err(|source| VmError::Spawn {
-                command: "waiting for qemu".to_owned(),
-                source,
-            })? {
+            if let Some(status) = qemu
+                .0
+                .try_wait()
+                .map_err(kernel::io_err("waiting for", &self.qemu))?
+            {
                 break status;
             }
             let elapsed = t0.elapsed();
@@ -657,15 +642,6 @@ fn tail_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-pub(crate) fn command_line(cmd: &Command) -> String {
-    let mut line = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        line.push(' ');
-        line.push_str(&arg.to_string_lossy());
-    }
-    line
-}
-
 /// qemu, killed if still running when dropped (a panicking test leaves no VM behind).
 struct Qemu(Child);
 
@@ -766,6 +742,20 @@ impl Drop for RunDir {
     }
 }
 
+/// Removes run directories of processes that are gone (killed before their cleanup ran).
+fn remove_dead_runs(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name.to_str().and_then(|n| n.split('-').next());
+        if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// An exclusive `flock` on a file, released on drop (concurrent test binaries prepare once).
 struct FileLock {
     _file: fs::File,
@@ -851,8 +841,12 @@ pub fn prepare_for_test() -> Option<KernelVm> {
         !in_guest(),
         "already inside the kernel VM: a guest test must not boot another VM"
     );
+    let t0 = Instant::now();
     match KernelVm::prepare() {
-        Ok(vm) => Some(vm),
+        Ok(vm) => {
+            eprintln!("kernel VM prepared in {:.1?}", t0.elapsed());
+            Some(vm)
+        }
         Err(e) if e.is_missing_tool() && std::env::var_os("CI").is_none() => {
             eprintln!("SKIPPED: the kernel VM cannot run on this machine: {e}");
             None

@@ -27,6 +27,66 @@ fn kernel_vm_guest_tests() {
     vm::rerun_tests_in_vm(&GUEST_TESTS);
 }
 
+/// The harness itself: exit code, stdout, stderr, the environment and a read-write share under
+/// the host's /tmp (which the guest's own tmpfs would hide) come back from one boot.
+#[test]
+fn vm_command_output_exit_code_and_shares_come_back() {
+    let Some(kvm) = vm::prepare_for_test() else {
+        return;
+    };
+    let results = tempfile_dir("results");
+    let script = format!(
+        "echo out; echo err >&2; echo \"$X $WIREMESH_IN_VM $(uname -r)\" > {}/seen; exit 7",
+        results.display()
+    );
+    let out = kvm
+        .run(
+            &vm::VmCommand::new(["/bin/sh", "-c", &script])
+                .env("X", "from-host")
+                .share_rw(&results)
+                .memory_mib(512),
+        )
+        .expect("run in the VM");
+    assert_eq!(out.exit_code, 7, "{out:?}");
+    assert_eq!(out.stdout, "out\n");
+    assert_eq!(out.stderr, "err\n");
+    let seen = std::fs::read_to_string(results.join("seen")).expect("written by the guest");
+    assert_eq!(seen.trim(), format!("from-host 1 {}", kvm.release()));
+    assert!(out.boot_time < out.wall_time);
+    let _ = std::fs::remove_dir_all(&results);
+}
+
+/// A guest that does not reach the command in time, and a command that does not finish, are
+/// errors that say where it stopped; qemu is killed either way.
+#[test]
+fn vm_timeouts_kill_the_guest_and_say_where_it_stopped() {
+    let Some(kvm) = vm::prepare_for_test() else {
+        return;
+    };
+    let err = kvm
+        .run(&vm::VmCommand::new(["true"]).boot_timeout(Duration::from_millis(1)))
+        .expect_err("no guest boots in 1 ms");
+    assert!(matches!(err, vm::VmError::BootTimeout { .. }), "{err}");
+    let err = kvm
+        .run(
+            &vm::VmCommand::new(["/bin/sh", "-c", "echo started; exec sleep 600"])
+                .timeout(Duration::from_secs(2)),
+        )
+        .expect_err("sleep 600 outlives a 2 s timeout");
+    match err {
+        vm::VmError::CommandTimeout { stdout_tail, .. } => assert_eq!(stdout_tail, "started"),
+        other => panic!("expected a command timeout: {other}"),
+    }
+}
+
+/// A fresh directory under the host's /tmp (hidden in the guest unless shared).
+fn tempfile_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wm-vm-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
 const IN_VM: &str = "runs inside the kernel VM: kernel_vm_guest_tests boots it";
 
 fn guest_only() {

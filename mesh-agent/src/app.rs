@@ -23,6 +23,7 @@ use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
 use crate::{
     admin::AdminServer,
     config::{Config, EbpfChoice},
+    coordinator::{Coordinator, CoordinatorMetrics, CoordinatorSettings},
     datapath::Datapath,
     drain::{self, Trigger},
     health::DatapathMonitor,
@@ -43,12 +44,20 @@ pub struct App {
     drain_timeout: Duration,
 }
 
-/// Loads (or creates) the node's key from the keystore in `config.state_dir`.
+/// Loads (or creates) the node's key from the keystore in `config.state_dir`; with
+/// `--regenerate-key` replaces it with a new one first.
 pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
     let keystore = Keystore::new(&config.state_dir);
-    let outcome = keystore
-        .load_or_generate()
-        .with_context(|| format!("keystore {}", config.state_dir.display()))?;
+    let outcome = if config.regenerate_key {
+        tracing::warn!(
+            state_dir = %config.state_dir.display(),
+            "--regenerate-key: replacing this node's key; every peer must pick up the new one"
+        );
+        keystore.regenerate()
+    } else {
+        keystore.load_or_generate()
+    }
+    .with_context(|| format!("keystore {}", config.state_dir.display()))?;
     for fix in &outcome.permissions_fixed {
         tracing::warn!(
             path = %fix.path.display(),
@@ -95,6 +104,31 @@ pub async fn kube_client_from(kubeconfig: Option<&Path>) -> anyhow::Result<Clien
     Client::try_from(kube_config).context("build kube client")
 }
 
+/// The rotation coordinator's client: `--coordinator-kubeconfig`, else the pod's ServiceAccount;
+/// `None` (with the reason logged) when the agent does not stand for election.
+async fn coordinator_client(config: &Config) -> Option<Client> {
+    if !config.coordinator {
+        tracing::info!("--coordinator false: not standing for rotation coordinator");
+        return None;
+    }
+    let client = match &config.coordinator_kubeconfig {
+        Some(path) => kube_client_from(Some(path)).await,
+        None => kube::Config::incluster()
+            .context("no --coordinator-kubeconfig and no in-cluster ServiceAccount")
+            .and_then(|c| Client::try_from(c).context("build kube client")),
+    };
+    match client {
+        Ok(client) => Some(client),
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "no credentials for the rotation coordinator; this agent does not stand for election"
+            );
+            None
+        }
+    }
+}
+
 /// Starts every task of the agent on the current runtime.
 pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::Result<App> {
     let public_key = key.public_key();
@@ -112,6 +146,13 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
 
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);
+    let coordinator = coordinator_client(config).await.map(|coordinator_client| {
+        Coordinator::new(
+            CoordinatorSettings::new(&config.node_name, &config.lease_namespace),
+            coordinator_client,
+            CoordinatorMetrics::new(&mut registry),
+        )
+    });
     let notify = Arc::new(Notify::new());
     let steer_notify = Arc::new(Notify::new());
     let watchers = watchers(&client, notify.clone(), steer_notify.clone());
@@ -191,6 +232,13 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
     spawn_until_drained(&mut tasks, "datapath monitor", monitor.run(drain.clone()));
     spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
     spawn_until_drained(&mut tasks, "status reporter", reporter.run(drain.clone()));
+    if let Some(coordinator) = coordinator {
+        spawn_until_drained(
+            &mut tasks,
+            "rotation coordinator",
+            coordinator.run(drain.clone()),
+        );
+    }
     tasks.spawn(async move { ("http server", admin.run(drain).await.map_err(Into::into)) });
 
     Ok(App {

@@ -144,6 +144,26 @@ pub struct RunArgs {
     /// Most flows kept in the agent's flow table (`/flows`); the least recently seen go first.
     #[arg(long, env = "WIREMESH_FLOW_TABLE_SIZE", default_value_t = 4096)]
     pub flow_table_size: usize,
+
+    /// Stand for election as the cluster's key-rotation coordinator (a Lease among the agents).
+    #[arg(long, env = "WIREMESH_COORDINATOR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub coordinator: bool,
+
+    /// Namespace of the coordinator's Lease: the agent's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "wiremesh-system")]
+    pub lease_namespace: String,
+
+    /// Credentials of the rotation coordinator (default: the pod's ServiceAccount). Node
+    /// credentials cannot hold the Lease: NodeRestriction allows a node only its own Lease in
+    /// `kube-node-lease`. Without either, this agent does not stand for election.
+    #[arg(long, env = "WIREMESH_COORDINATOR_KUBECONFIG")]
+    pub coordinator_kubeconfig: Option<PathBuf>,
+    /// Replace this node's key with a new one before starting, whatever the keystore holds
+    /// (also a corrupt or half-present one), and drop any rotation state. This changes the
+    /// node's identity: every peer picks up the new public key. A flag only (no environment
+    /// variable), so a restart never repeats it by accident.
+    #[arg(long)]
+    pub regenerate_key: bool,
 }
 
 /// Why the configuration is unusable.
@@ -194,6 +214,10 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub ebpf: EbpfChoice,
     pub flow_table_size: usize,
+    pub coordinator: bool,
+    pub lease_namespace: String,
+    pub coordinator_kubeconfig: Option<PathBuf>,
+    pub regenerate_key: bool,
 }
 
 impl Config {
@@ -261,6 +285,10 @@ impl Config {
             bpffs: args.bpffs,
             ebpf: args.ebpf,
             flow_table_size: args.flow_table_size.max(1),
+            coordinator: args.coordinator,
+            lease_namespace: args.lease_namespace,
+            coordinator_kubeconfig: args.coordinator_kubeconfig,
+            regenerate_key: args.regenerate_key,
         })
     }
 
@@ -318,6 +346,36 @@ mod tests {
         assert_eq!(config.datapath, None);
         assert_eq!(config.route_table, 87);
         assert_eq!(config.netns_path(), None);
+    }
+
+    /// Finding 14 (docs/threat-model.md): the flag that keystore errors tell the operator to
+    /// use exists and does what they say: a corrupt key stops the agent with an error naming
+    /// it, and with it the agent starts on a new key.
+    #[test]
+    fn the_flag_keystore_errors_name_regenerates_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let state_arg = state.to_str().expect("utf-8").to_string();
+        let plain = parse(&["--node-name", "n", "--state-dir", &state_arg]).unwrap();
+        assert!(!plain.regenerate_key);
+        let first = crate::app::load_key(&plain).expect("first start generates");
+        std::fs::write(state.join("private.key"), "not a key\n").expect("corrupt it");
+        let error = format!("{:#}", crate::app::load_key(&plain).unwrap_err());
+        let flag = error
+            .split_whitespace()
+            .find(|w| {
+                w.trim_matches(|c: char| c == '(' || c == ')')
+                    .starts_with("--")
+            })
+            .map(|w| w.trim_matches(|c: char| c == '(' || c == ')' || c == ','))
+            .unwrap_or_else(|| panic!("the error names no flag: {error}"));
+        assert_eq!(flag, "--regenerate-key", "{error}");
+        let regenerate = parse(&["--node-name", "n", "--state-dir", &state_arg, flag]).unwrap();
+        assert!(regenerate.regenerate_key);
+        let new = crate::app::load_key(&regenerate).expect("regenerated");
+        assert_ne!(new.public_key(), first.public_key());
+        let reloaded = crate::app::load_key(&plain).expect("the new key loads");
+        assert_eq!(reloaded.public_key(), new.public_key());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod coordinator;
 pub mod drain;
 pub mod events;
 #[cfg(test)]

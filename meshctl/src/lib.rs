@@ -3,5 +3,6 @@
 
 pub mod capture;
 pub mod demo;
+pub mod rotate;
 pub mod status;
 pub mod traffic;

@@ -328,6 +328,31 @@ fn evaluate_node(
 }
 
 /// The status as a table for people.
+/// The table cells of one node: name, key fingerprint, generation, datapath, peers
+/// (configured/expected), ready, converged state.
+pub fn node_cells(node: &NodeView) -> [String; 7] {
+    [
+        node.name.clone(),
+        node.key_fingerprint.as_deref().unwrap_or("-").to_string(),
+        node.key_generation
+            .map_or_else(|| "-".to_string(), |g| g.to_string()),
+        node.datapath.as_deref().unwrap_or("-").to_string(),
+        format!(
+            "{}/{}",
+            node.peers_configured
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+            node.peers_expected
+        ),
+        if node.ready { "yes" } else { "no" }.to_string(),
+        if node.converged() {
+            "converged"
+        } else {
+            "NOT CONVERGED"
+        }
+        .to_string(),
+    ]
+}
+
 pub fn render(status: &MeshStatus) -> String {
     let mut out = String::new();
     let mesh = if !status.mesh_encryption {
@@ -344,27 +369,10 @@ pub fn render(status: &MeshStatus) -> String {
         "NODE", "KEY", "GEN", "DATAPATH", "PEERS", "READY"
     );
     for node in &status.nodes {
-        let peers = format!(
-            "{}/{}",
-            node.peers_configured
-                .map_or_else(|| "-".to_string(), |c| c.to_string()),
-            node.peers_expected
-        );
+        let [name, key, generation, datapath, peers, ready, state] = node_cells(node);
         let _ = writeln!(
             out,
-            "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  {}",
-            node.name,
-            node.key_fingerprint.as_deref().unwrap_or("-"),
-            node.key_generation
-                .map_or_else(|| "-".to_string(), |g| g.to_string()),
-            node.datapath.as_deref().unwrap_or("-"),
-            peers,
-            if node.ready { "yes" } else { "no" },
-            if node.converged() {
-                "converged"
-            } else {
-                "NOT CONVERGED"
-            },
+            "{name:<14} {key:<9} {generation:>4}  {datapath:<10} {peers:>6}  {ready:<5}  {state}",
         );
         if let Some(reason) = &node.datapath_reason {
             let _ = writeln!(out, "    datapath: {reason}");

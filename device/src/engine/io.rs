@@ -239,11 +239,25 @@ impl NetNs {
         File::open("/proc/thread-self/ns/net").map(|f| Self(Arc::new(f)))
     }
 
-    /// Runs `f` on a helper thread that has joined this namespace.
+    /// Whether the calling thread is in this namespace (same device and inode as its ns file).
+    fn is_current(&self) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::metadata("/proc/thread-self/ns/net")?;
+        let ours = self.0.metadata()?;
+        Ok(here.dev() == ours.dev() && here.ino() == ours.ino())
+    }
+
+    /// Runs `f` in this namespace: on the calling thread when it is in it already (the device
+    /// process, whose threads all live in the node's namespace: joining a namespace needs
+    /// CAP_SYS_ADMIN, which the device's container does not have), otherwise on a helper thread
+    /// that has joined it.
     pub fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
+        if self.is_current()? {
+            return f();
+        }
         let ns = self.0.clone();
         std::thread::Builder::new()
             .name("wm-netns".into())

@@ -74,21 +74,7 @@ pub(super) fn tool(name: &str, package: &'static str) -> Result<PathBuf, VmError
 }
 
 fn run(cmd: &mut Command) -> Result<String, VmError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| VmError::Spawn {
-            command: super::command_line(cmd),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(VmError::CommandFailed {
-            command: super::command_line(cmd),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(crate::command::run(cmd)?)
 }
 
 pub(super) fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -96,12 +82,37 @@ pub(super) fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> 
     move |source| VmError::Io { what, path, source }
 }
 
+/// Where apt keeps the package lists; `apt-get update` changes its modification time.
+const APT_LISTS: &str = "/var/lib/apt/lists";
+
 /// The versioned image package (`linux-image-6.1.0-57-amd64`) the meta package depends on,
-/// from apt's local lists (no network). `WIREMESH_VM_KERNEL_PACKAGE` overrides it.
-fn resolve_package() -> Result<String, VmError> {
+/// from apt's local lists (no network). `WIREMESH_VM_KERNEL_PACKAGE` overrides it. The answer is
+/// remembered in `<cache>/resolved-package` until the lists change (apt-cache takes 1-2 s on a
+/// loaded machine, and every test binary prepares).
+fn resolve_package(cache: &Path) -> Result<String, VmError> {
     if let Some(p) = std::env::var_os("WIREMESH_VM_KERNEL_PACKAGE") {
         return Ok(p.to_string_lossy().into_owned());
     }
+    let memo = cache.join("resolved-package");
+    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = matches!(
+        (modified(&memo), modified(Path::new(APT_LISTS))),
+        (Some(at), Some(lists)) if at >= lists
+    );
+    if let Some(p) = fresh
+        .then(|| fs::read_to_string(&memo).ok())
+        .flatten()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| s.starts_with("linux-image-"))
+    {
+        return Ok(p);
+    }
+    let package = resolve_with_apt_cache()?;
+    fs::write(&memo, &package).map_err(io_err("writing", &memo))?;
+    Ok(package)
+}
+
+fn resolve_with_apt_cache() -> Result<String, VmError> {
     let apt_cache = tool("apt-cache", "apt")?;
     let lookup = || -> Result<Option<String>, VmError> {
         let out = run(Command::new(&apt_cache).args(["depends", META_PACKAGE]))?;
@@ -206,10 +217,7 @@ fn extract_vmlinux(xz: &Path, vmlinuz: &Path, out: &Path) -> Result<bool, VmErro
         .stdout(file)
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|source| VmError::Spawn {
-            command: format!("{} -dc", xz.display()),
-            source,
-        })?;
+        .map_err(io_err("starting", xz))?;
     let mut stdin = child.stdin.take().expect("piped stdin");
     // A broken pipe only means xz stopped reading after the stream's end.
     let _ = stdin.write_all(&image[off..]);
@@ -248,7 +256,7 @@ pub(super) fn load_order(show_depends: &str) -> Vec<(String, String)> {
 /// caller), reusing whatever is there.
 pub(super) fn prepare(cache: &Path) -> Result<Prepared, VmError> {
     let (busybox, busybox_bytes) = busybox()?;
-    let package = resolve_package()?;
+    let package = resolve_package(cache)?;
     let release = package
         .strip_prefix("linux-image-")
         .unwrap_or(&package)

@@ -25,20 +25,24 @@ use wiremesh_integration::{
 
 /// The mesh-agent executable under test.
 pub fn agent_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WIREMESH_AGENT_BIN") {
+    workspace_binary("mesh-agent", "WIREMESH_AGENT_BIN")
+}
+
+/// The workspace binary `name` next to the test binary's `deps/` directory, or `$env`.
+pub fn workspace_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> -> target/debug/mesh-agent
+    // target/debug/deps/<test> -> target/debug/<name>
     let path = exe
         .parent()
         .and_then(Path::parent)
-        .map(|dir| dir.join("mesh-agent"))
+        .map(|dir| dir.join(name))
         .expect("test binary lives in target/<profile>/deps");
     assert!(
         path.exists(),
-        "{} not found: build it first (`cargo build -p mesh-agent`, or `make test`), \
-         or set WIREMESH_AGENT_BIN",
+        "{} not found: build it first (`cargo build -p {name}`, or `make test`), or set {env}",
         path.display()
     );
     path
@@ -207,15 +211,9 @@ pub fn mesh_routes(cluster: &VirtualCluster, node: &str) -> Vec<String> {
 
 /// The `wiremesh.io/public-key` annotation of `node`.
 pub async fn published_key(cluster: &VirtualCluster, node: &str) -> Option<String> {
-    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
-        kube::Api::all(cluster.client().clone());
-    nodes
-        .get(node)
+    wiremesh_integration::objects::node_annotation(cluster.client(), node, "wiremesh.io/public-key")
         .await
         .expect("get node")
-        .metadata
-        .annotations
-        .and_then(|a| a.get("wiremesh.io/public-key").cloned())
 }
 
 /// The agent's `/metrics` text, fetched from the host at the node's underlay address.
