@@ -17,6 +17,7 @@ use kube::{
 };
 use meshctl::demo;
 use serde_json::json;
+use wiremesh_crds::{MeshEncryption, find_condition};
 use wiremesh_integration::{
     ClusterOptions, Role, VirtualCluster, have_root, testenv::client_from_kubeconfig,
 };
@@ -74,6 +75,46 @@ async fn try_set_taints(client: &Client, node: &str, keys: &[&str]) -> Result<()
     }
 }
 
+/// Waits until `MeshEncryption default` reports `ready` nodes and its Ready condition `ready_status`.
+async fn wait_mesh_status(client: &Client, ready: &str, ready_status: &str) {
+    let api = Api::<MeshEncryption>::all(client.clone());
+    mesh::wait_async(
+        &format!("MeshEncryption status ready {ready}, Ready={ready_status}"),
+        Duration::from_secs(90),
+        || {
+            let api = api.clone();
+            let client = client.clone();
+            async move {
+                let mesh = api.get("default").await.map_err(|e| e.to_string())?;
+                let status = mesh.status.unwrap_or_default();
+                let condition = find_condition(&status.conditions, "Ready")
+                    .map(|c| c.status.clone())
+                    .unwrap_or_default();
+                if status.ready.as_deref() == Some(ready) && condition == ready_status {
+                    Ok(())
+                } else {
+                    let meshnodes = Api::<wiremesh_crds::MeshNode>::all(client.clone())
+                        .list_metadata(&Default::default())
+                        .await
+                        .map(|l| {
+                            l.items
+                                .iter()
+                                .map(|m| {
+                                    format!(
+                                        "{:?} {:?}",
+                                        m.metadata.labels, m.metadata.managed_fields
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                        });
+                    Err(format!("status {status:?}; meshnodes {meshnodes:?}"))
+                }
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readiness_taint_stays_until_the_mesh_converged() {
     if !have_root("network namespaces, TUN devices") {
@@ -123,6 +164,9 @@ async fn the_readiness_taint_stays_until_the_mesh_converged() {
         [OTHER, NOT_READY],
         "an agent that has not converged keeps its node tainted"
     );
+    // The coordinator (one of the agents, under the deploy/ RBAC) counts ready nodes for
+    // `kubectl get meshencryptions`.
+    wait_mesh_status(&admin, "1/2", "False").await;
 
     // The device comes up: node-1 converges and its agent removes exactly its taint.
     let device = demo::device_args(&cluster, "node-1").expect("device args");
@@ -143,6 +187,7 @@ async fn the_readiness_taint_stays_until_the_mesh_converged() {
         },
     )
     .await;
+    wait_mesh_status(&admin, "2/2", "True").await;
     // Converged and reachable across nodes in Strict mode.
     mesh::assert_reachable(&cluster, "pod-1-1", "pod-2-1", b"readiness-taint");
     // Opt-in: node-2's agent runs without the flag.

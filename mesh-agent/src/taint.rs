@@ -70,10 +70,14 @@ impl TaintRemover {
 
     /// One attempt: `Ok(true)` when the taint was removed, `Ok(false)` when there was none.
     pub async fn remove_once(&self) -> Result<bool, TaintError> {
-        let node = self.nodes.get(&self.node).await.map_err(|source| TaintError::Get {
-            node: self.node.clone(),
-            source,
-        })?;
+        let node = self
+            .nodes
+            .get(&self.node)
+            .await
+            .map_err(|source| TaintError::Get {
+                node: self.node.clone(),
+                source,
+            })?;
         let taints = node
             .spec
             .as_ref()
@@ -100,15 +104,14 @@ impl TaintRemover {
     /// Waits for convergence, removes the taint (retrying with backoff up to 30 s), then idles
     /// until the drain.
     pub async fn run(mut self, mut drain: Drain) {
-        tokio::select! {
-            converged = self.snapshot.wait_for(MeshSnapshot::converged) => {
-                // The reconciler is gone: never converged, the taint stays.
-                if converged.is_err() {
-                    drain.signaled().await;
-                    return;
-                }
-            }
+        let closed = tokio::select! {
+            converged = self.snapshot.wait_for(MeshSnapshot::converged) => converged.is_err(),
             () = drain.signaled() => return,
+        };
+        // The reconciler is gone: never converged, the taint stays.
+        if closed {
+            drain.signaled().await;
+            return;
         }
         let mut backoff = Duration::from_millis(500);
         loop {

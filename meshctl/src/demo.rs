@@ -160,6 +160,13 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
         format!("0.0.0.0:{AGENT_HTTP_PORT}").into(),
         "--bpffs".into(),
         cluster.bpffs().as_os_str().to_owned(),
+        // Every agent stands for rotation coordinator with its own pod-bound ServiceAccount token,
+        // under the RBAC of deploy/ (the Lease in the ServiceAccount's namespace), as in the
+        // DaemonSet where the in-cluster token is that same identity.
+        "--coordinator-kubeconfig".into(),
+        n.kubeconfig.clone().into_os_string(),
+        "--lease-namespace".into(),
+        cluster.agent_identity().namespace.clone().into(),
     ])
 }
 
