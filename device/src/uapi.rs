@@ -30,6 +30,23 @@ pub trait UapiHandler: Send + Sync + 'static {
     fn uapi_get(&self) -> GetResponse;
     /// Applies a parsed `set`; `Err` carries the (negative) errno to report.
     fn uapi_set(&self, req: &SetRequest) -> Result<(), i32>;
+    /// The server thread panicked: the device can no longer be configured. The engine fails
+    /// the device (its process exits non-zero and is restarted).
+    fn uapi_failed(&self, reason: String) {
+        tracing::error!(reason = %reason, "UAPI server failed");
+    }
+}
+
+/// Tells the handler when the server thread dies by a panic.
+struct PanicWatch(Arc<dyn UapiHandler>);
+
+impl Drop for PanicWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .uapi_failed("UAPI server thread wm-uapi panicked".into());
+        }
+    }
 }
 
 /// Why the UAPI socket could not be served.
@@ -82,7 +99,10 @@ impl UapiServer {
         let thread_path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("wm-uapi".into())
-            .spawn(move || serve(listener, handler, thread_stop, thread_path))
+            .spawn(move || {
+                let _watch = PanicWatch(handler.clone());
+                serve(listener, handler, thread_stop, thread_path)
+            })
             .map_err(io_err)?;
         Ok(Self {
             path: path.to_path_buf(),

@@ -28,14 +28,57 @@ const TCP_CWR: u8 = 0x80;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Malformed(pub &'static str);
 
+/// How a frame from the TUN splits into IP packets, read from its virtio-net header and IP/L4
+/// headers by [`layout`] (which validates them) before anything is locked or encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// One packet; its checksum is completed if the kernel left it to us.
+    Single { csum: Option<(usize, usize)> },
+    /// A TSO/USO super-packet cut into `segs` packets of at most `hlen + gso_size` bytes.
+    Gso {
+        v6: bool,
+        proto: u8,
+        ip_hlen: usize,
+        hlen: usize,
+        gso_size: usize,
+        segs: usize,
+    },
+}
+
+impl Layout {
+    /// How many IP packets the frame yields.
+    pub fn segments(&self) -> usize {
+        match self {
+            Self::Single { .. } => 1,
+            Self::Gso { segs, .. } => *segs,
+        }
+    }
+
+    /// The longest of them, for a frame of `n` bytes (virtio-net header included).
+    pub fn max_segment_len(&self, n: usize) -> usize {
+        match self {
+            Self::Single { .. } => n.saturating_sub(VIRTIO_NET_HDR_LEN),
+            Self::Gso { hlen, gso_size, .. } => hlen + gso_size,
+        }
+    }
+}
+
 /// Calls `each` with every IP packet of the `n`-byte frame at the start of `frame` (virtio-net
 /// header first), in order, with valid checksums. `each` must be done with a segment when it
 /// returns: the next one is built over its tail.
+#[cfg(test)]
 pub(crate) fn for_each_segment(
     frame: &mut [u8],
     n: usize,
-    mut each: impl FnMut(&[u8]),
+    each: impl FnMut(&[u8]),
 ) -> Result<(), Malformed> {
+    let layout = layout(frame, n)?;
+    segment(frame, n, layout, each);
+    Ok(())
+}
+
+/// Reads and validates the headers of the `n`-byte frame at the start of `frame`.
+pub(crate) fn layout(frame: &[u8], n: usize) -> Result<Layout, Malformed> {
     if n < VIRTIO_NET_HDR_LEN + 20 || n > frame.len() {
         return Err(Malformed("frame shorter than an IP header"));
     }
@@ -47,30 +90,23 @@ pub(crate) fn for_each_segment(
     let gso_size = usize::from(u16::from_ne_bytes([hdr[4], hdr[5]]));
     let csum_start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
     let csum_offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
-    let ip = &mut frame[VIRTIO_NET_HDR_LEN..n];
+    let ip = &frame[VIRTIO_NET_HDR_LEN..n];
     let v6 = match ip[0] >> 4 {
         4 => false,
         6 if ip.len() >= 40 => true,
         _ => return Err(Malformed("not IPv4 or IPv6")),
     };
     if gso_type == VIRTIO_NET_HDR_GSO_NONE {
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-            let at = csum_start + csum_offset;
-            if at + 2 > ip.len() || csum_start >= ip.len() {
-                return Err(Malformed("checksum offset beyond the packet"));
-            }
-            // The field holds the pseudo-header sum; sum the rest on top of it.
-            let c = !fold(sum(&ip[csum_start..], 0));
-            // In UDP (checksum at offset 6) zero means "no checksum": send all ones instead.
-            let c = if c == 0 && csum_offset == 6 {
-                0xffff
-            } else {
-                c
-            };
-            ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
+            return Ok(Layout::Single { csum: None });
         }
-        each(ip);
-        return Ok(());
+        let at = csum_start + csum_offset;
+        if at + 2 > ip.len() || csum_start >= ip.len() {
+            return Err(Malformed("checksum offset beyond the packet"));
+        }
+        return Ok(Layout::Single {
+            csum: Some((csum_start, csum_offset)),
+        });
     }
     let proto = match gso_type {
         VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 => IPPROTO_TCP,
@@ -82,23 +118,64 @@ pub(crate) fn for_each_segment(
         return Err(Malformed("GSO type does not match the IP version"));
     }
     let ip_hlen = csum_start;
-    if ip_hlen < 20 || ip_hlen + 8 > ip.len() || (v6 && ip_hlen < 40) {
+    let min_l4 = if proto == IPPROTO_TCP { 20 } else { 8 };
+    if ip_hlen < 20 || ip_hlen + min_l4 > ip.len() || (v6 && ip_hlen < 40) {
         return Err(Malformed("bad L4 offset"));
     }
     let l4_hlen = if proto == IPPROTO_TCP {
+        // Data offset in 32-bit words; below 5 the "header" would overlap the fixed fields.
         usize::from(ip[ip_hlen + 12] >> 4) * 4
     } else {
         8
     };
     let hlen = ip_hlen + l4_hlen;
-    if l4_hlen < 8 || hlen > MAX_HDR || hlen >= ip.len() || gso_size == 0 {
+    if l4_hlen < min_l4 || hlen > MAX_HDR || hlen >= ip.len() || gso_size == 0 {
         return Err(Malformed("bad GSO headers"));
     }
+    Ok(Layout::Gso {
+        v6,
+        proto,
+        ip_hlen,
+        hlen,
+        gso_size,
+        segs: (ip.len() - hlen).div_ceil(gso_size),
+    })
+}
+
+/// Calls `each` with every IP packet of the `n`-byte frame at the start of `frame`, cut as
+/// `layout` (from [`layout`] on this very frame) says, in order, with valid checksums. `each`
+/// must be done with a segment when it returns: the next one is built over its tail.
+pub(crate) fn segment(frame: &mut [u8], n: usize, layout: Layout, mut each: impl FnMut(&[u8])) {
+    let ip = &mut frame[VIRTIO_NET_HDR_LEN..n];
+    let (v6, proto, ip_hlen, hlen, gso_size, segs) = match layout {
+        Layout::Single { csum } => {
+            if let Some((csum_start, csum_offset)) = csum {
+                let at = csum_start + csum_offset;
+                // The field holds the pseudo-header sum; sum the rest on top of it.
+                let c = !fold(sum(&ip[csum_start..], 0));
+                // In UDP (checksum at offset 6) zero means "no checksum": send all ones instead.
+                let c = if c == 0 && csum_offset == 6 {
+                    0xffff
+                } else {
+                    c
+                };
+                ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
+            }
+            each(ip);
+            return;
+        }
+        Layout::Gso {
+            v6,
+            proto,
+            ip_hlen,
+            hlen,
+            gso_size,
+            segs,
+        } => (v6, proto, ip_hlen, hlen, gso_size, segs),
+    };
     let mut template = [0u8; MAX_HDR];
     template[..hlen].copy_from_slice(&ip[..hlen]);
     let template = &template[..hlen];
-    let payload_len = ip.len() - hlen;
-    let segs = payload_len.div_ceil(gso_size);
     let id0 = u16::from_be_bytes([template[4], template[5]]);
     let seq0 = u32::from_be_bytes([
         template[ip_hlen + 4],
@@ -153,7 +230,6 @@ pub(crate) fn for_each_segment(
         seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
         each(seg);
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -281,5 +357,44 @@ mod tests {
         bad[VIRTIO_NET_HDR_LEN] = 0x15;
         assert!(for_each_segment(&mut bad, n, |_| {}).is_err(), "not IP");
         assert!(for_each_segment(&mut bad, 12, |_| {}).is_err(), "short");
+    }
+
+    #[test]
+    fn tcp_data_offsets_below_five_and_truncated_tcp_headers_are_refused() {
+        let payload = vec![0x5a; 3000];
+        for v6 in [false, true] {
+            let ip_hlen = if v6 { 40 } else { 20 };
+            // Data offsets 0..=4 describe a header shorter than TCP's fixed 20 bytes: the
+            // segmenter would rewrite sequence numbers and checksums inside the payload.
+            for doff in 0..5u8 {
+                let mut bad = tso_frame(v6, &payload, 1000, 0x10);
+                bad[VIRTIO_NET_HDR_LEN + ip_hlen + 12] = doff << 4;
+                let n = bad.len();
+                let mut segs = 0;
+                assert_eq!(
+                    for_each_segment(&mut bad, n, |_| segs += 1),
+                    Err(Malformed("bad GSO headers")),
+                    "v6 {v6} data offset {doff}"
+                );
+                assert_eq!(segs, 0);
+            }
+            // Five words is the smallest valid TCP header.
+            let mut ok = tso_frame(v6, &payload, 1000, 0x10);
+            ok[VIRTIO_NET_HDR_LEN + ip_hlen + 12] = 5 << 4;
+            let n = ok.len();
+            assert!(
+                for_each_segment(&mut ok, n, |_| {}).is_ok(),
+                "v6 {v6} offset 5"
+            );
+            // A frame that ends inside the TCP header is refused, not read past its end.
+            for cut in [ip_hlen + 8, ip_hlen + 12, ip_hlen + 19] {
+                let mut short = tso_frame(v6, &payload, 1000, 0x10);
+                let n = VIRTIO_NET_HDR_LEN + cut;
+                assert!(
+                    for_each_segment(&mut short, n, |_| {}).is_err(),
+                    "v6 {v6} frame cut at {cut}"
+                );
+            }
+        }
     }
 }
