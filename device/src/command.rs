@@ -210,3 +210,6 @@ pub fn init_logging() {
         builder.init();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -26,6 +26,9 @@ mod state;
 mod timers;
 mod worker;
 
+#[cfg(test)]
+pub(crate) use worker::PANIC_QUEUE;
+
 use std::{
     path::PathBuf,
     sync::{
