@@ -180,16 +180,10 @@ impl TunWorker {
             return;
         }
         if self.tx_used + room > self.tx_buf.len() {
-            flush_tx(
-                udp,
-                self.queue,
-                &self.tx_buf,
-                &mut self.staged,
-                &mut self.tx_acct,
-                shared,
-            );
-            self.tx_used = 0;
+            self.flush(udp);
         }
+        let shared = &*self.shared;
+        let counters = &shared.counters;
         let state = shared.read_state();
         let Some(peer) = state.table.lookup(dst) else {
             counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
