@@ -73,7 +73,11 @@ pub(crate) fn for_each_segment(
     each: impl FnMut(&[u8]),
 ) -> Result<(), Malformed> {
     let layout = layout(frame, n)?;
-    segment(frame, n, layout, each);
+    let mut each = each;
+    Segmenter::new(frame, n, layout).run(frame, n, |seg| {
+        each(seg);
+        true
+    });
     Ok(())
 }
 
@@ -142,14 +146,28 @@ pub(crate) fn layout(frame: &[u8], n: usize) -> Result<Layout, Malformed> {
     })
 }
 
-/// Calls `each` with every IP packet of the `n`-byte frame at the start of `frame`, cut as
-/// `layout` (from [`layout`] on this very frame) says, in order, with valid checksums. `each`
-/// must be done with a segment when it returns: the next one is built over its tail.
-pub(crate) fn segment(frame: &mut [u8], n: usize, layout: Layout, mut each: impl FnMut(&[u8])) {
-    let ip = &mut frame[VIRTIO_NET_HDR_LEN..n];
-    let (v6, proto, ip_hlen, hlen, gso_size, segs) = match layout {
-        Layout::Single { csum } => {
-            if let Some((csum_start, csum_offset)) = csum {
+/// Cuts one frame into its IP packets, as its [`Layout`] says, possibly over several
+/// [`run`](Self::run)s: the caller may stop after any segment (its send buffer is full) and
+/// go on later with the same frame.
+pub(crate) struct Segmenter {
+    layout: Layout,
+    /// The first segment's headers as the kernel wrote them (the frame's own copy is
+    /// rewritten in place as segment 0).
+    template: [u8; MAX_HDR],
+    /// The segment the next run starts with.
+    next: usize,
+}
+
+impl Segmenter {
+    /// Prepares the `n`-byte frame at the start of `frame` (from [`layout`] on this very frame):
+    /// completes a single packet's checksum, keeps a super-packet's headers.
+    pub fn new(frame: &mut [u8], n: usize, layout: Layout) -> Self {
+        let ip = &mut frame[VIRTIO_NET_HDR_LEN..n];
+        let mut template = [0u8; MAX_HDR];
+        match layout {
+            Layout::Single {
+                csum: Some((csum_start, csum_offset)),
+            } => {
                 let at = csum_start + csum_offset;
                 // The field holds the pseudo-header sum; sum the rest on top of it.
                 let c = !fold(sum(&ip[csum_start..], 0));
@@ -161,79 +179,104 @@ pub(crate) fn segment(frame: &mut [u8], n: usize, layout: Layout, mut each: impl
                 };
                 ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
             }
-            each(ip);
-            return;
+            Layout::Single { csum: None } => {}
+            Layout::Gso { hlen, .. } => template[..hlen].copy_from_slice(&ip[..hlen]),
         }
-        Layout::Gso {
-            v6,
-            proto,
-            ip_hlen,
-            hlen,
-            gso_size,
-            segs,
-        } => (v6, proto, ip_hlen, hlen, gso_size, segs),
-    };
-    let mut template = [0u8; MAX_HDR];
-    template[..hlen].copy_from_slice(&ip[..hlen]);
-    let template = &template[..hlen];
-    let id0 = u16::from_be_bytes([template[4], template[5]]);
-    let seq0 = u32::from_be_bytes([
-        template[ip_hlen + 4],
-        template[ip_hlen + 5],
-        template[ip_hlen + 6],
-        template[ip_hlen + 7],
-    ]);
-    for i in 0..segs {
-        let p_start = hlen + i * gso_size;
-        let p_len = gso_size.min(ip.len() - p_start);
-        let s = p_start - hlen;
-        let seg = &mut ip[s..p_start + p_len];
-        if i > 0 {
-            seg[..hlen].copy_from_slice(template);
+        Self {
+            layout,
+            template,
+            next: 0,
         }
-        let total = hlen + p_len;
-        if v6 {
-            seg[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
-        } else {
-            seg[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-            seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-            seg[10..12].copy_from_slice(&[0, 0]);
-            let c = !fold(sum(&seg[..ip_hlen], 0));
-            seg[10..12].copy_from_slice(&c.to_be_bytes());
-        }
-        let l4 = ip_hlen;
-        let csum_at = if proto == IPPROTO_TCP {
-            let seq = seq0.wrapping_add((i * gso_size) as u32);
-            seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
-            if i + 1 < segs {
-                seg[l4 + 13] &= !(TCP_FIN | TCP_PSH);
+    }
+
+    /// Calls `each` with the frame's IP packets from the next one on, in order, with valid
+    /// checksums; `frame` and `n` are those given to [`new`](Self::new). `each` must be done with
+    /// a segment when it returns (the next one is built over its tail), and returns `false` if
+    /// it could not take it: the run stops there and the next run starts with that segment
+    /// (rebuilding a segment in place is idempotent). Returns whether all were taken.
+    pub fn run(&mut self, frame: &mut [u8], n: usize, mut each: impl FnMut(&[u8]) -> bool) -> bool {
+        let ip = &mut frame[VIRTIO_NET_HDR_LEN..n];
+        let (v6, proto, ip_hlen, hlen, gso_size, segs) = match self.layout {
+            Layout::Single { .. } => {
+                if self.next == 0 && each(ip) {
+                    self.next = 1;
+                }
+                return self.next == 1;
             }
+            Layout::Gso {
+                v6,
+                proto,
+                ip_hlen,
+                hlen,
+                gso_size,
+                segs,
+            } => (v6, proto, ip_hlen, hlen, gso_size, segs),
+        };
+        let template = &self.template[..hlen];
+        let id0 = u16::from_be_bytes([template[4], template[5]]);
+        let seq0 = u32::from_be_bytes([
+            template[ip_hlen + 4],
+            template[ip_hlen + 5],
+            template[ip_hlen + 6],
+            template[ip_hlen + 7],
+        ]);
+        for i in self.next..segs {
+            let p_start = hlen + i * gso_size;
+            let p_len = gso_size.min(ip.len() - p_start);
+            let s = p_start - hlen;
+            let seg = &mut ip[s..p_start + p_len];
             if i > 0 {
-                seg[l4 + 13] &= !TCP_CWR;
+                seg[..hlen].copy_from_slice(template);
             }
-            l4 + 16
-        } else {
-            seg[l4 + 4..l4 + 6].copy_from_slice(&((total - ip_hlen) as u16).to_be_bytes());
-            l4 + 6
-        };
-        seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
-        let c = !fold(sum(
-            &seg[l4..],
-            pseudo_header(seg, v6, proto, total - ip_hlen),
-        ));
-        // A UDP checksum of zero means "none": send all ones instead.
-        let c = if c == 0 && proto == IPPROTO_UDP {
-            0xffff
-        } else {
-            c
-        };
-        seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-        each(seg);
+            let total = hlen + p_len;
+            if v6 {
+                seg[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            } else {
+                seg[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+                seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+                seg[10..12].copy_from_slice(&[0, 0]);
+                let c = !fold(sum(&seg[..ip_hlen], 0));
+                seg[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            let l4 = ip_hlen;
+            let csum_at = if proto == IPPROTO_TCP {
+                let seq = seq0.wrapping_add((i * gso_size) as u32);
+                seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+                if i + 1 < segs {
+                    seg[l4 + 13] &= !(TCP_FIN | TCP_PSH);
+                }
+                if i > 0 {
+                    seg[l4 + 13] &= !TCP_CWR;
+                }
+                l4 + 16
+            } else {
+                seg[l4 + 4..l4 + 6].copy_from_slice(&((total - ip_hlen) as u16).to_be_bytes());
+                l4 + 6
+            };
+            seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
+            let c = !fold(sum(
+                &seg[l4..],
+                pseudo_header(seg, v6, proto, total - ip_hlen),
+            ));
+            // A UDP checksum of zero means "none": send all ones instead.
+            let c = if c == 0 && proto == IPPROTO_UDP {
+                0xffff
+            } else {
+                c
+            };
+            seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+            if !each(seg) {
+                self.next = i;
+                return false;
+            }
+        }
+        self.next = segs;
+        true
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn valid_l4(pkt: &[u8], v6: bool, proto: u8) -> bool {
@@ -248,7 +291,7 @@ mod tests {
 
     /// A TSO frame as the kernel hands it over: one big packet, NEEDS_CSUM, the pseudo-header
     /// sum in the checksum field.
-    fn tso_frame(v6: bool, payload: &[u8], mss: u16, flags: u8) -> Vec<u8> {
+    pub(crate) fn tso_frame(v6: bool, payload: &[u8], mss: u16, flags: u8) -> Vec<u8> {
         let ip_hlen = if v6 { 40 } else { 20 };
         let hlen = ip_hlen + 32;
         let total = hlen + payload.len();
@@ -357,6 +400,44 @@ mod tests {
         bad[VIRTIO_NET_HDR_LEN] = 0x15;
         assert!(for_each_segment(&mut bad, n, |_| {}).is_err(), "not IP");
         assert!(for_each_segment(&mut bad, 12, |_| {}).is_err(), "short");
+    }
+
+    #[test]
+    fn a_frame_cut_over_several_runs_gives_the_same_segments() {
+        for v6 in [false, true] {
+            let payload: Vec<u8> = (0..9_000u32).map(|i| (i * 13 + i / 77) as u8).collect();
+            let whole = {
+                let mut f = tso_frame(v6, &payload, 1000, 0x10 | TCP_PSH);
+                let n = f.len();
+                let mut segs = Vec::new();
+                for_each_segment(&mut f, n, |seg| segs.push(seg.to_vec())).expect("split");
+                segs
+            };
+            assert_eq!(whole.len(), 9);
+            // Refuse every third segment offered once (a full send buffer), then take it.
+            let mut f = tso_frame(v6, &payload, 1000, 0x10 | TCP_PSH);
+            let n = f.len();
+            let layout = layout(&f, n).expect("layout");
+            let mut cut = Segmenter::new(&mut f, n, layout);
+            let (mut got, mut offered, mut runs) = (Vec::new(), 0, 0);
+            while runs < 100 {
+                runs += 1;
+                let done = cut.run(&mut f, n, |seg| {
+                    offered += 1;
+                    if offered % 3 == 0 {
+                        return false;
+                    }
+                    got.push(seg.to_vec());
+                    true
+                });
+                if done {
+                    break;
+                }
+            }
+            assert_eq!(got, whole, "v6 {v6}");
+            assert!(runs > 1 && runs < 100, "{runs} runs");
+            assert!(cut.run(&mut f, n, |_| panic!("nothing is left")));
+        }
     }
 
     #[test]

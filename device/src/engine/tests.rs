@@ -70,7 +70,11 @@ fn device(key: &PrivateKey, gate: Option<Arc<SendGate>>) -> Arc<Shared> {
 fn set_peer(shared: &Shared, key: PublicKey, endpoint: SocketAddr, keepalive: Option<u16>) {
     let mut peer = PeerConfig::new(key);
     peer.endpoint = Some(endpoint);
-    peer.allowed_ips = vec![format!("{B_TUNNEL}/32").parse().expect("net")];
+    // B's tunnel address and the destination of gso::tests::tso_frame.
+    peer.allowed_ips = vec![
+        format!("{B_TUNNEL}/32").parse().expect("net"),
+        "10.0.0.2/32".parse().expect("net"),
+    ];
     peer.persistent_keepalive = keepalive;
     shared
         .uapi_set(&convert::set_peer_request(&peer).expect("request"))
@@ -128,6 +132,33 @@ fn loopback(ip: [u8; 4]) -> (UdpSocket, SocketAddr) {
     (sock, addr)
 }
 
+/// Completes a handshake that `a` initiates towards b (at `b_sock`); b's side of the session.
+fn handshake(a: &Shared, key_a: &PrivateKey, key_b: &PrivateKey, b_sock: &UdpSocket) -> Tunn {
+    let b_addr = b_sock.local_addr().expect("addr");
+    a.force_handshake(&key_b.public_key()).expect("handshake");
+    let init = recv(b_sock);
+    let mut b = Tunn::new(
+        StaticSecret::from(*key_b.to_bytes()),
+        XPublic::from(*key_a.public_key().as_bytes()),
+        None,
+        None,
+        7,
+        None,
+    );
+    let mut out = vec![0u8; 2048];
+    let response = match b.decapsulate(Some(b_addr.ip()), &init, &mut out) {
+        TunnResult::WriteToNetwork(r) => r.to_vec(),
+        _ => panic!("b answers a's initiation"),
+    };
+    assert_eq!(receive(a, b_addr, &response), None);
+    let keepalive = recv(b_sock);
+    assert!(matches!(
+        b.decapsulate(Some(b_addr.ip()), &keepalive, &mut out),
+        TunnResult::Done
+    ));
+    b
+}
+
 /// A minimal IPv4 packet from B's tunnel address.
 fn ipv4_from_b() -> Vec<u8> {
     let mut p = vec![0u8; 28];
@@ -147,9 +178,7 @@ fn cookie_replies_from_elsewhere_do_not_move_the_endpoint() {
         PrivateKey::generate().expect("key"),
     );
     let a = device(&key_a, None);
-    let a_public = XPublic::from(*key_a.public_key().as_bytes());
-    let b_secret = StaticSecret::from(*key_b.to_bytes());
-    let b_public = XPublic::from(&b_secret);
+    let b_public = XPublic::from(*key_b.public_key().as_bytes());
     let (b_sock, b_addr) = loopback([127, 0, 0, 1]);
     // Another address, as an on-path attacker (or anyone who saw the initiation) would use.
     let (forger, forger_addr) = loopback([127, 0, 0, 2]);
@@ -190,20 +219,8 @@ fn cookie_replies_from_elsewhere_do_not_move_the_endpoint() {
 
     // Traffic continues with b at its real address: a's next initiation (with the cookie's
     // mac2 now) goes there, b answers, a's keepalive comes back, b's data decrypts.
-    a.force_handshake(&key_b.public_key()).expect("handshake");
-    let init = recv(&b_sock);
-    let mut b = Tunn::new(b_secret, a_public, None, None, 7, None);
+    let mut b = handshake(&a, &key_a, &key_b, &b_sock);
     let mut out = vec![0u8; 2048];
-    let response = match b.decapsulate(Some(b_addr.ip()), &init, &mut out) {
-        TunnResult::WriteToNetwork(r) => r.to_vec(),
-        _ => panic!("b answers a's initiation"),
-    };
-    assert_eq!(receive(&a, b_addr, &response), None);
-    let keepalive = recv(&b_sock);
-    assert!(matches!(
-        b.decapsulate(Some(b_addr.ip()), &keepalive, &mut out),
-        TunnResult::Done
-    ));
     let inner = ipv4_from_b();
     let data = match b.encapsulate(&inner, &mut out) {
         TunnResult::WriteToNetwork(d) => d.to_vec(),
@@ -299,4 +316,96 @@ fn config_writes_do_not_wait_for_a_blocked_send() {
         let sent = recv(&b_sock);
         assert_eq!((sent.len(), sent[0]), (148, 1), "{what}: an initiation");
     }
+}
+
+#[test]
+fn a_frame_larger_than_the_send_buffer_is_sent_with_no_lock_held() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIP a_frame_larger_than_the_send_buffer_is_sent_with_no_lock_held: needs root (CI runs it as root)"
+        );
+        return;
+    }
+    // The encrypt path needs a TUN queue: create it in a network namespace of this thread's
+    // own (nothing is left behind), with loopback up for the test's peer socket.
+    std::thread::spawn(|| {
+        // SAFETY: a new network namespace for this thread only.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("ip");
+        assert!(up.success());
+        large_frame_in_namespace();
+    })
+    .join()
+    .expect("test thread");
+}
+
+fn large_frame_in_namespace() {
+    let (key_a, key_b) = (
+        PrivateKey::generate().expect("key"),
+        PrivateKey::generate().expect("key"),
+    );
+    let gate = SendGate::closed();
+    gate.set_closed(false);
+    let a = device(&key_a, Some(gate.clone()));
+    let (b_sock, b_addr) = loopback([127, 0, 0, 1]);
+    set_peer(&a, key_b.public_key(), b_addr, None);
+    let _b = handshake(&a, &key_a, &key_b, &b_sock);
+
+    let tun = super::io::open_tun("wmtx0", 1420, 1)
+        .expect("TUN")
+        .remove(0);
+    let mut worker = worker::TunWorker::new(a.clone(), Arc::new(tun), 0);
+    // A TSO frame cut into 8-byte segments: ~7,400 datagrams of 148 bytes, more than twice
+    // the send buffer, so it has to be flushed in the middle of the frame.
+    let payload: Vec<u8> = (0..59_000u32).map(|i| i as u8).collect();
+    let frame = super::gso::tests::tso_frame(false, &payload, 8, 0x10);
+    let segments = payload.len().div_ceil(8) as u64;
+    let n = worker.load_frame(&frame);
+    let udp = a.read_state().udp.clone();
+    let before = a.counters.snapshot();
+
+    gate.set_closed(true);
+    let sender = std::thread::spawn(move || {
+        worker.encrypt_frame(n, &udp);
+        worker.flush(&udp);
+    });
+    assert!(gate.wait_held(DEADLINE), "the frame was not sent");
+    // The encrypt path is stuck in a send (buffer full): a configuration write completes.
+    let (done_tx, done_rx) = mpsc::channel();
+    let writer = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let mut peer = PeerConfig::new(PrivateKey::generate().expect("key").public_key());
+            peer.allowed_ips = vec!["10.80.9.9/32".parse().expect("net")];
+            let _ = done_tx.send(a.uapi_set(&convert::set_peer_request(&peer).expect("request")));
+        })
+    };
+    let written = done_rx.recv_timeout(DEADLINE);
+    let held_meanwhile = gate.held() > 0;
+    let sent_meanwhile = a.counters.snapshot().tx_datagrams - before.tx_datagrams;
+    gate.set_closed(false);
+    sender.join().expect("sender thread");
+    writer.join().expect("writer thread");
+    assert_eq!(
+        written,
+        Ok(Ok(())),
+        "the UAPI set did not complete while the encrypt path's send was blocked"
+    );
+    assert!(
+        held_meanwhile && sent_meanwhile < segments,
+        "{sent_meanwhile}"
+    );
+    // Every segment went out, none lost to the multi-pass staging.
+    let after = a.counters.snapshot();
+    assert_eq!(after.tx_errors, before.tx_errors, "{after:?}");
+    assert_eq!(after.tun_malformed, before.tun_malformed, "{after:?}");
+    assert_eq!(
+        after.tx_datagrams - before.tx_datagrams,
+        segments,
+        "{after:?}"
+    );
 }

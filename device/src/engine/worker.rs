@@ -133,7 +133,14 @@ impl TunWorker {
         Ok(step)
     }
 
-    fn flush(&mut self, udp: &UdpEndpoint) {
+    /// Test hook: puts `frame` (virtio-net header first) where a TUN read would; its length.
+    #[cfg(test)]
+    pub(crate) fn load_frame(&mut self, frame: &[u8]) -> usize {
+        self.frame[..frame.len()].copy_from_slice(frame);
+        frame.len()
+    }
+
+    pub(crate) fn flush(&mut self, udp: &UdpEndpoint) {
         flush_tx(
             udp,
             self.queue,
@@ -148,7 +155,7 @@ impl TunWorker {
     /// Encrypts every segment of the `n`-byte frame in `self.frame` for the peer that owns its
     /// destination (one lookup and one peer lock per frame). The send buffer is flushed before
     /// the locks are taken if the whole frame might not fit, so no send happens under them.
-    fn encrypt_frame(&mut self, n: usize, udp: &UdpEndpoint) {
+    pub(crate) fn encrypt_frame(&mut self, n: usize, udp: &UdpEndpoint) {
         let shared = &*self.shared;
         let counters = &shared.counters;
         let Some(dst) = self.frame.get(VIRTIO_NET_HDR_LEN..n).and_then(packet_dst) else {
@@ -171,68 +178,72 @@ impl TunWorker {
                 return;
             }
         };
+        // Make room for the whole frame now, while no lock is held; a frame larger than the
+        // whole buffer (segments far below any real MSS) is done in several passes below.
         let room = layout.segments() * stage_need(layout.max_segment_len(n));
-        if room > self.tx_buf.len() {
-            // Only a frame cut into implausibly small segments gets here (the kernel's
-            // smallest MSS yields under half the buffer).
-            tracing::debug!(ifname = %shared.ifname, segments = layout.segments(), "TUN frame too large to stage");
-            counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         if self.tx_used + room > self.tx_buf.len() {
             self.flush(udp);
         }
-        let shared = &*self.shared;
-        let counters = &shared.counters;
-        let state = shared.read_state();
-        let Some(peer) = state.table.lookup(dst) else {
-            counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let mut inner = peer.lock();
-        let Some(endpoint) = inner.endpoint else {
-            counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let Some(tunn) = inner.tunn.as_mut() else {
-            counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let (tx_buf, tx_used, staged) = (&mut self.tx_buf, &mut self.tx_used, &mut self.staged);
-        let mut sent = 0u64;
-        gso::segment(&mut self.frame, n, layout, |seg| {
-            let need = stage_need(seg.len());
-            let start = *tx_used;
-            let Some(out) = tx_buf.get_mut(start..start + need) else {
-                // Cannot happen: room for the whole frame was made above.
-                counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+        let mut segments = gso::Segmenter::new(&mut self.frame, n, layout);
+        loop {
+            let shared = &*self.shared;
+            let counters = &shared.counters;
+            let state = shared.read_state();
+            let Some(peer) = state.table.lookup(dst) else {
+                counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            match tunn.encapsulate(seg, out) {
-                TunnResult::WriteToNetwork(out) => {
-                    let len = out.len();
-                    staged.push(Staged {
-                        dst: endpoint,
-                        start,
-                        len,
-                    });
-                    *tx_used += len;
-                    sent += len as u64;
+            let mut inner = peer.lock();
+            let Some(endpoint) = inner.endpoint else {
+                counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let Some(tunn) = inner.tunn.as_mut() else {
+                counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let (tx_buf, tx_used, staged) = (&mut self.tx_buf, &mut self.tx_used, &mut self.staged);
+            let mut sent = 0u64;
+            let done = segments.run(&mut self.frame, n, |seg| {
+                let need = stage_need(seg.len());
+                let start = *tx_used;
+                let Some(out) = tx_buf.get_mut(start..start + need) else {
+                    return false;
+                };
+                match tunn.encapsulate(seg, out) {
+                    TunnResult::WriteToNetwork(out) => {
+                        let len = out.len();
+                        staged.push(Staged {
+                            dst: endpoint,
+                            start,
+                            len,
+                        });
+                        *tx_used += len;
+                        sent += len as u64;
+                    }
+                    // Queued inside the Tunn until the handshake completes.
+                    TunnResult::Done => {}
+                    TunnResult::Err(e) => {
+                        counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %peer.public_key, error = ?e, "encapsulate failed");
+                    }
+                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                        counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                // Queued inside the Tunn until the handshake completes.
-                TunnResult::Done => {}
-                TunnResult::Err(e) => {
-                    counters.tx_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(peer = %peer.public_key, error = ?e, "encapsulate failed");
-                }
-                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
-                    counters.tx_errors.fetch_add(1, Ordering::Relaxed);
-                }
+                true
+            });
+            drop(inner);
+            if sent > 0 {
+                account(&mut self.tx_acct, peer, sent);
             }
-        });
-        drop(inner);
-        if sent > 0 {
-            account(&mut self.tx_acct, peer, sent);
+            drop(state);
+            if done {
+                return;
+            }
+            // The buffer is full: send it with no lock held, then go on with the frame (the
+            // next pass looks the destination up again).
+            self.flush(udp);
         }
     }
 }
