@@ -10,7 +10,7 @@
 //! resets) and `wm-uapi` (the configuration socket). The engine never assigns addresses or routes: the owner of the
 //! interface does (the agent through rtnetlink, an operator with ip(8)).
 //!
-//! No lock is held across a UDP send (see [`worker`] and [`outbox`]), so a configuration
+//! No lock is held across a UDP send (see the `worker` and `outbox` modules), so a configuration
 //! write never waits for a full socket buffer. A panic in any engine thread fails the whole
 //! device ([`UserspaceEngine::failure`]): the device process exits non-zero for its supervisor
 //! to restart it, rather than running on with a dead worker.

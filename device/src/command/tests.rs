@@ -1,7 +1,7 @@
 //! The device process end to end: a panicked engine thread makes [`run`] fail, so the process
 //! exits non-zero and its supervisor restarts it (issue 12: no half-dead datapath). The test
 //! re-executes its own binary as the device process, in a network namespace of its own; the
-//! panic comes from a hook compiled only into unit tests ([`crate::engine::PANIC_QUEUE`]).
+//! panic comes from a hook compiled only into unit tests (`engine::PANIC_QUEUE`).
 //! Privileged (creates a TUN device).
 
 use std::{
