@@ -233,3 +233,49 @@ fn read_set_body(
         body.push_str(&line);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::Mutex,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A device whose `get` panics (a bug in the handler), recording what the server reports.
+    #[derive(Default)]
+    struct Broken(Mutex<Option<String>>);
+
+    impl UapiHandler for Broken {
+        fn uapi_get(&self) -> GetResponse {
+            panic!("test: get panics");
+        }
+        fn uapi_set(&self, _req: &SetRequest) -> Result<(), i32> {
+            Ok(())
+        }
+        fn uapi_failed(&self, reason: String) {
+            *self.0.lock().unwrap() = Some(reason);
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_server_thread_is_reported_to_the_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wmtest.sock");
+        let handler = Arc::new(Broken::default());
+        let mut server = UapiServer::start(&path, handler.clone()).expect("serve");
+        let mut stream = UnixStream::connect(&path).expect("connect");
+        stream.write_all(b"get=1\n\n").expect("write");
+        let start = Instant::now();
+        while handler.0.lock().unwrap().is_none() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            handler.0.lock().unwrap().as_deref(),
+            Some("UAPI server thread wm-uapi panicked")
+        );
+        server.stop();
+        assert!(!path.exists(), "socket removed after the thread died");
+    }
+}
