@@ -246,6 +246,49 @@ fn cookie_replies_from_elsewhere_do_not_move_the_endpoint() {
     );
 }
 
+/// Once `gate` holds a send made by `sender` (as a full socket buffer would), adds a peer owning
+/// `net` through UAPI `set` and asserts that the write completed while the send was still held;
+/// then lets the send go and waits for `sender`.
+fn write_while_held(
+    a: &Arc<Shared>,
+    gate: &SendGate,
+    sender: std::thread::JoinHandle<()>,
+    net: &str,
+    what: &str,
+) {
+    assert!(
+        gate.wait_held(DEADLINE),
+        "{what}: no send reached the socket"
+    );
+    let (done_tx, done_rx) = mpsc::channel();
+    let extra = PrivateKey::generate().expect("key").public_key();
+    let mut peer = PeerConfig::new(extra);
+    peer.allowed_ips = vec![net.parse().expect("net")];
+    let writer = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(a.uapi_set(&convert::set_peer_request(&peer).expect("request")));
+        })
+    };
+    let written = done_rx.recv_timeout(DEADLINE);
+    let held_meanwhile = gate.held() > 0;
+    gate.set_closed(false);
+    sender.join().expect("sender thread");
+    writer.join().expect("writer thread");
+    assert_eq!(
+        written,
+        Ok(Ok(())),
+        "{what}: the UAPI set did not complete while a send was blocked"
+    );
+    assert!(held_meanwhile, "{what}: the send was not blocked meanwhile");
+    assert!(
+        a.uapi_get()
+            .peers
+            .iter()
+            .any(|p| p.public_key == *extra.as_bytes())
+    );
+}
+
 #[test]
 fn config_writes_do_not_wait_for_a_blocked_send() {
     let key_a = PrivateKey::generate().expect("key");
@@ -278,40 +321,7 @@ fn config_writes_do_not_wait_for_a_blocked_send() {
             let a = a.clone();
             std::thread::spawn(move || send(&a))
         };
-        assert!(
-            gate.wait_held(DEADLINE),
-            "{what}: no send reached the socket"
-        );
-        // A send is stuck (as on a full socket buffer). A configuration write must still
-        // complete, before the send is let go.
-        let (done_tx, done_rx) = mpsc::channel();
-        let extra = PrivateKey::generate().expect("key").public_key();
-        let writer = {
-            let a = a.clone();
-            std::thread::spawn(move || {
-                let mut peer = PeerConfig::new(extra);
-                peer.allowed_ips = vec![format!("10.80.1.{round}/32").parse().expect("net")];
-                let res = a.uapi_set(&convert::set_peer_request(&peer).expect("request"));
-                let _ = done_tx.send(res);
-            })
-        };
-        let written = done_rx.recv_timeout(DEADLINE);
-        let held_meanwhile = gate.held() > 0;
-        gate.set_closed(false);
-        sender.join().expect("sender thread");
-        writer.join().expect("writer thread");
-        assert_eq!(
-            written,
-            Ok(Ok(())),
-            "{what}: the UAPI set did not complete while a send was blocked"
-        );
-        assert!(held_meanwhile, "{what}: the send was not blocked meanwhile");
-        assert!(
-            a.uapi_get()
-                .peers
-                .iter()
-                .any(|p| p.public_key == *extra.as_bytes())
-        );
+        write_while_held(&a, &gate, sender, &format!("10.80.1.{round}/32"), what);
         // The held datagram goes out once the socket lets it.
         let sent = recv(&b_sock);
         assert_eq!((sent.len(), sent[0]), (148, 1), "{what}: an initiation");
@@ -373,32 +383,7 @@ fn large_frame_in_namespace() {
         worker.encrypt_frame(n, &udp);
         worker.flush(&udp);
     });
-    assert!(gate.wait_held(DEADLINE), "the frame was not sent");
-    // The encrypt path is stuck in a send (buffer full): a configuration write completes.
-    let (done_tx, done_rx) = mpsc::channel();
-    let writer = {
-        let a = a.clone();
-        std::thread::spawn(move || {
-            let mut peer = PeerConfig::new(PrivateKey::generate().expect("key").public_key());
-            peer.allowed_ips = vec!["10.80.9.9/32".parse().expect("net")];
-            let _ = done_tx.send(a.uapi_set(&convert::set_peer_request(&peer).expect("request")));
-        })
-    };
-    let written = done_rx.recv_timeout(DEADLINE);
-    let held_meanwhile = gate.held() > 0;
-    let sent_meanwhile = a.counters.snapshot().tx_datagrams - before.tx_datagrams;
-    gate.set_closed(false);
-    sender.join().expect("sender thread");
-    writer.join().expect("writer thread");
-    assert_eq!(
-        written,
-        Ok(Ok(())),
-        "the UAPI set did not complete while the encrypt path's send was blocked"
-    );
-    assert!(
-        held_meanwhile && sent_meanwhile < segments,
-        "{sent_meanwhile}"
-    );
+    write_while_held(&a, &gate, sender, "10.80.9.9/32", "the encrypt path");
     // Every segment went out, none lost to the multi-pass staging.
     let after = a.counters.snapshot();
     assert_eq!(after.tx_errors, before.tx_errors, "{after:?}");
