@@ -861,8 +861,17 @@ pub fn prepare_for_test() -> Option<KernelVm> {
 /// libtest for a failing test or with --nocapture). Returns `None` when skipped
 /// ([`prepare_for_test`]).
 pub fn rerun_self_with_args(args: &[&str], min_passed: usize) -> Option<VmOutput> {
+    rerun_self_configured(args, min_passed, |cmd| cmd)
+}
+
+/// [`rerun_self_with_args`] with the guest command adjusted by `configure` (memory, timeouts).
+pub fn rerun_self_configured(
+    args: &[&str],
+    min_passed: usize,
+    configure: impl FnOnce(VmCommand) -> VmCommand,
+) -> Option<VmOutput> {
     let vm = prepare_for_test()?;
-    let cmd = self_command(args);
+    let cmd = configure(self_command(args));
     let out = vm
         .run(&cmd)
         .unwrap_or_else(|e| panic!("running {args:?} in the kernel VM: {e}"));
@@ -909,10 +918,16 @@ pub fn rerun_self_in_vm(test_name: &str) {
 
 /// Several tests of this binary in one boot (each by exact name); every one must pass.
 pub fn rerun_tests_in_vm(test_names: &[&str]) {
+    rerun_tests_in_vm_with(test_names, |cmd| cmd);
+}
+
+/// [`rerun_tests_in_vm`] with the guest command adjusted by `configure` (a scenario with a
+/// kube-apiserver and several agents needs more memory than the default).
+pub fn rerun_tests_in_vm_with(test_names: &[&str], configure: impl FnOnce(VmCommand) -> VmCommand) {
     let mut args = vec!["--exact"];
     args.extend_from_slice(test_names);
     args.extend(["--include-ignored", "--nocapture", "--test-threads=1"]);
-    rerun_self_with_args(&args, test_names.len());
+    rerun_self_configured(&args, test_names.len(), configure);
 }
 
 /// Every test of this binary in one boot except `skip` (the host test calling this, and whatever

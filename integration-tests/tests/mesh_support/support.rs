@@ -107,6 +107,16 @@ pub async fn start_mesh(shape: Shape) -> VirtualCluster {
 
 /// [`start_mesh`] with extra `mesh-agent run` arguments for every agent.
 pub async fn start_mesh_with_args(shape: Shape, agent_args: &[&str]) -> VirtualCluster {
+    start_mesh_on(shape, demo::NodeDevice::Userspace, agent_args).await
+}
+
+/// [`start_mesh_with_args`] with every node on `device` ([`demo::NodeDevice::Kernel`]: kernel
+/// WireGuard links, only in the kernel VM).
+pub async fn start_mesh_on(
+    shape: Shape,
+    device: demo::NodeDevice,
+    agent_args: &[&str],
+) -> VirtualCluster {
     let mut cluster = VirtualCluster::start(ClusterOptions {
         nodes: shape.nodes,
         pods_per_node: shape.pods_per_node,
@@ -123,7 +133,7 @@ pub async fn start_mesh_with_args(shape: Shape, agent_args: &[&str]) -> VirtualC
     let agent = agent_binary();
     let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
     for node in &names {
-        demo::start_agent(&mut cluster, node, &agent, agent_args).expect("start agent");
+        demo::start_node(&mut cluster, node, &agent, device, agent_args).expect("start agent");
     }
     wait_converged(&cluster).await;
     cluster
@@ -718,6 +728,19 @@ impl PingRun {
         Self { child }
     }
 
+    /// Stops ping (SIGINT: it prints its summary) and reads what it saw, as [`PingRun::finish`].
+    /// For a run that must cover an event of unknown length: start with a large count.
+    pub fn interrupt(self) -> PingResult {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child, which has not been waited for (its PID is ours).
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGINT) },
+            0,
+            "SIGINT to ping"
+        );
+        self.finish()
+    }
+
     /// Waits for ping to finish and reads its counts and the longest gap between replies.
     pub fn finish(self) -> PingResult {
         let out = self.child.wait_with_output().expect("ping output");
@@ -839,4 +862,106 @@ pub async fn wait_agent_ready(cluster: &VirtualCluster, node: &str, timeout: Dur
         agent_http(cluster, node, "/readyz").await.map(|_| ())
     })
     .await;
+}
+
+/// What [`kill_agent_under_traffic`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentKill {
+    pub ping: PingResult,
+    /// Bytes the TCP stream delivered (all it sent).
+    pub tcp_bytes: u64,
+    /// From the kill until the restarted agent answered `/readyz`.
+    pub ready_after: Duration,
+    pub ifindex: u32,
+}
+
+/// Issue 12, "Done when": `kill -9` of `node`'s agent while a 10 ms ping and a TCP stream run
+/// from pod `from` to pod `to` (on different nodes). Asserts nothing is lost (every ping
+/// answered, the stream delivers every byte without a reset) and the restarted agent keeps the
+/// device (same ifindex) and the key, published and on the device. The ping runs from 2 s before
+/// the kill until 1 s after the restarted agent is ready, however long that takes.
+pub async fn kill_agent_under_traffic(
+    cluster: &mut VirtualCluster,
+    node: &str,
+    from: &str,
+    to: &str,
+    port: u16,
+) -> AgentKill {
+    let ifindex_before = device_ifindex(cluster, node).expect("ifindex");
+    let key_before = device_public_key(cluster, node).expect("device key");
+    assert_eq!(
+        Some(&key_before),
+        published_key(cluster, node).await.as_ref(),
+        "the device holds the published key"
+    );
+
+    let ping = PingRun::start(cluster, from, to, Duration::from_millis(10), 1_000_000);
+    let tcp = TcpFlow::start(cluster, from, to, port);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let killed = kill_agent(cluster, node);
+    let killed_at = std::time::Instant::now();
+    let restarted = wait_restarted(cluster, node, Role::Agent, killed);
+    wait_agent_ready(cluster, node, Duration::from_secs(120)).await;
+    let ready_after = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let result = tokio::task::block_in_place(|| ping.interrupt());
+    let (sent, received) = tokio::task::block_in_place(|| tcp.finish())
+        .unwrap_or_else(|e| panic!("the TCP stream broke across the agent kill: {e}"));
+    let ifindex_after = device_ifindex(cluster, node).expect("ifindex");
+    let key_after = device_public_key(cluster, node).expect("device key");
+    eprintln!(
+        "agent kill -9 on {node} (pid {} -> {}), ready again after {:.1} s: ping {} sent, {} \
+         received, {} lost, longest gap {:.0} ms; TCP {} bytes sent, {} received, no reset; \
+         device ifindex {} -> {}",
+        killed.pid,
+        restarted.pid,
+        ready_after.as_secs_f64(),
+        result.transmitted,
+        result.received,
+        result.lost(),
+        result.max_gap_ms,
+        sent,
+        received,
+        ifindex_before,
+        ifindex_after,
+    );
+    // 10 ms for 3 s at least: the pings span the kill and the restart.
+    assert!(result.transmitted >= 300, "ping ran: {result:?}");
+    assert_eq!(result.lost(), 0, "no ping lost across the agent kill");
+    assert!(
+        sent > 0 && received == sent,
+        "TCP: {sent} sent, {received} received"
+    );
+    assert_eq!(ifindex_after, ifindex_before, "the same device was adopted");
+    assert_eq!(key_after, key_before, "the same key");
+    assert_eq!(
+        published_key(cluster, node).await,
+        Some(key_before),
+        "the same published key"
+    );
+    AgentKill {
+        ping: result,
+        tcp_bytes: received,
+        ready_after,
+        ifindex: ifindex_after,
+    }
+}
+
+/// The kind of `node`'s tunnel interface as `ip -d link` names it: `wireguard` for a kernel
+/// link, `tun` for the userspace device.
+pub fn device_kind(cluster: &VirtualCluster, node: &str) -> Result<String, String> {
+    let out = cluster
+        .exec_in_node(
+            node,
+            ["ip", "-d", "-o", "link", "show", &ifname(cluster, node)],
+        )
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ["wireguard", "tun"]
+        .into_iter()
+        .find(|kind| text.split_whitespace().any(|w| w == *kind))
+        .map(str::to_string)
+        .ok_or_else(|| format!("no wireguard or tun link on {node}: {text}"))
 }
