@@ -143,11 +143,12 @@ async fn guest_kernel_and_mixed_mesh() {
     }
     eprintln!(
         "kernel mesh in the VM: converged {:.1} s after the start; agent kill: ping {} sent, {} \
-         received, TCP {} bytes, agent ready after {:.1} s; mixed node joined and carried \
-         traffic in {:.1} s; whole guest test {:.1} s",
+         received ({} while the agent was down or starting), TCP {} bytes, agent ready after \
+         {:.1} s; mixed node joined and carried traffic in {:.1} s; whole guest test {:.1} s",
         converged.as_secs_f64(),
         kill.ping.transmitted,
         kill.ping.received,
+        kill.replies_while_down,
         kill.tcp_bytes,
         kill.ready_after.as_secs_f64(),
         mixed_at.elapsed().as_secs_f64(),

@@ -689,17 +689,44 @@ pub struct PingRun {
 }
 
 /// What a [`PingRun`] saw.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct PingResult {
     pub transmitted: u32,
     pub received: u32,
     /// The longest time between two consecutive replies (the outage), in milliseconds.
     pub max_gap_ms: f64,
+    /// When each reply came (`ping -D`: seconds since the Unix epoch), in order.
+    pub reply_times: Vec<f64>,
+}
+
+impl std::fmt::Debug for PingResult {
+    // The reply times are thousands of numbers: their count is enough in a failure message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PingResult")
+            .field("transmitted", &self.transmitted)
+            .field("received", &self.received)
+            .field("max_gap_ms", &self.max_gap_ms)
+            .field("reply_times", &self.reply_times.len())
+            .finish()
+    }
 }
 
 impl PingResult {
     pub fn lost(&self) -> u32 {
         self.transmitted.saturating_sub(self.received)
+    }
+
+    /// Replies that came between `from` and `to` (wall clock).
+    pub fn replies_between(&self, from: std::time::SystemTime, to: std::time::SystemTime) -> usize {
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let (from, to) = (secs(from), secs(to));
+        self.reply_times
+            .iter()
+            .filter(|t| (from..=to).contains(*t))
+            .count()
     }
 }
 
@@ -770,6 +797,7 @@ impl PingRun {
             transmitted: number("transmitted"),
             received: number("received"),
             max_gap_ms,
+            reply_times: times,
         }
     }
 }
@@ -865,9 +893,12 @@ pub async fn wait_agent_ready(cluster: &VirtualCluster, node: &str, timeout: Dur
 }
 
 /// What [`kill_agent_under_traffic`] measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AgentKill {
     pub ping: PingResult,
+    /// Ping replies between the kill and the restarted agent's readiness: the datapath carried
+    /// traffic while no agent (or a starting one) ran.
+    pub replies_while_down: usize,
     /// Bytes the TCP stream delivered (all it sent).
     pub tcp_bytes: u64,
     /// From the kill until the restarted agent answered `/readyz`.
@@ -879,7 +910,8 @@ pub struct AgentKill {
 /// from pod `from` to pod `to` (on different nodes). Asserts nothing is lost (every ping
 /// answered, the stream delivers every byte without a reset) and the restarted agent keeps the
 /// device (same ifindex) and the key, published and on the device. The ping runs from 2 s before
-/// the kill until 1 s after the restarted agent is ready, however long that takes.
+/// the kill until 1 s after the restarted agent is ready (however long that takes), 12 s at
+/// least, and must have had replies while the agent was down or starting.
 pub async fn kill_agent_under_traffic(
     cluster: &mut VirtualCluster,
     node: &str,
@@ -896,31 +928,36 @@ pub async fn kill_agent_under_traffic(
     );
 
     let ping = PingRun::start(cluster, from, to, Duration::from_millis(10), 1_000_000);
+    let ping_started = std::time::Instant::now();
     let tcp = TcpFlow::start(cluster, from, to, port);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let killed = kill_agent(cluster, node);
-    let killed_at = std::time::Instant::now();
+    let (killed_at, killed_wall) = (std::time::Instant::now(), std::time::SystemTime::now());
     let restarted = wait_restarted(cluster, node, Role::Agent, killed);
     wait_agent_ready(cluster, node, Duration::from_secs(120)).await;
-    let ready_after = killed_at.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ready_after, ready_wall) = (killed_at.elapsed(), std::time::SystemTime::now());
+    // Traffic through the new agent's first passes too, and 12 s of pings at least.
+    let rest = Duration::from_secs(12).saturating_sub(ping_started.elapsed());
+    tokio::time::sleep(rest.max(Duration::from_secs(1))).await;
 
     let result = tokio::task::block_in_place(|| ping.interrupt());
     let (sent, received) = tokio::task::block_in_place(|| tcp.finish())
         .unwrap_or_else(|e| panic!("the TCP stream broke across the agent kill: {e}"));
     let ifindex_after = device_ifindex(cluster, node).expect("ifindex");
     let key_after = device_public_key(cluster, node).expect("device key");
+    let replies_while_down = result.replies_between(killed_wall, ready_wall);
     eprintln!(
         "agent kill -9 on {node} (pid {} -> {}), ready again after {:.1} s: ping {} sent, {} \
-         received, {} lost, longest gap {:.0} ms; TCP {} bytes sent, {} received, no reset; \
-         device ifindex {} -> {}",
+         received, {} lost, {} replies between the kill and the new agent's readiness, longest \
+         gap {:.0} ms; TCP {} bytes sent, {} received, no reset; device ifindex {} -> {}",
         killed.pid,
         restarted.pid,
         ready_after.as_secs_f64(),
         result.transmitted,
         result.received,
         result.lost(),
+        replies_while_down,
         result.max_gap_ms,
         sent,
         received,
@@ -930,6 +967,10 @@ pub async fn kill_agent_under_traffic(
     // 10 ms for 3 s at least: the pings span the kill and the restart.
     assert!(result.transmitted >= 300, "ping ran: {result:?}");
     assert_eq!(result.lost(), 0, "no ping lost across the agent kill");
+    assert!(
+        replies_while_down > 0,
+        "the ping covered the agent's absence: {result:?}"
+    );
     assert!(
         sent > 0 && received == sent,
         "TCP: {sent} sent, {received} received"
@@ -943,6 +984,7 @@ pub async fn kill_agent_under_traffic(
     );
     AgentKill {
         ping: result,
+        replies_while_down,
         tcp_bytes: received,
         ready_after,
         ifindex: ifindex_after,
