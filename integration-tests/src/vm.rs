@@ -11,8 +11,8 @@
 //! software emulation: run every test of a binary in one boot.
 //!
 //! The guest has fresh tmpfs on `/tmp` and `/run` (hiding the host's), a bpffs on `/sys/fs/bpf`,
-//! `/dev/net/tun`, loopback up, no network interface at all, 1 vCPU. Under TCG speed means
-//! nothing: test behaviour here, never benchmark.
+//! `/dev/net/tun`, loopback up, no network interface at all, 1 vCPU unless [`VmCommand::cpus`]
+//! asks for more. Under TCG speed means nothing: test behaviour here, never benchmark.
 
 mod initramfs;
 mod kernel;
@@ -176,6 +176,9 @@ pub struct VmCommand {
     pub shares: Vec<Share>,
     /// Guest memory (default 1024 MiB).
     pub memory_mib: u32,
+    /// Guest vCPUs (default 1; under TCG each is a host thread, so more only help while the host
+    /// has idle cores).
+    pub cpus: u32,
     /// From qemu's start until the command runs (default 180 s; the machine may be loaded).
     pub boot_timeout: Duration,
     /// For the command itself (default 600 s).
@@ -195,6 +198,7 @@ impl VmCommand {
             cwd: None,
             shares: Vec::new(),
             memory_mib: 1024,
+            cpus: 1,
             boot_timeout: Duration::from_secs(180),
             timeout: Duration::from_secs(600),
         }
@@ -233,6 +237,12 @@ impl VmCommand {
     /// Sets the guest memory.
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.memory_mib = mib;
+        self
+    }
+
+    /// Sets the number of vCPUs.
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus.max(1);
         self
     }
 
@@ -466,6 +476,7 @@ impl KernelVm {
             Accel::Tcg => push(&["-accel", "tcg"]),
         }
         let mem = format!("{}M", cmd.memory_mib);
+        let cpus = cmd.cpus.to_string();
         let con = format!("file,id=con,path={}", qemu_escape(console));
         let kernel = self.prepared.kernel.to_string_lossy().into_owned();
         let initrd = self.prepared.initramfs.to_string_lossy().into_owned();
@@ -475,7 +486,7 @@ impl KernelVm {
             "-m",
             &mem,
             "-smp",
-            "1",
+            &cpus,
             "-display",
             "none",
             "-vga",
