@@ -5,13 +5,15 @@
 //! namespaces, one supervised `mesh-agent run --datapath kernel` per node. In that one boot:
 //!
 //! 1. every agent on a kernel `wireguard` link: traffic between every pair of pods on different
-//!    nodes works, and a capture on the underlay bridge sees only WireGuard between nodes;
+//!    nodes works, and a capture on the underlay bridge sees only WireGuard between nodes; the
+//!    agents report the kernel datapath, and their eBPF steering (netlink attach on 6.1) recorded
+//!    the flows as redirected into the tunnel;
 //! 2. `kill -9` of an agent under a 10 ms ping and a TCP stream across nodes: nothing lost, no
 //!    reset, the restarted agent adopts the same link (ifindex) with the same key;
 //! 3. a third node joins on the userspace device (`mesh-agent device` + `--datapath userspace`):
 //!    the mixed cluster carries traffic both ways between kernel and userspace nodes, encrypted.
 //!
-//! The guest is emulated (TCG, one vCPU): the times printed prove nothing about speed.
+//! The guest is emulated (TCG, two vCPUs): the times printed prove nothing about speed.
 
 #[path = "mesh_support/support.rs"]
 mod support;
@@ -20,7 +22,7 @@ use std::time::Instant;
 
 use meshctl::demo::{self, NodeDevice};
 use support::*;
-use wiremesh_integration::{Role, vm};
+use wiremesh_integration::{Role, VirtualCluster, vm};
 
 #[test]
 fn mesh_kernel_vm_guest_tests() {
@@ -29,6 +31,16 @@ fn mesh_kernel_vm_guest_tests() {
     vm::rerun_tests_in_vm_with(&["guest_kernel_and_mixed_mesh"], |cmd| {
         cmd.memory_mib(2048).cpus(2)
     });
+}
+
+/// `node`'s agent reports the datapath `kind` and a loaded eBPF datapath in `/status`.
+async fn assert_datapath(cluster: &VirtualCluster, node: &str, kind: &str) {
+    let body = agent_http(cluster, node, "/status")
+        .await
+        .unwrap_or_else(|e| panic!("/status of {node}: {e}"));
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(status["datapath"], kind, "{node}: {status}");
+    assert_eq!(status["ebpf"]["loaded"], true, "{node}: {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,6 +71,14 @@ async fn guest_kernel_and_mixed_mesh() {
     }
     let (results, _) = all_pairs_encrypted(&cluster, "all kernel", &marker);
     assert_eq!(results.len(), 2, "pod-1-1 <-> pod-2-1");
+    // The agent's eBPF datapath on 6.1 (netlink attach) steered the pods' traffic into the
+    // kernel link.
+    assert_datapath(&cluster, "node-1", "kernel").await;
+    let flows = agent_flows(&cluster, "node-1").await;
+    assert!(
+        has_flow(&flows, "pod-1-1", "pod-2-1", None, "forwarded-encrypted"),
+        "pod-1-1 -> pod-2-1 redirected into the kernel link: {flows:#?}"
+    );
 
     // 2. Agent SIGKILL on the kernel datapath.
     let kill = kill_agent_under_traffic(&mut cluster, "node-1", "pod-1-1", "pod-2-1", 7070).await;
@@ -79,6 +99,7 @@ async fn guest_kernel_and_mixed_mesh() {
     .expect("start node-3");
     wait_converged(&cluster).await;
     assert_eq!(device_kind(&cluster, &node3).as_deref(), Ok("tun"));
+    assert_datapath(&cluster, &node3, "userspace").await;
     let (results, _) = all_pairs_encrypted(&cluster, "mixed kernel/userspace", &marker);
     // Both ways between the userspace node and each kernel node.
     for kernel_pod in ["pod-1-1", "pod-2-1"] {

@@ -703,6 +703,10 @@ pub struct PingResult {
     pub max_gap_ms: f64,
     /// When each reply came (`ping -D`: seconds since the Unix epoch), in order.
     pub reply_times: Vec<f64>,
+    /// The highest `icmp_seq` answered.
+    pub last_seq: u32,
+    /// Requests without a reply yet when [`PingRun::interrupt`] stopped ping.
+    pub in_flight_at_stop: u32,
 }
 
 impl std::fmt::Debug for PingResult {
@@ -712,6 +716,8 @@ impl std::fmt::Debug for PingResult {
             .field("transmitted", &self.transmitted)
             .field("received", &self.received)
             .field("max_gap_ms", &self.max_gap_ms)
+            .field("last_seq", &self.last_seq)
+            .field("in_flight_at_stop", &self.in_flight_at_stop)
             .field("reply_times", &self.reply_times.len())
             .finish()
     }
@@ -762,7 +768,10 @@ impl PingRun {
     }
 
     /// Stops ping (SIGINT: it prints its summary) and reads what it saw, as [`PingRun::finish`].
-    /// For a run that must cover an event of unknown length: start with a large count.
+    /// For a run that must cover an event of unknown length: start with a large count. Requests
+    /// sent after the last answered one were in flight when ping stopped (it does not wait for
+    /// them): they are counted in `in_flight_at_stop`, not as transmitted, so `lost()` is the
+    /// requests before the last reply that never got one.
     pub fn interrupt(self) -> PingResult {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
         // SAFETY: kill(2) on our own child, which has not been waited for (its PID is ours).
@@ -771,7 +780,12 @@ impl PingRun {
             0,
             "SIGINT to ping"
         );
-        self.finish()
+        let mut result = self.finish();
+        // icmp_seq counts from 1.
+        let answered_up_to = result.last_seq.min(result.transmitted);
+        result.in_flight_at_stop = result.transmitted - answered_up_to;
+        result.transmitted = answered_up_to;
+        result
     }
 
     /// Waits for ping to finish and reads its counts and the longest gap between replies.
@@ -784,6 +798,17 @@ impl PingRun {
             .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
             .collect();
         times.sort_by(f64::total_cmp);
+        let last_seq = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("icmp_seq="))?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0);
         let max_gap_ms = times
             .windows(2)
             .map(|w| (w[1] - w[0]) * 1000.0)
@@ -804,6 +829,8 @@ impl PingRun {
             received: number("received"),
             max_gap_ms,
             reply_times: times,
+            last_seq,
+            in_flight_at_stop: 0,
         }
     }
 }
@@ -955,14 +982,16 @@ pub async fn kill_agent_under_traffic(
     let replies_while_down = result.replies_between(killed_wall, ready_wall);
     eprintln!(
         "agent kill -9 on {node} (pid {} -> {}), ready again after {:.1} s: ping {} sent, {} \
-         received, {} lost, {} replies between the kill and the new agent's readiness, longest \
-         gap {:.0} ms; TCP {} bytes sent, {} received, no reset; device ifindex {} -> {}",
+         received, {} lost ({} in flight when ping stopped), {} replies between the kill and \
+         the new agent's readiness, longest gap {:.0} ms; TCP {} bytes sent, {} received, no \
+         reset; device ifindex {} -> {}",
         killed.pid,
         restarted.pid,
         ready_after.as_secs_f64(),
         result.transmitted,
         result.received,
         result.lost(),
+        result.in_flight_at_stop,
         replies_while_down,
         result.max_gap_ms,
         sent,
@@ -977,6 +1006,15 @@ pub async fn kill_agent_under_traffic(
     assert!(
         replies_while_down > 0,
         "the ping covered the agent's absence: {result:?}"
+    );
+    assert!(
+        result.replies_between(ready_wall, std::time::SystemTime::now()) > 0,
+        "replies after the restarted agent was ready: {result:?}"
+    );
+    // A round trip's worth of requests at most (an emulated guest's can be long), not an outage.
+    assert!(
+        result.in_flight_at_stop <= 100,
+        "requests unanswered at the end: {result:?}"
     );
     assert!(
         sent > 0 && received == sent,
