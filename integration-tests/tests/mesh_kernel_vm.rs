@@ -18,7 +18,7 @@
 #[path = "mesh_support/support.rs"]
 mod support;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use meshctl::demo::{self, NodeDevice};
 use support::*;
@@ -33,14 +33,26 @@ fn mesh_kernel_vm_guest_tests() {
     });
 }
 
-/// `node`'s agent reports the datapath `kind` and a loaded eBPF datapath in `/status`.
+/// `node`'s agent reports the datapath `kind` in `/status`, and (once its steering pass ran) a
+/// loaded eBPF datapath.
 async fn assert_datapath(cluster: &VirtualCluster, node: &str, kind: &str) {
-    let body = agent_http(cluster, node, "/status")
-        .await
-        .unwrap_or_else(|e| panic!("/status of {node}: {e}"));
-    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
-    assert_eq!(status["datapath"], kind, "{node}: {status}");
-    assert_eq!(status["ebpf"]["loaded"], true, "{node}: {status}");
+    let status = || async move {
+        let body = agent_http(cluster, node, "/status").await?;
+        serde_json::from_str::<serde_json::Value>(&body).map_err(|e| format!("{e}: {body}"))
+    };
+    wait_async(
+        &format!("{node}: datapath {kind}, eBPF loaded"),
+        Duration::from_secs(60),
+        || async {
+            let status = status().await?;
+            if status["datapath"] == kind && status["ebpf"]["loaded"] == true {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
