@@ -27,7 +27,7 @@ use wiremesh_integration::{Role, VirtualCluster, vm};
 #[test]
 fn mesh_kernel_vm_guest_tests() {
     // testenv (etcd + kube-apiserver), three agents, a device process and the test in one guest;
-    // a second vCPU (a second host thread under TCG) took the guest from 211-243 s to 163 s.
+    // a second vCPU (a second host thread under TCG) took the whole VM from 218-264 s to 169-203 s.
     vm::rerun_tests_in_vm_with(&["guest_kernel_and_mixed_mesh"], |cmd| {
         cmd.memory_mib(2048).cpus(2)
     });
@@ -59,6 +59,11 @@ async fn assert_datapath(cluster: &VirtualCluster, node: &str, kind: &str) {
 #[ignore = "runs inside the kernel VM: mesh_kernel_vm_guest_tests boots it"]
 async fn guest_kernel_and_mixed_mesh() {
     assert!(vm::in_guest(), "runs inside the kernel VM");
+    assert_eq!(
+        std::thread::available_parallelism().map(|n| n.get()).ok(),
+        Some(2),
+        "the guest has the vCPUs the host test asked for"
+    );
     let t0 = Instant::now();
     let marker = marker("kernel-mesh");
 
