@@ -19,7 +19,7 @@ TESTENV_DIR := integration-tests/testenv
 TESTENV_BIN := $(TESTENV_DIR)/bin/testenv
 TESTENV_SRCS := $(wildcard $(TESTENV_DIR)/*.go) $(TESTENV_DIR)/go.mod $(TESTENV_DIR)/go.sum
 
-.PHONY: help deps apt-deps testenv clients install-plugin image deploy-manifests cargo-fuzz build test fmt-check lint \
+.PHONY: help deps apt-deps testenv clients sbom-tool install-plugin image deploy-manifests cargo-fuzz build test fmt-check lint \
 	unit-test demo bench crds fuzz clean
 
 help:
@@ -49,7 +49,17 @@ apt-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-deps: apt-deps testenv clients
+deps: apt-deps testenv clients sbom-tool
+
+# cargo-cyclonedx (the CycloneDX project's cargo plugin) for the image's SBOM (`make image`, the
+# deploy_image test), built once from crates.io into .cache/tools.
+CYCLONEDX_VERSION := 0.5.9
+SBOM_TOOL := .cache/tools/bin/cargo-cyclonedx
+sbom-tool: $(SBOM_TOOL)
+
+$(SBOM_TOOL):
+	@echo "==> building cargo-cyclonedx $(CYCLONEDX_VERSION): the SBOM of the mesh-agent image; ~3 min once (~260 crates), then cached in .cache/tools"
+	@$(CARGO) install --quiet --locked --version $(CYCLONEDX_VERSION) --root .cache/tools cargo-cyclonedx
 
 NEED_GO = @command -v $(GO) >/dev/null || { echo "make $@: Go 1.26 is needed (no go in PATH)" >&2; exit 1; }
 

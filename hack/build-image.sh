@@ -3,7 +3,8 @@
 # rootfs made here (the stripped binary, the shared libraries ldd lists for it, /etc/passwd and
 # /etc/group), buildah (Debian package) builds it with vfs storage kept under OUT_DIR, and the result
 # is written as an OCI image layout (OUT_DIR/oci, tag = VERSION) and an OCI archive
-# (OUT_DIR/mesh-agent-VERSION.oci.tar). Nothing outside OUT_DIR is touched.
+# (OUT_DIR/mesh-agent-VERSION.oci.tar), with its CycloneDX SBOM beside it and inside it. Nothing
+# outside OUT_DIR is left behind.
 #
 # Usage: hack/build-image.sh BINARY OUT_DIR VERSION      (root: buildah's vfs storage)
 set -euo pipefail
@@ -20,7 +21,7 @@ command -v buildah >/dev/null || { echo "build-image.sh: needs buildah (apt-get 
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 context="$out/context"
-rm -rf "$context" "$out/oci" "$out/mesh-agent-$version.oci.tar"
+rm -rf "$context" "$out/oci" "$out/mesh-agent-$version.oci.tar" "$out/mesh-agent-$version.cdx.json"
 mkdir -p "$context/rootfs/usr/local/bin" "$context/rootfs/etc"
 cp "$root/Containerfile" "$context/Containerfile"
 
@@ -31,6 +32,21 @@ for lib in $libs; do
 	mkdir -p "$context/rootfs$(dirname "$lib")"
 	cp -L "$lib" "$context/rootfs$lib"
 done
+# The SBOM: CycloneDX 1.5 JSON of the binary's Rust dependency graph (every crate with its version,
+# licence and checksum from Cargo.lock), made by cargo-cyclonedx, the CycloneDX project's cargo
+# plugin (`make deps` installs it). In the image at /usr/share/doc/mesh-agent/sbom.cdx.json and
+# next to the archive. The tool writes one file beside each workspace crate's Cargo.toml; all are
+# removed again.
+cyclonedx=${CARGO_CYCLONEDX:-$root/.cache/tools/bin/cargo-cyclonedx}
+[ -x "$cyclonedx" ] || { echo "build-image.sh: needs cargo-cyclonedx at $cyclonedx (make deps)" >&2; exit 1; }
+trap 'rm -f "$root"/*/*_bin.cdx.json' EXIT
+"$cyclonedx" cyclonedx --quiet --manifest-path "$root/mesh-agent/Cargo.toml" --format json \
+	--describe binaries --spec-version 1.5
+mkdir -p "$context/rootfs/usr/share/doc/mesh-agent"
+cp "$root/mesh-agent/mesh-agent_bin.cdx.json" "$context/rootfs/usr/share/doc/mesh-agent/sbom.cdx.json"
+cp "$root/mesh-agent/mesh-agent_bin.cdx.json" "$out/mesh-agent-$version.cdx.json"
+rm -f "$root"/*/*_bin.cdx.json
+
 printf 'root:x:0:0:root:/:/nonexistent\nnobody:x:65534:65534:nobody:/:/nonexistent\n' >"$context/rootfs/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$context/rootfs/etc/group"
 echo "build-image.sh: rootfs: mesh-agent + $(echo "$libs" | wc -w) libraries ($(echo $libs | tr '\n' ' '))"
@@ -45,4 +61,4 @@ buildah "${storage[@]}" push --quiet "$name" "oci:$out/oci:$version"
 buildah "${storage[@]}" push --quiet "$name" "oci-archive:$out/mesh-agent-$version.oci.tar:$version"
 buildah "${storage[@]}" rmi --all >/dev/null
 rm -rf "$out/storage" "$out/run" "$context"
-echo "build-image.sh: $name -> $out/oci (OCI layout) and $out/mesh-agent-$version.oci.tar ($(du -h "$out/mesh-agent-$version.oci.tar" | cut -f1))"
+echo "build-image.sh: $name -> $out/oci (OCI layout) and $out/mesh-agent-$version.oci.tar ($(du -h "$out/mesh-agent-$version.oci.tar" | cut -f1)), SBOM $out/mesh-agent-$version.cdx.json"

@@ -130,7 +130,33 @@ fn image_builds_from_scratch_with_only_what_the_agent_needs() {
             "lib/x86_64-linux-gnu/libm.so.6",
             "lib64/ld-linux-x86-64.so.2",
             "usr/local/bin/mesh-agent",
+            "usr/share/doc/mesh-agent/sbom.cdx.json",
         ]
+    );
+    // The SBOM (cargo-cyclonedx) describes this binary and the crate versions Cargo.lock pins.
+    let sbom: Value = serde_json::from_slice(
+        &std::fs::read(rootfs.join("usr/share/doc/mesh-agent/sbom.cdx.json")).expect("SBOM"),
+    )
+    .expect("SBOM JSON");
+    assert_eq!(sbom["bomFormat"], "CycloneDX");
+    assert_eq!(sbom["specVersion"], "1.5");
+    assert_eq!(sbom["metadata"]["component"]["name"], "mesh-agent");
+    let lock = std::fs::read_to_string(clients::repo_root().join("Cargo.lock")).expect("Cargo.lock");
+    let components = sbom["components"].as_array().expect("components");
+    for name in ["boringtun", "kube", "aya", "tokio"] {
+        let listed = components
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in the SBOM"));
+        let version = listed["version"].as_str().expect("version");
+        assert!(
+            lock.contains(&format!("name = \"{name}\"\nversion = \"{version}\"")),
+            "SBOM {name} {version} is not the version Cargo.lock pins"
+        );
+    }
+    assert_eq!(
+        std::fs::read(out.join("mesh-agent-9.9.9-test.cdx.json")).expect("SBOM beside the archive"),
+        std::fs::read(rootfs.join("usr/share/doc/mesh-agent/sbom.cdx.json")).expect("SBOM"),
     );
     // It runs from that root alone, as the image's default user.
     let version = clients::run(
