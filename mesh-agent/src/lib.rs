@@ -22,6 +22,7 @@ mod netlink;
 pub mod netns;
 pub mod reconciler;
 pub mod report;
+pub mod rotation;
 pub mod routes;
 pub mod select;
 pub mod status;

@@ -26,17 +26,21 @@ use kube::{
 };
 use tokio::sync::{Notify, watch};
 use wiremesh_crds::MeshEncryption;
-use wiremesh_keyexchange::{PeerSet, PublicKey, desired_peers_with_local_keys};
+use wiremesh_keyexchange::{
+    KeySet, Keystore, KeystoreError, PeerSet, PublicKey, annotations::ANNOTATION_NEXT_ENDPOINT,
+    desired_peers_with_local_keys,
+};
 
 use crate::{
     config::{DEFAULT_LISTEN_PORT, DatapathChoice},
-    datapath::PeerConfig,
+    datapath::{Datapath, PeerConfig},
     drain::Drain,
     events::{NodeEvents, Problem, ProblemKind, RejectionTracker},
     mesh::{ApplyOutcome, Mesh, Wanted, WantedPeer},
     metrics::{DatapathLabels, InvalidAnnotationLabels, Metrics, RepairLabels, ResultLabels},
+    rotation::{self, Mode, Progress, RotationView, Slot},
     routes::Routes,
-    select::{DatapathSlot, SelectError, Selection, Selector, effective_choice},
+    select::{SelectError, Selection, Selector, Worlds, effective_choice},
     views::{PublishError, missing_annotations, node_addresses, node_views, own_annotations},
     watch::Caches,
 };
@@ -74,6 +78,21 @@ pub enum ReconcileError {
     Apply { count: usize, first: String },
     #[error(transparent)]
     Select(#[from] SelectError),
+    #[error("keystore: {0}")]
+    Keystore(#[from] KeystoreError),
+    #[error(
+        "this node is in a key rotation (it announces a next world) and the KeyRotation cache \
+         has not synced yet: waiting before acting on it"
+    )]
+    RotationsNotSynced,
+    #[error(
+        "key rotation {rotation}: the next world's device {ifname} is not available: {message}"
+    )]
+    NextWorld {
+        rotation: String,
+        ifname: String,
+        message: String,
+    },
 }
 
 /// The settings of a pass that come from the agent's flags.
@@ -173,6 +192,7 @@ pub fn plan(
             peers,
             mtu,
             listen_port,
+            unrouted: Default::default(),
         },
         peer_set,
         problems,
@@ -221,6 +241,13 @@ pub struct MeshSnapshot {
     pub error: Option<String>,
     /// The device the agent drives and why (None until one is selected).
     pub datapath: Option<Selection>,
+    /// The current world's tunnel interface (the slot whose port is in the published endpoint;
+    /// empty before the first pass).
+    pub tunnel: String,
+    /// During a rotation: the next world's tunnel interface.
+    pub alt_tunnel: Option<String>,
+    /// During a rotation: the peers sent to through the next world (`alt_tunnel`).
+    pub alt_nodes: Vec<String>,
 }
 
 impl MeshSnapshot {
@@ -235,10 +262,12 @@ impl MeshSnapshot {
     }
 }
 
-/// How the reconciler reaches the device: the slot everyone uses, and how to (re)select it.
+/// How the reconciler reaches the devices: the two slots (their current world is what everyone
+/// else uses), and how to (re)select each.
 pub struct DatapathControl {
-    pub slot: Arc<DatapathSlot>,
-    pub selector: Arc<dyn Selector>,
+    pub worlds: Arc<Worlds>,
+    /// Selectors of slot a and slot b.
+    pub selectors: [Arc<dyn Selector>; 2],
     /// `--datapath`: wins over `MeshEncryption.spec.datapath`.
     pub flag: Option<DatapathChoice>,
 }
@@ -247,9 +276,15 @@ pub struct DatapathControl {
 pub struct Reconciler<R: Routes> {
     settings: PlanSettings,
     local_key: PublicKey,
+    keystore: Keystore,
+    keys: KeySet,
     caches: Caches,
     nodes_api: Api<Node>,
-    mesh: Mesh<R>,
+    /// The meshes of slot a and slot b.
+    meshes: [Mesh<R>; 2],
+    /// During a rotation: peers sent to through the next world (and the rotation they belong
+    /// to); seeded from the routing table after a restart.
+    switched: Option<(String, std::collections::BTreeSet<String>)>,
     routes: Arc<R>,
     events: NodeEvents,
     tracker: RejectionTracker,
@@ -266,14 +301,16 @@ pub struct Reconciler<R: Routes> {
 }
 
 impl<R: Routes> Reconciler<R> {
-    /// Wires a reconciler; `mesh` must come from [`Mesh::restore`] on the same `routes`.
+    /// Wires a reconciler; `meshes` are those of slot a and slot b on the same `routes`, both
+    /// holding the keystore's current key.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: PlanSettings,
-        local_key: PublicKey,
+        keystore: Keystore,
+        keys: KeySet,
         client: Client,
         caches: Caches,
-        mesh: Mesh<R>,
+        meshes: [Mesh<R>; 2],
         routes: Arc<R>,
         metrics: Metrics,
         snapshot: watch::Sender<MeshSnapshot>,
@@ -285,9 +322,12 @@ impl<R: Routes> Reconciler<R> {
             events: NodeEvents::new(client.clone(), &settings.node_name),
             nodes_api: Api::all(client),
             settings,
-            local_key,
+            local_key: keys.current.public_key(),
+            keystore,
+            keys,
             caches,
-            mesh,
+            meshes,
+            switched: None,
             routes,
             tracker: RejectionTracker::default(),
             metrics,
@@ -377,12 +417,20 @@ impl<R: Routes> Reconciler<R> {
         let nodes = self.caches.nodes.state();
         let pods = self.caches.pods.state();
         let mesh_encryption = self.caches.mesh_encryption();
+        let me = self.settings.node_name.clone();
+        let own_node = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(me.as_str()))
+            .cloned();
+        let own_annotations: BTreeMap<String, String> = own_node
+            .as_ref()
+            .and_then(|n| n.metadata.annotations.clone())
+            .unwrap_or_default();
 
         // The underlay MTU only matters when neither flag nor spec sets the MTU; look it up once
         // per address.
-        let own_address = nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.settings.node_name.as_str()))
+        let own_address = own_node
+            .as_ref()
             .and_then(|n| node_addresses(n).into_iter().next());
         let underlay = if self.settings.mtu.is_none()
             && mesh_encryption.as_ref().and_then(|m| m.spec.mtu).is_none()
@@ -391,6 +439,24 @@ impl<R: Routes> Reconciler<R> {
         } else {
             None
         };
+
+        // The rotation this node takes part in decides the keystore, the slots and the worlds.
+        if !self.caches.rotations_synced() && own_annotations.contains_key(ANNOTATION_NEXT_ENDPOINT)
+        {
+            let error = ReconcileError::RotationsNotSynced;
+            self.snapshot
+                .send_modify(|s| s.error = Some(error.to_string()));
+            return Err(error);
+        }
+        let rotations: Vec<RotationView> = self
+            .caches
+            .keyrotations
+            .state()
+            .iter()
+            .filter_map(|k| RotationView::from_object(k))
+            .collect();
+        let mode = rotation::mode(&me, &own_annotations, &rotations);
+        self.keystore_steps(mode)?;
 
         let plan = match plan(
             &self.settings,
@@ -407,22 +473,33 @@ impl<R: Routes> Reconciler<R> {
                 return Err(error);
             }
         };
+        let base = plan.wanted.listen_port;
+        let address = plan
+            .own_address
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let keys = self.public_keys();
+        let slots = rotation::own_rotation_annotations(
+            &me,
+            mode,
+            &own_annotations,
+            &keys,
+            None,
+            address,
+            base,
+        );
+        let (current, next) = (slots.current, slots.next);
+        let ci = current.index();
+        self.datapath.worlds.set_current(ci);
 
         let mut first_error: Option<ReconcileError> = None;
-        if !plan.own_patch.is_empty()
-            && let Err(error) = self.publish_own(&plan.own_patch).await
-        {
-            first_error = Some(error);
-        }
-
         let choice = effective_choice(
             self.datapath.flag,
             mesh_encryption.as_ref().map(|m| m.spec.datapath),
         );
-        if self.datapath.slot.selection().map(|s| s.choice) != Some(choice)
-            && let Err(error) = self.select_datapath(choice, &nodes).await
+        if self.datapath.worlds.slot(ci).selection().map(|s| s.choice) != Some(choice)
+            && let Err(error) = self.select_datapath(ci, choice, &nodes).await
         {
-            if self.datapath.slot.selection().is_none() {
+            if self.datapath.worlds.slot(ci).selection().is_none() {
                 self.snapshot
                     .send_modify(|s| s.error = Some(error.to_string()));
                 return Err(error);
@@ -431,11 +508,159 @@ impl<R: Routes> Reconciler<R> {
             first_error.get_or_insert(error);
         }
 
-        let outcome = self.mesh.apply(&plan.wanted).await;
+        // The current world: every peer under the identity that stays in force for it.
+        let annotations_of: BTreeMap<&str, &BTreeMap<String, String>> = nodes
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n.metadata.name.as_deref()?,
+                    n.metadata.annotations.as_ref()?,
+                ))
+            })
+            .collect();
+        let empty = BTreeMap::new();
+        let ann = |node: &str| annotations_of.get(node).copied().unwrap_or(&empty);
+        let active = match mode {
+            Mode::Active(r) => Some(r),
+            _ => None,
+        };
+        let mut current_wanted = plan.wanted.clone();
+        current_wanted.listen_port = current.port(base);
+        current_wanted.peers = plan
+            .wanted
+            .peers
+            .iter()
+            .filter_map(|wp| {
+                let desired = plan.peer_set.peer(&wp.node)?;
+                if active.is_some_and(|r| rotation::is_revoked(desired, r)) {
+                    return None;
+                }
+                let (key, endpoint) =
+                    rotation::current_identity(desired, ann(&wp.node), &rotations);
+                Some(with_identity(wp, key, endpoint))
+            })
+            .collect();
+
+        // The next world, while a rotation is active.
+        let mut progress = Progress::default();
+        if let (Some(r), Some(next)) = (active, next) {
+            let ni = next.index();
+            let mut next_wanted = current_wanted.clone();
+            next_wanted.listen_port = next.port(base);
+            next_wanted.peers = plan
+                .wanted
+                .peers
+                .iter()
+                .filter_map(|wp| {
+                    let desired = plan.peer_set.peer(&wp.node)?;
+                    let (key, endpoint) =
+                        rotation::next_identity(desired, ann(&wp.node), r, &rotations)?;
+                    Some(with_identity(wp, key, endpoint))
+                })
+                .collect();
+            progress.participants = r
+                .participants
+                .iter()
+                .filter(|p| **p != me && plan.peer_set.peer(p).is_some())
+                .cloned()
+                .collect();
+            self.seed_switched(r, ni, &plan.peer_set).await;
+            if r.phase >= wiremesh_keyexchange::rotation::RotationPhase::Switching {
+                let fresh = next_wanted
+                    .peers
+                    .iter()
+                    .filter(|wp| progress.participants.contains(&wp.node))
+                    .filter(|wp| {
+                        self.meshes[ni].is_applied(wp)
+                            && self.meshes[ni]
+                                .last_handshake(&wp.config.public_key)
+                                .is_some_and(|t| {
+                                    t.elapsed().map_or(true, |e| e < rotation::FRESH_HANDSHAKE)
+                                })
+                    })
+                    .map(|wp| wp.node.clone())
+                    .collect::<Vec<_>>();
+                if let Some((_, switched)) = &mut self.switched {
+                    for node in fresh {
+                        if switched.insert(node.clone()) {
+                            tracing::info!(
+                                rotation = %r.id,
+                                peer = %node,
+                                "next world has a handshake with the peer: sending through it"
+                            );
+                        }
+                    }
+                }
+            }
+            let switched = self
+                .switched
+                .as_ref()
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            next_wanted.unrouted = next_wanted
+                .peers
+                .iter()
+                .map(|p| p.node.clone())
+                .filter(|n| !switched.contains(n))
+                .collect();
+            current_wanted.unrouted = switched.clone();
+            progress.switched = switched;
+            progress.peer_steps = progress
+                .participants
+                .iter()
+                .map(|p| (p.clone(), rotation::peer_step(ann(p), &r.id)))
+                .collect();
+            let next_key = if r.rotates(&me) {
+                self.keys.next.clone()
+            } else {
+                Some(self.keys.current.clone())
+            };
+            match (next_key, self.ensure_next_device(r, ni, ci).await) {
+                (Some(key), Ok(())) => {
+                    self.meshes[ni].set_private_key(key);
+                    let out = self.meshes[ni].apply(&next_wanted).await;
+                    if out.device_unreachable {
+                        self.datapath.worlds.slot(ni).clear();
+                    }
+                    for error in &out.errors {
+                        tracing::warn!(%error, rotation = %r.id, "next world step failed");
+                    }
+                    progress.next_ready = out.errors.is_empty()
+                        && progress.participants.iter().all(|p| {
+                            next_wanted
+                                .peers
+                                .iter()
+                                .find(|w| w.node == *p)
+                                .is_some_and(|w| self.meshes[ni].is_applied(w))
+                        });
+                    if let Some(error) = out.errors.first()
+                        && first_error.is_none()
+                    {
+                        first_error = Some(ReconcileError::Apply {
+                            count: out.errors.len(),
+                            first: format!("next world: {error}"),
+                        });
+                    }
+                }
+                (None, _) => tracing::warn!(
+                    rotation = %r.id,
+                    "the next key is not in the keystore: this node cannot prepare"
+                ),
+                (Some(_), Err(error)) => {
+                    tracing::warn!(%error, "next world unavailable");
+                    first_error.get_or_insert(error);
+                }
+            }
+        } else {
+            self.switched = None;
+        }
+
+        self.meshes[ci].set_private_key(self.keys.current.clone());
+        let outcome = self.meshes[ci].apply(&current_wanted).await;
         if outcome.device_unreachable {
             // The device process is gone or the link was deleted: select again next pass (waits
             // for the restarted device process, or creates the kernel link again).
-            self.datapath.slot.clear();
+            self.datapath.worlds.slot(ci).clear();
             self.metrics.datapath_up.set(0);
         }
         for (what, count) in [
@@ -457,7 +682,8 @@ impl<R: Routes> Reconciler<R> {
         if outcome.changed() {
             tracing::info!(
                 enabled = plan.enabled,
-                peers = plan.wanted.peers.len(),
+                interface = self.meshes[ci].ifname(),
+                peers = current_wanted.peers.len(),
                 peers_set = outcome.peers_set,
                 peers_removed = outcome.peers_removed,
                 routes_added = outcome.routes_added,
@@ -478,17 +704,52 @@ impl<R: Routes> Reconciler<R> {
         }
         self.report_device_changes(&outcome, &nodes).await;
 
+        // What this node publishes: its identity on the current slot, its next world, its mark.
+        let step = active.and_then(|r| {
+            let mine = rotation::peer_step(&own_annotations, &r.id);
+            rotation::next_step(r, mine, &progress)
+        });
+        let own_rotation = rotation::own_rotation_annotations(
+            &me,
+            mode,
+            &own_annotations,
+            &keys,
+            step,
+            address,
+            base,
+        );
+        if let Some(own_node) = &own_node {
+            match own_patch(
+                own_node,
+                &own_annotations,
+                &self.local_key,
+                current.port(base),
+                &own_rotation,
+            ) {
+                Ok(patch) if patch.is_empty() => {}
+                Ok(patch) => {
+                    if let Err(error) = self.publish_own(patch).await {
+                        first_error.get_or_insert(error);
+                    }
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error.into());
+                }
+            }
+        }
+        if next.is_none() {
+            self.flush_other_slot(current).await;
+        }
+
         self.report_problems(&plan, &nodes).await;
 
-        let configured: Vec<(String, PublicKey)> = plan
-            .wanted
+        let configured: Vec<(String, PublicKey)> = current_wanted
             .peers
             .iter()
-            .filter(|p| self.mesh.is_applied(p))
+            .filter(|p| self.meshes[ci].is_applied(p))
             .map(|p| (p.node.clone(), p.config.public_key))
             .collect();
-        let expected: Vec<(String, PublicKey)> = plan
-            .wanted
+        let expected: Vec<(String, PublicKey)> = current_wanted
             .peers
             .iter()
             .map(|p| (p.node.clone(), p.config.public_key))
@@ -501,9 +762,12 @@ impl<R: Routes> Reconciler<R> {
             .set(plan.peer_set.rejected.len() as i64);
         self.metrics
             .routes
-            .set(self.mesh.applied_routes().len() as i64);
+            .set(self.meshes[ci].applied_routes().len() as i64);
         let error = first_error.as_ref().map(ToString::to_string);
-        let selection = self.datapath.slot.selection();
+        let selection = self.datapath.worlds.slot(ci).selection();
+        let tunnel = self.meshes[ci].ifname().to_string();
+        let alt_tunnel = next.map(|n| self.meshes[n.index()].ifname().to_string());
+        let alt_nodes: Vec<String> = progress.switched.iter().cloned().collect();
         self.snapshot.send_modify(|s| {
             s.datapath = selection;
             s.reconciled = true;
@@ -517,6 +781,9 @@ impl<R: Routes> Reconciler<R> {
                 .map(|p| (p.node.clone(), p.reason.clone()))
                 .collect();
             s.error = error;
+            s.tunnel = tunnel;
+            s.alt_tunnel = alt_tunnel;
+            s.alt_nodes = alt_nodes;
         });
         match first_error {
             Some(error) => Err(error),
@@ -524,7 +791,115 @@ impl<R: Routes> Reconciler<R> {
         }
     }
 
-    async fn publish_own(&self, patch: &BTreeMap<String, String>) -> Result<(), ReconcileError> {
+    /// The public halves of the keystore.
+    fn public_keys(&self) -> rotation::Keys {
+        let p = self.keys.public();
+        rotation::Keys {
+            current: p.current,
+            next: p.next,
+            previous: p.previous,
+        }
+    }
+
+    /// Applies the keystore steps `mode` needs (at most a few: generate, or promote then retire),
+    /// reloading the keystore after each.
+    fn keystore_steps(&mut self, mode: Mode<'_>) -> Result<(), ReconcileError> {
+        for _ in 0..4 {
+            let Some(step) =
+                rotation::keystore_step(&self.settings.node_name, mode, &self.public_keys())
+            else {
+                break;
+            };
+            self.keystore.apply(step)?;
+            self.keys = self.keystore.load()?.keys;
+            self.local_key = self.keys.current.public_key();
+            tracing::info!(
+                ?step,
+                public_key = %self.local_key,
+                next_public_key = ?self.keys.next.as_ref().map(|k| k.public_key().to_base64()),
+                "keystore step for the key rotation"
+            );
+        }
+        Ok(())
+    }
+
+    /// After a restart mid-rotation, the peers already sent to through the next world are those
+    /// whose prefixes are routed through its device.
+    async fn seed_switched(&mut self, r: &RotationView, ni: usize, peer_set: &PeerSet) {
+        if self.switched.as_ref().is_some_and(|(id, _)| *id == r.id) {
+            return;
+        }
+        let ifname = self.meshes[ni].ifname().to_string();
+        let routed: std::collections::BTreeSet<ipnet::IpNet> = match self.routes.list(&ifname).await
+        {
+            Ok(routes) => routes.into_iter().collect(),
+            Err(_) => Default::default(),
+        };
+        let switched = peer_set
+            .peers
+            .iter()
+            .filter(|p| p.allowed_ips.iter().any(|ip| routed.contains(ip)))
+            .map(|p| p.node.clone())
+            .collect();
+        self.switched = Some((r.id.clone(), switched));
+    }
+
+    /// Selects the next world's device (of the same kind as the current one) if it is not yet.
+    async fn ensure_next_device(
+        &mut self,
+        r: &RotationView,
+        ni: usize,
+        ci: usize,
+    ) -> Result<(), ReconcileError> {
+        let slot = self.datapath.worlds.slot(ni).clone();
+        if slot.selection().is_some() {
+            return Ok(());
+        }
+        let choice = match self.datapath.worlds.slot(ci).selection().map(|s| s.kind) {
+            Some(crate::datapath::DatapathKind::Kernel) => DatapathChoice::Kernel,
+            _ => DatapathChoice::Userspace,
+        };
+        match self.datapath.selectors[ni].select(choice).await {
+            Ok((device, selection)) => {
+                tracing::info!(
+                    rotation = %r.id,
+                    interface = slot.ifname(),
+                    kind = selection.kind.as_str(),
+                    "next world's device selected"
+                );
+                slot.set(device, selection);
+                Ok(())
+            }
+            Err(error) => Err(ReconcileError::NextWorld {
+                rotation: r.id.clone(),
+                ifname: slot.ifname().to_string(),
+                message: error.to_string(),
+            }),
+        }
+    }
+
+    /// Out of a rotation, the slot that is not current carries nothing: its peers and routes go
+    /// (the old world after a completed rotation, the next world after a rolled-back one).
+    async fn flush_other_slot(&mut self, current: Slot) {
+        let other = current.other().index();
+        if self.datapath.worlds.slot(other).selection().is_none() {
+            return;
+        }
+        match self.meshes[other].flush().await {
+            Ok(0) => {}
+            Ok(changed) => tracing::info!(
+                interface = self.meshes[other].ifname(),
+                removed = changed,
+                "took the other world's device out of service"
+            ),
+            Err(error) => tracing::warn!(%error, "could not flush the other world's device"),
+        }
+    }
+
+    async fn publish_own(
+        &self,
+        patch: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), ReconcileError> {
         let body = serde_json::json!({ "metadata": { "annotations": patch } });
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_string()),
@@ -563,10 +938,11 @@ impl<R: Routes> Reconciler<R> {
     /// log line, the `wiremesh_datapath_info` metric and one Event on the own Node.
     async fn select_datapath(
         &mut self,
+        index: usize,
         choice: DatapathChoice,
         nodes: &[Arc<Node>],
     ) -> Result<(), ReconcileError> {
-        match self.datapath.selector.select(choice).await {
+        match self.datapath.selectors[index].select(choice).await {
             Ok((device, selection)) => {
                 tracing::info!(
                     choice = ?choice,
@@ -598,7 +974,7 @@ impl<R: Routes> Reconciler<R> {
                     .await;
                 }
                 self.datapath_problem = None;
-                self.datapath.slot.set(device, selection);
+                self.datapath.worlds.slot(index).set(device, selection);
                 Ok(())
             }
             Err(error) => {
@@ -658,7 +1034,7 @@ impl<R: Routes> Reconciler<R> {
     async fn report_device_changes(&self, outcome: &ApplyOutcome, nodes: &[Arc<Node>]) {
         if let Some((old, new)) = outcome.device_replaced {
             tracing::warn!(
-                interface = self.mesh.ifname(),
+                interface = self.meshes[self.datapath.worlds.current_index()].ifname(),
                 old_ifindex = old,
                 new_ifindex = new,
                 "the device was recreated (its process restarted or the link was replaced); \
@@ -668,7 +1044,7 @@ impl<R: Routes> Reconciler<R> {
         match &outcome.key_replaced {
             None => {}
             Some(None) => tracing::info!(
-                interface = self.mesh.ifname(),
+                interface = self.meshes[self.datapath.worlds.current_index()].ifname(),
                 key = %self.local_key.fingerprint(),
                 "the device had no key (a fresh device): gave it the keystore's key"
             ),
@@ -676,13 +1052,13 @@ impl<R: Routes> Reconciler<R> {
                 let message = format!(
                     "the WireGuard device {} held the key {} instead of this node's key {} from \
                      the keystore; the keystore wins and the device now uses {}",
-                    self.mesh.ifname(),
+                    self.meshes[self.datapath.worlds.current_index()].ifname(),
                     other.fingerprint(),
                     self.local_key.fingerprint(),
                     self.local_key.fingerprint(),
                 );
                 tracing::warn!(
-                    interface = self.mesh.ifname(),
+                    interface = self.meshes[self.datapath.worlds.current_index()].ifname(),
                     device_key = %other.fingerprint(),
                     keystore_key = %self.local_key.fingerprint(),
                     "device held another key; the keystore wins"
@@ -730,6 +1106,44 @@ impl<R: Routes> Reconciler<R> {
             }
         }
     }
+}
+
+/// `peer` under another key and endpoint (the same prefixes, keepalive and PSK).
+fn with_identity(peer: &WantedPeer, key: PublicKey, endpoint: std::net::SocketAddr) -> WantedPeer {
+    let mut out = peer.clone();
+    out.config.public_key = key;
+    out.config.endpoint = Some(endpoint);
+    out
+}
+
+/// The merge patch that brings this node's owned annotations to what it must publish: its
+/// identity on the current slot (`public-key`, `endpoint`, `key-generation`, see
+/// [`own_annotations`]) and its rotation annotations (removed with `null`). Empty: up to date.
+pub fn own_patch(
+    own_node: &Node,
+    published: &BTreeMap<String, String>,
+    local_key: &PublicKey,
+    port: u16,
+    own_rotation: &rotation::OwnRotation,
+) -> Result<serde_json::Map<String, serde_json::Value>, PublishError> {
+    let mut patch = serde_json::Map::new();
+    for (k, v) in own_annotations(own_node, local_key, port)? {
+        if published.get(&k) != Some(&v) {
+            patch.insert(k, serde_json::Value::String(v));
+        }
+    }
+    for (k, v) in &own_rotation.annotations {
+        match v {
+            Some(v) if published.get(*k) != Some(v) => {
+                patch.insert(k.to_string(), serde_json::Value::String(v.clone()));
+            }
+            None if published.contains_key(*k) => {
+                patch.insert(k.to_string(), serde_json::Value::Null);
+            }
+            _ => {}
+        }
+    }
+    Ok(patch)
 }
 
 /// 1 s, 2 s, 4 s ... capped at 30 s.

@@ -297,6 +297,7 @@ mod tests {
                 reason: "no-kernel-module",
                 message: "auto: no wireguard kernel module".into(),
             }),
+            ..MeshSnapshot::default()
         };
         let peer = |key, hs: Option<u64>| PeerStatus {
             public_key: key,

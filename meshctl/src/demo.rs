@@ -156,11 +156,23 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
         state_dir.into_os_string(),
         "--interface".into(),
         n.network.netns.clone().into(),
+        "--interface-b".into(),
+        format!("{}b", n.network.netns).into(),
         "--metrics-addr".into(),
         format!("0.0.0.0:{AGENT_HTTP_PORT}").into(),
         "--bpffs".into(),
         cluster.bpffs().as_os_str().to_owned(),
     ])
+}
+
+/// The second slot's tunnel interface of `node` (its namespace's name + `b`), where a key rotation
+/// brings up the next world.
+pub fn interface_b(cluster: &VirtualCluster, node: &str) -> Result<String, DemoError> {
+    let n = cluster.node(node).map_err(|source| DemoError::StartAgent {
+        node: node.to_string(),
+        source,
+    })?;
+    Ok(format!("{}b", n.network.netns))
 }
 
 /// The `mesh-agent device` arguments for `node`: the userspace WireGuard device named like the
@@ -202,6 +214,17 @@ pub fn start_agent(
         let args = device_args(cluster, node)?;
         cluster
             .spawn_supervised(node, Role::Device, agent_binary, args, log_filter())
+            .map_err(failed)?;
+    }
+    // The second slot's device: a key rotation brings up the next world there.
+    if cluster.supervised_pid(node, Role::DeviceB).is_none() {
+        let args: Vec<OsString> = vec![
+            "device".into(),
+            interface_b(cluster, node)?.into(),
+            "--foreground".into(),
+        ];
+        cluster
+            .spawn_supervised(node, Role::DeviceB, agent_binary, args, log_filter())
             .map_err(failed)?;
     }
     let mut args = agent_args(cluster, node)?;

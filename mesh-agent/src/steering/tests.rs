@@ -406,6 +406,7 @@ async fn a_pin_directory_outside_bpffs_is_a_clear_error_with_a_metric() {
         mesh_encryption: reflector::store().0,
         namespaces: reflector::store().0,
         policies: reflector::store().0,
+        keyrotations: reflector::store().0,
     };
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);
