@@ -20,7 +20,7 @@ use boringtun::{
 };
 use meshctl::{demo, rotate};
 use support::*;
-use wiremesh_integration::{ClusterOptions, VirtualCluster, have_root, objects};
+use wiremesh_integration::{ClusterOptions, Role, VirtualCluster, have_root, objects};
 use wiremesh_keyexchange::{Keystore, PrivateKey, PublicKey};
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -128,6 +128,94 @@ fn getrandom_fill(buf: &mut [u8]) {
         .expect("/dev/urandom");
 }
 
+/// Creates a KeyRotation and follows it to its end, printing the progress line.
+async fn rotate_and_wait(
+    cluster: &VirtualCluster,
+    nodes: Option<&str>,
+    revoke: bool,
+    phase_timeout: &str,
+) -> (wiremesh_crds::KeyRotation, Duration) {
+    let started = Instant::now();
+    let name = create_rotation(cluster, nodes, revoke, phase_timeout).await;
+    follow_rotation(cluster, &name, started).await
+}
+
+/// Creates a KeyRotation; returns its name.
+async fn create_rotation(
+    cluster: &VirtualCluster,
+    nodes: Option<&str>,
+    revoke: bool,
+    phase_timeout: &str,
+) -> String {
+    let created = rotate::create(
+        cluster.client(),
+        &rotate::RotateOptions {
+            nodes: nodes.map(str::to_string),
+            revoke,
+            reason: "rotation_traffic".into(),
+            phase_timeout: Some(phase_timeout.into()),
+        },
+    )
+    .await
+    .expect("create the KeyRotation");
+    created.metadata.name.clone().expect("generated name")
+}
+
+/// Follows rotation `name` to its end (printing its progress); returns it and the time since
+/// `started`.
+async fn follow_rotation(
+    cluster: &VirtualCluster,
+    name: &str,
+    started: Instant,
+) -> (wiremesh_crds::KeyRotation, Duration) {
+    match rotate::follow(cluster.client(), name, Duration::from_secs(240), |line| {
+        eprintln!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64())
+    })
+    .await
+    {
+        Ok(done) => (done, started.elapsed()),
+        Err(error) => {
+            print_agent_logs(cluster);
+            panic!("rotation did not finish: {error}");
+        }
+    }
+}
+
+/// The public keys of the peers on `ifname` in `node` (`wg show <if> peers`); an error when the
+/// device does not answer.
+fn peers_on(cluster: &VirtualCluster, node: &str, ifname: &str) -> Result<Vec<String>, String> {
+    let out = cluster
+        .exec_in_node(node, ["wg", "show", ifname, "peers"])
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+/// Asserts that a handshake with `retired` (a private key of `node` no longer in force) is
+/// answered by none of `peers`, on either slot.
+fn assert_refused(
+    cluster: &VirtualCluster,
+    node: &str,
+    retired: &PrivateKey,
+    peers: &[(&str, PublicKey)],
+) {
+    for (peer, peer_key) in peers {
+        let ip = cluster.node(peer).expect("node").network.underlay_ip;
+        for port in [LISTEN_PORT, LISTEN_PORT + 1] {
+            let to = SocketAddr::new(ip.into(), port);
+            assert!(
+                !handshake_answered(retired, peer_key, to, Duration::from_millis(700)),
+                "{peer} at {to} answered a handshake with {node}'s retired key"
+            );
+        }
+    }
+}
+
 /// A ping with a large count, stopped with SIGINT (its summary counts what it sent).
 struct LongPing {
     child: std::process::Child,
@@ -190,31 +278,7 @@ async fn whole_cluster_rotation_under_traffic_loses_nothing_and_retires_the_old_
     let tcp = TcpFlow::start(&cluster, "pod-3-1", "pod-1-1", 7014);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let started = Instant::now();
-    let created = rotate::create(
-        &client,
-        &rotate::RotateOptions {
-            nodes: None,
-            revoke: false,
-            reason: "rotation_traffic".into(),
-            phase_timeout: Some("60s".into()),
-        },
-    )
-    .await
-    .expect("create the KeyRotation");
-    let name = created.metadata.name.clone().expect("generated name");
-    let done = rotate::follow(&client, &name, Duration::from_secs(240), |line| {
-        eprintln!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64())
-    })
-    .await;
-    let rotation_time = started.elapsed();
-    let done = match done {
-        Ok(done) => done,
-        Err(error) => {
-            print_agent_logs(&cluster);
-            panic!("rotation did not finish: {error}");
-        }
-    };
+    let (done, rotation_time) = rotate_and_wait(&cluster, None, false, "60s").await;
     if rotate::phase(&done) != wiremesh_crds::RotationPhase::Complete {
         print_agent_logs(&cluster);
         panic!("rotation ended {:?}", done.status);
@@ -248,31 +312,173 @@ async fn whole_cluster_rotation_under_traffic_loses_nothing_and_retires_the_old_
     }
     wait_converged(&cluster).await;
 
-    // A handshake with a retired key is refused by every peer, on both slots; the new key of the
-    // same node is answered (the probe works). The positive probe roams the peer's endpoint for
-    // that node to the host, so it runs last.
-    let underlay = |node: &str| cluster.node(node).expect("node").network.underlay_ip;
-    for (i, node) in NODES.iter().enumerate() {
-        for (j, peer) in NODES.iter().enumerate() {
-            if i == j {
-                continue;
-            }
-            let peer_key = PublicKey::from_base64(&after[j]).expect("key");
-            for port in [LISTEN_PORT, LISTEN_PORT + 1] {
-                let to = SocketAddr::new(underlay(peer).into(), port);
-                assert!(
-                    !handshake_answered(&old_keys[i], &peer_key, to, Duration::from_millis(700)),
-                    "{peer} at {to} answered a handshake with {node}'s retired key"
-                );
-            }
-        }
+    // The slots alternated: every node's endpoint is on slot b now, its slot-a device is out of
+    // service (no peers) and the slot-b device holds both peers.
+    for node in NODES {
+        let netns = cluster.node(node).expect("node").network.netns.clone();
+        let n = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+            .get(node)
+            .await
+            .expect("node");
+        let endpoint = n.metadata.annotations.unwrap_or_default()["wiremesh.io/endpoint"].clone();
+        assert!(
+            endpoint.ends_with(&format!(":{}", LISTEN_PORT + 1)),
+            "{node}: {endpoint}"
+        );
+        assert_eq!(
+            peers_on(&cluster, node, &netns),
+            Ok(vec![]),
+            "{node} slot a"
+        );
+        assert_eq!(
+            peers_on(&cluster, node, &format!("{netns}b")).map(|p| p.len()),
+            Ok(2),
+            "{node} slot b"
+        );
     }
-    let new_key = private_key(&cluster, "node-1");
-    let peer_key = PublicKey::from_base64(&after[1]).expect("key");
-    let to = SocketAddr::new(underlay("node-2").into(), LISTEN_PORT + 1);
-    assert!(
-        handshake_answered(&new_key, &peer_key, to, Duration::from_secs(3)),
-        "node-2 did not answer node-1's new key at {to}: the probe does not work"
-    );
+
+    // A handshake with a retired key is refused by every peer, on both slots.
+    let new_public: Vec<PublicKey> = after
+        .iter()
+        .map(|k| PublicKey::from_base64(k).expect("key"))
+        .collect();
+    for (i, node) in NODES.iter().enumerate() {
+        let peers: Vec<(&str, PublicKey)> = NODES
+            .iter()
+            .zip(&new_public)
+            .filter(|(p, _)| *p != node)
+            .map(|(p, k)| (*p, *k))
+            .collect();
+        assert_refused(&cluster, node, &old_keys[i], &peers);
+    }
+
+    // Revocation with one agent stopped: node-3's key is revoked while node-2's agent is down.
+    // node-1 drops node-3's old key as soon as node-3 publishes its next key; the rotation fails
+    // naming node-2 (it never prepares), and the ping between node-1 and node-2 keeps flowing.
+    let cluster = revoke_with_a_stopped_agent(cluster, &new_public).await;
     cluster.teardown().expect("teardown");
+}
+
+async fn revoke_with_a_stopped_agent(
+    cluster: VirtualCluster,
+    keys: &[PublicKey],
+) -> VirtualCluster {
+    let client = cluster.client().clone();
+    let node3_old = private_key(&cluster, "node-3");
+    let (node3_key, node3_gen) = identity(&cluster, "node-3").await;
+    cluster
+        .hold_restarts("node-2", Role::Agent, true)
+        .expect("hold");
+    let killed = cluster
+        .kill_supervised("node-2", Role::Agent)
+        .expect("stop node-2's agent");
+    let ping = LongPing::start(&cluster, "pod-1-1", "pod-2-1");
+    let started = Instant::now();
+    let name = create_rotation(&cluster, Some("kubernetes.io/hostname=node-3"), true, "10s").await;
+    // node-1's current world (slot b since the first rotation) stops holding node-3's old key as
+    // soon as node-3 publishes its next one, long before the rotation ends; from then on the old
+    // key is refused there.
+    let netns1 = cluster.node("node-1").expect("node").network.netns.clone();
+    let old = keys[2].to_base64();
+    let c = &cluster;
+    wait_async(
+        "node-1 drops node-3's revoked key",
+        // The stopped agent may have held the coordinator Lease: another takes over within 15 s.
+        Duration::from_secs(40),
+        || {
+            let result = peers_on(c, "node-1", &format!("{netns1}b"));
+            let old = old.clone();
+            async move {
+                match result {
+                    Ok(peers) if !peers.contains(&old) => Ok(()),
+                    other => Err(format!("peers {other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let dropped_after = started.elapsed();
+    tokio::task::block_in_place(|| {
+        assert_refused(&cluster, "node-3", &node3_old, &[("node-1", keys[0])])
+    });
+    let (failed, _) = follow_rotation(&cluster, &name, started).await;
+    let (transmitted, received) = ping.stop();
+    let status = failed.status.clone().unwrap_or_default();
+    eprintln!(
+        "revocation of node-3 with node-2's agent stopped: node-1 dropped the old key after \
+         {:.1} s; the rotation ended {:?} naming {:?}; ping node-1 -> node-2: {transmitted} \
+         sent, {} lost",
+        dropped_after.as_secs_f64(),
+        status.phase,
+        status.failed_nodes,
+        transmitted.saturating_sub(received)
+    );
+    assert_eq!(rotate::phase(&failed), wiremesh_crds::RotationPhase::Failed);
+    assert_eq!(status.failed_nodes, vec!["node-2".to_string()]);
+    assert_eq!(
+        transmitted, received,
+        "pings lost while the rotation failed"
+    );
+    assert_eq!(
+        identity(&cluster, "node-3").await,
+        (node3_key.clone(), node3_gen),
+        "a rotation failed in Preparing keeps the old keys"
+    );
+
+    // node-2's agent comes back; the revocation is repeated, and node-1's agent is killed right
+    // after the rotation was created: it restarts, resumes, and the rotation completes without a
+    // lost ping.
+    cluster
+        .hold_restarts("node-2", Role::Agent, false)
+        .expect("release");
+    wait_restarted(&cluster, "node-2", Role::Agent, killed);
+    wait_converged(&cluster).await;
+    let before: Vec<(String, u64)> = {
+        let mut v = Vec::new();
+        for node in NODES {
+            v.push(identity(&cluster, node).await);
+        }
+        v
+    };
+    let node3_old = private_key(&cluster, "node-3");
+    let ping = LongPing::start(&cluster, "pod-1-1", "pod-2-1");
+    let started = Instant::now();
+    let name = create_rotation(&cluster, Some("kubernetes.io/hostname=node-3"), true, "60s").await;
+    cluster
+        .kill_supervised("node-1", Role::Agent)
+        .expect("kill -9 node-1's agent");
+    let (done, took) = follow_rotation(&cluster, &name, started).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (transmitted, received) = ping.stop();
+    eprintln!(
+        "revocation of node-3 with node-1's agent killed mid-rotation: {:?} in {:.1} s; ping \
+         node-1 -> node-2: {transmitted} sent, {} lost",
+        rotate::phase(&done),
+        took.as_secs_f64(),
+        transmitted.saturating_sub(received)
+    );
+    if rotate::phase(&done) != wiremesh_crds::RotationPhase::Complete {
+        print_agent_logs(&cluster);
+        panic!("revocation ended {:?}", done.status);
+    }
+    assert_eq!(transmitted, received, "pings lost during the revocation");
+    let mut now = Vec::new();
+    for node in NODES {
+        now.push(identity(&cluster, node).await);
+    }
+    assert_eq!(now[0], before[0], "node-1 was not selected");
+    assert_eq!(now[1], before[1], "node-2 was not selected");
+    assert_ne!(now[2].0, before[2].0, "node-3's key changed");
+    assert_eq!(now[2].1, before[2].1 + 1, "node-3's generation");
+    let key = |i: usize| PublicKey::from_base64(&now[i].0).expect("key");
+    tokio::task::block_in_place(|| {
+        assert_refused(
+            &cluster,
+            "node-3",
+            &node3_old,
+            &[("node-1", key(0)), ("node-2", key(1))],
+        )
+    });
+    drop(client);
+    cluster
 }

@@ -52,6 +52,9 @@ pub const WIREGUARD_OVERHEAD: u32 = 80;
 /// Tunnel MTU when the underlay MTU cannot be found: a 1500-byte underlay.
 pub const FALLBACK_MTU: u32 = 1420;
 
+/// How soon the next pass comes while this node waits for a step of an active rotation.
+const ROTATION_POLL: Duration = Duration::from_millis(300);
+
 /// Field manager of the agent's patches.
 pub const FIELD_MANAGER: &str = "wiremesh-agent";
 
@@ -285,6 +288,9 @@ pub struct Reconciler<R: Routes> {
     /// During a rotation: peers sent to through the next world (and the rotation they belong
     /// to); seeded from the routing table after a restart.
     switched: Option<(String, std::collections::BTreeSet<String>)>,
+    /// This node's mark has not reached the active rotation's step: it waits for something no
+    /// watch event announces (a handshake in the next world), so the next pass comes soon.
+    rotation_waiting: bool,
     routes: Arc<R>,
     events: NodeEvents,
     tracker: RejectionTracker,
@@ -328,6 +334,7 @@ impl<R: Routes> Reconciler<R> {
             caches,
             meshes,
             switched: None,
+            rotation_waiting: false,
             routes,
             tracker: RejectionTracker::default(),
             metrics,
@@ -370,7 +377,11 @@ impl<R: Routes> Reconciler<R> {
                         .reconciles
                         .get_or_create(&ResultLabels { result: "ok" })
                         .inc();
-                    self.resync_interval
+                    if self.rotation_waiting {
+                        ROTATION_POLL
+                    } else {
+                        self.resync_interval
+                    }
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
@@ -565,11 +576,12 @@ impl<R: Routes> Reconciler<R> {
                 .cloned()
                 .collect();
             self.seed_switched(r, ni, &plan.peer_set).await;
-            if r.phase >= wiremesh_keyexchange::rotation::RotationPhase::Switching {
+            {
                 let fresh = next_wanted
                     .peers
                     .iter()
                     .filter(|wp| progress.participants.contains(&wp.node))
+                    .filter(|wp| rotation::may_switch(r, &me, &wp.node))
                     .filter(|wp| {
                         self.meshes[ni].is_applied(wp)
                             && self.meshes[ni]
@@ -625,14 +637,16 @@ impl<R: Routes> Reconciler<R> {
                     for error in &out.errors {
                         tracing::warn!(%error, rotation = %r.id, "next world step failed");
                     }
+                    // Prepared: every participant that announced its next world is in ours. One
+                    // that never announces (its agent is down) is the one the rotation names;
+                    // a late one is added before anyone sends to it there (a switch waits for a
+                    // handshake in the next world, which needs both sides).
                     progress.next_ready = out.errors.is_empty()
-                        && progress.participants.iter().all(|p| {
-                            next_wanted
-                                .peers
-                                .iter()
-                                .find(|w| w.node == *p)
-                                .is_some_and(|w| self.meshes[ni].is_applied(w))
-                        });
+                        && next_wanted
+                            .peers
+                            .iter()
+                            .filter(|w| progress.participants.contains(&w.node))
+                            .all(|w| self.meshes[ni].is_applied(w));
                     if let Some(error) = out.errors.first()
                         && first_error.is_none()
                     {
@@ -718,6 +732,11 @@ impl<R: Routes> Reconciler<R> {
             address,
             base,
         );
+        self.rotation_waiting = active.is_some_and(|r| {
+            r.phase
+                .target_step()
+                .is_some_and(|target| !step.is_some_and(|s| s.reached(target)))
+        });
         if let Some(own_node) = &own_node {
             match own_patch(
                 own_node,

@@ -343,10 +343,19 @@ pub fn is_revoked(peer: &DesiredPeer, rotation: &RotationView) -> bool {
         && peer.next_public_key.is_some()
 }
 
+/// Whether `node` may send to `peer` through the next world (once that world has a handshake
+/// with it): from Switching on; with `revokeImmediately`, at once between a revoked node and its
+/// peers, since the current world no longer carries them (the loss a revocation accepts ends as
+/// soon as the next world's handshake is done).
+pub fn may_switch(rotation: &RotationView, node: &str, peer: &str) -> bool {
+    rotation.phase >= RotationPhase::Switching
+        || (rotation.revoke && (rotation.rotates(node) || rotation.rotates(peer)))
+}
+
 /// What the reconciler observed of the next world at its last apply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// The next-world device holds every participant peer under its next identity.
+    /// The next-world device holds every participant peer that announced its next world.
     pub next_ready: bool,
     /// Participant peers (other than this node) present in the peer set.
     pub participants: BTreeSet<String>,
