@@ -58,6 +58,17 @@ async fn start_rotating_mesh() -> VirtualCluster {
     cluster
 }
 
+/// Every node's key age as `meshctl status` shows it.
+async fn key_ages(cluster: &VirtualCluster) -> Vec<Option<u64>> {
+    let status = meshctl::status::collect(cluster.client())
+        .await
+        .expect("meshctl status");
+    NODES
+        .iter()
+        .map(|n| status.node(n).and_then(|v| v.key_age_secs))
+        .collect()
+}
+
 /// (public key, generation) a node publishes.
 async fn identity(cluster: &VirtualCluster, node: &str) -> (String, u64) {
     let n = kube::Api::<k8s_openapi::api::core::v1::Node>::all(cluster.client().clone())
@@ -237,7 +248,8 @@ impl LongPing {
         Self { child }
     }
 
-    /// (transmitted, received).
+    /// (sent, received) up to the last reply: a request still in flight when ping is stopped
+    /// is not a loss, any missing reply before the last one is.
     fn stop(self) -> (u32, u32) {
         // `ip netns exec` execs ping: the child's pid is ping's.
         let pid = self.child.id() as libc::pid_t;
@@ -245,18 +257,31 @@ impl LongPing {
         unsafe { libc::kill(pid, libc::SIGINT) };
         let out = self.child.wait_with_output().expect("ping output");
         let text = String::from_utf8_lossy(&out.stdout);
-        let summary = text
+        let mut seqs: Vec<u32> = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| {
+                l.split("icmp_seq=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let transmitted: u32 = text
             .lines()
             .find(|l| l.contains("packets transmitted"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
             .unwrap_or_else(|| panic!("no ping summary in: {text}"));
-        let number = |word: &str| -> u32 {
-            summary
-                .split(',')
-                .find(|part| part.contains(word))
-                .and_then(|part| part.split_whitespace().next()?.parse().ok())
-                .unwrap_or_else(|| panic!("no {word} count in {summary:?}"))
-        };
-        (number("transmitted"), number("received"))
+        let last = seqs.last().copied().unwrap_or(0);
+        assert!(
+            transmitted <= last + 1,
+            "ping sent {transmitted} but the last reply was to {last}: lost at the end"
+        );
+        (last, u32::try_from(seqs.len()).unwrap_or(u32::MAX))
     }
 }
 
@@ -272,6 +297,8 @@ async fn whole_cluster_rotation_under_traffic_loses_nothing_and_retires_the_old_
         before.push(identity(&cluster, node).await);
     }
     let old_keys: Vec<PrivateKey> = NODES.iter().map(|n| private_key(&cluster, n)).collect();
+    let ages_before = key_ages(&cluster).await;
+    let before_rotation = Instant::now();
 
     // Traffic across nodes: a 10 ms ping 1 -> 2 and a TCP stream 3 -> 1, through the rotation.
     let ping = LongPing::start(&cluster, "pod-1-1", "pod-2-1");
@@ -302,8 +329,21 @@ async fn whole_cluster_rotation_under_traffic_loses_nothing_and_retires_the_old_
     assert!(sent > 0 && got == sent, "TCP: sent {sent}, received {got}");
 
     // Every node has a new key, one generation up, and the mesh converged on it.
+    // (Each agent publishes its new identity in its first pass after Complete.)
     let mut after = Vec::new();
     for (node, (old_key, old_gen)) in NODES.iter().zip(&before) {
+        let c = &cluster;
+        wait_async(
+            &format!("{node} publishes its new key"),
+            Duration::from_secs(30),
+            || async move {
+                match identity(c, node).await {
+                    (key, _) if &key != old_key => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
         let (key, generation) = identity(&cluster, node).await;
         eprintln!("{node}: {old_key} (gen {old_gen}) -> {key} (gen {generation})");
         assert_ne!(&key, old_key, "{node} kept its key");
@@ -311,6 +351,35 @@ async fn whole_cluster_rotation_under_traffic_loses_nothing_and_retires_the_old_
         after.push(key);
     }
     wait_converged(&cluster).await;
+
+    // Key age (meshctl status, from the agents' reports, and the agents' metric): every key is
+    // younger than the time since the rotation was started, and was older before it.
+    let since = before_rotation.elapsed().as_secs() + 1;
+    let c = &cluster;
+    wait_async(
+        "key ages reset by the rotation",
+        Duration::from_secs(30),
+        || async move {
+            let ages = key_ages(c).await;
+            if ages.iter().all(|a| a.is_some_and(|a| a <= since)) {
+                Ok(())
+            } else {
+                Err(format!("ages {ages:?}, rotation started {since}s ago"))
+            }
+        },
+    )
+    .await;
+    eprintln!("key ages before the rotation {ages_before:?}");
+    assert!(ages_before.iter().all(Option::is_some), "{ages_before:?}");
+    for node in NODES {
+        let metrics = agent_metrics(&cluster, node).await.expect("metrics");
+        let age: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wiremesh_key_age_seconds "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{node}: no wiremesh_key_age_seconds in /metrics"));
+        assert!(age <= since as f64 + 2.0, "{node}: key age metric {age}");
+    }
 
     // The slots alternated: every node's endpoint is on slot b now, its slot-a device is out of
     // service (no peers) and the slot-b device holds both peers.

@@ -251,6 +251,8 @@ pub struct MeshSnapshot {
     pub alt_tunnel: Option<String>,
     /// During a rotation: the peers sent to through the next world (`alt_tunnel`).
     pub alt_nodes: Vec<String>,
+    /// When the current key was generated or promoted (the keystore file's modification time).
+    pub key_since: Option<std::time::SystemTime>,
 }
 
 impl MeshSnapshot {
@@ -787,6 +789,12 @@ impl<R: Routes> Reconciler<R> {
         let tunnel = self.meshes[ci].ifname().to_string();
         let alt_tunnel = next.map(|n| self.meshes[n.index()].ifname().to_string());
         let alt_nodes: Vec<String> = progress.switched.iter().cloned().collect();
+        let key_since = std::fs::metadata(
+            self.keystore
+                .path(wiremesh_keyexchange::keystore::PRIVATE_KEY_FILE),
+        )
+        .and_then(|m| m.modified())
+        .ok();
         self.snapshot.send_modify(|s| {
             s.datapath = selection;
             s.reconciled = true;
@@ -803,6 +811,7 @@ impl<R: Routes> Reconciler<R> {
             s.tunnel = tunnel;
             s.alt_tunnel = alt_tunnel;
             s.alt_nodes = alt_nodes;
+            s.key_since = key_since;
         });
         match first_error {
             Some(error) => Err(error),

@@ -43,6 +43,10 @@ pub struct NodeReport {
     pub interface: String,
     /// Fingerprint of the public key the device uses.
     pub key: Option<String>,
+    /// Unix seconds when the node's current key was generated or promoted by a rotation (its
+    /// age in `meshctl status`; absent in reports of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_created_at: Option<u64>,
     /// Whether `MeshEncryption default` has `enabled: true` (as seen by this agent).
     pub enabled: bool,
     /// Caches synced and the mesh reconciled at least once.
@@ -159,6 +163,7 @@ mod tests {
             datapath_reason: None,
             interface: "wiremesh0".into(),
             key: Some("abcdefgh".into()),
+            key_created_at: Some(900),
             enabled: true,
             ready: true,
             peers_expected: 1,

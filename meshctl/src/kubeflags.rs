@@ -82,11 +82,20 @@ fn render_wide(status: &MeshStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  {:<13}  PROBLEMS",
-        "NODE", "KEY", "GEN", "DATAPATH", "PEERS", "READY", "STATUS"
+        "{:<14} {:<9} {:>4} {:>7}  {:<10} {:>6}  {:<5}  {:<13}  PROBLEMS",
+        "NODE", "KEY", "GEN", "KEY AGE", "DATAPATH", "PEERS", "READY", "STATUS"
     );
     for node in &status.nodes {
-        let [name, key, generation, datapath, peers, ready, state] = status::node_cells(node);
+        let [
+            name,
+            key,
+            generation,
+            key_age,
+            datapath,
+            peers,
+            ready,
+            state,
+        ] = status::node_cells(node);
         let problems = if node.problems.is_empty() {
             "<none>".to_string()
         } else {
@@ -94,7 +103,7 @@ fn render_wide(status: &MeshStatus) -> String {
         };
         let _ = writeln!(
             out,
-            "{name:<14} {key:<9} {generation:>4}  {datapath:<10} {peers:>6}  {ready:<5}  {state:<13}  {problems}",
+            "{name:<14} {key:<9} {generation:>4} {key_age:>7}  {datapath:<10} {peers:>6}  {ready:<5}  {state:<13}  {problems}",
         );
     }
     for problem in &status.problems {

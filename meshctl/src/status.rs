@@ -49,6 +49,8 @@ pub struct NodeView {
     pub name: String,
     pub key_fingerprint: Option<String>,
     pub key_generation: Option<u64>,
+    /// Seconds since the node's current key was generated or promoted by a rotation.
+    pub key_age_secs: Option<u64>,
     pub datapath: Option<String>,
     /// Why the agent drives this datapath.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -238,6 +240,10 @@ fn evaluate_node(
         name: name.to_string(),
         key_fingerprint,
         key_generation,
+        key_age_secs: report
+            .as_ref()
+            .and_then(|r| r.key_created_at)
+            .map(|t| unix_seconds(now).saturating_sub(t)),
         datapath: report.as_ref().map(|r| r.datapath.clone()),
         datapath_reason: report.as_ref().and_then(|r| r.datapath_reason.clone()),
         peers_configured: report.as_ref().map(|r| r.peers_configured),
@@ -328,14 +334,15 @@ fn evaluate_node(
 }
 
 /// The status as a table for people.
-/// The table cells of one node: name, key fingerprint, generation, datapath, peers
+/// The table cells of one node: name, key fingerprint, generation, key age, datapath, peers
 /// (configured/expected), ready, converged state.
-pub fn node_cells(node: &NodeView) -> [String; 7] {
+pub fn node_cells(node: &NodeView) -> [String; 8] {
     [
         node.name.clone(),
         node.key_fingerprint.as_deref().unwrap_or("-").to_string(),
         node.key_generation
             .map_or_else(|| "-".to_string(), |g| g.to_string()),
+        node.key_age_secs.map_or_else(|| "-".to_string(), age),
         node.datapath.as_deref().unwrap_or("-").to_string(),
         format!(
             "{}/{}",
@@ -353,6 +360,16 @@ pub fn node_cells(node: &NodeView) -> [String; 7] {
     ]
 }
 
+/// A duration for people: `42s`, `17m`, `5h`, `12d`.
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
 pub fn render(status: &MeshStatus) -> String {
     let mut out = String::new();
     let mesh = if !status.mesh_encryption {
@@ -365,14 +382,23 @@ pub fn render(status: &MeshStatus) -> String {
     let _ = writeln!(out, "{mesh}");
     let _ = writeln!(
         out,
-        "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  STATUS",
-        "NODE", "KEY", "GEN", "DATAPATH", "PEERS", "READY"
+        "{:<14} {:<9} {:>4} {:>7}  {:<10} {:>6}  {:<5}  STATUS",
+        "NODE", "KEY", "GEN", "KEY AGE", "DATAPATH", "PEERS", "READY"
     );
     for node in &status.nodes {
-        let [name, key, generation, datapath, peers, ready, state] = node_cells(node);
+        let [
+            name,
+            key,
+            generation,
+            key_age,
+            datapath,
+            peers,
+            ready,
+            state,
+        ] = node_cells(node);
         let _ = writeln!(
             out,
-            "{name:<14} {key:<9} {generation:>4}  {datapath:<10} {peers:>6}  {ready:<5}  {state}",
+            "{name:<14} {key:<9} {generation:>4} {key_age:>7}  {datapath:<10} {peers:>6}  {ready:<5}  {state}",
         );
         if let Some(reason) = &node.datapath_reason {
             let _ = writeln!(out, "    datapath: {reason}");
