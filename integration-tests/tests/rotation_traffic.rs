@@ -18,9 +18,9 @@ use boringtun::{
     noise::{Tunn, TunnResult},
     x25519,
 };
-use meshctl::{demo, rotate};
+use meshctl::{demo, rotate, traffic};
 use support::*;
-use wiremesh_integration::{ClusterOptions, Role, VirtualCluster, have_root, objects};
+use wiremesh_integration::{ClusterOptions, Role, VirtualCluster, have_root};
 use wiremesh_keyexchange::{Keystore, PrivateKey, PublicKey};
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -38,19 +38,12 @@ async fn start_rotating_mesh() -> VirtualCluster {
     let client = cluster.client().clone();
     demo::install_crds(&client).await.expect("install CRDs");
     demo::set_mesh_enabled(&client, true).await.expect("enable");
-    let identity = cluster.agent_identity().clone();
-    objects::install_coordinator_rbac(&client, &identity.namespace, &identity.service_account)
+    demo::install_coordinator_rbac(&cluster)
         .await
         .expect("coordinator RBAC for the agent ServiceAccount");
     let agent = agent_binary();
     for node in NODES {
-        let kubeconfig = cluster.node(node).expect("node").kubeconfig.clone();
-        let args = [
-            "--coordinator-kubeconfig".to_string(),
-            kubeconfig.display().to_string(),
-            "--lease-namespace".to_string(),
-            identity.namespace.clone(),
-        ];
+        let args = demo::coordinator_args(&cluster, node).expect("args");
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         demo::start_agent(&mut cluster, node, &agent, &args).expect("start agent");
     }
@@ -139,18 +132,6 @@ fn getrandom_fill(buf: &mut [u8]) {
         .expect("/dev/urandom");
 }
 
-/// Creates a KeyRotation and follows it to its end, printing the progress line.
-async fn rotate_and_wait(
-    cluster: &VirtualCluster,
-    nodes: Option<&str>,
-    revoke: bool,
-    phase_timeout: &str,
-) -> (wiremesh_crds::KeyRotation, Duration) {
-    let started = Instant::now();
-    let name = create_rotation(cluster, nodes, revoke, phase_timeout).await;
-    follow_rotation(cluster, &name, started).await
-}
-
 /// Creates a KeyRotation; returns its name.
 async fn create_rotation(
     cluster: &VirtualCluster,
@@ -227,61 +208,20 @@ fn assert_refused(
     }
 }
 
-/// A ping with a large count, stopped with SIGINT (its summary counts what it sent).
-struct LongPing {
-    child: std::process::Child,
-}
+/// A 10 ms ping between two pods ([`meshctl::traffic::LongPing`]).
+struct LongPing(traffic::LongPing);
 
 impl LongPing {
     fn start(cluster: &VirtualCluster, from: &str, to: &str) -> Self {
         let netns = cluster.pod(from).expect("pod").network.netns.clone();
-        let ip = cluster.pod(to).expect("pod").network.ip.to_string();
-        let child = std::process::Command::new("ip")
-            .args([
-                "netns", "exec", &netns, "ping", "-n", "-i", "0.010", "-W", "2",
-            ])
-            .args(["-c", "1000000", &ip])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start ping");
-        Self { child }
+        let ip = cluster.pod(to).expect("pod").network.ip;
+        Self(traffic::LongPing::start(&netns, ip).expect("start ping"))
     }
 
-    /// (sent, received) up to the last reply: a request still in flight when ping is stopped
-    /// is not a loss, any missing reply before the last one is.
+    /// (sent up to the last reply, received).
     fn stop(self) -> (u32, u32) {
-        // `ip netns exec` execs ping: the child's pid is ping's.
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        let out = self.child.wait_with_output().expect("ping output");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut seqs: Vec<u32> = text
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| {
-                l.split("icmp_seq=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        let transmitted: u32 = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no ping summary in: {text}"));
-        let last = seqs.last().copied().unwrap_or(0);
-        assert!(
-            transmitted <= last + 1,
-            "ping sent {transmitted} but the last reply was to {last}: lost at the end"
-        );
-        (last, u32::try_from(seqs.len()).unwrap_or(u32::MAX))
+        let count = self.0.stop().expect("ping output");
+        (count.sent, count.received)
     }
 }
 
@@ -300,33 +240,19 @@ async fn whole_cluster_rotation_under_traffic_loses_nothing_and_retires_the_old_
     let ages_before = key_ages(&cluster).await;
     let before_rotation = Instant::now();
 
-    // Traffic across nodes: a 10 ms ping 1 -> 2 and a TCP stream 3 -> 1, through the rotation.
-    let ping = LongPing::start(&cluster, "pod-1-1", "pod-2-1");
-    let tcp = TcpFlow::start(&cluster, "pod-3-1", "pod-1-1", 7014);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let (done, rotation_time) = rotate_and_wait(&cluster, None, false, "60s").await;
-    if rotate::phase(&done) != wiremesh_crds::RotationPhase::Complete {
+    // What `make demo` runs (`meshctl demo rotate`): every node rotates while a 10 ms ping
+    // pod-1-1 -> pod-2-1 and a TCP stream pod-2-1 -> pod-1-1 run; it prints the keys before and
+    // after and what was lost, and says whether it completed with nothing lost and no reset.
+    let clean = demo::rotate_under_traffic(&cluster.description())
+        .await
+        .expect("demo rotate");
+    if !clean {
         print_agent_logs(&cluster);
-        panic!("rotation ended {:?}", done.status);
     }
-    // Let packets sent around the end arrive, then stop the traffic.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (transmitted, received) = ping.stop();
-    let stream = tcp.finish();
-    eprintln!(
-        "rotation of {} nodes under traffic: Complete in {:.1} s; ping every 10 ms: {transmitted} \
-         sent, {received} received, {} lost; TCP stream: {stream:?}",
-        NODES.len(),
-        rotation_time.as_secs_f64(),
-        transmitted.saturating_sub(received),
+    assert!(
+        clean,
+        "the rotation under traffic lost packets, reset the stream or did not complete"
     );
-    if transmitted != received || stream.is_err() {
-        print_agent_logs(&cluster);
-    }
-    assert_eq!(transmitted, received, "pings lost during the rotation");
-    let (sent, got) = stream.expect("the TCP stream survived the rotation (no reset)");
-    assert!(sent > 0 && got == sent, "TCP: sent {sent}, received {got}");
 
     // Every node has a new key, one generation up, and the mesh converged on it.
     // (Each agent publishes its new identity in its first pass after Complete.)

@@ -29,8 +29,9 @@ use wiremesh_integration::{
 
 use crate::{
     capture::{self, CaptureReport, Underlay},
+    rotate,
     status::{self, MeshStatus},
-    traffic::{PodEnd, TrafficError, ping, tcp_echo, udp_echo},
+    traffic::{LongPing, PodEnd, TcpRun, TrafficError, ping, tcp_echo, udp_echo},
 };
 
 /// Where `demo up` writes the cluster description.
@@ -68,6 +69,8 @@ pub enum DemoError {
         timeout: Duration,
         problems: Vec<String>,
     },
+    #[error("install the rotation coordinator's RBAC: {0}")]
+    Coordinator(String),
     #[error("read mesh status: {0}")]
     Status(#[from] status::StatusError),
 }
@@ -234,6 +237,119 @@ pub fn start_agent(
         .map_err(failed)
 }
 
+/// Lets the agents' ServiceAccount run the rotation coordinator (Lease, KeyRotation status,
+/// Events), as the coordinator's RBAC in docs/rotation.md.
+pub async fn install_coordinator_rbac(cluster: &VirtualCluster) -> Result<(), DemoError> {
+    let identity = cluster.agent_identity();
+    wiremesh_integration::objects::install_coordinator_rbac(
+        cluster.client(),
+        &identity.namespace,
+        &identity.service_account,
+    )
+    .await
+    .map_err(|e| DemoError::Coordinator(e.to_string()))
+}
+
+/// `mesh-agent run` arguments that make `node`'s agent stand for rotation coordinator with its
+/// own (ServiceAccount) kubeconfig, the Lease in the agents' namespace.
+pub fn coordinator_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<String>, DemoError> {
+    let n = cluster.node(node).map_err(|source| DemoError::StartAgent {
+        node: node.to_string(),
+        source,
+    })?;
+    Ok(vec![
+        "--coordinator-kubeconfig".to_string(),
+        n.kubeconfig.display().to_string(),
+        "--lease-namespace".to_string(),
+        cluster.agent_identity().namespace.clone(),
+    ])
+}
+
+/// `demo rotate`: a rotation of every node while a 10 ms ping and a TCP stream run between pods on
+/// different nodes; prints the keys before and after and what was lost. Returns whether it
+/// completed with nothing lost.
+pub async fn rotate_under_traffic(description: &ClusterDescription) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+    let client = mesh_agent::app::kube_client_from(Some(&description.kubeconfig)).await?;
+    let from = description.pods.first().context("the demo has no pod")?;
+    let to = description
+        .pods
+        .iter()
+        .find(|p| p.node != from.node)
+        .context("the demo has no pods on two nodes")?;
+    let print_keys = |title: &str, status: &MeshStatus| {
+        println!("    {title}:");
+        for n in &status.nodes {
+            println!(
+                "      {:<10} key {:<9} generation {}",
+                n.name,
+                n.key_fingerprint.as_deref().unwrap_or("-"),
+                n.key_generation.map_or("-".to_string(), |g| g.to_string())
+            );
+        }
+    };
+    let before = status::collect(&client).await?;
+    print_keys("keys before", &before);
+    println!(
+        "    traffic: ping every 10 ms {} -> {}, TCP stream {} -> {}",
+        from.name, to.name, to.name, from.name
+    );
+    let ping_run = LongPing::start(&from.netns, to.ip).context("start ping")?;
+    let tcp = TcpRun::start(&from.netns, &to.netns, from.ip, 7014).context("start TCP")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let created = rotate::create(
+        &client,
+        &rotate::RotateOptions {
+            nodes: None,
+            revoke: false,
+            reason: "make demo".into(),
+            phase_timeout: Some("60s".into()),
+        },
+    )
+    .await?;
+    let name = created.metadata.name.clone().unwrap_or_default();
+    let done = rotate::follow(&client, &name, Duration::from_secs(180), |line| {
+        println!("    [{:>4.1}s] {line}", started.elapsed().as_secs_f64())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let count = ping_run.stop().context("ping")?;
+    let stream = tcp.finish();
+    let complete = rotate::phase(&done) == wiremesh_crds::RotationPhase::Complete;
+    // Each agent publishes its new identity in its first pass after Complete.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut after = status::collect(&client).await?;
+    while complete
+        && std::time::Instant::now() < deadline
+        && after.nodes.iter().any(|n| {
+            before
+                .node(&n.name)
+                .is_some_and(|b| b.key_fingerprint == n.key_fingerprint)
+        })
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        after = status::collect(&client).await?;
+    }
+    print_keys("keys after", &after);
+    println!(
+        "    ping: {} sent, {} received, {} lost; TCP stream: {}",
+        count.sent,
+        count.received,
+        count.lost(),
+        match &stream {
+            Ok((sent, received)) => format!("{sent} bytes sent, {received} received, no reset"),
+            Err(e) => format!("FAILED: {e}"),
+        }
+    );
+    let changed = after.nodes.iter().all(|n| {
+        before
+            .node(&n.name)
+            .is_some_and(|b| b.key_fingerprint != n.key_fingerprint)
+    });
+    Ok(complete && changed && count.lost() == 0 && stream.is_ok_and(|(s, r)| s == r))
+}
+
 /// Polls `meshctl status` until the mesh is converged, printing progress through `progress`.
 pub async fn wait_converged(
     client: &Client,
@@ -322,9 +438,12 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<ClusterDescription> {
     install_crds(&client).await?;
     set_mesh_enabled(&client, true).await?;
 
+    install_coordinator_rbac(&cluster).await?;
     let node_names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
     for node in &node_names {
-        let identity = start_agent(&mut cluster, node, &opts.agent_binary, &[])?;
+        let args = coordinator_args(&cluster, node)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let identity = start_agent(&mut cluster, node, &opts.agent_binary, &args)?;
         let device = cluster
             .supervised_pid(node, Role::Device)
             .map_or_else(|| "?".to_string(), |d| d.pid.to_string());
