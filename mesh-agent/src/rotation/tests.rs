@@ -262,3 +262,18 @@ fn quiet_without_next(peer: &DesiredPeer) -> DesiredPeer {
         ..peer.clone()
     }
 }
+
+#[test]
+fn switching_waits_for_the_phase_except_for_revoked_pairs() {
+    let mut r = rotation(RotationPhase::Preparing);
+    assert!(!may_switch(&r, "n1", "n3"));
+    r.revoke = true;
+    // n1 and n2 are selected: their pairs switch as soon as the next world has a handshake.
+    assert!(may_switch(&r, "n3", "n1"));
+    assert!(may_switch(&r, "n1", "n3"));
+    r.selected.remove("n1");
+    r.selected.remove("n2");
+    assert!(!may_switch(&r, "n1", "n3"));
+    r.phase = RotationPhase::Switching;
+    assert!(may_switch(&r, "n1", "n3"));
+}
