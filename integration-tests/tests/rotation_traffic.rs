@@ -20,36 +20,11 @@ use boringtun::{
 };
 use meshctl::{demo, rotate, traffic};
 use support::*;
-use wiremesh_integration::{ClusterOptions, Role, VirtualCluster, have_root};
+use wiremesh_integration::{Role, VirtualCluster, have_root};
 use wiremesh_keyexchange::{Keystore, PrivateKey, PublicKey};
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 const LISTEN_PORT: u16 = 51871;
-
-/// The cluster with one pod per node and agents that stand for rotation coordinator.
-async fn start_rotating_mesh() -> VirtualCluster {
-    let mut cluster = VirtualCluster::start(ClusterOptions {
-        nodes: 3,
-        pods_per_node: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("start the virtual cluster");
-    let client = cluster.client().clone();
-    demo::install_crds(&client).await.expect("install CRDs");
-    demo::set_mesh_enabled(&client, true).await.expect("enable");
-    demo::install_coordinator_rbac(&cluster)
-        .await
-        .expect("coordinator RBAC for the agent ServiceAccount");
-    let agent = agent_binary();
-    for node in NODES {
-        let args = demo::coordinator_args(&cluster, node).expect("args");
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        demo::start_agent(&mut cluster, node, &agent, &args).expect("start agent");
-    }
-    wait_converged(&cluster).await;
-    cluster
-}
 
 /// Every node's key age as `meshctl status` shows it.
 async fn key_ages(cluster: &VirtualCluster) -> Vec<Option<u64>> {
@@ -230,7 +205,7 @@ async fn whole_cluster_rotation_under_traffic_loses_nothing_and_retires_the_old_
     if !have_root("network namespaces, TUN devices") {
         return;
     }
-    let cluster = start_rotating_mesh().await;
+    let cluster = start_mesh_with_coordinators(Shape::new(3, 1)).await;
     let client = cluster.client().clone();
     let mut before = Vec::new();
     for node in NODES {

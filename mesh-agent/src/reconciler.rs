@@ -539,20 +539,16 @@ impl<R: Routes> Reconciler<R> {
         };
         let mut current_wanted = plan.wanted.clone();
         current_wanted.listen_port = current.port(base);
-        current_wanted.peers = plan
-            .wanted
-            .peers
-            .iter()
-            .filter_map(|wp| {
-                let desired = plan.peer_set.peer(&wp.node)?;
-                if active.is_some_and(|r| rotation::is_revoked(desired, r)) {
-                    return None;
-                }
-                let (key, endpoint) =
-                    rotation::current_identity(desired, ann(&wp.node), &rotations);
-                Some(with_identity(wp, key, endpoint))
-            })
-            .collect();
+        current_wanted.peers = world_peers(&plan, |desired| {
+            if active.is_some_and(|r| rotation::is_revoked(desired, r)) {
+                return None;
+            }
+            Some(rotation::current_identity(
+                desired,
+                ann(&desired.node),
+                &rotations,
+            ))
+        });
 
         // The next world, while a rotation is active.
         let mut progress = Progress::default();
@@ -560,17 +556,9 @@ impl<R: Routes> Reconciler<R> {
             let ni = next.index();
             let mut next_wanted = current_wanted.clone();
             next_wanted.listen_port = next.port(base);
-            next_wanted.peers = plan
-                .wanted
-                .peers
-                .iter()
-                .filter_map(|wp| {
-                    let desired = plan.peer_set.peer(&wp.node)?;
-                    let (key, endpoint) =
-                        rotation::next_identity(desired, ann(&wp.node), r, &rotations)?;
-                    Some(with_identity(wp, key, endpoint))
-                })
-                .collect();
+            next_wanted.peers = world_peers(&plan, |desired| {
+                rotation::next_identity(desired, ann(&desired.node), r, &rotations)
+            });
             progress.participants = r
                 .participants
                 .iter()
@@ -1136,12 +1124,23 @@ impl<R: Routes> Reconciler<R> {
     }
 }
 
-/// `peer` under another key and endpoint (the same prefixes, keepalive and PSK).
-fn with_identity(peer: &WantedPeer, key: PublicKey, endpoint: std::net::SocketAddr) -> WantedPeer {
-    let mut out = peer.clone();
-    out.config.public_key = key;
-    out.config.endpoint = Some(endpoint);
-    out
+/// The plan's wanted peers as one world sees them: `identity` gives each peer's key and endpoint
+/// there (`None`: not in that world); prefixes, keepalive and PSK stay.
+fn world_peers(
+    plan: &Plan,
+    identity: impl Fn(&wiremesh_keyexchange::DesiredPeer) -> Option<(PublicKey, std::net::SocketAddr)>,
+) -> Vec<WantedPeer> {
+    plan.wanted
+        .peers
+        .iter()
+        .filter_map(|wp| {
+            let (key, endpoint) = identity(plan.peer_set.peer(&wp.node)?)?;
+            let mut out = wp.clone();
+            out.config.public_key = key;
+            out.config.endpoint = Some(endpoint);
+            Some(out)
+        })
+        .collect()
 }
 
 /// The merge patch that brings this node's owned annotations to what it must publish: its

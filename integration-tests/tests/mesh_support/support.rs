@@ -107,6 +107,16 @@ pub async fn start_mesh(shape: Shape) -> VirtualCluster {
 
 /// [`start_mesh`] with extra `mesh-agent run` arguments for every agent.
 pub async fn start_mesh_with_args(shape: Shape, agent_args: &[&str]) -> VirtualCluster {
+    start_mesh_inner(shape, agent_args, false).await
+}
+
+/// [`start_mesh`] where every agent stands for rotation coordinator (its ServiceAccount gets the
+/// coordinator's RBAC), as in `meshctl demo up`.
+pub async fn start_mesh_with_coordinators(shape: Shape) -> VirtualCluster {
+    start_mesh_inner(shape, &[], true).await
+}
+
+async fn start_mesh_inner(shape: Shape, agent_args: &[&str], coordinators: bool) -> VirtualCluster {
     let mut cluster = VirtualCluster::start(ClusterOptions {
         nodes: shape.nodes,
         pods_per_node: shape.pods_per_node,
@@ -122,8 +132,18 @@ pub async fn start_mesh_with_args(shape: Shape, agent_args: &[&str]) -> VirtualC
         .expect("enable the mesh");
     let agent = agent_binary();
     let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    if coordinators {
+        demo::install_coordinator_rbac(&cluster)
+            .await
+            .expect("coordinator RBAC for the agent ServiceAccount");
+    }
     for node in &names {
-        demo::start_agent(&mut cluster, node, &agent, agent_args).expect("start agent");
+        let mut args: Vec<String> = agent_args.iter().map(|a| a.to_string()).collect();
+        if coordinators {
+            args.extend(demo::coordinator_args(&cluster, node).expect("coordinator args"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        demo::start_agent(&mut cluster, node, &agent, &args).expect("start agent");
     }
     wait_converged(&cluster).await;
     cluster
