@@ -360,6 +360,34 @@ pub fn node_cells(node: &NodeView) -> [String; 8] {
     ]
 }
 
+/// The header of the columns [`node_row`] lays out.
+pub fn row_header() -> String {
+    format!(
+        "{:<14} {:<9} {:>4} {:>7}  {:<10} {:>6}  {:<5}",
+        "NODE", "KEY", "GEN", "KEY AGE", "DATAPATH", "PEERS", "READY"
+    )
+}
+
+/// A node's columns under [`row_header`], and its converged state.
+pub fn node_row(node: &NodeView) -> (String, String) {
+    let [
+        name,
+        key,
+        generation,
+        key_age,
+        datapath,
+        peers,
+        ready,
+        state,
+    ] = node_cells(node);
+    (
+        format!(
+            "{name:<14} {key:<9} {generation:>4} {key_age:>7}  {datapath:<10} {peers:>6}  {ready:<5}"
+        ),
+        state,
+    )
+}
+
 /// A duration for people: `42s`, `17m`, `5h`, `12d`.
 fn age(secs: u64) -> String {
     match secs {
@@ -380,26 +408,10 @@ pub fn render(status: &MeshStatus) -> String {
         "MeshEncryption default: disabled".to_string()
     };
     let _ = writeln!(out, "{mesh}");
-    let _ = writeln!(
-        out,
-        "{:<14} {:<9} {:>4} {:>7}  {:<10} {:>6}  {:<5}  STATUS",
-        "NODE", "KEY", "GEN", "KEY AGE", "DATAPATH", "PEERS", "READY"
-    );
+    let _ = writeln!(out, "{}  STATUS", row_header());
     for node in &status.nodes {
-        let [
-            name,
-            key,
-            generation,
-            key_age,
-            datapath,
-            peers,
-            ready,
-            state,
-        ] = node_cells(node);
-        let _ = writeln!(
-            out,
-            "{name:<14} {key:<9} {generation:>4} {key_age:>7}  {datapath:<10} {peers:>6}  {ready:<5}  {state}",
-        );
+        let (row, state) = node_row(node);
+        let _ = writeln!(out, "{row}  {state}");
         if let Some(reason) = &node.datapath_reason {
             let _ = writeln!(out, "    datapath: {reason}");
         }
