@@ -169,6 +169,8 @@ demo: deps
 	$(MESHCTL) demo traffic || status=1; \
 	echo; echo "==> eBPF flow records of each agent (/flows)"; \
 	$(MESHCTL) demo flows || status=1; \
+	echo; echo "==> key rotation of every node under traffic (meshctl rotate, 10 ms ping + TCP stream)"; \
+	$(MESHCTL) demo rotate || status=1; \
 	echo; echo "==> meshctl status"; \
 	$(MESHCTL) status --kubeconfig "$$($(MESHCTL) demo kubeconfig)" || status=1; \
 	echo; echo "==> meshctl demo down"; \

@@ -47,6 +47,9 @@ struct wm_lpm6_key {
  * Never a pod address, also when it lies inside a pod CIDR (the longest match wins), so strict
  * mode never drops node-to-node traffic such as WireGuard. */
 #define WM_IPCACHE_NODE 0x8
+/* During a key rotation: this node's traffic is sent through the next world's tunnel device
+ * (wm_config.alt_tunnel_ifindex) instead of the current one (docs/rotation.md). */
+#define WM_IPCACHE_ALT_TUNNEL 0x10
 
 /* ipcache4: prefix -> where it lives and who it is. 16 bytes. */
 struct wm_ipcache_val {
@@ -104,7 +107,7 @@ struct wm_config {
 	__u32 ct_tcp_timeout_s;   /* idle lifetime of TCP conntrack entries; 0 = default */
 	__u32 ct_other_timeout_s; /* idle lifetime of other conntrack entries; 0 = default */
 	__u32 flags;              /* WM_CONFIG_* */
-	__u32 reserved;
+	__u32 alt_tunnel_ifindex; /* the next world's tunnel during a key rotation; 0 = none */
 };
 
 /*

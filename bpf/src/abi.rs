@@ -21,6 +21,9 @@ pub mod ipcache_flags {
     /// A node's own address (/32; identity HOST for this node, REMOTE_NODE for another): never a
     /// pod address, also inside a pod CIDR, so strict mode never drops node-to-node traffic.
     pub const NODE: u8 = 0x8;
+    /// During a key rotation: send through the next world's tunnel
+    /// ([`super::Config::alt_tunnel_ifindex`]).
+    pub const ALT_TUNNEL: u8 = 0x10;
 }
 
 /// Errors converting policy entries into map entries.
@@ -195,8 +198,9 @@ pub struct Config {
     pub ct_other_timeout_s: u32,
     /// [`config_flags`]; [`Config::new`] sets [`config_flags::SET`].
     pub flags: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// ifindex of the next world's tunnel during a key rotation (entries with
+    /// [`ipcache_flags::ALT_TUNNEL`] go there); 0 = none.
+    pub alt_tunnel_ifindex: u32,
 }
 
 impl Config {
@@ -210,6 +214,12 @@ impl Config {
             flags: config_flags::SET,
             ..Self::default()
         }
+    }
+
+    /// The same config with the next world's tunnel `alt_tunnel_ifindex` (a key rotation).
+    pub fn with_alt_tunnel(mut self, alt_tunnel_ifindex: u32) -> Self {
+        self.alt_tunnel_ifindex = alt_tunnel_ifindex;
+        self
     }
 
     /// The same config with these conntrack idle lifetimes (whole seconds, at least 1; a

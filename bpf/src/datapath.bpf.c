@@ -835,6 +835,8 @@ int from_pod(struct __sk_buff *skb)
 		ct_allow(&c, &p);
 	if (dst_flags & WM_IPCACHE_REMOTE_POD) {
 		__u32 tunnel = cfg->tunnel_ifindex;
+		if ((dst_flags & WM_IPCACHE_ALT_TUNNEL) && cfg->alt_tunnel_ifindex)
+			tunnel = cfg->alt_tunnel_ifindex;
 		if ((dst_flags & WM_IPCACHE_ENCRYPT) && tunnel) {
 			/* Too big for the tunnel: the routing stack sends it into the tunnel
 			 * (fragmented) or answers with a PMTU error; see the header. Recorded
@@ -912,7 +914,9 @@ int to_pod(struct __sk_buff *skb)
 	}
 	if (check)
 		ct_allow(&c, &p);
-	__u8 verdict = (cfg->tunnel_ifindex && skb->ingress_ifindex == cfg->tunnel_ifindex)
+	__u32 in_tunnel = skb->ingress_ifindex;
+	__u8 verdict = in_tunnel && (in_tunnel == cfg->tunnel_ifindex ||
+				     in_tunnel == cfg->alt_tunnel_ifindex)
 			       ? WM_VERDICT_FORWARDED_ENCRYPTED
 			       : WM_VERDICT_FORWARDED_PLAIN;
 	report(skb, &p, src_id, dst_id, peer_node, verdict, WM_HOOK_TO_POD);

@@ -106,6 +106,11 @@ pub struct MeshNodeStatus {
     /// Fingerprint of the public key the device uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Unix seconds when the node's current key was generated or promoted by a rotation (its
+    /// age in `meshctl status`; absent in statuses of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "int64"))]
+    pub key_created_at: Option<u64>,
     /// Whether the mesh is on, as this agent applies it (from `MeshEncryption default`, or the
     /// remembered spec when the object is gone).
     pub enabled: bool,

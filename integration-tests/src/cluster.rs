@@ -172,6 +172,9 @@ pub struct ClusterNode {
 pub enum Role {
     /// `mesh-agent device <if> --foreground`: the userspace WireGuard device.
     Device,
+    /// The second slot's userspace device (`mesh-agent device <if-b>`), which a key rotation
+    /// brings up as the next world (docs/rotation.md).
+    DeviceB,
     /// `mesh-agent run`: the agent.
     Agent,
 }
@@ -181,6 +184,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Device => "device",
+            Self::DeviceB => "device-b",
             Self::Agent => "agent",
         }
     }
@@ -764,6 +768,7 @@ impl VirtualCluster {
             match role {
                 Role::Agent => n.agent_log = Some(log.clone()),
                 Role::Device => n.device_log = Some(log.clone()),
+                Role::DeviceB => {}
             }
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -141,7 +141,8 @@ fn image_builds_from_scratch_with_only_what_the_agent_needs() {
     assert_eq!(sbom["bomFormat"], "CycloneDX");
     assert_eq!(sbom["specVersion"], "1.5");
     assert_eq!(sbom["metadata"]["component"]["name"], "mesh-agent");
-    let lock = std::fs::read_to_string(clients::repo_root().join("Cargo.lock")).expect("Cargo.lock");
+    let lock =
+        std::fs::read_to_string(clients::repo_root().join("Cargo.lock")).expect("Cargo.lock");
     let components = sbom["components"].as_array().expect("components");
     for name in ["boringtun", "kube", "aya", "tokio"] {
         let listed = components

@@ -96,6 +96,7 @@ async fn agent_on_kernel() {
         }],
         mtu: 1420,
         listen_port: 51871,
+        unrouted: Default::default(),
     };
     let datapath: Arc<dyn Datapath> = slot.clone();
     let mut mesh = Mesh::new(datapath.clone(), routes.clone(), key.clone());

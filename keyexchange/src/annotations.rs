@@ -31,17 +31,21 @@ pub const ANNOTATION_ENDPOINT: &str = "wiremesh.io/endpoint";
 pub const ANNOTATION_KEY_GENERATION: &str = "wiremesh.io/key-generation";
 /// Base64 of the key the node will switch to in the rotation in progress.
 pub const ANNOTATION_NEXT_PUBLIC_KEY: &str = "wiremesh.io/next-public-key";
+/// During a rotation: `IP:port` of the node's next-world tunnel (the other slot's port), validated
+/// like [`ANNOTATION_ENDPOINT`]. Published by every participant (docs/rotation.md).
+pub const ANNOTATION_NEXT_ENDPOINT: &str = "wiremesh.io/next-endpoint";
 /// Rotation progress of this node: `<KeyRotation name>=<step>`, see [`RotationMark`].
 pub const ANNOTATION_ROTATION: &str = "wiremesh.io/rotation";
 /// UDP port of the tunnel when `MeshEncryption.spec.listenPort` is not set.
 pub const DEFAULT_LISTEN_PORT: u16 = 51871;
 
 /// Every annotation this schema owns, for callers that copy or strip them as a set.
-pub const ALL_ANNOTATIONS: [&str; 5] = [
+pub const ALL_ANNOTATIONS: [&str; 6] = [
     ANNOTATION_PUBLIC_KEY,
     ANNOTATION_ENDPOINT,
     ANNOTATION_KEY_GENERATION,
     ANNOTATION_NEXT_PUBLIC_KEY,
+    ANNOTATION_NEXT_ENDPOINT,
     ANNOTATION_ROTATION,
 ];
 
@@ -331,6 +335,8 @@ pub struct NodeAnnotations {
     pub key_generation: u64,
     /// During a rotation: the key the node will switch to. Peers accept it as well.
     pub next_public_key: Option<PublicKey>,
+    /// During a rotation: where the node's next-world tunnel listens.
+    pub next_endpoint: Option<SocketAddr>,
     /// The node's progress in the latest rotation it took part in.
     pub rotation: Option<RotationMark>,
 }
@@ -359,17 +365,22 @@ impl NodeAnnotations {
             .get(ANNOTATION_NEXT_PUBLIC_KEY)
             .map(|value| parse_key(ANNOTATION_NEXT_PUBLIC_KEY, value))
             .transpose()?;
+        let next_endpoint = annotations
+            .get(ANNOTATION_NEXT_ENDPOINT)
+            .map(|value| parse_endpoint(value, node_addresses))
+            .transpose()?;
         let rotation = RotationMark::from_annotations(annotations)?;
         Ok(Self {
             public_key,
             endpoint,
             key_generation,
             next_public_key,
+            next_endpoint,
             rotation,
         })
     }
 
-    /// The annotations to write: all five keys this schema owns that have a value. A patch that
+    /// The annotations to write: all six keys this schema owns that have a value. A patch that
     /// applies them should also remove the owned keys missing here (see [`ALL_ANNOTATIONS`]).
     pub fn render(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
@@ -384,6 +395,9 @@ impl NodeAnnotations {
         );
         if let Some(next) = &self.next_public_key {
             out.insert(ANNOTATION_NEXT_PUBLIC_KEY.to_string(), next.to_base64());
+        }
+        if let Some(next) = &self.next_endpoint {
+            out.insert(ANNOTATION_NEXT_ENDPOINT.to_string(), next.to_string());
         }
         if let Some(mark) = &self.rotation {
             out.insert(ANNOTATION_ROTATION.to_string(), mark.to_string());

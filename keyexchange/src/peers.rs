@@ -72,6 +72,8 @@ pub struct DesiredPeer {
     pub key_generation: u64,
     /// During a rotation: also accept handshakes from the peer under this key.
     pub next_public_key: Option<PublicKey>,
+    /// During a rotation: where the peer's next-world tunnel listens.
+    pub next_endpoint: Option<SocketAddr>,
 }
 
 /// Why a node is not a peer.
@@ -291,6 +293,7 @@ pub fn desired_peers_with_claims(
             allowed_ips: claims.prefixes(&view.name).to_vec(),
             key_generation: parsed.key_generation,
             next_public_key: parsed.next_public_key,
+            next_endpoint: parsed.next_endpoint,
         });
     }
     set.peers.sort_by(|a, b| a.node.cmp(&b.node));

@@ -18,7 +18,7 @@ use tokio::{
     sync::{Notify, watch},
     task::JoinSet,
 };
-use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
+use wiremesh_keyexchange::{KeySet, KeySource, Keystore};
 
 use crate::{
     admin::AdminServer,
@@ -31,12 +31,15 @@ use crate::{
     metrics::Metrics,
     reconciler::{DatapathControl, MeshSnapshot, PlanSettings, Reconciler},
     routes::netlink::NetlinkRoutes,
-    select::{DatapathSlot, SystemDevices, SystemLinks, SystemSelector},
+    select::{DatapathSlot, Selector, SystemDevices, SystemLinks, SystemSelector, Worlds},
     status::{SharedReport, StatusReporter},
     steering::{Steering, SteeringSettings},
     taint::TaintRemover,
     watch::watchers,
 };
+
+/// How long the reconciler waits for the second slot's userspace device in one pass.
+const NEXT_WORLD_DEVICE_WAIT: Duration = Duration::from_secs(2);
 
 /// A running agent.
 pub struct App {
@@ -45,9 +48,10 @@ pub struct App {
     drain_timeout: Duration,
 }
 
-/// Loads (or creates) the node's key from the keystore in `config.state_dir`; with
-/// `--regenerate-key` replaces it with a new one first.
-pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
+/// Loads (or creates) the node's keys from the keystore in `config.state_dir` (the current key,
+/// and during a rotation the next one); with `--regenerate-key` replaces the key with a new one
+/// first.
+pub fn load_key(config: &Config) -> anyhow::Result<KeySet> {
     let keystore = Keystore::new(&config.state_dir);
     let outcome = if config.regenerate_key {
         tracing::warn!(
@@ -67,9 +71,10 @@ pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
             "tightened keystore permissions"
         );
     }
-    let key = outcome.keys.current;
+    let keys = outcome.keys;
     tracing::info!(
-        public_key = %key.public_key(),
+        public_key = %keys.current.public_key(),
+        next_key = keys.next.is_some(),
         source = match outcome.source {
             KeySource::Loaded => "loaded",
             KeySource::Generated => "generated",
@@ -78,7 +83,7 @@ pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
         state_dir = %config.state_dir.display(),
         "node key ready"
     );
-    Ok(key)
+    Ok(keys)
 }
 
 /// A kube client from `--kubeconfig`, or inferred (in-cluster, then $KUBECONFIG).
@@ -131,18 +136,31 @@ async fn coordinator_client(config: &Config) -> Option<Client> {
 }
 
 /// Starts every task of the agent on the current runtime.
-pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::Result<App> {
-    let public_key = key.public_key();
+pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Result<App> {
     let routes = Arc::new(NetlinkRoutes::new(config.route_table).context("open rtnetlink")?);
-    let slot = Arc::new(DatapathSlot::new(&config.interface));
-    let datapath: Arc<dyn Datapath> = slot.clone();
-    let mesh = Mesh::new(datapath.clone(), routes.clone(), key);
-    let selector = Arc::new(SystemSelector {
+    let slot_a = Arc::new(DatapathSlot::new(&config.interface));
+    let slot_b = Arc::new(DatapathSlot::new(&config.interface_b));
+    let worlds = Arc::new(Worlds::new(slot_a.clone(), slot_b.clone()));
+    let datapath: Arc<dyn Datapath> = worlds.clone();
+    let meshes = [
+        Mesh::new(slot_a, routes.clone(), keys.current.clone()),
+        Mesh::new(slot_b, routes.clone(), keys.current.clone()),
+    ];
+    let selector_a: Arc<dyn Selector> = Arc::new(SystemSelector {
         links: SystemLinks,
         devices: SystemDevices,
         ifname: config.interface.clone(),
         socket: config.uapi_socket.clone(),
         wait: config.device_wait,
+    });
+    // The second slot is wanted during a rotation (or when it is current after one); a missing
+    // device there must not hold the reconciler up for long: the rotation names the node.
+    let selector_b: Arc<dyn Selector> = Arc::new(SystemSelector {
+        links: SystemLinks,
+        devices: SystemDevices,
+        ifname: config.interface_b.clone(),
+        socket: crate::config::default_uapi_socket(&config.interface_b),
+        wait: config.device_wait.min(NEXT_WORLD_DEVICE_WAIT),
     });
 
     let mut registry = Registry::with_prefix("wiremesh");
@@ -164,7 +182,7 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
     let flows = Steering::flow_table(config.flow_table_size);
     let (snapshot_tx, snapshot_rx) = watch::channel(MeshSnapshot::default());
     let shared_report: SharedReport = SharedReport::default();
-    let (monitor, health) = DatapathMonitor::new(slot.clone(), notify.clone(), metrics.clone());
+    let (monitor, health) = DatapathMonitor::new(worlds.clone(), notify.clone(), metrics.clone());
 
     let admin = AdminServer::bind(
         config.metrics_addr,
@@ -199,18 +217,19 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
             mtu: config.mtu,
             persistent_keepalive: config.persistent_keepalive,
         },
-        public_key,
+        Keystore::new(&config.state_dir),
+        keys,
         client.clone(),
         watchers.caches.clone(),
-        mesh,
+        meshes,
         routes,
         metrics.clone(),
         snapshot_tx,
         notify,
         config.resync_interval,
         DatapathControl {
-            slot,
-            selector,
+            worlds,
+            selectors: [selector_a, selector_b],
             flag: config.datapath,
         },
     );

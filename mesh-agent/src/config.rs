@@ -70,6 +70,13 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_INTERFACE", default_value = "wiremesh0")]
     pub interface: String,
 
+    /// Name of the second tunnel slot (its port is the listen port + 1): a key rotation brings
+    /// up the next world there, and from then on the slots alternate (docs/rotation.md). Without
+    /// it: `--interface` with a trailing `0` replaced by `1` (`wiremesh0` -> `wiremesh1`), else with `b`
+    /// appended (cut to 15 bytes).
+    #[arg(long, env = "WIREMESH_INTERFACE_B")]
+    pub interface_b: Option<String>,
+
     /// UDP listen port of the tunnel. Without it `MeshEncryption.spec.listenPort` decides
     /// (default 51871).
     #[arg(long, env = "WIREMESH_LISTEN_PORT")]
@@ -204,6 +211,8 @@ pub struct Config {
     pub kubeconfig: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub interface: String,
+    /// The second slot's interface (rotation).
+    pub interface_b: String,
     pub listen_port: Option<u16>,
     pub mtu: Option<u32>,
     pub uapi_socket: PathBuf,
@@ -239,14 +248,22 @@ impl Config {
         if args.node_name.trim().is_empty() {
             return Err(ConfigError::EmptyNodeName);
         }
-        let ifname = &args.interface;
-        if ifname.is_empty()
-            || ifname.len() > MAX_IFNAME_LEN
-            || ifname
-                .chars()
-                .any(|c| c == '/' || c == ':' || c.is_whitespace())
-        {
-            return Err(ConfigError::InterfaceName(ifname.clone()));
+        let interface_b = args
+            .interface_b
+            .clone()
+            .unwrap_or_else(|| default_interface_b(&args.interface));
+        for ifname in [&args.interface, &interface_b] {
+            if ifname.is_empty()
+                || ifname.len() > MAX_IFNAME_LEN
+                || ifname
+                    .chars()
+                    .any(|c| c == '/' || c == ':' || c.is_whitespace())
+            {
+                return Err(ConfigError::InterfaceName(ifname.clone()));
+            }
+        }
+        if interface_b == args.interface {
+            return Err(ConfigError::InterfaceName(interface_b));
         }
         if let Some(ns) = &args.netns
             && (ns.is_empty() || ns.contains('/') || ns == "." || ns == "..")
@@ -282,6 +299,7 @@ impl Config {
             kubeconfig: args.kubeconfig,
             state_dir: args.state_dir,
             interface: args.interface,
+            interface_b,
             listen_port: args.listen_port,
             mtu: args.mtu,
             uapi_socket,
@@ -313,6 +331,17 @@ impl Config {
             .as_ref()
             .map(|name| Path::new("/var/run/netns").join(name))
     }
+}
+
+/// The second slot's interface when `--interface-b` is not given: a trailing `0` becomes `1`
+/// (`wiremesh0` -> `wiremesh1`), else `b` is appended (the name cut to fit 15 bytes).
+pub fn default_interface_b(interface: &str) -> String {
+    if let Some(stem) = interface.strip_suffix('0') {
+        return format!("{stem}1");
+    }
+    let mut b: String = interface.chars().take(MAX_IFNAME_LEN - 1).collect();
+    b.push('b');
+    b
 }
 
 /// Where wg(8) looks for the UAPI socket of `ifname`.
@@ -388,9 +417,9 @@ mod tests {
         let regenerate = parse(&["--node-name", "n", "--state-dir", &state_arg, flag]).unwrap();
         assert!(regenerate.regenerate_key);
         let new = crate::app::load_key(&regenerate).expect("regenerated");
-        assert_ne!(new.public_key(), first.public_key());
+        assert_ne!(new.current.public_key(), first.current.public_key());
         let reloaded = crate::app::load_key(&plain).expect("the new key loads");
-        assert_eq!(reloaded.public_key(), new.public_key());
+        assert_eq!(reloaded.current.public_key(), new.current.public_key());
     }
 
     #[test]

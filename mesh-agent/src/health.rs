@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, watch};
 
-use crate::{datapath::Datapath, drain::Drain, metrics::Metrics, select::DatapathSlot};
+use crate::{datapath::Datapath, drain::Drain, metrics::Metrics, select::Worlds};
 
 /// How often the device is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
@@ -43,7 +43,7 @@ impl DatapathHealth {
 
 /// See the module docs.
 pub struct DatapathMonitor {
-    slot: Arc<DatapathSlot>,
+    slot: Arc<Worlds>,
     notify: Arc<Notify>,
     tx: watch::Sender<DatapathHealth>,
     metrics: Metrics,
@@ -53,7 +53,7 @@ impl DatapathMonitor {
     /// A monitor of `slot` that wakes the reconciler through `notify`, and the receiver of its
     /// findings.
     pub fn new(
-        slot: Arc<DatapathSlot>,
+        slot: Arc<Worlds>,
         notify: Arc<Notify>,
         metrics: Metrics,
     ) -> (Self, watch::Receiver<DatapathHealth>) {
@@ -74,7 +74,7 @@ impl DatapathMonitor {
 
     /// One probe; returns whether the reconciler should be woken.
     pub fn probe(&self, ever_selected: &mut bool) -> bool {
-        *ever_selected |= self.slot.selection().is_some();
+        *ever_selected |= self.slot.current().selection().is_some();
         let health = match self.slot.status() {
             Ok(status) => DatapathHealth {
                 starting: false,
@@ -137,9 +137,13 @@ mod tests {
 
     #[test]
     fn starting_alive_dead_and_back() {
-        let slot = Arc::new(DatapathSlot::new("wm0"));
+        let slot = Arc::new(crate::select::DatapathSlot::new("wm0"));
+        let worlds = Arc::new(Worlds::new(
+            slot.clone(),
+            Arc::new(crate::select::DatapathSlot::new("wm1")),
+        ));
         let metrics = Metrics::new(&mut Registry::default());
-        let (monitor, rx) = DatapathMonitor::new(slot.clone(), Arc::new(Notify::new()), metrics);
+        let (monitor, rx) = DatapathMonitor::new(worlds, Arc::new(Notify::new()), metrics);
         let mut ever = false;
         assert!(!monitor.probe(&mut ever), "no wake-up while starting");
         assert!(rx.borrow().check().is_ok(), "starting is not dead");

@@ -22,6 +22,7 @@ mod netlink;
 pub mod netns;
 pub mod nodestatus;
 pub mod reconciler;
+pub mod rotation;
 pub mod routes;
 pub mod select;
 pub mod settings;

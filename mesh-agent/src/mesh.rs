@@ -58,6 +58,9 @@ pub struct Wanted {
     pub peers: Vec<WantedPeer>,
     pub mtu: u32,
     pub listen_port: u16,
+    /// Peers (by node) configured on the device whose prefixes this device does not route: a
+    /// rotation sends to them through the other tunnel device (docs/rotation.md).
+    pub unrouted: BTreeSet<String>,
 }
 
 /// What one apply did.
@@ -108,6 +111,8 @@ pub struct Mesh<R: Routes> {
     /// Our routes as read back (and then changed) at the last apply.
     applied_routes: BTreeSet<IpNet>,
     ifindex: Option<u32>,
+    /// The last handshake of every peer on the device at the last apply.
+    handshakes: BTreeMap<PublicKey, std::time::SystemTime>,
 }
 
 impl<R: Routes> Mesh<R> {
@@ -122,7 +127,56 @@ impl<R: Routes> Mesh<R> {
             in_sync: BTreeMap::new(),
             applied_routes: BTreeSet::new(),
             ifindex: None,
+            handshakes: BTreeMap::new(),
         }
+    }
+
+    /// The key the device must hold from the next apply on (a rotation promoted the next key).
+    pub fn set_private_key(&mut self, private_key: PrivateKey) {
+        self.private_key = private_key;
+    }
+
+    /// The public half of the key the device must hold.
+    pub fn public_key(&self) -> PublicKey {
+        self.private_key.public_key()
+    }
+
+    /// The last handshake of each peer as read back at the last apply.
+    pub fn last_handshake(&self, key: &PublicKey) -> Option<std::time::SystemTime> {
+        self.handshakes.get(key).copied()
+    }
+
+    /// Takes this device out of service without deleting it: removes every peer and every route
+    /// of ours through it (the old world after a rotation; its key no longer opens anything).
+    /// A device that does not answer has nothing to flush.
+    pub async fn flush(&mut self) -> Result<usize, MeshError> {
+        let ifname = self.datapath.ifname().to_string();
+        let status = match self.datapath.status() {
+            Ok(status) => status,
+            Err(_) => return Ok(0),
+        };
+        let mut changed = 0;
+        for dst in self.routes.list(&ifname).await.map_err(MeshError::Routes)? {
+            self.routes
+                .del(&ifname, dst)
+                .await
+                .map_err(MeshError::Routes)?;
+            changed += 1;
+        }
+        for peer in &status.peers {
+            self.datapath
+                .remove_peer(&peer.public_key)
+                .map_err(|source| MeshError::Peer {
+                    node: peer.public_key.fingerprint(),
+                    source,
+                })?;
+            changed += 1;
+        }
+        self.written.clear();
+        self.in_sync.clear();
+        self.applied_routes.clear();
+        self.handshakes.clear();
+        Ok(changed)
     }
 
     /// The interface name.
@@ -231,6 +285,11 @@ impl<R: Routes> Mesh<R> {
 
         let actual_peers: BTreeMap<PublicKey, &PeerStatus> =
             status.peers.iter().map(|p| (p.public_key, p)).collect();
+        self.handshakes = status
+            .peers
+            .iter()
+            .filter_map(|p| p.last_handshake.map(|t| (p.public_key, t)))
+            .collect();
         let actual_routes: BTreeSet<IpNet> = match self.routes.list(&ifname).await {
             Ok(routes) => routes.into_iter().collect(),
             Err(e) => {
@@ -245,6 +304,7 @@ impl<R: Routes> Mesh<R> {
         let wanted_routes: BTreeSet<IpNet> = wanted
             .peers
             .iter()
+            .filter(|p| !wanted.unrouted.contains(&p.node))
             .flat_map(|p| p.config.allowed_ips.iter().copied())
             .collect();
 
@@ -344,7 +404,7 @@ impl<R: Routes> Mesh<R> {
 
         // Only prefixes whose peer is on the device get a route.
         for peer in &wanted.peers {
-            if !self.is_applied(peer) {
+            if !self.is_applied(peer) || wanted.unrouted.contains(&peer.node) {
                 continue;
             }
             for dst in &peer.config.allowed_ips {

@@ -108,6 +108,8 @@ pub struct Metrics {
     pub nodes_rejected: Gauge,
     /// Routes the agent installed through the tunnel.
     pub routes: Gauge,
+    /// Seconds since this node's current key was generated or promoted by a rotation.
+    pub key_age_seconds: Gauge,
     /// 1 when `MeshEncryption default` has `enabled: true`.
     pub mesh_enabled: Gauge,
     /// 1 for the selected datapath, labelled with its kind and the reason it was chosen.
@@ -173,6 +175,7 @@ impl Metrics {
             peers_expected: Gauge::default(),
             nodes_rejected: Gauge::default(),
             routes: Gauge::default(),
+            key_age_seconds: Gauge::default(),
             mesh_enabled: Gauge::default(),
             datapath_info: Family::default(),
             datapath_up: Gauge::default(),
@@ -241,6 +244,12 @@ impl Metrics {
             "routes",
             "Routes through the tunnel interface installed by the agent",
             metrics.routes.clone(),
+        );
+        registry.register(
+            "key_age_seconds",
+            "Seconds since this node's current WireGuard key was generated or promoted by a key \
+             rotation",
+            metrics.key_age_seconds.clone(),
         );
         registry.register(
             "mesh_enabled",

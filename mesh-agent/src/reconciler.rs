@@ -27,20 +27,22 @@ use kube::{
 use tokio::sync::{Notify, watch};
 use wiremesh_crds::{MeshEncryption, MeshEncryptionSpecError};
 use wiremesh_keyexchange::{
-    AddressPolicy, PeerSet, PodClaims, PublicKey, desired_peers_with_claims, pod_claims,
+    AddressPolicy, KeySet, Keystore, KeystoreError, PeerSet, PodClaims, PublicKey,
+    annotations::ANNOTATION_NEXT_ENDPOINT, desired_peers_with_claims, pod_claims,
 };
 
 use crate::{
     config::{DEFAULT_LISTEN_PORT, DatapathChoice},
-    datapath::PeerConfig,
+    datapath::{Datapath, PeerConfig},
     drain::Drain,
     events::{EventSender, NodeEvents, Problem, ProblemKind, RejectionTracker, is_emitter},
     mesh::{ApplyOutcome, Mesh, Wanted, WantedPeer},
     metrics::{
         DatapathLabels, InvalidAnnotationLabels, Metrics, ReasonLabels, RepairLabels, ResultLabels,
     },
+    rotation::{self, Mode, Progress, RotationView, Slot},
     routes::Routes,
-    select::{DatapathSlot, SelectError, Selection, Selector, effective_choice},
+    select::{SelectError, Selection, Selector, Worlds, effective_choice},
     views::{PublishError, missing_annotations, node_addresses, node_views, own_annotations},
     watch::Caches,
 };
@@ -51,6 +53,9 @@ pub const WIREGUARD_OVERHEAD: u32 = 80;
 
 /// Tunnel MTU when the underlay MTU cannot be found: a 1500-byte underlay.
 pub const FALLBACK_MTU: u32 = 1420;
+
+/// How soon the next pass comes while this node waits for a step of an active rotation.
+const ROTATION_POLL: Duration = Duration::from_millis(300);
 
 /// Field manager of the agent's patches.
 pub const FIELD_MANAGER: &str = "wiremesh-agent";
@@ -80,6 +85,21 @@ pub enum ReconcileError {
     Spec(#[from] MeshEncryptionSpecError),
     #[error(transparent)]
     Select(#[from] SelectError),
+    #[error("keystore: {0}")]
+    Keystore(#[from] KeystoreError),
+    #[error(
+        "this node is in a key rotation (it announces a next world) and the KeyRotation cache \
+         has not synced yet: waiting before acting on it"
+    )]
+    RotationsNotSynced,
+    #[error(
+        "key rotation {rotation}: the next world's device {ifname} is not available: {message}"
+    )]
+    NextWorld {
+        rotation: String,
+        ifname: String,
+        message: String,
+    },
 }
 
 /// The settings of a pass that come from the agent's flags.
@@ -190,6 +210,7 @@ pub fn plan(
             peers,
             mtu,
             listen_port,
+            unrouted: Default::default(),
         },
         peer_set,
         problems,
@@ -268,6 +289,15 @@ pub struct MeshSnapshot {
     pub settings_problem: Option<(String, String)>,
     /// The device the agent drives and why (None until one is selected).
     pub datapath: Option<Selection>,
+    /// The current world's tunnel interface (the slot whose port is in the published endpoint;
+    /// empty before the first pass).
+    pub tunnel: String,
+    /// During a rotation: the next world's tunnel interface.
+    pub alt_tunnel: Option<String>,
+    /// During a rotation: the peers sent to through the next world (`alt_tunnel`).
+    pub alt_nodes: Vec<String>,
+    /// When the current key was generated or promoted (the keystore file's modification time).
+    pub key_since: Option<std::time::SystemTime>,
 }
 
 impl MeshSnapshot {
@@ -282,10 +312,12 @@ impl MeshSnapshot {
     }
 }
 
-/// How the reconciler reaches the device: the slot everyone uses, and how to (re)select it.
+/// How the reconciler reaches the devices: the two slots (their current world is what everyone
+/// else uses), and how to (re)select each.
 pub struct DatapathControl {
-    pub slot: Arc<DatapathSlot>,
-    pub selector: Arc<dyn Selector>,
+    pub worlds: Arc<Worlds>,
+    /// Selectors of slot a and slot b.
+    pub selectors: [Arc<dyn Selector>; 2],
     /// `--datapath`: wins over `MeshEncryption.spec.datapath`.
     pub flag: Option<DatapathChoice>,
 }
@@ -294,9 +326,18 @@ pub struct DatapathControl {
 pub struct Reconciler<R: Routes> {
     settings: PlanSettings,
     local_key: PublicKey,
+    keystore: Keystore,
+    keys: KeySet,
     caches: Caches,
     nodes_api: Api<Node>,
-    mesh: Mesh<R>,
+    /// The meshes of slot a and slot b.
+    meshes: [Mesh<R>; 2],
+    /// During a rotation: peers sent to through the next world (and the rotation they belong
+    /// to); seeded from the routing table after a restart.
+    switched: Option<(String, std::collections::BTreeSet<String>)>,
+    /// This node's mark has not reached the active rotation's step: it waits for something no
+    /// watch event announces (a handshake in the next world), so the next pass comes soon.
+    rotation_waiting: bool,
     routes: Arc<R>,
     /// Problems with remote objects, published in the background.
     events: EventSender,
@@ -318,14 +359,16 @@ pub struct Reconciler<R: Routes> {
 }
 
 impl<R: Routes> Reconciler<R> {
-    /// Wires a reconciler; `mesh` must come from [`Mesh::restore`] on the same `routes`.
+    /// Wires a reconciler; `meshes` are those of slot a and slot b on the same `routes`, both
+    /// holding the keystore's current key.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: PlanSettings,
-        local_key: PublicKey,
+        keystore: Keystore,
+        keys: KeySet,
         client: Client,
         caches: Caches,
-        mesh: Mesh<R>,
+        meshes: [Mesh<R>; 2],
         routes: Arc<R>,
         metrics: Metrics,
         snapshot: watch::Sender<MeshSnapshot>,
@@ -342,9 +385,13 @@ impl<R: Routes> Reconciler<R> {
             claim_reasons: Vec::new(),
             nodes_api: Api::all(client),
             settings,
-            local_key,
+            local_key: keys.current.public_key(),
+            keystore,
+            keys,
             caches,
-            mesh,
+            meshes,
+            switched: None,
+            rotation_waiting: false,
             routes,
             tracker: RejectionTracker::default(),
             metrics,
@@ -387,7 +434,11 @@ impl<R: Routes> Reconciler<R> {
                         .reconciles
                         .get_or_create(&ResultLabels { result: "ok" })
                         .inc();
-                    self.resync_interval
+                    if self.rotation_waiting {
+                        ROTATION_POLL
+                    } else {
+                        self.resync_interval
+                    }
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
@@ -435,12 +486,20 @@ impl<R: Routes> Reconciler<R> {
         let pods = self.caches.pods.state();
         let (mesh_encryption, remembered) = self.caches.mesh_encryption_effective();
         let settings_problem = settings_problem(mesh_encryption.as_deref(), remembered);
+        let me = self.settings.node_name.clone();
+        let own_node = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(me.as_str()))
+            .cloned();
+        let own_annotations: BTreeMap<String, String> = own_node
+            .as_ref()
+            .and_then(|n| n.metadata.annotations.clone())
+            .unwrap_or_default();
 
         // The underlay MTU only matters when neither flag nor spec sets the MTU; look it up once
         // per address.
-        let own_address = nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.settings.node_name.as_str()))
+        let own_address = own_node
+            .as_ref()
             .and_then(|n| node_addresses(n).into_iter().next());
         let underlay = if self.settings.mtu.is_none()
             && mesh_encryption.as_ref().and_then(|m| m.spec.mtu).is_none()
@@ -449,6 +508,24 @@ impl<R: Routes> Reconciler<R> {
         } else {
             None
         };
+
+        // The rotation this node takes part in decides the keystore, the slots and the worlds.
+        if !self.caches.rotations_synced() && own_annotations.contains_key(ANNOTATION_NEXT_ENDPOINT)
+        {
+            let error = ReconcileError::RotationsNotSynced;
+            self.snapshot
+                .send_modify(|s| s.error = Some(error.to_string()));
+            return Err(error);
+        }
+        let rotations: Vec<RotationView> = self
+            .caches
+            .keyrotations
+            .state()
+            .iter()
+            .filter_map(|k| RotationView::from_object(k))
+            .collect();
+        let mode = rotation::mode(&me, &own_annotations, &rotations);
+        self.keystore_steps(mode)?;
 
         let plan = match plan(
             &self.settings,
@@ -465,22 +542,33 @@ impl<R: Routes> Reconciler<R> {
                 return Err(error);
             }
         };
+        let base = plan.wanted.listen_port;
+        let address = plan
+            .own_address
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let keys = self.public_keys();
+        let slots = rotation::own_rotation_annotations(
+            &me,
+            mode,
+            &own_annotations,
+            &keys,
+            None,
+            address,
+            base,
+        );
+        let (current, next) = (slots.current, slots.next);
+        let ci = current.index();
+        self.datapath.worlds.set_current(ci);
 
         let mut first_error: Option<ReconcileError> = None;
-        if !plan.own_patch.is_empty()
-            && let Err(error) = self.publish_own(&plan.own_patch).await
-        {
-            first_error = Some(error);
-        }
-
         let choice = effective_choice(
             self.datapath.flag,
             mesh_encryption.as_ref().map(|m| m.spec.datapath),
         );
-        if self.datapath.slot.selection().map(|s| s.choice) != Some(choice)
-            && let Err(error) = self.select_datapath(choice, &nodes).await
+        if self.datapath.worlds.slot(ci).selection().map(|s| s.choice) != Some(choice)
+            && let Err(error) = self.select_datapath(ci, choice, &nodes).await
         {
-            if self.datapath.slot.selection().is_none() {
+            if self.datapath.worlds.slot(ci).selection().is_none() {
                 self.snapshot
                     .send_modify(|s| s.error = Some(error.to_string()));
                 return Err(error);
@@ -489,11 +577,150 @@ impl<R: Routes> Reconciler<R> {
             first_error.get_or_insert(error);
         }
 
-        let outcome = self.mesh.apply(&plan.wanted).await;
+        // The current world: every peer under the identity that stays in force for it.
+        let annotations_of: BTreeMap<&str, &BTreeMap<String, String>> = nodes
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n.metadata.name.as_deref()?,
+                    n.metadata.annotations.as_ref()?,
+                ))
+            })
+            .collect();
+        let empty = BTreeMap::new();
+        let ann = |node: &str| annotations_of.get(node).copied().unwrap_or(&empty);
+        let active = match mode {
+            Mode::Active(r) => Some(r),
+            _ => None,
+        };
+        let mut current_wanted = plan.wanted.clone();
+        current_wanted.listen_port = current.port(base);
+        current_wanted.peers = world_peers(&plan, |desired| {
+            if active.is_some_and(|r| rotation::is_revoked(desired, r)) {
+                return None;
+            }
+            Some(rotation::current_identity(
+                desired,
+                ann(&desired.node),
+                &rotations,
+            ))
+        });
+
+        // The next world, while a rotation is active.
+        let mut progress = Progress::default();
+        if let (Some(r), Some(next)) = (active, next) {
+            let ni = next.index();
+            let mut next_wanted = current_wanted.clone();
+            next_wanted.listen_port = next.port(base);
+            next_wanted.peers = world_peers(&plan, |desired| {
+                rotation::next_identity(desired, ann(&desired.node), r, &rotations)
+            });
+            progress.participants = r
+                .participants
+                .iter()
+                .filter(|p| **p != me && plan.peer_set.peer(p).is_some())
+                .cloned()
+                .collect();
+            self.seed_switched(r, ni, &plan.peer_set).await;
+            {
+                let fresh = next_wanted
+                    .peers
+                    .iter()
+                    .filter(|wp| progress.participants.contains(&wp.node))
+                    .filter(|wp| rotation::may_switch(r, &me, &wp.node))
+                    .filter(|wp| {
+                        self.meshes[ni].is_applied(wp)
+                            && self.meshes[ni]
+                                .last_handshake(&wp.config.public_key)
+                                .is_some_and(|t| {
+                                    t.elapsed().map_or(true, |e| e < rotation::FRESH_HANDSHAKE)
+                                })
+                    })
+                    .map(|wp| wp.node.clone())
+                    .collect::<Vec<_>>();
+                if let Some((_, switched)) = &mut self.switched {
+                    for node in fresh {
+                        if switched.insert(node.clone()) {
+                            tracing::info!(
+                                rotation = %r.id,
+                                peer = %node,
+                                "next world has a handshake with the peer: sending through it"
+                            );
+                        }
+                    }
+                }
+            }
+            let switched = self
+                .switched
+                .as_ref()
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            next_wanted.unrouted = next_wanted
+                .peers
+                .iter()
+                .map(|p| p.node.clone())
+                .filter(|n| !switched.contains(n))
+                .collect();
+            current_wanted.unrouted = switched.clone();
+            progress.switched = switched;
+            progress.peer_steps = progress
+                .participants
+                .iter()
+                .map(|p| (p.clone(), rotation::peer_step(ann(p), &r.id)))
+                .collect();
+            let next_key = if r.rotates(&me) {
+                self.keys.next.clone()
+            } else {
+                Some(self.keys.current.clone())
+            };
+            match (next_key, self.ensure_next_device(r, ni, ci).await) {
+                (Some(key), Ok(())) => {
+                    self.meshes[ni].set_private_key(key);
+                    let out = self.meshes[ni].apply(&next_wanted).await;
+                    if out.device_unreachable {
+                        self.datapath.worlds.slot(ni).clear();
+                    }
+                    for error in &out.errors {
+                        tracing::warn!(%error, rotation = %r.id, "next world step failed");
+                    }
+                    // Prepared: every participant that announced its next world is in ours. One
+                    // that never announces (its agent is down) is the one the rotation names;
+                    // a late one is added before anyone sends to it there (a switch waits for a
+                    // handshake in the next world, which needs both sides).
+                    progress.next_ready = out.errors.is_empty()
+                        && next_wanted
+                            .peers
+                            .iter()
+                            .filter(|w| progress.participants.contains(&w.node))
+                            .all(|w| self.meshes[ni].is_applied(w));
+                    if let Some(error) = out.errors.first()
+                        && first_error.is_none()
+                    {
+                        first_error = Some(ReconcileError::Apply {
+                            count: out.errors.len(),
+                            first: format!("next world: {error}"),
+                        });
+                    }
+                }
+                (None, _) => tracing::warn!(
+                    rotation = %r.id,
+                    "the next key is not in the keystore: this node cannot prepare"
+                ),
+                (Some(_), Err(error)) => {
+                    tracing::warn!(%error, "next world unavailable");
+                    first_error.get_or_insert(error);
+                }
+            }
+        } else {
+            self.switched = None;
+        }
+
+        self.meshes[ci].set_private_key(self.keys.current.clone());
+        let outcome = self.meshes[ci].apply(&current_wanted).await;
         if outcome.device_unreachable {
             // The device process is gone or the link was deleted: select again next pass (waits
             // for the restarted device process, or creates the kernel link again).
-            self.datapath.slot.clear();
+            self.datapath.worlds.slot(ci).clear();
             self.metrics.datapath_up.set(0);
         }
         for (what, count) in [
@@ -515,7 +742,8 @@ impl<R: Routes> Reconciler<R> {
         if outcome.changed() {
             tracing::info!(
                 enabled = plan.enabled,
-                peers = plan.wanted.peers.len(),
+                interface = self.meshes[ci].ifname(),
+                peers = current_wanted.peers.len(),
                 peers_set = outcome.peers_set,
                 peers_removed = outcome.peers_removed,
                 routes_added = outcome.routes_added,
@@ -536,17 +764,57 @@ impl<R: Routes> Reconciler<R> {
         }
         self.report_device_changes(&outcome, &nodes).await;
 
+        // What this node publishes: its identity on the current slot, its next world, its mark.
+        let step = active.and_then(|r| {
+            let mine = rotation::peer_step(&own_annotations, &r.id);
+            rotation::next_step(r, mine, &progress)
+        });
+        let own_rotation = rotation::own_rotation_annotations(
+            &me,
+            mode,
+            &own_annotations,
+            &keys,
+            step,
+            address,
+            base,
+        );
+        self.rotation_waiting = active.is_some_and(|r| {
+            r.phase
+                .target_step()
+                .is_some_and(|target| !step.is_some_and(|s| s.reached(target)))
+        });
+        if let Some(own_node) = &own_node {
+            match own_patch(
+                own_node,
+                &own_annotations,
+                &self.local_key,
+                current.port(base),
+                &own_rotation,
+            ) {
+                Ok(patch) if patch.is_empty() => {}
+                Ok(patch) => {
+                    if let Err(error) = self.publish_own(patch).await {
+                        first_error.get_or_insert(error);
+                    }
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error.into());
+                }
+            }
+        }
+        if next.is_none() {
+            self.flush_other_slot(current).await;
+        }
+
         self.report_problems(&plan, &nodes);
 
-        let configured: Vec<(String, PublicKey)> = plan
-            .wanted
+        let configured: Vec<(String, PublicKey)> = current_wanted
             .peers
             .iter()
-            .filter(|p| self.mesh.is_applied(p))
+            .filter(|p| self.meshes[ci].is_applied(p))
             .map(|p| (p.node.clone(), p.config.public_key))
             .collect();
-        let expected: Vec<(String, PublicKey)> = plan
-            .wanted
+        let expected: Vec<(String, PublicKey)> = current_wanted
             .peers
             .iter()
             .map(|p| (p.node.clone(), p.config.public_key))
@@ -559,9 +827,18 @@ impl<R: Routes> Reconciler<R> {
             .set(plan.peer_set.rejected.len() as i64);
         self.metrics
             .routes
-            .set(self.mesh.applied_routes().len() as i64);
+            .set(self.meshes[ci].applied_routes().len() as i64);
         let error = first_error.as_ref().map(ToString::to_string);
-        let selection = self.datapath.slot.selection();
+        let selection = self.datapath.worlds.slot(ci).selection();
+        let tunnel = self.meshes[ci].ifname().to_string();
+        let alt_tunnel = next.map(|n| self.meshes[n.index()].ifname().to_string());
+        let alt_nodes: Vec<String> = progress.switched.iter().cloned().collect();
+        let key_since = std::fs::metadata(
+            self.keystore
+                .path(wiremesh_keyexchange::keystore::PRIVATE_KEY_FILE),
+        )
+        .and_then(|m| m.modified())
+        .ok();
         self.snapshot.send_modify(|s| {
             s.datapath = selection;
             s.reconciled = true;
@@ -577,6 +854,10 @@ impl<R: Routes> Reconciler<R> {
                 .map(|p| (p.node.clone(), p.reason.clone()))
                 .collect();
             s.error = error;
+            s.tunnel = tunnel;
+            s.alt_tunnel = alt_tunnel;
+            s.alt_nodes = alt_nodes;
+            s.key_since = key_since;
         });
         match first_error {
             Some(error) => Err(error),
@@ -584,7 +865,115 @@ impl<R: Routes> Reconciler<R> {
         }
     }
 
-    async fn publish_own(&self, patch: &BTreeMap<String, String>) -> Result<(), ReconcileError> {
+    /// The public halves of the keystore.
+    fn public_keys(&self) -> rotation::Keys {
+        let p = self.keys.public();
+        rotation::Keys {
+            current: p.current,
+            next: p.next,
+            previous: p.previous,
+        }
+    }
+
+    /// Applies the keystore steps `mode` needs (at most a few: generate, or promote then retire),
+    /// reloading the keystore after each.
+    fn keystore_steps(&mut self, mode: Mode<'_>) -> Result<(), ReconcileError> {
+        for _ in 0..4 {
+            let Some(step) =
+                rotation::keystore_step(&self.settings.node_name, mode, &self.public_keys())
+            else {
+                break;
+            };
+            self.keystore.apply(step)?;
+            self.keys = self.keystore.load()?.keys;
+            self.local_key = self.keys.current.public_key();
+            tracing::info!(
+                ?step,
+                public_key = %self.local_key,
+                next_public_key = ?self.keys.next.as_ref().map(|k| k.public_key().to_base64()),
+                "keystore step for the key rotation"
+            );
+        }
+        Ok(())
+    }
+
+    /// After a restart mid-rotation, the peers already sent to through the next world are those
+    /// whose prefixes are routed through its device.
+    async fn seed_switched(&mut self, r: &RotationView, ni: usize, peer_set: &PeerSet) {
+        if self.switched.as_ref().is_some_and(|(id, _)| *id == r.id) {
+            return;
+        }
+        let ifname = self.meshes[ni].ifname().to_string();
+        let routed: std::collections::BTreeSet<ipnet::IpNet> = match self.routes.list(&ifname).await
+        {
+            Ok(routes) => routes.into_iter().collect(),
+            Err(_) => Default::default(),
+        };
+        let switched = peer_set
+            .peers
+            .iter()
+            .filter(|p| p.allowed_ips.iter().any(|ip| routed.contains(ip)))
+            .map(|p| p.node.clone())
+            .collect();
+        self.switched = Some((r.id.clone(), switched));
+    }
+
+    /// Selects the next world's device (of the same kind as the current one) if it is not yet.
+    async fn ensure_next_device(
+        &mut self,
+        r: &RotationView,
+        ni: usize,
+        ci: usize,
+    ) -> Result<(), ReconcileError> {
+        let slot = self.datapath.worlds.slot(ni).clone();
+        if slot.selection().is_some() {
+            return Ok(());
+        }
+        let choice = match self.datapath.worlds.slot(ci).selection().map(|s| s.kind) {
+            Some(crate::datapath::DatapathKind::Kernel) => DatapathChoice::Kernel,
+            _ => DatapathChoice::Userspace,
+        };
+        match self.datapath.selectors[ni].select(choice).await {
+            Ok((device, selection)) => {
+                tracing::info!(
+                    rotation = %r.id,
+                    interface = slot.ifname(),
+                    kind = selection.kind.as_str(),
+                    "next world's device selected"
+                );
+                slot.set(device, selection);
+                Ok(())
+            }
+            Err(error) => Err(ReconcileError::NextWorld {
+                rotation: r.id.clone(),
+                ifname: slot.ifname().to_string(),
+                message: error.to_string(),
+            }),
+        }
+    }
+
+    /// Out of a rotation, the slot that is not current carries nothing: its peers and routes go
+    /// (the old world after a completed rotation, the next world after a rolled-back one).
+    async fn flush_other_slot(&mut self, current: Slot) {
+        let other = current.other().index();
+        if self.datapath.worlds.slot(other).selection().is_none() {
+            return;
+        }
+        match self.meshes[other].flush().await {
+            Ok(0) => {}
+            Ok(changed) => tracing::info!(
+                interface = self.meshes[other].ifname(),
+                removed = changed,
+                "took the other world's device out of service"
+            ),
+            Err(error) => tracing::warn!(%error, "could not flush the other world's device"),
+        }
+    }
+
+    async fn publish_own(
+        &self,
+        patch: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), ReconcileError> {
         let body = serde_json::json!({ "metadata": { "annotations": patch } });
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_string()),
@@ -623,10 +1012,11 @@ impl<R: Routes> Reconciler<R> {
     /// log line, the `wiremesh_datapath_info` metric and one Event on the own Node.
     async fn select_datapath(
         &mut self,
+        index: usize,
         choice: DatapathChoice,
         nodes: &[Arc<Node>],
     ) -> Result<(), ReconcileError> {
-        match self.datapath.selector.select(choice).await {
+        match self.datapath.selectors[index].select(choice).await {
             Ok((device, selection)) => {
                 tracing::info!(
                     choice = ?choice,
@@ -658,7 +1048,7 @@ impl<R: Routes> Reconciler<R> {
                     .await;
                 }
                 self.datapath_problem = None;
-                self.datapath.slot.set(device, selection);
+                self.datapath.worlds.slot(index).set(device, selection);
                 Ok(())
             }
             Err(error) => {
@@ -718,7 +1108,7 @@ impl<R: Routes> Reconciler<R> {
     async fn report_device_changes(&self, outcome: &ApplyOutcome, nodes: &[Arc<Node>]) {
         if let Some((old, new)) = outcome.device_replaced {
             tracing::warn!(
-                interface = self.mesh.ifname(),
+                interface = self.meshes[self.datapath.worlds.current_index()].ifname(),
                 old_ifindex = old,
                 new_ifindex = new,
                 "the device was recreated (its process restarted or the link was replaced); \
@@ -728,7 +1118,7 @@ impl<R: Routes> Reconciler<R> {
         match &outcome.key_replaced {
             None => {}
             Some(None) => tracing::info!(
-                interface = self.mesh.ifname(),
+                interface = self.meshes[self.datapath.worlds.current_index()].ifname(),
                 key = %self.local_key.fingerprint(),
                 "the device had no key (a fresh device): gave it the keystore's key"
             ),
@@ -736,13 +1126,13 @@ impl<R: Routes> Reconciler<R> {
                 let message = format!(
                     "the WireGuard device {} held the key {} instead of this node's key {} from \
                      the keystore; the keystore wins and the device now uses {}",
-                    self.mesh.ifname(),
+                    self.meshes[self.datapath.worlds.current_index()].ifname(),
                     other.fingerprint(),
                     self.local_key.fingerprint(),
                     self.local_key.fingerprint(),
                 );
                 tracing::warn!(
-                    interface = self.mesh.ifname(),
+                    interface = self.meshes[self.datapath.worlds.current_index()].ifname(),
                     device_key = %other.fingerprint(),
                     keystore_key = %self.local_key.fingerprint(),
                     "device held another key; the keystore wins"
@@ -829,6 +1219,55 @@ impl<R: Routes> Reconciler<R> {
             self.events.send(problem, uid);
         }
     }
+}
+
+/// The plan's wanted peers as one world sees them: `identity` gives each peer's key and endpoint
+/// there (`None`: not in that world); prefixes, keepalive and PSK stay.
+fn world_peers(
+    plan: &Plan,
+    identity: impl Fn(&wiremesh_keyexchange::DesiredPeer) -> Option<(PublicKey, std::net::SocketAddr)>,
+) -> Vec<WantedPeer> {
+    plan.wanted
+        .peers
+        .iter()
+        .filter_map(|wp| {
+            let (key, endpoint) = identity(plan.peer_set.peer(&wp.node)?)?;
+            let mut out = wp.clone();
+            out.config.public_key = key;
+            out.config.endpoint = Some(endpoint);
+            Some(out)
+        })
+        .collect()
+}
+
+/// The merge patch that brings this node's owned annotations to what it must publish: its
+/// identity on the current slot (`public-key`, `endpoint`, `key-generation`, see
+/// [`own_annotations`]) and its rotation annotations (removed with `null`). Empty: up to date.
+pub fn own_patch(
+    own_node: &Node,
+    published: &BTreeMap<String, String>,
+    local_key: &PublicKey,
+    port: u16,
+    own_rotation: &rotation::OwnRotation,
+) -> Result<serde_json::Map<String, serde_json::Value>, PublishError> {
+    let mut patch = serde_json::Map::new();
+    for (k, v) in own_annotations(own_node, local_key, port)? {
+        if published.get(&k) != Some(&v) {
+            patch.insert(k, serde_json::Value::String(v));
+        }
+    }
+    for (k, v) in &own_rotation.annotations {
+        match v {
+            Some(v) if published.get(*k) != Some(v) => {
+                patch.insert(k.to_string(), serde_json::Value::String(v.clone()));
+            }
+            None if published.contains_key(*k) => {
+                patch.insert(k.to_string(), serde_json::Value::Null);
+            }
+            _ => {}
+        }
+    }
+    Ok(patch)
 }
 
 /// 1 s, 2 s, 4 s ... capped at 30 s.

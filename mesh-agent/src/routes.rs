@@ -8,8 +8,9 @@
 //! rule` of ours ([`RULE_PRIORITY`], ahead of the main table's 32766) sends every lookup through
 //! that table first; a prefix with no route there falls through to the main table, where a CNI's
 //! routes stay untouched. Listing and garbage collection only ever touch routes with our protocol
-//! in our table, adding never replaces, and disabling the mesh removes our rule and table so the
-//! previous routing is back as it was.
+//! in our table, adding never replaces a route of someone else (one of ours through the other
+//! tunnel device is moved with a `replace`: a rotation), and disabling the mesh removes our rule
+//! and table so the previous routing is back as it was.
 
 use std::{future::Future, io, net::IpAddr};
 
@@ -85,8 +86,9 @@ pub trait Routes: Send + Sync + 'static {
     /// table, as the kernel holds them now. An absent interface has no routes.
     fn list(&self, ifname: &str) -> impl Future<Output = Result<Vec<IpNet>, RoutesError>> + Send;
 
-    /// Routes `dst` to `ifname` in our table. Never replaces: an identical route of ours is
-    /// success, any other route to `dst` in the table is [`RoutesError::Foreign`].
+    /// Routes `dst` to `ifname` in our table. An identical route of ours is success; one of ours
+    /// through another interface is replaced in one step (a rotation moving a peer between its
+    /// two tunnel devices); any other route to `dst` in the table is [`RoutesError::Foreign`].
     fn add(&self, ifname: &str, dst: IpNet)
     -> impl Future<Output = Result<(), RoutesError>> + Send;
 

@@ -452,3 +452,69 @@ pub fn effective_choice(
 
 #[cfg(test)]
 mod tests;
+
+/// The two tunnel slots of a node and which one carries its current world (docs/rotation.md:
+/// a rotation brings up the next world on the other slot, and at its end that slot becomes the
+/// current one). As a [`Datapath`] it is the current world's device, for everything that
+/// reports on "the" tunnel (status, health).
+pub struct Worlds {
+    slots: [Arc<DatapathSlot>; 2],
+    current_b: std::sync::atomic::AtomicBool,
+}
+
+impl Worlds {
+    /// Slots a and b; slot a is current until [`Worlds::set_current`].
+    pub fn new(a: Arc<DatapathSlot>, b: Arc<DatapathSlot>) -> Self {
+        Self {
+            slots: [a, b],
+            current_b: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The slot at `index` (0 = a, 1 = b).
+    pub fn slot(&self, index: usize) -> &Arc<DatapathSlot> {
+        &self.slots[index.min(1)]
+    }
+
+    /// The index of the current world's slot.
+    pub fn current_index(&self) -> usize {
+        usize::from(self.current_b.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// The current world's slot.
+    pub fn current(&self) -> &Arc<DatapathSlot> {
+        self.slot(self.current_index())
+    }
+
+    /// Makes the slot at `index` the current world.
+    pub fn set_current(&self, index: usize) {
+        self.current_b
+            .store(index == 1, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Datapath for Worlds {
+    fn kind(&self) -> DatapathKind {
+        self.current().kind()
+    }
+
+    fn ifname(&self) -> &str {
+        self.current().ifname()
+    }
+
+    fn configure(&self, settings: &DeviceSettings) -> Result<(), DatapathError> {
+        self.current().configure(settings)
+    }
+
+    fn set_peer(&self, peer: &PeerConfig) -> Result<(), DatapathError> {
+        self.current().set_peer(peer)
+    }
+
+    fn remove_peer(&self, public_key: &PublicKey) -> Result<(), DatapathError> {
+        self.current().remove_peer(public_key)
+    }
+
+    fn status(&self) -> Result<DeviceStatus, DatapathError> {
+        self.current().status()
+    }
+}

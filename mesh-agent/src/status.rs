@@ -77,6 +77,7 @@ pub fn build_report(
         datapath_reason: snapshot.datapath.as_ref().map(|s| s.message.clone()),
         interface: interface.to_string(),
         key,
+        key_created_at: snapshot.key_since.map(unix_seconds),
         enabled: snapshot.enabled,
         ready: snapshot.synced && snapshot.reconciled,
         peers_expected: u32::try_from(snapshot.expected.len()).unwrap_or(u32::MAX),
@@ -184,6 +185,14 @@ impl StatusReporter {
             SystemTime::now(),
         );
         report.ebpf = self.ebpf.as_ref().map(|e| e.borrow().clone());
+        if let Some(since) = snapshot.key_since {
+            let age = SystemTime::now()
+                .duration_since(since)
+                .map_or(0, |d| d.as_secs());
+            self.metrics
+                .key_age_seconds
+                .set(i64::try_from(age).unwrap_or(i64::MAX));
+        }
         self.update_metrics(&report);
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         report

@@ -489,7 +489,12 @@ impl Steering {
             .unwrap_or(DEFAULT_LISTEN_PORT);
         let snapshot = self.mesh.borrow().clone();
         let encrypted: BTreeSet<String> = if steering && snapshot.enabled {
-            snapshot.configured.iter().map(|(n, _)| n.clone()).collect()
+            snapshot
+                .configured
+                .iter()
+                .map(|(n, _)| n.clone())
+                .chain(snapshot.alt_nodes.iter().cloned())
+                .collect()
         } else {
             BTreeSet::new()
         };
@@ -517,7 +522,7 @@ impl Steering {
             self.policies = cluster.policies().to_vec();
             self.policy_problems = problems;
             let compiled = compile(&cluster);
-            let ipcache = plan::desired_ipcache(
+            let mut ipcache = plan::desired_ipcache(
                 &self.settings.node_name,
                 &nodes,
                 &pods,
@@ -525,15 +530,26 @@ impl Steering {
                 &encrypted,
                 &snapshot.claims,
             );
+            plan::mark_alt_tunnel(&mut ipcache, &snapshot.alt_nodes);
             desired = Some((compiled, ipcache));
         }
 
         let snap = links.snapshot().await.map_err(SteeringError::Links)?;
-        let tunnel = snap
-            .names
-            .iter()
-            .find(|(_, n)| **n == self.settings.interface)
-            .map(|(i, _)| *i);
+        // The current world's tunnel (the reconciler names it; before its first pass, the
+        // configured interface) and, during a rotation, the next world's.
+        let tunnel_name = if snapshot.tunnel.is_empty() {
+            self.settings.interface.as_str()
+        } else {
+            snapshot.tunnel.as_str()
+        };
+        let ifindex_of = |name: &str| {
+            snap.names
+                .iter()
+                .find(|(_, n)| n.as_str() == name)
+                .map(|(i, _)| *i)
+        };
+        let tunnel = ifindex_of(tunnel_name);
+        let alt_tunnel = snapshot.alt_tunnel.as_deref().and_then(ifindex_of);
         let own_ip = nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.settings.node_name.as_str()))
@@ -547,7 +563,8 @@ impl Steering {
             },
             Identity::HOST.0,
             listen_port,
-        );
+        )
+        .with_alt_tunnel(if steering { alt_tunnel.unwrap_or(0) } else { 0 });
 
         let Some(loaded) = self.loaded.as_mut() else {
             return Ok(());
@@ -565,6 +582,7 @@ impl Steering {
             maps.set_config(&config).map_err(SteeringError::Maps)?;
             tracing::info!(
                 tunnel_ifindex = config.tunnel_ifindex,
+                alt_tunnel_ifindex = config.alt_tunnel_ifindex,
                 strict,
                 wg_port = listen_port,
                 "eBPF config written"

@@ -26,7 +26,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
-use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption};
+use wiremesh_crds::{KeyRotation, MESH_ENCRYPTION_NAME, MeshEncryption};
 
 use crate::{drain::Drain, settings::SettingsMemory};
 
@@ -46,6 +46,9 @@ pub struct Caches {
     /// The last spec applied, standing in for a deleted `MeshEncryption default`
     /// ([`crate::settings`]); `None`: a missing object means off (tests).
     pub settings: Option<Arc<SettingsMemory>>,
+    /// KeyRotations (the agent's part of a rotation; not waited for by [`Caches::wait_synced`]:
+    /// see [`Caches::rotations_synced`]).
+    pub keyrotations: Store<KeyRotation>,
 }
 
 impl Caches {
@@ -66,6 +69,12 @@ impl Caches {
             self.namespaces.wait_until_ready(),
             self.policies.wait_until_ready(),
         );
+    }
+
+    /// Whether the KeyRotation cache has its first list (without it, a node in the middle of a
+    /// rotation must not act: it would read "no rotation" and roll back).
+    pub fn rotations_synced(&self) -> bool {
+        futures::FutureExt::now_or_never(self.keyrotations.wait_until_ready()).is_some()
     }
 
     /// The `MeshEncryption default` to apply: the object, or while it is missing the last spec
@@ -185,7 +194,8 @@ pub fn watchers(client: &Client, notify: Arc<Notify>, steer: Arc<Notify>) -> Wat
     let (mesh_encryption, me_writer) = reflector::store();
     let (namespaces, ns_writer) = reflector::store();
     let (policies, np_writer) = reflector::store();
-    let both = vec![notify, steer.clone()];
+    let (keyrotations, kr_writer) = reflector::store();
+    let both = vec![notify.clone(), steer.clone()];
     let tasks = vec![
         WatchTask::new(
             "nodes",
@@ -225,7 +235,15 @@ pub fn watchers(client: &Client, notify: Arc<Notify>, steer: Arc<Notify>) -> Wat
             watcher::Config::default(),
             prune_meta,
             np_writer,
-            vec![steer],
+            vec![steer.clone()],
+        ),
+        WatchTask::new(
+            "keyrotations",
+            Api::<KeyRotation>::all(client.clone()),
+            watcher::Config::default(),
+            prune_meta,
+            kr_writer,
+            vec![notify],
         ),
     ];
     Watchers {
@@ -236,6 +254,7 @@ pub fn watchers(client: &Client, notify: Arc<Notify>, steer: Arc<Notify>) -> Wat
             namespaces,
             policies,
             settings: None,
+            keyrotations,
         },
         tasks,
     }

@@ -29,8 +29,9 @@ use wiremesh_integration::{
 
 use crate::{
     capture::{self, CaptureReport, Underlay},
+    rotate,
     status::{self, MeshStatus},
-    traffic::{PodEnd, TrafficError, ping, tcp_echo, udp_echo},
+    traffic::{LongPing, PodEnd, TcpRun, TrafficError, ping, tcp_echo, udp_echo},
 };
 
 /// Where `demo up` writes the cluster description.
@@ -156,6 +157,8 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
         state_dir.into_os_string(),
         "--interface".into(),
         n.network.netns.clone().into(),
+        "--interface-b".into(),
+        format!("{}b", n.network.netns).into(),
         "--metrics-addr".into(),
         format!("0.0.0.0:{AGENT_HTTP_PORT}").into(),
         "--bpffs".into(),
@@ -168,6 +171,16 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
         "--lease-namespace".into(),
         cluster.agent_identity().namespace.clone().into(),
     ])
+}
+
+/// The second slot's tunnel interface of `node` (its namespace's name + `b`), where a key rotation
+/// brings up the next world.
+pub fn interface_b(cluster: &VirtualCluster, node: &str) -> Result<String, DemoError> {
+    let n = cluster.node(node).map_err(|source| DemoError::StartAgent {
+        node: node.to_string(),
+        source,
+    })?;
+    Ok(format!("{}b", n.network.netns))
 }
 
 /// The `mesh-agent device` arguments for `node`: the userspace WireGuard device named like the
@@ -240,6 +253,18 @@ pub fn start_node(
             .spawn_supervised(node, Role::Device, agent_binary, args, log_filter())
             .map_err(failed)?;
     }
+    // The second slot's device: a key rotation brings up the next world there (a kernel node
+    // creates the second link itself).
+    if device == NodeDevice::Userspace && cluster.supervised_pid(node, Role::DeviceB).is_none() {
+        let args: Vec<OsString> = vec![
+            "device".into(),
+            interface_b(cluster, node)?.into(),
+            "--foreground".into(),
+        ];
+        cluster
+            .spawn_supervised(node, Role::DeviceB, agent_binary, args, log_filter())
+            .map_err(failed)?;
+    }
     let mut args = agent_args(cluster, node)?;
     args.extend(extra_args.iter().map(OsString::from));
     if device == NodeDevice::Kernel {
@@ -248,6 +273,91 @@ pub fn start_node(
     cluster
         .spawn_supervised(node, Role::Agent, agent_binary, args, log_filter())
         .map_err(failed)
+}
+
+/// `demo rotate`: a rotation of every node while a 10 ms ping and a TCP stream run between pods on
+/// different nodes; prints the keys before and after and what was lost. Returns whether it
+/// completed with nothing lost.
+pub async fn rotate_under_traffic(description: &ClusterDescription) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+    let client = mesh_agent::app::kube_client_from(Some(&description.kubeconfig)).await?;
+    let from = description.pods.first().context("the demo has no pod")?;
+    let to = description
+        .pods
+        .iter()
+        .find(|p| p.node != from.node)
+        .context("the demo has no pods on two nodes")?;
+    let print_keys = |title: &str, status: &MeshStatus| {
+        println!("    {title}:");
+        for n in &status.nodes {
+            println!(
+                "      {:<10} key {:<9} generation {}",
+                n.name,
+                n.key_fingerprint.as_deref().unwrap_or("-"),
+                n.key_generation.map_or("-".to_string(), |g| g.to_string())
+            );
+        }
+    };
+    let before = status::collect(&client).await?;
+    print_keys("keys before", &before);
+    println!(
+        "    traffic: ping every 10 ms {} -> {}, TCP stream {} -> {}",
+        from.name, to.name, to.name, from.name
+    );
+    let ping_run = LongPing::start(&from.netns, to.ip).context("start ping")?;
+    let tcp = TcpRun::start(&from.netns, &to.netns, from.ip, 7014).context("start TCP")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let created = rotate::create(
+        &client,
+        &rotate::RotateOptions {
+            nodes: None,
+            revoke: false,
+            reason: "make demo".into(),
+            phase_timeout: Some("60s".into()),
+        },
+    )
+    .await?;
+    let name = created.metadata.name.clone().unwrap_or_default();
+    let done = rotate::follow(&client, &name, Duration::from_secs(180), |line| {
+        println!("    [{:>4.1}s] {line}", started.elapsed().as_secs_f64())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let count = ping_run.stop().context("ping")?;
+    let stream = tcp.finish();
+    let complete = rotate::phase(&done) == wiremesh_crds::RotationPhase::Complete;
+    // Each agent publishes its new identity in its first pass after Complete.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut after = status::collect(&client).await?;
+    while complete
+        && std::time::Instant::now() < deadline
+        && after.nodes.iter().any(|n| {
+            before
+                .node(&n.name)
+                .is_some_and(|b| b.key_fingerprint == n.key_fingerprint)
+        })
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        after = status::collect(&client).await?;
+    }
+    print_keys("keys after", &after);
+    println!(
+        "    ping: {} sent, {} received, {} lost; TCP stream: {}",
+        count.sent,
+        count.received,
+        count.lost(),
+        match &stream {
+            Ok((sent, received)) => format!("{sent} bytes sent, {received} received, no reset"),
+            Err(e) => format!("FAILED: {e}"),
+        }
+    );
+    let changed = after.nodes.iter().all(|n| {
+        before
+            .node(&n.name)
+            .is_some_and(|b| b.key_fingerprint != n.key_fingerprint)
+    });
+    Ok(complete && changed && count.lost() == 0 && stream.is_ok_and(|(s, r)| s == r))
 }
 
 /// Polls `meshctl status` until the mesh is converged, printing progress through `progress`.

@@ -80,22 +80,15 @@ pub fn render_status(status: &MeshStatus, format: OutputFormat) -> anyhow::Resul
 /// One line per node with every column, peers summarised, problems spelled out.
 fn render_wide(status: &MeshStatus) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  {:<13}  PROBLEMS",
-        "NODE", "KEY", "GEN", "DATAPATH", "PEERS", "READY", "STATUS"
-    );
+    let _ = writeln!(out, "{}  {:<13}  PROBLEMS", status::row_header(), "STATUS");
     for node in &status.nodes {
-        let [name, key, generation, datapath, peers, ready, state] = status::node_cells(node);
+        let (row, state) = status::node_row(node);
         let problems = if node.problems.is_empty() {
             "<none>".to_string()
         } else {
             node.problems.join("; ")
         };
-        let _ = writeln!(
-            out,
-            "{name:<14} {key:<9} {generation:>4}  {datapath:<10} {peers:>6}  {ready:<5}  {state:<13}  {problems}",
-        );
+        let _ = writeln!(out, "{row}  {state:<13}  {problems}");
     }
     for problem in &status.problems {
         let _ = writeln!(out, "mesh: {problem}");

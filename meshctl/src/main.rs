@@ -95,6 +95,9 @@ enum DemoCommand {
     /// Each agent's eBPF flow table (`/flows`), summarised by verdict; fails when a node has
     /// recorded no encrypted flow (run after `demo traffic`).
     Flows,
+    /// Rotate every node's key while a 10 ms ping and a TCP stream run between pods on different
+    /// nodes; prints the keys before and after and the packets lost (exit 1 on any loss).
+    Rotate,
     /// Print the admin kubeconfig path of the running demo.
     Kubeconfig,
     /// Remove everything `demo up` created.
@@ -262,6 +265,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let description = demo::running(Path::new(demo::DEMO_DIR))?;
             println!("{}", description.kubeconfig.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            command: DemoCommand::Rotate,
+        } => {
+            let description = demo::running(Path::new(demo::DEMO_DIR))?;
+            Ok(if demo::rotate_under_traffic(&description).await? {
+                println!("==> rotation complete: every key changed, nothing lost");
+                ExitCode::SUCCESS
+            } else {
+                println!("==> rotation FAILED or lost traffic");
+                ExitCode::from(1)
+            })
         }
         Command::Demo {
             command: DemoCommand::Down,

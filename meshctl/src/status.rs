@@ -51,6 +51,8 @@ pub struct NodeView {
     pub name: String,
     pub key_fingerprint: Option<String>,
     pub key_generation: Option<u64>,
+    /// Seconds since the node's current key was generated or promoted by a rotation.
+    pub key_age_secs: Option<u64>,
     pub datapath: Option<String>,
     /// Why the agent drives this datapath.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -246,6 +248,9 @@ fn evaluate_node(
         name: name.to_string(),
         key_fingerprint,
         key_generation,
+        key_age_secs: report
+            .and_then(|r| r.key_created_at)
+            .map(|t| unix_seconds(now).saturating_sub(t)),
         datapath: report.map(|r| r.datapath.clone()),
         datapath_reason: report.and_then(|r| r.datapath_reason.clone()),
         peers_configured: report.map(|r| r.peers_configured),
@@ -342,14 +347,15 @@ fn evaluate_node(
 }
 
 /// The status as a table for people.
-/// The table cells of one node: name, key fingerprint, generation, datapath, peers
+/// The table cells of one node: name, key fingerprint, generation, key age, datapath, peers
 /// (configured/expected), ready, converged state.
-pub fn node_cells(node: &NodeView) -> [String; 7] {
+pub fn node_cells(node: &NodeView) -> [String; 8] {
     [
         node.name.clone(),
         node.key_fingerprint.as_deref().unwrap_or("-").to_string(),
         node.key_generation
             .map_or_else(|| "-".to_string(), |g| g.to_string()),
+        node.key_age_secs.map_or_else(|| "-".to_string(), age),
         node.datapath.as_deref().unwrap_or("-").to_string(),
         format!(
             "{}/{}",
@@ -367,6 +373,44 @@ pub fn node_cells(node: &NodeView) -> [String; 7] {
     ]
 }
 
+/// The header of the columns [`node_row`] lays out.
+pub fn row_header() -> String {
+    format!(
+        "{:<14} {:<9} {:>4} {:>7}  {:<10} {:>6}  {:<5}",
+        "NODE", "KEY", "GEN", "KEY AGE", "DATAPATH", "PEERS", "READY"
+    )
+}
+
+/// A node's columns under [`row_header`], and its converged state.
+pub fn node_row(node: &NodeView) -> (String, String) {
+    let [
+        name,
+        key,
+        generation,
+        key_age,
+        datapath,
+        peers,
+        ready,
+        state,
+    ] = node_cells(node);
+    (
+        format!(
+            "{name:<14} {key:<9} {generation:>4} {key_age:>7}  {datapath:<10} {peers:>6}  {ready:<5}"
+        ),
+        state,
+    )
+}
+
+/// A duration for people: `42s`, `17m`, `5h`, `12d`.
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
 pub fn render(status: &MeshStatus) -> String {
     let mut out = String::new();
     let mesh = if !status.mesh_encryption {
@@ -377,17 +421,10 @@ pub fn render(status: &MeshStatus) -> String {
         "MeshEncryption default: disabled".to_string()
     };
     let _ = writeln!(out, "{mesh}");
-    let _ = writeln!(
-        out,
-        "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  STATUS",
-        "NODE", "KEY", "GEN", "DATAPATH", "PEERS", "READY"
-    );
+    let _ = writeln!(out, "{}  STATUS", row_header());
     for node in &status.nodes {
-        let [name, key, generation, datapath, peers, ready, state] = node_cells(node);
-        let _ = writeln!(
-            out,
-            "{name:<14} {key:<9} {generation:>4}  {datapath:<10} {peers:>6}  {ready:<5}  {state}",
-        );
+        let (row, state) = node_row(node);
+        let _ = writeln!(out, "{row}  {state}");
         if let Some(reason) = &node.datapath_reason {
             let _ = writeln!(out, "    datapath: {reason}");
         }

@@ -215,3 +215,147 @@ pub fn udp_echo(
     }
     Err(failed("udp", from, to, last))
 }
+
+/// A ping every 10 ms from a pod to an address, running until [`LongPing::stop`] (the
+/// demo's and the rotation test's "did a rotation lose a packet" probe).
+pub struct LongPing {
+    child: std::process::Child,
+}
+
+/// What a [`LongPing`] saw: the last request that got a reply, and how many replies came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PingCount {
+    /// Requests up to the last answered one (a request in flight at the stop is not counted).
+    pub sent: u32,
+    pub received: u32,
+}
+
+impl PingCount {
+    /// Requests before the last reply that got none.
+    pub fn lost(&self) -> u32 {
+        self.sent.saturating_sub(self.received)
+    }
+}
+
+impl LongPing {
+    /// Starts `ping -i 0.010` in network namespace `netns` towards `ip`.
+    pub fn start(netns: &str, ip: Ipv4Addr) -> io::Result<Self> {
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", netns, "ping", "-n", "-i", "0.010", "-W", "2",
+            ])
+            .args(["-c", "1000000"])
+            .arg(ip.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        Ok(Self { child })
+    }
+
+    /// Stops ping (SIGINT) and counts by sequence number: any missing reply before the last
+    /// reply is a loss.
+    pub fn stop(self) -> io::Result<PingCount> {
+        // `ip netns exec` execs ping: the child's pid is ping's.
+        let pid = libc::pid_t::try_from(self.child.id()).map_err(io::Error::other)?;
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let out = self.child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut seqs: Vec<u32> = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| {
+                l.split("icmp_seq=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        Ok(PingCount {
+            sent: seqs.last().copied().unwrap_or(0),
+            received: u32::try_from(seqs.len()).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// A TCP stream between two pods: the client writes 16 KiB every 10 ms until stopped, the server
+/// reads and counts. Any error (a reset) is kept.
+pub struct TcpRun {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    client: Option<thread::JoinHandle<Result<u64, String>>>,
+    server: Option<thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl TcpRun {
+    /// Listens on `ip:port` in `server_ns` and connects to it from `client_ns`.
+    pub fn start(server_ns: &str, client_ns: &str, ip: Ipv4Addr, port: u16) -> io::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = netns::within(server_ns, move || TcpListener::bind((ip, port)))
+            .map_err(io::Error::other)??;
+        let server = thread::spawn(move || -> Result<u64, String> {
+            let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 65536];
+            let mut total = 0u64;
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => return Ok(total),
+                    Ok(n) => total += n as u64,
+                    Err(e) => return Err(format!("server read after {total} bytes: {e}")),
+                }
+            }
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let client_ns = client_ns.to_string();
+        let client = thread::spawn(move || -> Result<u64, String> {
+            netns::within(&client_ns, move || -> Result<u64, String> {
+                let addr = SocketAddr::from((ip, port));
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .map_err(|e| format!("connect {addr}: {e}"))?;
+                s.set_write_timeout(Some(Duration::from_secs(30)))
+                    .map_err(|e| e.to_string())?;
+                let chunk = vec![0x5au8; 16 * 1024];
+                let mut sent = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    s.write_all(&chunk)
+                        .map_err(|e| format!("client write after {sent} bytes: {e}"))?;
+                    sent += chunk.len() as u64;
+                    thread::sleep(Duration::from_millis(10));
+                }
+                s.shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| format!("shutdown: {e}"))?;
+                Ok(sent)
+            })
+            .map_err(|e| e.to_string())?
+        });
+        Ok(Self {
+            stop,
+            client: Some(client),
+            server: Some(server),
+        })
+    }
+
+    /// Stops the client; returns (bytes sent, bytes received) or the first error.
+    pub fn finish(mut self) -> Result<(u64, u64), String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self
+            .client
+            .take()
+            .ok_or("finished twice")?
+            .join()
+            .map_err(|_| "client panicked".to_string())??;
+        let received = self
+            .server
+            .take()
+            .ok_or("finished twice")?
+            .join()
+            .map_err(|_| "server panicked".to_string())??;
+        Ok((sent, received))
+    }
+}

@@ -835,85 +835,21 @@ impl PingRun {
     }
 }
 
-/// A TCP stream from one pod to another: the client writes `chunk` bytes every 10 ms until
-/// stopped; the server reads and counts. Any error (a reset) is kept.
-pub struct TcpFlow {
-    stop: Arc<AtomicBool>,
-    client: Option<std::thread::JoinHandle<Result<u64, String>>>,
-    server: Option<std::thread::JoinHandle<Result<u64, String>>>,
-}
+/// A TCP stream from one pod to another ([`meshctl::traffic::TcpRun`]): the client writes
+/// 16 KiB every 10 ms until finished; any error (a reset) is kept.
+pub struct TcpFlow;
 
 impl TcpFlow {
-    pub fn start(cluster: &VirtualCluster, from: &str, to: &str, port: u16) -> Self {
-        use std::io::{Read, Write};
-        let server_ns = cluster.pod(to).expect("pod").network.netns.clone();
+    pub fn start(
+        cluster: &VirtualCluster,
+        from: &str,
+        to: &str,
+        port: u16,
+    ) -> meshctl::traffic::TcpRun {
+        let server = cluster.pod(to).expect("pod").network.clone();
         let client_ns = cluster.pod(from).expect("pod").network.netns.clone();
-        let ip = cluster.pod(to).expect("pod").network.ip;
-        let listener = wiremesh_integration::netns::within(&server_ns, move || {
-            std::net::TcpListener::bind((ip, port))
-        })
-        .expect("enter pod namespace")
-        .unwrap_or_else(|e| panic!("listen on {ip}:{port}: {e}"));
-        let server = std::thread::spawn(move || -> Result<u64, String> {
-            let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            conn.set_read_timeout(Some(Duration::from_secs(30)))
-                .map_err(|e| e.to_string())?;
-            let mut buf = vec![0u8; 65536];
-            let mut total = 0u64;
-            loop {
-                match conn.read(&mut buf) {
-                    Ok(0) => return Ok(total),
-                    Ok(n) => total += n as u64,
-                    Err(e) => return Err(format!("server read after {total} bytes: {e}")),
-                }
-            }
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let client = std::thread::spawn(move || -> Result<u64, String> {
-            wiremesh_integration::netns::within(&client_ns, move || -> Result<u64, String> {
-                let addr = std::net::SocketAddr::from((ip, port));
-                let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                    .map_err(|e| format!("connect {addr}: {e}"))?;
-                s.set_write_timeout(Some(Duration::from_secs(30)))
-                    .map_err(|e| e.to_string())?;
-                let chunk = vec![0x5au8; 16 * 1024];
-                let mut sent = 0u64;
-                while !flag.load(Ordering::Relaxed) {
-                    s.write_all(&chunk)
-                        .map_err(|e| format!("client write after {sent} bytes: {e}"))?;
-                    sent += chunk.len() as u64;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                s.shutdown(std::net::Shutdown::Write)
-                    .map_err(|e| format!("shutdown: {e}"))?;
-                Ok(sent)
-            })
-            .map_err(|e| e.to_string())?
-        });
-        Self {
-            stop,
-            client: Some(client),
-            server: Some(server),
-        }
-    }
-
-    /// Stops the client; returns (bytes sent, bytes received) or the first error.
-    pub fn finish(mut self) -> Result<(u64, u64), String> {
-        self.stop.store(true, Ordering::Relaxed);
-        let sent = self
-            .client
-            .take()
-            .expect("client")
-            .join()
-            .map_err(|_| "client panicked".to_string())??;
-        let received = self
-            .server
-            .take()
-            .expect("server")
-            .join()
-            .map_err(|_| "server panicked".to_string())??;
-        Ok((sent, received))
+        meshctl::traffic::TcpRun::start(&server.netns, &client_ns, server.ip, port)
+            .unwrap_or_else(|e| panic!("TCP stream {from} -> {to}:{port}: {e}"))
     }
 }
 

@@ -582,6 +582,7 @@ prop_compose! {
                 endpoint: SocketAddr::new(ip, port),
                 key_generation,
                 next_public_key,
+                next_endpoint: None,
                 rotation: rotation.map(|(n, s)| RotationMark::new(n, s)),
             },
             addresses,

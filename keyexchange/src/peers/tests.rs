@@ -36,6 +36,7 @@ fn node(i: u8) -> NodeView {
             endpoint: SocketAddr::new(addr, DEFAULT_LISTEN_PORT),
             key_generation: u64::from(i),
             next_public_key: None,
+            next_endpoint: None,
             rotation: None,
         }
         .render(),
@@ -630,6 +631,7 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
                 endpoint: SocketAddr::new(addr, DEFAULT_LISTEN_PORT),
                 key_generation: 1,
                 next_public_key: next.map(|s| key(100 + s)),
+                next_endpoint: None,
                 rotation: None,
             }
             .render();
@@ -754,6 +756,7 @@ fn large_cluster_is_fast_enough() {
                     endpoint: SocketAddr::new(addr, 51871),
                     key_generation: 0,
                     next_public_key: None,
+                    next_endpoint: None,
                     rotation: None,
                 }
                 .render(),

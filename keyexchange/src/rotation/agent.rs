@@ -242,6 +242,7 @@ impl Ctx<'_> {
             endpoint: self.input.endpoint,
             key_generation: self.generation(),
             next_public_key: next,
+            next_endpoint: None,
             rotation: mark,
         };
         let rendered = desired.render();

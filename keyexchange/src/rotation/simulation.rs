@@ -102,6 +102,7 @@ impl Cluster {
                     endpoint: SocketAddr::new(addr(i), 51871),
                     key_generation: i as u64,
                     next_public_key: None,
+                    next_endpoint: None,
                     rotation: Some(RotationMark::new("rot-old", super::RotationStep::Retired)),
                 }
                 .render(),

@@ -408,6 +408,7 @@ fn published(
         endpoint: EP.parse::<SocketAddr>().unwrap(),
         key_generation: generation,
         next_public_key: next,
+        next_endpoint: None,
         rotation: mark,
     }
     .render()
@@ -866,6 +867,7 @@ fn observe_peers_reads_next_keys_and_marks_of_accepted_peers() {
                 endpoint: SocketAddr::new(addr, 51871),
                 key_generation: 0,
                 next_public_key: next,
+                next_endpoint: None,
                 rotation: m,
             }
             .render(),

@@ -32,6 +32,7 @@ fn wanted(peers: Vec<WantedPeer>) -> Wanted {
         peers,
         mtu: 1420,
         listen_port: 51871,
+        unrouted: Default::default(),
     }
 }
 
@@ -339,6 +340,7 @@ async fn mtu_and_port_changes_are_applied() {
             peers: vec![],
             mtu: 1380,
             listen_port: 6000,
+            unrouted: Default::default(),
         })
         .await;
     assert!(out.errors.is_empty());

@@ -144,6 +144,10 @@ impl Routes for FakeRoutes {
                 dst,
             });
         }
+        // Ours through another device moves (route replace).
+        for routes in state.routes.values_mut() {
+            routes.remove(&dst);
+        }
         state
             .routes
             .entry(ifname.to_string())

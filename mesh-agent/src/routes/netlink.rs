@@ -244,16 +244,30 @@ impl Routes for NetlinkRoutes {
     async fn add(&self, ifname: &str, dst: IpNet) -> Result<(), RoutesError> {
         let ifindex = self.require_ifindex(ifname).await?;
         let message = self.route_message(ifname, ifindex, dst, "add route")?;
-        // Without `replace`: NLM_F_EXCL, so an existing route is never overwritten.
+        // Without `replace`: NLM_F_EXCL, so a route of someone else is never overwritten.
         match self.netlink.handle().route().add(message).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => {
                 let existing = self.dump_table(ifname).await?;
                 let ours = existing
                     .iter()
-                    .any(|(d, _)| d.dst == dst && Self::is_ours(d) && d.oif == Some(ifindex));
-                if ours {
+                    .filter(|(d, _)| d.dst == dst && Self::is_ours(d))
+                    .map(|(d, _)| d.oif)
+                    .collect::<Vec<_>>();
+                if ours.contains(&Some(ifindex)) {
                     Ok(())
+                } else if !ours.is_empty() {
+                    // Ours through the other tunnel device (a rotation moves a peer between its
+                    // two worlds): replace it in one message, so the prefix is never unrouted.
+                    let message = self.route_message(ifname, ifindex, dst, "move route")?;
+                    self.netlink
+                        .handle()
+                        .route()
+                        .add(message)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(|e| netlink_error(&format!("move route {dst}"), ifname, e))
                 } else {
                     Err(RoutesError::Foreign {
                         table: self.table,

@@ -74,6 +74,17 @@ fn pod_ipv4(pod: &Pod) -> Option<Ipv4Addr> {
     })
 }
 
+/// Sends the encrypted prefixes of `alt_nodes` through the next world's tunnel (a key rotation
+/// moved those peers there): sets [`ipcache_flags::ALT_TUNNEL`] on their entries.
+pub fn mark_alt_tunnel(ipcache: &mut BTreeMap<Ipv4Net, IpcacheValue>, alt_nodes: &[String]) {
+    let ids: BTreeSet<u32> = alt_nodes.iter().map(|n| node_id(n)).collect();
+    for value in ipcache.values_mut() {
+        if value.flags & ipcache_flags::ENCRYPT != 0 && ids.contains(&value.node_id) {
+            value.flags |= ipcache_flags::ALT_TUNNEL;
+        }
+    }
+}
+
 /// The whole ipcache. `encrypted` names the nodes whose tunnel is configured (empty when the
 /// mesh does not steer traffic); `endpoints` are the compiler's pod identities; `claims` the
 /// pod prefixes each node may hold (a podCIDR or pod IP it does not accept gets no entry).

@@ -408,6 +408,7 @@ async fn a_pin_directory_outside_bpffs_is_a_clear_error_with_a_metric() {
         namespaces: reflector::store().0,
         policies: reflector::store().0,
         settings: None,
+        keyrotations: reflector::store().0,
     };
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);
@@ -440,4 +441,20 @@ async fn a_pin_directory_outside_bpffs_is_a_clear_error_with_a_metric() {
         text.contains(r#"wiremesh_ebpf_errors_total{stage="load"} 1"#),
         "{text}"
     );
+}
+
+#[test]
+fn peers_moved_to_the_next_world_get_the_alt_tunnel_flag() {
+    use wiremesh_bpf::abi::ipcache_flags;
+    let (_, mut ipcache) = state(&[], &[]);
+    let n2: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+    let n1: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    assert_eq!(ipcache[&n2].flags & ipcache_flags::ALT_TUNNEL, 0);
+    plan::mark_alt_tunnel(&mut ipcache, &["n2".to_string()]);
+    assert_eq!(
+        ipcache[&n2].flags,
+        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT | ipcache_flags::ALT_TUNNEL
+    );
+    // Local prefixes and nodes not moved keep their flags.
+    assert_eq!(ipcache[&n1].flags & ipcache_flags::ALT_TUNNEL, 0);
 }

@@ -51,6 +51,7 @@ fn report_for(me: &Member, all: &[Member], handshake_age: Option<u64>) -> NodeRe
         datapath_reason: Some("auto: no wireguard kernel module".into()),
         interface: "wm0".into(),
         key: Some(me.key.fingerprint()),
+        key_created_at: Some(NOW - 3600),
         enabled: true,
         ready: true,
         peers_expected: peers.len() as u32,
