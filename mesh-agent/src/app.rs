@@ -29,6 +29,7 @@ use crate::{
     health::DatapathMonitor,
     mesh::Mesh,
     metrics::Metrics,
+    nodestatus::NodeStatusWriter,
     reconciler::{DatapathControl, MeshSnapshot, PlanSettings, Reconciler},
     routes::netlink::NetlinkRoutes,
     select::{DatapathSlot, SystemDevices, SystemLinks, SystemSelector},
@@ -214,9 +215,8 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
         },
     );
     let reporter = StatusReporter::new(
-        config.node_name.clone(),
         datapath,
-        client,
+        NodeStatusWriter::new(client, watchers.caches.nodes.clone(), &config.node_name),
         snapshot_rx,
         metrics,
         config.status_interval,

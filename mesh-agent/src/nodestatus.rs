@@ -12,6 +12,7 @@ use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::OwnerR
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
+    runtime::reflector::{ObjectRef, Store},
 };
 pub use wiremesh_crds::meshnode::{
     CONDITION_SETTINGS_APPLIED, EbpfReport, HANDSHAKE_FRESH, MeshNode, MeshNodeStatus, PeerReport,
@@ -27,13 +28,9 @@ pub const FIELD_MANAGER: &str = "wiremesh-agent";
 /// Why the MeshNode could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeStatusError {
-    #[error("get own Node {node} (for the MeshNode's owner reference): {source}")]
-    GetNode {
-        node: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("own Node {node} has no uid")]
+    #[error(
+        "own Node {node} is not in the Node cache yet, or has no uid (needed for the MeshNode's owner reference)"
+    )]
     NoUid { node: String },
     #[error("create MeshNode {node}: {source}")]
     Create {
@@ -52,7 +49,8 @@ pub enum NodeStatusError {
 /// Writes this node's `MeshNode`.
 pub struct NodeStatusWriter {
     node: String,
-    nodes: Api<Node>,
+    /// The agent's Node cache (the agent may list and watch Nodes, not get them).
+    nodes: Store<Node>,
     meshnodes: Api<MeshNode>,
     /// The object exists with our owner reference (checked once per run, and again after a
     /// failed status write: the Node, and with it the MeshNode, may have been recreated).
@@ -60,10 +58,10 @@ pub struct NodeStatusWriter {
 }
 
 impl NodeStatusWriter {
-    pub fn new(client: Client, node: &str) -> Self {
+    pub fn new(client: Client, nodes: Store<Node>, node: &str) -> Self {
         Self {
             node: node.to_string(),
-            nodes: Api::all(client.clone()),
+            nodes,
             meshnodes: Api::all(client),
             ensured: false,
         }
@@ -91,17 +89,13 @@ impl NodeStatusWriter {
     }
 
     async fn ensure(&mut self) -> Result<(), NodeStatusError> {
-        let node = self
+        let uid = self
             .nodes
-            .get(&self.node)
-            .await
-            .map_err(|source| NodeStatusError::GetNode {
+            .get(&ObjectRef::new(&self.node))
+            .and_then(|node| node.metadata.uid.clone())
+            .ok_or_else(|| NodeStatusError::NoUid {
                 node: self.node.clone(),
-                source,
             })?;
-        let uid = node.metadata.uid.ok_or_else(|| NodeStatusError::NoUid {
-            node: self.node.clone(),
-        })?;
         self.meshnodes
             .patch(
                 &self.node,

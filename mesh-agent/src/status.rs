@@ -13,7 +13,6 @@ use std::{
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::Client;
 use tokio::sync::watch;
 
 use crate::{
@@ -137,17 +136,17 @@ pub struct StatusReporter {
 }
 
 impl StatusReporter {
+    /// `writer` publishes the report ([`NodeStatusWriter::new`]).
     pub fn new(
-        node_name: String,
         datapath: Arc<dyn Datapath>,
-        client: Client,
+        writer: NodeStatusWriter,
         snapshot: watch::Receiver<MeshSnapshot>,
         metrics: Metrics,
         interval: Duration,
         shared: SharedReport,
     ) -> Self {
         Self {
-            writer: NodeStatusWriter::new(client, &node_name),
+            writer,
             per_peer_metrics: false,
             datapath,
             snapshot,
