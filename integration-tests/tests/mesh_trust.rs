@@ -27,12 +27,12 @@ mod support;
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use k8s_openapi::api::{core::v1::Node, events::v1::Event};
+use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use meshctl::{capture, demo, traffic};
+use meshctl::traffic;
 use serde_json::json;
 use support::*;
 use wiremesh_crds::{CONDITION_SETTINGS_APPLIED, MeshEncryption, MeshNode};
@@ -49,19 +49,11 @@ const METADATA_SERVER: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 const STOLEN: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 77);
 
 /// Warning Events about `node` from the wiremesh agents: (reason, note, reporting instance).
-async fn events_about(cluster: &VirtualCluster, node: &str) -> Vec<(String, String, String)> {
-    let events: Api<Event> = Api::namespaced(cluster.client().clone(), "default");
-    events
-        .list(&ListParams::default())
+async fn warnings_about(cluster: &VirtualCluster, node: &str) -> Vec<(String, String, String)> {
+    agent_events(cluster, node)
         .await
-        .expect("list events")
-        .items
         .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node)
-                && e.type_.as_deref() == Some("Warning")
-                && e.reporting_controller.as_deref() == Some("wiremesh.io/mesh-agent")
-        })
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
         .map(|e| {
             (
                 e.reason.unwrap_or_default(),
@@ -272,13 +264,8 @@ async fn hostile_claims_lost_settings_and_status_fan_out() {
         }
     }
 
-    let node3_cidr = cluster
-        .node("node-3")
-        .expect("node-3")
-        .network
-        .pod_cidr
-        .to_string();
-    let node3_ip = cluster.node("node-3").expect("node-3").network.underlay_ip;
+    let node3 = &cluster.node("node-3").expect("node-3").network;
+    let (node3_cidr, node3_ip) = (node3.pod_cidr.to_string(), node3.underlay_ip);
     let if1 = ifname(&cluster, "node-1");
     // The stolen address is inside node-3's range: the tunnel is right for it, towards node-3's
     // peer (the allowed IPs below), not node-2's.
@@ -338,7 +325,7 @@ async fn hostile_claims_lost_settings_and_status_fan_out() {
         Duration::from_secs(30),
         Duration::from_millis(500),
         || async move {
-            let events = events_about(c, "node-2").await;
+            let events = warnings_about(c, "node-2").await;
             if hostile.iter().all(|(_, ip, _)| {
                 events
                     .iter()
@@ -363,28 +350,17 @@ async fn hostile_claims_lost_settings_and_status_fan_out() {
     }
 
     // Finding 2 end to end: node-3's pod is still reached, encrypted, from node-1.
-    let description = cluster.description();
-    let underlay = demo::underlay_of(&description).expect("underlay");
     let marker = marker("trust");
     let (a1, a3) = (pod_end(&cluster, "pod-1-1"), pod_end(&cluster, "pod-3-1"));
     let plaintext_free = |what: &str| {
-        let (results, report) = tokio::task::block_in_place(|| {
-            capture::during(
-                &description.bridge,
-                &underlay,
-                marker.as_bytes(),
-                Duration::from_millis(300),
-                || {
-                    let t = Duration::from_secs(3);
-                    (
-                        tcp_probe(&cluster, "pod-1-1", "pod-3-1", 80, marker.as_bytes(), t),
-                        tcp_probe(&cluster, "pod-3-1", "pod-1-1", 80, marker.as_bytes(), t),
-                        traffic::udp_echo(&a1, &a3, marker.as_bytes(), t, 2),
-                    )
-                },
+        let (results, report) = capture_underlay(&cluster, &marker, || {
+            let t = Duration::from_secs(3);
+            (
+                tcp_probe(&cluster, "pod-1-1", "pod-3-1", 80, marker.as_bytes(), t),
+                tcp_probe(&cluster, "pod-3-1", "pod-1-1", 80, marker.as_bytes(), t),
+                traffic::udp_echo(&a1, &a3, marker.as_bytes(), t, 2),
             )
-        })
-        .expect("capture on the underlay bridge");
+        });
         eprintln!("{what}: {}", report.summary());
         assert!(
             report.marker_hits == 0 && report.violation_count == 0,
