@@ -17,8 +17,9 @@
 //!   dropped node-3's traffic.)
 //! - **8** (losing MeshEncryption drops Strict to plaintext): `kubectl delete meshencryption
 //!   default`; every agent keeps Strict (metrics, `SettingsApplied=False` reason
-//!   `MeshEncryptionMissing`), and a marker between pods on different nodes never crosses the
-//!   underlay in plaintext. Only an explicit `mode: Disabled` changes it, and it installs no
+//!   `MeshEncryptionMissing`), also node-1's agent after a `kill -9` and restart (the remembered
+//!   spec is a file in its state directory), and a marker between pods on different nodes never
+//!   crosses the underlay in plaintext. Only an explicit `mode: Disabled` changes it, and it installs no
 //!   routes and no peers. (Before: the deletion removed every tunnel and the marker crossed in
 //!   plaintext.)
 
@@ -36,7 +37,7 @@ use meshctl::traffic;
 use serde_json::json;
 use support::*;
 use wiremesh_crds::{CONDITION_SETTINGS_APPLIED, MeshEncryption, MeshNode};
-use wiremesh_integration::{VirtualCluster, objects};
+use wiremesh_integration::{Role, VirtualCluster, objects};
 
 /// The namespace of the hostile pods (the cluster's apiserver is this test's own).
 const ATTACKER_NS: &str = "attacker";
@@ -126,10 +127,35 @@ fn settings_reason(node: &MeshNode) -> Option<String> {
         .map(|c| c.reason.clone())
 }
 
+/// TCP both ways and UDP between pod-1-1 and pod-3-1 work, and a capture on the underlay bridge
+/// sees only WireGuard: no plaintext pod packet, `marker` never.
+fn encrypted_both_ways(cluster: &VirtualCluster, marker: &str, what: &str) {
+    let (a1, a3) = (pod_end(cluster, "pod-1-1"), pod_end(cluster, "pod-3-1"));
+    let ((to3, from3, udp), report) = capture_underlay(cluster, marker, || {
+        let t = Duration::from_secs(3);
+        (
+            tcp_probe(cluster, "pod-1-1", "pod-3-1", 80, marker.as_bytes(), t),
+            tcp_probe(cluster, "pod-3-1", "pod-1-1", 80, marker.as_bytes(), t),
+            traffic::udp_echo(&a1, &a3, marker.as_bytes(), t, 2),
+        )
+    });
+    eprintln!("{what}: {}", report.summary());
+    assert!(
+        report.marker_hits == 0 && report.violation_count == 0,
+        "{what}: no plaintext pod traffic on the underlay: {}\n{}",
+        report.summary(),
+        report.violations.join("\n")
+    );
+    to3.unwrap_or_else(|e| panic!("{what}: pod-1-1 -> pod-3-1: {e}"));
+    from3.unwrap_or_else(|e| panic!("{what}: pod-3-1 -> pod-1-1: {e}"));
+    udp.unwrap_or_else(|e| panic!("{what}: UDP pod-1-1 <-> pod-3-1: {e}"));
+    assert!(report.wireguard_data() > 0, "{what}: {}", report.summary());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_claims_lost_settings_and_status_fan_out() {
     // A short heartbeat, so the status-write check below sees several writes.
-    let Some(cluster) =
+    let Some(mut cluster) =
         start_mesh_or_skip_with_args(Shape::new(3, 1), &["--status-interval-secs", "3"]).await
     else {
         return;
@@ -351,30 +377,11 @@ async fn hostile_claims_lost_settings_and_status_fan_out() {
 
     // Finding 2 end to end: node-3's pod is still reached, encrypted, from node-1.
     let marker = marker("trust");
-    let (a1, a3) = (pod_end(&cluster, "pod-1-1"), pod_end(&cluster, "pod-3-1"));
-    let plaintext_free = |what: &str| {
-        let (results, report) = capture_underlay(&cluster, &marker, || {
-            let t = Duration::from_secs(3);
-            (
-                tcp_probe(&cluster, "pod-1-1", "pod-3-1", 80, marker.as_bytes(), t),
-                tcp_probe(&cluster, "pod-3-1", "pod-1-1", 80, marker.as_bytes(), t),
-                traffic::udp_echo(&a1, &a3, marker.as_bytes(), t, 2),
-            )
-        });
-        eprintln!("{what}: {}", report.summary());
-        assert!(
-            report.marker_hits == 0 && report.violation_count == 0,
-            "{what}: no plaintext pod traffic on the underlay: {}\n{}",
-            report.summary(),
-            report.violations.join("\n")
-        );
-        (results, report)
-    };
-    let ((to3, from3, udp3), report) = plaintext_free("node-3 after the stolen claim");
-    to3.expect("pod-1-1 -> pod-3-1 after node-2 claimed an address of node-3");
-    from3.expect("pod-3-1 -> pod-1-1");
-    udp3.expect("UDP pod-1-1 <-> pod-3-1");
-    assert!(report.wireguard_data() > 0, "{}", report.summary());
+    encrypted_both_ways(
+        &cluster,
+        &marker,
+        "node-3 after node-2 claimed one of its addresses",
+    );
 
     // --- Finding 8: the object is deleted; Strict stays until an explicit change. ---
     let before: Vec<f64> = {
@@ -443,11 +450,34 @@ async fn hostile_claims_lost_settings_and_status_fan_out() {
         );
         assert_eq!(wg_peers(&cluster, node).expect("wg").len(), 2, "{node}");
     }
-    let ((to3, from3, udp3), report) = plaintext_free("MeshEncryption deleted");
-    to3.expect("pod-1-1 -> pod-3-1 with the object gone");
-    from3.expect("pod-3-1 -> pod-1-1 with the object gone");
-    udp3.expect("UDP with the object gone");
-    assert!(report.wireguard_data() > 0, "{}", report.summary());
+    // A restarted agent finds no object either: it keeps the remembered spec (the file in its
+    // state directory), it does not tear the tunnels down.
+    let killed = kill_agent(&mut cluster, "node-1");
+    wait_restarted(&cluster, "node-1", Role::Agent, killed);
+    let c = &cluster;
+    wait_async(
+        "the restarted node-1 agent keeps Strict",
+        Duration::from_secs(30),
+        || async move {
+            let passes = metric(c, "node-1", "wiremesh_reconciles_total{result=\"ok\"}").await;
+            let enabled = metric(c, "node-1", "wiremesh_mesh_enabled").await;
+            let strict = metric(c, "node-1", "wiremesh_ebpf_strict_mode").await;
+            if passes.is_some_and(|p| p >= 1.0) && enabled == Some(1.0) && strict == Some(1.0) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "passes {passes:?}, enabled {enabled:?}, strict {strict:?}"
+                ))
+            }
+        },
+    )
+    .await;
+    assert_eq!(wg_peers(&cluster, "node-1").expect("wg").len(), 2);
+    encrypted_both_ways(
+        &cluster,
+        &marker,
+        "MeshEncryption deleted, node-1 restarted",
+    );
 
     // An explicit change wins: mode Disabled installs no routes and no peers.
     let disabled: MeshEncryption = serde_json::from_value(json!({
