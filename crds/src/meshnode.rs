@@ -29,6 +29,16 @@ pub const HANDSHAKE_FRESH: Duration = Duration::from_secs(180);
 /// remembered spec (the object is gone).
 pub const CONDITION_SETTINGS_APPLIED: &str = "SettingsApplied";
 
+/// Label on a MeshNode, `"true"` or `"false"`: whether its agent has converged (see
+/// [`MeshNodeStatus::converged`]). Written by the agent only when it changes, so the rotation
+/// coordinator can count ready nodes from the MeshNodes' metadata alone (a status holds one entry
+/// per peer: reading every status would cost O(N²) bytes).
+pub const CONVERGED_LABEL: &str = "wiremesh.io/converged";
+
+/// Annotation on a MeshNode: the agent's status refresh interval in seconds. A status write older
+/// than three intervals (the time of the agent's entry in `managedFields`) means the agent is gone.
+pub const STATUS_INTERVAL_ANNOTATION: &str = "wiremesh.io/status-interval-secs";
+
 /// The node's agent and its view of the mesh. The spec is empty: everything is observed state.
 #[allow(
     clippy::duplicated_attributes,
@@ -183,6 +193,11 @@ impl MeshNodeStatus {
                     || a.last_handshake.is_some() != b.last_handshake.is_some()
             })
             || conditions_differ(&self.conditions, &other.conditions)
+    }
+
+    /// Converged: caches synced, the mesh reconciled without error, every wanted peer configured.
+    pub fn converged(&self) -> bool {
+        self.ready && self.error.is_none() && self.peers_configured >= self.peers_expected
     }
 
     /// Whether the status is older than three refresh intervals at `now`.

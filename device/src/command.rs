@@ -3,6 +3,8 @@
 //! wg(8) UAPI on `/var/run/wireguard/<ifname>.sock`, and runs until SIGTERM/SIGINT or until the
 //! interface is deleted, then removes the socket. Without `--foreground` it re-executes itself
 //! detached (new session, stdio on /dev/null) and returns once the device is up, like wireguard-go.
+//! It exits non-zero when an engine thread panicked (see [`UserspaceEngine::failure`]), so that
+//! its supervisor restarts it.
 
 use std::{
     io::{BufRead, Write},
@@ -110,6 +112,11 @@ fn serve(args: &DeviceArgs, ready: &mut Option<std::fs::File>) -> anyhow::Result
     let reason = engine.wait_closed(None).unwrap_or_default();
     tracing::info!(ifname = %args.ifname, reason = %reason, "device stopping");
     engine.shutdown();
+    // A panicked engine thread leaves a half-dead datapath: exit non-zero so the supervisor
+    // (kubelet, systemd, wiremesh-supervise) restarts the device and the agent re-adopts it.
+    if let Some(failure) = engine.failure() {
+        bail!("device {} failed: {failure}", args.ifname);
+    }
     Ok(())
 }
 
@@ -203,3 +210,6 @@ pub fn init_logging() {
         builder.init();
     }
 }
+
+#[cfg(test)]
+mod tests;

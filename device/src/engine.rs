@@ -9,6 +9,11 @@
 //! `wm-timers` (boringtun timer ticks every 250 ms, persistent keepalives, rate-limiter
 //! resets) and `wm-uapi` (the configuration socket). The engine never assigns addresses or routes: the owner of the
 //! interface does (the agent through rtnetlink, an operator with ip(8)).
+//!
+//! No lock is held across a UDP send (see the `worker` and `outbox` modules), so a configuration
+//! write never waits for a full socket buffer. A panic in any engine thread fails the whole
+//! device ([`UserspaceEngine::failure`]): the device process exits non-zero for its supervisor
+//! to restart it, rather than running on with a dead worker.
 
 mod allowed_ips;
 mod checksum;
@@ -16,9 +21,13 @@ mod gro;
 mod gso;
 mod int_hash;
 mod io;
+mod outbox;
 mod state;
 mod timers;
 mod worker;
+
+#[cfg(test)]
+pub(crate) use worker::PANIC_QUEUE;
 
 use std::{
     path::PathBuf,
@@ -42,6 +51,7 @@ use zeroize::Zeroizing;
 
 use self::{
     io::{NetNs, UdpEndpoint, Waker},
+    outbox::Outbox,
     state::{ApplyError, DeviceState},
 };
 use crate::uapi::{UapiHandler, UapiServer};
@@ -205,6 +215,8 @@ pub(crate) struct Shared {
     stop: AtomicBool,
     closed: Mutex<Option<String>>,
     closed_cv: Condvar,
+    /// Set when an engine thread panicked: the device is broken, not merely closed.
+    failure: Mutex<Option<String>>,
     netns: NetNs,
     /// UDP sockets per endpoint (= receive workers).
     udp_sockets: usize,
@@ -243,6 +255,50 @@ impl Shared {
         self.stop.store(true, Ordering::SeqCst);
         self.waker.wake();
         self.closed_cv.notify_all();
+    }
+
+    /// Records that the device broke (an engine thread panicked) and closes it.
+    pub fn mark_failed(&self, reason: String) {
+        tracing::error!(ifname = %self.ifname, reason = %reason, "device failed");
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| reason.clone());
+        self.mark_dead(reason);
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts a new handshake with `peer` now (unless one is in flight), as a rekey would.
+    fn force_handshake(&self, peer: &PublicKey) -> Result<(), DatapathError> {
+        let mut out = Outbox::with_capacity(256);
+        let udp = {
+            let st = self.read_state();
+            let entry = st
+                .peers
+                .get(peer)
+                .ok_or_else(|| DatapathError::NoSuchPeer {
+                    ifname: self.ifname.clone(),
+                    public_key: *peer,
+                })?;
+            let mut inner = entry.peer.lock();
+            let endpoint = inner.endpoint;
+            let mut buf = [0u8; 256];
+            if let (Some(tunn), Some(dst)) = (inner.tunn.as_mut(), endpoint)
+                && let boringtun::noise::TunnResult::WriteToNetwork(init) =
+                    tunn.format_handshake_initiation(&mut buf, true)
+            {
+                out.push(dst, init, Some(&entry.peer));
+            }
+            st.udp.clone()
+        };
+        out.send(&udp, 0, self);
+        Ok(())
     }
 
     fn apply(&self, req: &SetRequest) -> Result<(), ApplyError> {
@@ -343,6 +399,43 @@ impl UapiHandler for Shared {
             }
         })
     }
+
+    fn uapi_failed(&self, reason: String) {
+        self.mark_failed(reason);
+    }
+}
+
+/// Spawns engine thread `name`. If `f` panics, the device fails ([`Shared::mark_failed`])
+/// instead of running on without the thread (a dead worker would silently drop its queue's
+/// packets while the UAPI still answers).
+fn spawn_watched(
+    shared: &Arc<Shared>,
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let watch = PanicWatch {
+        shared: shared.clone(),
+        thread: name.clone(),
+    };
+    std::thread::Builder::new().name(name).spawn(move || {
+        let _watch = watch;
+        f();
+    })
+}
+
+/// Fails the device when dropped by a panicking thread.
+pub(crate) struct PanicWatch {
+    shared: Arc<Shared>,
+    thread: String,
+}
+
+impl Drop for PanicWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared
+                .mark_failed(format!("engine thread {} panicked", self.thread));
+        }
+    }
 }
 
 /// A running userspace WireGuard device. See the module docs.
@@ -397,6 +490,7 @@ impl UserspaceEngine {
             stop: AtomicBool::new(false),
             closed: Mutex::new(None),
             closed_cv: Condvar::new(),
+            failure: Mutex::new(None),
             netns,
             udp_sockets: threads,
             started: Instant::now(),
@@ -427,18 +521,16 @@ impl UserspaceEngine {
                     busy_poll: config.busy_poll,
                 };
                 handles.push(
-                    std::thread::Builder::new()
-                        .name(format!("wm-dp-{queue}"))
-                        .spawn(move || w.run())
+                    spawn_watched(&shared, format!("wm-dp-{queue}"), move || w.run())
                         .map_err(thread_err)?,
                 );
             }
             let timer_shared = shared.clone();
             handles.push(
-                std::thread::Builder::new()
-                    .name("wm-timers".into())
-                    .spawn(move || timers::run(timer_shared))
-                    .map_err(thread_err)?,
+                spawn_watched(&shared, "wm-timers".into(), move || {
+                    timers::run(timer_shared)
+                })
+                .map_err(thread_err)?,
             );
         }
         if let Some(path) = &config.uapi_socket {
@@ -482,24 +574,14 @@ impl UserspaceEngine {
 
     /// Starts a new handshake with `peer` now (unless one is in flight), as a rekey would.
     pub fn force_handshake(&self, peer: &PublicKey) -> Result<(), DatapathError> {
-        let st = self.shared.read_state();
-        let entry = st
-            .peers
-            .get(peer)
-            .ok_or_else(|| DatapathError::NoSuchPeer {
-                ifname: self.shared.ifname.clone(),
-                public_key: *peer,
-            })?;
-        let mut inner = entry.peer.lock();
-        let endpoint = inner.endpoint;
-        let mut buf = [0u8; 256];
-        if let (Some(tunn), Some(dst)) = (inner.tunn.as_mut(), endpoint)
-            && let boringtun::noise::TunnResult::WriteToNetwork(init) =
-                tunn.format_handshake_initiation(&mut buf, true)
-        {
-            worker::send_control(&self.shared, &st.udp, &entry.peer, dst, init);
-        }
-        Ok(())
+        self.shared.force_handshake(peer)
+    }
+
+    /// Why the device failed, if it did: an engine thread panicked. A failed device is also
+    /// closed ([`wait_closed`](Self::wait_closed) returns); its process must exit non-zero so
+    /// that its supervisor restarts it.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure()
     }
 
     /// Asks the device to close (as SIGTERM does for `mesh-agent device`).
@@ -668,3 +750,6 @@ fn validate_ifname(ifname: &str) -> Result<(), EngineError> {
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -30,6 +30,23 @@ pub trait UapiHandler: Send + Sync + 'static {
     fn uapi_get(&self) -> GetResponse;
     /// Applies a parsed `set`; `Err` carries the (negative) errno to report.
     fn uapi_set(&self, req: &SetRequest) -> Result<(), i32>;
+    /// The server thread panicked: the device can no longer be configured. The engine fails
+    /// the device (its process exits non-zero and is restarted).
+    fn uapi_failed(&self, reason: String) {
+        tracing::error!(reason = %reason, "UAPI server failed");
+    }
+}
+
+/// Tells the handler when the server thread dies by a panic.
+struct PanicWatch(Arc<dyn UapiHandler>);
+
+impl Drop for PanicWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .uapi_failed("UAPI server thread wm-uapi panicked".into());
+        }
+    }
 }
 
 /// Why the UAPI socket could not be served.
@@ -82,7 +99,10 @@ impl UapiServer {
         let thread_path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("wm-uapi".into())
-            .spawn(move || serve(listener, handler, thread_stop, thread_path))
+            .spawn(move || {
+                let _watch = PanicWatch(handler.clone());
+                serve(listener, handler, thread_stop, thread_path)
+            })
             .map_err(io_err)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -211,5 +231,51 @@ fn read_set_body(
             return Ok(Err(parse::EINVAL));
         }
         body.push_str(&line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::Mutex,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A device whose `get` panics (a bug in the handler), recording what the server reports.
+    #[derive(Default)]
+    struct Broken(Mutex<Option<String>>);
+
+    impl UapiHandler for Broken {
+        fn uapi_get(&self) -> GetResponse {
+            panic!("test: get panics");
+        }
+        fn uapi_set(&self, _req: &SetRequest) -> Result<(), i32> {
+            Ok(())
+        }
+        fn uapi_failed(&self, reason: String) {
+            *self.0.lock().unwrap() = Some(reason);
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_server_thread_is_reported_to_the_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wmtest.sock");
+        let handler = Arc::new(Broken::default());
+        let mut server = UapiServer::start(&path, handler.clone()).expect("serve");
+        let mut stream = UnixStream::connect(&path).expect("connect");
+        stream.write_all(b"get=1\n\n").expect("write");
+        let start = Instant::now();
+        while handler.0.lock().unwrap().is_none() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            handler.0.lock().unwrap().as_deref(),
+            Some("UAPI server thread wm-uapi panicked")
+        );
+        server.stop();
+        assert!(!path.exists(), "socket removed after the thread died");
     }
 }

@@ -11,8 +11,8 @@
 //! software emulation: run every test of a binary in one boot.
 //!
 //! The guest has fresh tmpfs on `/tmp` and `/run` (hiding the host's), a bpffs on `/sys/fs/bpf`,
-//! `/dev/net/tun`, loopback up, no network interface at all, 1 vCPU. Under TCG speed means
-//! nothing: test behaviour here, never benchmark.
+//! `/dev/net/tun`, loopback up, no network interface at all, 1 vCPU unless [`VmCommand::cpus`]
+//! asks for more. Under TCG speed means nothing: test behaviour here, never benchmark.
 
 mod initramfs;
 mod kernel;
@@ -176,6 +176,9 @@ pub struct VmCommand {
     pub shares: Vec<Share>,
     /// Guest memory (default 1024 MiB).
     pub memory_mib: u32,
+    /// Guest vCPUs (default 1; under TCG each is a host thread, so more only help while the host
+    /// has idle cores).
+    pub cpus: u32,
     /// From qemu's start until the command runs (default 180 s; the machine may be loaded).
     pub boot_timeout: Duration,
     /// For the command itself (default 600 s).
@@ -195,6 +198,7 @@ impl VmCommand {
             cwd: None,
             shares: Vec::new(),
             memory_mib: 1024,
+            cpus: 1,
             boot_timeout: Duration::from_secs(180),
             timeout: Duration::from_secs(600),
         }
@@ -233,6 +237,12 @@ impl VmCommand {
     /// Sets the guest memory.
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.memory_mib = mib;
+        self
+    }
+
+    /// Sets the number of vCPUs.
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus.max(1);
         self
     }
 
@@ -466,6 +476,7 @@ impl KernelVm {
             Accel::Tcg => push(&["-accel", "tcg"]),
         }
         let mem = format!("{}M", cmd.memory_mib);
+        let cpus = cmd.cpus.to_string();
         let con = format!("file,id=con,path={}", qemu_escape(console));
         let kernel = self.prepared.kernel.to_string_lossy().into_owned();
         let initrd = self.prepared.initramfs.to_string_lossy().into_owned();
@@ -475,7 +486,7 @@ impl KernelVm {
             "-m",
             &mem,
             "-smp",
-            "1",
+            &cpus,
             "-display",
             "none",
             "-vga",
@@ -861,8 +872,17 @@ pub fn prepare_for_test() -> Option<KernelVm> {
 /// libtest for a failing test or with --nocapture). Returns `None` when skipped
 /// ([`prepare_for_test`]).
 pub fn rerun_self_with_args(args: &[&str], min_passed: usize) -> Option<VmOutput> {
+    rerun_self_configured(args, min_passed, |cmd| cmd)
+}
+
+/// [`rerun_self_with_args`] with the guest command adjusted by `configure` (memory, timeouts).
+pub fn rerun_self_configured(
+    args: &[&str],
+    min_passed: usize,
+    configure: impl FnOnce(VmCommand) -> VmCommand,
+) -> Option<VmOutput> {
     let vm = prepare_for_test()?;
-    let cmd = self_command(args);
+    let cmd = configure(self_command(args));
     let out = vm
         .run(&cmd)
         .unwrap_or_else(|e| panic!("running {args:?} in the kernel VM: {e}"));
@@ -909,10 +929,16 @@ pub fn rerun_self_in_vm(test_name: &str) {
 
 /// Several tests of this binary in one boot (each by exact name); every one must pass.
 pub fn rerun_tests_in_vm(test_names: &[&str]) {
+    rerun_tests_in_vm_with(test_names, |cmd| cmd);
+}
+
+/// [`rerun_tests_in_vm`] with the guest command adjusted by `configure` (a scenario with a
+/// kube-apiserver and several agents needs more memory than the default).
+pub fn rerun_tests_in_vm_with(test_names: &[&str], configure: impl FnOnce(VmCommand) -> VmCommand) {
     let mut args = vec!["--exact"];
     args.extend_from_slice(test_names);
     args.extend(["--include-ignored", "--nocapture", "--test-threads=1"]);
-    rerun_self_with_args(&args, test_names.len());
+    rerun_self_configured(&args, test_names.len(), configure);
 }
 
 /// Every test of this binary in one boot except `skip` (the host test calling this, and whatever

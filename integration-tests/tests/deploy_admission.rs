@@ -116,22 +116,35 @@ async fn key_annotations_are_bound_to_their_node() {
     );
     let on_a = bound_client(&admin, &env, "wm-other", "patcher", "patcher-a", "node-a").await;
 
-    // The policies take effect once the apiserver's admission plugin has seen them.
-    let denied = wait::until(
+    // The policies take effect once the apiserver's admission plugin has seen them (seconds on a
+    // loaded machine). Probe with a wiremesh.io annotation whose value changes on every attempt: a
+    // repeated identical patch would be a no-op the policy rightly allows once one got through.
+    let attempt = std::sync::atomic::AtomicU32::new(0);
+    wait::until(
         "node-bound-keys policy in force",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         Duration::from_millis(250),
         || async {
-            match patch(&on_a, "node-b", key(KEY_A)).await {
-                Err(message) => Ok(message),
-                Ok(()) => Err("node-a's pod changed node-b's key".to_owned()),
+            let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let probe = json!({"metadata": {"annotations": {"wiremesh.io/admission-probe": n.to_string()}}});
+            match patch(&on_a, "node-b", probe).await {
+                Err(_) => Ok(()),
+                Ok(()) => Err(format!("probe {n} from node-a's pod still admitted on node-b")),
             }
         },
     )
-    .await;
-    // Had the policy not been in force at first, node-b's key would have been written: check it
-    // was not, whatever the timing.
-    let message = denied.expect("a pod on node-a must not change node-b's key");
+    .await
+    .expect("the node-bound-keys policy comes into force");
+    patch(
+        &admin,
+        "node-b",
+        json!({"metadata": {"annotations": {"wiremesh.io/admission-probe": null}}}),
+    )
+    .await
+    .expect("admin removes the probe");
+
+    let denied = patch(&on_a, "node-b", key(KEY_A)).await;
+    let message = denied.expect_err("a pod on node-a must not change node-b's key");
     assert!(
         message.contains("wiremesh-node-bound-keys") && message.contains("comes from node node-a"),
         "{message}"

@@ -71,11 +71,12 @@ async fn kustomization_and_chart_apply_server_side() {
 
 /// The agent's permissions: `kubectl auth can-i VERB RESOURCE --as <agent>` for each row.
 const TABLE: &[(&str, &str, bool)] = &[
-    // Key exchange: every Node is read through a watch, only patch writes (own node: admission).
+    // Key exchange: every Node is read through a watch (get: its own, fresh); only patch writes
+    // (own node: admission).
     ("list", "nodes", true),
     ("watch", "nodes", true),
     ("patch", "nodes", true),
-    ("get", "nodes", false),
+    ("get", "nodes", true),
     ("update", "nodes", false),
     ("create", "nodes", false),
     ("delete", "nodes", false),
@@ -100,7 +101,10 @@ const TABLE: &[(&str, &str, bool)] = &[
     ("update", "meshencryptions.wiremesh.io", false),
     ("list", "keyrotations.wiremesh.io", true),
     ("watch", "keyrotations.wiremesh.io", true),
-    ("create", "keyrotations.wiremesh.io", false),
+    // The rotation coordinator: scheduled rotations, KeyRotation phases, the mesh's status.
+    ("create", "keyrotations.wiremesh.io", true),
+    ("patch", "keyrotations.wiremesh.io/status", true),
+    ("patch", "meshencryptions.wiremesh.io/status", true),
     ("delete", "keyrotations.wiremesh.io", false),
     // Events about bad peers and policies.
     ("create", "events.events.k8s.io", true),
@@ -151,7 +155,8 @@ const MESHNODE_TABLE: &[(&str, &str, bool)] = &[
     ("patch", "", true),
     ("update", "status", true),
     ("patch", "status", true),
-    ("list", "", false),
+    // The coordinator counts ready nodes from the MeshNodes' metadata.
+    ("list", "", true),
     ("watch", "", false),
     ("delete", "", false),
 ];
@@ -165,8 +170,8 @@ async fn agent_can_do_what_it_needs_and_not_more() {
     let mut wrong = Vec::new();
     for (verb, resource, want) in TABLE {
         let (resource, sub) = match resource.split_once('/') {
-            Some((r, s)) if !r.contains('.') => (r, Some(s)),
-            _ => (*resource, None),
+            Some((r, s)) => (r, Some(s)),
+            None => (*resource, None),
         };
         let mut args = vec!["auth", "can-i", verb, resource, "--as", AGENT];
         let sub_flag;

@@ -101,8 +101,9 @@ async fn agents_run_with_only_the_daemonset_capabilities() {
         let mut args = setpriv();
         args.extend(demo::agent_args(&cluster, node).expect("agent args"));
         cluster
-            .spawn_agent(
+            .spawn_supervised(
                 node,
+                Role::Agent,
                 std::path::Path::new("/usr/bin/setpriv"),
                 args,
                 env.clone(),

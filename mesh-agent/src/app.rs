@@ -29,12 +29,12 @@ use crate::{
     health::DatapathMonitor,
     mesh::Mesh,
     metrics::Metrics,
-    nodestatus::NodeStatusWriter,
     reconciler::{DatapathControl, MeshSnapshot, PlanSettings, Reconciler},
     routes::netlink::NetlinkRoutes,
     select::{DatapathSlot, SystemDevices, SystemLinks, SystemSelector},
     status::{SharedReport, StatusReporter},
     steering::{Steering, SteeringSettings},
+    taint::TaintRemover,
     watch::watchers,
 };
 
@@ -214,9 +214,17 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
             flag: config.datapath,
         },
     );
+    let taint_remover = config.readiness_taint.then(|| {
+        TaintRemover::new(
+            client.clone(),
+            config.node_name.clone(),
+            snapshot_rx.clone(),
+        )
+    });
     let reporter = StatusReporter::new(
+        config.node_name.clone(),
         datapath,
-        NodeStatusWriter::new(client, watchers.caches.nodes.clone(), &config.node_name),
+        client,
         snapshot_rx,
         metrics,
         config.status_interval,
@@ -237,6 +245,9 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
     spawn_until_drained(&mut tasks, "datapath monitor", monitor.run(drain.clone()));
     spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
     spawn_until_drained(&mut tasks, "status reporter", reporter.run(drain.clone()));
+    if let Some(remover) = taint_remover {
+        spawn_until_drained(&mut tasks, "readiness taint", remover.run(drain.clone()));
+    }
     if let Some(coordinator) = coordinator {
         spawn_until_drained(
             &mut tasks,

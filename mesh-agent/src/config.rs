@@ -164,6 +164,11 @@ pub struct RunArgs {
     /// `kube-node-lease`. Without either, this agent does not stand for election.
     #[arg(long, env = "WIREMESH_COORDINATOR_KUBECONFIG")]
     pub coordinator_kubeconfig: Option<PathBuf>,
+
+    /// Remove the taint `wiremesh.io/not-ready` from this node once its mesh has converged (nodes
+    /// register with it: kubelet `--register-with-taints=wiremesh.io/not-ready=:NoSchedule`).
+    #[arg(long, env = "WIREMESH_READINESS_TAINT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub readiness_taint: bool,
     /// Replace this node's key with a new one before starting, whatever the keystore holds
     /// (also a corrupt or half-present one), and drop any rotation state. This changes the
     /// node's identity: every peer picks up the new public key. A flag only (no environment
@@ -224,6 +229,7 @@ pub struct Config {
     pub coordinator: bool,
     pub lease_namespace: String,
     pub coordinator_kubeconfig: Option<PathBuf>,
+    pub readiness_taint: bool,
     pub regenerate_key: bool,
 }
 
@@ -296,6 +302,7 @@ impl Config {
             coordinator: args.coordinator,
             lease_namespace: args.lease_namespace,
             coordinator_kubeconfig: args.coordinator_kubeconfig,
+            readiness_taint: args.readiness_taint,
             regenerate_key: args.regenerate_key,
         })
     }

@@ -15,6 +15,7 @@
 //! noticing yet gets a conflict instead of overwriting its successor's work.
 
 pub mod decide;
+pub mod meshstatus;
 pub mod schedule;
 #[cfg(test)]
 mod tests;
@@ -28,7 +29,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{PartialObjectMeta, PostParams},
+    api::{ListParams, PartialObjectMeta, Patch, PatchParams, PostParams},
     core::ObjectMeta,
     runtime::{
         WatchStreamExt,
@@ -44,7 +45,9 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::sync::{Notify, watch};
-use wiremesh_crds::{KeyRotation, MESH_ENCRYPTION_NAME, MeshEncryption, RotationPhase as CrdPhase};
+use wiremesh_crds::{
+    KeyRotation, MESH_ENCRYPTION_NAME, MeshEncryption, MeshNode, RotationPhase as CrdPhase,
+};
 
 use self::decide::{Decision, EventKind, decide, is_active};
 use crate::{drain::Drain, events::REPORTING_CONTROLLER, reconciler::API_WRITE_TIMEOUT};
@@ -69,6 +72,8 @@ pub struct CoordinatorSettings {
     pub lease_grace: Duration,
     /// A pass runs at least this often while leading (phase timeouts are checked on it).
     pub interval: Duration,
+    /// The MeshEncryption status (nodes ready / total) is recomputed this often while leading.
+    pub mesh_status_interval: Duration,
 }
 
 impl CoordinatorSettings {
@@ -82,6 +87,7 @@ impl CoordinatorSettings {
             lease_duration: Duration::from_secs(15),
             lease_grace: Duration::from_secs(5),
             interval: Duration::from_secs(1),
+            mesh_status_interval: Duration::from_secs(10),
         }
     }
 }
@@ -103,6 +109,20 @@ pub enum CoordinatorError {
         #[source]
         source: kube::Error,
     },
+    #[error("list MeshNodes (metadata) for the MeshEncryption status: {source}")]
+    ListMeshNodes {
+        #[source]
+        source: kube::Error,
+    },
+    #[error("write status of MeshEncryption {MESH_ENCRYPTION_NAME}: {source}")]
+    WriteMeshStatus {
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "write status of MeshEncryption {MESH_ENCRYPTION_NAME}: no answer within {API_WRITE_TIMEOUT:?}"
+    )]
+    WriteMeshStatusTimeout,
     #[error("Lease {namespace}/{name}: {source}")]
     Lease {
         namespace: String,
@@ -329,6 +349,7 @@ impl Coordinator {
         stores: &Stores,
         notify: &Notify,
     ) {
+        let mut mesh_status_due = tokio::time::Instant::now();
         loop {
             while !*leader.borrow_and_update() {
                 if leader.changed().await.is_err() {
@@ -348,6 +369,12 @@ impl Coordinator {
             self.metrics.passes.get_or_create(&label).inc();
             if let Err(error) = result {
                 tracing::warn!(%error, "coordinator pass failed; retrying");
+            }
+            if tokio::time::Instant::now() >= mesh_status_due {
+                mesh_status_due = tokio::time::Instant::now() + self.settings.mesh_status_interval;
+                if let Err(error) = self.write_mesh_status(stores).await {
+                    tracing::warn!(%error, "MeshEncryption status not written; retrying");
+                }
             }
             tokio::select! {
                 () = notify.notified() => {
@@ -410,6 +437,50 @@ impl Coordinator {
             Some(error) => Err(error),
             None => Ok(()),
         }
+    }
+
+    /// Recomputes `MeshEncryption default`'s status from the Nodes and the MeshNodes' metadata
+    /// ([`meshstatus`]) and writes it when it changed (merge patch of the status subresource).
+    async fn write_mesh_status(&self, stores: &Stores) -> Result<(), CoordinatorError> {
+        let Some(mesh) = stores
+            .mesh
+            .find(|m| m.metadata.name.as_deref() == Some(MESH_ENCRYPTION_NAME))
+        else {
+            return Ok(());
+        };
+        let nodes: Vec<String> = stores.nodes.state().iter().map(|n| n.name_any()).collect();
+        let meshnodes = Api::<MeshNode>::all(self.client.clone())
+            .list_metadata(&ListParams::default())
+            .await
+            .map_err(|source| CoordinatorError::ListMeshNodes { source })?;
+        let summary = meshstatus::summarize(&nodes, &meshnodes.items, Timestamp::now());
+        let status = meshstatus::next_status(
+            mesh.status.as_ref(),
+            &summary,
+            mesh.metadata.generation,
+            Timestamp::now(),
+        );
+        if mesh.status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        let patch = serde_json::json!({ "status": status });
+        tokio::time::timeout(
+            API_WRITE_TIMEOUT,
+            Api::<MeshEncryption>::all(self.client.clone()).patch_status(
+                MESH_ENCRYPTION_NAME,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await
+        .map_err(|_| CoordinatorError::WriteMeshStatusTimeout)?
+        .map_err(|source| CoordinatorError::WriteMeshStatus { source })?;
+        tracing::info!(
+            ready = status.nodes_ready,
+            total = status.nodes_total,
+            "MeshEncryption status written"
+        );
+        Ok(())
     }
 
     /// Creates a scheduled rotation; one that exists already (another coordinator was faster)

@@ -27,6 +27,7 @@ pub mod select;
 pub mod settings;
 pub mod status;
 pub mod steering;
+pub mod taint;
 pub mod telemetry;
 pub mod views;
 pub mod watch;

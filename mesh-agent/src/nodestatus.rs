@@ -12,11 +12,11 @@ use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::OwnerR
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
-    runtime::reflector::{ObjectRef, Store},
 };
 pub use wiremesh_crds::meshnode::{
-    CONDITION_SETTINGS_APPLIED, EbpfReport, HANDSHAKE_FRESH, MeshNode, MeshNodeStatus, PeerReport,
-    REPORT_VERSION, RejectedReport, unix_seconds,
+    CONDITION_SETTINGS_APPLIED, CONVERGED_LABEL, EbpfReport, HANDSHAKE_FRESH, MeshNode,
+    MeshNodeStatus, PeerReport, REPORT_VERSION, RejectedReport, STATUS_INTERVAL_ANNOTATION,
+    unix_seconds,
 };
 
 /// The report an agent writes: the `MeshNode` status.
@@ -28,9 +28,13 @@ pub const FIELD_MANAGER: &str = "wiremesh-agent";
 /// Why the MeshNode could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeStatusError {
-    #[error(
-        "own Node {node} is not in the Node cache yet, or has no uid (needed for the MeshNode's owner reference)"
-    )]
+    #[error("get own Node {node} (for the MeshNode's owner reference): {source}")]
+    GetNode {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("own Node {node} has no uid")]
     NoUid { node: String },
     #[error("create MeshNode {node}: {source}")]
     Create {
@@ -49,26 +53,37 @@ pub enum NodeStatusError {
 /// Writes this node's `MeshNode`.
 pub struct NodeStatusWriter {
     node: String,
-    /// The agent's Node cache (the agent may list and watch Nodes, not get them).
-    nodes: Store<Node>,
+    nodes: Api<Node>,
     meshnodes: Api<MeshNode>,
     /// The object exists with our owner reference (checked once per run, and again after a
     /// failed status write: the Node, and with it the MeshNode, may have been recreated).
     ensured: bool,
+    /// The Node's uid, for the owner reference of every apply of the object.
+    node_uid: Option<String>,
+    /// The converged label and interval annotation last applied.
+    applied: Option<(bool, u64)>,
 }
 
 impl NodeStatusWriter {
-    pub fn new(client: Client, nodes: Store<Node>, node: &str) -> Self {
+    pub fn new(client: Client, node: &str) -> Self {
         Self {
             node: node.to_string(),
-            nodes,
+            nodes: Api::all(client.clone()),
             meshnodes: Api::all(client),
             ensured: false,
+            node_uid: None,
+            applied: None,
         }
     }
 
-    /// The MeshNode object (no status) as this agent applies it.
-    pub fn object(node: &str, node_uid: &str) -> serde_json::Value {
+    /// The MeshNode object (no status) as this agent applies it: the owner reference, the
+    /// [`CONVERGED_LABEL`] and the [`STATUS_INTERVAL_ANNOTATION`].
+    pub fn object(
+        node: &str,
+        node_uid: &str,
+        converged: bool,
+        interval_secs: u64,
+    ) -> serde_json::Value {
         let owner = OwnerReference {
             api_version: "v1".into(),
             kind: "Node".into(),
@@ -79,7 +94,12 @@ impl NodeStatusWriter {
         serde_json::json!({
             "apiVersion": "wiremesh.io/v1alpha1",
             "kind": "MeshNode",
-            "metadata": { "name": node, "ownerReferences": [owner] },
+            "metadata": {
+                "name": node,
+                "ownerReferences": [owner],
+                "labels": { CONVERGED_LABEL: converged.to_string() },
+                "annotations": { STATUS_INTERVAL_ANNOTATION: interval_secs.to_string() },
+            },
             "spec": {},
         })
     }
@@ -88,33 +108,46 @@ impl NodeStatusWriter {
         PatchParams::apply(FIELD_MANAGER).force()
     }
 
-    async fn ensure(&mut self) -> Result<(), NodeStatusError> {
-        let uid = self
-            .nodes
-            .get(&ObjectRef::new(&self.node))
-            .and_then(|node| node.metadata.uid.clone())
-            .ok_or_else(|| NodeStatusError::NoUid {
-                node: self.node.clone(),
-            })?;
+    /// Applies the object (owner reference, label, annotation); reads the Node's uid first when
+    /// the object is not known to exist (the Node may have been recreated).
+    async fn ensure(&mut self, converged: bool, interval_secs: u64) -> Result<(), NodeStatusError> {
+        let uid = match (&self.node_uid, self.ensured) {
+            (Some(uid), true) => uid.clone(),
+            _ => {
+                let node = self.nodes.get(&self.node).await.map_err(|source| {
+                    NodeStatusError::GetNode {
+                        node: self.node.clone(),
+                        source,
+                    }
+                })?;
+                node.metadata.uid.ok_or_else(|| NodeStatusError::NoUid {
+                    node: self.node.clone(),
+                })?
+            }
+        };
         self.meshnodes
             .patch(
                 &self.node,
                 &Self::params(),
-                &Patch::Apply(Self::object(&self.node, &uid)),
+                &Patch::Apply(Self::object(&self.node, &uid, converged, interval_secs)),
             )
             .await
             .map_err(|source| NodeStatusError::Create {
                 node: self.node.clone(),
                 source,
             })?;
+        self.node_uid = Some(uid);
         self.ensured = true;
+        self.applied = Some((converged, interval_secs));
         Ok(())
     }
 
-    /// Applies `status` (creating the object first if needed).
+    /// Applies `status` (creating the object first if needed, and re-applying it when the
+    /// converged label or the interval changes).
     pub async fn write(&mut self, status: &MeshNodeStatus) -> Result<(), NodeStatusError> {
-        if !self.ensured {
-            self.ensure().await?;
+        let wanted = (status.converged(), status.interval_secs);
+        if !self.ensured || self.applied != Some(wanted) {
+            self.ensure(wanted.0, wanted.1).await?;
         }
         let body = serde_json::json!({
             "apiVersion": "wiremesh.io/v1alpha1",
@@ -144,7 +177,12 @@ mod tests {
 
     #[test]
     fn the_object_is_owned_by_its_node() {
-        let object = NodeStatusWriter::object("node-1", "uid-1");
+        let object = NodeStatusWriter::object("node-1", "uid-1", true, 30);
+        assert_eq!(object["metadata"]["labels"][CONVERGED_LABEL], "true");
+        assert_eq!(
+            object["metadata"]["annotations"][STATUS_INTERVAL_ANNOTATION],
+            "30"
+        );
         assert_eq!(object["metadata"]["name"], "node-1");
         let owner = &object["metadata"]["ownerReferences"][0];
         assert_eq!(owner["kind"], "Node");

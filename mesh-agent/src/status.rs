@@ -13,6 +13,7 @@ use std::{
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Client;
 use tokio::sync::watch;
 
 use crate::{
@@ -136,17 +137,17 @@ pub struct StatusReporter {
 }
 
 impl StatusReporter {
-    /// `writer` publishes the report ([`NodeStatusWriter::new`]).
     pub fn new(
+        node_name: String,
         datapath: Arc<dyn Datapath>,
-        writer: NodeStatusWriter,
+        client: Client,
         snapshot: watch::Receiver<MeshSnapshot>,
         metrics: Metrics,
         interval: Duration,
         shared: SharedReport,
     ) -> Self {
         Self {
-            writer,
+            writer: NodeStatusWriter::new(client, &node_name),
             per_peer_metrics: false,
             datapath,
             snapshot,

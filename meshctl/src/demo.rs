@@ -160,6 +160,13 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
         format!("0.0.0.0:{AGENT_HTTP_PORT}").into(),
         "--bpffs".into(),
         cluster.bpffs().as_os_str().to_owned(),
+        // Every agent stands for rotation coordinator with its own pod-bound ServiceAccount token,
+        // under the RBAC of deploy/ (the Lease in the ServiceAccount's namespace), as in the
+        // DaemonSet where the in-cluster token is that same identity.
+        "--coordinator-kubeconfig".into(),
+        n.kubeconfig.clone().into_os_string(),
+        "--lease-namespace".into(),
+        cluster.agent_identity().namespace.clone().into(),
     ])
 }
 
@@ -177,6 +184,17 @@ pub fn device_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>
     ])
 }
 
+/// Which WireGuard device a node's agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeDevice {
+    /// The userspace device process (`mesh-agent device`), supervised next to the agent; the
+    /// agent's datapath choice is left to `--datapath`/`MeshEncryption.spec.datapath`.
+    Userspace,
+    /// A kernel `wireguard` link the agent creates or adopts (`--datapath kernel`); no device
+    /// process runs. Needs the WireGuard module (the kernel VM has it, this host does not).
+    Kernel,
+}
+
 /// Starts the two processes of `node` in its namespace, each under a supervisor that restarts it
 /// within a second (as the two containers of the wiremesh pod on a real node): the userspace
 /// device (`mesh-agent device`, unless one runs already) and the agent (`mesh-agent run` with the
@@ -186,6 +204,24 @@ pub fn start_agent(
     cluster: &mut VirtualCluster,
     node: &str,
     agent_binary: &Path,
+    extra_args: &[&str],
+) -> Result<ProcessIdentity, DemoError> {
+    start_node(
+        cluster,
+        node,
+        agent_binary,
+        NodeDevice::Userspace,
+        extra_args,
+    )
+}
+
+/// [`start_agent`] with the node's device chosen: with [`NodeDevice::Kernel`] only the agent
+/// runs, with `--datapath kernel` after `extra_args`.
+pub fn start_node(
+    cluster: &mut VirtualCluster,
+    node: &str,
+    agent_binary: &Path,
+    device: NodeDevice,
     extra_args: &[&str],
 ) -> Result<ProcessIdentity, DemoError> {
     let log_filter = || {
@@ -198,7 +234,7 @@ pub fn start_agent(
         node: node.to_string(),
         source,
     };
-    if cluster.supervised_pid(node, Role::Device).is_none() {
+    if device == NodeDevice::Userspace && cluster.supervised_pid(node, Role::Device).is_none() {
         let args = device_args(cluster, node)?;
         cluster
             .spawn_supervised(node, Role::Device, agent_binary, args, log_filter())
@@ -206,6 +242,9 @@ pub fn start_agent(
     }
     let mut args = agent_args(cluster, node)?;
     args.extend(extra_args.iter().map(OsString::from));
+    if device == NodeDevice::Kernel {
+        args.extend(["--datapath".into(), "kernel".into()]);
+    }
     cluster
         .spawn_supervised(node, Role::Agent, agent_binary, args, log_filter())
         .map_err(failed)

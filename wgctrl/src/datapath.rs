@@ -8,7 +8,7 @@
 //! state, one UAPI exchange or a few netlink round trips (each bounded by a timeout). Callers on a
 //! tokio runtime may call it directly.
 
-use std::{net::SocketAddr, path::PathBuf, time::SystemTime};
+use std::{fmt, net::SocketAddr, path::PathBuf, time::SystemTime};
 
 use ipnet::IpNet;
 use wiremesh_keyexchange::{PrivateKey, PublicKey};
@@ -41,8 +41,8 @@ pub struct DeviceSettings {
 }
 
 /// The wanted state of one peer. `set_peer` makes the device match it exactly: allowed IPs are
-/// replaced, not merged.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// replaced, not merged. Its `Debug` output never shows the preshared key.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PeerConfig {
     pub public_key: PublicKey,
     pub endpoint: Option<SocketAddr>,
@@ -62,6 +62,28 @@ impl PeerConfig {
             persistent_keepalive: None,
             preshared_key: None,
         }
+    }
+}
+
+impl fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// Stands in for a secret in `Debug` output.
+        struct Redacted;
+        impl fmt::Debug for Redacted {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("<redacted>")
+            }
+        }
+        f.debug_struct("PeerConfig")
+            .field("public_key", &self.public_key)
+            .field("endpoint", &self.endpoint)
+            .field("allowed_ips", &self.allowed_ips)
+            .field("persistent_keepalive", &self.persistent_keepalive)
+            .field(
+                "preshared_key",
+                &self.preshared_key.as_ref().map(|_| Redacted),
+            )
+            .finish()
     }
 }
 
@@ -140,4 +162,36 @@ pub trait Datapath: Send + Sync + 'static {
     fn remove_peer(&self, public_key: &PublicKey) -> Result<(), DatapathError>;
     /// The device and all peers, with handshake times and counters.
     fn status(&self) -> Result<DeviceStatus, DatapathError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_config_debug_never_shows_the_preshared_key() {
+        let psk = [0xa7u8; 32];
+        let mut peer = PeerConfig::new(PublicKey::from_bytes([0x11; 32]));
+        peer.preshared_key = Some(psk);
+        peer.persistent_keepalive = Some(25);
+        let text = format!("{peer:?} {peer:#?}");
+        // Every encoding a key could be printed in: Debug's decimal array (flat and pretty),
+        // hex both cases, and base64 as wg(8) shows keys.
+        let decimal = format!("{:?}", &psk[..4]);
+        let hex: String = psk.iter().map(|b| format!("{b:02x}")).collect();
+        let base64 = PublicKey::from_bytes(psk).to_base64();
+        for needle in [
+            decimal.trim_end_matches(']').to_string(),
+            psk[0].to_string(),
+            hex[..8].to_string(),
+            hex[..8].to_uppercase(),
+            base64[..8].to_string(),
+        ] {
+            assert!(!text.contains(&needle), "{needle:?} in {text}");
+        }
+        assert!(text.contains("preshared_key: Some(<redacted>)"), "{text}");
+        assert!(text.contains("persistent_keepalive: Some(25)"), "{text}");
+        peer.preshared_key = None;
+        assert!(format!("{peer:?}").contains("preshared_key: None"));
+    }
 }

@@ -28,14 +28,61 @@ const TCP_CWR: u8 = 0x80;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Malformed(pub &'static str);
 
+/// How a frame from the TUN splits into IP packets, read from its virtio-net header and IP/L4
+/// headers by [`layout`] (which validates them) before anything is locked or encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// One packet; its checksum is completed if the kernel left it to us.
+    Single { csum: Option<(usize, usize)> },
+    /// A TSO/USO super-packet cut into `segs` packets of at most `hlen + gso_size` bytes.
+    Gso {
+        v6: bool,
+        proto: u8,
+        ip_hlen: usize,
+        hlen: usize,
+        gso_size: usize,
+        segs: usize,
+    },
+}
+
+impl Layout {
+    /// How many IP packets the frame yields.
+    pub fn segments(&self) -> usize {
+        match self {
+            Self::Single { .. } => 1,
+            Self::Gso { segs, .. } => *segs,
+        }
+    }
+
+    /// The longest of them, for a frame of `n` bytes (virtio-net header included).
+    pub fn max_segment_len(&self, n: usize) -> usize {
+        match self {
+            Self::Single { .. } => n.saturating_sub(VIRTIO_NET_HDR_LEN),
+            Self::Gso { hlen, gso_size, .. } => hlen + gso_size,
+        }
+    }
+}
+
 /// Calls `each` with every IP packet of the `n`-byte frame at the start of `frame` (virtio-net
 /// header first), in order, with valid checksums. `each` must be done with a segment when it
 /// returns: the next one is built over its tail.
+#[cfg(test)]
 pub(crate) fn for_each_segment(
     frame: &mut [u8],
     n: usize,
-    mut each: impl FnMut(&[u8]),
+    each: impl FnMut(&[u8]),
 ) -> Result<(), Malformed> {
+    let layout = layout(frame, n)?;
+    let mut each = each;
+    Segmenter::new(frame, n, layout).run(frame, n, |seg| {
+        each(seg);
+        true
+    });
+    Ok(())
+}
+
+/// Reads and validates the headers of the `n`-byte frame at the start of `frame`.
+pub(crate) fn layout(frame: &[u8], n: usize) -> Result<Layout, Malformed> {
     if n < VIRTIO_NET_HDR_LEN + 20 || n > frame.len() {
         return Err(Malformed("frame shorter than an IP header"));
     }
@@ -47,30 +94,23 @@ pub(crate) fn for_each_segment(
     let gso_size = usize::from(u16::from_ne_bytes([hdr[4], hdr[5]]));
     let csum_start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
     let csum_offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
-    let ip = &mut frame[VIRTIO_NET_HDR_LEN..n];
+    let ip = &frame[VIRTIO_NET_HDR_LEN..n];
     let v6 = match ip[0] >> 4 {
         4 => false,
         6 if ip.len() >= 40 => true,
         _ => return Err(Malformed("not IPv4 or IPv6")),
     };
     if gso_type == VIRTIO_NET_HDR_GSO_NONE {
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-            let at = csum_start + csum_offset;
-            if at + 2 > ip.len() || csum_start >= ip.len() {
-                return Err(Malformed("checksum offset beyond the packet"));
-            }
-            // The field holds the pseudo-header sum; sum the rest on top of it.
-            let c = !fold(sum(&ip[csum_start..], 0));
-            // In UDP (checksum at offset 6) zero means "no checksum": send all ones instead.
-            let c = if c == 0 && csum_offset == 6 {
-                0xffff
-            } else {
-                c
-            };
-            ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
+            return Ok(Layout::Single { csum: None });
         }
-        each(ip);
-        return Ok(());
+        let at = csum_start + csum_offset;
+        if at + 2 > ip.len() || csum_start >= ip.len() {
+            return Err(Malformed("checksum offset beyond the packet"));
+        }
+        return Ok(Layout::Single {
+            csum: Some((csum_start, csum_offset)),
+        });
     }
     let proto = match gso_type {
         VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 => IPPROTO_TCP,
@@ -82,82 +122,161 @@ pub(crate) fn for_each_segment(
         return Err(Malformed("GSO type does not match the IP version"));
     }
     let ip_hlen = csum_start;
-    if ip_hlen < 20 || ip_hlen + 8 > ip.len() || (v6 && ip_hlen < 40) {
+    let min_l4 = if proto == IPPROTO_TCP { 20 } else { 8 };
+    if ip_hlen < 20 || ip_hlen + min_l4 > ip.len() || (v6 && ip_hlen < 40) {
         return Err(Malformed("bad L4 offset"));
     }
     let l4_hlen = if proto == IPPROTO_TCP {
+        // Data offset in 32-bit words; below 5 the "header" would overlap the fixed fields.
         usize::from(ip[ip_hlen + 12] >> 4) * 4
     } else {
         8
     };
     let hlen = ip_hlen + l4_hlen;
-    if l4_hlen < 8 || hlen > MAX_HDR || hlen >= ip.len() || gso_size == 0 {
+    if l4_hlen < min_l4 || hlen > MAX_HDR || hlen >= ip.len() || gso_size == 0 {
         return Err(Malformed("bad GSO headers"));
     }
-    let mut template = [0u8; MAX_HDR];
-    template[..hlen].copy_from_slice(&ip[..hlen]);
-    let template = &template[..hlen];
-    let payload_len = ip.len() - hlen;
-    let segs = payload_len.div_ceil(gso_size);
-    let id0 = u16::from_be_bytes([template[4], template[5]]);
-    let seq0 = u32::from_be_bytes([
-        template[ip_hlen + 4],
-        template[ip_hlen + 5],
-        template[ip_hlen + 6],
-        template[ip_hlen + 7],
-    ]);
-    for i in 0..segs {
-        let p_start = hlen + i * gso_size;
-        let p_len = gso_size.min(ip.len() - p_start);
-        let s = p_start - hlen;
-        let seg = &mut ip[s..p_start + p_len];
-        if i > 0 {
-            seg[..hlen].copy_from_slice(template);
-        }
-        let total = hlen + p_len;
-        if v6 {
-            seg[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
-        } else {
-            seg[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-            seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-            seg[10..12].copy_from_slice(&[0, 0]);
-            let c = !fold(sum(&seg[..ip_hlen], 0));
-            seg[10..12].copy_from_slice(&c.to_be_bytes());
-        }
-        let l4 = ip_hlen;
-        let csum_at = if proto == IPPROTO_TCP {
-            let seq = seq0.wrapping_add((i * gso_size) as u32);
-            seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
-            if i + 1 < segs {
-                seg[l4 + 13] &= !(TCP_FIN | TCP_PSH);
+    Ok(Layout::Gso {
+        v6,
+        proto,
+        ip_hlen,
+        hlen,
+        gso_size,
+        segs: (ip.len() - hlen).div_ceil(gso_size),
+    })
+}
+
+/// Cuts one frame into its IP packets, as its [`Layout`] says, possibly over several
+/// [`run`](Self::run)s: the caller may stop after any segment (its send buffer is full) and
+/// go on later with the same frame.
+pub(crate) struct Segmenter {
+    layout: Layout,
+    /// The first segment's headers as the kernel wrote them (the frame's own copy is
+    /// rewritten in place as segment 0).
+    template: [u8; MAX_HDR],
+    /// The segment the next run starts with.
+    next: usize,
+}
+
+impl Segmenter {
+    /// Prepares the `n`-byte frame at the start of `frame` (from [`layout`] on this very frame):
+    /// completes a single packet's checksum, keeps a super-packet's headers.
+    pub fn new(frame: &mut [u8], n: usize, layout: Layout) -> Self {
+        let ip = &mut frame[VIRTIO_NET_HDR_LEN..n];
+        let mut template = [0u8; MAX_HDR];
+        match layout {
+            Layout::Single {
+                csum: Some((csum_start, csum_offset)),
+            } => {
+                let at = csum_start + csum_offset;
+                // The field holds the pseudo-header sum; sum the rest on top of it.
+                let c = !fold(sum(&ip[csum_start..], 0));
+                // In UDP (checksum at offset 6) zero means "no checksum": send all ones instead.
+                let c = if c == 0 && csum_offset == 6 {
+                    0xffff
+                } else {
+                    c
+                };
+                ip[at..at + 2].copy_from_slice(&c.to_be_bytes());
             }
-            if i > 0 {
-                seg[l4 + 13] &= !TCP_CWR;
-            }
-            l4 + 16
-        } else {
-            seg[l4 + 4..l4 + 6].copy_from_slice(&((total - ip_hlen) as u16).to_be_bytes());
-            l4 + 6
-        };
-        seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
-        let c = !fold(sum(
-            &seg[l4..],
-            pseudo_header(seg, v6, proto, total - ip_hlen),
-        ));
-        // A UDP checksum of zero means "none": send all ones instead.
-        let c = if c == 0 && proto == IPPROTO_UDP {
-            0xffff
-        } else {
-            c
-        };
-        seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-        each(seg);
+            Layout::Single { csum: None } => {}
+            Layout::Gso { hlen, .. } => template[..hlen].copy_from_slice(&ip[..hlen]),
+        }
+        Self {
+            layout,
+            template,
+            next: 0,
+        }
     }
-    Ok(())
+
+    /// Calls `each` with the frame's IP packets from the next one on, in order, with valid
+    /// checksums; `frame` and `n` are those given to [`new`](Self::new). `each` must be done with
+    /// a segment when it returns (the next one is built over its tail), and returns `false` if
+    /// it could not take it: the run stops there and the next run starts with that segment
+    /// (rebuilding a segment in place is idempotent). Returns whether all were taken.
+    pub fn run(&mut self, frame: &mut [u8], n: usize, mut each: impl FnMut(&[u8]) -> bool) -> bool {
+        let ip = &mut frame[VIRTIO_NET_HDR_LEN..n];
+        let (v6, proto, ip_hlen, hlen, gso_size, segs) = match self.layout {
+            Layout::Single { .. } => {
+                if self.next == 0 && each(ip) {
+                    self.next = 1;
+                }
+                return self.next == 1;
+            }
+            Layout::Gso {
+                v6,
+                proto,
+                ip_hlen,
+                hlen,
+                gso_size,
+                segs,
+            } => (v6, proto, ip_hlen, hlen, gso_size, segs),
+        };
+        let template = &self.template[..hlen];
+        let id0 = u16::from_be_bytes([template[4], template[5]]);
+        let seq0 = u32::from_be_bytes([
+            template[ip_hlen + 4],
+            template[ip_hlen + 5],
+            template[ip_hlen + 6],
+            template[ip_hlen + 7],
+        ]);
+        for i in self.next..segs {
+            let p_start = hlen + i * gso_size;
+            let p_len = gso_size.min(ip.len() - p_start);
+            let s = p_start - hlen;
+            let seg = &mut ip[s..p_start + p_len];
+            if i > 0 {
+                seg[..hlen].copy_from_slice(template);
+            }
+            let total = hlen + p_len;
+            if v6 {
+                seg[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            } else {
+                seg[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+                seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+                seg[10..12].copy_from_slice(&[0, 0]);
+                let c = !fold(sum(&seg[..ip_hlen], 0));
+                seg[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            let l4 = ip_hlen;
+            let csum_at = if proto == IPPROTO_TCP {
+                let seq = seq0.wrapping_add((i * gso_size) as u32);
+                seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+                if i + 1 < segs {
+                    seg[l4 + 13] &= !(TCP_FIN | TCP_PSH);
+                }
+                if i > 0 {
+                    seg[l4 + 13] &= !TCP_CWR;
+                }
+                l4 + 16
+            } else {
+                seg[l4 + 4..l4 + 6].copy_from_slice(&((total - ip_hlen) as u16).to_be_bytes());
+                l4 + 6
+            };
+            seg[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
+            let c = !fold(sum(
+                &seg[l4..],
+                pseudo_header(seg, v6, proto, total - ip_hlen),
+            ));
+            // A UDP checksum of zero means "none": send all ones instead.
+            let c = if c == 0 && proto == IPPROTO_UDP {
+                0xffff
+            } else {
+                c
+            };
+            seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+            if !each(seg) {
+                self.next = i;
+                return false;
+            }
+        }
+        self.next = segs;
+        true
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn valid_l4(pkt: &[u8], v6: bool, proto: u8) -> bool {
@@ -172,7 +291,7 @@ mod tests {
 
     /// A TSO frame as the kernel hands it over: one big packet, NEEDS_CSUM, the pseudo-header
     /// sum in the checksum field.
-    fn tso_frame(v6: bool, payload: &[u8], mss: u16, flags: u8) -> Vec<u8> {
+    pub(crate) fn tso_frame(v6: bool, payload: &[u8], mss: u16, flags: u8) -> Vec<u8> {
         let ip_hlen = if v6 { 40 } else { 20 };
         let hlen = ip_hlen + 32;
         let total = hlen + payload.len();
@@ -281,5 +400,82 @@ mod tests {
         bad[VIRTIO_NET_HDR_LEN] = 0x15;
         assert!(for_each_segment(&mut bad, n, |_| {}).is_err(), "not IP");
         assert!(for_each_segment(&mut bad, 12, |_| {}).is_err(), "short");
+    }
+
+    #[test]
+    fn a_frame_cut_over_several_runs_gives_the_same_segments() {
+        for v6 in [false, true] {
+            let payload: Vec<u8> = (0..9_000u32).map(|i| (i * 13 + i / 77) as u8).collect();
+            let whole = {
+                let mut f = tso_frame(v6, &payload, 1000, 0x10 | TCP_PSH);
+                let n = f.len();
+                let mut segs = Vec::new();
+                for_each_segment(&mut f, n, |seg| segs.push(seg.to_vec())).expect("split");
+                segs
+            };
+            assert_eq!(whole.len(), 9);
+            // Refuse every third segment offered once (a full send buffer), then take it.
+            let mut f = tso_frame(v6, &payload, 1000, 0x10 | TCP_PSH);
+            let n = f.len();
+            let layout = layout(&f, n).expect("layout");
+            let mut cut = Segmenter::new(&mut f, n, layout);
+            let (mut got, mut offered, mut runs) = (Vec::new(), 0, 0);
+            while runs < 100 {
+                runs += 1;
+                let done = cut.run(&mut f, n, |seg| {
+                    offered += 1;
+                    if offered % 3 == 0 {
+                        return false;
+                    }
+                    got.push(seg.to_vec());
+                    true
+                });
+                if done {
+                    break;
+                }
+            }
+            assert_eq!(got, whole, "v6 {v6}");
+            assert!(runs > 1 && runs < 100, "{runs} runs");
+            assert!(cut.run(&mut f, n, |_| panic!("nothing is left")));
+        }
+    }
+
+    #[test]
+    fn tcp_data_offsets_below_five_and_truncated_tcp_headers_are_refused() {
+        let payload = vec![0x5a; 3000];
+        for v6 in [false, true] {
+            let ip_hlen = if v6 { 40 } else { 20 };
+            // Data offsets 0..=4 describe a header shorter than TCP's fixed 20 bytes: the
+            // segmenter would rewrite sequence numbers and checksums inside the payload.
+            for doff in 0..5u8 {
+                let mut bad = tso_frame(v6, &payload, 1000, 0x10);
+                bad[VIRTIO_NET_HDR_LEN + ip_hlen + 12] = doff << 4;
+                let n = bad.len();
+                let mut segs = 0;
+                assert_eq!(
+                    for_each_segment(&mut bad, n, |_| segs += 1),
+                    Err(Malformed("bad GSO headers")),
+                    "v6 {v6} data offset {doff}"
+                );
+                assert_eq!(segs, 0);
+            }
+            // Five words is the smallest valid TCP header.
+            let mut ok = tso_frame(v6, &payload, 1000, 0x10);
+            ok[VIRTIO_NET_HDR_LEN + ip_hlen + 12] = 5 << 4;
+            let n = ok.len();
+            assert!(
+                for_each_segment(&mut ok, n, |_| {}).is_ok(),
+                "v6 {v6} offset 5"
+            );
+            // A frame that ends inside the TCP header is refused, not read past its end.
+            for cut in [ip_hlen + 8, ip_hlen + 12, ip_hlen + 19] {
+                let mut short = tso_frame(v6, &payload, 1000, 0x10);
+                let n = VIRTIO_NET_HDR_LEN + cut;
+                assert!(
+                    for_each_segment(&mut short, n, |_| {}).is_err(),
+                    "v6 {v6} frame cut at {cut}"
+                );
+            }
+        }
     }
 }

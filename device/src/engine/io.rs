@@ -50,6 +50,10 @@ pub(crate) struct UdpEndpoint {
     pub sockets: Vec<UdpSock>,
     pub port: u16,
     dual_stack: bool,
+    /// Test hook: every send waits at this gate while it is closed (a send stuck on a full
+    /// socket buffer, made deterministic). Not compiled outside unit tests.
+    #[cfg(test)]
+    pub gate: Option<Arc<SendGate>>,
 }
 
 impl UdpEndpoint {
@@ -87,6 +91,8 @@ impl UdpEndpoint {
             sockets,
             port,
             dual_stack,
+            #[cfg(test)]
+            gate: None,
         })
     }
 
@@ -133,6 +139,10 @@ impl UdpEndpoint {
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(gate) = &self.gate {
+            gate.pass();
+        }
         let sock = self.sock(idx);
         let transmit = Transmit {
             destination: self.wire_addr(dst),
@@ -159,6 +169,55 @@ impl UdpEndpoint {
     /// The largest number of segments one GSO send may carry.
     pub fn max_gso_segments(&self) -> usize {
         self.sockets[0].state.max_gso_segments().max(1)
+    }
+}
+
+/// Test hook (see [`UdpEndpoint::gate`]): holds senders while closed and counts them.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct SendGate {
+    /// (closed, senders waiting)
+    state: std::sync::Mutex<(bool, usize)>,
+    cv: std::sync::Condvar,
+}
+
+#[cfg(test)]
+impl SendGate {
+    pub fn closed() -> Arc<Self> {
+        let gate = Self::default();
+        gate.state.lock().unwrap().0 = true;
+        Arc::new(gate)
+    }
+
+    fn pass(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.1 += 1;
+        self.cv.notify_all();
+        while st.0 {
+            st = self.cv.wait(st).unwrap();
+        }
+        st.1 -= 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits (at most `timeout`) until a sender is held; whether one is.
+    pub fn wait_held(&self, timeout: std::time::Duration) -> bool {
+        let st = self.state.lock().unwrap();
+        let (st, _) = self
+            .cv
+            .wait_timeout_while(st, timeout, |st| st.1 == 0)
+            .unwrap();
+        st.1 > 0
+    }
+
+    /// Senders held right now.
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap().1
+    }
+
+    pub fn set_closed(&self, closed: bool) {
+        self.state.lock().unwrap().0 = closed;
+        self.cv.notify_all();
     }
 }
 
@@ -239,11 +298,25 @@ impl NetNs {
         File::open("/proc/thread-self/ns/net").map(|f| Self(Arc::new(f)))
     }
 
-    /// Runs `f` on a helper thread that has joined this namespace.
+    /// Whether the calling thread is in this namespace (same device and inode as its ns file).
+    fn is_current(&self) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::metadata("/proc/thread-self/ns/net")?;
+        let ours = self.0.metadata()?;
+        Ok(here.dev() == ours.dev() && here.ino() == ours.ino())
+    }
+
+    /// Runs `f` in this namespace: on the calling thread when it is in it already (the device
+    /// process, whose threads all live in the node's namespace: joining a namespace needs
+    /// CAP_SYS_ADMIN, which the device's container does not have), otherwise on a helper thread
+    /// that has joined it.
     pub fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
+        if self.is_current()? {
+            return f();
+        }
         let ns = self.0.clone();
         std::thread::Builder::new()
             .name("wm-netns".into())

@@ -2,6 +2,12 @@
 //! TUN -> (split GSO frames) -> encrypt -> UDP (GSO trains), and UDP (GRO) -> decrypt ->
 //! cryptokey-routing check -> TUN (GRO coalescing). All buffers are allocated once per worker
 //! and reused for every batch; the per-packet path does not allocate.
+//!
+//! No lock is held across a UDP send (which may wait for buffer space): the encrypt path
+//! makes room in its send buffer for a whole frame before it takes the configuration and peer
+//! locks, and the receive path stages its replies in an [`Outbox`] sent after the batch's
+//! read lock is released. Only authenticated datagrams (a handshake message that completed, a
+//! decrypted data packet or keepalive) move a peer's endpoint; cookie replies never do.
 
 use std::{
     io::{self, IoSliceMut},
@@ -22,6 +28,7 @@ use super::{
     gro::TunCoalescer,
     gso,
     io::{UdpEndpoint, canonical},
+    outbox::Outbox,
     state::{DeviceState, Peer},
 };
 
@@ -38,6 +45,17 @@ const MAX_GSO_BYTES: usize = 65000;
 const TUN_BURST: usize = 16;
 /// UDP batches per wake-up before the worker looks at the TUN side again.
 const UDP_BURST: usize = 8;
+/// Initial size of a receive worker's outbox (handshake replies and the packets queued
+/// during a handshake); it grows if a flush of boringtun's queue needs more.
+const OUTBOX_BYTES: usize = 16 * 1024;
+
+/// Send-buffer space one encrypted segment of `len` bytes may take: WireGuard's 32 bytes of
+/// header and tag plus up to 16 of padding; at least a handshake initiation (what
+/// `encapsulate` writes when there is no session yet).
+#[inline]
+fn stage_need(len: usize) -> usize {
+    (len + 32 + 16).max(148)
+}
 
 /// One encrypted datagram staged in `tx_buf`.
 #[derive(Clone, Copy)]
@@ -115,7 +133,14 @@ impl TunWorker {
         Ok(step)
     }
 
-    fn flush(&mut self, udp: &UdpEndpoint) {
+    /// Test hook: puts `frame` (virtio-net header first) where a TUN read would; its length.
+    #[cfg(test)]
+    pub(crate) fn load_frame(&mut self, frame: &[u8]) -> usize {
+        self.frame[..frame.len()].copy_from_slice(frame);
+        frame.len()
+    }
+
+    pub(crate) fn flush(&mut self, udp: &UdpEndpoint) {
         flush_tx(
             udp,
             self.queue,
@@ -128,11 +153,11 @@ impl TunWorker {
     }
 
     /// Encrypts every segment of the `n`-byte frame in `self.frame` for the peer that owns its
-    /// destination (one lookup and one peer lock per frame).
-    fn encrypt_frame(&mut self, n: usize, udp: &UdpEndpoint) {
+    /// destination (one lookup and one peer lock per frame). The send buffer is flushed before
+    /// the locks are taken if the whole frame might not fit, so no send happens under them.
+    pub(crate) fn encrypt_frame(&mut self, n: usize, udp: &UdpEndpoint) {
         let shared = &*self.shared;
         let counters = &shared.counters;
-        let state = shared.read_state();
         let Some(dst) = self.frame.get(VIRTIO_NET_HDR_LEN..n).and_then(packet_dst) else {
             counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -145,63 +170,80 @@ impl TunWorker {
             counters.tun_filtered.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let Some(peer) = state.table.lookup(dst) else {
-            counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let mut inner = peer.lock();
-        let Some(endpoint) = inner.endpoint else {
-            counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let Some(tunn) = inner.tunn.as_mut() else {
-            counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let (tx_buf, tx_used, staged, acct, queue) = (
-            &mut self.tx_buf,
-            &mut self.tx_used,
-            &mut self.staged,
-            &mut self.tx_acct,
-            self.queue,
-        );
-        let mut sent = 0u64;
-        let split = gso::for_each_segment(&mut self.frame, n, |seg| {
-            let need = (seg.len() + 32 + 16).max(148);
-            if *tx_used + need > tx_buf.len() {
-                flush_tx(udp, queue, tx_buf, staged, acct, shared);
-                *tx_used = 0;
+        let layout = match gso::layout(&self.frame, n) {
+            Ok(layout) => layout,
+            Err(gso::Malformed(why)) => {
+                tracing::debug!(ifname = %shared.ifname, reason = why, "bad frame from TUN");
+                counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
+                return;
             }
-            let start = *tx_used;
-            match tunn.encapsulate(seg, &mut tx_buf[start..start + need]) {
-                TunnResult::WriteToNetwork(out) => {
-                    let len = out.len();
-                    staged.push(Staged {
-                        dst: endpoint,
-                        start,
-                        len,
-                    });
-                    *tx_used += len;
-                    sent += len as u64;
-                }
-                // Queued inside the Tunn until the handshake completes.
-                TunnResult::Done => {}
-                TunnResult::Err(e) => {
-                    counters.tx_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(peer = %peer.public_key, error = ?e, "encapsulate failed");
-                }
-                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
-                    counters.tx_errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        drop(inner);
-        if sent > 0 {
-            account(acct, peer, sent);
+        };
+        // Make room for the whole frame now, while no lock is held; a frame larger than the
+        // whole buffer (segments far below any real MSS) is done in several passes below.
+        let room = layout.segments() * stage_need(layout.max_segment_len(n));
+        if self.tx_used + room > self.tx_buf.len() {
+            self.flush(udp);
         }
-        if let Err(gso::Malformed(why)) = split {
-            tracing::debug!(ifname = %shared.ifname, reason = why, "bad frame from TUN");
-            counters.tun_malformed.fetch_add(1, Ordering::Relaxed);
+        let mut segments = gso::Segmenter::new(&mut self.frame, n, layout);
+        loop {
+            let shared = &*self.shared;
+            let counters = &shared.counters;
+            let state = shared.read_state();
+            let Some(peer) = state.table.lookup(dst) else {
+                counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let mut inner = peer.lock();
+            let Some(endpoint) = inner.endpoint else {
+                counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let Some(tunn) = inner.tunn.as_mut() else {
+                counters.tx_no_key.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let (tx_buf, tx_used, staged) = (&mut self.tx_buf, &mut self.tx_used, &mut self.staged);
+            let mut sent = 0u64;
+            let done = segments.run(&mut self.frame, n, |seg| {
+                let need = stage_need(seg.len());
+                let start = *tx_used;
+                let Some(out) = tx_buf.get_mut(start..start + need) else {
+                    return false;
+                };
+                match tunn.encapsulate(seg, out) {
+                    TunnResult::WriteToNetwork(out) => {
+                        let len = out.len();
+                        staged.push(Staged {
+                            dst: endpoint,
+                            start,
+                            len,
+                        });
+                        *tx_used += len;
+                        sent += len as u64;
+                    }
+                    // Queued inside the Tunn until the handshake completes.
+                    TunnResult::Done => {}
+                    TunnResult::Err(e) => {
+                        counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %peer.public_key, error = ?e, "encapsulate failed");
+                    }
+                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                        counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                true
+            });
+            drop(inner);
+            if sent > 0 {
+                account(&mut self.tx_acct, peer, sent);
+            }
+            drop(state);
+            if done {
+                return;
+            }
+            // The buffer is full: send it with no lock held, then go on with the frame (the
+            // next pass looks the destination up again).
+            self.flush(udp);
         }
     }
 }
@@ -216,6 +258,7 @@ pub(crate) struct UdpWorker {
     rx_meta: Vec<RecvMeta>,
     gro: TunCoalescer,
     scratch: Vec<u8>,
+    outbox: Outbox,
 }
 
 impl UdpWorker {
@@ -229,6 +272,7 @@ impl UdpWorker {
             rx_meta: vec![RecvMeta::default(); RX_BUFS],
             gro: TunCoalescer::new(udp_gso),
             scratch: vec![0; 2048],
+            outbox: Outbox::with_capacity(OUTBOX_BYTES),
         }
     }
 
@@ -280,10 +324,6 @@ impl UdpWorker {
     fn decrypt_batch(&mut self, n: usize, udp: &UdpEndpoint) {
         let shared = self.shared.clone();
         let state = shared.read_state();
-        let tx = TxCtx {
-            udp,
-            idx: self.index,
-        };
         let mut cache = RxCache::default();
         for i in 0..n {
             let meta = self.rx_meta[i];
@@ -298,7 +338,7 @@ impl UdpWorker {
                 match handle_datagram(
                     &shared,
                     &state,
-                    &tx,
+                    &mut self.outbox,
                     src,
                     datagram,
                     dst,
@@ -318,6 +358,9 @@ impl UdpWorker {
             }
         }
         drop(state);
+        if !self.outbox.is_empty() {
+            self.outbox.send(udp, self.index, &shared);
+        }
         self.flush_tun();
     }
 
@@ -336,6 +379,12 @@ impl UdpWorker {
         tracing::debug!(ifname = %self.shared.ifname, error = %e, "TUN write failed");
     }
 }
+
+/// Test hook: the worker of this queue panics at the top of its next round (`usize::MAX`:
+/// none). Not compiled outside unit tests.
+#[cfg(test)]
+pub(crate) static PANIC_QUEUE: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
 
 /// One datapath worker: both directions of queue `i` on one thread — TUN queue `i` (encrypt)
 /// and UDP socket `i` (decrypt). One thread per queue beat one thread per direction here:
@@ -367,6 +416,10 @@ impl Worker {
         let mut udp = shared.read_state().udp.clone();
         let (mut tun_ready, mut udp_ready) = (true, true);
         while !shared.stopping() {
+            #[cfg(test)]
+            if PANIC_QUEUE.load(Ordering::Relaxed) == queue {
+                panic!("test hook: datapath worker {queue} panics");
+            }
             {
                 let st = shared.read_state();
                 if !Arc::ptr_eq(&st.udp, &udp) {
@@ -444,18 +497,6 @@ impl Worker {
             tun_ready = fds[0].revents != 0;
             udp_ready = fds[1].revents != 0;
         }
-    }
-}
-
-/// Where replies produced on the receive path go out.
-pub(crate) struct TxCtx<'a> {
-    pub udp: &'a UdpEndpoint,
-    pub idx: usize,
-}
-
-impl TxCtx<'_> {
-    fn send(&self, dst: SocketAddr, bytes: &[u8]) {
-        let _ = self.udp.send(self.idx, dst, bytes, None);
     }
 }
 
@@ -563,12 +604,13 @@ pub(crate) struct RxCache<'s> {
 }
 
 /// Handles one received datagram. Returns the length of the decrypted packet left at the
-/// start of `dst` for the TUN, if any.
+/// start of `dst` for the TUN, if any; replies (handshake responses, cookie replies, queued
+/// packets) go to `out`, for the caller to send once it has released the state lock.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn handle_datagram<'s>(
     shared: &Shared,
     state: &'s DeviceState,
-    tx: &TxCtx<'_>,
+    out: &mut Outbox,
     src: SocketAddr,
     datagram: &[u8],
     dst: &mut [u8],
@@ -637,7 +679,7 @@ pub(crate) fn handle_datagram<'s>(
                 }
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     counters.rx_cookie_replies.fetch_add(1, Ordering::Relaxed);
-                    tx.send(src, cookie);
+                    out.push(src, cookie, None);
                     return None;
                 }
                 Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
@@ -682,27 +724,35 @@ pub(crate) fn handle_datagram<'s>(
         TunnResult::WriteToTunnelV4(pkt, from) => (pkt.len(), IpAddr::V4(from)),
         TunnResult::WriteToTunnelV6(pkt, from) => (pkt.len(), IpAddr::V6(from)),
         TunnResult::Done => {
-            // Keepalive or cookie reply: authenticated, nothing for the TUN.
-            inner.endpoint = Some(src);
+            // A keepalive (a decrypted, so authenticated, data packet) or a cookie reply:
+            // nothing for the TUN. Only the keepalive may move the endpoint: a cookie reply
+            // is made from what the initiation carried in clear (its mac1), so anyone who saw
+            // it can send one, from any address (WireGuard paper, section 5.4.7).
+            if datagram[0] == MSG_DATA {
+                inner.endpoint = Some(src);
+            }
             drop(guard);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
             return None;
         }
+        TunnResult::WriteToNetwork(reply) if reply.first() == Some(&MSG_COOKIE) => {
+            // The peer's own rate limiter asks the (unauthenticated) sender for a cookie.
+            drop(guard);
+            counters.rx_cookie_replies.fetch_add(1, Ordering::Relaxed);
+            out.push(src, reply, None);
+            return None;
+        }
         TunnResult::WriteToNetwork(reply) => {
-            // Handshake answered (or a keepalive after our initiation completed).
+            // Handshake answered (a valid initiation or response: authenticated).
             inner.endpoint = Some(src);
             peer.rx_bytes
                 .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            let mut sent = reply.len() as u64;
-            tx.send(src, reply);
+            out.push(src, reply, Some(peer));
             // Flush packets queued while the handshake was in flight.
             loop {
                 match tunn.decapsulate(None, &[], dst) {
-                    TunnResult::WriteToNetwork(pkt) => {
-                        sent += pkt.len() as u64;
-                        tx.send(src, pkt);
-                    }
+                    TunnResult::WriteToNetwork(pkt) => out.push(src, pkt, Some(peer)),
                     TunnResult::Done => break,
                     TunnResult::Err(e) => {
                         tracing::debug!(peer = %peer.public_key, error = ?e, "flushing queue failed");
@@ -711,9 +761,6 @@ pub(crate) fn handle_datagram<'s>(
                     TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => break,
                 }
             }
-            drop(guard);
-            peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
-            peer.last_tx_ms.store(shared.now_ms(), Ordering::Relaxed);
             return None;
         }
         TunnResult::Err(e) => {
@@ -768,25 +815,4 @@ fn count_error(counters: &super::Counters, e: &WireGuardError) {
         _ => &counters.rx_handshake_failed,
     };
     c.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Sends a handshake initiation or keepalive produced outside the datapath (timers).
-pub(crate) fn send_control(
-    shared: &Shared,
-    udp: &UdpEndpoint,
-    peer: &Peer,
-    dst: SocketAddr,
-    bytes: &[u8],
-) {
-    match udp.send(0, dst, bytes, None) {
-        Ok(()) => {
-            peer.tx_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            peer.last_tx_ms.store(shared.now_ms(), Ordering::Relaxed);
-        }
-        Err(e) => {
-            shared.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(peer = %peer.public_key, dst = %dst, error = %e, "control send failed");
-        }
-    }
 }

@@ -111,6 +111,17 @@ pub async fn start_mesh(shape: Shape) -> VirtualCluster {
 
 /// [`start_mesh`] with extra `mesh-agent run` arguments for every agent.
 pub async fn start_mesh_with_args(shape: Shape, agent_args: &[&str]) -> VirtualCluster {
+    start_mesh_on(shape, demo::NodeDevice::Userspace, agent_args).await
+}
+
+/// [`start_mesh_with_args`] with every node on `device` ([`demo::NodeDevice::Kernel`]: kernel
+/// WireGuard links, only in the kernel VM).
+pub async fn start_mesh_on(
+    shape: Shape,
+    device: demo::NodeDevice,
+    agent_args: &[&str],
+) -> VirtualCluster {
+    let started = std::time::Instant::now();
     let mut cluster = VirtualCluster::start(ClusterOptions {
         nodes: shape.nodes,
         pods_per_node: shape.pods_per_node,
@@ -119,6 +130,11 @@ pub async fn start_mesh_with_args(shape: Shape, agent_args: &[&str]) -> VirtualC
     })
     .await
     .expect("start the virtual cluster");
+    eprintln!(
+        "virtual cluster (testenv ready, {} nodes) in {:.1?}",
+        shape.nodes,
+        started.elapsed()
+    );
     let client = cluster.client().clone();
     demo::install_crds(&client).await.expect("install CRDs");
     demo::set_mesh_enabled(&client, true)
@@ -127,7 +143,7 @@ pub async fn start_mesh_with_args(shape: Shape, agent_args: &[&str]) -> VirtualC
     let agent = agent_binary();
     let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
     for node in &names {
-        demo::start_agent(&mut cluster, node, &agent, agent_args).expect("start agent");
+        demo::start_node(&mut cluster, node, &agent, device, agent_args).expect("start agent");
     }
     wait_converged(&cluster).await;
     cluster
@@ -683,17 +699,50 @@ pub struct PingRun {
 }
 
 /// What a [`PingRun`] saw.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct PingResult {
     pub transmitted: u32,
     pub received: u32,
     /// The longest time between two consecutive replies (the outage), in milliseconds.
     pub max_gap_ms: f64,
+    /// When each reply came (`ping -D`: seconds since the Unix epoch), in order.
+    pub reply_times: Vec<f64>,
+    /// The highest `icmp_seq` answered.
+    pub last_seq: u32,
+    /// Requests without a reply yet when [`PingRun::interrupt`] stopped ping.
+    pub in_flight_at_stop: u32,
+}
+
+impl std::fmt::Debug for PingResult {
+    // The reply times are thousands of numbers: their count is enough in a failure message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PingResult")
+            .field("transmitted", &self.transmitted)
+            .field("received", &self.received)
+            .field("max_gap_ms", &self.max_gap_ms)
+            .field("last_seq", &self.last_seq)
+            .field("in_flight_at_stop", &self.in_flight_at_stop)
+            .field("reply_times", &self.reply_times.len())
+            .finish()
+    }
 }
 
 impl PingResult {
     pub fn lost(&self) -> u32 {
         self.transmitted.saturating_sub(self.received)
+    }
+
+    /// Replies that came between `from` and `to` (wall clock).
+    pub fn replies_between(&self, from: std::time::SystemTime, to: std::time::SystemTime) -> usize {
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let (from, to) = (secs(from), secs(to));
+        self.reply_times
+            .iter()
+            .filter(|t| (from..=to).contains(*t))
+            .count()
     }
 }
 
@@ -722,6 +771,27 @@ impl PingRun {
         Self { child }
     }
 
+    /// Stops ping (SIGINT: it prints its summary) and reads what it saw, as [`PingRun::finish`].
+    /// For a run that must cover an event of unknown length: start with a large count. Requests
+    /// sent after the last answered one were in flight when ping stopped (it does not wait for
+    /// them): they are counted in `in_flight_at_stop`, not as transmitted, so `lost()` is the
+    /// requests before the last reply that never got one.
+    pub fn interrupt(self) -> PingResult {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child, which has not been waited for (its PID is ours).
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGINT) },
+            0,
+            "SIGINT to ping"
+        );
+        let mut result = self.finish();
+        // icmp_seq counts from 1.
+        let answered_up_to = result.last_seq.min(result.transmitted);
+        result.in_flight_at_stop = result.transmitted - answered_up_to;
+        result.transmitted = answered_up_to;
+        result
+    }
+
     /// Waits for ping to finish and reads its counts and the longest gap between replies.
     pub fn finish(self) -> PingResult {
         let out = self.child.wait_with_output().expect("ping output");
@@ -732,6 +802,17 @@ impl PingRun {
             .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
             .collect();
         times.sort_by(f64::total_cmp);
+        let last_seq = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("icmp_seq="))?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0);
         let max_gap_ms = times
             .windows(2)
             .map(|w| (w[1] - w[0]) * 1000.0)
@@ -751,6 +832,9 @@ impl PingRun {
             transmitted: number("transmitted"),
             received: number("received"),
             max_gap_ms,
+            reply_times: times,
+            last_seq,
+            in_flight_at_stop: 0,
         }
     }
 }
@@ -845,6 +929,174 @@ pub async fn wait_agent_ready(cluster: &VirtualCluster, node: &str, timeout: Dur
     .await;
 }
 
+/// What [`kill_agent_under_traffic`] measured.
+#[derive(Debug, Clone)]
+pub struct AgentKill {
+    pub ping: PingResult,
+    /// Ping replies between the kill and the restarted agent's readiness: the datapath carried
+    /// traffic while no agent (or a starting one) ran.
+    pub replies_while_down: usize,
+    /// Bytes the TCP stream delivered (all it sent).
+    pub tcp_bytes: u64,
+    /// From the kill until the restarted agent answered `/readyz`.
+    pub ready_after: Duration,
+    pub ifindex: u32,
+}
+
+/// Issue 12, "Done when": `kill -9` of `node`'s agent while a 10 ms ping and a TCP stream run
+/// from pod `from` to pod `to` (on different nodes). Asserts nothing is lost (every ping
+/// answered, the stream delivers every byte without a reset) and the restarted agent keeps the
+/// device (same ifindex) and the key, published and on the device. The ping runs from 2 s before
+/// the kill until 1 s after the restarted agent is ready (however long that takes), 12 s at
+/// least, and must have had replies while the agent was down or starting.
+pub async fn kill_agent_under_traffic(
+    cluster: &mut VirtualCluster,
+    node: &str,
+    from: &str,
+    to: &str,
+    port: u16,
+) -> AgentKill {
+    let ifindex_before = device_ifindex(cluster, node).expect("ifindex");
+    let key_before = device_public_key(cluster, node).expect("device key");
+    assert_eq!(
+        Some(&key_before),
+        published_key(cluster, node).await.as_ref(),
+        "the device holds the published key"
+    );
+
+    let ping = PingRun::start(cluster, from, to, Duration::from_millis(10), 1_000_000);
+    let ping_started = std::time::Instant::now();
+    let tcp = TcpFlow::start(cluster, from, to, port);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let killed = kill_agent(cluster, node);
+    let (killed_at, killed_wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+    let restarted = wait_restarted(cluster, node, Role::Agent, killed);
+    wait_agent_ready(cluster, node, Duration::from_secs(120)).await;
+    let (ready_after, ready_wall) = (killed_at.elapsed(), std::time::SystemTime::now());
+    // Traffic through the new agent's first passes too, and 12 s of pings at least.
+    let rest = Duration::from_secs(12).saturating_sub(ping_started.elapsed());
+    tokio::time::sleep(rest.max(Duration::from_secs(1))).await;
+
+    let result = tokio::task::block_in_place(|| ping.interrupt());
+    let (sent, received) = tokio::task::block_in_place(|| tcp.finish())
+        .unwrap_or_else(|e| panic!("the TCP stream broke across the agent kill: {e}"));
+    let ifindex_after = device_ifindex(cluster, node).expect("ifindex");
+    let key_after = device_public_key(cluster, node).expect("device key");
+    let replies_while_down = result.replies_between(killed_wall, ready_wall);
+    eprintln!(
+        "agent kill -9 on {node} (pid {} -> {}), ready again after {:.1} s: ping {} sent, {} \
+         received, {} lost ({} in flight when ping stopped), {} replies between the kill and \
+         the new agent's readiness, longest gap {:.0} ms; TCP {} bytes sent, {} received, no \
+         reset; device ifindex {} -> {}",
+        killed.pid,
+        restarted.pid,
+        ready_after.as_secs_f64(),
+        result.transmitted,
+        result.received,
+        result.lost(),
+        result.in_flight_at_stop,
+        replies_while_down,
+        result.max_gap_ms,
+        sent,
+        received,
+        ifindex_before,
+        ifindex_after,
+    );
+    // The ping ran (an emulated guest sends far fewer than one per 10 ms); that it covered the
+    // kill and the restart is the reply count between them, below.
+    assert!(result.transmitted >= 100, "ping ran: {result:?}");
+    assert_eq!(result.lost(), 0, "no ping lost across the agent kill");
+    assert!(
+        replies_while_down > 0,
+        "the ping covered the agent's absence: {result:?}"
+    );
+    assert!(
+        result.replies_between(ready_wall, std::time::SystemTime::now()) > 0,
+        "replies after the restarted agent was ready: {result:?}"
+    );
+    // A round trip's worth of requests at most (an emulated guest's can be long), not an outage.
+    assert!(
+        result.in_flight_at_stop <= 100,
+        "requests unanswered at the end: {result:?}"
+    );
+    assert!(
+        sent > 0 && received == sent,
+        "TCP: {sent} sent, {received} received"
+    );
+    assert_eq!(ifindex_after, ifindex_before, "the same device was adopted");
+    assert_eq!(key_after, key_before, "the same key");
+    assert_eq!(
+        published_key(cluster, node).await,
+        Some(key_before),
+        "the same published key"
+    );
+    AgentKill {
+        ping: result,
+        replies_while_down,
+        tcp_bytes: received,
+        ready_after,
+        ifindex: ifindex_after,
+    }
+}
+
+/// The kind of `node`'s tunnel interface as `ip -d link` names it: `wireguard` for a kernel
+/// link, `tun` for the userspace device.
+pub fn device_kind(cluster: &VirtualCluster, node: &str) -> Result<String, String> {
+    let out = cluster
+        .exec_in_node(
+            node,
+            ["ip", "-d", "-o", "link", "show", &ifname(cluster, node)],
+        )
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ["wireguard", "tun"]
+        .into_iter()
+        .find(|kind| text.split_whitespace().any(|w| w == *kind))
+        .map(str::to_string)
+        .ok_or_else(|| format!("no wireguard or tun link on {node}: {text}"))
+}
+
+/// Traffic between every pair of pods on different nodes (ping, TCP and UDP echo carrying a
+/// marker) under a capture of the underlay bridge; asserts every flow worked and the capture
+/// saw only WireGuard between nodes. Returns the flows and the capture.
+pub fn all_pairs_encrypted(
+    cluster: &VirtualCluster,
+    what: &str,
+    marker: &str,
+) -> (Vec<demo::FlowResult>, CaptureReport) {
+    let description = cluster.description();
+    let (results, report) =
+        capture_underlay(cluster, marker, || demo::traffic(&description, marker));
+    let failures: Vec<String> = results
+        .iter()
+        .flat_map(|r| [&r.icmp, &r.tcp, &r.udp])
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect();
+    if !failures.is_empty() {
+        print_agent_logs(cluster);
+    }
+    assert!(
+        failures.is_empty(),
+        "{what}: flows failed:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        report.clean(),
+        "{what}: underlay not clean: {}\n{}",
+        report.summary(),
+        report.violations.join("\n")
+    );
+    // A request and a reply per TCP and UDP flow at least, encrypted.
+    assert!(
+        report.wireguard_data() >= results.len() * 4,
+        "{what}: too little WireGuard data for {} flows: {}",
+        results.len(),
+        report.summary()
+    );
+    eprintln!("{what}: {} flows; {}", results.len(), report.summary());
+    (results, report)
+}
 /// Runs `traffic` while capturing on the cluster's underlay bridge, and classifies what crossed
 /// it (WireGuard between nodes, plaintext pod packets, hits of `marker`); see
 /// `meshctl::capture::during`.
