@@ -15,6 +15,6 @@ pub use abi::{
 };
 pub use loader::{
     Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, NETLINK_HANDLE, NETLINK_PRIORITY,
-    ProgramStats, Retained, TestRun, if_index, node_pin_dir, tcx_available,
+    ProgramStats, Retained, TestRun, if_index, node_pin_dir, pinned_ipcache_entries, tcx_available,
 };
 pub use sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual, fake::FakeMaps};

@@ -318,6 +318,19 @@ fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// The IPv4 ipcache entries pinned in `pin_dir`'s newest generation, read from the pin alone:
+/// nothing is loaded or attached (tests and tools inspect a node's datapath this way while its
+/// agent runs).
+pub fn pinned_ipcache_entries(pin_dir: &Path) -> Result<Vec<(Ipv4Net, IpcacheValue)>, Error> {
+    let newest = pinned_generations(pin_dir).last().copied().unwrap_or(0);
+    let name = "wm_ipcache4";
+    let data =
+        MapData::from_pin(generation_dir(pin_dir, newest).join(name)).map_err(map_err(name))?;
+    let trie: LpmTrie<MapData, [u8; 4], IpcacheValue> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err(name))?;
+    lpm_entries(&trie, name, lpm4_net)
+}
+
 /// Where the generations of map pins live under a node's pin directory: the directory itself
 /// (generation 0, as every build before generations pinned them) and `gen-<n>` in it.
 fn generation_dir(pin_dir: &Path, generation: u32) -> PathBuf {

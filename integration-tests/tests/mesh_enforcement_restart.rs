@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use meshctl::{capture, demo, traffic};
+use meshctl::traffic;
 use serde_json::json;
 use support::*;
 use wiremesh_integration::Role;
@@ -69,33 +69,22 @@ async fn a_killed_agent_leaves_enforcement_in_place_and_the_restart_re_adopts_it
         &enforced,
     )
     .await;
-    let description = cluster.description();
-    let underlay = demo::underlay_of(&description).expect("underlay");
     let marker = marker("restart-strict");
     let (a, b) = (pod_end(&cluster, "pod-2-1"), pod_end(&cluster, "pod-1-1"));
     let c = &cluster;
-    let ((tcp, udp), report) = tokio::task::block_in_place(|| {
-        capture::during(
-            &description.bridge,
-            &underlay,
-            marker.as_bytes(),
-            Duration::from_millis(300),
-            || {
-                (
-                    tcp_probe(
-                        c,
-                        "pod-2-1",
-                        "pod-1-1",
-                        80,
-                        marker.as_bytes(),
-                        Duration::from_millis(800),
-                    ),
-                    traffic::udp_echo(&a, &b, marker.as_bytes(), Duration::from_millis(500), 2),
-                )
-            },
+    let ((tcp, udp), report) = capture_underlay(&cluster, &marker, || {
+        (
+            tcp_probe(
+                c,
+                "pod-2-1",
+                "pod-1-1",
+                80,
+                marker.as_bytes(),
+                Duration::from_millis(800),
+            ),
+            traffic::udp_echo(&a, &b, marker.as_bytes(), Duration::from_millis(500), 2),
         )
-    })
-    .expect("capture");
+    });
     // The device is not the agent's: its tunnel carries the traffic while the agent is down.
     tcp.expect("TCP through the tunnel while the agent is down");
     udp.expect("UDP through the tunnel while the agent is down");

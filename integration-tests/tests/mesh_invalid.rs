@@ -11,29 +11,14 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::api::{core::v1::Node, events::v1::Event};
+use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams},
+    api::{Patch, PatchParams},
 };
 use meshctl::demo;
 use serde_json::json;
 use support::*;
-
-async fn events_about(cluster: &wiremesh_integration::VirtualCluster, node: &str) -> Vec<Event> {
-    let events: Api<Event> = Api::namespaced(cluster.client().clone(), "default");
-    events
-        .list(&ListParams::default())
-        .await
-        .expect("list events")
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node)
-                && e.reporting_controller.as_deref() == Some("wiremesh.io/mesh-agent")
-        })
-        .collect()
-}
 
 /// `wiremesh_reconciles_total{result="ok"}` of `node`'s agent.
 async fn reconciles(cluster: &wiremesh_integration::VirtualCluster, node: &str) -> u64 {
@@ -76,7 +61,7 @@ async fn garbage_annotation_is_reported_and_skipped_while_others_stay_meshed() {
         Duration::from_secs(30),
         Duration::from_millis(500),
         || async move {
-            let events = events_about(cluster_ref, "node-3").await;
+            let events = agent_events(cluster_ref, "node-3").await;
             let instances: std::collections::BTreeSet<_> = events
                 .iter()
                 .filter_map(|e| e.reporting_instance.clone())
@@ -174,7 +159,7 @@ async fn garbage_annotation_is_reported_and_skipped_while_others_stay_meshed() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     }
-    let after = events_about(&cluster, "node-3").await;
+    let after = agent_events(&cluster, "node-3").await;
     assert_eq!(after.len(), events.len(), "events were not deduplicated");
 
     // node-3's own agent replaces the garbage (new key, generation 2) and the node joins.

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use meshctl::{capture, demo, traffic};
+use meshctl::traffic;
 use support::*;
 use wiremesh_integration::Role;
 
@@ -98,31 +98,21 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
         .await;
     }
 
-    let description = cluster.description();
-    let underlay = demo::underlay_of(&description).expect("underlay");
     let marker = marker("strict");
     let (a1, a3) = (pod_end(&cluster, "pod-1-1"), pod_end(&cluster, "pod-3-1"));
     let c = &cluster;
-    let ((to3, from3, udp3, ping3, to2, from2), report) = tokio::task::block_in_place(|| {
-        capture::during(
-            &description.bridge,
-            &underlay,
-            marker.as_bytes(),
-            Duration::from_millis(300),
-            || {
-                let short = Duration::from_millis(800);
-                (
-                    tcp_probe(c, "pod-1-1", "pod-3-1", 80, marker.as_bytes(), short),
-                    tcp_probe(c, "pod-3-1", "pod-1-1", 80, marker.as_bytes(), short),
-                    traffic::udp_echo(&a1, &a3, marker.as_bytes(), short, 2),
-                    traffic::ping(&a1, &a3, 2),
-                    tcp_probe(c, "pod-1-1", "pod-2-1", 80, marker.as_bytes(), short * 4),
-                    tcp_probe(c, "pod-2-1", "pod-1-1", 80, marker.as_bytes(), short * 4),
-                )
-            },
-        )
-    })
-    .expect("capture on the underlay bridge");
+    let ((to3, from3, udp3, ping3, to2, from2), report) =
+        capture_underlay(&cluster, &marker, || {
+            let short = Duration::from_millis(800);
+            (
+                tcp_probe(c, "pod-1-1", "pod-3-1", 80, marker.as_bytes(), short),
+                tcp_probe(c, "pod-3-1", "pod-1-1", 80, marker.as_bytes(), short),
+                traffic::udp_echo(&a1, &a3, marker.as_bytes(), short, 2),
+                traffic::ping(&a1, &a3, 2),
+                tcp_probe(c, "pod-1-1", "pod-2-1", 80, marker.as_bytes(), short * 4),
+                tcp_probe(c, "pod-2-1", "pod-1-1", 80, marker.as_bytes(), short * 4),
+            )
+        });
     assert!(to3.is_err(), "pod-1-1 -> pod-3-1 must be dropped: {to3:?}");
     assert!(from3.is_err(), "pod-3-1 -> pod-1-1 must be dropped");
     assert!(udp3.is_err(), "UDP to pod-3-1 must be dropped");
@@ -163,16 +153,9 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
         },
     )
     .await;
-    let (_, plain) = tokio::task::block_in_place(|| {
-        capture::during(
-            &description.bridge,
-            &underlay,
-            marker.as_bytes(),
-            Duration::from_millis(300),
-            || traffic::udp_echo(&a1, &a3, marker.as_bytes(), Duration::from_millis(500), 2),
-        )
-    })
-    .expect("capture");
+    let (_, plain) = capture_underlay(&cluster, &marker, || {
+        traffic::udp_echo(&a1, &a3, marker.as_bytes(), Duration::from_millis(500), 2)
+    });
     assert!(
         plain.marker_hits > 0,
         "permissive mode without a tunnel sends plaintext, which the capture must see: {}",

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use meshctl::{capture, demo, traffic};
+use meshctl::{demo, traffic};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,8 +17,6 @@ async fn every_cross_node_pod_pair_is_encrypted_on_the_underlay() {
     let Some(cluster) = start_mesh_or_skip(Shape::new(3, 2)).await else {
         return;
     };
-    let description = cluster.description();
-    let underlay = demo::underlay_of(&description).expect("underlay");
     let marker = marker("traffic");
 
     let (results, _) = all_pairs_encrypted(&cluster, "mesh on", &marker);
@@ -49,16 +47,9 @@ async fn every_cross_node_pod_pair_is_encrypted_on_the_underlay() {
     let from = pod_end(&cluster, "pod-1-1");
     let to = pod_end(&cluster, "pod-2-1");
     let payload = format!("{marker} plaintext control");
-    let (echo, plain) = tokio::task::block_in_place(|| {
-        capture::during(
-            &description.bridge,
-            &underlay,
-            marker.as_bytes(),
-            Duration::from_millis(300),
-            || traffic::tcp_echo(&from, &to, payload.as_bytes(), Duration::from_secs(5)),
-        )
-    })
-    .expect("capture");
+    let (echo, plain) = capture_underlay(&cluster, &marker, || {
+        traffic::tcp_echo(&from, &to, payload.as_bytes(), Duration::from_secs(5))
+    });
     echo.expect("plaintext routes still carry traffic with the mesh off");
     assert!(
         plain.marker_hits > 0 && plain.violation_count > 0,

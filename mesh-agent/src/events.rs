@@ -44,7 +44,25 @@ pub struct Problem {
 /// Remembers which problems were already reported. See the module docs.
 #[derive(Debug, Default)]
 pub struct RejectionTracker {
-    reported: BTreeMap<(String, ProblemKind, String), String>,
+    reported: BTreeMap<ProblemKey, String>,
+}
+
+/// What makes two problems the same one: node, kind, reason and, for a pod prefix, the prefix's
+/// own message (one node may have several refused claims with the same reason, each its own
+/// problem; a rejected node has one reason at a time, whose message may change).
+type ProblemKey = (String, ProblemKind, String, String);
+
+fn key_of(problem: &Problem) -> ProblemKey {
+    let subject = match problem.kind {
+        ProblemKind::Rejected => String::new(),
+        ProblemKind::PrefixConflict => problem.message.clone(),
+    };
+    (
+        problem.node.clone(),
+        problem.kind,
+        problem.reason.clone(),
+        subject,
+    )
 }
 
 impl RejectionTracker {
@@ -63,7 +81,7 @@ impl RejectionTracker {
         let mut fresh = Vec::new();
         let mut next = BTreeMap::new();
         for problem in current {
-            let key = (problem.node.clone(), problem.kind, problem.reason.clone());
+            let key = key_of(problem);
             if self.reported.get(&key) != Some(&problem.message) {
                 fresh.push(problem.clone());
             }
@@ -73,7 +91,7 @@ impl RejectionTracker {
             .reported
             .keys()
             .filter(|k| !next.contains_key(*k))
-            .cloned()
+            .map(|(node, kind, reason, _)| (node.clone(), *kind, reason.clone()))
             .collect();
         self.reported = next;
         (fresh, gone)
@@ -277,6 +295,27 @@ mod tests {
         let peers = ["node-2", "node-3"];
         assert!(!is_emitter("node-1", "node-1", peers));
         assert!(is_emitter("node-2", "node-1", ["node-1", "node-3"]));
+    }
+
+    #[test]
+    fn several_refused_claims_of_one_node_with_one_reason_are_each_reported_once() {
+        // Two pods on n2 outside the cluster's pod CIDRs: same node, kind and reason. Keyed
+        // without the prefix, each pass reported one of them again (an Event per pass).
+        let claim = |message: &str| Problem {
+            node: "n2".into(),
+            kind: ProblemKind::PrefixConflict,
+            reason: "PodAddressOutsideClusterPodCIDRs".into(),
+            message: message.into(),
+        };
+        let both = [
+            claim("10.99.0.5/32 refused"),
+            claim("10.213.0.1/32 refused"),
+        ];
+        let mut tracker = RejectionTracker::default();
+        assert_eq!(tracker.observe(&both).len(), 2);
+        for _ in 0..3 {
+            assert!(tracker.observe(&both).is_empty());
+        }
     }
 
     #[test]

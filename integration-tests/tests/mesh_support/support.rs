@@ -18,7 +18,11 @@ use std::{
     time::Duration,
 };
 
-use meshctl::{demo, status, traffic::PodEnd};
+use meshctl::{
+    capture::{self, CaptureReport},
+    demo, status,
+    traffic::PodEnd,
+};
 use wiremesh_integration::{
     ClusterOptions, ProcessIdentity, Role, VirtualCluster, have_root, wait,
 };
@@ -996,19 +1000,10 @@ pub fn all_pairs_encrypted(
     cluster: &VirtualCluster,
     what: &str,
     marker: &str,
-) -> (Vec<demo::FlowResult>, meshctl::capture::CaptureReport) {
+) -> (Vec<demo::FlowResult>, CaptureReport) {
     let description = cluster.description();
-    let underlay = demo::underlay_of(&description).expect("underlay");
-    let (results, report) = tokio::task::block_in_place(|| {
-        meshctl::capture::during(
-            &description.bridge,
-            &underlay,
-            marker.as_bytes(),
-            Duration::from_millis(300),
-            || demo::traffic(&description, marker),
-        )
-    })
-    .expect("capture on the underlay bridge");
+    let (results, report) =
+        capture_underlay(cluster, marker, || demo::traffic(&description, marker));
     let failures: Vec<String> = results
         .iter()
         .flat_map(|r| [&r.icmp, &r.tcp, &r.udp])
@@ -1037,4 +1032,45 @@ pub fn all_pairs_encrypted(
     );
     eprintln!("{what}: {} flows; {}", results.len(), report.summary());
     (results, report)
+}
+/// Runs `traffic` while capturing on the cluster's underlay bridge, and classifies what crossed
+/// it (WireGuard between nodes, plaintext pod packets, hits of `marker`); see
+/// `meshctl::capture::during`.
+pub fn capture_underlay<T>(
+    cluster: &VirtualCluster,
+    marker: &str,
+    traffic: impl FnOnce() -> T,
+) -> (T, CaptureReport) {
+    let description = cluster.description();
+    let underlay = demo::underlay_of(&description).expect("underlay");
+    tokio::task::block_in_place(|| {
+        capture::during(
+            &description.bridge,
+            &underlay,
+            marker.as_bytes(),
+            Duration::from_millis(300),
+            traffic,
+        )
+    })
+    .expect("capture on the underlay bridge")
+}
+
+/// The Events the wiremesh agents recorded about Node `node`.
+pub async fn agent_events(
+    cluster: &VirtualCluster,
+    node: &str,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(cluster.client().clone(), "default");
+    events
+        .list(&kube::api::ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node)
+                && e.reporting_controller.as_deref() == Some("wiremesh.io/mesh-agent")
+        })
+        .collect()
 }
