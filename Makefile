@@ -10,7 +10,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 
 # Debian packages the build, the tests and the demo use.
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev pkg-config iproute2 wireguard-tools wireguard-go \
-	iperf3 iputils-ping tcpdump ca-certificates procps
+	iperf3 iputils-ping tcpdump ca-certificates procps curl
 
 TESTENV_DIR := integration-tests/testenv
 TESTENV_BIN := $(TESTENV_DIR)/bin/testenv

@@ -14,7 +14,7 @@ pub use abi::{
     Stats6, Verdict, config_flags, ipcache_flags,
 };
 pub use loader::{
-    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, ProgramStats, Retained, TestRun,
-    if_index, node_pin_dir,
+    Attached, DEFAULT_BPFFS, Error, FlowBacklog, FlowReader, Loader, Maps, ProgramStats, Retained,
+    TestRun, if_index, node_pin_dir,
 };
 pub use sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual, fake::FakeMaps};

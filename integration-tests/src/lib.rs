@@ -18,6 +18,7 @@ pub mod netns;
 pub mod objects;
 mod privilege;
 mod process;
+pub mod proxypki;
 pub mod testenv;
 pub mod underlay;
 pub mod wait;

@@ -20,6 +20,7 @@ use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
 
 use crate::{
     admin::AdminServer,
+    api::{ApiServer, ApiState, KubeReviewer},
     config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice, EbpfChoice},
     datapath::{Datapath, DeviceSettings},
     drain::{self, Trigger},
@@ -148,15 +149,9 @@ pub async fn build(
     let (snapshot_tx, snapshot_rx) = watch::channel(MeshSnapshot::default());
     let shared_report: SharedReport = SharedReport::default();
 
-    let admin = AdminServer::bind(
-        config.metrics_addr,
-        registry,
-        snapshot_rx.clone(),
-        shared_report.clone(),
-        flows.clone(),
-    )
-    .await?;
-    tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics /status /flows");
+    let admin = AdminServer::bind(config.metrics_addr, registry, snapshot_rx.clone()).await?;
+    tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics");
+    let history = Arc::new(open_history(config)?);
     let steering = Steering::new(
         SteeringSettings {
             node_name: config.node_name.clone(),
@@ -170,8 +165,27 @@ pub async fn build(
         snapshot_rx.clone(),
         steer_notify,
         metrics.clone(),
-        flows,
-    );
+        flows.clone(),
+    )
+    .with_history(history.clone())
+    .with_peer_status(shared_report.clone())
+    .with_export(open_export(config)?);
+    let api = ApiServer::bind(
+        config.api_addr,
+        &config.state_dir,
+        config.client_ca_file.as_deref(),
+        ApiState {
+            node_name: config.node_name.clone(),
+            flows,
+            backlog: steering.backlog(),
+            history: Some(history),
+            report: shared_report.clone(),
+            reviewer: Arc::new(KubeReviewer::new(client.clone())),
+            metrics: metrics.clone(),
+        },
+    )
+    .await?;
+    tracing::info!(addr = %api.local_addr(), "serving /flows /status over HTTPS (nodes/proxy authz)");
 
     let reconciler = Reconciler::new(
         PlanSettings {
@@ -212,6 +226,8 @@ pub async fn build(
     spawn_until_drained(&mut tasks, "reconciler", reconciler.run(drain.clone()));
     spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
     spawn_until_drained(&mut tasks, "status reporter", reporter.run(drain.clone()));
+    let api_drain = drain.clone();
+    tasks.spawn(async move { ("api server", api.run(api_drain).await.map_err(Into::into)) });
     tasks.spawn(async move { ("http server", admin.run(drain).await.map_err(Into::into)) });
 
     Ok(App {
@@ -219,6 +235,30 @@ pub async fn build(
         trigger,
         drain_timeout: config.drain_timeout,
     })
+}
+
+/// Opens the flow history in the state dir with the configured limits.
+fn open_history(config: &Config) -> anyhow::Result<crate::history::History> {
+    let limits = crate::history::Limits {
+        retention: config.flow_retention,
+        max_records: config.flow_history_max_records,
+    };
+    let history =
+        crate::history::History::open(&config.state_dir, limits, crate::flows::unix_now())?;
+    tracing::info!(path = %history.path().display(), retention = ?limits.retention, "flow history open");
+    Ok(history)
+}
+
+/// The JSON-lines flow export of `--flow-export`, if asked for.
+fn open_export(config: &Config) -> anyhow::Result<Option<crate::export::Export>> {
+    config
+        .flow_export
+        .as_ref()
+        .map(|path| {
+            crate::export::Export::open(path, config.flow_export_max_bytes, config.flow_export_keep)
+                .with_context(|| format!("--flow-export {}", path.display()))
+        })
+        .transpose()
 }
 
 /// Spawns `task`, a component's run loop that returns once the drain starts, as `name`. It ends

@@ -2,6 +2,7 @@
 //! full mesh of tunnels configured through a [`datapath::Datapath`].
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod config;
 pub mod datapath;
@@ -9,9 +10,11 @@ pub mod device;
 pub mod drain;
 pub mod engine;
 pub mod events;
+pub mod export;
 #[cfg(test)]
 mod fixtures;
 pub mod flows;
+pub mod history;
 pub mod mesh;
 pub mod metrics;
 mod netlink;

@@ -207,14 +207,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let description = demo::running(Path::new(demo::DEMO_DIR))?;
             let mut ok = true;
-            for (node, flows) in demo::agent_flows(&description) {
+            let client = kube_client_from(Some(&description.kubeconfig)).await?;
+            let agents =
+                meshctl::agents::Agents::connect(client, Some(&description.kubeconfig)).await?;
+            for (node, flows) in demo::agent_flows(&agents, &description).await {
                 match flows {
                     Ok(flows) => {
                         let mut by_verdict = std::collections::BTreeMap::<String, u64>::new();
                         for f in &flows {
-                            let verdict = f["verdict"].as_str().unwrap_or("unknown").to_string();
-                            *by_verdict.entry(verdict).or_default() +=
-                                f["packets"].as_u64().unwrap_or(0);
+                            *by_verdict.entry(f.wiremesh_verdict.clone()).or_default() += f.packets;
                         }
                         let summary: Vec<String> = by_verdict
                             .iter()
