@@ -87,6 +87,9 @@ pub struct Period {
     pub to: u64,
 }
 
+/// A raw (key, value) row of the flows table.
+type Row = (Vec<u8>, Vec<u8>);
+
 /// The flow history of this node. See the module docs.
 pub struct History {
     db: Database,
@@ -272,7 +275,7 @@ impl History {
     /// record cannot be read is an error (never silently skipped).
     pub fn query(&self, from: u64, to: u64) -> Result<Vec<Flow>, HistoryError> {
         let lo = from - from % BUCKET_SECS;
-        let read = || -> Result<Vec<(Vec<u8>, Vec<u8>)>, redb::Error> {
+        let read = || -> Result<Vec<Row>, redb::Error> {
             let txn = self.db.begin_read()?;
             let flows = txn.open_table(FLOWS)?;
             let mut out = Vec::new();
