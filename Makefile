@@ -8,15 +8,19 @@ GO ?= go
 export CARGO_TERM_COLOR ?= never
 export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 
-# Debian packages the build, the tests and the demo use.
+# Debian packages the build, the tests and the demo use. The kernel VM tests (integration-tests/src/vm.rs)
+# need qemu, a static busybox for the initramfs, kmod (depmod/modprobe on the unpacked kernel package)
+# and xz (the uncompressed vmlinux); they download the kernel package themselves (apt-get download).
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev pkg-config iproute2 wireguard-tools wireguard-go \
-	iperf3 iputils-ping tcpdump ca-certificates procps curl
+	iperf3 iputils-ping tcpdump ca-certificates procps curl \
+	qemu-system-x86 busybox-static kmod xz-utils
 
 TESTENV_DIR := integration-tests/testenv
 TESTENV_BIN := $(TESTENV_DIR)/bin/testenv
 TESTENV_SRCS := $(wildcard $(TESTENV_DIR)/*.go) $(TESTENV_DIR)/go.mod $(TESTENV_DIR)/go.sum
 
-.PHONY: help deps apt-deps testenv cargo-fuzz build test fmt-check lint unit-test demo bench crds fuzz clean
+.PHONY: help deps apt-deps testenv clients install-plugin image deploy-manifests cargo-fuzz build test fmt-check lint \
+	unit-test demo bench crds fuzz clean
 
 help:
 	@echo "wiremesh targets:"
@@ -25,7 +29,11 @@ help:
 	@echo "  make bench  - throughput/latency ratios against wireguard-go, boringtun-cli and plain veth;"
 	@echo "               eBPF datapath throughput with 1,000 policy rules vs none"
 	@echo "  make lint   - rustfmt check and clippy -D warnings"
-	@echo "  make deps   - install Debian packages, build the testenv kube-apiserver"
+	@echo "  make deps   - install Debian packages, build the testenv kube-apiserver, kubectl and helm"
+	@echo "  make clients - kubectl and helm (built from the Go module proxy) into $(CLIENTS_DIR)"
+	@echo "  make install-plugin - meshctl as the kubectl plugin $(CLIENTS_DIR)/kubectl-wiremesh"
+	@echo "  make deploy-manifests - regenerate deploy/*.yaml from the Helm chart deploy/helm/wiremesh"
+	@echo "  make image  - OCI image of mesh-agent (no registry, no Docker engine) into $(IMAGE_DIR)"
 	@echo "  make crds   - regenerate deploy/crds/*.yaml"
 	@echo "  make fuzz   - fuzz the annotation parser for FUZZ_SECONDS (default 60)"
 
@@ -41,15 +49,79 @@ apt-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-deps: apt-deps testenv
+deps: apt-deps testenv clients
+
+NEED_GO = @command -v $(GO) >/dev/null || { echo "make $@: Go 1.26 is needed (no go in PATH)" >&2; exit 1; }
 
 # The kube-apiserver + etcd test bed. Rebuilt only when its sources change; the first build downloads
 # k8s.io/kubernetes and its dependencies and compiles them (minutes), later ones come from Go's cache.
 testenv: $(TESTENV_BIN)
 
 $(TESTENV_BIN): $(TESTENV_SRCS)
-	@command -v $(GO) >/dev/null || { echo "make testenv: Go 1.26 is needed (no go in PATH)" >&2; exit 1; }
-	cd $(TESTENV_DIR) && $(GO) build -buildvcs=false -o bin/testenv .
+	$(NEED_GO)
+	@hack/go-build.sh testenv "a real kube-apiserver + etcd linked from k8s.io/kubernetes, the test bed of every cluster test and the demo" \
+		"~12 min on a fresh machine (~500 modules downloaded, ~2,000 packages compiled), ~1 min when only testenv's own code changed" \
+		$(TESTENV_DIR) -- $(GO) build -buildvcs=false -o bin/testenv .
+
+# Real clients for the tests, the docs and operators: kubectl of the same Kubernetes release as testenv
+# (k8s.io/kubernetes/cmd/kubectl through testenv's module graph, so it reuses testenv's downloads and
+# compiled packages) and helm v4 from its own module. /usr/bin/kubectl on a machine may be anything
+# (e.g. a google-cloud-sdk dispatcher): nothing here uses it.
+CLIENTS_DIR := .cache/bin
+KUBECTL := $(CLIENTS_DIR)/kubectl
+HELM := $(CLIENTS_DIR)/helm
+HELM_VERSION := v4.3.2
+KUBE_VERSION = $(shell sed -n 's|^[[:space:]]*k8s.io/kubernetes \(v[0-9.]*\)$$|\1|p' $(TESTENV_DIR)/go.mod)
+KUBE_LDFLAGS = -s -w -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
+	-X k8s.io/client-go/pkg/version.gitVersion=$(KUBE_VERSION)
+
+clients: $(KUBECTL) $(HELM)
+
+$(KUBECTL): $(TESTENV_DIR)/go.mod $(TESTENV_DIR)/go.sum
+	$(NEED_GO)
+	@mkdir -p $(CLIENTS_DIR)
+	@hack/go-build.sh kubectl "kubectl $(KUBE_VERSION) for the deploy tests (apply -k, auth can-i, the kubectl-wiremesh plugin)" \
+		"~2 min after testenv (shared Go cache), ~15 min on a fresh machine" \
+		$(TESTENV_DIR) -- $(GO) build -buildvcs=false -ldflags="$(KUBE_LDFLAGS)" -o $(abspath $(KUBECTL)).tmp k8s.io/kubernetes/cmd/kubectl
+	@mv $(KUBECTL).tmp $(KUBECTL)
+
+# The stamp names the version: changing HELM_VERSION makes a newer stamp, so helm is rebuilt.
+$(CLIENTS_DIR)/.helm-version-%:
+	@mkdir -p $(CLIENTS_DIR)
+	@touch $@
+
+$(HELM): $(CLIENTS_DIR)/.helm-version-$(HELM_VERSION)
+	$(NEED_GO)
+	@GOBIN=$(abspath $(CLIENTS_DIR)) hack/go-build.sh helm "helm $(HELM_VERSION) for helm lint/template of deploy/helm/wiremesh" \
+		"~3 min after testenv (shares most of the Kubernetes client packages), ~10 min on a fresh machine" \
+		. -- $(GO) install -ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$(HELM_VERSION)" \
+		helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+	@touch $@
+
+# meshctl as a kubectl plugin: kubectl finds `kubectl-wiremesh` on PATH (`kubectl wiremesh status`).
+MESHCTL_BIN = $(abspath $(or $(CARGO_TARGET_DIR),target))/debug/meshctl
+install-plugin:
+	$(CARGO) build -p meshctl
+	@mkdir -p $(CLIENTS_DIR)
+	ln -sfn $(MESHCTL_BIN) $(CLIENTS_DIR)/kubectl-wiremesh
+	@echo "installed $(CLIENTS_DIR)/kubectl-wiremesh -> $(MESHCTL_BIN); add $(abspath $(CLIENTS_DIR)) to PATH"
+
+# The mesh-agent OCI image, built here without a registry or a Docker engine: Containerfile FROM
+# scratch + the release binary and the glibc libraries it links, by buildah (Debian) with private vfs
+# storage. Output: $(IMAGE_DIR)/oci (OCI layout, tag = version) and $(IMAGE_DIR)/mesh-agent-<version>.oci.tar
+# (load it with `skopeo copy oci-archive:... docker://REGISTRY/...` or `ctr images import`).
+IMAGE_DIR := .cache/image
+IMAGE_VERSION = $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
+image:
+	@if [ "$$(id -u)" != 0 ]; then echo "make image: needs root (buildah's storage)" >&2; exit 1; fi
+	@command -v buildah >/dev/null || { echo "installing buildah (Debian package)"; apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah >/dev/null; }
+	$(CARGO) build --release -p mesh-agent --bin mesh-agent
+	hack/build-image.sh $(abspath $(or $(CARGO_TARGET_DIR),target))/release/mesh-agent $(IMAGE_DIR) $(IMAGE_VERSION)
+
+# deploy/ is generated from the Helm chart (the one source of truth); a test fails when they drift.
+deploy-manifests: $(HELM)
+	hack/render-deploy.sh $(HELM)
 
 build: deps
 	$(CARGO) build --workspace --all-targets
@@ -77,8 +149,8 @@ MESHCTL = $(or $(CARGO_TARGET_DIR),target)/debug/meshctl
 
 demo: deps
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo: needs root (network namespaces, TUN devices)" >&2; exit 1; fi
-	@echo "==> building mesh-agent and meshctl"
-	$(CARGO) build -p mesh-agent -p meshctl
+	@echo "==> building mesh-agent, meshctl and the process supervisor of the virtual cluster"
+	$(CARGO) build -p mesh-agent -p meshctl -p wiremesh-integration --bins
 	@echo
 	@echo "==> meshctl demo up --nodes $(DEMO_NODES) --pods-per-node $(DEMO_PODS_PER_NODE)"
 	@$(MESHCTL) demo up --nodes $(DEMO_NODES) --pods-per-node $(DEMO_PODS_PER_NODE)
@@ -101,7 +173,8 @@ BENCH_TOOLS := bench/.tools
 BORINGTUN_CLI := $(BENCH_TOOLS)/bin/boringtun-cli
 BENCH_ARGS ?=
 bench: deps
-	$(CARGO) build --release -p mesh-agent --bin mesh-agent --example engine-floor
+	$(CARGO) build --release -p mesh-agent --bin mesh-agent
+	$(CARGO) build --release -p wiremesh-device --example engine-floor
 	$(CARGO) build --release -p wiremesh-bpf --example datapath-bench
 	@if [ ! -x $(BORINGTUN_CLI) ]; then \
 		echo "installing boringtun-cli into $(BENCH_TOOLS)"; \
@@ -126,4 +199,4 @@ fuzz: cargo-fuzz
 
 clean:
 	$(CARGO) clean
-	rm -rf $(TESTENV_DIR)/bin
+	rm -rf $(TESTENV_DIR)/bin $(CLIENTS_DIR)

@@ -20,7 +20,7 @@ and, per round, from_pod's cost under BPF_PROG_TEST_RUN (no network noise): a pa
 established flow, the first packet of a new allowed flow, a denied packet.
 
 The `floor` variant: what this machine allows any userspace engine, measured in the same run by
-mesh-agent/examples/engine-floor (no network I/O): how many Gbit/s one core moves through the noise
+device/examples/engine-floor (no network I/O): how many Gbit/s one core moves through the noise
 layer our engine drives (boringtun encapsulate + decapsulate, 1420-byte packets), and how long a
 sleeping thread takes to wake (after 10 ms idle, and right after a round trip). From these and the
 veth run it prints the best single-stream rate this machine could reach if a tunnel's only cost
@@ -192,7 +192,7 @@ def flood_rtt(topo, count):
 
 
 def engine_floor(binary):
-    """Runs mesh-agent/examples/engine-floor once; returns its JSON."""
+    """Runs device/examples/engine-floor once; returns its JSON."""
     out = subprocess.run([binary, "--seconds", "1", "--wakes", "200"], capture_output=True, text=True,
                          timeout=120)
     if out.returncode != 0:
@@ -402,7 +402,7 @@ def main():
     ap.add_argument("--ours", help="mesh-agent binary (release); needed for ours, ours-busy-poll")
     ap.add_argument("--boringtun", help="boringtun-cli binary; needed for boringtun-cli")
     ap.add_argument("--datapath-bench", help="bpf/examples/datapath-bench binary; needed for policy")
-    ap.add_argument("--engine-floor", help="mesh-agent/examples/engine-floor binary; needed for floor")
+    ap.add_argument("--engine-floor", help="device/examples/engine-floor binary; needed for floor")
     ap.add_argument("--policy-rules", type=int, default=1000, help="rule entries for the policy variant")
     ap.add_argument("--policy-runs", type=int, default=7, help="interleaved rounds of the policy variant")
     ap.add_argument("--runs", type=int, default=3)
@@ -514,7 +514,7 @@ def print_floor(floors, results):
     cold = statistics.median(f["wake_cold_us"] for f in floors)
     warm = statistics.median(f["wake_warm_us"] for f in floors)
     print()
-    print(f"Floors (mesh-agent/examples/engine-floor, {len(floors)} runs interleaved with the above, no network I/O):")
+    print(f"Floors (device/examples/engine-floor, {len(floors)} runs interleaved with the above, no network I/O):")
     print(f"- noise layer (boringtun encapsulate + decapsulate, {floors[0]['packet_bytes']}-byte packets) on one core: "
           f"{noise:.2f} Gbit/s, i.e. {100.0 / noise:.1f} % of a core per Gbit/s carried")
     print(f"- wake-up of a thread blocked in read(2): {cold:.0f} us after 10 ms idle, {warm:.0f} us right after a round trip")

@@ -43,6 +43,10 @@ struct wm_lpm6_key {
 #define WM_IPCACHE_ENCRYPT 0x1    /* traffic to this prefix goes through the tunnel */
 #define WM_IPCACHE_LOCAL 0x2      /* a pod on this node */
 #define WM_IPCACHE_REMOTE_POD 0x4 /* a pod (or pod range) on another node */
+/* A node's own address (/32): identity WM_ID_HOST for this node, WM_ID_REMOTE_NODE for another.
+ * Never a pod address, also when it lies inside a pod CIDR (the longest match wins), so strict
+ * mode never drops node-to-node traffic such as WireGuard. */
+#define WM_IPCACHE_NODE 0x8
 
 /* ipcache4: prefix -> where it lives and who it is. 16 bytes. */
 struct wm_ipcache_val {
@@ -93,8 +97,9 @@ struct wm_rule_key {
 struct wm_config {
 	__u32 tunnel_ifindex; /* 0 = no tunnel device yet */
 	__u32 mode;           /* WM_MODE_* */
-	__u32 node_identity;  /* identity of this node's own addresses (WM_ID_HOST) */
-	__u16 wg_port;        /* WireGuard UDP port on the underlay, host order; 0 = none */
+	__u32 node_identity;  /* identity of this node (WM_ID_HOST); 0 = WM_ID_HOST */
+	__u16 wg_port;        /* WireGuard UDP port, host order (information: node addresses are
+			       * exempt from strict mode by their ipcache entries, not by port) */
 	__u16 pad;
 	__u32 ct_tcp_timeout_s;   /* idle lifetime of TCP conntrack entries; 0 = default */
 	__u32 ct_other_timeout_s; /* idle lifetime of other conntrack entries; 0 = default */
@@ -107,12 +112,38 @@ struct wm_config {
  * drops a packet whose source is not the pod's own address (anti-spoofing; for IPv6 also
  * link-local and unspecified sources, but only towards on-link destinations or in neighbour
  * discovery); an interface
- * without an entry is not checked. 24 bytes.
+ * without an entry is not checked. An entry also tells to_pod that a packet which entered the
+ * node on that interface was decided by from_pod (a known pod veth); a claimed local pod source
+ * that did not is not trusted. 24 bytes.
  */
 struct wm_endpoint_val {
 	__be32 ip4;    /* the pod's IPv4 (network order); 0 = the pod has none */
 	__u8 ip6[16];  /* the pod's IPv6; all zero = the pod has none */
-	__u32 flags;   /* 0 */
+	__u32 flags;   /* WM_EP_* */
+};
+
+/* wm_endpoint_val.flags: a new veth whose pod the agent cannot name yet while policy isolates a
+ * local pod without entries: from_pod and to_pod drop every IP packet on it (fail closed) until
+ * the agent writes the pod's entry. */
+#define WM_EP_PENDING 0x1
+
+/*
+ * frags (LRU hash): the ports of the first fragment of a fragmented datagram, so that its later
+ * fragments (which carry no L4 header) are decided with the same tuple. IPv4 addresses in the
+ * first 4 bytes of src/dst. Key 40 bytes, value 4 bytes.
+ */
+struct wm_frag_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__be32 id; /* IPv4 identification (16 bits) or IPv6 fragment identification */
+	__u8 protocol;
+	__u8 family; /* 4 or 6 */
+	__u8 pad[2];
+};
+
+struct wm_frag_val {
+	__be16 src_port;
+	__be16 dst_port;
 };
 
 /*

@@ -18,6 +18,9 @@ pub mod ipcache_flags {
     pub const LOCAL: u8 = 0x2;
     /// A pod (or a pod range) on another node.
     pub const REMOTE_POD: u8 = 0x4;
+    /// A node's own address (/32; identity HOST for this node, REMOTE_NODE for another): never a
+    /// pod address, also inside a pod CIDR, so strict mode never drops node-to-node traffic.
+    pub const NODE: u8 = 0x8;
 }
 
 /// Errors converting policy entries into map entries.
@@ -229,11 +232,15 @@ pub struct EndpointValue {
     pub ip4: [u8; 4],
     /// The pod's IPv6 octets; zero = none (not checked by the programs yet).
     pub ip6: [u8; 16],
-    /// Zero.
+    /// [`EndpointValue::PENDING`] or 0.
     pub flags: u32,
 }
 
 impl EndpointValue {
+    /// `WM_EP_PENDING`: the veth's pod has no entries yet while policy isolates a local pod
+    /// without entries: `from_pod` and `to_pod` drop every IP packet on it (fail closed).
+    pub const PENDING: u32 = 0x1;
+
     /// The pod's addresses.
     pub fn new(ip4: Option<Ipv4Addr>, ip6: Option<Ipv6Addr>) -> Self {
         Self {
@@ -242,6 +249,47 @@ impl EndpointValue {
             flags: 0,
         }
     }
+
+    /// The entry of a veth whose pod is not known yet ([`EndpointValue::PENDING`]).
+    pub fn pending() -> Self {
+        Self {
+            flags: Self::PENDING,
+            ..Self::default()
+        }
+    }
+
+    /// Whether this is a [`EndpointValue::pending`] entry.
+    pub fn is_pending(&self) -> bool {
+        self.flags & Self::PENDING != 0
+    }
+}
+
+/// `struct wm_frag_key`: a fragmented datagram (IPv4 addresses in the first 4 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FragKey {
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Identification (network order).
+    pub id: [u8; 4],
+    /// IP protocol.
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// Zero.
+    pub pad: [u8; 2],
+}
+
+/// `struct wm_frag_val`: the ports of the datagram's first fragment (network order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FragValue {
+    /// Source port.
+    pub src_port: [u8; 2],
+    /// Destination port.
+    pub dst_port: [u8; 2],
 }
 
 /// `struct wm_ct_val`: the last use and the policy epoch of a conntrack entry.
@@ -609,6 +657,8 @@ const _: () = assert!(size_of::<FlowEvent>() == 56); // wm_flow_event
 const _: () = assert!(size_of::<CtKey>() == 16); // wm_ct_key
 const _: () = assert!(size_of::<FlowKey>() == 20); // wm_flow_key
 const _: () = assert!(size_of::<FlowState>() == 24); // wm_flow_state
+const _: () = assert!(size_of::<FragKey>() == 40); // wm_frag_key
+const _: () = assert!(size_of::<FragValue>() == 4); // wm_frag_val
 const _: () = assert!(RULE_KEY_FIXED_BITS == 80); // WM_RULE_KEY_FIXED_BITS
 
 // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with explicit

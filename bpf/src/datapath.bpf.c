@@ -11,14 +11,19 @@
  *           fragments it, as for any smaller-MTU hop (a redirect would skip that and the
  *           packet would be lost in the tunnel).
  * to_pod    (tc egress, host side of a pod veth): ingress policy of the destination pod for
- *           traffic that does not come from a local pod (from_pod already decided those).
- *           ICMP "fragmentation needed" / ICMPv6 "packet too big" that this node generated
- *           passes (the PMTU signal of the check above must reach isolated pods too).
+ *           traffic that did not enter the node on a known pod veth (from_pod decided those);
+ *           the source is judged by its ingress interface, not its address: traffic this node
+ *           generated is the host (always allowed to its pods, e.g. kubelet probes and PMTU
+ *           errors), a local pod address arriving elsewhere is world.
  * underlay  (tc ingress and egress of the node's underlay device): in strict mode drops
- *           pod-to-pod packets (both addresses pods in the ipcache) that are not WireGuard UDP.
+ *           pod-to-pod packets (both addresses pods in the ipcache), whatever their ports;
+ *           node addresses (their own /32 entries) are never pod addresses, so WireGuard
+ *           between nodes passes.
  * Conntrack (wm_ct) remembers allowed flows for their idle lifetime (wm_config), so replies
  * pass and packets of a flow decided in the current policy epoch skip the policy lookups.
  * Anti-spoofing: from_pod drops a source address that is not the pod's own (wm_endpoints).
+ * A veth whose entry is pending (WM_EP_PENDING) drops every IP packet both ways.
+ * Fragments: later fragments take the ports of their datagram's first fragment (wm_frags).
  * Never-written config = strict mode without a tunnel (fail closed).
  * IPv4 and IPv6 alike (ipcache6, cidrs6, ct6, flows6 and 80-byte records in the same ring;
  * IPv6 verdicts are also counted in wm_stats6). On-link IPv6 (link-local, multicast: neighbour
@@ -169,6 +174,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } wm_stats6 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct wm_frag_key);
+	__type(value, struct wm_frag_val);
+	__uint(max_entries, 8192);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wm_frags SEC(".maps");
+
 /* One packet's tuple; IPv4 addresses in src_ip/dst_ip, IPv6 ones in src6/dst6. */
 struct pkt {
 	__be32 src_ip;
@@ -220,11 +233,53 @@ static __always_inline __u32 ct_flags_after(const struct pkt *p, __u32 flags)
 	return flags;
 }
 
+/* The key of the fragmented datagram p belongs to (identification id). */
+static __always_inline void frag_key(struct wm_frag_key *k, const struct pkt *p, __be32 id)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	if (p->v6) {
+		__builtin_memcpy(k->src, p->src6, 16);
+		__builtin_memcpy(k->dst, p->dst6, 16);
+		k->family = 6;
+	} else {
+		__builtin_memcpy(k->src, &p->src_ip, 4);
+		__builtin_memcpy(k->dst, &p->dst_ip, 4);
+		k->family = 4;
+	}
+	k->id = id;
+	k->protocol = p->protocol;
+}
+
+/* A first fragment with its ports: remember them for the datagram's later fragments. */
+static __always_inline void frag_remember(const struct pkt *p, __be32 id)
+{
+	if (!is_l4(p->protocol) || (!p->src_port && !p->dst_port))
+		return;
+	struct wm_frag_key k;
+	frag_key(&k, p, id);
+	struct wm_frag_val v = {.src_port = p->src_port, .dst_port = p->dst_port};
+	bpf_map_update_elem(&wm_frags, &k, &v, BPF_ANY);
+}
+
+/* A later fragment: the ports its first fragment carried (0 when that was not seen). */
+static __always_inline void frag_ports(struct pkt *p, __be32 id)
+{
+	if (!is_l4(p->protocol))
+		return;
+	struct wm_frag_key k;
+	frag_key(&k, p, id);
+	struct wm_frag_val *v = bpf_map_lookup_elem(&wm_frags, &k);
+	if (!v)
+		return;
+	p->src_port = v->src_port;
+	p->dst_port = v->dst_port;
+}
+
 /*
  * Returns 0 and fills *p for an IPv4 or IPv6 packet behind an Ethernet header, -1 otherwise.
- * Ports only from the first fragment; later fragments are checked with port 0. IPv6
- * extension headers other than a fragment header are not walked (ports 0, the header's
- * protocol number).
+ * A fragmented datagram's later fragments get the ports of its first fragment (wm_frags; port 0
+ * when the first fragment was not seen before them). IPv6 extension headers other than a
+ * fragment header are not walked (ports 0, the header's protocol number).
  */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
@@ -253,12 +308,18 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			if ((void *)(fh + 1) > data_end)
 				return 0;
 			p->protocol = fh->nexthdr;
-			if (fh->frag_off & bpf_htons(0xfff8))
+			if (fh->frag_off & bpf_htons(0xfff8)) {
+				frag_ports(p, fh->identification);
 				return 0;
+			}
 			l4 = fh + 1;
-		}
-		if (is_l4(p->protocol))
+			if (is_l4(p->protocol))
+				parse_ports(p, l4, data_end);
+			if (fh->frag_off & bpf_htons(0x0001))
+				frag_remember(p, fh->identification);
+		} else if (is_l4(p->protocol)) {
 			parse_ports(p, l4, data_end);
+		}
 		if (p->protocol == IPPROTO_ICMPV6 && l4 + 1 <= data_end) {
 			__u8 type = *(__u8 *)l4;
 			p->nd = type >= 133 && type <= 137;
@@ -274,13 +335,17 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	p->src_ip = ip->saddr;
 	p->dst_ip = ip->daddr;
 	p->protocol = ip->protocol;
-	if (ip->frag_off & bpf_htons(0x1fff))
+	if (ip->frag_off & bpf_htons(0x1fff)) {
+		frag_ports(p, ip->id);
 		return 0;
+	}
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return -1;
 	if (is_l4(ip->protocol))
 		parse_ports(p, (void *)ip + ihl, data_end);
+	if (ip->frag_off & bpf_htons(0x2000))
+		frag_remember(p, ip->id);
 	if (ip->protocol == IPPROTO_ICMP) {
 		__u8 *icmp = (void *)ip + ihl;
 		if ((void *)(icmp + 2) <= data_end)
@@ -658,11 +723,23 @@ static __always_inline int strict(const struct wm_config *cfg)
 	return cfg->mode == WM_MODE_STRICT || !(cfg->flags & WM_CONFIG_SET);
 }
 
-/* Whether the source of p may leave the pod behind this interface (anti-spoofing). */
-static __always_inline int source_ok(struct __sk_buff *skb, const struct pkt *p)
+/* The identity of this node (WM_ID_HOST unless the config names another). */
+static __always_inline __u32 host_identity(const struct wm_config *cfg)
 {
-	__u32 ifindex = skb->ifindex;
-	struct wm_endpoint_val *ep = bpf_map_lookup_elem(&wm_endpoints, &ifindex);
+	return cfg->node_identity ? cfg->node_identity : WM_ID_HOST;
+}
+
+/* The anti-spoofing entry of the pod veth with this ifindex (0: none). */
+static __always_inline struct wm_endpoint_val *endpoint(__u32 ifindex)
+{
+	if (!ifindex)
+		return 0;
+	return bpf_map_lookup_elem(&wm_endpoints, &ifindex);
+}
+
+/* Whether the source of p may leave the pod whose veth entry is ep (anti-spoofing). */
+static __always_inline int source_ok(const struct wm_endpoint_val *ep, const struct pkt *p)
+{
 	if (!ep)
 		return 1;
 	if (!p->v6)
@@ -709,8 +786,15 @@ int from_pod(struct __sk_buff *skb)
 	__u32 src_id = identity_of(src), dst_id = identity_of(dst);
 	__u8 dst_flags = dst ? dst->flags : 0;
 	__be32 peer_node = (dst && (dst_flags & WM_IPCACHE_REMOTE_POD)) ? dst->node_ip : 0;
+	struct wm_endpoint_val *ep = endpoint(skb->ifindex);
 
-	if (!source_ok(skb, &p)) {
+	/* A new veth whose pod has no entries yet while policy isolates one: fail closed. */
+	if (ep && (ep->flags & WM_EP_PENDING)) {
+		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
+		       WM_HOOK_FROM_POD);
+		return TC_ACT_SHOT;
+	}
+	if (!source_ok(ep, &p)) {
 		if (p.v6)
 			report(skb, &p, 0, 0, 0, WM_STATS6_SPOOFED, WM_HOOK_FROM_POD);
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
@@ -726,7 +810,9 @@ int from_pod(struct __sk_buff *skb)
 	int reply = !decided && ct_is_reply(&c, &p);
 	int check = !decided && !reply;
 
-	if (check && !side_allows(src_id, dst_id, &p, WM_DIR_EGRESS)) {
+	/* Traffic to this node is always allowed (NetworkPolicy: the pod's own node). */
+	if (check && dst_id != host_identity(cfg) &&
+	    !side_allows(src_id, dst_id, &p, WM_DIR_EGRESS)) {
 		ct_forget(&c, &p);
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
 		       WM_HOOK_FROM_POD);
@@ -780,22 +866,44 @@ int to_pod(struct __sk_buff *skb)
 	struct wm_config *cfg = config();
 	if (!cfg)
 		return TC_ACT_OK;
+	struct wm_ipcache_val *src = ipcache_lookup(&p, 1);
+	struct wm_ipcache_val *dst = ipcache_lookup(&p, 0);
+	__u32 dst_id = identity_of(dst);
+	/* The pod behind this veth has no entries yet while policy isolates one: fail closed. */
+	struct wm_endpoint_val *own = endpoint(skb->ifindex);
+	if (own && (own->flags & WM_EP_PENDING)) {
+		report(skb, &p, identity_of(src), dst_id, 0, WM_VERDICT_DROPPED_POLICY,
+		       WM_HOOK_TO_POD);
+		return TC_ACT_SHOT;
+	}
 	if (p.v6 && (p.nd || v6_on_link(p.src6) || v6_on_link(p.dst6)))
 		return TC_ACT_OK;
-	/* A PMTU error this node generated (it did not arrive on any interface). */
-	if (p.too_big && skb->ingress_ifindex == 0)
+	/*
+	 * Who sent it is decided by where it entered the node, not by the address it claims:
+	 * - on a known pod veth (an endpoint entry): from_pod checked its source and, for a local
+	 *   destination, decided both sides already;
+	 * - on no interface (ingress_ifindex 0): this node generated it (host-network processes,
+	 *   kubelet probes, PMTU errors): the host identity, always allowed to its own pods;
+	 * - elsewhere (underlay, tunnel, a bridge): the ipcache identity of the source, except that
+	 *   a local pod's address arriving there is spoofed and counts as world.
+	 */
+	__u32 in_if = skb->ingress_ifindex;
+	struct wm_endpoint_val *in_ep = endpoint(in_if);
+	if (in_ep && dst && (dst->flags & WM_IPCACHE_LOCAL))
 		return TC_ACT_OK;
-	struct wm_ipcache_val *src = ipcache_lookup(&p, 1);
-	/* from_pod already decided both sides for pod-to-pod traffic on this node. */
-	if (src && (src->flags & WM_IPCACHE_LOCAL))
-		return TC_ACT_OK;
-	struct wm_ipcache_val *dst = ipcache_lookup(&p, 0);
-	__u32 src_id = identity_of(src), dst_id = identity_of(dst);
+	__u32 host = host_identity(cfg);
+	__u32 src_id;
+	if (in_if == 0)
+		src_id = host;
+	else if (!in_ep && src && (src->flags & WM_IPCACHE_LOCAL))
+		src_id = WM_ID_WORLD;
+	else
+		src_id = identity_of(src);
 	__be32 peer_node = (src && (src->flags & WM_IPCACHE_REMOTE_POD)) ? src->node_ip : 0;
 	struct ct c;
 	int decided = ct_decided(&c, cfg, &p);
 	int check = !decided && !ct_is_reply(&c, &p);
-	if (check &&
+	if (check && src_id != host &&
 	    !side_allows(dst_id, src_id, &p, WM_DIR_INGRESS)) {
 		ct_forget(&c, &p);
 		report(skb, &p, src_id, dst_id, peer_node, WM_VERDICT_DROPPED_POLICY,
@@ -813,7 +921,8 @@ int to_pod(struct __sk_buff *skb)
 
 static __always_inline int is_pod_addr(const struct wm_ipcache_val *v)
 {
-	return v && (v->flags & (WM_IPCACHE_LOCAL | WM_IPCACHE_REMOTE_POD));
+	return v && !(v->flags & WM_IPCACHE_NODE) &&
+	       (v->flags & (WM_IPCACHE_LOCAL | WM_IPCACHE_REMOTE_POD));
 }
 
 static __always_inline int underlay(struct __sk_buff *skb, __u8 hook)
@@ -826,13 +935,10 @@ static __always_inline int underlay(struct __sk_buff *skb, __u8 hook)
 		return TC_ACT_OK;
 	struct wm_ipcache_val *src = ipcache_lookup(&p, 1);
 	struct wm_ipcache_val *dst = ipcache_lookup(&p, 0);
+	/* Node addresses (WM_IPCACHE_NODE /32s) are not pod addresses: WireGuard between nodes
+	 * passes; a pod-to-pod packet passes on no port. */
 	if (!is_pod_addr(src) || !is_pod_addr(dst))
 		return TC_ACT_OK;
-	if (p.protocol == IPPROTO_UDP && cfg->wg_port) {
-		__be16 wg = bpf_htons(cfg->wg_port);
-		if (p.src_port == wg || p.dst_port == wg)
-			return TC_ACT_OK;
-	}
 	__be32 peer_node = (dst->flags & WM_IPCACHE_REMOTE_POD) ? dst->node_ip : src->node_ip;
 	report(skb, &p, identity_of(src), identity_of(dst), peer_node, WM_VERDICT_DROPPED_PLAINTEXT,
 	       hook);

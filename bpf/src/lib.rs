@@ -10,11 +10,11 @@ pub mod sync;
 pub use abi::{
     AbiError, CT_OTHER_TIMEOUT_DEFAULT, CT_TCP_CLOSE_TIMEOUT, CT_TCP_TIMEOUT_DEFAULT, Config,
     Ct6Key, CtKey, CtKeyOf, CtValue, EndpointValue, Flow, FlowEvent, FlowEvent6, FlowKey, FlowKey6,
-    FlowKeyOf, FlowState, Hook, IpcacheValue, IsolationKeyRaw, Mode, RuleData, STATS6_SPOOFED,
-    Stats6, Verdict, config_flags, ipcache_flags,
+    FlowKeyOf, FlowState, FragKey, FragValue, Hook, IpcacheValue, IsolationKeyRaw, Mode, RuleData,
+    STATS6_SPOOFED, Stats6, Verdict, config_flags, ipcache_flags,
 };
 pub use loader::{
-    Attached, DEFAULT_BPFFS, Error, FlowBacklog, FlowReader, Loader, Maps, ProgramStats, Retained,
-    TestRun, if_index, node_pin_dir,
+    Attached, DEFAULT_BPFFS, Error, FlowBacklog, FlowReader, Loader, Maps, NETLINK_HANDLE,
+    NETLINK_PRIORITY, ProgramStats, Retained, TestRun, if_index, node_pin_dir, tcx_available,
 };
 pub use sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual, fake::FakeMaps};

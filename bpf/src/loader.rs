@@ -1,6 +1,9 @@
 //! The loader: loads the embedded object, pins its maps under the node's bpffs directory
 //! (reusing pins left by a previous run, so enforcement survives an agent restart), attaches
-//! the programs to interfaces with pinned TCX links, and exposes the maps and the flow ring.
+//! the programs to interfaces with pinned TCX links (kernels 6.6 and later) or netlink tc
+//! filters of our own priority and handle (older kernels, such as 5.15-6.1), and exposes the maps
+//! and the flow ring. Either way an attached program outlives the loader and the process, and
+//! the next run swaps its programs in place.
 //! Pins of an older build whose maps have another shape are not reused: the maps go to a new
 //! generation directory (`<pin_dir>/gen-<n>`) beside them, the caller fills them, `attach`
 //! swaps the new programs into the pinned links atomically, and
@@ -23,7 +26,10 @@ use aya::{
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcError, qdisc_add_clsact},
+        tc::{
+            NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle, qdisc_add_clsact,
+            qdisc_detach_program,
+        },
     },
     util::KernelVersion,
 };
@@ -33,8 +39,8 @@ use wiremesh_policy::{Identity, IsolationKey, MapDiff, RuleKey};
 
 use crate::abi::{
     AbiError, Config, Ct6Key, CtKey, CtValue, EndpointValue, Flow, FlowEvent, FlowKey, FlowKey6,
-    FlowState, Hook, IpcacheValue, IsolationKeyRaw, RuleData, Stats6, lpm4_key, lpm4_net, lpm6_key,
-    lpm6_net, rule_key,
+    FlowState, FragKey, FragValue, Hook, IpcacheValue, IsolationKeyRaw, RuleData, Stats6, lpm4_key,
+    lpm4_net, lpm6_key, lpm6_net, rule_key,
 };
 use crate::sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual};
 
@@ -111,7 +117,7 @@ pub enum Error {
         /// The cause.
         source: io::Error,
     },
-    /// Adding the clsact qdisc failed (kernels before 6.6 only).
+    /// Adding the clsact qdisc, or removing a netlink filter, failed (kernels before 6.6 only).
     #[error("interface {iface}: adding clsact qdisc: {source}")]
     Qdisc {
         /// The interface name.
@@ -211,13 +217,53 @@ pub enum Attached {
     Pinned,
     /// The program of a link pinned by an earlier run was replaced atomically.
     ReplacedPinned,
-    /// A netlink tc filter (kernels before 6.6; it outlives the process by itself).
+    /// A new netlink tc filter at [`NETLINK_PRIORITY`]/[`NETLINK_HANDLE`] (kernels before 6.6;
+    /// it outlives the loader and the process by itself).
     Netlink,
+    /// The program of our netlink filter, left by an earlier run or loader, was replaced
+    /// atomically (cls_bpf swaps it in place: no gap).
+    NetlinkReplaced,
 }
+
+impl Attached {
+    /// A fresh attachment on this kernel: [`Attached::Pinned`] with TCX, [`Attached::Netlink`]
+    /// without.
+    pub fn fresh() -> Self {
+        if tcx_available() {
+            Self::Pinned
+        } else {
+            Self::Netlink
+        }
+    }
+
+    /// A program swapped into an existing attachment on this kernel.
+    pub fn replaced() -> Self {
+        if tcx_available() {
+            Self::ReplacedPinned
+        } else {
+            Self::NetlinkReplaced
+        }
+    }
+}
+
+/// Whether this kernel has TCX links (6.6 and later); older kernels get netlink tc filters
+/// under a clsact qdisc.
+pub fn tcx_available() -> bool {
+    KernelVersion::current()
+        .map(|v| v >= KernelVersion::new(6, 6, 0))
+        .unwrap_or(false)
+}
+
+/// The tc priority of our netlink filters (kernels before 6.6): 1, ahead of filters added with
+/// the kernel's default priority (49152 and below, what `tc filter add` without `prio` picks).
+pub const NETLINK_PRIORITY: u16 = 1;
+/// The handle of our netlink filters ("wm"): a fixed slot, so a later run replaces exactly our
+/// filter and never a filter of another project at the same priority.
+pub const NETLINK_HANDLE: u32 = 0x776d;
 
 /// Every map of the object with (key size, value size, max entries) as `wiremesh.h` defines
 /// them; checked against pins reused from an earlier run.
-const MAP_SHAPES: [(&str, u32, u32, u32); 16] = [
+const MAP_SHAPES: [(&str, u32, u32, u32); 17] = [
     ("wm_ipcache4", 8, size_of::<IpcacheValue>() as u32, 65536),
     ("wm_cidrs4", 8, 4, 65536),
     ("wm_isolated", size_of::<IsolationKeyRaw>() as u32, 1, 65536),
@@ -244,6 +290,12 @@ const MAP_SHAPES: [(&str, u32, u32, u32); 16] = [
     ),
     ("wm_stats6", 4, size_of::<Stats6>() as u32, 1),
     ("wm_flows6", 44, 24, 65536),
+    (
+        "wm_frags",
+        size_of::<FragKey>() as u32,
+        size_of::<FragValue>() as u32,
+        8192,
+    ),
 ];
 
 fn check_pinned_shapes(pin_dir: &Path) -> Result<(), Error> {
@@ -538,39 +590,23 @@ impl Loader {
     /// Attaches `hook`'s program to `iface` (in this thread's network namespace). On kernels
     /// 6.6 and later the TCX link is pinned in `<pin_dir>/links/<program>-<iface>` so the program
     /// stays attached when this process exits; a link pinned by an earlier run is updated in
-    /// place to the new program (no gap). Older kernels get a clsact qdisc and a netlink
-    /// filter, which also outlive the process.
+    /// place to the new program (no gap). Older kernels get a clsact qdisc and a netlink filter
+    /// at [`NETLINK_PRIORITY`]/[`NETLINK_HANDLE`]: an existing one (an earlier run's) gets the new
+    /// program in place, otherwise it is created; it also outlives the loader and the process.
     pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<Attached, Error> {
         if_index(iface)?;
         let name = hook.program();
-        let attach_type = match hook {
-            Hook::FromPod | Hook::UnderlayIngress => TcAttachType::Ingress,
-            Hook::ToPod | Hook::UnderlayEgress => TcAttachType::Egress,
-        };
+        let attach_type = attach_type(hook);
         let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
             iface: iface.to_owned(),
             program: name,
             source,
         };
-        let tcx = KernelVersion::current()
-            .map(|v| v >= KernelVersion::new(6, 6, 0))
-            .unwrap_or(false);
         let prog = program(&mut self.ebpf, hook)?;
-        if !tcx {
-            match qdisc_add_clsact(iface) {
-                Ok(()) | Err(TcError::AlreadyAttached) => {}
-                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => {
-                    return Err(Error::Qdisc {
-                        iface: iface.to_owned(),
-                        source: Box::new(e),
-                    });
-                }
-            }
-            prog.attach(iface, attach_type)
-                .map_err(|e| attach_err(Box::new(e)))?;
-            info!(iface, program = name, "attached (netlink)");
-            return Ok(Attached::Netlink);
+        if !tcx_available() {
+            let how = attach_netlink(prog, iface, attach_type).map_err(attach_err)?;
+            info!(iface, program = name, ?how, "attached (netlink)");
+            return Ok(how);
         }
         let pin = self.pin_dir.join("links").join(format!("{name}-{iface}"));
         if pin.exists() {
@@ -596,23 +632,89 @@ impl Loader {
         Ok(Attached::Pinned)
     }
 
-    /// Detaches `hook`'s program from `iface` by removing its pinned link (TCX only). Missing
-    /// pins are not an error.
+    /// Detaches `hook`'s program from `iface`: removes its pinned link (TCX), or its netlink
+    /// filters (older kernels; every filter of that program name on the interface, so those of
+    /// earlier builds too). A missing link, filter or interface is not an error.
     pub fn detach(&mut self, iface: &str, hook: Hook) -> Result<(), Error> {
         let pin = self
             .pin_dir
             .join("links")
             .join(format!("{}-{iface}", hook.program()));
         match std::fs::remove_file(&pin) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::Attach {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::Attach {
+                    iface: iface.to_owned(),
+                    program: hook.program(),
+                    source: Box::new(e),
+                });
+            }
+        }
+        if tcx_available() {
+            return Ok(());
+        }
+        match qdisc_detach_program(iface, attach_type(hook), hook.program()) {
+            Ok(()) => {
+                info!(iface, program = hook.program(), "detached (netlink)");
+                Ok(())
+            }
+            // No such filter, or no such interface (its filters went with it).
+            Err(TcError::IoError(e))
+                if matches!(e.kind(), io::ErrorKind::NotFound)
+                    || e.raw_os_error() == Some(libc::ENODEV) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(Error::Qdisc {
                 iface: iface.to_owned(),
-                program: hook.program(),
                 source: Box::new(e),
             }),
         }
     }
+}
+
+fn attach_type(hook: Hook) -> TcAttachType {
+    match hook {
+        Hook::FromPod | Hook::UnderlayIngress => TcAttachType::Ingress,
+        Hook::ToPod | Hook::UnderlayEgress => TcAttachType::Egress,
+    }
+}
+
+/// The netlink attach of kernels before 6.6: a clsact qdisc (one may exist already: "Exclusivity
+/// flag on" / EEXIST is fine), then our filter slot: replaced in place when it exists (no
+/// NLM_F_CREATE: the kernel answers ENOENT when it does not), created otherwise. The link aya
+/// tracks is forgotten, not dropped: dropping it (or the loader) would delete the filter, which
+/// must outlive the agent like a pinned TCX link does.
+fn attach_netlink(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    attach_type: TcAttachType,
+) -> Result<Attached, Box<dyn std::error::Error + Send + Sync>> {
+    match qdisc_add_clsact(iface) {
+        Ok(()) | Err(TcError::AlreadyAttached) => {}
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(Box::new(e)),
+    }
+    let handle = TcHandle::from(NETLINK_HANDLE);
+    let ours = SchedClassifierLink::attached(iface, attach_type, NETLINK_PRIORITY, handle, None)?;
+    let (id, how) = match prog.attach_to_link(ours) {
+        Ok(id) => (id, Attached::NetlinkReplaced),
+        Err(ProgramError::TcError(TcError::NetlinkError(e)))
+            if e.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            let options = TcAttachOptions::Netlink(NlOptions {
+                priority: NETLINK_PRIORITY,
+                handle,
+                classid: None,
+            });
+            let id = prog.attach_with_options(iface, attach_type, options)?;
+            (id, Attached::Netlink)
+        }
+        Err(e) => return Err(Box::new(e)),
+    };
+    std::mem::forget(prog.take_link(id)?);
+    Ok(how)
 }
 
 fn replace_pinned(

@@ -6,7 +6,15 @@ mod fixtures;
 
 use fixtures::{Bpffs, net_policy, pods_v4, root_or_skip};
 use wiremesh_bpf::Loader;
+use wiremesh_integration::vm;
 use wiremesh_policy::{Compiled, compile, load_manifest};
+
+/// The other test of this binary again on Debian's kernel 6.1 in the kernel VM (map iteration
+/// and deletion of LPM tries on an older kernel).
+#[test]
+fn retain_tests_on_kernel_6_1() {
+    vm::rerun_all_in_vm(&["retain_tests_on_kernel_6_1"]);
+}
 
 /// b isolated both ways; ingress from two ipBlocks (one with an exception, one IPv6).
 fn old() -> String {

@@ -101,7 +101,16 @@ pub struct KeyRotationSpec {
     #[x_kube(validation = Rule::new("duration(self) >= duration('10s')")
         .message("phaseTimeout must be at least 10s"))]
     pub phase_timeout: String,
+
+    /// Emergency rotation of a compromised key: peers stop accepting the selected nodes' old keys
+    /// as soon as the new ones are announced (no overlap), accepting the packets this loses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoke_immediately: bool,
 }
+
+/// Annotation on a KeyRotation asking the coordinator to stop it (`meshctl rotate --abort`). The
+/// spec is immutable, so the request is metadata; its value is free text (who asked, when).
+pub const ABORT_ANNOTATION: &str = "wiremesh.io/abort";
 
 /// Where a rotation stands. Moves forward only: Pending -> Preparing -> Switching -> Retiring ->
 /// Complete, or to Failed from any phase before Complete.
@@ -168,27 +177,40 @@ pub struct KeyRotationStatus {
     #[serde(default)]
     pub phase: RotationPhase,
 
-    /// Names of the nodes the rotation covers, fixed when it leaves Pending, sorted.
+    /// The name in every node's `wiremesh.io/rotation` mark for this rotation:
+    /// `<metadata.name>.<first 8 hex digits of metadata.uid>`, so that marks left by a deleted
+    /// rotation of the same name are never read as progress. Fixed when it leaves Pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_id: Option<String>,
+
+    /// Every node of the mesh when the rotation started (a valid public key published); each
+    /// acknowledges every step. Fixed when it leaves Pending, sorted.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub participants: Vec<String>,
+
+    /// The participants whose keys change (those the nodeSelector matched), fixed when it leaves
+    /// Pending, sorted.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub selected_nodes: Vec<String>,
 
-    /// Number of selected nodes.
+    /// Number of participants that still exist.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub nodes_total: i32,
 
-    /// Selected nodes that published their next key and accept it from peers.
+    /// Participants that announced their next identity and accept everyone's.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub nodes_prepared: i32,
 
-    /// Selected nodes that publish and initiate with their new key.
+    /// Participants that send to every peer under its new identity.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub nodes_switched: i32,
 
-    /// Selected nodes that dropped their old key.
+    /// Participants that no longer use the old identities.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub nodes_retired: i32,
@@ -203,6 +225,11 @@ pub struct KeyRotationStatus {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub failed_nodes: Vec<String>,
+
+    /// For a Failed rotation: the phase that failed. A failure before Retiring rolls every node
+    /// back to its old key; a failure in Retiring keeps the new keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_during: Option<RotationPhase>,
 
     /// When the rotation left Pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -244,6 +271,7 @@ impl Default for KeyRotationSpec {
             node_selector: LabelSelector::default(),
             reason: String::new(),
             phase_timeout: default_phase_timeout(),
+            revoke_immediately: false,
         }
     }
 }

@@ -17,9 +17,9 @@ pub use conditions::{
 };
 pub use duration::{DurationError, parse_go_duration};
 pub use keyrotation::{
-    CONDITION_COMPLETE, CONDITION_FAILED, CONDITION_PROGRESSING, DEFAULT_PHASE_TIMEOUT,
-    KeyRotation, KeyRotationSpec, KeyRotationStatus, MAX_REASON_LEN, MIN_PHASE_TIMEOUT,
-    RotationPhase, SpecError as KeyRotationSpecError,
+    ABORT_ANNOTATION, CONDITION_COMPLETE, CONDITION_FAILED, CONDITION_PROGRESSING,
+    DEFAULT_PHASE_TIMEOUT, KeyRotation, KeyRotationSpec, KeyRotationStatus, MAX_REASON_LEN,
+    MIN_PHASE_TIMEOUT, RotationPhase, SpecError as KeyRotationSpecError,
 };
 pub use manifests::{
     Drift, Manifest, ManifestError, check_dir, check_structural, manifests, render_yaml, write_dir,

@@ -13,6 +13,7 @@ use std::{
 };
 
 use crate::{
+    agentidentity::{self, AgentIdentity, IdentityError},
     command::{self, CommandError},
     description::{ClusterDescription, NodeDescription, PodDescription},
     ledger::{Ledger, Resource, TeardownError},
@@ -76,6 +77,9 @@ pub enum ClusterError {
     /// Removing host resources failed.
     #[error(transparent)]
     Teardown(#[from] TeardownError),
+    /// The agents' ServiceAccount, RBAC or bound tokens could not be set up.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// What to build.
@@ -109,6 +113,9 @@ pub struct ClusterOptions {
     pub node_read_rbac: bool,
     /// Deadline for testenv's READY line.
     pub testenv_ready_timeout: Duration,
+    /// The supervisor executable that restarts a node's device and agent processes
+    /// ([`VirtualCluster::spawn_supervised`]); default [`crate::supervise::default_binary`].
+    pub supervisor_binary: PathBuf,
     /// Route every node's podCIDR between nodes over the underlay in plaintext (like a cloud route
     /// table; see [`netns`]), so cross-node pod traffic flows without a mesh and the mesh's own
     /// routes (lower metric) take precedence.
@@ -127,6 +134,7 @@ impl Default for ClusterOptions {
             keep_work_dir: std::env::var_os("WIREMESH_KEEP_WORK_DIR").is_some(),
             outlive_parent: false,
             testenv_binary: crate::testenv::default_binary(),
+            supervisor_binary: crate::supervise::default_binary(),
             node_read_rbac: true,
             testenv_ready_timeout: Duration::from_secs(180),
             plaintext_pod_routes: true,
@@ -149,12 +157,45 @@ pub struct ClusterNode {
     pub name: String,
     /// Its namespace, addresses and podCIDR.
     pub network: NodeNetwork,
-    /// Kubeconfig with the node's own credentials.
+    /// Kubeconfig of the node's agent: a token of the agent ServiceAccount of `deploy/wiremesh.yaml`
+    /// bound to the node's agent Pod (see [`agentidentity`]), as the DaemonSet's pod has.
     pub kubeconfig: PathBuf,
-    /// The agent running in it, if any.
+    /// The agent running in it, if any (for a supervised agent: the first run; the current one
+    /// is [`VirtualCluster::supervised_pid`]).
     pub agent: Option<ProcessIdentity>,
     /// The agent's log file, once an agent was started.
     pub agent_log: Option<PathBuf>,
+    /// The device process's log file, once one was started.
+    pub device_log: Option<PathBuf>,
+}
+
+/// The processes of a node that the cluster supervises, as the containers of the wiremesh pod
+/// on a real node: each is restarted within a second whenever it exits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// `mesh-agent device <if> --foreground`: the userspace WireGuard device.
+    Device,
+    /// `mesh-agent run`: the agent.
+    Agent,
+}
+
+impl Role {
+    /// `device` or `agent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Device => "device",
+            Self::Agent => "agent",
+        }
+    }
+}
+
+/// A supervised process: its supervisor and where the supervisor records the current run.
+#[derive(Clone, Debug)]
+struct Supervised {
+    node: String,
+    role: Role,
+    supervisor: ProcessIdentity,
+    pid_file: PathBuf,
 }
 
 /// One pod of the cluster.
@@ -182,10 +223,13 @@ pub struct VirtualCluster {
     plaintext_pod_routes: bool,
     testenv: Option<Testenv>,
     client: kube::Client,
+    agent_identity: AgentIdentity,
     nodes: Vec<ClusterNode>,
     pods: Vec<ClusterPod>,
     next_pod_index: std::collections::BTreeMap<String, u32>,
     processes: Vec<NodeProcess>,
+    supervisor_binary: PathBuf,
+    supervised: Vec<Supervised>,
     ledger: Ledger,
     done: bool,
 }
@@ -279,6 +323,8 @@ impl VirtualCluster {
         if opts.node_read_rbac {
             objects::install_node_read_rbac(&client).await?;
         }
+        let agent_identity =
+            agentidentity::install(&client, &agentidentity::default_manifest()).await?;
 
         let mut cluster = Self {
             id,
@@ -291,10 +337,13 @@ impl VirtualCluster {
             plaintext_pod_routes: opts.plaintext_pod_routes,
             testenv: Some(testenv),
             client,
+            agent_identity,
             nodes: Vec::new(),
             pods: Vec::new(),
             next_pod_index: Default::default(),
             processes: Vec::new(),
+            supervisor_binary: opts.supervisor_binary.clone(),
+            supervised: Vec::new(),
             ledger: std::mem::take(ledger),
             done: false,
         };
@@ -325,6 +374,11 @@ impl VirtualCluster {
     /// The admin kubeconfig.
     pub fn kubeconfig_path(&self) -> Option<&Path> {
         self.testenv.as_ref().map(Testenv::kubeconfig_path)
+    }
+
+    /// The ServiceAccount the agents run as.
+    pub fn agent_identity(&self) -> &AgentIdentity {
+        &self.agent_identity
     }
 
     /// The underlay bridge in the host namespace.
@@ -420,8 +474,7 @@ impl VirtualCluster {
             .work_dir
             .join("nodes")
             .join(format!("{name}.kubeconfig"));
-        // Fails for a node without credentials before anything is created.
-        testenv.write_node_kubeconfig(&name, &kubeconfig)?;
+        let credentials = testenv.credentials().clone();
         let network =
             netns::create_node(&self.id, &self.lease, &self.bridge, index, &mut self.ledger)?;
         if self.plaintext_pod_routes {
@@ -431,6 +484,15 @@ impl VirtualCluster {
             }
         }
         objects::create_node(&self.client, &name, network.pod_cidr, network.underlay_ip).await?;
+        // After the Node: the token carries the node's name and UID.
+        agentidentity::write_agent_kubeconfig(
+            &self.client,
+            &self.agent_identity,
+            &credentials,
+            &name,
+            &kubeconfig,
+        )
+        .await?;
         tracing::info!(node = %name, netns = %network.netns, "node added");
         self.nodes.push(ClusterNode {
             name,
@@ -438,6 +500,7 @@ impl VirtualCluster {
             kubeconfig,
             agent: None,
             agent_log: None,
+            device_log: None,
         });
         Ok(self
             .nodes
@@ -504,10 +567,12 @@ impl VirtualCluster {
             objects::delete_pod(&self.client, &pod.namespace, &pod.name).await?;
         }
         objects::delete_node(&self.client, name).await?;
+        agentidentity::delete_agent_pod(&self.client, &self.agent_identity, name).await?;
 
         let (in_node, keep): (Vec<NodeProcess>, Vec<NodeProcess>) =
             self.processes.drain(..).partition(|p| p.node == name);
         self.processes = keep;
+        self.supervised.retain(|s| s.node != name);
         for mut p in in_node {
             p.process.stop(crate::ledger::PROCESS_GRACE)?;
             let identity = p.process.identity();
@@ -641,6 +706,186 @@ impl VirtualCluster {
         Ok(status)
     }
 
+    /// Starts `program args...` in node `node`'s namespace under a supervisor that restarts it
+    /// within a second whenever it exits (crash, `kill -9`), as a kubelet restarts a container.
+    /// Output of every run is appended to `<work dir>/logs/<role>-<node>.log`; for [`Role::Agent`]
+    /// `KUBECONFIG` is the node's own kubeconfig and `NODE_NAME` its name. Returns the first run
+    /// once it started; [`VirtualCluster::supervised_pid`] follows restarts.
+    pub fn spawn_supervised<I, S>(
+        &mut self,
+        node: &str,
+        role: Role,
+        program: &Path,
+        args: I,
+        env: Vec<(OsString, OsString)>,
+    ) -> Result<ProcessIdentity, ClusterError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let n = self.node(node)?.clone();
+        if self.supervised_pid(node, role).is_some() {
+            return Err(ClusterError::Exists {
+                kind: role.as_str(),
+                name: node.to_owned(),
+            });
+        }
+        let log = self
+            .work_dir
+            .join("logs")
+            .join(format!("{}-{node}.log", role.as_str()));
+        let pid_file = self
+            .work_dir
+            .join("run")
+            .join(format!("{}-{node}.pid", role.as_str()));
+        let _ = std::fs::remove_file(&pid_file);
+        let mut spec = ProcessSpec::new(
+            format!("{} {node} (supervised)", role.as_str()),
+            &self.supervisor_binary,
+            &log,
+        )
+        .args([
+            OsString::from("--pid-file"),
+            pid_file.clone().into_os_string(),
+            "--grace-ms".into(),
+            (crate::ledger::PROCESS_GRACE.as_millis() * 4 / 5)
+                .to_string()
+                .into(),
+            "--".into(),
+            program.as_os_str().to_owned(),
+        ])
+        .args(args);
+        if role == Role::Agent {
+            spec = spec
+                .env("KUBECONFIG", n.kubeconfig.as_os_str())
+                .env("NODE_NAME", node);
+        }
+        spec.env.extend(env);
+        let supervisor = self.spawn_in_node(node, spec)?;
+        self.supervised
+            .retain(|s| !(s.node == node && s.role == role));
+        self.supervised.push(Supervised {
+            node: node.to_owned(),
+            role,
+            supervisor,
+            pid_file: pid_file.clone(),
+        });
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.name == node) {
+            match role {
+                Role::Agent => n.agent_log = Some(log.clone()),
+                Role::Device => n.device_log = Some(log.clone()),
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(first) = crate::supervise::current(&pid_file) {
+                if role == Role::Agent
+                    && let Some(n) = self.nodes.iter_mut().find(|n| n.name == node)
+                {
+                    n.agent = Some(first);
+                }
+                return Ok(first);
+            }
+            if !supervisor.is_running() || std::time::Instant::now() >= deadline {
+                return Err(ClusterError::Process(ProcessError::Spawn {
+                    program: program.display().to_string(),
+                    source: std::io::Error::other(format!(
+                        "the supervisor did not start it (see {})",
+                        log.display()
+                    )),
+                }));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The current run of `node`'s supervised `role` process (it changes with every restart);
+    /// `None` when none is running (between a crash and its restart, or never started).
+    pub fn supervised_pid(&self, node: &str, role: Role) -> Option<ProcessIdentity> {
+        self.supervised
+            .iter()
+            .find(|s| s.node == node && s.role == role && s.supervisor.is_running())
+            .and_then(|s| crate::supervise::current(&s.pid_file))
+    }
+
+    /// `kill -9` of the current run of `node`'s supervised `role` process, as a crash would end
+    /// it; its supervisor restarts it (unless held, see [`VirtualCluster::hold_restarts`]).
+    /// Returns the killed run.
+    pub fn kill_supervised(&self, node: &str, role: Role) -> Result<ProcessIdentity, ClusterError> {
+        let current = self
+            .supervised_pid(node, role)
+            .ok_or_else(|| ClusterError::Unknown {
+                kind: role.as_str(),
+                name: node.to_owned(),
+            })?;
+        current.signal(libc::SIGKILL)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while current.is_running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(current)
+    }
+
+    /// Holds (`true`: SIGSTOP to the supervisor) or releases (`false`: SIGCONT) the restarts of
+    /// `node`'s `role` process, so a test can look at a node whose agent is down; a held
+    /// supervisor restarts a process that died meanwhile as soon as it is released.
+    pub fn hold_restarts(&self, node: &str, role: Role, hold: bool) -> Result<(), ClusterError> {
+        let supervisor = self
+            .supervised
+            .iter()
+            .find(|s| s.node == node && s.role == role)
+            .map(|s| s.supervisor)
+            .ok_or_else(|| ClusterError::Unknown {
+                kind: role.as_str(),
+                name: node.to_owned(),
+            })?;
+        supervisor.signal(if hold { libc::SIGSTOP } else { libc::SIGCONT })?;
+        Ok(())
+    }
+
+    /// Waits until `node`'s `role` process runs again after `killed`, at most `timeout`.
+    pub fn wait_restarted(
+        &self,
+        node: &str,
+        role: Role,
+        killed: ProcessIdentity,
+        timeout: Duration,
+    ) -> Result<ProcessIdentity, ClusterError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(now) = self.supervised_pid(node, role).filter(|p| *p != killed) {
+                return Ok(now);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ClusterError::Unknown {
+                    kind: "restarted process",
+                    name: format!("{} of {node} within {timeout:?}", role.as_str()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops `node`'s supervised `role` process for good: its supervisor passes SIGTERM on, waits
+    /// up to `grace` (then SIGKILL) and exits with the process's status, which is returned.
+    pub fn stop_supervised(
+        &mut self,
+        node: &str,
+        role: Role,
+        grace: Duration,
+    ) -> Result<std::process::ExitStatus, ClusterError> {
+        let pos = self
+            .supervised
+            .iter()
+            .position(|s| s.node == node && s.role == role)
+            .ok_or_else(|| ClusterError::Unknown {
+                kind: role.as_str(),
+                name: node.to_owned(),
+            })?;
+        let supervised = self.supervised.remove(pos);
+        self.stop_process(supervised.supervisor.pid, grace + Duration::from_secs(2))
+    }
+
     /// Runs `argv` in node `node`'s namespace (`ip netns exec`), returning its output whatever the
     /// exit status.
     pub fn exec_in_node<I, S>(&self, node: &str, argv: I) -> Result<Output, ClusterError>
@@ -682,10 +927,17 @@ impl VirtualCluster {
                     name: n.name.clone(),
                     netns: n.network.netns.clone(),
                     underlay_ip: n.network.underlay_ip,
-                    agent_pid: n.agent.map(|a| a.pid),
+                    agent_pid: self
+                        .supervised_pid(&n.name, Role::Agent)
+                        .or(n.agent.filter(ProcessIdentity::is_running))
+                        .map(|a| a.pid),
+                    device_pid: self.supervised_pid(&n.name, Role::Device).map(|d| d.pid),
                     pod_cidr: n.network.pod_cidr.to_string(),
                     kubeconfig: n.kubeconfig.clone(),
                     agent_log: n.agent_log.clone(),
+                    device_log: n.device_log.clone(),
+                    agent_pid_file: self.pid_file(&n.name, Role::Agent),
+                    device_pid_file: self.pid_file(&n.name, Role::Device),
                 })
                 .collect(),
             pods: self
@@ -706,6 +958,13 @@ impl VirtualCluster {
             work_dir: self.work_dir.clone(),
             resources: self.ledger.clone(),
         }
+    }
+
+    fn pid_file(&self, node: &str, role: Role) -> Option<PathBuf> {
+        self.supervised
+            .iter()
+            .find(|s| s.node == node && s.role == role)
+            .map(|s| s.pid_file.clone())
     }
 
     /// Leaves everything running and returns its description, from which
@@ -731,6 +990,10 @@ impl VirtualCluster {
 
     fn teardown_inner(&mut self) -> Result<(), TeardownError> {
         self.done = true;
+        // A supervisor held by a test would not act on SIGTERM until continued.
+        for supervised in &self.supervised {
+            let _ = supervised.supervisor.signal(libc::SIGCONT);
+        }
         // Our own children are stopped by the ledger (by PID and start time); dropping the handles
         // afterwards only reaps them.
         let result = self.ledger.release_all();

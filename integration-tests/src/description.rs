@@ -1,6 +1,6 @@
 //! The cluster description, `/run/wiremesh-demo/cluster.json`: what `meshctl demo up` leaves for people
-//! and scripts (kubeconfig, testenv PID, nodes with their namespaces, underlay IPs and agent PIDs, pods
-//! with their namespaces and IPs), plus the ledger another process needs to remove it all.
+//! and scripts (kubeconfig, testenv PID, nodes with their namespaces, underlay IPs, agent and device
+//! PIDs, pods with their namespaces and IPs), plus the ledger another process needs to remove it all.
 
 use std::{
     net::Ipv4Addr,
@@ -73,8 +73,13 @@ pub struct NodeDescription {
     /// Its underlay address (also the Node's InternalIP).
     #[serde(rename = "underlayIP")]
     pub underlay_ip: Ipv4Addr,
-    /// PID of its mesh-agent, `null` when none runs.
+    /// PID of its mesh-agent, `null` when none runs. For a supervised agent this follows
+    /// restarts: [`ClusterDescription::read`] refreshes it from `agentPidFile`.
     pub agent_pid: Option<u32>,
+    /// PID of its device process (`mesh-agent device`), `null` when none runs; follows restarts
+    /// like `agentPid` (from `devicePidFile`).
+    #[serde(default)]
+    pub device_pid: Option<u32>,
     /// Its podCIDR.
     #[serde(rename = "podCIDR")]
     pub pod_cidr: String,
@@ -82,6 +87,15 @@ pub struct NodeDescription {
     pub kubeconfig: PathBuf,
     /// The agent's log file, if an agent was started.
     pub agent_log: Option<PathBuf>,
+    /// The device process's log file, if one was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_log: Option<PathBuf>,
+    /// Where the agent's supervisor records the current run (`PID start-time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_pid_file: Option<PathBuf>,
+    /// Where the device's supervisor records the current run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_pid_file: Option<PathBuf>,
 }
 
 /// One pod.
@@ -107,10 +121,26 @@ impl ClusterDescription {
             path: path.to_owned(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| DescriptionError::Json {
-            path: path.to_owned(),
-            source,
-        })
+        let mut description: Self =
+            serde_json::from_str(&text).map_err(|source| DescriptionError::Json {
+                path: path.to_owned(),
+                source,
+            })?;
+        description.refresh_pids();
+        Ok(description)
+    }
+
+    /// Re-reads `agentPid` and `devicePid` from the supervisors' PID files (a supervised process
+    /// gets a new PID at every restart); `null` while one is not running.
+    pub fn refresh_pids(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(file) = &node.agent_pid_file {
+                node.agent_pid = crate::supervise::current(file).map(|p| p.pid);
+            }
+            if let Some(file) = &node.device_pid_file {
+                node.device_pid = crate::supervise::current(file).map(|p| p.pid);
+            }
+        }
     }
 
     /// Writes the description atomically (temporary file + rename), mode 0600.
@@ -150,9 +180,13 @@ mod tests {
                 netns: "wm0000100-n1".into(),
                 underlay_ip: Ipv4Addr::new(10, 213, 3, 11),
                 agent_pid: Some(43),
+                device_pid: Some(44),
                 pod_cidr: "10.244.1.0/24".into(),
                 kubeconfig: "/run/wiremesh-demo/nodes/node-1.kubeconfig".into(),
                 agent_log: None,
+                device_log: None,
+                agent_pid_file: None,
+                device_pid_file: None,
             }],
             pods: vec![PodDescription {
                 namespace: "default".into(),
@@ -175,6 +209,7 @@ mod tests {
         assert_eq!(v["nodes"][0]["netns"], "wm0000100-n1");
         assert_eq!(v["nodes"][0]["underlayIP"], "10.213.3.11");
         assert_eq!(v["nodes"][0]["agentPid"], 43);
+        assert_eq!(v["nodes"][0]["devicePid"], 44);
         for key in ["namespace", "name", "netns", "ip", "node"] {
             assert!(
                 v["pods"][0].get(key).is_some(),

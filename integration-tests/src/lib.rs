@@ -7,7 +7,9 @@
 //! detached cluster down from another process. Everything created is recorded in a [`Ledger`] and
 //! removed newest first; nothing is ever deleted by name pattern.
 
+pub mod agentidentity;
 pub mod bpfpin;
+pub mod clients;
 mod cluster;
 pub mod command;
 mod description;
@@ -19,13 +21,15 @@ pub mod objects;
 mod privilege;
 mod process;
 pub mod proxypki;
+pub mod supervise;
 pub mod testenv;
 pub mod underlay;
+pub mod vm;
 pub mod wait;
 
 pub use bpfpin::pin_map_of_another_shape;
 pub use cluster::{
-    ClusterError, ClusterNode, ClusterOptions, ClusterPod, POD_MTU, VirtualCluster, node_name,
+    ClusterError, ClusterNode, ClusterOptions, ClusterPod, POD_MTU, Role, VirtualCluster, node_name,
 };
 pub use description::{ClusterDescription, DescriptionError, NodeDescription, PodDescription};
 pub use fsutil::write_private_atomic;

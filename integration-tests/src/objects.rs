@@ -5,8 +5,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::{
+    authentication::v1::TokenRequest,
     core::v1::{Namespace, Node, Pod, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use kube::{
     Api, Client,
@@ -155,6 +156,25 @@ pub async fn create_pod(
         })
 }
 
+/// The annotation `key` of Node `node`, if it has it.
+pub async fn node_annotation(
+    client: &Client,
+    node: &str,
+    key: &str,
+) -> Result<Option<String>, ObjectsError> {
+    let node_obj = Api::<Node>::all(client.clone())
+        .get(node)
+        .await
+        .map_err(|source| ObjectsError {
+            what: format!("reading Node {node}"),
+            source,
+        })?;
+    Ok(node_obj
+        .metadata
+        .annotations
+        .and_then(|mut a| a.remove(key)))
+}
+
 /// Deletes a Node; a missing one counts as deleted.
 pub async fn delete_node(client: &Client, name: &str) -> Result<(), ObjectsError> {
     match Api::<Node>::all(client.clone())
@@ -220,4 +240,101 @@ pub async fn install_node_read_rbac(client: &Client) -> Result<(), ObjectsError>
         format!("creating ClusterRoleBinding {NODE_READ_ROLE}"),
     )
     .await
+}
+
+/// Name of the ClusterRole, Role and bindings of [`install_coordinator_rbac`].
+pub const COORDINATOR_ROLE: &str = "wiremesh-rotation-coordinator";
+
+/// Grants the ServiceAccount `namespace/service_account` what the rotation coordinator needs: the
+/// Lease in `namespace` (get, create, patch: kube-lease-manager reads it and writes it with
+/// server-side apply), Nodes' metadata (get, list, watch), MeshEncryptions (get, list, watch),
+/// KeyRotations (get, list, watch; create for the schedule) and their status (get, update,
+/// patch), Events (create, patch). The same grants the DaemonSet's RBAC
+/// must ship. Node credentials cannot hold the Lease: NodeRestriction lets a node write only its
+/// own Lease in `kube-node-lease`.
+pub async fn install_coordinator_rbac(
+    client: &Client,
+    namespace: &str,
+    service_account: &str,
+) -> Result<(), ObjectsError> {
+    let cluster_role: ClusterRole = typed(json!({
+        "metadata": {"name": COORDINATOR_ROLE},
+        "rules": [
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["wiremesh.io"], "resources": ["keyrotations"], "verbs": ["get", "list", "watch", "create"]},
+            {"apiGroups": ["wiremesh.io"], "resources": ["meshencryptions"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["wiremesh.io"], "resources": ["keyrotations/status"], "verbs": ["get", "update", "patch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        ],
+    }));
+    create_if_missing(
+        &Api::<ClusterRole>::all(client.clone()),
+        &cluster_role,
+        format!("creating ClusterRole {COORDINATOR_ROLE}"),
+    )
+    .await?;
+    let subjects =
+        json!([{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]);
+    let binding: ClusterRoleBinding = typed(json!({
+        "metadata": {"name": COORDINATOR_ROLE},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": COORDINATOR_ROLE},
+        "subjects": subjects,
+    }));
+    create_if_missing(
+        &Api::<ClusterRoleBinding>::all(client.clone()),
+        &binding,
+        format!("creating ClusterRoleBinding {COORDINATOR_ROLE}"),
+    )
+    .await?;
+    let role: Role = typed(json!({
+        "metadata": {"name": COORDINATOR_ROLE, "namespace": namespace},
+        "rules": [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
+        ],
+    }));
+    create_if_missing(
+        &Api::<Role>::namespaced(client.clone(), namespace),
+        &role,
+        format!("creating Role {namespace}/{COORDINATOR_ROLE}"),
+    )
+    .await?;
+    let role_binding: RoleBinding = typed(json!({
+        "metadata": {"name": COORDINATOR_ROLE, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": COORDINATOR_ROLE},
+        "subjects": subjects,
+    }));
+    create_if_missing(
+        &Api::<RoleBinding>::namespaced(client.clone(), namespace),
+        &role_binding,
+        format!("creating RoleBinding {namespace}/{COORDINATOR_ROLE}"),
+    )
+    .await
+}
+
+/// Creates the ServiceAccount `namespace/name` if missing and returns a bearer token for it (one
+/// hour) from the TokenRequest API.
+pub async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<String, ObjectsError> {
+    let api = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+    let account: ServiceAccount =
+        typed(json!({"metadata": {"name": name, "namespace": namespace}}));
+    create_if_missing(
+        &api,
+        &account,
+        format!("creating ServiceAccount {namespace}/{name}"),
+    )
+    .await?;
+    let request: TokenRequest =
+        typed(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}));
+    let issued = api
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .map_err(|source| ObjectsError {
+            what: format!("requesting a token for ServiceAccount {namespace}/{name}"),
+            source,
+        })?;
+    Ok(issued.status.and_then(|s| s.token).unwrap_or_default())
 }

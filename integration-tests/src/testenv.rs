@@ -224,7 +224,18 @@ impl TestenvCredentials {
             .nodes
             .get(node)
             .ok_or_else(|| TestenvError::UnknownNode(node.to_owned()))?;
-        let yaml = self.kubeconfig_yaml(node, user)?;
+        self.write_kubeconfig(node, user, path)
+    }
+
+    /// Writes a kubeconfig for `user` (e.g. a ServiceAccount with a token from the TokenRequest
+    /// API) to `path` atomically, mode 0600.
+    pub fn write_kubeconfig(
+        &self,
+        context: &str,
+        user: &UserCredential,
+        path: &Path,
+    ) -> Result<(), TestenvError> {
+        let yaml = self.kubeconfig_yaml(context, user)?;
         crate::fsutil::write_private_atomic(path, yaml.as_bytes()).map_err(|source| {
             TestenvError::Io {
                 what: "writing kubeconfig",

@@ -9,10 +9,9 @@ mod support;
 
 use std::time::Duration;
 
-use meshctl::demo;
 use serde_json::json;
 use support::*;
-use wiremesh_integration::pin_map_of_another_shape;
+use wiremesh_integration::{Role, pin_map_of_another_shape};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_upgrades_pins_of_another_shape_without_an_enforcement_gap() {
@@ -38,10 +37,30 @@ async fn an_agent_upgrades_pins_of_another_shape_without_an_enforcement_gap() {
     .await;
 
     let probe = GapProbe::start(&cluster, "pod-2-2", "pod-2-1", 80);
+    // The agent is stopped while the new build's pins are put in place, then restarted.
+    cluster
+        .hold_restarts("node-2", Role::Agent, true)
+        .expect("hold restarts");
     kill_agent(&mut cluster, "node-2");
     let pins = cluster.bpffs().join("wiremesh/node-2");
     pin_map_of_another_shape(&pins.join("wm_config"), 8).expect("pin a map of another shape");
-    demo::start_agent(&mut cluster, "node-2", &agent_binary(), &[]).expect("restart");
+    // The pinned programs keep enforcing while the agent is down.
+    eventually(
+        "the probe ran while the agent was down",
+        Duration::from_secs(10),
+        || {
+            let attempts = probe.attempts();
+            if attempts >= 5 {
+                Ok(())
+            } else {
+                Err(format!("{attempts} attempts"))
+            }
+        },
+    )
+    .await;
+    cluster
+        .hold_restarts("node-2", Role::Agent, false)
+        .expect("release restarts");
     wait_converged(&cluster).await;
     expect_reachability(
         &cluster,

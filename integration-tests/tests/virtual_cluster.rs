@@ -222,9 +222,9 @@ async fn two_nodes_topology_objects_rbac_processes_and_cleanup() {
         Some(p21.network.ip.to_string())
     );
 
-    // node-1's own credentials, used from inside node-1's namespace (where its agent runs): it reaches
-    // the apiserver over the underlay, patches its own Node, is forbidden to patch node-2, and reads
-    // all Nodes and Pods thanks to the read RBAC.
+    // node-1's agent credentials (a token bound to its agent Pod), used from inside node-1's namespace
+    // (where its agent runs): it reaches the apiserver over the underlay, patches its own Node, is
+    // forbidden to patch node-2 (admission policy), and reads all Nodes and Pods (deploy/ RBAC).
     let kubeconfig = n1.kubeconfig.clone();
     let (own, other, nodes, pods) = netns::within(&n1.network.netns, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -250,8 +250,9 @@ async fn two_nodes_topology_objects_rbac_processes_and_cleanup() {
                 .list(&ListParams::default())
                 .await
                 .map(|l| l.items.len());
+            // The test pods (the agents' own Pods in the deploy namespace are not counted).
             let pods = Api::<Pod>::all(client)
-                .list(&ListParams::default())
+                .list(&ListParams::default().labels("app=wiremesh-testbed"))
                 .await
                 .map(|l| l.items.len());
             (own, other, nodes, pods)

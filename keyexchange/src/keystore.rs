@@ -11,14 +11,17 @@
 //! directory. A file that exists but cannot be read or parsed is an error naming the path, never
 //! a reason to make a new key: a new key churns every peer. Only [`Keystore::regenerate`] (the
 //! agent's `--regenerate-key`) replaces a key on purpose. Files or a directory open to group or
-//! others are tightened and the fix is reported in the [`LoadOutcome`].
+//! others are tightened and the fix is reported in the [`LoadOutcome`]. Key files are opened
+//! with `O_NOFOLLOW` and checked on the open descriptor (a symlink swapped in after a check is
+//! never followed); a key file or directory owned by another user is an error (whoever owns it
+//! chose this node's identity).
 //!
 //! One process owns a state directory at a time.
 
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Read, Write},
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -67,6 +70,17 @@ pub enum KeystoreError {
     /// The path is a symlink, directory or device instead of a regular file.
     #[error("{path} is not a regular file")]
     NotRegularFile { path: PathBuf },
+    /// A key file or the state directory belongs to another user, who could have chosen (or
+    /// can read) this node's key.
+    #[error(
+        "{path} is owned by uid {owner}, not by this process's uid {expected}; refusing to use \
+         it: check who wrote it, then fix its owner or regenerate the key (--regenerate-key)"
+    )]
+    ForeignOwner {
+        path: PathBuf,
+        owner: u32,
+        expected: u32,
+    },
     /// `private.key` is missing while rotation files exist: someone removed it.
     #[error(
         "{path} is missing but {other} exists; refusing to generate a new identity over a \
@@ -333,6 +347,7 @@ impl Keystore {
     fn prepare_dir(&self, fixes: &mut Vec<PermissionFix>) -> Result<(), KeystoreError> {
         match fs::symlink_metadata(&self.dir) {
             Ok(meta) if meta.is_dir() => {
+                check_owner(&self.dir, &meta)?;
                 let mode = meta.permissions().mode() & 0o7777;
                 if mode & 0o077 != 0 {
                     let new_mode = mode & !0o077;
@@ -372,17 +387,28 @@ impl Keystore {
         fixes: &mut Vec<PermissionFix>,
     ) -> Result<Option<PrivateKey>, KeystoreError> {
         let path = self.path(file);
-        let meta = match fs::symlink_metadata(&path) {
-            Ok(meta) => meta,
+        // O_NOFOLLOW: a symlink is an error, not followed (also one swapped in after a check);
+        // O_NONBLOCK: a FIFO does not block the open. Every check below is on this descriptor.
+        let mut f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("stat", &path, e)),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(KeystoreError::NotRegularFile { path });
+            }
+            Err(e) => return Err(io_err("open", &path, e)),
         };
+        let meta = f.metadata().map_err(|e| io_err("stat", &path, e))?;
         if !meta.file_type().is_file() {
             return Err(KeystoreError::NotRegularFile { path });
         }
+        check_owner(&path, &meta)?;
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            fs::set_permissions(&path, fs::Permissions::from_mode(FILE_MODE))
+            f.set_permissions(fs::Permissions::from_mode(FILE_MODE))
                 .map_err(|e| io_err("chmod", &path, e))?;
             fixes.push(PermissionFix {
                 path: path.clone(),
@@ -397,15 +423,13 @@ impl Keystore {
             });
         }
         let mut text = Zeroizing::new(String::new());
-        File::open(&path)
-            .and_then(|mut f| f.read_to_string(&mut text))
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::InvalidData => KeystoreError::Corrupt {
-                    path: path.clone(),
-                    detail: "not UTF-8 text".to_string(),
-                },
-                _ => io_err("read", &path, e),
-            })?;
+        f.read_to_string(&mut text).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => KeystoreError::Corrupt {
+                path: path.clone(),
+                detail: "not UTF-8 text".to_string(),
+            },
+            _ => io_err("read", &path, e),
+        })?;
         if text.trim().is_empty() {
             return Err(KeystoreError::Corrupt {
                 path,
@@ -483,6 +507,39 @@ impl Keystore {
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("fsync directory", &self.dir, e))
     }
+}
+
+/// This process's effective uid, from `/proc/self/status` (the crate has no unsafe code for
+/// `geteuid`).
+fn effective_uid() -> Result<u32, KeystoreError> {
+    let path = Path::new("/proc/self/status");
+    let status = fs::read_to_string(path).map_err(|e| io_err("read", path, e))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|euid| euid.parse().ok())
+        .ok_or_else(|| {
+            io_err(
+                "find the effective uid in",
+                path,
+                io::Error::new(io::ErrorKind::InvalidData, "no Uid line"),
+            )
+        })
+}
+
+/// [`KeystoreError::ForeignOwner`] unless `meta` (of `path`) belongs to this process's
+/// effective uid.
+fn check_owner(path: &Path, meta: &fs::Metadata) -> Result<(), KeystoreError> {
+    let expected = effective_uid()?;
+    if meta.uid() != expected {
+        return Err(KeystoreError::ForeignOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            expected,
+        });
+    }
+    Ok(())
 }
 
 fn io_err(op: &'static str, path: &Path, source: io::Error) -> KeystoreError {

@@ -1,7 +1,8 @@
-//! The agent's metrics listener: `/healthz` (the process serves), `/readyz` (caches synced and the
-//! mesh reconciled at least once) and `/metrics` (Prometheus text format), unauthenticated as
-//! probes and scrapers expect. Flows and status are served only by the authenticated API
-//! listener ([`crate::api`]).
+//! The agent's metrics listener: `/healthz` (the datapath is alive: fails while the device process
+//! is gone or its link was deleted; not while the agent is still starting), `/readyz` (converged:
+//! caches synced, the last pass without error, every wanted peer configured, the device alive) and
+//! `/metrics` (Prometheus text format), unauthenticated as probes and scrapers expect. Flows and
+//! status are served only by the authenticated API listener ([`crate::api`]).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -15,7 +16,7 @@ use axum::{
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{drain::Drain, reconciler::MeshSnapshot};
+use crate::{drain::Drain, health::DatapathHealth, reconciler::MeshSnapshot};
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,7 @@ pub enum AdminError {
 struct AdminState {
     registry: Registry,
     snapshot: watch::Receiver<MeshSnapshot>,
+    health: watch::Receiver<DatapathHealth>,
 }
 
 /// A bound, not yet serving, admin server.
@@ -52,6 +54,7 @@ impl AdminServer {
         addr: SocketAddr,
         registry: Registry,
         snapshot: watch::Receiver<MeshSnapshot>,
+        health: watch::Receiver<DatapathHealth>,
     ) -> Result<Self, AdminError> {
         let listener = TcpListener::bind(addr)
             .await
@@ -59,9 +62,13 @@ impl AdminServer {
         let addr = listener
             .local_addr()
             .map_err(|source| AdminError::Bind { addr, source })?;
-        let state = Arc::new(AdminState { registry, snapshot });
+        let state = Arc::new(AdminState {
+            registry,
+            snapshot,
+            health,
+        });
         let router = Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .with_state(state);
@@ -87,22 +94,44 @@ impl AdminServer {
     }
 }
 
+async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
+    match state.health.borrow().check() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("datapath dead: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     let snapshot = state.snapshot.borrow().clone();
-    if snapshot.synced && snapshot.reconciled {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        let why = if snapshot.synced {
-            "caches synced, first reconcile pending"
-        } else {
-            "caches not synced"
-        };
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
+    let health = state.health.borrow().clone();
+    let why = if !snapshot.synced {
+        "caches not synced".to_string()
+    } else if !snapshot.reconciled {
+        "caches synced, first reconcile pending".to_string()
+    } else if snapshot.datapath.is_none() || health.starting {
+        "no WireGuard device yet".to_string()
+    } else if let Err(why) = health.check() {
+        format!("datapath dead: {why}")
+    } else if let Some(error) = &snapshot.error {
+        format!("last pass failed: {error}")
+    } else if snapshot.configured.len() != snapshot.expected.len() {
+        format!(
+            "{} of {} peers configured",
+            snapshot.configured.len(),
+            snapshot.expected.len()
         )
-            .into_response()
-    }
+    } else {
+        return (StatusCode::OK, "ready\n").into_response();
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {why}\n"),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
@@ -155,7 +184,11 @@ mod tests {
         let metrics = Metrics::new(&mut registry);
         metrics.peers_configured.set(2);
         let (tx, rx) = watch::channel(MeshSnapshot::default());
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), registry, rx)
+        let (health_tx, health_rx) = watch::channel(DatapathHealth {
+            starting: true,
+            ..DatapathHealth::default()
+        });
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), registry, rx, health_rx)
             .await
             .unwrap();
         let addr = server.local_addr();
@@ -172,7 +205,44 @@ mod tests {
         tx.send_modify(|s| {
             s.synced = true;
             s.reconciled = true;
+            s.datapath = Some(crate::select::Selection {
+                choice: crate::config::DatapathChoice::Auto,
+                kind: crate::datapath::DatapathKind::Userspace,
+                reason: "no-kernel-module",
+                message: String::new(),
+            });
         });
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("no WireGuard device yet"), "{body}");
+        health_tx.send_modify(|h| {
+            h.starting = false;
+            h.alive = true;
+        });
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        // The device process dies: not healthy, not ready.
+        health_tx.send_modify(|h| {
+            h.alive = false;
+            h.error = Some("datapath wm0: connection refused".into());
+        });
+        let (code, body) = get(addr, "/healthz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("connection refused"), "{body}");
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        health_tx.send_modify(|h| h.alive = true);
+        // A peer not configured: not converged.
+        tx.send_modify(|s| {
+            s.expected.push((
+                "b".into(),
+                wiremesh_keyexchange::PrivateKey::generate()
+                    .unwrap()
+                    .public_key(),
+            ))
+        });
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("0 of 1 peers"), "{body}");
+        tx.send_modify(|s| s.expected.clear());
         assert_eq!(get(addr, "/readyz").await.0, 200);
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);

@@ -1,7 +1,9 @@
-//! Wiring of `mesh-agent run`: [`build`] loads the key, opens the datapath and the kube client,
-//! restores the existing mesh state and starts every task (watchers, reconciler, status reporter,
-//! HTTP server) in one JoinSet; [`App::wait_termination`] runs until SIGTERM/SIGINT or until a
-//! task dies, then drains with a deadline.
+//! Wiring of `mesh-agent run`: [`build`] loads the key and the kube client and starts every task
+//! (watchers, reconciler, datapath monitor, status reporter, HTTP server) in one JoinSet;
+//! [`App::wait_termination`] runs until SIGTERM/SIGINT or until a task dies, then drains with a
+//! deadline. The agent does not own the WireGuard device: the reconciler selects it (the device
+//! process's UAPI socket, or a kernel `wireguard` link) through [`SystemSelector`], and on exit
+//! the device, its peers and its routes are left as they are for the next agent to adopt.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -21,14 +23,16 @@ use wiremesh_keyexchange::{KeySource, Keystore, PrivateKey};
 use crate::{
     admin::AdminServer,
     api::{ApiServer, ApiState, KubeReviewer},
-    config::{Config, DEFAULT_LISTEN_PORT, DatapathChoice, EbpfChoice},
-    datapath::{Datapath, DeviceSettings},
+    config::{Config, EbpfChoice},
+    coordinator::{Coordinator, CoordinatorMetrics, CoordinatorSettings},
+    datapath::Datapath,
     drain::{self, Trigger},
-    engine::{EngineConfig, UserspaceEngine},
+    health::DatapathMonitor,
     mesh::Mesh,
     metrics::Metrics,
-    reconciler::{MeshSnapshot, PlanSettings, Reconciler},
+    reconciler::{DatapathControl, MeshSnapshot, PlanSettings, Reconciler},
     routes::netlink::NetlinkRoutes,
+    select::{DatapathSlot, SystemDevices, SystemLinks, SystemSelector},
     status::{SharedReport, StatusReporter},
     steering::{Steering, SteeringSettings},
     watch::watchers,
@@ -41,12 +45,20 @@ pub struct App {
     drain_timeout: Duration,
 }
 
-/// Loads (or creates) the node's key from the keystore in `config.state_dir`.
+/// Loads (or creates) the node's key from the keystore in `config.state_dir`; with
+/// `--regenerate-key` replaces it with a new one first.
 pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
     let keystore = Keystore::new(&config.state_dir);
-    let outcome = keystore
-        .load_or_generate()
-        .with_context(|| format!("keystore {}", config.state_dir.display()))?;
+    let outcome = if config.regenerate_key {
+        tracing::warn!(
+            state_dir = %config.state_dir.display(),
+            "--regenerate-key: replacing this node's key; every peer must pick up the new one"
+        );
+        keystore.regenerate()
+    } else {
+        keystore.load_or_generate()
+    }
+    .with_context(|| format!("keystore {}", config.state_dir.display()))?;
     for fix in &outcome.permissions_fixed {
         tracing::warn!(
             path = %fix.path.display(),
@@ -67,26 +79,6 @@ pub fn load_key(config: &Config) -> anyhow::Result<PrivateKey> {
         "node key ready"
     );
     Ok(key)
-}
-
-/// Creates the datapath chosen by `--datapath`, in the current network namespace. `auto` is the
-/// userspace engine until the kernel engine exists.
-pub fn open_datapath(config: &Config) -> anyhow::Result<Arc<UserspaceEngine>> {
-    match config.datapath {
-        DatapathChoice::Kernel => anyhow::bail!(
-            "--datapath kernel: the kernel WireGuard engine is not built yet; use --datapath userspace"
-        ),
-        DatapathChoice::Auto | DatapathChoice::Userspace => {
-            let mut engine = EngineConfig::new(&config.interface);
-            engine.uapi_socket = Some(config.uapi_socket.clone());
-            engine.listen_port = config.listen_port.unwrap_or(DEFAULT_LISTEN_PORT);
-            if let Some(mtu) = config.mtu {
-                engine.mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
-            }
-            UserspaceEngine::create(engine)
-                .with_context(|| format!("create userspace WireGuard device {}", config.interface))
-        }
-    }
 }
 
 /// A kube client from `--kubeconfig`, or inferred (in-cluster, then $KUBECONFIG).
@@ -113,43 +105,65 @@ pub async fn kube_client_from(kubeconfig: Option<&Path>) -> anyhow::Result<Clien
     Client::try_from(kube_config).context("build kube client")
 }
 
-/// Starts every task of the agent on the current runtime.
-pub async fn build(
-    config: &Config,
-    key: PrivateKey,
-    datapath: Arc<dyn Datapath>,
-    client: Client,
-) -> anyhow::Result<App> {
-    let public_key = key.public_key();
-    datapath
-        .configure(&DeviceSettings {
-            private_key: Some(key),
-            ..DeviceSettings::default()
-        })
-        .context("set the device's private key")?;
+/// The rotation coordinator's client: `--coordinator-kubeconfig`, else the pod's ServiceAccount;
+/// `None` (with the reason logged) when the agent does not stand for election.
+async fn coordinator_client(config: &Config) -> Option<Client> {
+    if !config.coordinator {
+        tracing::info!("--coordinator false: not standing for rotation coordinator");
+        return None;
+    }
+    let client = match &config.coordinator_kubeconfig {
+        Some(path) => kube_client_from(Some(path)).await,
+        None => kube::Config::incluster()
+            .context("no --coordinator-kubeconfig and no in-cluster ServiceAccount")
+            .and_then(|c| Client::try_from(c).context("build kube client")),
+    };
+    match client {
+        Ok(client) => Some(client),
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "no credentials for the rotation coordinator; this agent does not stand for election"
+            );
+            None
+        }
+    }
+}
 
-    let routes = Arc::new(NetlinkRoutes::new().context("open rtnetlink")?);
-    let mesh = Mesh::restore(datapath.clone(), routes.clone())
-        .await
-        .context("read existing peers and routes")?;
-    tracing::info!(
-        interface = datapath.ifname(),
-        datapath = datapath.kind().as_str(),
-        peers = mesh.applied_peers().count(),
-        routes = mesh.applied_routes().len(),
-        "restored existing mesh state (pruned only after the caches sync)"
-    );
+/// Starts every task of the agent on the current runtime.
+pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::Result<App> {
+    let public_key = key.public_key();
+    let routes = Arc::new(NetlinkRoutes::new(config.route_table).context("open rtnetlink")?);
+    let slot = Arc::new(DatapathSlot::new(&config.interface));
+    let datapath: Arc<dyn Datapath> = slot.clone();
+    let mesh = Mesh::new(datapath.clone(), routes.clone(), key);
+    let selector = Arc::new(SystemSelector {
+        links: SystemLinks,
+        devices: SystemDevices,
+        ifname: config.interface.clone(),
+        socket: config.uapi_socket.clone(),
+        wait: config.device_wait,
+    });
 
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);
+    let coordinator = coordinator_client(config).await.map(|coordinator_client| {
+        Coordinator::new(
+            CoordinatorSettings::new(&config.node_name, &config.lease_namespace),
+            coordinator_client,
+            CoordinatorMetrics::new(&mut registry),
+        )
+    });
     let notify = Arc::new(Notify::new());
     let steer_notify = Arc::new(Notify::new());
     let watchers = watchers(&client, notify.clone(), steer_notify.clone());
     let flows = Steering::flow_table(config.flow_table_size);
     let (snapshot_tx, snapshot_rx) = watch::channel(MeshSnapshot::default());
     let shared_report: SharedReport = SharedReport::default();
+    let (monitor, health) = DatapathMonitor::new(slot.clone(), notify.clone(), metrics.clone());
 
-    let admin = AdminServer::bind(config.metrics_addr, registry, snapshot_rx.clone()).await?;
+    let admin =
+        AdminServer::bind(config.metrics_addr, registry, snapshot_rx.clone(), health).await?;
     tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics");
     let history = Arc::new(open_history(config)?);
     let steering = Steering::new(
@@ -203,6 +217,11 @@ pub async fn build(
         snapshot_tx,
         notify,
         config.resync_interval,
+        DatapathControl {
+            slot,
+            selector,
+            flag: config.datapath,
+        },
     );
     let reporter = StatusReporter::new(
         config.node_name.clone(),
@@ -224,10 +243,18 @@ pub async fn build(
         spawn_until_drained(&mut tasks, "watcher", watch.run(drain.clone()));
     }
     spawn_until_drained(&mut tasks, "reconciler", reconciler.run(drain.clone()));
+    spawn_until_drained(&mut tasks, "datapath monitor", monitor.run(drain.clone()));
     spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
     spawn_until_drained(&mut tasks, "status reporter", reporter.run(drain.clone()));
     let api_drain = drain.clone();
     tasks.spawn(async move { ("api server", api.run(api_drain).await.map_err(Into::into)) });
+    if let Some(coordinator) = coordinator {
+        spawn_until_drained(
+            &mut tasks,
+            "rotation coordinator",
+            coordinator.run(drain.clone()),
+        );
+    }
     tasks.spawn(async move { ("http server", admin.run(drain).await.map_err(Into::into)) });
 
     Ok(App {
@@ -322,21 +349,11 @@ impl App {
 }
 
 /// `mesh-agent run` after the configuration is parsed, logging set up and the namespace entered.
+/// The device is not the agent's: whatever ends the agent, it is left running with its peers and
+/// routes.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let key = load_key(&config)?;
-    // Configuration errors first, before a device exists.
     let client = kube_client(&config).await?;
-    let engine = open_datapath(&config)?;
-    let result = async {
-        let app = build(&config, key, engine.clone(), client).await?;
-        app.wait_termination().await
-    }
-    .await;
-    // Stop the workers and remove the TUN device and UAPI socket; the kernel drops the routes
-    // through the device with it.
-    let engine_for_shutdown = engine.clone();
-    tokio::task::spawn_blocking(move || engine_for_shutdown.shutdown())
-        .await
-        .context("shut down the datapath")?;
-    result
+    let app = build(&config, key, client).await?;
+    app.wait_termination().await
 }

@@ -127,9 +127,21 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_NETNS")]
     pub netns: Option<String>,
 
-    /// WireGuard implementation.
-    #[arg(long, env = "WIREMESH_DATAPATH", value_enum, default_value = "auto")]
-    pub datapath: DatapathChoice,
+    /// WireGuard device to drive: `kernel` (create or adopt a `wireguard` link), `userspace` (the
+    /// device process's UAPI socket) or `auto` (kernel when the module is there). Without it
+    /// `MeshEncryption.spec.datapath` decides, at run time.
+    #[arg(long, env = "WIREMESH_DATAPATH", value_enum)]
+    pub datapath: Option<DatapathChoice>,
+
+    /// How long to wait for the userspace device's UAPI socket before giving up (seconds); the
+    /// agent is not ready meanwhile.
+    #[arg(long, env = "WIREMESH_DEVICE_WAIT", default_value_t = 60)]
+    pub device_wait_secs: u64,
+
+    /// Routing table of the agent's routes (selected by an `ip rule` of its own, ahead of the
+    /// main table); never 253-255 (default, main, local).
+    #[arg(long, env = "WIREMESH_ROUTE_TABLE", default_value_t = crate::routes::DEFAULT_ROUTE_TABLE)]
+    pub route_table: u32,
 
     /// Persistent keepalive towards every peer, in seconds (0 turns it off). Keeps a session up
     /// between idle nodes so `meshctl status` sees live handshakes and NAT state stays warm.
@@ -166,6 +178,26 @@ pub struct RunArgs {
     /// Most flows kept in the agent's flow table (`/flows`); the least recently seen go first.
     #[arg(long, env = "WIREMESH_FLOW_TABLE_SIZE", default_value_t = 4096)]
     pub flow_table_size: usize,
+
+    /// Stand for election as the cluster's key-rotation coordinator (a Lease among the agents).
+    #[arg(long, env = "WIREMESH_COORDINATOR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub coordinator: bool,
+
+    /// Namespace of the coordinator's Lease: the agent's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "wiremesh-system")]
+    pub lease_namespace: String,
+
+    /// Credentials of the rotation coordinator (default: the pod's ServiceAccount). Node
+    /// credentials cannot hold the Lease: NodeRestriction allows a node only its own Lease in
+    /// `kube-node-lease`. Without either, this agent does not stand for election.
+    #[arg(long, env = "WIREMESH_COORDINATOR_KUBECONFIG")]
+    pub coordinator_kubeconfig: Option<PathBuf>,
+    /// Replace this node's key with a new one before starting, whatever the keystore holds
+    /// (also a corrupt or half-present one), and drop any rotation state. This changes the
+    /// node's identity: every peer picks up the new public key. A flag only (no environment
+    /// variable), so a restart never repeats it by accident.
+    #[arg(long)]
+    pub regenerate_key: bool,
 }
 
 /// Why the configuration is unusable.
@@ -185,6 +217,8 @@ pub enum ConfigError {
     ZeroInterval { name: &'static str },
     #[error("{name} must be at least 1")]
     ZeroLimit { name: &'static str },
+    #[error("route table {0} is reserved (0 and 253-255 are unspec, default, main and local)")]
+    RouteTable(u32),
 }
 
 /// The validated configuration of `mesh-agent run`.
@@ -208,7 +242,11 @@ pub struct Config {
     pub flow_export_max_bytes: u64,
     pub flow_export_keep: u32,
     pub netns: Option<String>,
-    pub datapath: DatapathChoice,
+    /// `None`: `MeshEncryption.spec.datapath` decides (default auto).
+    pub datapath: Option<DatapathChoice>,
+    #[serde(with = "secs")]
+    pub device_wait: Duration,
+    pub route_table: u32,
     pub persistent_keepalive: u16,
     #[serde(with = "secs")]
     pub status_interval: Duration,
@@ -220,6 +258,10 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub ebpf: EbpfChoice,
     pub flow_table_size: usize,
+    pub coordinator: bool,
+    pub lease_namespace: String,
+    pub coordinator_kubeconfig: Option<PathBuf>,
+    pub regenerate_key: bool,
 }
 
 impl Config {
@@ -254,6 +296,7 @@ impl Config {
             ("status interval", args.status_interval_secs),
             ("resync interval", args.resync_interval_secs),
             ("drain timeout", args.drain_timeout_secs),
+            ("device wait", args.device_wait_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroInterval { name });
@@ -267,6 +310,9 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::ZeroLimit { name });
             }
+        }
+        if matches!(args.route_table, 0 | 253..=255) {
+            return Err(ConfigError::RouteTable(args.route_table));
         }
         let uapi_socket = args
             .uapi_socket
@@ -289,6 +335,8 @@ impl Config {
             flow_export_keep: args.flow_export_keep,
             netns: args.netns,
             datapath: args.datapath,
+            device_wait: Duration::from_secs(args.device_wait_secs),
+            route_table: args.route_table,
             persistent_keepalive: args.persistent_keepalive,
             status_interval: Duration::from_secs(args.status_interval_secs),
             resync_interval: Duration::from_secs(args.resync_interval_secs),
@@ -297,6 +345,10 @@ impl Config {
             bpffs: args.bpffs,
             ebpf: args.ebpf,
             flow_table_size: args.flow_table_size.max(1),
+            coordinator: args.coordinator,
+            lease_namespace: args.lease_namespace,
+            coordinator_kubeconfig: args.coordinator_kubeconfig,
+            regenerate_key: args.regenerate_key,
         })
     }
 
@@ -351,12 +403,43 @@ mod tests {
             PathBuf::from("/var/run/wireguard/wiremesh0.sock")
         );
         assert_eq!(config.listen_port, None);
-        assert_eq!(config.datapath, DatapathChoice::Auto);
+        assert_eq!(config.datapath, None);
+        assert_eq!(config.route_table, 87);
         assert_eq!(config.netns_path(), None);
         assert_eq!(config.metrics_addr.port(), 9871);
         assert_eq!(config.api_addr.port(), 9872);
         assert_eq!(config.flow_retention, Duration::from_secs(30 * 86_400));
         assert_eq!(config.flow_export, None);
+    }
+
+    /// Finding 14 (docs/threat-model.md): the flag that keystore errors tell the operator to
+    /// use exists and does what they say: a corrupt key stops the agent with an error naming
+    /// it, and with it the agent starts on a new key.
+    #[test]
+    fn the_flag_keystore_errors_name_regenerates_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let state_arg = state.to_str().expect("utf-8").to_string();
+        let plain = parse(&["--node-name", "n", "--state-dir", &state_arg]).unwrap();
+        assert!(!plain.regenerate_key);
+        let first = crate::app::load_key(&plain).expect("first start generates");
+        std::fs::write(state.join("private.key"), "not a key\n").expect("corrupt it");
+        let error = format!("{:#}", crate::app::load_key(&plain).unwrap_err());
+        let flag = error
+            .split_whitespace()
+            .find(|w| {
+                w.trim_matches(|c: char| c == '(' || c == ')')
+                    .starts_with("--")
+            })
+            .map(|w| w.trim_matches(|c: char| c == '(' || c == ')' || c == ','))
+            .unwrap_or_else(|| panic!("the error names no flag: {error}"));
+        assert_eq!(flag, "--regenerate-key", "{error}");
+        let regenerate = parse(&["--node-name", "n", "--state-dir", &state_arg, flag]).unwrap();
+        assert!(regenerate.regenerate_key);
+        let new = crate::app::load_key(&regenerate).expect("regenerated");
+        assert_ne!(new.public_key(), first.public_key());
+        let reloaded = crate::app::load_key(&plain).expect("the new key loads");
+        assert_eq!(reloaded.public_key(), new.public_key());
     }
 
     #[test]
@@ -386,6 +469,10 @@ mod tests {
             ConfigError::ZeroLimit {
                 name: "flow retention days"
             }
+        );
+        assert_eq!(
+            parse(&["--node-name", "n", "--route-table", "254"]).unwrap_err(),
+            ConfigError::RouteTable(254)
         );
     }
 

@@ -107,8 +107,22 @@ impl NodeEvents {
         note: &str,
         action: &str,
     ) -> Result<(), kube::Error> {
+        self.publish_on(reference, EventType::Warning, reason, note, action)
+            .await
+    }
+
+    /// Records an Event of `type_` (e.g. Normal: which datapath the agent selected) about any
+    /// object.
+    pub async fn publish_on(
+        &self,
+        reference: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+        action: &str,
+    ) -> Result<(), kube::Error> {
         let event = Event {
-            type_: EventType::Warning,
+            type_,
             reason: reason.to_string(),
             note: Some(truncate(note, 1000)),
             action: action.to_string(),

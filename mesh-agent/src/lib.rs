@@ -1,19 +1,23 @@
 //! The wiremesh node agent: publishes this node's WireGuard key, watches the other nodes, and keeps a
 //! full mesh of tunnels configured through a [`datapath::Datapath`].
+//!
+//! `datapath` is the device-control layer of crate `wiremesh-wgctrl`, re-exported under its old
+//! path. This library never links the userspace engine (crate `wiremesh-device`): only the
+//! `mesh-agent` binary does, for `mesh-agent device`. The agent reaches a device through
+//! [`select`]: the device process's UAPI socket, or a kernel `wireguard` link.
 
 pub mod admin;
 pub mod api;
 pub mod app;
 pub mod config;
-pub mod datapath;
-pub mod device;
+pub mod coordinator;
 pub mod drain;
-pub mod engine;
 pub mod events;
 pub mod export;
 #[cfg(test)]
 mod fixtures;
 pub mod flows;
+pub mod health;
 pub mod history;
 pub mod mesh;
 pub mod metrics;
@@ -22,9 +26,11 @@ pub mod netns;
 pub mod reconciler;
 pub mod report;
 pub mod routes;
+pub mod select;
 pub mod status;
 pub mod steering;
 pub mod telemetry;
-pub mod uapi;
 pub mod views;
 pub mod watch;
+
+pub use wiremesh_wgctrl::datapath;

@@ -1,4 +1,6 @@
-//! `mesh-agent`: the wiremesh node agent binary.
+//! `mesh-agent`: the wiremesh node agent binary. `mesh-agent run` is the agent, which drives a
+//! WireGuard device it does not own; `mesh-agent device` is the userspace device (crate
+//! `wiremesh-device`), run as its own process.
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -7,6 +9,7 @@ use mesh_agent::{
     config::{Config, RunArgs},
     netns, telemetry,
 };
+use wiremesh_device::command::{self, DeviceArgs};
 
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "wiremesh node agent")]
@@ -20,7 +23,7 @@ enum Command {
     /// Run the node agent (watch Nodes, publish this node's key, keep the mesh configured).
     Run(Box<RunArgs>),
     /// Run a standalone WireGuard device speaking the wg(8) UAPI.
-    Device(mesh_agent::device::DeviceArgs),
+    Device(DeviceArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,23 +31,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Device(args) => {
-            init_device_logging();
-            mesh_agent::device::run(args)
+            command::init_logging();
+            command::run(args, &["device"])
         }
-    }
-}
-
-/// Logging for `mesh-agent device`: RUST_LOG filter (default info), JSON with LOG_FORMAT=json.
-fn init_device_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

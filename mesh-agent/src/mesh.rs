@@ -2,10 +2,17 @@
 //! function that moves them to a wanted state. Only the reconciler task owns a [`Mesh`], so there is
 //! a single writer for the device and the routes.
 //!
-//! Restore, then garbage-collect: [`Mesh::restore`] reads the peers and routes that already exist
-//! (left by an earlier run, e.g. a kernel device that outlived the agent) without touching them;
-//! the caller only calls [`Mesh::apply`], which prunes, once the Kubernetes caches have synced, so
-//! a restart never tears down tunnels just because the caches were still empty.
+//! Read back, then repair: every [`Mesh::apply`] first reads what the device and the routing table
+//! really hold (the device's key, listen port and peers; the tunnel link's state; our routes and
+//! rule) and compares the wanted state with that, not with the agent's own bookkeeping. A peer
+//! removed by hand (`wg set <if> peer X remove`), a route deleted with `ip route del`, a device
+//! process that restarted empty (a new ifindex, no key) are all repaired by the next pass. The only
+//! bookkeeping is what the agent last wrote per peer, so an endpoint the device learned from an
+//! authenticated packet (roaming) is not fought over.
+//!
+//! Restore, then garbage-collect: the caller only calls [`Mesh::apply`], which prunes, once the
+//! Kubernetes caches have synced, so a restart never tears down tunnels just because the caches
+//! were still empty; a restarted agent adopts the device it finds as it is.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,10 +20,10 @@ use std::{
 };
 
 use ipnet::IpNet;
-use wiremesh_keyexchange::PublicKey;
+use wiremesh_keyexchange::{PrivateKey, PublicKey};
 
 use crate::{
-    datapath::{Datapath, DatapathError, DeviceSettings, PeerConfig},
+    datapath::{Datapath, DatapathError, DeviceSettings, PeerConfig, PeerStatus},
     routes::{Routes, RoutesError},
 };
 
@@ -45,18 +52,12 @@ pub struct WantedPeer {
 /// The whole wanted state of this node's part of the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
+    /// The mesh is on: our routing rule exists. Off: rule and table are removed.
+    pub enabled: bool,
     /// Sorted by node name, unique keys, disjoint allowed IPs.
     pub peers: Vec<WantedPeer>,
     pub mtu: u32,
     pub listen_port: u16,
-}
-
-/// A peer on the device. `config` is `None` for peers found at restore, whose exact
-/// configuration (endpoint as configured, keepalive, PSK) is unknown: the first apply rewrites them.
-#[derive(Debug, Clone)]
-struct AppliedPeer {
-    node: Option<String>,
-    config: Option<PeerConfig>,
 }
 
 /// What one apply did.
@@ -66,13 +67,32 @@ pub struct ApplyOutcome {
     pub peers_removed: usize,
     pub routes_added: usize,
     pub routes_removed: usize,
+    /// Rules added or removed, plus routes removed with the table.
+    pub rules_changed: usize,
+    /// The device did not hold the keystore's key and was given it: `Some(None)` for a device
+    /// without a key (freshly started), `Some(Some(k))` when it held another key `k`.
+    pub key_replaced: Option<Option<PublicKey>>,
+    /// The device has another ifindex than at the last pass (it was recreated): `(old, new)`.
+    pub device_replaced: Option<(u32, u32)>,
+    /// The device did not answer (its process is gone, its link deleted): nothing was applied.
+    pub device_unreachable: bool,
+    /// Peers this agent had configured that were missing or changed on the device.
+    pub peers_repaired: usize,
+    /// Routes this agent had installed that were missing from the routing table.
+    pub routes_repaired: usize,
     pub errors: Vec<MeshError>,
 }
 
 impl ApplyOutcome {
     /// Whether anything changed on the device or in the routing table.
     pub fn changed(&self) -> bool {
-        self.peers_set + self.peers_removed + self.routes_added + self.routes_removed > 0
+        self.peers_set
+            + self.peers_removed
+            + self.routes_added
+            + self.routes_removed
+            + self.rules_changed
+            > 0
+            || self.key_replaced.is_some()
     }
 }
 
@@ -80,43 +100,29 @@ impl ApplyOutcome {
 pub struct Mesh<R: Routes> {
     datapath: Arc<dyn Datapath>,
     routes: Arc<R>,
-    peers: BTreeMap<PublicKey, AppliedPeer>,
+    private_key: PrivateKey,
+    /// What this agent last wrote per peer (cleared when the device is replaced).
+    written: BTreeMap<PublicKey, PeerConfig>,
+    /// Wanted peers found on the device with exactly the wanted configuration at the last apply.
+    in_sync: BTreeMap<PublicKey, PeerConfig>,
+    /// Our routes as read back (and then changed) at the last apply.
     applied_routes: BTreeSet<IpNet>,
-    mtu: Option<u32>,
-    listen_port: Option<u16>,
+    ifindex: Option<u32>,
 }
 
 impl<R: Routes> Mesh<R> {
-    /// Reads the device's peers and our routes through its interface, changing nothing.
-    pub async fn restore(datapath: Arc<dyn Datapath>, routes: Arc<R>) -> Result<Self, MeshError> {
-        let status = datapath.status().map_err(MeshError::Device)?;
-        let peers = status
-            .peers
-            .iter()
-            .map(|p| {
-                (
-                    p.public_key,
-                    AppliedPeer {
-                        node: None,
-                        config: None,
-                    },
-                )
-            })
-            .collect();
-        let applied_routes = routes
-            .list(datapath.ifname())
-            .await
-            .map_err(MeshError::Routes)?
-            .into_iter()
-            .collect();
-        Ok(Self {
+    /// A mesh over `datapath` whose device must hold `private_key` (the keystore's: it wins over
+    /// any other key found on the device). Changes nothing until [`Mesh::apply`].
+    pub fn new(datapath: Arc<dyn Datapath>, routes: Arc<R>, private_key: PrivateKey) -> Self {
+        Self {
             datapath,
             routes,
-            peers,
-            applied_routes,
-            mtu: None,
-            listen_port: Some(status.listen_port).filter(|p| *p != 0),
-        })
+            private_key,
+            written: BTreeMap::new(),
+            in_sync: BTreeMap::new(),
+            applied_routes: BTreeSet::new(),
+            ifindex: None,
+        }
     }
 
     /// The interface name.
@@ -129,47 +135,110 @@ impl<R: Routes> Mesh<R> {
         &self.datapath
     }
 
-    /// Peers on the device: key and node name (unknown for restored, not yet re-applied peers).
-    pub fn applied_peers(&self) -> impl Iterator<Item = (&PublicKey, Option<&str>)> {
-        self.peers.iter().map(|(k, p)| (k, p.node.as_deref()))
+    /// Drives another device from now on (the datapath was re-selected); the next apply reads it
+    /// back and configures it completely.
+    pub fn replace_datapath(&mut self, datapath: Arc<dyn Datapath>) {
+        self.datapath = datapath;
+        self.written.clear();
+        self.in_sync.clear();
+        self.applied_routes.clear();
+        self.ifindex = None;
     }
 
-    /// Whether `peer` is on the device with exactly this configuration.
+    /// Whether `peer` was on the device with exactly this configuration after the last apply.
     pub fn is_applied(&self, peer: &WantedPeer) -> bool {
-        self.peers
-            .get(&peer.config.public_key)
-            .and_then(|a| a.config.as_ref())
-            == Some(&peer.config)
+        self.in_sync.get(&peer.config.public_key) == Some(&peer.config)
     }
 
-    /// Routes the mesh holds through the tunnel.
+    /// Routes the mesh holds through the tunnel after the last apply.
     pub fn applied_routes(&self) -> &BTreeSet<IpNet> {
         &self.applied_routes
     }
 
-    /// Makes device and routes match `wanted`, pruning everything else of ours. Every step runs
-    /// even if another fails; failures come back in [`ApplyOutcome::errors`] and the next apply
-    /// retries them (state is only recorded as applied when the call succeeded).
+    /// Whether the device's `actual` peer matches `wanted`. The endpoint counts only when this
+    /// agent did not itself write exactly `wanted` (then a different endpoint is roaming).
+    fn matches(&self, actual: &PeerStatus, wanted: &PeerConfig) -> bool {
+        let keepalive = |k: Option<u16>| k.filter(|k| *k > 0);
+        let ips = |v: &[IpNet]| v.iter().copied().collect::<BTreeSet<IpNet>>();
+        let wrote_this = self.written.get(&wanted.public_key) == Some(wanted);
+        ips(&actual.allowed_ips) == ips(&wanted.allowed_ips)
+            && keepalive(actual.persistent_keepalive) == keepalive(wanted.persistent_keepalive)
+            && actual.has_preshared_key == wanted.preshared_key.is_some()
+            && (wrote_this
+                || (actual.endpoint == wanted.endpoint && wanted.preshared_key.is_none()))
+    }
+
+    /// Reads the device and the routing table back and makes them match `wanted`, pruning
+    /// everything else of ours. Every step runs even if another fails; failures come back in
+    /// [`ApplyOutcome::errors`] and the next apply retries them.
     pub async fn apply(&mut self, wanted: &Wanted) -> ApplyOutcome {
         let mut out = ApplyOutcome::default();
         let ifname = self.datapath.ifname().to_string();
+        self.in_sync.clear();
 
-        if self.mtu != Some(wanted.mtu) {
-            match self.routes.link_up(&ifname, wanted.mtu).await {
-                Ok(()) => self.mtu = Some(wanted.mtu),
-                Err(e) => out.errors.push(MeshError::Routes(e)),
+        // The device as it is: unreachable means nothing else can be checked.
+        let status = match self.datapath.status() {
+            Ok(status) => status,
+            Err(e) => {
+                self.applied_routes.clear();
+                out.device_unreachable = true;
+                out.errors.push(MeshError::Device(e));
+                return out;
+            }
+        };
+        if self.ifindex != Some(status.ifindex) {
+            if let Some(old) = self.ifindex {
+                out.device_replaced = Some((old, status.ifindex));
+            }
+            self.ifindex = Some(status.ifindex);
+            self.written.clear();
+        }
+        let own = self.private_key.public_key();
+        if status.public_key != Some(own) {
+            let settings = DeviceSettings {
+                private_key: Some(self.private_key.clone()),
+                ..DeviceSettings::default()
+            };
+            match self.datapath.configure(&settings) {
+                Ok(()) => out.key_replaced = Some(status.public_key),
+                Err(e) => out.errors.push(MeshError::Device(e)),
             }
         }
-        if self.listen_port != Some(wanted.listen_port) {
+        if status.listen_port != wanted.listen_port {
             let settings = DeviceSettings {
                 listen_port: Some(wanted.listen_port),
                 ..DeviceSettings::default()
             };
-            match self.datapath.configure(&settings) {
-                Ok(()) => self.listen_port = Some(wanted.listen_port),
-                Err(e) => out.errors.push(MeshError::Device(e)),
+            if let Err(e) = self.datapath.configure(&settings) {
+                out.errors.push(MeshError::Device(e));
             }
         }
+        match self.routes.link(&ifname).await {
+            Ok(Some(link)) if link.up && link.mtu == wanted.mtu => {}
+            Ok(_) => {
+                if let Err(e) = self.routes.link_up(&ifname, wanted.mtu).await {
+                    out.errors.push(MeshError::Routes(e));
+                }
+            }
+            Err(e) => out.errors.push(MeshError::Routes(e)),
+        }
+        if wanted.enabled {
+            match self.routes.ensure_rule().await {
+                Ok(added) => out.rules_changed += added,
+                Err(e) => out.errors.push(MeshError::Routes(e)),
+            }
+        }
+
+        let actual_peers: BTreeMap<PublicKey, &PeerStatus> =
+            status.peers.iter().map(|p| (p.public_key, p)).collect();
+        let actual_routes: BTreeSet<IpNet> = match self.routes.list(&ifname).await {
+            Ok(routes) => routes.into_iter().collect(),
+            Err(e) => {
+                out.errors.push(MeshError::Routes(e));
+                BTreeSet::new()
+            }
+        };
+        let previous_routes = std::mem::replace(&mut self.applied_routes, actual_routes);
 
         let wanted_keys: BTreeSet<PublicKey> =
             wanted.peers.iter().map(|p| p.config.public_key).collect();
@@ -195,45 +264,58 @@ impl<R: Routes> Mesh<R> {
                 Err(e) => out.errors.push(MeshError::Routes(e)),
             }
         }
-        let stale_peers: Vec<PublicKey> = self
-            .peers
-            .keys()
-            .filter(|k| !wanted_keys.contains(k))
-            .copied()
-            .collect();
-        for key in stale_peers {
-            let node = self.peers[&key]
-                .node
-                .clone()
-                .unwrap_or_else(|| key.fingerprint());
-            match self.datapath.remove_peer(&key) {
+        for key in actual_peers.keys().filter(|k| !wanted_keys.contains(k)) {
+            match self.datapath.remove_peer(key) {
                 Ok(()) => {
-                    tracing::info!(peer = %node, key = %key.fingerprint(), "removed peer");
-                    self.peers.remove(&key);
+                    tracing::info!(key = %key.fingerprint(), "removed peer");
+                    self.written.remove(key);
                     out.peers_removed += 1;
                 }
-                Err(source) => out.errors.push(MeshError::Peer { node, source }),
+                Err(source) => out.errors.push(MeshError::Peer {
+                    node: key.fingerprint(),
+                    source,
+                }),
             }
         }
 
         // Peers whose allowed IPs only shrink go first, so a prefix moving between two peers is
         // released by the old one before the new one claims it.
-        let mut changed: Vec<&WantedPeer> = wanted
-            .peers
-            .iter()
-            .filter(|p| {
-                self.peers
-                    .get(&p.config.public_key)
-                    .and_then(|a| a.config.as_ref())
-                    != Some(&p.config)
-            })
-            .collect();
+        let mut changed: Vec<&WantedPeer> = Vec::new();
+        for peer in &wanted.peers {
+            match actual_peers.get(&peer.config.public_key) {
+                Some(actual) if self.matches(actual, &peer.config) => {
+                    self.in_sync
+                        .insert(peer.config.public_key, peer.config.clone());
+                }
+                Some(actual) => {
+                    if self.written.get(&peer.config.public_key) == Some(&peer.config) {
+                        out.peers_repaired += 1;
+                        tracing::warn!(
+                            peer = %peer.node,
+                            key = %peer.config.public_key.fingerprint(),
+                            device_allowed_ips = ?actual.allowed_ips,
+                            "peer changed on the device behind the agent's back; repairing"
+                        );
+                    }
+                    changed.push(peer);
+                }
+                None => {
+                    if self.written.contains_key(&peer.config.public_key) {
+                        out.peers_repaired += 1;
+                        tracing::warn!(
+                            peer = %peer.node,
+                            key = %peer.config.public_key.fingerprint(),
+                            "peer missing from the device; repairing"
+                        );
+                    }
+                    changed.push(peer);
+                }
+            }
+        }
         changed.sort_by_key(|p| {
-            let previous: BTreeSet<IpNet> = self
-                .peers
+            let previous: BTreeSet<IpNet> = actual_peers
                 .get(&p.config.public_key)
-                .and_then(|a| a.config.as_ref())
-                .map(|c| c.allowed_ips.iter().copied().collect())
+                .map(|a| a.allowed_ips.iter().copied().collect())
                 .unwrap_or_default();
             !p.config.allowed_ips.iter().all(|ip| previous.contains(ip))
         });
@@ -247,13 +329,10 @@ impl<R: Routes> Mesh<R> {
                         allowed_ips = ?peer.config.allowed_ips,
                         "configured peer"
                     );
-                    self.peers.insert(
-                        peer.config.public_key,
-                        AppliedPeer {
-                            node: Some(peer.node.clone()),
-                            config: Some(peer.config.clone()),
-                        },
-                    );
+                    self.written
+                        .insert(peer.config.public_key, peer.config.clone());
+                    self.in_sync
+                        .insert(peer.config.public_key, peer.config.clone());
                     out.peers_set += 1;
                 }
                 Err(source) => out.errors.push(MeshError::Peer {
@@ -265,17 +344,20 @@ impl<R: Routes> Mesh<R> {
 
         // Only prefixes whose peer is on the device get a route.
         for peer in &wanted.peers {
-            let on_device = self
-                .peers
-                .get(&peer.config.public_key)
-                .and_then(|a| a.config.as_ref())
-                == Some(&peer.config);
-            if !on_device {
+            if !self.is_applied(peer) {
                 continue;
             }
             for dst in &peer.config.allowed_ips {
                 if self.applied_routes.contains(dst) {
                     continue;
+                }
+                if previous_routes.contains(dst) && out.device_replaced.is_none() {
+                    out.routes_repaired += 1;
+                    tracing::warn!(
+                        peer = %peer.node,
+                        route = %dst,
+                        "route missing from the routing table; repairing"
+                    );
                 }
                 match self.routes.add(&ifname, *dst).await {
                     Ok(()) => {
@@ -284,6 +366,20 @@ impl<R: Routes> Mesh<R> {
                     }
                     Err(e) => out.errors.push(MeshError::Routes(e)),
                 }
+            }
+        }
+
+        if !wanted.enabled {
+            // Off: our rule and whatever is left in our table go, so the routing the node had
+            // before (a CNI's routes in the main table) is in force again.
+            match self.routes.remove_rule_and_table().await {
+                Ok(removed) => {
+                    out.rules_changed += removed;
+                    if removed > 0 {
+                        self.applied_routes.clear();
+                    }
+                }
+                Err(e) => out.errors.push(MeshError::Routes(e)),
             }
         }
         out

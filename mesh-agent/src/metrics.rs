@@ -71,6 +71,19 @@ pub struct InvalidObjectLabels {
     pub reason: &'static str,
 }
 
+/// Labels of [`Metrics::datapath_info`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatapathLabels {
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
+/// Labels of [`Metrics::datapath_repairs`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    pub what: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -91,6 +104,14 @@ pub struct Metrics {
     pub routes: Gauge,
     /// 1 when `MeshEncryption default` has `enabled: true`.
     pub mesh_enabled: Gauge,
+    /// 1 for the selected datapath, labelled with its kind and the reason it was chosen.
+    pub datapath_info: Family<DatapathLabels, Gauge>,
+    /// 1 while the selected device answers (0: the device process is gone, the link deleted).
+    pub datapath_up: Gauge,
+    /// Differences between the wanted state and what the device and routing table held, repaired
+    /// by a resync (peers or routes missing or changed behind the agent's back, a recreated device,
+    /// another key on the device).
+    pub datapath_repairs: Family<RepairLabels, Counter>,
     /// Unix time of the last handshake with each peer node (absent: none yet).
     pub peer_last_handshake: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     /// Writes of this node's annotations (key publication and status) to the API server.
@@ -148,6 +169,9 @@ impl Metrics {
             nodes_rejected: Gauge::default(),
             routes: Gauge::default(),
             mesh_enabled: Gauge::default(),
+            datapath_info: Family::default(),
+            datapath_up: Gauge::default(),
+            datapath_repairs: Family::default(),
             peer_last_handshake: Family::default(),
             node_patches: Family::default(),
             ebpf_loaded: Gauge::default(),
@@ -209,6 +233,21 @@ impl Metrics {
             "mesh_enabled",
             "1 when MeshEncryption default is enabled",
             metrics.mesh_enabled.clone(),
+        );
+        registry.register(
+            "datapath_info",
+            "The WireGuard device the agent drives (kind: kernel or userspace) and why",
+            metrics.datapath_info.clone(),
+        );
+        registry.register(
+            "datapath_up",
+            "1 while the WireGuard device answers",
+            metrics.datapath_up.clone(),
+        );
+        registry.register(
+            "datapath_repairs",
+            "Drift between the wanted state and the device or routing table repaired by a pass",
+            metrics.datapath_repairs.clone(),
         );
         registry.register(
             "peer_last_handshake_timestamp_seconds",

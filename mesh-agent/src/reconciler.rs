@@ -18,23 +18,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
+    runtime::events::EventType,
 };
 use tokio::sync::{Notify, watch};
 use wiremesh_crds::MeshEncryption;
 use wiremesh_keyexchange::{PeerSet, PublicKey, desired_peers_with_local_keys};
 
 use crate::{
-    config::DEFAULT_LISTEN_PORT,
+    config::{DEFAULT_LISTEN_PORT, DatapathChoice},
     datapath::PeerConfig,
     drain::Drain,
     events::{NodeEvents, Problem, ProblemKind, RejectionTracker},
-    mesh::{Mesh, Wanted, WantedPeer},
-    metrics::{InvalidAnnotationLabels, Metrics, ResultLabels},
+    mesh::{ApplyOutcome, Mesh, Wanted, WantedPeer},
+    metrics::{DatapathLabels, InvalidAnnotationLabels, Metrics, RepairLabels, ResultLabels},
     routes::Routes,
+    select::{DatapathSlot, SelectError, Selection, Selector, effective_choice},
     views::{PublishError, missing_annotations, node_addresses, node_views, own_annotations},
     watch::Caches,
 };
@@ -70,6 +72,8 @@ pub enum ReconcileError {
     PatchOwnNodeTimeout { node: String },
     #[error("{count} step(s) failed, first: {first}")]
     Apply { count: usize, first: String },
+    #[error(transparent)]
+    Select(#[from] SelectError),
 }
 
 /// The settings of a pass that come from the agent's flags.
@@ -165,6 +169,7 @@ pub fn plan(
     Ok(Plan {
         enabled,
         wanted: Wanted {
+            enabled,
             peers,
             mtu,
             listen_port,
@@ -214,6 +219,28 @@ pub struct MeshSnapshot {
     pub rejected: Vec<(String, String)>,
     /// The last pass's error.
     pub error: Option<String>,
+    /// The device the agent drives and why (None until one is selected).
+    pub datapath: Option<Selection>,
+}
+
+impl MeshSnapshot {
+    /// Converged: caches synced, a pass completed without error, and every wanted peer is on the
+    /// device as wanted (what `/readyz` reports, with the datapath's health).
+    pub fn converged(&self) -> bool {
+        self.synced
+            && self.reconciled
+            && self.error.is_none()
+            && self.datapath.is_some()
+            && self.configured.len() == self.expected.len()
+    }
+}
+
+/// How the reconciler reaches the device: the slot everyone uses, and how to (re)select it.
+pub struct DatapathControl {
+    pub slot: Arc<DatapathSlot>,
+    pub selector: Arc<dyn Selector>,
+    /// `--datapath`: wins over `MeshEncryption.spec.datapath`.
+    pub flag: Option<DatapathChoice>,
 }
 
 /// The reconciler task. See the module docs.
@@ -231,6 +258,11 @@ pub struct Reconciler<R: Routes> {
     notify: Arc<Notify>,
     resync_interval: Duration,
     underlay_mtu: Option<(IpAddr, u32)>,
+    datapath: DatapathControl,
+    /// The last selection failure reported as an Event (reported once until it changes).
+    datapath_problem: Option<String>,
+    /// The selection last reported as an Event.
+    datapath_announced: Option<(crate::datapath::DatapathKind, &'static str)>,
 }
 
 impl<R: Routes> Reconciler<R> {
@@ -247,6 +279,7 @@ impl<R: Routes> Reconciler<R> {
         snapshot: watch::Sender<MeshSnapshot>,
         notify: Arc<Notify>,
         resync_interval: Duration,
+        datapath: DatapathControl,
     ) -> Self {
         Self {
             events: NodeEvents::new(client.clone(), &settings.node_name),
@@ -262,6 +295,9 @@ impl<R: Routes> Reconciler<R> {
             notify,
             resync_interval,
             underlay_mtu: None,
+            datapath,
+            datapath_problem: None,
+            datapath_announced: None,
         }
     }
 
@@ -379,7 +415,45 @@ impl<R: Routes> Reconciler<R> {
             first_error = Some(error);
         }
 
+        let choice = effective_choice(
+            self.datapath.flag,
+            mesh_encryption.as_ref().map(|m| m.spec.datapath),
+        );
+        if self.datapath.slot.selection().map(|s| s.choice) != Some(choice)
+            && let Err(error) = self.select_datapath(choice, &nodes).await
+        {
+            if self.datapath.slot.selection().is_none() {
+                self.snapshot
+                    .send_modify(|s| s.error = Some(error.to_string()));
+                return Err(error);
+            }
+            // A re-selection failed: keep driving the device we have, and say why.
+            first_error.get_or_insert(error);
+        }
+
         let outcome = self.mesh.apply(&plan.wanted).await;
+        if outcome.device_unreachable {
+            // The device process is gone or the link was deleted: select again next pass (waits
+            // for the restarted device process, or creates the kernel link again).
+            self.datapath.slot.clear();
+            self.metrics.datapath_up.set(0);
+        }
+        for (what, count) in [
+            ("peer", outcome.peers_repaired),
+            ("route", outcome.routes_repaired),
+            ("device", usize::from(outcome.device_replaced.is_some())),
+            (
+                "key",
+                usize::from(matches!(outcome.key_replaced, Some(Some(_)))),
+            ),
+        ] {
+            if count > 0 {
+                self.metrics
+                    .datapath_repairs
+                    .get_or_create(&RepairLabels { what })
+                    .inc_by(count as u64);
+            }
+        }
         if outcome.changed() {
             tracing::info!(
                 enabled = plan.enabled,
@@ -402,6 +476,7 @@ impl<R: Routes> Reconciler<R> {
         for error in &outcome.errors {
             tracing::warn!(%error, "mesh step failed");
         }
+        self.report_device_changes(&outcome, &nodes).await;
 
         self.report_problems(&plan, &nodes).await;
 
@@ -428,7 +503,9 @@ impl<R: Routes> Reconciler<R> {
             .routes
             .set(self.mesh.applied_routes().len() as i64);
         let error = first_error.as_ref().map(ToString::to_string);
+        let selection = self.datapath.slot.selection();
         self.snapshot.send_modify(|s| {
+            s.datapath = selection;
             s.reconciled = true;
             s.enabled = plan.enabled;
             s.expected = expected;
@@ -479,6 +556,146 @@ impl<R: Routes> Reconciler<R> {
                 node: self.settings.node_name.clone(),
                 source,
             }),
+        }
+    }
+
+    /// Selects (or re-selects, when the choice changed) the device, publishing the outcome as a
+    /// log line, the `wiremesh_datapath_info` metric and one Event on the own Node.
+    async fn select_datapath(
+        &mut self,
+        choice: DatapathChoice,
+        nodes: &[Arc<Node>],
+    ) -> Result<(), ReconcileError> {
+        match self.datapath.selector.select(choice).await {
+            Ok((device, selection)) => {
+                tracing::info!(
+                    choice = ?choice,
+                    kind = selection.kind.as_str(),
+                    reason = selection.reason,
+                    message = %selection.message,
+                    "datapath selected"
+                );
+                self.metrics.datapath_info.clear();
+                self.metrics
+                    .datapath_info
+                    .get_or_create(&DatapathLabels {
+                        kind: selection.kind.as_str(),
+                        reason: selection.reason,
+                    })
+                    .set(1);
+                self.metrics.datapath_up.set(1);
+                // One Event per new selection, not per re-adoption of the same device.
+                let announce = (selection.kind, selection.reason);
+                if self.datapath_announced != Some(announce) {
+                    self.datapath_announced = Some(announce);
+                    self.own_event(
+                        nodes,
+                        EventType::Normal,
+                        "DatapathSelected",
+                        &selection.message,
+                        "SelectDatapath",
+                    )
+                    .await;
+                }
+                self.datapath_problem = None;
+                self.datapath.slot.set(device, selection);
+                Ok(())
+            }
+            Err(error) => {
+                let message = error.to_string();
+                if self.datapath_problem.as_deref() != Some(message.as_str()) {
+                    self.own_event(
+                        nodes,
+                        EventType::Warning,
+                        "DatapathUnavailable",
+                        &message,
+                        "SelectDatapath",
+                    )
+                    .await;
+                    self.datapath_problem = Some(message);
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Records an Event on the own Node; a failure (or a hang past [`API_WRITE_TIMEOUT`]) is only
+    /// logged.
+    async fn own_event(
+        &self,
+        nodes: &[Arc<Node>],
+        type_: EventType,
+        reason: &str,
+        note: &str,
+        action: &str,
+    ) {
+        let reference = self.own_reference(nodes);
+        let publish = self
+            .events
+            .publish_on(&reference, type_, reason, note, action);
+        match tokio::time::timeout(API_WRITE_TIMEOUT, publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, reason, "could not record Event"),
+            Err(_) => tracing::warn!(reason, "recording the Event timed out"),
+        }
+    }
+
+    fn own_reference(&self, nodes: &[Arc<Node>]) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".to_string()),
+            kind: Some("Node".to_string()),
+            name: Some(self.settings.node_name.clone()),
+            uid: nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(self.settings.node_name.as_str()))
+                .and_then(|n| n.metadata.uid.clone()),
+            ..ObjectReference::default()
+        }
+    }
+
+    /// Logs a recreated device and a key put back on it; another key found on the device (the
+    /// keystore wins) is also a Warning Event on the own Node.
+    async fn report_device_changes(&self, outcome: &ApplyOutcome, nodes: &[Arc<Node>]) {
+        if let Some((old, new)) = outcome.device_replaced {
+            tracing::warn!(
+                interface = self.mesh.ifname(),
+                old_ifindex = old,
+                new_ifindex = new,
+                "the device was recreated (its process restarted or the link was replaced); \
+                 re-applied its whole configuration"
+            );
+        }
+        match &outcome.key_replaced {
+            None => {}
+            Some(None) => tracing::info!(
+                interface = self.mesh.ifname(),
+                key = %self.local_key.fingerprint(),
+                "the device had no key (a fresh device): gave it the keystore's key"
+            ),
+            Some(Some(other)) => {
+                let message = format!(
+                    "the WireGuard device {} held the key {} instead of this node's key {} from \
+                     the keystore; the keystore wins and the device now uses {}",
+                    self.mesh.ifname(),
+                    other.fingerprint(),
+                    self.local_key.fingerprint(),
+                    self.local_key.fingerprint(),
+                );
+                tracing::warn!(
+                    interface = self.mesh.ifname(),
+                    device_key = %other.fingerprint(),
+                    keystore_key = %self.local_key.fingerprint(),
+                    "device held another key; the keystore wins"
+                );
+                self.own_event(
+                    nodes,
+                    EventType::Warning,
+                    "DeviceKeyReplaced",
+                    &message,
+                    "ReplaceDeviceKey",
+                )
+                .await;
+            }
         }
     }
 

@@ -35,6 +35,10 @@ pub struct NodeReport {
     pub interval_secs: u64,
     /// `userspace` or `kernel`.
     pub datapath: String,
+    /// Why the agent drives this datapath (`auto` picked the kernel module, fell back to the
+    /// userspace device, adopted an existing device, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath_reason: Option<String>,
     /// The tunnel interface.
     pub interface: String,
     /// Fingerprint of the public key the device uses.
@@ -105,6 +109,7 @@ impl NodeReport {
             || self.peers_configured != other.peers_configured
             || self.key != other.key
             || self.datapath != other.datapath
+            || self.datapath_reason != other.datapath_reason
             || self.rejected != other.rejected
             || self.error.is_some() != other.error.is_some()
             || self.ebpf != other.ebpf
@@ -151,6 +156,7 @@ mod tests {
             updated_at: 1_000,
             interval_secs: 30,
             datapath: "userspace".into(),
+            datapath_reason: None,
             interface: "wiremesh0".into(),
             key: Some("abcdefgh".into()),
             enabled: true,

@@ -1,10 +1,15 @@
-//! Kernel routing state the agent owns: the tunnel interface's link state (up, MTU) and one route
-//! per remote pod prefix pointing at the tunnel interface. Behind the small [`Routes`] trait so the
-//! reconciler can be unit-tested with [`fake::FakeRoutes`]; [`netlink::NetlinkRoutes`] is the
-//! rtnetlink implementation.
+//! Kernel routing state the agent owns: the tunnel interface's link state (up, MTU), one route per
+//! remote pod prefix pointing at the tunnel interface, and the policy rule that makes the kernel
+//! consult those routes. Behind the small [`Routes`] trait so the reconciler can be unit-tested
+//! with [`fake::FakeRoutes`]; [`netlink::NetlinkRoutes`] is the rtnetlink implementation.
 //!
-//! Our routes are marked with the route protocol [`ROUTE_PROTOCOL`] so that listing (restore) and
-//! garbage collection never touch routes that someone else installed.
+//! Routes of others are never overwritten: ours live in a routing table of our own (default
+//! [`DEFAULT_ROUTE_TABLE`]), each marked with the route protocol [`ROUTE_PROTOCOL`], and an `ip
+//! rule` of ours ([`RULE_PRIORITY`], ahead of the main table's 32766) sends every lookup through
+//! that table first; a prefix with no route there falls through to the main table, where a CNI's
+//! routes stay untouched. Listing and garbage collection only ever touch routes with our protocol
+//! in our table, adding never replaces, and disabling the mesh removes our rule and table so the
+//! previous routing is back as it was.
 
 use std::{future::Future, io, net::IpAddr};
 
@@ -13,8 +18,15 @@ use ipnet::IpNet;
 pub mod fake;
 pub mod netlink;
 
-/// `rtm_protocol` of every route the agent installs (`ip route show proto 87`).
+/// `rtm_protocol` of every route and rule the agent installs (`ip route show table 87 proto 87`).
 pub const ROUTE_PROTOCOL: u8 = 87;
+
+/// The routing table of the agent's routes unless `--route-table` says otherwise.
+pub const DEFAULT_ROUTE_TABLE: u32 = 87;
+
+/// Priority of the agent's `ip rule` (`lookup <table>`): after the local table (0), before the
+/// main table (32766).
+pub const RULE_PRIORITY: u32 = 32087;
 
 /// A failed routing operation, with the interface and prefix it concerned.
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +50,30 @@ pub enum RoutesError {
         ifname: String,
         message: String,
     },
+    #[error(
+        "route table {table} already holds a route to {dst} that wiremesh did not create; \
+         it is left alone (pick another table with --route-table)"
+    )]
+    Foreign { table: u32, dst: IpNet },
 }
 
-/// Routing operations on one network namespace (the one the agent runs in).
+/// The tunnel interface as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkState {
+    pub ifindex: u32,
+    pub up: bool,
+    pub mtu: u32,
+}
+
+/// Routing operations on one network namespace (the one the agent runs in), in the agent's own
+/// routing table.
 pub trait Routes: Send + Sync + 'static {
+    /// The interface's index, administrative state and MTU; `None` when it does not exist.
+    fn link(
+        &self,
+        ifname: &str,
+    ) -> impl Future<Output = Result<Option<LinkState>, RoutesError>> + Send;
+
     /// Sets the interface up with the given MTU.
     fn link_up(
         &self,
@@ -49,17 +81,26 @@ pub trait Routes: Send + Sync + 'static {
         mtu: u32,
     ) -> impl Future<Output = Result<(), RoutesError>> + Send;
 
-    /// The destination prefixes of our routes (by [`ROUTE_PROTOCOL`]) through `ifname` in the main
-    /// table. An absent interface has no routes.
+    /// The destination prefixes of our routes (by [`ROUTE_PROTOCOL`]) through `ifname` in our
+    /// table, as the kernel holds them now. An absent interface has no routes.
     fn list(&self, ifname: &str) -> impl Future<Output = Result<Vec<IpNet>, RoutesError>> + Send;
 
-    /// Routes `dst` to `ifname` (replacing a route to the same prefix).
+    /// Routes `dst` to `ifname` in our table. Never replaces: an identical route of ours is
+    /// success, any other route to `dst` in the table is [`RoutesError::Foreign`].
     fn add(&self, ifname: &str, dst: IpNet)
     -> impl Future<Output = Result<(), RoutesError>> + Send;
 
     /// Removes our route to `dst` through `ifname`; a route that is already gone is not an error.
     fn del(&self, ifname: &str, dst: IpNet)
     -> impl Future<Output = Result<(), RoutesError>> + Send;
+
+    /// Makes sure our rule (`lookup <table>` at [`RULE_PRIORITY`]) exists for IPv4 and IPv6;
+    /// returns how many rules it had to add.
+    fn ensure_rule(&self) -> impl Future<Output = Result<usize, RoutesError>> + Send;
+
+    /// Removes our rule and every route of ours in our table (through any interface); returns how
+    /// many rules and routes it removed.
+    fn remove_rule_and_table(&self) -> impl Future<Output = Result<usize, RoutesError>> + Send;
 
     /// The MTU of the interface that holds `address` (the underlay), to size the tunnel MTU.
     fn mtu_of_address(

@@ -70,7 +70,12 @@ pub fn build_report(
         version: REPORT_VERSION,
         updated_at: unix_seconds(now),
         interval_secs: interval.as_secs(),
-        datapath: datapath_kind.to_string(),
+        datapath: snapshot
+            .datapath
+            .as_ref()
+            .map_or(datapath_kind, |s| s.kind.as_str())
+            .to_string(),
+        datapath_reason: snapshot.datapath.as_ref().map(|s| s.message.clone()),
         interface: interface.to_string(),
         key,
         enabled: snapshot.enabled,
@@ -286,6 +291,12 @@ mod tests {
             configured: vec![("b".into(), kb), ("c".into(), kc)],
             rejected: vec![("d".into(), "InvalidKeyEncoding".into())],
             error: None,
+            datapath: Some(crate::select::Selection {
+                choice: crate::config::DatapathChoice::Auto,
+                kind: DatapathKind::Userspace,
+                reason: "no-kernel-module",
+                message: "auto: no wireguard kernel module".into(),
+            }),
         };
         let peer = |key, hs: Option<u64>| PeerStatus {
             public_key: key,
@@ -324,6 +335,10 @@ mod tests {
         assert_eq!(report.peers[1].key, kc.fingerprint());
         assert_eq!(report.rejected[0].node, "d");
         assert_eq!(report.updated_at, 5_010);
+        assert_eq!(
+            report.datapath_reason.as_deref(),
+            Some("auto: no wireguard kernel module")
+        );
 
         let broken = build_report(
             &snapshot,

@@ -19,7 +19,12 @@
 //!    ifindex -> the pod's addresses) and only then attaches `from_pod`/`to_pod` to it, so the
 //!    first packet `from_pod` sees is already checked; attaches the underlay programs to the
 //!    device holding the node's address; then deletes the endpoint entries and link pins of
-//!    veths that are gone (also those an earlier run left behind).
+//!    veths that are gone (also those an earlier run left behind). While a local pod that a
+//!    NetworkPolicy selects has no veth the pass can name yet, every unnamed veth gets the
+//!    programs with a pending entry, which passes nothing ([`fail_closed`]).
+//!
+//! A link or IPv4 route appearing (rtnetlink events, [`links::LinkWatch`]) wakes a pass at once,
+//! so a new pod's veth is covered when it appears, not at the next periodic pass.
 //!
 //! A thread reads the flow ring buffer into the [`FlowTable`] served on `/flows`.
 //! When steering is switched off the programs stay attached (NetworkPolicy is still enforced
@@ -45,7 +50,7 @@ use wiremesh_bpf::{
     node_pin_dir,
 };
 use wiremesh_crds::EncryptionMode;
-use wiremesh_policy::{Compiled, Identity, MapDiff, compile};
+use wiremesh_policy::{Compiled, Identity, IdentityAllocator, MapDiff, compile};
 
 use crate::{
     config::{DEFAULT_LISTEN_PORT, EbpfChoice},
@@ -142,6 +147,10 @@ pub struct Steering {
     load_error: Option<String>,
     next_load: Option<Instant>,
     report: watch::Sender<EbpfReport>,
+    /// The identities of the last compilation, passed into the next (stable identities).
+    identities: IdentityAllocator,
+    /// The policies of the last compilation ([`fail_closed`] for pods without entries).
+    policies: Vec<wiremesh_policy::Policy>,
 }
 
 impl Steering {
@@ -174,6 +183,8 @@ impl Steering {
             load_error: None,
             next_load: None,
             report: watch::channel(EbpfReport::default()).0,
+            identities: IdentityAllocator::new(),
+            policies: Vec::new(),
         }
     }
 
@@ -244,6 +255,20 @@ impl Steering {
                 return;
             }
         };
+        // A new veth (or route) wakes a pass at once: a new pod is covered from the moment its
+        // veth exists, not at the next periodic pass (fail_closed, finding 6 of issue 13).
+        let link_changed = Arc::new(Notify::new());
+        let _link_watch = match links::LinkWatch::start(link_changed.clone()) {
+            Ok(w) => Some(w),
+            Err(error) => {
+                tracing::warn!(%error, "no link events; new veths wait for the periodic pass");
+                self.metrics
+                    .ebpf_errors
+                    .get_or_create(&StageLabels { stage: "netlink" })
+                    .inc();
+                None
+            }
+        };
         // Whether the API objects or the mesh changed since the last successful pass; periodic
         // passes without a change only look at interfaces and the tunnel (no recompile).
         let mut dirty = true;
@@ -290,6 +315,7 @@ impl Steering {
                     dirty = true;
                 }
                 _ = self.mesh.changed() => dirty = true,
+                () = link_changed.notified() => {}
                 () = tokio::time::sleep(PERIOD) => {}
                 () = drain.signaled() => break,
             }
@@ -556,8 +582,11 @@ impl Steering {
         let mut desired = None;
         if recompile {
             policy_started = Some(Instant::now());
-            let (cluster, problems) = plan::policy_cluster(&namespaces, &pods, &policies)
-                .map_err(SteeringError::Policy)?;
+            let (cluster, problems) =
+                plan::policy_cluster(&namespaces, &pods, &policies, &self.identities)
+                    .map_err(SteeringError::Policy)?;
+            self.identities = cluster.identities().clone();
+            self.policies = cluster.policies().to_vec();
             *self.names.write().unwrap_or_else(|e| e.into_inner()) =
                 flow_names(&self.settings.node_name, &nodes, &pods, &cluster);
             self.policy_problems = problems;
@@ -615,7 +644,21 @@ impl Steering {
             );
         }
         self.metrics.ebpf_strict.set(i64::from(strict));
-        let placed = placement(&snap, own_ip, tunnel, &self.settings.node_name, &pods);
+        let mut placed = placement(&snap, own_ip, tunnel, &self.settings.node_name, &pods);
+        let waiting = fail_closed(
+            &mut placed,
+            &snap,
+            &self.settings.node_name,
+            &pods,
+            &self.policies,
+        );
+        if !waiting.is_empty() {
+            tracing::debug!(
+                ?waiting,
+                pending_veths = placed.endpoints.values().filter(|e| e.is_pending()).count(),
+                "selected pods without entries: unnamed veths fail closed"
+            );
+        }
         // Anti-spoofing entries before from_pod goes on a new veth; stale ones after the
         // programs left the veths that are gone.
         write_endpoints(loaded.loader.maps(), &placed.endpoints).map_err(SteeringError::Maps)?;
@@ -986,6 +1029,88 @@ pub fn placement(
         }
     }
     out
+}
+
+/// Fail closed for new pods (finding 6 of issue 13, docs/threat-model.md): while a local pod
+/// that some NetworkPolicy selects has no veth the pass can name (no IP in its status yet, or
+/// no route to it), every unnamed veth of the namespace (not a bridge port, not the tunnel or
+/// the underlay) gets the programs and a [`EndpointValue::pending`] entry, so nothing passes
+/// it either way until the pod's identity and entry are written. Returns the waiting selected
+/// pods (`namespace/name`); without any, `placed` is left alone.
+pub fn fail_closed(
+    placed: &mut Placement,
+    snap: &LinkSnapshot,
+    own_node: &str,
+    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+    policies: &[wiremesh_policy::Policy],
+) -> Vec<String> {
+    let named: BTreeSet<u32> = placed
+        .wanted
+        .values()
+        .filter(|(hook, _)| *hook == Hook::FromPod)
+        .map(|(_, index)| *index)
+        .collect();
+    let underlay: BTreeSet<u32> = placed
+        .wanted
+        .values()
+        .filter(|(hook, _)| *hook == Hook::UnderlayIngress)
+        .map(|(_, index)| *index)
+        .collect();
+    let mut waiting = Vec::new();
+    for pod in pods {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        if spec.and_then(|s| s.node_name.as_deref()) != Some(own_node)
+            || spec.and_then(|s| s.host_network).unwrap_or(false)
+            || matches!(
+                status.and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+            || pod.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let resolved = crate::views::pod_network_ips(pod)
+            .into_iter()
+            .any(|ip| match ip {
+                IpAddr::V4(a) => snap
+                    .route_iface(a, &[])
+                    .is_some_and(|(index, _)| named.contains(&index)),
+                IpAddr::V6(_) => false,
+            });
+        if resolved {
+            continue;
+        }
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if policies
+            .iter()
+            .any(|p| p.namespace == namespace && p.selector.matches(&labels))
+        {
+            waiting.push(format!(
+                "{namespace}/{}",
+                pod.metadata.name.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    if waiting.is_empty() {
+        return waiting;
+    }
+    for index in &snap.veths {
+        if named.contains(index) || underlay.contains(index) {
+            continue;
+        }
+        let Some(name) = snap.names.get(index) else {
+            continue;
+        };
+        for hook in [Hook::FromPod, Hook::ToPod] {
+            placed
+                .wanted
+                .insert((name.clone(), hook as u8), (hook, *index));
+        }
+        placed.endpoints.insert(*index, EndpointValue::pending());
+    }
+    waiting
 }
 
 /// The `wm_endpoints` map as the steering pass uses it. Implemented by the pinned maps; unit

@@ -1,7 +1,8 @@
 //! `meshctl demo up|down`: a local multi-node cluster on this machine. `up` starts the testenv
 //! kube-apiserver and a [`VirtualCluster`] (nodes and pods as network namespaces), installs the
-//! wiremesh CRDs, enables the mesh with `MeshEncryption default`, starts one real `mesh-agent run`
-//! per node inside the node's namespace with the node's own credentials, waits until
+//! wiremesh CRDs, enables the mesh with `MeshEncryption default`, starts per node inside the node's
+//! namespace two supervised processes, the userspace device (`mesh-agent device`) and the agent
+//! (`mesh-agent run`, with the node's own credentials), waits until
 //! `meshctl status` calls the mesh converged, and leaves it running, described in
 //! `/run/wiremesh-demo/cluster.json`. `down` reads that file and removes everything it lists
 //! (processes by PID and start time, namespaces and links by their recorded names).
@@ -22,7 +23,9 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption, manifests};
-use wiremesh_integration::{ClusterDescription, ClusterOptions, ProcessIdentity, VirtualCluster};
+use wiremesh_integration::{
+    ClusterDescription, ClusterOptions, ProcessIdentity, Role, VirtualCluster,
+};
 
 use crate::{
     capture::{self, CaptureReport, Underlay},
@@ -167,30 +170,52 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
     ])
 }
 
-/// Starts (or restarts) the agent of `node` in its namespace with its own kubeconfig. Its log
-/// filter is `$WIREMESH_AGENT_LOG` (default `info,kube=warn`).
+/// The `mesh-agent device` arguments for `node`: the userspace WireGuard device named like the
+/// agent's `--interface`, in the foreground (its supervisor restarts it).
+pub fn device_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>, DemoError> {
+    let n = cluster.node(node).map_err(|source| DemoError::StartAgent {
+        node: node.to_string(),
+        source,
+    })?;
+    Ok(vec![
+        "device".into(),
+        n.network.netns.clone().into(),
+        "--foreground".into(),
+    ])
+}
+
+/// Starts the two processes of `node` in its namespace, each under a supervisor that restarts it
+/// within a second (as the two containers of the wiremesh pod on a real node): the userspace
+/// device (`mesh-agent device`, unless one runs already) and the agent (`mesh-agent run` with the
+/// node's own kubeconfig). Returns the agent's first run. Log filter: `$WIREMESH_AGENT_LOG`
+/// (default `info,kube=warn`).
 pub fn start_agent(
     cluster: &mut VirtualCluster,
     node: &str,
     agent_binary: &Path,
     extra_args: &[&str],
 ) -> Result<ProcessIdentity, DemoError> {
+    let log_filter = || {
+        vec![(
+            OsString::from("RUST_LOG"),
+            std::env::var_os("WIREMESH_AGENT_LOG").unwrap_or_else(|| "info,kube=warn".into()),
+        )]
+    };
+    let failed = |source| DemoError::StartAgent {
+        node: node.to_string(),
+        source,
+    };
+    if cluster.supervised_pid(node, Role::Device).is_none() {
+        let args = device_args(cluster, node)?;
+        cluster
+            .spawn_supervised(node, Role::Device, agent_binary, args, log_filter())
+            .map_err(failed)?;
+    }
     let mut args = agent_args(cluster, node)?;
     args.extend(extra_args.iter().map(OsString::from));
     cluster
-        .spawn_agent(
-            node,
-            agent_binary,
-            args,
-            vec![(
-                "RUST_LOG".into(),
-                std::env::var_os("WIREMESH_AGENT_LOG").unwrap_or_else(|| "info,kube=warn".into()),
-            )],
-        )
-        .map_err(|source| DemoError::StartAgent {
-            node: node.to_string(),
-            source,
-        })
+        .spawn_supervised(node, Role::Agent, agent_binary, args, log_filter())
+        .map_err(failed)
 }
 
 /// Polls `meshctl status` until the mesh is converged, printing progress through `progress`.
@@ -251,6 +276,14 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<ClusterDescription> {
             opts.agent_binary.display()
         );
     }
+    let supervisor = wiremesh_integration::supervise::default_binary();
+    if !supervisor.exists() {
+        anyhow::bail!(
+            "supervisor binary {} not found (build it with `cargo build -p wiremesh-integration`, \
+             or set WIREMESH_SUPERVISOR_BIN)",
+            supervisor.display()
+        );
+    }
     std::fs::create_dir_all(&opts.demo_dir)
         .with_context(|| format!("create {}", opts.demo_dir.display()))?;
 
@@ -276,9 +309,12 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<ClusterDescription> {
     let node_names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
     for node in &node_names {
         let identity = start_agent(&mut cluster, node, &opts.agent_binary, &[])?;
+        let device = cluster
+            .supervised_pid(node, Role::Device)
+            .map_or_else(|| "?".to_string(), |d| d.pid.to_string());
         let n = cluster.node(node)?;
         println!(
-            "    {node}: mesh-agent pid {} in netns {} (underlay {}, pods {})",
+            "    {node}: mesh-agent pid {}, device pid {device} in netns {} (underlay {}, pods {})",
             identity.pid, n.network.netns, n.network.underlay_ip, n.network.pod_cidr
         );
     }

@@ -4,5 +4,6 @@
 pub mod agents;
 pub mod capture;
 pub mod demo;
+pub mod rotate;
 pub mod status;
 pub mod traffic;

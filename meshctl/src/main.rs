@@ -7,10 +7,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use mesh_agent::app::kube_client_from;
-use meshctl::{demo, status};
+use meshctl::{demo, rotate, status};
 
+mod kubeflags;
 mod policy;
 
 #[derive(Parser)]
@@ -20,22 +21,15 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Show per-node key, peers and handshakes; exit status 1 when the mesh is not converged.
     Status {
-        /// Kubeconfig file (default: $KUBECONFIG, then in-cluster).
-        #[arg(long, env = "KUBECONFIG")]
-        kubeconfig: Option<PathBuf>,
+        #[command(flatten)]
+        kube: kubeflags::KubeFlags,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
-        output: Output,
+        output: kubeflags::OutputFormat,
         /// Wait up to this many seconds for the mesh to converge before reporting.
         #[arg(long, default_value_t = 0)]
         wait: u64,
@@ -47,6 +41,36 @@ enum Command {
     },
     /// Offline NetworkPolicy tools (`policy check -f FILE`).
     Policy(policy::PolicyArgs),
+    /// Rotate the nodes' static WireGuard keys (creates a KeyRotation), or abort a rotation.
+    Rotate(RotateArgs),
+}
+
+#[derive(clap::Args)]
+struct RotateArgs {
+    /// Kubeconfig file (default: $KUBECONFIG, then in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Only the nodes this label selector picks (kubectl syntax); default every node.
+    #[arg(long, value_name = "SELECTOR")]
+    nodes: Option<String>,
+    /// Compromised key: peers stop accepting the old keys at once (no overlap; costs packets).
+    #[arg(long)]
+    revoke: bool,
+    /// Why the keys are rotated (kept in the rotation history).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// How long each phase may wait for a node (Go duration, at least 10s).
+    #[arg(long, value_name = "DURATION")]
+    phase_timeout: Option<String>,
+    /// Follow the rotation to Complete or Failed with a progress line; exit 1 unless Complete.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this long (Go duration).
+    #[arg(long, default_value = "30m", value_name = "DURATION")]
+    timeout: String,
+    /// Ask the coordinator to stop the rotation NAME (nodes go back to their old keys).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["nodes", "revoke", "phase_timeout"])]
+    abort: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -83,12 +107,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policy::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status {
-            kubeconfig,
-            output,
-            wait,
-        } => {
-            let client = kube_client_from(kubeconfig.as_deref()).await?;
+        Command::Rotate(args) => run_rotate(args).await,
+        Command::Status { kube, output, wait } => {
+            let client = kube.client().await?;
             let mut current = status::collect(&client).await?;
             if wait > 0 && !current.converged() {
                 current =
@@ -97,10 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         Err(_) => status::collect(&client).await?,
                     };
             }
-            match output {
-                Output::Table => print!("{}", status::render(&current)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&current)?),
-            }
+            print!("{}", kubeflags::render_status(&current, output)?);
             Ok(if current.converged() {
                 ExitCode::SUCCESS
             } else {
@@ -260,6 +278,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn run_rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
+    use std::io::{IsTerminal, Write};
+
+    let timeout = wiremesh_crds::parse_go_duration(&args.timeout)
+        .with_context(|| format!("--timeout {:?}", args.timeout))?;
+    let client = kube_client_from(args.kubeconfig.as_deref()).await?;
+    let name = match &args.abort {
+        Some(name) => {
+            let by = format!("meshctl rotate --abort by {}", whoami());
+            let rotation = rotate::abort(&client, name, &by).await?;
+            if rotate::phase(&rotation).is_terminal() {
+                println!("{name} already ended: {}", rotate::phase(&rotation));
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{name}: abort requested");
+            name.clone()
+        }
+        None => {
+            let options = rotate::RotateOptions {
+                nodes: args.nodes.clone(),
+                revoke: args.revoke,
+                reason: args.reason.clone(),
+                phase_timeout: args.phase_timeout.clone(),
+            };
+            let rotation = rotate::create(&client, &options).await?;
+            let name = kube::ResourceExt::name_any(&rotation);
+            println!("keyrotation.wiremesh.io/{name} created");
+            name
+        }
+    };
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // On a terminal the line is rewritten in place; in a log every change is its own line.
+    let tty = std::io::stdout().is_terminal();
+    let done = rotate::follow(&client, &name, timeout, |line| {
+        let mut out = std::io::stdout().lock();
+        if tty {
+            let _ = write!(out, "\r\x1b[2K{line}");
+        } else {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    })
+    .await;
+    if tty {
+        println!();
+    }
+    let rotation = done?;
+    Ok(match rotate::phase(&rotation) {
+        wiremesh_crds::RotationPhase::Complete => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
+}
+
+/// Who asked, for the abort annotation ($USER when set).
+fn whoami() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "an unnamed user".to_string())
 }
 
 fn main() -> anyhow::Result<ExitCode> {

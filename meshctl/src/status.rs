@@ -50,6 +50,9 @@ pub struct NodeView {
     pub key_fingerprint: Option<String>,
     pub key_generation: Option<u64>,
     pub datapath: Option<String>,
+    /// Why the agent drives this datapath.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath_reason: Option<String>,
     pub peers_configured: Option<u32>,
     /// Valid other nodes, as meshctl sees them.
     pub peers_expected: u32,
@@ -236,6 +239,7 @@ fn evaluate_node(
         key_fingerprint,
         key_generation,
         datapath: report.as_ref().map(|r| r.datapath.clone()),
+        datapath_reason: report.as_ref().and_then(|r| r.datapath_reason.clone()),
         peers_configured: report.as_ref().map(|r| r.peers_configured),
         peers_expected,
         ready: report.as_ref().is_some_and(|r| r.ready),
@@ -324,6 +328,31 @@ fn evaluate_node(
 }
 
 /// The status as a table for people.
+/// The table cells of one node: name, key fingerprint, generation, datapath, peers
+/// (configured/expected), ready, converged state.
+pub fn node_cells(node: &NodeView) -> [String; 7] {
+    [
+        node.name.clone(),
+        node.key_fingerprint.as_deref().unwrap_or("-").to_string(),
+        node.key_generation
+            .map_or_else(|| "-".to_string(), |g| g.to_string()),
+        node.datapath.as_deref().unwrap_or("-").to_string(),
+        format!(
+            "{}/{}",
+            node.peers_configured
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+            node.peers_expected
+        ),
+        if node.ready { "yes" } else { "no" }.to_string(),
+        if node.converged() {
+            "converged"
+        } else {
+            "NOT CONVERGED"
+        }
+        .to_string(),
+    ]
+}
+
 pub fn render(status: &MeshStatus) -> String {
     let mut out = String::new();
     let mesh = if !status.mesh_encryption {
@@ -340,28 +369,14 @@ pub fn render(status: &MeshStatus) -> String {
         "NODE", "KEY", "GEN", "DATAPATH", "PEERS", "READY"
     );
     for node in &status.nodes {
-        let peers = format!(
-            "{}/{}",
-            node.peers_configured
-                .map_or_else(|| "-".to_string(), |c| c.to_string()),
-            node.peers_expected
-        );
+        let [name, key, generation, datapath, peers, ready, state] = node_cells(node);
         let _ = writeln!(
             out,
-            "{:<14} {:<9} {:>4}  {:<10} {:>6}  {:<5}  {}",
-            node.name,
-            node.key_fingerprint.as_deref().unwrap_or("-"),
-            node.key_generation
-                .map_or_else(|| "-".to_string(), |g| g.to_string()),
-            node.datapath.as_deref().unwrap_or("-"),
-            peers,
-            if node.ready { "yes" } else { "no" },
-            if node.converged() {
-                "converged"
-            } else {
-                "NOT CONVERGED"
-            },
+            "{name:<14} {key:<9} {generation:>4}  {datapath:<10} {peers:>6}  {ready:<5}  {state}",
         );
+        if let Some(reason) = &node.datapath_reason {
+            let _ = writeln!(out, "    datapath: {reason}");
+        }
         for peer in &node.peers {
             let handshake = peer
                 .handshake_age_secs

@@ -137,6 +137,31 @@ impl IdentityAllocator {
         a
     }
 
+    /// The identities of exactly the distinct label sets `sets`, keeping the id each had in
+    /// `previous` (the last compilation's assignment), so a label change elsewhere renumbers
+    /// nothing. New label sets get, in sorted order, the lowest ids `previous` did not hold:
+    /// an id freed in this step is not handed to another label set in the same step.
+    pub fn carried_over<'a>(
+        previous: &IdentityAllocator,
+        sets: impl IntoIterator<Item = &'a IdentityLabels>,
+    ) -> Self {
+        let wanted: BTreeSet<&IdentityLabels> = sets.into_iter().collect();
+        let mut a = previous.clone();
+        for s in &wanted {
+            a.allocate(s);
+        }
+        let gone: Vec<IdentityLabels> = a
+            .by_labels
+            .keys()
+            .filter(|l| !wanted.contains(l))
+            .cloned()
+            .collect();
+        for l in &gone {
+            a.release(l);
+        }
+        a
+    }
+
     /// The identity of `labels`, allocating the lowest free pod id if it is new.
     pub fn allocate(&mut self, labels: &IdentityLabels) -> Identity {
         if let Some(id) = self.by_labels.get(labels) {
@@ -216,6 +241,37 @@ mod tests {
         );
         assert_eq!(a.allocate(&il("c", "z")), freed, "lowest free id reused");
         assert_eq!(a.allocate(&il("d", "z")), Identity(259));
+    }
+
+    /// Finding 10 (docs/threat-model.md): identities are stable across compiles. Whatever label
+    /// sets come and go, every set present before and after keeps its id, no id is given to
+    /// two sets, and an id freed in a step is not reused in that step.
+    #[test]
+    fn carried_over_keeps_every_surviving_id() {
+        use proptest::prelude::*;
+        let set = || (0u8..6, 0u8..3).prop_map(|(a, n)| il(&format!("a{a}"), &format!("n{n}")));
+        let steps = prop::collection::vec(prop::collection::vec(set(), 0..8), 1..6);
+        proptest!(ProptestConfig::with_cases(500), |(steps in steps)| {
+            let mut prev = IdentityAllocator::new();
+            for sets in steps {
+                let next = IdentityAllocator::carried_over(&prev, &sets);
+                let distinct: BTreeSet<&IdentityLabels> = sets.iter().collect();
+                prop_assert_eq!(next.iter().count(), distinct.len());
+                for s in &distinct {
+                    let id = next.get(s).expect("allocated");
+                    prop_assert!(id.is_pod());
+                    prop_assert_eq!(next.labels(id), Some(*s));
+                    match prev.get(s) {
+                        Some(old) => prop_assert_eq!(id, old, "{:?} renumbered", s),
+                        None => prop_assert!(
+                            prev.labels(id).is_none(),
+                            "{:?} took {:?}, freed in the same step", s, id
+                        ),
+                    }
+                }
+                prev = next;
+            }
+        });
     }
 
     #[test]

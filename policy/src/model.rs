@@ -274,11 +274,25 @@ pub struct Cluster {
 
 impl Cluster {
     /// Builds the model. Pods in a namespace that is not listed get a namespace with no labels
-    /// besides its name label. Identities are allocated deterministically.
+    /// besides its name label. Identities are allocated deterministically (sorted label sets
+    /// from 256); [`Cluster::with_identities`] keeps an earlier assignment instead.
     pub fn new(
         namespaces: Vec<Namespace>,
         pods: Vec<Pod>,
         policies: Vec<Policy>,
+    ) -> Result<Self, ClusterError> {
+        Self::with_identities(namespaces, pods, policies, &IdentityAllocator::new())
+    }
+
+    /// [`Cluster::new`], with identities stable across compiles: a label set keeps the id it
+    /// has in `previous` (the identities of the last model, [`Cluster::identities`]); new
+    /// label sets get ids `previous` does not hold ([`IdentityAllocator::carried_over`]). So a
+    /// label change renumbers no other identity and rewrites no other map entry.
+    pub fn with_identities(
+        namespaces: Vec<Namespace>,
+        pods: Vec<Pod>,
+        policies: Vec<Policy>,
+        previous: &IdentityAllocator,
     ) -> Result<Self, ClusterError> {
         let mut ns_map = BTreeMap::new();
         for ns in namespaces {
@@ -323,7 +337,7 @@ impl Cluster {
                 IdentityLabels::new(p.labels.clone(), &p.namespace, ns_labels)
             })
             .collect();
-        let identities = IdentityAllocator::from_label_sets(&identity_labels);
+        let identities = IdentityAllocator::carried_over(previous, &identity_labels);
         let pod_identity = identity_labels
             .iter()
             .map(|l| identities.get(l).unwrap_or(Identity::UNKNOWN))

@@ -41,6 +41,7 @@ fn full_object_round_trips_in_camel_case() {
             },
             reason: "suspected compromise, INC-42".into(),
             phase_timeout: "5m".into(),
+            revoke_immediately: false,
         },
     );
     let mut status = KeyRotationStatus {
@@ -97,6 +98,35 @@ fn full_object_round_trips_in_camel_case() {
     assert_eq!(back, object);
     let back: KeyRotation = serde_yaml::from_str(&serde_yaml::to_string(&object).unwrap()).unwrap();
     assert_eq!(back, object);
+}
+
+#[test]
+fn revoke_immediately_is_written_only_when_set() {
+    let spec: KeyRotationSpec = serde_json::from_value(json!({"revokeImmediately": true})).unwrap();
+    assert!(spec.revoke_immediately);
+    assert_eq!(
+        serde_json::to_value(&spec).unwrap()["revokeImmediately"],
+        true
+    );
+    let value = serde_json::to_value(KeyRotationSpec::default()).unwrap();
+    assert!(value.get("revokeImmediately").is_none(), "{value}");
+}
+
+#[test]
+fn frozen_plan_round_trips() {
+    let status = KeyRotationStatus {
+        rotation_id: Some("weekly.3f2a9c1d".into()),
+        participants: vec!["a".into(), "b".into()],
+        selected_nodes: vec!["a".into()],
+        failed_during: Some(RotationPhase::Switching),
+        ..Default::default()
+    };
+    let value = serde_json::to_value(&status).unwrap();
+    assert_eq!(value["rotationId"], "weekly.3f2a9c1d");
+    assert_eq!(value["participants"], json!(["a", "b"]));
+    assert_eq!(value["failedDuring"], "Switching");
+    let back: KeyRotationStatus = serde_json::from_value(value).unwrap();
+    assert_eq!(back, status);
 }
 
 #[test]

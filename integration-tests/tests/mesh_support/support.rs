@@ -19,24 +19,30 @@ use std::{
 };
 
 use meshctl::{demo, status, traffic::PodEnd};
-use wiremesh_integration::{ClusterOptions, VirtualCluster, have_root, wait};
+use wiremesh_integration::{
+    ClusterOptions, ProcessIdentity, Role, VirtualCluster, have_root, wait,
+};
 
 /// The mesh-agent executable under test.
 pub fn agent_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WIREMESH_AGENT_BIN") {
+    workspace_binary("mesh-agent", "WIREMESH_AGENT_BIN")
+}
+
+/// The workspace binary `name` next to the test binary's `deps/` directory, or `$env`.
+pub fn workspace_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> -> target/debug/mesh-agent
+    // target/debug/deps/<test> -> target/debug/<name>
     let path = exe
         .parent()
         .and_then(Path::parent)
-        .map(|dir| dir.join("mesh-agent"))
+        .map(|dir| dir.join(name))
         .expect("test binary lives in target/<profile>/deps");
     assert!(
         path.exists(),
-        "{} not found: build it first (`cargo build -p mesh-agent`, or `make test`), \
-         or set WIREMESH_AGENT_BIN",
+        "{} not found: build it first (`cargo build -p {name}`, or `make test`), or set {env}",
         path.display()
     );
     path
@@ -79,15 +85,28 @@ pub const CONVERGE: Duration = Duration::from_secs(90);
 /// It lives here and not in the `wiremesh_integration` library because it drives
 /// `meshctl::demo`, and `meshctl` depends on that library.
 pub async fn start_mesh_or_skip(shape: Shape) -> Option<VirtualCluster> {
+    start_mesh_or_skip_with_args(shape, &[]).await
+}
+
+/// [`start_mesh_or_skip`] with extra `mesh-agent run` arguments for every agent.
+pub async fn start_mesh_or_skip_with_args(
+    shape: Shape,
+    agent_args: &[&str],
+) -> Option<VirtualCluster> {
     if !have_root("network namespaces, TUN devices") {
         return None;
     }
-    Some(start_mesh(shape).await)
+    Some(start_mesh_with_args(shape, agent_args).await)
 }
 
 /// Starts the cluster, installs the CRDs, enables the mesh, starts every agent and waits until
 /// `meshctl status` reports the mesh converged.
 pub async fn start_mesh(shape: Shape) -> VirtualCluster {
+    start_mesh_with_args(shape, &[]).await
+}
+
+/// [`start_mesh`] with extra `mesh-agent run` arguments for every agent.
+pub async fn start_mesh_with_args(shape: Shape, agent_args: &[&str]) -> VirtualCluster {
     let mut cluster = VirtualCluster::start(ClusterOptions {
         nodes: shape.nodes,
         pods_per_node: shape.pods_per_node,
@@ -104,7 +123,7 @@ pub async fn start_mesh(shape: Shape) -> VirtualCluster {
     let agent = agent_binary();
     let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
     for node in &names {
-        demo::start_agent(&mut cluster, node, &agent, &[]).expect("start agent");
+        demo::start_agent(&mut cluster, node, &agent, agent_args).expect("start agent");
     }
     wait_converged(&cluster).await;
     cluster
@@ -134,10 +153,13 @@ pub async fn wait_converged(cluster: &VirtualCluster) -> status::MeshStatus {
     }
 }
 
-/// Prints the tail of every agent log (for failures).
+/// Prints the tail of every agent and device log (for failures).
 pub fn print_agent_logs(cluster: &VirtualCluster) {
-    for node in cluster.nodes() {
-        let Some(log) = &node.agent_log else { continue };
+    for log in cluster
+        .nodes()
+        .iter()
+        .flat_map(|n| n.agent_log.iter().chain(n.device_log.iter()))
+    {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         eprintln!("--- {} ({} lines), last 30:", log.display(), lines.len());
@@ -171,10 +193,13 @@ pub fn wg_peers(cluster: &VirtualCluster, node: &str) -> Result<Vec<String>, Str
     Ok(peers)
 }
 
-/// Destinations of the agent's routes (protocol 87) in `node`'s namespace.
+/// Destinations of the agent's routes (table 87, protocol 87) in `node`'s namespace.
 pub fn mesh_routes(cluster: &VirtualCluster, node: &str) -> Vec<String> {
     let out = cluster
-        .exec_in_node(node, ["ip", "-4", "route", "show", "proto", "87"])
+        .exec_in_node(
+            node,
+            ["ip", "-4", "route", "show", "table", "87", "proto", "87"],
+        )
         .expect("ip route");
     let mut routes: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -186,15 +211,9 @@ pub fn mesh_routes(cluster: &VirtualCluster, node: &str) -> Vec<String> {
 
 /// The `wiremesh.io/public-key` annotation of `node`.
 pub async fn published_key(cluster: &VirtualCluster, node: &str) -> Option<String> {
-    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
-        kube::Api::all(cluster.client().clone());
-    nodes
-        .get(node)
+    wiremesh_integration::objects::node_annotation(cluster.client(), node, "wiremesh.io/public-key")
         .await
         .expect("get node")
-        .metadata
-        .annotations
-        .and_then(|a| a.get("wiremesh.io/public-key").cloned())
 }
 
 /// The agent's `/metrics` text, fetched from the host at the node's underlay address.
@@ -380,25 +399,33 @@ pub async fn set_mesh_mode(cluster: &VirtualCluster, mode: &str) {
     .unwrap_or_else(|e| panic!("set mode {mode}: {e}"));
 }
 
-/// The PID of `node`'s agent.
+/// The PID of `node`'s agent (its current run: the supervisor restarts it).
 pub fn agent_pid(cluster: &VirtualCluster, node: &str) -> u32 {
     cluster
-        .node(node)
-        .expect("node")
-        .agent
-        .unwrap_or_else(|| panic!("{node} has no agent"))
+        .supervised_pid(node, Role::Agent)
+        .unwrap_or_else(|| panic!("{node} has no agent running"))
         .pid
 }
 
-/// `kill -9` of `node`'s agent: no drain; the TUN device dies with the process, pinned eBPF
-/// state stays.
-pub fn kill_agent(cluster: &mut VirtualCluster, node: &str) {
-    let pid = agent_pid(cluster, node);
+/// `kill -9` of `node`'s agent: no drain. The device process, its peers and routes and the pinned
+/// eBPF state stay; the supervisor restarts the agent (unless held with
+/// [`VirtualCluster::hold_restarts`]). Returns the killed run.
+pub fn kill_agent(cluster: &mut VirtualCluster, node: &str) -> ProcessIdentity {
     cluster
-        .process(pid)
-        .expect("process")
-        .kill()
-        .expect("kill -9");
+        .kill_supervised(node, Role::Agent)
+        .expect("kill -9 the agent")
+}
+
+/// Waits until the supervisor restarted `node`'s `role` process after `killed`.
+pub fn wait_restarted(
+    cluster: &VirtualCluster,
+    node: &str,
+    role: Role,
+    killed: ProcessIdentity,
+) -> ProcessIdentity {
+    cluster
+        .wait_restarted(node, role, killed, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A TCP echo server on `port` in a pod's namespace, serving until dropped.
@@ -581,6 +608,11 @@ impl GapProbe {
         }
     }
 
+    /// Attempts so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
     /// Stops the probe and asserts it ran and never got through (`what`: the window it covered).
     pub fn assert_never_through(self, what: &str) {
         let (attempts, successes) = self.finish();
@@ -630,5 +662,196 @@ pub async fn create_web_from_clients(cluster: &VirtualCluster) {
             }],
         }),
     )
+    .await;
+}
+
+/// The ifindex of `node`'s tunnel interface (`ip -o link show`).
+pub fn device_ifindex(cluster: &VirtualCluster, node: &str) -> Result<u32, String> {
+    let out = cluster
+        .exec_in_node(node, ["ip", "-o", "link", "show", &ifname(cluster, node)])
+        .map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .ok_or_else(|| format!("no tunnel interface on {node}"))
+}
+
+/// The public key `node`'s device holds (`wg show <if> public-key`).
+pub fn device_public_key(cluster: &VirtualCluster, node: &str) -> Result<String, String> {
+    let out = cluster
+        .exec_in_node(node, ["wg", "show", &ifname(cluster, node), "public-key"])
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `ping -D -i <interval>` from one pod to another, running in the background.
+pub struct PingRun {
+    child: std::process::Child,
+}
+
+/// What a [`PingRun`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct PingResult {
+    pub transmitted: u32,
+    pub received: u32,
+    /// The longest time between two consecutive replies (the outage), in milliseconds.
+    pub max_gap_ms: f64,
+}
+
+impl PingResult {
+    pub fn lost(&self) -> u32 {
+        self.transmitted.saturating_sub(self.received)
+    }
+}
+
+impl PingRun {
+    /// Starts `count` pings every `interval` from pod `from` to pod `to`.
+    pub fn start(
+        cluster: &VirtualCluster,
+        from: &str,
+        to: &str,
+        interval: Duration,
+        count: u32,
+    ) -> Self {
+        let netns = cluster.pod(from).expect("pod").network.netns.clone();
+        let ip = cluster.pod(to).expect("pod").network.ip.to_string();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "ping", "-D", "-n", "-W", "2"])
+            .arg("-i")
+            .arg(format!("{:.3}", interval.as_secs_f64()))
+            .arg("-c")
+            .arg(count.to_string())
+            .arg(&ip)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start ping");
+        Self { child }
+    }
+
+    /// Waits for ping to finish and reads its counts and the longest gap between replies.
+    pub fn finish(self) -> PingResult {
+        let out = self.child.wait_with_output().expect("ping output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut times: Vec<f64> = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let max_gap_ms = times
+            .windows(2)
+            .map(|w| (w[1] - w[0]) * 1000.0)
+            .fold(0.0, f64::max);
+        let summary = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping summary in: {text}"));
+        let number = |word: &str| -> u32 {
+            summary
+                .split(',')
+                .find(|part| part.contains(word))
+                .and_then(|part| part.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {word} count in {summary:?}"))
+        };
+        PingResult {
+            transmitted: number("transmitted"),
+            received: number("received"),
+            max_gap_ms,
+        }
+    }
+}
+
+/// A TCP stream from one pod to another: the client writes `chunk` bytes every 10 ms until
+/// stopped; the server reads and counts. Any error (a reset) is kept.
+pub struct TcpFlow {
+    stop: Arc<AtomicBool>,
+    client: Option<std::thread::JoinHandle<Result<u64, String>>>,
+    server: Option<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl TcpFlow {
+    pub fn start(cluster: &VirtualCluster, from: &str, to: &str, port: u16) -> Self {
+        use std::io::{Read, Write};
+        let server_ns = cluster.pod(to).expect("pod").network.netns.clone();
+        let client_ns = cluster.pod(from).expect("pod").network.netns.clone();
+        let ip = cluster.pod(to).expect("pod").network.ip;
+        let listener = wiremesh_integration::netns::within(&server_ns, move || {
+            std::net::TcpListener::bind((ip, port))
+        })
+        .expect("enter pod namespace")
+        .unwrap_or_else(|e| panic!("listen on {ip}:{port}: {e}"));
+        let server = std::thread::spawn(move || -> Result<u64, String> {
+            let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 65536];
+            let mut total = 0u64;
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => return Ok(total),
+                    Ok(n) => total += n as u64,
+                    Err(e) => return Err(format!("server read after {total} bytes: {e}")),
+                }
+            }
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let client = std::thread::spawn(move || -> Result<u64, String> {
+            wiremesh_integration::netns::within(&client_ns, move || -> Result<u64, String> {
+                let addr = std::net::SocketAddr::from((ip, port));
+                let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .map_err(|e| format!("connect {addr}: {e}"))?;
+                s.set_write_timeout(Some(Duration::from_secs(30)))
+                    .map_err(|e| e.to_string())?;
+                let chunk = vec![0x5au8; 16 * 1024];
+                let mut sent = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    s.write_all(&chunk)
+                        .map_err(|e| format!("client write after {sent} bytes: {e}"))?;
+                    sent += chunk.len() as u64;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                s.shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| format!("shutdown: {e}"))?;
+                Ok(sent)
+            })
+            .map_err(|e| e.to_string())?
+        });
+        Self {
+            stop,
+            client: Some(client),
+            server: Some(server),
+        }
+    }
+
+    /// Stops the client; returns (bytes sent, bytes received) or the first error.
+    pub fn finish(mut self) -> Result<(u64, u64), String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self
+            .client
+            .take()
+            .expect("client")
+            .join()
+            .map_err(|_| "client panicked".to_string())??;
+        let received = self
+            .server
+            .take()
+            .expect("server")
+            .join()
+            .map_err(|_| "server panicked".to_string())??;
+        Ok((sent, received))
+    }
+}
+
+/// Waits until `node`'s agent answers `/readyz` with 200.
+pub async fn wait_agent_ready(cluster: &VirtualCluster, node: &str, timeout: Duration) {
+    wait_async(&format!("{node}'s agent ready"), timeout, || async move {
+        agent_http(cluster, node, "/readyz").await.map(|_| ())
+    })
     .await;
 }

@@ -385,3 +385,105 @@ fn debug_output_never_contains_secrets() {
     assert!(debug.contains(&out.keys.current.public_key().to_base64()));
     assert_eq!(out.keys.public_keys().len(), 2);
 }
+
+/// Gives `path` to uid/gid 65534 (nobody); `false` when this process may not (not root).
+fn give_away(path: &Path) -> bool {
+    match std::os::unix::fs::chown(path, Some(65534), Some(65534)) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("skipping the foreign-owner case: chown needs root ({e})");
+            false
+        }
+        Err(e) => panic!("chown {}: {e}", path.display()),
+    }
+}
+
+/// Finding 14 (docs/threat-model.md): a key file or state directory owned by another user is
+/// refused, naming the path and both uids; the key is not used.
+#[test]
+fn a_key_file_or_directory_of_another_owner_is_refused() {
+    let (_t, ks) = store();
+    ks.load_or_generate().unwrap();
+    let key = ks.path(PRIVATE_KEY_FILE);
+    if !give_away(&key) {
+        return;
+    }
+    let e = ks.load_or_generate().unwrap_err();
+    assert!(
+        matches!(e, KeystoreError::ForeignOwner { owner: 65534, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("private.key"), "{e}");
+    std::os::unix::fs::chown(&key, Some(0), Some(0)).unwrap();
+    ks.load().expect("own file loads again");
+
+    let dir = ks.dir().to_path_buf();
+    assert!(give_away(&dir));
+    let e = ks.load().unwrap_err();
+    assert!(
+        matches!(&e, KeystoreError::ForeignOwner { path, .. } if *path == dir),
+        "{e}"
+    );
+}
+
+/// Finding 14: a symlink swapped in for `private.key` between any check and the open is never
+/// followed. A thread keeps replacing the file (atomically, by rename) with a symlink to
+/// another key and back while the keystore loads; a load returns the real key or an error,
+/// never the symlink target's key.
+#[test]
+fn a_symlink_swapped_in_during_a_load_is_never_followed() {
+    let (t, ks) = store();
+    let real = ks.load_or_generate().unwrap().keys.current.public_key();
+    let attacker = t.path().join("attacker.key");
+    let attacker_key = PrivateKey::generate().unwrap();
+    fs::write(
+        &attacker,
+        format!("{}\n", attacker_key.to_base64().as_str()),
+    )
+    .unwrap();
+    fs::set_permissions(&attacker, fs::Permissions::from_mode(0o600)).unwrap();
+    let target = ks.path(PRIVATE_KEY_FILE);
+    let (link, file) = (t.path().join("link.tmp"), t.path().join("file.tmp"));
+    let original = fs::read(&target).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, target, link, file, attacker) = (
+            stop.clone(),
+            target.clone(),
+            link.clone(),
+            file.clone(),
+            attacker.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = fs::remove_file(&link);
+                std::os::unix::fs::symlink(&attacker, &link).unwrap();
+                fs::rename(&link, &target).unwrap();
+                fs::write(&file, &original).unwrap();
+                fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+                fs::rename(&file, &target).unwrap();
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let (mut loaded, mut refused) = (0u32, 0u32);
+    while std::time::Instant::now() < deadline {
+        match ks.load() {
+            Ok(o) => {
+                assert_eq!(
+                    o.keys.current.public_key(),
+                    real,
+                    "the symlink target's key was loaded"
+                );
+                loaded += 1;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    assert!(
+        loaded > 0 && refused > 0,
+        "loaded {loaded}, refused {refused}"
+    );
+}

@@ -222,9 +222,11 @@ async fn plan_then_apply_follows_enable_disable_and_node_removal() {
     let c = cluster();
     let datapath = Arc::new(FakeDatapath::new("wm0"));
     let routes = Arc::new(FakeRoutes::new());
-    let mut mesh = Mesh::restore(datapath.clone(), routes.clone())
-        .await
-        .unwrap();
+    let mut mesh = Mesh::new(
+        datapath.clone(),
+        routes.clone(),
+        PrivateKey::generate().unwrap(),
+    );
     let on = mesh_encryption(true);
     let off = mesh_encryption(false);
 
@@ -250,6 +252,7 @@ async fn plan_then_apply_follows_enable_disable_and_node_removal() {
     assert!(mesh.apply(&p.wanted).await.errors.is_empty());
     assert!(datapath.status().unwrap().peers.is_empty());
     assert!(routes.routes("wm0").is_empty());
+    assert!(!routes.has_rule(), "disabled: our rule is gone");
 
     // Enabled again: back up.
     let p = plan(&settings(), &c.me, &c.nodes, &c.pods, Some(&on), None).unwrap();

@@ -8,47 +8,49 @@ use std::{
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::{
-    LinkUnspec, RouteMessageBuilder,
+    IpVersion, LinkUnspec, RouteMessageBuilder,
     packet_route::{
+        AddressFamily,
         address::AddressAttribute,
-        link::LinkAttribute,
+        link::{LinkAttribute, LinkFlags},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
 
-use super::{ROUTE_PROTOCOL, Routes, RoutesError};
+use super::{LinkState, ROUTE_PROTOCOL, RULE_PRIORITY, Routes, RoutesError};
 use crate::netlink;
-
-/// The main routing table.
-const RT_TABLE_MAIN: u32 = 254;
 
 /// See the module docs. Dropping it closes the netlink connection.
 #[derive(Debug)]
 pub struct NetlinkRoutes {
     netlink: netlink::Connection,
+    table: u32,
+}
+
+/// One route of a dump, reduced to what ownership decisions need.
+#[derive(Debug, Clone, Copy)]
+struct Dumped {
+    dst: IpNet,
+    table: u32,
+    protocol: RouteProtocol,
+    oif: Option<u32>,
 }
 
 impl NetlinkRoutes {
-    /// Opens an rtnetlink socket and drives it on the current tokio runtime.
-    pub fn new() -> Result<Self, RoutesError> {
+    /// Opens an rtnetlink socket and drives it on the current tokio runtime; routes go to `table`.
+    pub fn new(table: u32) -> Result<Self, RoutesError> {
         let netlink = netlink::Connection::open().map_err(RoutesError::Connection)?;
-        Ok(Self { netlink })
+        Ok(Self { netlink, table })
+    }
+
+    /// The routing table of our routes.
+    pub fn table(&self) -> u32 {
+        self.table
     }
 
     async fn ifindex(&self, ifname: &str) -> Result<Option<u32>, RoutesError> {
-        let mut links = self
-            .netlink
-            .handle()
-            .link()
-            .get()
-            .match_name(ifname.to_string())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(link)) => Ok(Some(link.header.index)),
-            Ok(None) => Ok(None),
-            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(netlink_error("get link", ifname, e)),
-        }
+        Ok(self.link(ifname).await?.map(|l| l.ifindex))
     }
 
     async fn require_ifindex(&self, ifname: &str) -> Result<u32, RoutesError> {
@@ -60,6 +62,7 @@ impl NetlinkRoutes {
     }
 
     fn route_message(
+        &self,
         ifname: &str,
         ifindex: u32,
         dst: IpNet,
@@ -74,14 +77,142 @@ impl NetlinkRoutes {
             })?;
         Ok(builder
             .output_interface(ifindex)
-            .table_id(RT_TABLE_MAIN)
+            .table_id(self.table)
             .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
             .scope(RouteScope::Link)
             .build())
     }
+
+    /// Every route of both families in our table (the kernel may or may not filter a dump by
+    /// table; we filter again).
+    async fn dump_table(&self, ifname: &str) -> Result<Vec<(Dumped, RouteMessage)>, RoutesError> {
+        let mut messages = self
+            .netlink
+            .routes(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(self.table)
+                    .build(),
+            )
+            .await
+            .map_err(|e| netlink_error("list IPv4 routes", ifname, e))?;
+        messages.extend(
+            self.netlink
+                .routes(
+                    RouteMessageBuilder::<Ipv6Addr>::new()
+                        .table_id(self.table)
+                        .build(),
+                )
+                .await
+                .map_err(|e| netlink_error("list IPv6 routes", ifname, e))?,
+        );
+        Ok(messages
+            .into_iter()
+            .filter_map(|m| Some((dumped(&m)?, m)))
+            .filter(|(d, _)| d.table == self.table)
+            .collect())
+    }
+
+    fn is_ours(route: &Dumped) -> bool {
+        route.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+    }
+
+    async fn rules(&self) -> Result<Vec<RuleMessage>, RoutesError> {
+        let mut rules = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let dump: Result<Vec<RuleMessage>, _> = self
+                .netlink
+                .handle()
+                .rule()
+                .get(version)
+                .execute()
+                .try_collect()
+                .await;
+            match dump {
+                Ok(found) => rules.extend(found),
+                // A namespace without IPv6 has no IPv6 rules.
+                Err(e) if errno(&e) == Some(libc::EAFNOSUPPORT) => {}
+                Err(e) => return Err(netlink_error("list rules", "*", e)),
+            }
+        }
+        Ok(rules
+            .into_iter()
+            .filter(|rule| self.is_our_rule(rule))
+            .collect())
+    }
+
+    fn is_our_rule(&self, rule: &RuleMessage) -> bool {
+        let mut table = u32::from(rule.header.table);
+        let mut priority = None;
+        for attribute in &rule.attributes {
+            match attribute {
+                RuleAttribute::Table(t) => table = *t,
+                RuleAttribute::Priority(p) => priority = Some(*p),
+                _ => {}
+            }
+        }
+        table == self.table && priority == Some(RULE_PRIORITY)
+    }
+}
+
+/// The fields of a dumped route, `None` for messages that are not routes to a prefix.
+fn dumped(message: &RouteMessage) -> Option<Dumped> {
+    let mut table = u32::from(message.header.table);
+    let mut oif = None;
+    let mut destination = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                destination = Some(IpAddr::V4(*a));
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                destination = Some(IpAddr::V6(*a));
+            }
+            _ => {}
+        }
+    }
+    let address = destination.unwrap_or(match message.header.address_family {
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    });
+    let dst = IpNet::new(address, message.header.destination_prefix_length).ok()?;
+    Some(Dumped {
+        dst,
+        table,
+        protocol: message.header.protocol,
+        oif,
+    })
 }
 
 impl Routes for NetlinkRoutes {
+    async fn link(&self, ifname: &str) -> Result<Option<LinkState>, RoutesError> {
+        let mut links = self
+            .netlink
+            .handle()
+            .link()
+            .get()
+            .match_name(ifname.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(Some(LinkState {
+                ifindex: link.header.index,
+                up: link.header.flags.contains(LinkFlags::Up),
+                mtu: link
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::Mtu(mtu) => Some(*mtu),
+                        _ => None,
+                    })
+                    .unwrap_or(0),
+            })),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(netlink_error("get link", ifname, e)),
+        }
+    }
+
     async fn link_up(&self, ifname: &str, mtu: u32) -> Result<(), RoutesError> {
         let ifindex = self.require_ifindex(ifname).await?;
         self.netlink
@@ -97,49 +228,14 @@ impl Routes for NetlinkRoutes {
         let Some(ifindex) = self.ifindex(ifname).await? else {
             return Ok(Vec::new());
         };
-        let mut messages = self
-            .netlink
-            .routes(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .await
-            .map_err(|e| netlink_error("list IPv4 routes", ifname, e))?;
-        messages.extend(
-            self.netlink
-                .routes(RouteMessageBuilder::<Ipv6Addr>::new().build())
-                .await
-                .map_err(|e| netlink_error("list IPv6 routes", ifname, e))?,
-        );
-        let mut prefixes = Vec::new();
-        for message in messages {
-            if message.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
-                continue;
-            }
-            let mut table = u32::from(message.header.table);
-            let mut oif = None;
-            let mut destination = None;
-            for attribute in &message.attributes {
-                match attribute {
-                    RouteAttribute::Table(t) => table = *t,
-                    RouteAttribute::Oif(index) => oif = Some(*index),
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => {
-                        destination = Some(IpAddr::V4(*a));
-                    }
-                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
-                        destination = Some(IpAddr::V6(*a));
-                    }
-                    _ => {}
-                }
-            }
-            if table != RT_TABLE_MAIN || oif != Some(ifindex) {
-                continue;
-            }
-            let address = destination.unwrap_or(match message.header.address_family {
-                rtnetlink::packet_route::AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            });
-            if let Ok(net) = IpNet::new(address, message.header.destination_prefix_length) {
-                prefixes.push(net);
-            }
-        }
+        let mut prefixes: Vec<IpNet> = self
+            .dump_table(ifname)
+            .await?
+            .into_iter()
+            .map(|(d, _)| d)
+            .filter(|d| Self::is_ours(d) && d.oif == Some(ifindex))
+            .map(|d| d.dst)
+            .collect();
         prefixes.sort();
         prefixes.dedup();
         Ok(prefixes)
@@ -147,15 +243,26 @@ impl Routes for NetlinkRoutes {
 
     async fn add(&self, ifname: &str, dst: IpNet) -> Result<(), RoutesError> {
         let ifindex = self.require_ifindex(ifname).await?;
-        let message = Self::route_message(ifname, ifindex, dst, "add route")?;
-        self.netlink
-            .handle()
-            .route()
-            .add(message)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| netlink_error(&format!("add route {dst}"), ifname, e))
+        let message = self.route_message(ifname, ifindex, dst, "add route")?;
+        // Without `replace`: NLM_F_EXCL, so an existing route is never overwritten.
+        match self.netlink.handle().route().add(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                let existing = self.dump_table(ifname).await?;
+                let ours = existing
+                    .iter()
+                    .any(|(d, _)| d.dst == dst && Self::is_ours(d) && d.oif == Some(ifindex));
+                if ours {
+                    Ok(())
+                } else {
+                    Err(RoutesError::Foreign {
+                        table: self.table,
+                        dst,
+                    })
+                }
+            }
+            Err(e) => Err(netlink_error(&format!("add route {dst}"), ifname, e)),
+        }
     }
 
     async fn del(&self, ifname: &str, dst: IpNet) -> Result<(), RoutesError> {
@@ -163,12 +270,77 @@ impl Routes for NetlinkRoutes {
         let Some(ifindex) = self.ifindex(ifname).await? else {
             return Ok(());
         };
-        let message = Self::route_message(ifname, ifindex, dst, "delete route")?;
+        let message = self.route_message(ifname, ifindex, dst, "delete route")?;
         match self.netlink.handle().route().del(message).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
             Err(e) => Err(netlink_error(&format!("delete route {dst}"), ifname, e)),
         }
+    }
+
+    async fn ensure_rule(&self) -> Result<usize, RoutesError> {
+        let existing = self.rules().await?;
+        let mut added = 0;
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            if existing.iter().any(|r| r.header.family == family) {
+                continue;
+            }
+            let mut request = self
+                .netlink
+                .handle()
+                .rule()
+                .add()
+                .table_id(self.table)
+                .priority(RULE_PRIORITY)
+                .action(RuleAction::ToTable);
+            let message = request.message_mut();
+            message.header.family = family;
+            message
+                .attributes
+                .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                    ROUTE_PROTOCOL,
+                )));
+            match request.execute().await {
+                Ok(()) => {}
+                // IPv6 disabled in this namespace: nothing to steer there.
+                Err(e)
+                    if family == AddressFamily::Inet6 && errno(&e) == Some(libc::EAFNOSUPPORT) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(netlink_error(&format!("add {family:?} rule"), "*", e)),
+            }
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    async fn remove_rule_and_table(&self) -> Result<usize, RoutesError> {
+        let mut removed = 0;
+        for rule in self.rules().await? {
+            match self.netlink.handle().rule().del(rule).execute().await {
+                Ok(()) => removed += 1,
+                Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ESRCH)) => {}
+                Err(e) => return Err(netlink_error("delete rule", "*", e)),
+            }
+        }
+        for (route, message) in self.dump_table("*").await? {
+            if !Self::is_ours(&route) {
+                continue;
+            }
+            match self.netlink.handle().route().del(message).execute().await {
+                Ok(()) => removed += 1,
+                Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => {}
+                Err(e) => {
+                    return Err(netlink_error(
+                        &format!("delete route {}", route.dst),
+                        "*",
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(removed)
     }
 
     async fn mtu_of_address(&self, address: IpAddr) -> Result<u32, RoutesError> {
@@ -277,7 +449,7 @@ mod tests {
             return;
         }
         in_private_netns(|| async {
-            let routes = NetlinkRoutes::new().unwrap();
+            let routes = NetlinkRoutes::new(87).unwrap();
             routes
                 .netlink
                 .handle()
@@ -287,7 +459,11 @@ mod tests {
                 .await
                 .unwrap();
             assert!(routes.list("wmtest0").await.unwrap().is_empty());
+            assert!(!routes.link("wmtest0").await.unwrap().unwrap().up);
             routes.link_up("wmtest0", 1420).await.unwrap();
+            let link = routes.link("wmtest0").await.unwrap().unwrap();
+            assert!(link.up && link.mtu == 1420, "{link:?}");
+            assert!(routes.link("nope0").await.unwrap().is_none());
 
             let v4 = IpNet::from_str("10.244.1.0/24").unwrap();
             let host = IpNet::from_str("10.250.0.7/32").unwrap();
@@ -295,8 +471,20 @@ mod tests {
             for dst in [v4, host, v6] {
                 routes.add("wmtest0", dst).await.unwrap();
             }
-            // Replacing an existing route is not an error.
+            // Adding our own route again is not an error.
             routes.add("wmtest0", v4).await.unwrap();
+            // Ours live in table 87, not in main.
+            let main: Vec<IpNet> = routes
+                .netlink
+                .routes(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .await
+                .unwrap()
+                .iter()
+                .filter_map(dumped)
+                .filter(|d| d.table == 254 && d.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+                .map(|d| d.dst)
+                .collect();
+            assert!(main.is_empty(), "{main:?}");
             let mut want = vec![v4, host, v6];
             want.sort();
             assert_eq!(routes.list("wmtest0").await.unwrap(), want);
@@ -311,6 +499,46 @@ mod tests {
             assert!(routes.list("nope0").await.unwrap().is_empty());
             let err = routes.add("nope0", v4).await.unwrap_err();
             assert!(err.to_string().contains("nope0"), "{err}");
+
+            // Someone else's route in our table is neither replaced nor listed as ours.
+            let ifindex = routes.require_ifindex("wmtest1").await.unwrap();
+            routes.link_up("wmtest1", 1500).await.unwrap();
+            let foreign = IpNet::from_str("10.244.9.0/24").unwrap();
+            let message = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(foreign.network(), foreign.prefix_len())
+                .unwrap()
+                .output_interface(ifindex)
+                .table_id(87)
+                .protocol(RouteProtocol::Static)
+                .scope(RouteScope::Link)
+                .build();
+            routes
+                .netlink
+                .handle()
+                .route()
+                .add(message)
+                .execute()
+                .await
+                .unwrap();
+            let err = routes.add("wmtest0", foreign).await.unwrap_err();
+            assert!(matches!(err, RoutesError::Foreign { .. }), "{err}");
+            assert!(!routes.list("wmtest0").await.unwrap().contains(&foreign));
+
+            // The rule: added once, then present; removing it takes our routes, not the foreign one.
+            assert_eq!(routes.ensure_rule().await.unwrap(), 2);
+            assert_eq!(routes.ensure_rule().await.unwrap(), 0);
+            let removed = routes.remove_rule_and_table().await.unwrap();
+            assert_eq!(removed, 2 + 2, "two rules and our two routes");
+            assert!(routes.list("wmtest0").await.unwrap().is_empty());
+            assert!(routes.rules().await.unwrap().is_empty());
+            let left: Vec<IpNet> = routes
+                .dump_table("*")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(d, _)| d.dst)
+                .collect();
+            assert_eq!(left, vec![foreign], "the foreign route stays");
         });
     }
 
@@ -321,7 +549,7 @@ mod tests {
             return;
         }
         in_private_netns(|| async {
-            let routes = NetlinkRoutes::new().unwrap();
+            let routes = NetlinkRoutes::new(87).unwrap();
             let handle = routes.netlink.handle();
             handle
                 .link()

@@ -1,18 +1,28 @@
 //! Finding the interfaces the programs go on, in the node's network namespace: the host side of
 //! each local pod's veth (the interface of the most specific IPv4 route to the pod's address,
 //! as a ptp-style CNI installs it) and the underlay device (the one holding the node's address).
-//! One rtnetlink dump of links, addresses and routes per pass.
+//! One rtnetlink dump of links, addresses and routes per pass; [`LinkWatch`] wakes the task
+//! the moment a link or an IPv4 route appears or changes (a new pod veth), so a new pod does not
+//! wait for the periodic pass.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
+use futures::StreamExt;
 use rtnetlink::{
-    RouteMessageBuilder,
+    MulticastGroup, RouteMessageBuilder,
+    packet_core::NetlinkPayload,
     packet_route::{
+        RouteNetlinkMessage,
         address::AddressAttribute,
-        link::{LinkAttribute, LinkMessage},
+        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
         route::{RouteAddress, RouteAttribute, RouteType},
     },
 };
+use tokio::{sync::Notify, task::AbortHandle};
 
 use crate::netlink;
 
@@ -21,6 +31,8 @@ use crate::netlink;
 pub enum LinksError {
     #[error("open rtnetlink: {0}")]
     Connection(#[source] std::io::Error),
+    #[error("subscribe to link and route events: {0}")]
+    Subscribe(#[source] std::io::Error),
     #[error("{what}: {source}")]
     Dump {
         what: &'static str,
@@ -36,6 +48,9 @@ pub struct LinkSnapshot {
     pub names: BTreeMap<u32, String>,
     /// ifindex -> MTU.
     pub mtus: BTreeMap<u32, u32>,
+    /// ifindexes of the veth links that are not a bridge's port (a ptp pod veth, or one the
+    /// CNI has not wired yet).
+    pub veths: BTreeSet<u32>,
     /// IPv4 address -> ifindex holding it.
     pub addresses: BTreeMap<Ipv4Addr, u32>,
     /// Unicast IPv4 routes with an output interface: (destination, prefix length, oif).
@@ -112,6 +127,17 @@ impl Links {
             }) {
                 out.mtus.insert(link.header.index, mtu);
             }
+            let veth = link.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos)
+                    if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+            });
+            let port = link
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Controller(_)));
+            if veth && !port {
+                out.veths.insert(link.header.index);
+            }
         }
         let addresses = self
             .netlink
@@ -154,6 +180,46 @@ impl Links {
     }
 }
 
+/// Wakes a [`Notify`] whenever a link or an IPv4 route of the namespace is added or changed
+/// (the rtnetlink link and IPv4 route multicast groups), until dropped.
+#[derive(Debug)]
+pub struct LinkWatch {
+    tasks: [AbortHandle; 2],
+}
+
+impl LinkWatch {
+    /// Subscribes in the namespace of the calling thread, on the current tokio runtime.
+    pub fn start(changed: Arc<Notify>) -> Result<Self, LinksError> {
+        let (connection, _handle, mut messages) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Route])
+                .map_err(LinksError::Subscribe)?;
+        let driver = tokio::spawn(connection).abort_handle();
+        let reader = tokio::spawn(async move {
+            while let Some((message, _)) = messages.next().await {
+                if let NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::NewRoute(_),
+                ) = message.payload
+                {
+                    changed.notify_one();
+                }
+            }
+            tracing::warn!("link event subscription ended; new veths wait for the next pass");
+        })
+        .abort_handle();
+        Ok(Self {
+            tasks: [driver, reader],
+        })
+    }
+}
+
+impl Drop for LinkWatch {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +236,7 @@ mod tests {
                 (Ipv4Addr::new(10, 244, 1, 11), 32, 5),
                 (Ipv4Addr::new(10, 244, 2, 0), 24, 9),
             ],
+            ..LinkSnapshot::default()
         };
         assert_eq!(
             snap.route_iface(Ipv4Addr::new(10, 244, 1, 11), &[9]),

@@ -5,6 +5,8 @@
 //!   `ENCRYPT` while the tunnel to that node is configured) and one /32 per pod IP carrying the
 //!   pod's identity and the same node fields. A remote podCIDR stays `REMOTE_POD` when its
 //!   tunnel is gone, so in strict mode the programs keep treating it as pod traffic and drop it.
+//!   Every Node's IPv4 address gets a /32 `NODE` entry: identity host for this node, remote-node
+//!   for the others (never a pod address, so strict mode never drops node-to-node WireGuard).
 //! - The policy model: Namespaces, Pods (labels, named ports, pod-network IPv4) and
 //!   NetworkPolicies for the `wiremesh-policy` compiler; objects it cannot use are reported as
 //!   [`ObjectProblem`]s and left out (a pod keeps its identity without its bad ports).
@@ -21,7 +23,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use wiremesh_bpf::{IpcacheValue, ipcache_flags};
-use wiremesh_policy::{Cluster, ClusterError, Identity, Policy};
+use wiremesh_policy::{Cluster, ClusterError, Identity, IdentityAllocator, Policy};
 
 use crate::views::{node_addresses, node_pod_cidrs, pod_network_ips};
 
@@ -121,6 +123,23 @@ pub fn desired_ipcache(
             IpcacheValue::new(identity.0, id, node_ip, flags),
         );
     }
+    // Node addresses last, so no pod claim overrides them: this node's is the host identity
+    // (always allowed to and from its pods), the others' remote-node; `NODE` keeps them out of
+    // strict mode's pod-to-pod drop even inside a pod CIDR (WireGuard between nodes).
+    for n in nodes {
+        let (Some(name), Some(ip)) = (n.metadata.name.as_deref(), node_ipv4(n)) else {
+            continue;
+        };
+        let (identity, id) = if name == own_node {
+            (Identity::HOST, 0)
+        } else {
+            (Identity::REMOTE_NODE, node_id(name))
+        };
+        out.insert(
+            Ipv4Net::from(ip),
+            IpcacheValue::new(identity.0, id, ip, ipcache_flags::NODE),
+        );
+    }
     out
 }
 
@@ -140,11 +159,14 @@ fn problem(
     }
 }
 
-/// The policy model of the cluster, and what had to be left out.
+/// The policy model of the cluster, and what had to be left out. `previous` is the identity
+/// assignment of the last model (empty at the start): label sets keep their ids across
+/// compiles, so a label change rewrites only the entries of the identities it touches.
 pub fn policy_cluster(
     namespaces: &[Arc<Namespace>],
     pods: &[Arc<Pod>],
     policies: &[Arc<NetworkPolicy>],
+    previous: &IdentityAllocator,
 ) -> Result<(Cluster, Vec<ObjectProblem>), ClusterError> {
     let mut problems = Vec::new();
     let mut ns_out = Vec::new();
@@ -214,7 +236,7 @@ pub fn policy_cluster(
             )),
         }
     }
-    let cluster = Cluster::new(ns_out, pods_out, policies_out)?;
+    let cluster = Cluster::with_identities(ns_out, pods_out, policies_out, previous)?;
     problems.sort();
     Ok((cluster, problems))
 }

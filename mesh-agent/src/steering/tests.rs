@@ -52,7 +52,8 @@ fn state(
         node("n1", "10.213.0.11", "10.244.1.0/24"),
         node("n2", "10.213.0.12", "10.244.2.0/24"),
     ];
-    let (cluster, problems) = plan::policy_cluster(&[], pods, policies).unwrap();
+    let (cluster, problems) =
+        plan::policy_cluster(&[], pods, policies, &Default::default()).unwrap();
     assert!(problems.is_empty(), "{problems:?}");
     let compiled = compile(&cluster);
     let ipcache = plan::desired_ipcache(
@@ -194,6 +195,7 @@ fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_counted() {
             (Ipv4Addr::new(10, 244, 1, 12), 32, 6),
             (Ipv4Addr::new(10, 244, 2, 0), 24, 9),
         ],
+        ..links::LinkSnapshot::default()
     };
     let pods = vec![
         pod("a", "n1", "10.244.1.11", "x"),
@@ -252,6 +254,7 @@ fn an_interface_routing_to_several_pods_gets_no_anti_spoofing_entry() {
             (Ipv4Addr::UNSPECIFIED, 0, 2),
             (Ipv4Addr::new(10, 244, 1, 0), 24, 7),
         ],
+        ..links::LinkSnapshot::default()
     };
     let pods = vec![
         pod("a", "n1", "10.244.1.11", "x"),
@@ -273,6 +276,72 @@ fn an_interface_routing_to_several_pods_gets_no_anti_spoofing_entry() {
         placed.endpoints.is_empty(),
         "a shared bridge cannot be checked per pod: {:?}",
         placed.endpoints
+    );
+}
+
+/// Finding 6 (docs/threat-model.md): while a local pod that a policy selects has no veth the
+/// pass can name (here no IP yet), every unnamed veth gets the programs and a pending entry;
+/// named pod veths, bridge ports (not in `veths`) and the underlay are left alone; once no
+/// selected pod waits (it got its IP and route, or no policy selects it) nothing is pending.
+#[test]
+fn unnamed_veths_fail_closed_while_a_selected_pod_has_no_entries() {
+    let mut snap = links::LinkSnapshot {
+        names: BTreeMap::from([
+            (2, "eth0".into()),
+            (5, "veth1".into()),
+            (6, "vethnew".into()),
+        ]),
+        addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 11), 2)]),
+        routes: vec![
+            (Ipv4Addr::UNSPECIFIED, 0, 2),
+            (Ipv4Addr::new(10, 244, 1, 11), 32, 5),
+        ],
+        veths: BTreeSet::from([2, 5, 6]),
+        ..links::LinkSnapshot::default()
+    };
+    let mut fresh = Pod::clone(&pod("new", "n1", "10.244.1.12", "web"));
+    let status = fresh.status.as_mut().unwrap();
+    (status.pod_ip, status.pod_ips) = (None, None);
+    let pods = vec![pod("a", "n1", "10.244.1.11", "x"), Arc::new(fresh)];
+    let deny_web = policy(
+        "deny-web",
+        serde_json::json!({"podSelector": {"matchLabels": {"role": "web"}}}),
+    );
+    let (cluster, _) = plan::policy_cluster(&[], &pods, &[deny_web], &Default::default()).unwrap();
+    let own = Some(Ipv4Addr::new(10, 213, 0, 11));
+    let mut placed = placement(&snap, own, None, "n1", &pods);
+    let waiting = fail_closed(&mut placed, &snap, "n1", &pods, cluster.policies());
+    assert_eq!(waiting, vec!["default/new".to_string()]);
+    assert_eq!(placed.endpoints.get(&6), Some(&EndpointValue::pending()));
+    assert!(
+        !placed.endpoints[&5].is_pending(),
+        "a named pod veth keeps its entry"
+    );
+    assert!(
+        !placed.endpoints.contains_key(&2),
+        "the underlay is never pending"
+    );
+    for hook in [Hook::FromPod, Hook::ToPod] {
+        assert_eq!(
+            placed.wanted.get(&("vethnew".to_string(), hook as u8)),
+            Some(&(hook, 6))
+        );
+    }
+    // Without a policy selecting the waiting pod, nothing is pending.
+    let mut placed = placement(&snap, own, None, "n1", &pods);
+    assert!(fail_closed(&mut placed, &snap, "n1", &pods, &[]).is_empty());
+    assert!(!placed.endpoints.contains_key(&6));
+    // The pod got its IP and its route: its veth is named, nothing waits.
+    let pods = vec![
+        pod("a", "n1", "10.244.1.11", "x"),
+        pod("new", "n1", "10.244.1.12", "web"),
+    ];
+    snap.routes.push((Ipv4Addr::new(10, 244, 1, 12), 32, 6));
+    let mut placed = placement(&snap, own, None, "n1", &pods);
+    assert!(fail_closed(&mut placed, &snap, "n1", &pods, cluster.policies()).is_empty());
+    assert_eq!(
+        placed.endpoints[&6],
+        EndpointValue::new(Some(Ipv4Addr::new(10, 244, 1, 12)), None)
     );
 }
 

@@ -48,6 +48,7 @@ fn report_for(me: &Member, all: &[Member], handshake_age: Option<u64>) -> NodeRe
         updated_at: NOW - 5,
         interval_secs: 30,
         datapath: "userspace".into(),
+        datapath_reason: Some("auto: no wireguard kernel module".into()),
         interface: "wm0".into(),
         key: Some(me.key.fingerprint()),
         enabled: true,

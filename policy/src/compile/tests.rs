@@ -624,3 +624,65 @@ proptest! {
         }
     }
 }
+
+/// A pod `name` in namespace `ns` labelled app=`app`, with address `ip`.
+fn labelled_pod(ns: &str, name: &str, app: &str, ip: IpAddr) -> Pod {
+    Pod {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        ip: Some(ip),
+        ports: Vec::new(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Finding 10 (docs/threat-model.md): a pod with a label set of its own coming or going
+    /// (here one whose labels sort before or after all others) changes no other pod's
+    /// identity, and the maps change only in that pod's entries: no other endpoint, isolation
+    /// or rule entry is rewritten. Each compile passes the previous model's identities in, as
+    /// the agent's steering does.
+    #[test]
+    fn an_unrelated_label_set_renumbers_nothing(
+        pods in prop::collection::vec((0usize..3, 0u8..5), 1..8),
+        extra_first in any::<bool>(),
+    ) {
+        let pods: Vec<Pod> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, app))| labelled_pod(NS_NAMES[*ns], &format!("p{i}"), &format!("a{app}"), pod_ip(i)))
+            .collect();
+        // Every pod is isolated for ingress and admits app=a0 from its namespace.
+        let policies: Vec<Policy> = NS_NAMES
+            .iter()
+            .map(|ns| Policy::from_k8s(&serde_yaml::from_str(&format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: {ns}}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: a0}}}}}}]\n"
+            )).unwrap()).unwrap())
+            .collect();
+        let base = Cluster::new(vec![], pods.clone(), policies.clone()).unwrap();
+        let (extra_ns, extra_app) = if extra_first { ("a-first", "a") } else { ("zz-last", "zz") };
+        let extra_ip = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9));
+        let mut more = pods.clone();
+        more.push(labelled_pod(extra_ns, "new", extra_app, extra_ip));
+        let added =
+            Cluster::with_identities(vec![], more, policies.clone(), base.identities()).unwrap();
+        let removed =
+            Cluster::with_identities(vec![], pods.clone(), policies, added.identities()).unwrap();
+        for c in [&added, &removed] {
+            for (i, _) in pods.iter().enumerate() {
+                prop_assert_eq!(c.identity(PodId(i)), base.identity(PodId(i)), "pod p{} renumbered", i);
+            }
+        }
+        let (m0, m1, m2) = (compile(&base), compile(&added), compile(&removed));
+        let grow = m1.diff(&m0);
+        prop_assert!(grow.endpoints_remove.is_empty() && grow.cidrs_remove.is_empty());
+        prop_assert!(grow.isolated_remove.is_empty() && grow.rules_remove.is_empty());
+        let new_id = added.identity(PodId(pods.len()));
+        prop_assert_eq!(grow.endpoints_upsert, vec![(extra_ip, new_id)]);
+        prop_assert!(grow.isolated_add.iter().all(|k| k.identity == new_id), "{:?}", grow.isolated_add);
+        prop_assert!(grow.rules_add.iter().all(|k| k.subject == new_id), "{:?}", grow.rules_add);
+        prop_assert!(m2.diff(&m0).is_empty(), "removing the pod again restores the same maps");
+    }
+}

@@ -23,12 +23,23 @@ fn ipcache_marks_local_remote_and_encrypted_prefixes_with_identities() {
         pod("b", "n2", "10.244.2.11", "b"),
         pod("c", "n3", "10.244.3.11", "a"),
     ];
-    let (cluster, problems) = policy_cluster(&[], &pods, &[]).unwrap();
+    let (cluster, problems) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
     assert!(problems.is_empty());
     let compiled = compile(&cluster);
     let encrypted = BTreeSet::from(["n2".to_string()]);
     let ipc = desired_ipcache("n1", &nodes, &pods, &compiled.endpoints, &encrypted);
-    assert_eq!(ipc.len(), 6);
+    assert_eq!(ipc.len(), 9, "3 pod CIDRs, 3 pods, 3 node addresses");
+    // Node addresses: this node is the host, the others remote nodes; never pod addresses.
+    let me = ipc[&net("10.213.0.11/32")];
+    assert_eq!(
+        (me.identity, me.flags),
+        (Identity::HOST.0, ipcache_flags::NODE)
+    );
+    let other = ipc[&net("10.213.0.12/32")];
+    assert_eq!(
+        (other.identity, other.flags, other.node_id),
+        (Identity::REMOTE_NODE.0, ipcache_flags::NODE, node_id("n2"))
+    );
     let own = ipc[&net("10.244.1.0/24")];
     assert_eq!(own.flags, ipcache_flags::LOCAL);
     let n2 = ipc[&net("10.244.2.0/24")];
@@ -46,6 +57,28 @@ fn ipcache_marks_local_remote_and_encrypted_prefixes_with_identities() {
     assert_eq!(c.flags, ipcache_flags::REMOTE_POD);
 }
 
+/// Finding 10 (docs/threat-model.md), as the steering task runs it: a new pod whose labels
+/// sort before every other label set does not renumber the existing pods when the previous
+/// assignment is passed in.
+#[test]
+fn the_previous_identities_are_kept_across_compiles() {
+    let pods = vec![
+        pod("a", "n1", "10.244.1.11", "m"),
+        pod("b", "n1", "10.244.1.12", "n"),
+    ];
+    let (first, _) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
+    let mut more = pods.clone();
+    more.push(pod("c", "n1", "10.244.1.13", "a-first"));
+    let (second, _) = policy_cluster(&[], &more, &[], first.identities()).unwrap();
+    let ids = |c: &Cluster| -> Vec<Identity> {
+        ["a", "b"]
+            .iter()
+            .map(|n| c.identity(c.find_pod("default", n).unwrap()))
+            .collect()
+    };
+    assert_eq!(ids(&second), ids(&first));
+}
+
 #[test]
 fn host_network_and_finished_pods_are_not_pod_addresses() {
     let nodes = vec![node("n1", "10.213.0.11", "10.244.1.0/24")];
@@ -54,7 +87,7 @@ fn host_network_and_finished_pods_are_not_pod_addresses() {
     let mut done = Pod::clone(&pod("d", "n1", "10.244.1.12", "d"));
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
     let pods = vec![Arc::new(host), Arc::new(done)];
-    let (cluster, _) = policy_cluster(&[], &pods, &[]).unwrap();
+    let (cluster, _) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
     let ipc = desired_ipcache(
         "n1",
         &nodes,
@@ -64,7 +97,12 @@ fn host_network_and_finished_pods_are_not_pod_addresses() {
     );
     assert_eq!(
         ipc.keys().copied().collect::<Vec<_>>(),
-        vec![net("10.244.1.0/24")]
+        vec![net("10.213.0.11/32"), net("10.244.1.0/24")]
+    );
+    assert_eq!(
+        ipc[&net("10.213.0.11/32")].flags,
+        ipcache_flags::NODE,
+        "the host-network pod's address is the node's, not a pod's"
     );
 }
 
@@ -89,8 +127,13 @@ fn malformed_objects_are_reported_and_left_out_without_failing() {
     ];
     let twin = pod("twin", "n1", "10.244.1.13", "t");
     let pods = vec![Arc::new(bad_ports), twin];
-    let (cluster, problems) =
-        policy_cluster(&[], &pods, &[Arc::new(bad_policy), Arc::new(good_policy)]).unwrap();
+    let (cluster, problems) = policy_cluster(
+        &[],
+        &pods,
+        &[Arc::new(bad_policy), Arc::new(good_policy)],
+        &Default::default(),
+    )
+    .unwrap();
     let reasons: Vec<&str> = problems.iter().map(|p| p.reason).collect();
     assert_eq!(problems.len(), 3, "{problems:?}");
     assert!(reasons.contains(&"InvalidNetworkPolicy"), "{problems:?}");
