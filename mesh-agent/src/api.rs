@@ -197,6 +197,8 @@ pub struct ApiState {
     pub report: SharedReport,
     pub reviewer: Arc<dyn Reviewer>,
     pub metrics: Metrics,
+    /// The keystore file of the key in force: its modification time is the key's age.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// Who the TLS layer says the client is (a verified client certificate), per connection.
@@ -596,10 +598,24 @@ pub struct FlowsResponse {
     pub window: Option<Period>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub coverage: Vec<Period>,
+    /// Unix seconds when this node's key in force was written (generated or promoted by a
+    /// rotation), for the key age in reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_created_at: Option<u64>,
+}
+
+/// Unix seconds of `path`'s last modification.
+fn modified_unix(path: &std::path::Path) -> Option<u64> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+    modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 async fn flows(State(state): State<Arc<ApiState>>, Query(q): Query<FlowsQuery>) -> Response {
     let now = unix_now();
+    let key_created_at = state.key_file.as_deref().and_then(modified_unix);
     let body = match q.since {
         None => FlowsResponse {
             node_name: state.node_name.clone(),
@@ -607,6 +623,7 @@ async fn flows(State(state): State<Arc<ApiState>>, Query(q): Query<FlowsQuery>) 
             flows: current(&state.flows, &state.backlog),
             window: None,
             coverage: Vec::new(),
+            key_created_at,
         },
         Some(from) => {
             let Some(history) = state.history.clone() else {
@@ -627,6 +644,7 @@ async fn flows(State(state): State<Arc<ApiState>>, Query(q): Query<FlowsQuery>) 
                     flows,
                     window: Some(Period { from, to }),
                     coverage,
+                    key_created_at,
                 },
                 Ok(Err(error)) => {
                     return (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n"))

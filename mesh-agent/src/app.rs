@@ -196,6 +196,10 @@ pub async fn build(config: &Config, key: PrivateKey, client: Client) -> anyhow::
             report: shared_report.clone(),
             reviewer: Arc::new(KubeReviewer::new(client.clone())),
             metrics: metrics.clone(),
+            key_file: Some(
+                Keystore::new(&config.state_dir)
+                    .path(wiremesh_keyexchange::keystore::PRIVATE_KEY_FILE),
+            ),
         },
     )
     .await?;

@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod capture;
 pub mod demo;
+pub mod flows;
 pub mod rotate;
 pub mod status;
 pub mod traffic;

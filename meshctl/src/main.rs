@@ -43,6 +43,44 @@ enum Command {
     Policy(policy::PolicyArgs),
     /// Rotate the nodes' static WireGuard keys (creates a KeyRotation), or abort a rotation.
     Rotate(RotateArgs),
+    /// Observe flows with their encryption evidence (like `hubble observe`), through the API
+    /// server's node proxy.
+    Flows(FlowsArgs),
+}
+
+#[derive(clap::Args)]
+struct FlowsArgs {
+    #[command(flatten)]
+    kube: kubeflags::KubeFlags,
+    /// Keep polling the agents and print new records as they come.
+    #[arg(short, long)]
+    follow: bool,
+    /// Read each agent's flow history over this past period (Go duration: 90s, 15m, 2h, 720h)
+    /// instead of its live flow table.
+    #[arg(long, value_name = "DURATION")]
+    since: Option<String>,
+    /// Only flows from or to this pod (`name` or `namespace/name`).
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only flows observed by this node.
+    #[arg(long)]
+    node: Option<String>,
+    /// FORWARDED, DROPPED, or a wiremesh verdict (forwarded-encrypted, forwarded-plain,
+    /// dropped-policy, dropped-plaintext, forwarded-local, too-big).
+    #[arg(long)]
+    verdict: Option<String>,
+    /// Only pod-to-pod flows between nodes that were not encrypted.
+    #[arg(long)]
+    unencrypted: bool,
+    /// Only flows with this source or destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: meshctl::flows::Format,
+    /// With --follow: seconds between polls.
+    #[arg(long, default_value_t = 1)]
+    interval: u64,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rotate(args) => run_rotate(args).await,
+        Command::Flows(args) => run_flows(args).await,
         Command::Status { kube, output, wait } => {
             let client = kube.client().await?;
             let mut current = status::collect(&client).await?;
@@ -277,6 +316,72 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+async fn run_flows(args: FlowsArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+
+    use meshctl::flows::{self, Filter, Follower};
+
+    let filter = Filter {
+        namespace: args.kube.namespace.clone(),
+        pod: args.pod,
+        node: args.node,
+        verdict: args.verdict,
+        unencrypted: args.unencrypted,
+        port: args.port,
+    };
+    filter.validate()?;
+    let since = args
+        .since
+        .as_deref()
+        .map(|s| {
+            wiremesh_crds::parse_go_duration(s)
+                .with_context(|| format!("--since {s:?}"))
+                .map(flows::since_unix)
+        })
+        .transpose()?;
+    let client = args.kube.client().await?;
+    let agents = meshctl::agents::Agents::connect(client, args.kube.kubeconfig.as_deref()).await?;
+    let nodes = flows::nodes(&agents, &filter).await?;
+    let gathered = flows::gather(&agents, &nodes, since, &filter).await;
+    let mut unreachable = gathered.unreachable.len();
+    for (node, error) in &gathered.unreachable {
+        eprintln!("warning: {node}: {error}");
+    }
+    let mut follower = Follower::default();
+    let first = follower.fresh(gathered.flows);
+    print!("{}", flows::render(&first, args.output, true));
+    if !args.follow {
+        return Ok(if unreachable == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    // JSON arrays cannot be appended to: follow prints JSON lines after the first batch.
+    let format = match args.output {
+        flows::Format::Json => flows::Format::Jsonl,
+        other => other,
+    };
+    let interval = Duration::from_secs(args.interval.max(1));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            () = tokio::time::sleep(interval) => {}
+        }
+        let gathered = flows::gather(&agents, &nodes, None, &filter).await;
+        if gathered.unreachable.len() != unreachable {
+            for (node, error) in &gathered.unreachable {
+                eprintln!("warning: {node}: {error}");
+            }
+            unreachable = gathered.unreachable.len();
+        }
+        let fresh = follower.fresh(gathered.flows);
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", flows::render(&fresh, format, false))?;
+        out.flush()?;
     }
 }
 

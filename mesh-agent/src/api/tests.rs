@@ -228,6 +228,7 @@ async fn every_request_is_authenticated_and_authorised_on_nodes_proxy() {
         report: SharedReport::default(),
         reviewer: reviewer.clone(),
         metrics: Metrics::new(&mut registry),
+        key_file: Some(dir.path().join(crate::api::CERT_FILE)),
     };
     let server = ApiServer::bind(
         "127.0.0.1:0".parse().unwrap(),
@@ -285,6 +286,8 @@ async fn every_request_is_authenticated_and_authorised_on_nodes_proxy() {
         "{body}"
     );
     assert_eq!(json["node_name"], "node-1");
+    let key_written = json["key_created_at"].as_u64().expect("the key file's age");
+    assert!(key_written <= json["now"].as_u64().unwrap(), "{body}");
     // The API server's client certificate: no token needed.
     let (code, _) = get(addr, "/flows", None, Some((good_cert, good_key)))
         .await
