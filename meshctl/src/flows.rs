@@ -275,4 +275,4 @@ pub fn since_unix(ago: Duration) -> u64 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -5,6 +5,7 @@ pub mod agents;
 pub mod capture;
 pub mod demo;
 pub mod flows;
+pub mod report;
 pub mod rotate;
 pub mod status;
 pub mod traffic;

@@ -46,6 +46,49 @@ enum Command {
     /// Observe flows with their encryption evidence (like `hubble observe`), through the API
     /// server's node proxy.
     Flows(FlowsArgs),
+    /// Write the signed compliance report of the mesh's traffic over a window (report.json,
+    /// report.dsse.json, report.pub, report.html), or verify one (`report verify FILE`).
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ReportArgs {
+    #[command(subcommand)]
+    command: Option<ReportCommand>,
+    #[command(flatten)]
+    kube: kubeflags::KubeFlags,
+    /// The window: this long before now up to now (Go duration: 90s, 15m, 24h, 720h).
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    since: String,
+    /// Directory to write the files into (created if missing).
+    #[arg(long, default_value = "wiremesh-report", value_name = "DIR")]
+    out: PathBuf,
+    /// Sign with this PKCS#8 PEM Ed25519 key instead of the key in --signing-secret.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// The Secret (namespace/name) holding the signing key; created with a new key on first use.
+    #[arg(long, default_value = meshctl::report::sign::DEFAULT_SECRET, value_name = "NS/NAME")]
+    signing_secret: String,
+}
+
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// Check a report.json: its digest, and the signature of report.dsse.json next to it; names
+    /// the check that failed.
+    Verify {
+        /// The report.json to check.
+        file: PathBuf,
+        /// The signer's public key (PEM). Default: the public key in --signing-secret.
+        #[arg(long, value_name = "PUB")]
+        key: Option<PathBuf>,
+        /// The DSSE envelope (default: report.dsse.json next to FILE).
+        #[arg(long, value_name = "FILE")]
+        signature: Option<PathBuf>,
+        /// The Secret (namespace/name) whose public key to trust without --key.
+        #[arg(long, default_value = meshctl::report::sign::DEFAULT_SECRET, value_name = "NS/NAME")]
+        signing_secret: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -147,6 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Rotate(args) => run_rotate(args).await,
         Command::Flows(args) => run_flows(args).await,
+        Command::Report(args) => run_report(args).await,
         Command::Status { kube, output, wait } => {
             let client = kube.client().await?;
             let mut current = status::collect(&client).await?;
@@ -383,6 +427,84 @@ async fn run_flows(args: FlowsArgs) -> anyhow::Result<ExitCode> {
         write!(out, "{}", flows::render(&fresh, format, false))?;
         out.flush()?;
     }
+}
+
+async fn run_report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    use meshctl::report::{self, sign};
+
+    if let Some(ReportCommand::Verify {
+        file,
+        key,
+        signature,
+        signing_secret,
+    }) = args.command
+    {
+        let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+        let envelope_file = signature.unwrap_or_else(|| report::envelope_path(&file));
+        let envelope = std::fs::read(&envelope_file)
+            .with_context(|| format!("read the signature {}", envelope_file.display()))?;
+        let public = match key {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("read --key {}", path.display()))?;
+                sign::PublicKey::from_pem(&text, &path.display().to_string())?
+            }
+            None => {
+                let client = args.kube.client().await?;
+                sign::public_from_secret(&client, &signing_secret).await?
+            }
+        };
+        return Ok(match sign::verify(&bytes, &envelope, &public) {
+            Ok(v) => {
+                println!(
+                    "OK: {} digest {} matches its body and is signed by key {} ({})",
+                    file.display(),
+                    v.digest,
+                    v.keyid,
+                    envelope_file.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("FAILED: {}: {e}", file.display());
+                ExitCode::from(1)
+            }
+        });
+    }
+    let since = wiremesh_crds::parse_go_duration(&args.since)
+        .with_context(|| format!("--since {:?}", args.since))?;
+    let client = args.kube.client().await?;
+    let key = match &args.key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read --key-file {}", path.display()))?;
+            sign::SigningKey::from_pem(&text, &path.display().to_string())?
+        }
+        None => sign::SigningKey::from_secret_or_create(&client, &args.signing_secret).await?,
+    };
+    let agents =
+        meshctl::agents::Agents::connect(client.clone(), args.kube.kubeconfig.as_deref()).await?;
+    let inputs = report::gather(&client, &agents, since).await?;
+    let made = report::build(&inputs, report::unix(std::time::SystemTime::now()));
+    let written = report::write(&args.out, &made, &key)
+        .with_context(|| format!("write the report into {}", args.out.display()))?;
+    println!("==> report written to {}", written.json.display());
+    println!(
+        "    signature {} (key {}), page {}",
+        written.envelope.display(),
+        key.public().keyid(),
+        written.html.display()
+    );
+    println!("    {}", report::coverage_line(&made));
+    for gap in &made.gaps {
+        println!(
+            "    gap: {} {}: {}",
+            gap.kind,
+            gap.node.as_deref().unwrap_or("cluster"),
+            gap.detail
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
