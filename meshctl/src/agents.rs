@@ -14,6 +14,10 @@ use mesh_agent::api::{FlowsResponse, TOKEN_HEADER};
 /// The agents' API port.
 pub const API_PORT: u16 = 9872;
 
+/// How long one request to an agent may take, retries of the API server connection included:
+/// an unreachable node must not stall a report or `meshctl flows` (it becomes a gap instead).
+pub const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Why an agent could not be asked.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -26,6 +30,8 @@ pub enum AgentError {
         #[source]
         source: kube::Error,
     },
+    #[error("node {node}: GET {path} through the API server's node proxy: no answer within {}s", AGENT_TIMEOUT.as_secs())]
+    Timeout { node: String, path: String },
     #[error("node {node}: {path}: not the expected JSON: {source}")]
     Decode {
         node: String,
@@ -152,14 +158,17 @@ pub async fn get_with(
     let request = request
         .body(Vec::new())
         .expect("a GET request with a valid path");
-    client
-        .request_text(request)
-        .await
-        .map_err(|source| AgentError::Request {
+    match tokio::time::timeout(AGENT_TIMEOUT, client.request_text(request)).await {
+        Ok(answer) => answer.map_err(|source| AgentError::Request {
             node: node.to_string(),
             path: path.to_string(),
             source,
-        })
+        }),
+        Err(_) => Err(AgentError::Timeout {
+            node: node.to_string(),
+            path: path.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]

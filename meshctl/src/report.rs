@@ -291,18 +291,32 @@ fn node_ends(f: &Flow) -> (String, String) {
     }
 }
 
-/// The workload of an endpoint: its `app` label, else the pod name, with its namespace; a
-/// non-pod address as itself.
-fn workload(e: &mesh_agent::flows::Endpoint, ip: std::net::Ipv4Addr) -> String {
+/// The workload of an endpoint, `namespace/name`: the pod name without a ReplicaSet's
+/// `-<hash>-<suffix>` or a bare `-<suffix>` of five lower-case alphanumerics (Deployment and
+/// DaemonSet pods), else the pod name; a non-pod address as itself.
+pub fn workload(e: &mesh_agent::flows::Endpoint, ip: std::net::Ipv4Addr) -> String {
     if e.pod_name.is_empty() {
         return ip.to_string();
     }
-    let app = e
-        .labels
-        .iter()
-        .find_map(|l| l.strip_prefix("k8s:app="))
-        .unwrap_or(&e.pod_name);
-    format!("{}/{app}", e.namespace)
+    let generated = |part: &str, lens: &[usize]| {
+        lens.contains(&part.len())
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && part.chars().any(|c| c.is_ascii_digit())
+    };
+    let mut name = e.pod_name.as_str();
+    if let Some((head, tail)) = name.rsplit_once('-')
+        && generated(tail, &[5])
+    {
+        name = head;
+        if let Some((head, tail)) = name.rsplit_once('-')
+            && generated(tail, &[8, 9, 10])
+        {
+            name = head;
+        }
+    }
+    format!("{}/{name}", e.namespace)
 }
 
 /// How one flow is counted.
@@ -334,7 +348,7 @@ fn mode_of(mesh: Option<&MeshEncryption>) -> String {
     mesh.map_or_else(
         || "unknown".to_string(),
         |m| {
-            serde_json::to_value(&m.spec.mode)
+            serde_json::to_value(m.spec.mode)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_else(|| "unknown".into())

@@ -399,6 +399,29 @@ pub async fn set_mesh_mode(cluster: &VirtualCluster, mode: &str) {
     .unwrap_or_else(|e| panic!("set mode {mode}: {e}"));
 }
 
+/// Removes the tunnels to `node`: stops its agent and its device process (the TUN goes with it;
+/// the pinned programs stay) and withdraws its key, so the other nodes remove the peer and its
+/// routes.
+pub async fn remove_tunnels_to(cluster: &mut VirtualCluster, node: &str) {
+    for role in [Role::Agent, Role::Device] {
+        cluster
+            .stop_supervised(node, role, Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("stop {node}'s processes: {e}"));
+    }
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+        kube::Api::all(cluster.client().clone());
+    nodes
+        .patch(
+            node,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                "wiremesh.io/public-key": null, "wiremesh.io/endpoint": null,
+            }}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("withdraw {node}'s key: {e}"));
+}
+
 /// The PID of `node`'s agent (its current run: the supervisor restarts it).
 pub fn agent_pid(cluster: &VirtualCluster, node: &str) -> u32 {
     cluster

@@ -326,7 +326,7 @@ fn graph(out: &mut String, report: &Report) {
          markerHeight=\"6\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" \
          fill=\"#555\"/></marker></defs>"
     );
-    for e in &report.services {
+    for e in report.services.iter().filter(|e| e.source != e.destination) {
         let (x1, y1) = pos(index(&e.source));
         let (x2, y2) = pos(index(&e.destination));
         let (colour, dash, what) = if e.plaintext_flows > 0 {

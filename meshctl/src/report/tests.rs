@@ -359,3 +359,21 @@ fn the_page_is_self_contained_and_shows_the_headline() {
     }
     assert!(coverage_line(&report).starts_with("coverage 66.67%: 2 of 3"));
 }
+
+#[test]
+fn workloads_drop_generated_pod_name_suffixes() {
+    let ip = std::net::Ipv4Addr::new(10, 0, 0, 1);
+    let pod = |name: &str| mesh_agent::flows::Endpoint {
+        namespace: "shop".into(),
+        pod_name: name.into(),
+        ..Default::default()
+    };
+    assert_eq!(workload(&pod("web-7d9f8b6c5-x2k4q"), ip), "shop/web");
+    assert_eq!(workload(&pod("agent-b7x2q"), ip), "shop/agent");
+    assert_eq!(workload(&pod("pod-1-1"), ip), "shop/pod-1-1");
+    assert_eq!(workload(&pod("db-0"), ip), "shop/db-0");
+    assert_eq!(
+        workload(&mesh_agent::flows::Endpoint::default(), ip),
+        "10.0.0.1"
+    );
+}
