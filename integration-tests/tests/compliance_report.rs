@@ -343,15 +343,18 @@ async fn the_report_counts_exactly_the_traffic_sent() {
     std::fs::write(&tampered_path, &tampered).unwrap();
     let envelope = format!("{dir}/report.dsse.json");
     let tp = tampered_path.to_str().unwrap();
-    let (code, out, _) = run(&[
-        "report",
-        "verify",
-        tp,
-        "--key",
-        &pub_key,
-        "--signature",
-        &envelope,
-    ]);
+    let verify_tampered = || {
+        run(&[
+            "report",
+            "verify",
+            tp,
+            "--key",
+            &pub_key,
+            "--signature",
+            &envelope,
+        ])
+    };
+    let (code, out, _) = verify_tampered();
     assert_eq!(code, 1, "one changed byte: {out}");
     assert!(out.contains("FAILED") && out.contains("digest"), "{out}");
     let mut forged = report.clone();
@@ -359,15 +362,7 @@ async fn the_report_counts_exactly_the_traffic_sent() {
     forged["plaintextFlowList"] = json!([]);
     forged["digest"] = json!(meshctl::report::digest_of_value(&forged));
     std::fs::write(&tampered_path, serde_json::to_vec_pretty(&forged).unwrap()).unwrap();
-    let (code, out, _) = run(&[
-        "report",
-        "verify",
-        tp,
-        "--key",
-        &pub_key,
-        "--signature",
-        &envelope,
-    ]);
+    let (code, out, _) = verify_tampered();
     assert_eq!(code, 1, "re-digested without the key: {out}");
     assert!(out.contains("statement:"), "{out}");
 
