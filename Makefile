@@ -12,8 +12,8 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 # need qemu, a static busybox for the initramfs, kmod (depmod/modprobe on the unpacked kernel package)
 # and xz (the uncompressed vmlinux); they download the kernel package themselves (apt-get download).
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev pkg-config iproute2 wireguard-tools wireguard-go \
-	iperf3 iputils-ping tcpdump ca-certificates procps \
-	qemu-system-x86 busybox-static kmod xz-utils
+	iperf3 iputils-ping tcpdump ca-certificates procps curl \
+	qemu-system-x86 busybox-static kmod xz-utils chromium
 
 TESTENV_DIR := integration-tests/testenv
 TESTENV_BIN := $(TESTENV_DIR)/bin/testenv
@@ -155,6 +155,7 @@ crds:
 # the traffic and status steps report.
 DEMO_NODES ?= 3
 DEMO_PODS_PER_NODE ?= 2
+DEMO_REPORT_DIR ?= /tmp/wiremesh-demo-report
 MESHCTL = $(or $(CARGO_TARGET_DIR),target)/debug/meshctl
 
 demo: deps
@@ -173,8 +174,14 @@ demo: deps
 	$(MESHCTL) demo rotate || status=1; \
 	echo; echo "==> meshctl status"; \
 	$(MESHCTL) status --kubeconfig "$$($(MESHCTL) demo kubeconfig)" || status=1; \
+	echo; echo "==> meshctl report of the demo's own traffic"; \
+	rm -rf "$(DEMO_REPORT_DIR)"; \
+	$(MESHCTL) report --kubeconfig "$$($(MESHCTL) demo kubeconfig)" --since 30m --out "$(DEMO_REPORT_DIR)" || status=1; \
 	echo; echo "==> meshctl demo down"; \
 	$(MESHCTL) demo down || status=1; \
+	echo; echo "==> compliance report: $(DEMO_REPORT_DIR)/report.json (and report.html)"; \
+	$(MESHCTL) report verify "$(DEMO_REPORT_DIR)/report.json" --key "$(DEMO_REPORT_DIR)/report.pub" || status=1; \
+	sed -n 's/^ *"coveragePercent": "\(.*\)",*$$/    coverage \1 of cross-node pod flows encrypted/p' "$(DEMO_REPORT_DIR)/report.json"; \
 	if [ $$status = 0 ]; then echo "==> demo passed"; else echo "==> demo FAILED" >&2; fi; \
 	exit $$status
 

@@ -14,7 +14,8 @@ pub use abi::{
     STATS6_SPOOFED, Stats6, Verdict, config_flags, ipcache_flags,
 };
 pub use loader::{
-    Attached, DEFAULT_BPFFS, Error, FlowReader, Loader, Maps, NETLINK_HANDLE, NETLINK_PRIORITY,
-    ProgramStats, Retained, TestRun, if_index, node_pin_dir, pinned_ipcache_entries, tcx_available,
+    Attached, DEFAULT_BPFFS, Error, FlowBacklog, FlowReader, Loader, Maps, NETLINK_HANDLE,
+    NETLINK_PRIORITY, ProgramStats, Retained, TestRun, if_index, node_pin_dir,
+    pinned_ipcache_entries, tcx_available,
 };
 pub use sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual, fake::FakeMaps};

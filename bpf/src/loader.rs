@@ -1093,6 +1093,30 @@ fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), Erro
     }
 }
 
+/// A second handle on the pinned `wm_flows` map, so another thread (the agent's API server)
+/// can read the backlog at request time while the loader keeps its own.
+pub struct FlowBacklog {
+    flows: HashMap<MapData, FlowKey, FlowState>,
+}
+
+impl FlowBacklog {
+    /// [`Maps::flow_backlog`], read now.
+    pub fn read(&self) -> Result<Vec<(FlowKey, FlowState)>, Error> {
+        hash_entries(&self.flows, "wm_flows")
+    }
+}
+
+impl Loader {
+    /// Opens [`FlowBacklog`] on this loader's pinned `wm_flows`.
+    pub fn flow_backlog_handle(&self) -> Result<FlowBacklog, Error> {
+        let data =
+            MapData::from_pin(self.map_dir().join("wm_flows")).map_err(map_err("wm_flows"))?;
+        Ok(FlowBacklog {
+            flows: HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err("wm_flows"))?,
+        })
+    }
+}
+
 /// Reads flow records from the ring buffer.
 pub struct FlowReader {
     ring: RingBuf<MapData>,

@@ -46,6 +46,9 @@ pub enum ClusterError {
     /// testenv failed.
     #[error(transparent)]
     Testenv(#[from] TestenvError),
+    /// The API server's node-proxy client certificate could not be made.
+    #[error(transparent)]
+    ProxyPki(#[from] crate::proxypki::ProxyPkiError),
     /// A Kubernetes call failed.
     #[error(transparent)]
     Objects(#[from] ObjectsError),
@@ -312,6 +315,7 @@ impl VirtualCluster {
         testenv_opts.log_path = work_dir.join("logs/testenv.log");
         testenv_opts.outlive_parent = opts.outlive_parent;
         testenv_opts.ready_timeout = opts.testenv_ready_timeout;
+        testenv_opts.apiserver_args = crate::proxypki::generate(&work_dir)?;
         let testenv = Testenv::start(&testenv_opts)?;
         ledger.push(Resource::Process {
             label: "testenv".to_owned(),
@@ -399,6 +403,12 @@ impl VirtualCluster {
     /// The bpf filesystem the agents pin their maps and links in (`mesh-agent run --bpffs`).
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
+    }
+
+    /// The CA of the client certificate the API server presents through `nodes/proxy` (the
+    /// agents' `--client-ca-file`).
+    pub fn proxy_client_ca(&self) -> PathBuf {
+        crate::proxypki::ca_file(&self.work_dir)
     }
 
     /// Everything created on the host so far, oldest first.

@@ -20,6 +20,7 @@ pub mod netns;
 pub mod objects;
 mod privilege;
 mod process;
+pub mod proxypki;
 pub mod supervise;
 pub mod testenv;
 pub mod underlay;

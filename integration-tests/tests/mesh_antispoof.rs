@@ -39,10 +39,10 @@ async fn a_pod_sending_with_another_pods_address_is_dropped_on_its_veth() {
     .expect("add the other pod's address inside the attacker's namespace");
     let spoofed_flow = |flows: &[serde_json::Value]| {
         flows.iter().any(|f| {
-            f["srcIp"] == victim_ip.to_string()
-                && f["dstIp"] == target.to_string()
-                && f["dstPort"].as_u64() == Some(u64::from(SPOOF_PORT))
-                && f["verdict"] == "dropped-policy"
+            f["IP"]["source"] == victim_ip.to_string()
+                && f["IP"]["destination"] == target.to_string()
+                && flow_dport(f) == Some(SPOOF_PORT)
+                && f["wiremesh_verdict"] == "dropped-policy"
                 && f["hook"] == "from-pod"
         })
     };
@@ -77,7 +77,8 @@ async fn a_pod_sending_with_another_pods_address_is_dropped_on_its_veth() {
     assert!(
         !node2
             .iter()
-            .any(|f| f["srcIp"] == victim_ip.to_string() && f["dstIp"] == target.to_string()),
+            .any(|f| f["IP"]["source"] == victim_ip.to_string()
+                && f["IP"]["destination"] == target.to_string()),
         "node-2 saw none of the spoofed packets: {node2:#?}"
     );
     // The pod's own traffic still flows.

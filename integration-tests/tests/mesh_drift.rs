@@ -241,7 +241,7 @@ async fn drift_is_repaired_and_routes_of_others_are_left_alone() {
                 Err(e) if e.contains("503") => {}
                 other => return Err(format!("/readyz: {other:?}")),
             }
-            let status = agent_http(c, "node-1", "/status").await?;
+            let status = agent_api(c, "node-1", "/status").await?;
             if status.contains("not a kernel wireguard link") {
                 Ok(())
             } else {

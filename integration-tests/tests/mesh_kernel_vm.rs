@@ -37,7 +37,7 @@ fn mesh_kernel_vm_guest_tests() {
 /// loaded eBPF datapath.
 async fn assert_datapath(cluster: &VirtualCluster, node: &str, kind: &str) {
     let status = || async move {
-        let body = agent_http(cluster, node, "/status").await?;
+        let body = agent_api(cluster, node, "/status").await?;
         serde_json::from_str::<serde_json::Value>(&body).map_err(|e| format!("{e}: {body}"))
     };
     wait_async(

@@ -155,7 +155,7 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
 
     // The agent's status report shows the datapath.
     let status: serde_json::Value = serde_json::from_str(
-        &agent_http(&cluster, "node-1", "/status")
+        &agent_api(&cluster, "node-1", "/status")
             .await
             .expect("/status"),
     )

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use meshctl::traffic;
 use support::*;
-use wiremesh_integration::Role;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
@@ -55,26 +54,8 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
     )
     .await;
 
-    // Remove the tunnel to node-3: stop its agent and its device process (the TUN goes with
-    // it; the pinned programs stay) and withdraw its key so node-1 and node-2 remove the peer
-    // and its routes.
-    for role in [Role::Agent, Role::Device] {
-        cluster
-            .stop_supervised("node-3", role, Duration::from_secs(15))
-            .expect("stop node-3's processes");
-    }
-    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
-        kube::Api::all(cluster.client().clone());
-    nodes
-        .patch(
-            "node-3",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
-                "wiremesh.io/public-key": null, "wiremesh.io/endpoint": null,
-            }}})),
-        )
-        .await
-        .expect("withdraw node-3's key");
+    // Remove the tunnel to node-3 (its agent and device stopped, its key withdrawn).
+    remove_tunnels_to(&mut cluster, "node-3").await;
     let node3_cidr = cluster
         .node("node-3")
         .expect("node-3")

@@ -1,9 +1,8 @@
-//! The agent's local HTTP server: `/healthz` (the datapath is alive: fails while the device process
+//! The agent's metrics listener: `/healthz` (the datapath is alive: fails while the device process
 //! is gone or its link was deleted; not while the agent is still starting), `/readyz` (converged:
-//! caches synced, the last pass without error, every wanted peer configured, the device alive),
-//! `/metrics` (Prometheus text format) and `/status` (this node's
-//! [`NodeReport`](crate::nodestatus::NodeReport) as JSON) and `/flows` (the eBPF flow table as JSON,
-//! `{"flows":[...]}`, most recently seen first).
+//! caches synced, the last pass without error, every wanted peer configured, the device alive) and
+//! `/metrics` (Prometheus text format), unauthenticated as probes and scrapers expect. Flows and
+//! status are served only by the authenticated API listener ([`crate::api`]).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -17,10 +16,7 @@ use axum::{
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{
-    drain::Drain, flows::SharedFlows, health::DatapathHealth, reconciler::MeshSnapshot,
-    status::SharedReport,
-};
+use crate::{drain::Drain, health::DatapathHealth, reconciler::MeshSnapshot};
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +39,6 @@ struct AdminState {
     registry: Registry,
     snapshot: watch::Receiver<MeshSnapshot>,
     health: watch::Receiver<DatapathHealth>,
-    report: SharedReport,
-    flows: SharedFlows,
 }
 
 /// A bound, not yet serving, admin server.
@@ -61,8 +55,6 @@ impl AdminServer {
         registry: Registry,
         snapshot: watch::Receiver<MeshSnapshot>,
         health: watch::Receiver<DatapathHealth>,
-        report: SharedReport,
-        flows: SharedFlows,
     ) -> Result<Self, AdminError> {
         let listener = TcpListener::bind(addr)
             .await
@@ -74,15 +66,11 @@ impl AdminServer {
             registry,
             snapshot,
             health,
-            report,
-            flows,
         });
         let router = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
-            .route("/status", get(status))
-            .route("/flows", get(flows_json))
             .with_state(state);
         Ok(Self {
             listener,
@@ -161,39 +149,8 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
-async fn status(State(state): State<Arc<AdminState>>) -> Response {
-    let report = state
-        .report
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    match report {
-        Some(report) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::to_string_pretty(&report).unwrap_or_default(),
-        )
-            .into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no status yet\n").into_response(),
-    }
-}
-
-async fn flows_json(State(state): State<Arc<AdminState>>) -> Response {
-    let flows = state
-        .flows
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .snapshot();
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        serde_json::json!({ "flows": flows }).to_string(),
-    )
-        .into_response()
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpStream,
@@ -231,30 +188,9 @@ mod tests {
             starting: true,
             ..DatapathHealth::default()
         });
-        let report: SharedReport = Arc::new(Mutex::new(None));
-        let flows = crate::steering::Steering::flow_table(8);
-        flows.lock().unwrap().ingest(
-            &[wiremesh_bpf::FlowEvent {
-                packets: 3,
-                src_ip: [10, 244, 1, 11],
-                dst_ip: [10, 244, 2, 11],
-                protocol: 6,
-                verdict: 3,
-                hook: 1,
-                ..Default::default()
-            }],
-            &crate::flows::Names::default(),
-        );
-        let server = AdminServer::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            registry,
-            rx,
-            health_rx,
-            report,
-            flows,
-        )
-        .await
-        .unwrap();
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), registry, rx, health_rx)
+            .await
+            .unwrap();
         let addr = server.local_addr();
         let (trigger, drain) = drain::channel();
         let task = tokio::spawn(server.run(drain));
@@ -263,7 +199,9 @@ mod tests {
         let (code, body) = get(addr, "/readyz").await;
         assert_eq!(code, 503);
         assert!(body.contains("caches not synced"), "{body}");
-        assert_eq!(get(addr, "/status").await.0, 503);
+        // Flows and status are not served without authentication: not here at all.
+        assert_eq!(get(addr, "/status").await.0, 404);
+        assert_eq!(get(addr, "/flows").await.0, 404);
         tx.send_modify(|s| {
             s.synced = true;
             s.reconciled = true;
@@ -309,11 +247,6 @@ mod tests {
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);
         assert!(body.contains("wiremesh_peers_configured 2"), "{body}");
-        let (code, body) = get(addr, "/flows").await;
-        assert_eq!(code, 200);
-        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(json["flows"][0]["verdict"], "dropped-policy", "{body}");
-        assert_eq!(json["flows"][0]["packets"], 3, "{body}");
 
         trigger.start();
         tokio::time::timeout(std::time::Duration::from_secs(5), task)

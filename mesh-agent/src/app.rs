@@ -22,6 +22,7 @@ use wiremesh_keyexchange::{KeySet, KeySource, Keystore};
 
 use crate::{
     admin::AdminServer,
+    api::{ApiServer, ApiState, KubeReviewer},
     config::{Config, EbpfChoice},
     coordinator::{Coordinator, CoordinatorMetrics, CoordinatorSettings},
     datapath::Datapath,
@@ -184,16 +185,10 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
     let shared_report: SharedReport = SharedReport::default();
     let (monitor, health) = DatapathMonitor::new(worlds.clone(), notify.clone(), metrics.clone());
 
-    let admin = AdminServer::bind(
-        config.metrics_addr,
-        registry,
-        snapshot_rx.clone(),
-        health,
-        shared_report.clone(),
-        flows.clone(),
-    )
-    .await?;
-    tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics /status /flows");
+    let admin =
+        AdminServer::bind(config.metrics_addr, registry, snapshot_rx.clone(), health).await?;
+    tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics");
+    let history = Arc::new(open_history(config)?);
     let steering = Steering::new(
         SteeringSettings {
             node_name: config.node_name.clone(),
@@ -207,8 +202,31 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
         snapshot_rx.clone(),
         steer_notify,
         metrics.clone(),
-        flows,
-    );
+        flows.clone(),
+    )
+    .with_history(history.clone())
+    .with_peer_status(shared_report.clone())
+    .with_export(open_export(config)?);
+    let api = ApiServer::bind(
+        config.api_addr,
+        &config.state_dir,
+        config.client_ca_file.as_deref(),
+        ApiState {
+            node_name: config.node_name.clone(),
+            flows,
+            backlog: steering.backlog(),
+            history: Some(history),
+            report: shared_report.clone(),
+            reviewer: Arc::new(KubeReviewer::new(client.clone())),
+            metrics: metrics.clone(),
+            key_file: Some(
+                Keystore::new(&config.state_dir)
+                    .path(wiremesh_keyexchange::keystore::PRIVATE_KEY_FILE),
+            ),
+        },
+    )
+    .await?;
+    tracing::info!(addr = %api.local_addr(), "serving /flows /status over HTTPS (nodes/proxy authz)");
 
     let reconciler = Reconciler::new(
         PlanSettings {
@@ -267,6 +285,8 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
     if let Some(remover) = taint_remover {
         spawn_until_drained(&mut tasks, "readiness taint", remover.run(drain.clone()));
     }
+    let api_drain = drain.clone();
+    tasks.spawn(async move { ("api server", api.run(api_drain).await.map_err(Into::into)) });
     if let Some(coordinator) = coordinator {
         spawn_until_drained(
             &mut tasks,
@@ -281,6 +301,30 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
         trigger,
         drain_timeout: config.drain_timeout,
     })
+}
+
+/// Opens the flow history in the state dir with the configured limits.
+fn open_history(config: &Config) -> anyhow::Result<crate::history::History> {
+    let limits = crate::history::Limits {
+        retention: config.flow_retention,
+        max_records: config.flow_history_max_records,
+    };
+    let history =
+        crate::history::History::open(&config.state_dir, limits, crate::flows::unix_now())?;
+    tracing::info!(path = %history.path().display(), retention = ?limits.retention, "flow history open");
+    Ok(history)
+}
+
+/// The JSON-lines flow export of `--flow-export`, if asked for.
+fn open_export(config: &Config) -> anyhow::Result<Option<crate::export::Export>> {
+    config
+        .flow_export
+        .as_ref()
+        .map(|path| {
+            crate::export::Export::open(path, config.flow_export_max_bytes, config.flow_export_keep)
+                .with_context(|| format!("--flow-export {}", path.display()))
+        })
+        .transpose()
 }
 
 /// Spawns `task`, a component's run loop that returns once the drain starts, as `name`. It ends

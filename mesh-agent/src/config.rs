@@ -92,9 +92,43 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_UAPI_SOCKET")]
     pub uapi_socket: Option<PathBuf>,
 
-    /// Address of the HTTP server for /healthz, /readyz, /metrics and /status.
-    #[arg(long, env = "WIREMESH_METRICS_ADDR", default_value = "127.0.0.1:9871")]
+    /// Address of the unauthenticated HTTP server for /healthz, /readyz and /metrics.
+    #[arg(long, env = "WIREMESH_METRICS_ADDR", default_value = "0.0.0.0:9871")]
     pub metrics_addr: SocketAddr,
+
+    /// Address of the authenticated HTTPS API (/flows, /status), reached through the API
+    /// server's node proxy (`nodes/proxy`).
+    #[arg(long, env = "WIREMESH_API_ADDR", default_value = "0.0.0.0:9872")]
+    pub api_addr: SocketAddr,
+
+    /// PEM bundle of the CA(s) whose client certificates the API accepts (the API server's
+    /// `--kubelet-client-certificate` issuer); without it only bearer tokens are accepted.
+    #[arg(long, env = "WIREMESH_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
+
+    /// Days of flow history kept in `<state-dir>/flows.redb`.
+    #[arg(long, env = "WIREMESH_FLOW_RETENTION_DAYS", default_value_t = 30)]
+    pub flow_retention_days: u64,
+
+    /// Most (flow, minute) records kept in the flow history; the oldest go first.
+    #[arg(
+        long,
+        env = "WIREMESH_FLOW_HISTORY_MAX_RECORDS",
+        default_value_t = 500_000
+    )]
+    pub flow_history_max_records: u64,
+
+    /// Write every flow record as a JSON line to this file (for log shippers), rotated by size.
+    #[arg(long, env = "WIREMESH_FLOW_EXPORT")]
+    pub flow_export: Option<PathBuf>,
+
+    /// Size at which the export file is rotated (`<file>.1` .. `<file>.<keep>`).
+    #[arg(long, env = "WIREMESH_FLOW_EXPORT_MAX_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub flow_export_max_bytes: u64,
+
+    /// Rotated export files kept.
+    #[arg(long, env = "WIREMESH_FLOW_EXPORT_KEEP", default_value_t = 5)]
+    pub flow_export_keep: u32,
 
     /// Enter the network namespace `/var/run/netns/<name>` before anything else starts.
     #[arg(long, env = "WIREMESH_NETNS")]
@@ -199,6 +233,8 @@ pub enum ConfigError {
     Mtu(u32),
     #[error("{name} must be at least 1 second")]
     ZeroInterval { name: &'static str },
+    #[error("{name} must be at least 1")]
+    ZeroLimit { name: &'static str },
     #[error("route table {0} is reserved (0 and 253-255 are unspec, default, main and local)")]
     RouteTable(u32),
 }
@@ -217,6 +253,14 @@ pub struct Config {
     pub mtu: Option<u32>,
     pub uapi_socket: PathBuf,
     pub metrics_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub client_ca_file: Option<PathBuf>,
+    #[serde(with = "secs")]
+    pub flow_retention: Duration,
+    pub flow_history_max_records: u64,
+    pub flow_export: Option<PathBuf>,
+    pub flow_export_max_bytes: u64,
+    pub flow_export_keep: u32,
     pub netns: Option<String>,
     /// `None`: `MeshEncryption.spec.datapath` decides (default auto).
     pub datapath: Option<DatapathChoice>,
@@ -288,6 +332,15 @@ impl Config {
                 return Err(ConfigError::ZeroInterval { name });
             }
         }
+        for (name, value) in [
+            ("flow retention days", args.flow_retention_days),
+            ("flow history max records", args.flow_history_max_records),
+            ("flow export max bytes", args.flow_export_max_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::ZeroLimit { name });
+            }
+        }
         if matches!(args.route_table, 0 | 253..=255) {
             return Err(ConfigError::RouteTable(args.route_table));
         }
@@ -304,6 +357,13 @@ impl Config {
             mtu: args.mtu,
             uapi_socket,
             metrics_addr: args.metrics_addr,
+            api_addr: args.api_addr,
+            client_ca_file: args.client_ca_file,
+            flow_retention: Duration::from_secs(args.flow_retention_days.saturating_mul(86_400)),
+            flow_history_max_records: args.flow_history_max_records,
+            flow_export: args.flow_export,
+            flow_export_max_bytes: args.flow_export_max_bytes,
+            flow_export_keep: args.flow_export_keep,
             netns: args.netns,
             datapath: args.datapath,
             device_wait: Duration::from_secs(args.device_wait_secs),
@@ -390,6 +450,10 @@ mod tests {
         assert_eq!(config.datapath, None);
         assert_eq!(config.route_table, 87);
         assert_eq!(config.netns_path(), None);
+        assert_eq!(config.metrics_addr.port(), 9871);
+        assert_eq!(config.api_addr.port(), 9872);
+        assert_eq!(config.flow_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(config.flow_export, None);
     }
 
     /// Finding 14 (docs/threat-model.md): the flag that keystore errors tell the operator to
@@ -443,6 +507,12 @@ mod tests {
         assert_eq!(
             parse(&["--node-name", "n", "--mtu", "500"]).unwrap_err(),
             ConfigError::Mtu(500)
+        );
+        assert_eq!(
+            parse(&["--node-name", "n", "--flow-retention-days", "0"]).unwrap_err(),
+            ConfigError::ZeroLimit {
+                name: "flow retention days"
+            }
         );
         assert_eq!(
             parse(&["--node-name", "n", "--route-table", "254"]).unwrap_err(),

@@ -1,6 +1,10 @@
 //! The agent's flow table: flow records from the eBPF ring buffer, aggregated per flow and
-//! verdict, named (pods, nodes) with what the agent knew when the record arrived, bounded in size
-//! (the least recently seen flow goes first), and served as JSON on `/flows`.
+//! verdict, named (pods, nodes) and annotated with the encryption evidence the agent had when the
+//! record arrived (peer node, its key fingerprint and generation, the session's handshake age, the
+//! cipher suite; or why the flow was not encrypted), bounded in size (the least recently seen flow
+//! goes first), and served as JSON in the shape of Hubble's flow schema (`flow.proto`: `time`,
+//! `verdict`, `drop_reason_desc`, `IP`, `l4`, `source`/`destination` endpoints, `node_name`,
+//! `traffic_direction`, `*_denied_by`), extended with an `encryption` object and counters.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -9,22 +13,53 @@ use std::{
     time::SystemTime,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use wiremesh_bpf::{FlowEvent, FlowKey, FlowState, Hook, Verdict};
 
-/// The names the agent knows for addresses: pods (`namespace/name`) and nodes (underlay IPs).
+/// The cipher suite of every WireGuard session (the only one the protocol has).
+pub const CIPHER_SUITE: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
+
+/// What the agent knows about a pod address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `k8s:key=value`, as Hubble writes pod labels.
+    pub labels: Vec<String>,
+    /// NetworkPolicies (`namespace/name`) that isolate the pod for ingress / egress: when a
+    /// packet to / from it is dropped by policy, these are the policies that left it unallowed.
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+}
+
+/// What the agent knows about a peer node's tunnel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Fingerprint of the peer key configured on the device.
+    pub key_fingerprint: Option<String>,
+    /// The peer's `wiremesh.io/key-generation`.
+    pub key_generation: Option<u64>,
+    /// Unix seconds of the session's last handshake.
+    pub last_handshake: Option<u64>,
+}
+
+/// The names and evidence the agent knows for addresses.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Names {
-    /// Pod IP -> `namespace/name`.
-    pub pods: BTreeMap<Ipv4Addr, String>,
+    /// This node.
+    pub node_name: String,
+    /// Pod IP -> pod.
+    pub pods: BTreeMap<Ipv4Addr, PodInfo>,
     /// Node underlay IP -> node name.
     pub nodes: BTreeMap<Ipv4Addr, String>,
+    /// Node name -> tunnel evidence.
+    pub peers: BTreeMap<String, PeerInfo>,
 }
 
 /// Names shared between the steering task (writer) and the flow reader.
 pub type SharedNames = Arc<RwLock<Names>>;
 
-/// The verdict as a stable string (the wire format of `/flows` and the metric label).
+/// The datapath verdict as a stable string (the metric label and `wiremesh_verdict`).
 pub fn verdict_str(v: Option<Verdict>) -> &'static str {
     match v {
         Some(Verdict::ForwardedEncrypted) => "forwarded-encrypted",
@@ -47,59 +82,410 @@ fn hook_str(h: Option<Hook>) -> &'static str {
     }
 }
 
-fn protocol_str(p: u8) -> String {
-    match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        132 => "sctp".into(),
-        n => n.to_string(),
+/// Why a flow was or was not encrypted (`encryption.reason`).
+pub mod reason {
+    /// Sent into (or received from) a WireGuard session with the peer node.
+    pub const TUNNEL: &str = "wireguard-tunnel";
+    /// Both pods on this node: never left the node.
+    pub const SAME_NODE: &str = "same-node";
+    /// Cross-node pod traffic without a tunnel to the peer, passed in plaintext (Permissive).
+    pub const PERMISSIVE_NO_TUNNEL: &str = "permissive-no-tunnel";
+    /// Not pod-to-pod traffic between nodes (host, service or external peer): out of scope.
+    pub const EXCLUDED: &str = "excluded-not-pod-to-pod";
+    /// Cross-node pod traffic outside WireGuard, dropped (Strict).
+    pub const DROPPED_PLAINTEXT: &str = "dropped-plaintext-strict";
+    /// Dropped by NetworkPolicy (or a spoofed source).
+    pub const DROPPED_POLICY: &str = "dropped-policy";
+    /// Above the tunnel MTU: handed to the routing stack (PMTU error or fragmented into the
+    /// tunnel); not claimed as encrypted.
+    pub const TOO_BIG: &str = "too-big";
+    /// A verdict this build does not know.
+    pub const UNKNOWN: &str = "unknown";
+}
+
+/// Hubble's `Endpoint`, the fields wiremesh knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub identity: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+}
+
+/// Hubble's `IP`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ip {
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+    #[serde(rename = "ipVersion")]
+    pub ip_version: String,
+    pub encrypted: bool,
+}
+
+/// Ports of Hubble's `TCP`/`UDP`/`SCTP` layer-4 messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ports {
+    pub source_port: u16,
+    pub destination_port: u16,
+}
+
+/// Hubble's `Layer4` (one of).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layer4 {
+    #[serde(rename = "TCP")]
+    Tcp(Ports),
+    #[serde(rename = "UDP")]
+    Udp(Ports),
+    #[serde(rename = "SCTP")]
+    Sctp(Ports),
+    #[serde(rename = "ICMPv4")]
+    Icmpv4 {},
+    /// Another IP protocol, by number.
+    #[serde(rename = "protocol")]
+    Other(u8),
+}
+
+impl Layer4 {
+    fn new(protocol: u8, source_port: u16, destination_port: u16) -> Self {
+        let ports = Ports {
+            source_port,
+            destination_port,
+        };
+        match protocol {
+            1 => Self::Icmpv4 {},
+            6 => Self::Tcp(ports),
+            17 => Self::Udp(ports),
+            132 => Self::Sctp(ports),
+            n => Self::Other(n),
+        }
+    }
+
+    /// The destination port (0 without one).
+    pub fn destination_port(&self) -> u16 {
+        match self {
+            Self::Tcp(p) | Self::Udp(p) | Self::Sctp(p) => p.destination_port,
+            _ => 0,
+        }
+    }
+
+    /// The source port (0 without one).
+    pub fn source_port(&self) -> u16 {
+        match self {
+            Self::Tcp(p) | Self::Udp(p) | Self::Sctp(p) => p.source_port,
+            _ => 0,
+        }
+    }
+
+    /// `tcp`, `udp`, `sctp`, `icmp` or the protocol number.
+    pub fn protocol(&self) -> String {
+        match self {
+            Self::Tcp(_) => "tcp".into(),
+            Self::Udp(_) => "udp".into(),
+            Self::Sctp(_) => "sctp".into(),
+            Self::Icmpv4 {} => "icmp".into(),
+            Self::Other(n) => n.to_string(),
+        }
     }
 }
 
-/// One flow and verdict as `/flows` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct FlowRecord {
-    pub src_ip: Ipv4Addr,
-    pub dst_ip: Ipv4Addr,
-    /// `namespace/name` of the source pod, if it is one.
-    pub src_pod: Option<String>,
-    pub dst_pod: Option<String>,
-    pub src_identity: u32,
-    pub dst_identity: u32,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub protocol: String,
-    /// `forwarded-encrypted`, `forwarded-local`, `forwarded-plain`, `dropped-policy`,
-    /// `dropped-plaintext`, `too-big` (above the tunnel MTU, handed to the routing stack for
-    /// its PMTU error or fragmentation).
-    pub verdict: &'static str,
-    /// The program that decided: `from-pod`, `to-pod`, `underlay-ingress`, `underlay-egress`.
-    pub hook: &'static str,
-    /// The remote node (name when known, else its underlay IP).
+/// Hubble's `Policy` (as in `ingress_denied_by`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRef {
+    pub name: String,
+    pub namespace: String,
+    pub kind: String,
+}
+
+/// Why wiremesh believes the flow was (not) encrypted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    pub encrypted: bool,
+    /// One of [`reason`].
+    pub reason: String,
+    /// The other node of a cross-node pod flow (name when known, else its underlay IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_node: Option<String>,
+    /// Fingerprint of the peer's public key configured on the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_key_fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_key_generation: Option<u64>,
+    /// Seconds since the session's last handshake when the flow was first recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_age_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher_suite: Option<String>,
+}
+
+/// One flow and datapath verdict, in Hubble's field names where Hubble has one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// RFC 3339 time of the last record.
+    pub time: String,
+    /// `FORWARDED` or `DROPPED`.
+    pub verdict: String,
+    /// Hubble's drop reason name (`POLICY_DENIED`, `UNENCRYPTED_TRAFFIC`, `FRAG_NEEDED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason_desc: Option<String>,
+    #[serde(rename = "IP")]
+    pub ip: Ip,
+    pub l4: Layer4,
+    pub source: Endpoint,
+    pub destination: Endpoint,
+    /// The node that observed the flow.
+    pub node_name: String,
+    /// `EGRESS` (seen leaving a pod) or `INGRESS` (seen arriving at a pod or on the underlay).
+    pub traffic_direction: String,
+    #[serde(rename = "Type")]
+    pub flow_type: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_denied_by: Vec<PolicyRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_denied_by: Vec<PolicyRef>,
+    pub encryption: Encryption,
+    /// The datapath's own verdict: `forwarded-encrypted`, `forwarded-local`, `forwarded-plain`,
+    /// `dropped-policy`, `dropped-plaintext`, `too-big`.
+    pub wiremesh_verdict: String,
+    /// The program that decided: `from-pod`, `to-pod`, `underlay-ingress`, `underlay-egress`.
+    pub hook: String,
+    /// Pod-to-pod traffic between two nodes (the scope of encryption).
+    pub cross_node: bool,
     pub packets: u64,
     pub bytes: u64,
     /// Of `packets`/`bytes`, what the kernel counted but has not written as a record yet (a
     /// flow writes at most one record per second; an idle flow keeps the rest in `wm_flows`).
+    #[serde(default)]
     pub pending_packets: u64,
+    #[serde(default)]
     pub pending_bytes: u64,
     /// Unix seconds of the first and the last record.
     pub first_seen: u64,
     pub last_seen: u64,
 }
 
-type FlowId = (Ipv4Addr, Ipv4Addr, u16, u16, u8, u8, u8);
+/// The identity of a flow and verdict: (src, dst, sport, dport, protocol, verdict, hook).
+pub type FlowId = (Ipv4Addr, Ipv4Addr, u16, u16, u8, u8, u8);
+
+impl Flow {
+    /// The flow's id (what the table aggregates by).
+    pub fn id(&self) -> FlowId {
+        let verdict = VERDICTS
+            .iter()
+            .position(|v| *v == self.wiremesh_verdict)
+            .map_or(0, |i| i as u8 + 1);
+        let hook = HOOKS
+            .iter()
+            .position(|h| *h == self.hook)
+            .map_or(0, |i| i as u8 + 1);
+        let protocol = match &self.l4 {
+            Layer4::Tcp(_) => 6,
+            Layer4::Udp(_) => 17,
+            Layer4::Sctp(_) => 132,
+            Layer4::Icmpv4 {} => 1,
+            Layer4::Other(n) => *n,
+        };
+        (
+            self.ip.source,
+            self.ip.destination,
+            self.l4.source_port(),
+            self.l4.destination_port(),
+            protocol,
+            verdict,
+            hook,
+        )
+    }
+
+    /// The source as `namespace/pod` (or its IP when it is not a pod).
+    pub fn source_name(&self) -> String {
+        endpoint_name(&self.source, self.ip.source)
+    }
+
+    /// The destination as `namespace/pod` (or its IP when it is not a pod).
+    pub fn destination_name(&self) -> String {
+        endpoint_name(&self.destination, self.ip.destination)
+    }
+
+    /// Whether the flow was dropped.
+    pub fn dropped(&self) -> bool {
+        self.verdict == "DROPPED"
+    }
+}
+
+fn endpoint_name(e: &Endpoint, ip: Ipv4Addr) -> String {
+    if e.pod_name.is_empty() {
+        ip.to_string()
+    } else {
+        format!("{}/{}", e.namespace, e.pod_name)
+    }
+}
+
+/// Datapath verdicts in `WM_VERDICT_*` order (1-based).
+const VERDICTS: [&str; 6] = [
+    "forwarded-encrypted",
+    "forwarded-local",
+    "dropped-policy",
+    "dropped-plaintext",
+    "forwarded-plain",
+    "too-big",
+];
+/// Hooks in `WM_HOOK_*` order (1-based).
+const HOOKS: [&str; 4] = ["from-pod", "to-pod", "underlay-ingress", "underlay-egress"];
+
+/// RFC 3339 (UTC) of Unix seconds.
+pub fn rfc3339(unix: u64) -> String {
+    jiff::Timestamp::from_second(i64::try_from(unix).unwrap_or(i64::MAX))
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn policy_refs(keys: &[String]) -> Vec<PolicyRef> {
+    keys.iter()
+        .map(|k| {
+            let (namespace, name) = k.split_once('/').unwrap_or(("", k));
+            PolicyRef {
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                kind: "NetworkPolicy".to_string(),
+            }
+        })
+        .collect()
+}
+
+fn endpoint(names: &Names, ip: Ipv4Addr, identity: u32) -> Endpoint {
+    match names.pods.get(&ip) {
+        Some(p) => Endpoint {
+            identity,
+            namespace: p.namespace.clone(),
+            pod_name: p.name.clone(),
+            labels: p.labels.clone(),
+        },
+        None => Endpoint {
+            identity,
+            ..Endpoint::default()
+        },
+    }
+}
+
+/// Builds the record of a ring-buffer event (its packets and bytes only) with what `names` says
+/// at `now` (Unix seconds).
+pub fn describe(e: &FlowEvent, names: &Names, now: u64) -> Flow {
+    let verdict = e.verdict();
+    let hook = e.hook();
+    let peer_ip = e.peer_node();
+    let peer_node = peer_ip.map(|ip| {
+        names
+            .nodes
+            .get(&ip)
+            .cloned()
+            .unwrap_or_else(|| ip.to_string())
+    });
+    let cross_node = peer_ip.is_some() && verdict != Some(Verdict::ForwardedLocal);
+    let (encrypted, why) = match verdict {
+        Some(Verdict::ForwardedEncrypted) => (true, reason::TUNNEL),
+        Some(Verdict::ForwardedLocal) => (false, reason::SAME_NODE),
+        Some(Verdict::ForwardedPlain) if cross_node => (false, reason::PERMISSIVE_NO_TUNNEL),
+        Some(Verdict::ForwardedPlain) => (false, reason::EXCLUDED),
+        Some(Verdict::DroppedPlaintext) => (false, reason::DROPPED_PLAINTEXT),
+        Some(Verdict::DroppedPolicy) => (false, reason::DROPPED_POLICY),
+        Some(Verdict::TooBig) => (false, reason::TOO_BIG),
+        None => (false, reason::UNKNOWN),
+    };
+    let peer = peer_node.as_ref().and_then(|n| names.peers.get(n));
+    let (fingerprint, generation, age) = match (cross_node, peer) {
+        (true, Some(p)) => (
+            p.key_fingerprint.clone(),
+            p.key_generation,
+            p.last_handshake.map(|h| now.saturating_sub(h)),
+        ),
+        _ => (None, None, None),
+    };
+    let (drop_reason, denied) = match verdict {
+        Some(Verdict::DroppedPolicy) => (Some("POLICY_DENIED"), true),
+        Some(Verdict::DroppedPlaintext) => (Some("UNENCRYPTED_TRAFFIC"), false),
+        Some(Verdict::TooBig) => (Some("FRAG_NEEDED"), false),
+        _ => (None, false),
+    };
+    let (egress_denied_by, ingress_denied_by) = if denied {
+        let src = names.pods.get(&e.src());
+        let dst = names.pods.get(&e.dst());
+        (
+            policy_refs(src.map(|p| p.egress_policies.as_slice()).unwrap_or(&[])),
+            policy_refs(dst.map(|p| p.ingress_policies.as_slice()).unwrap_or(&[])),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    Flow {
+        time: rfc3339(now),
+        verdict: if drop_reason.is_some() {
+            "DROPPED"
+        } else {
+            "FORWARDED"
+        }
+        .to_string(),
+        drop_reason_desc: drop_reason.map(str::to_string),
+        ip: Ip {
+            source: e.src(),
+            destination: e.dst(),
+            ip_version: "IPv4".to_string(),
+            encrypted,
+        },
+        l4: Layer4::new(e.protocol, e.sport(), e.dport()),
+        source: endpoint(names, e.src(), e.src_identity),
+        destination: endpoint(names, e.dst(), e.dst_identity),
+        node_name: names.node_name.clone(),
+        traffic_direction: match hook {
+            Some(Hook::FromPod | Hook::UnderlayEgress) => "EGRESS",
+            _ => "INGRESS",
+        }
+        .to_string(),
+        flow_type: "L3_L4".to_string(),
+        egress_denied_by,
+        ingress_denied_by,
+        encryption: Encryption {
+            encrypted,
+            reason: why.to_string(),
+            peer_node: if cross_node { peer_node } else { None },
+            peer_key_fingerprint: fingerprint,
+            peer_key_generation: generation,
+            handshake_age_seconds: if encrypted { age } else { None },
+            cipher_suite: encrypted.then(|| CIPHER_SUITE.to_string()),
+        },
+        wiremesh_verdict: verdict_str(verdict).to_string(),
+        hook: hook_str(hook).to_string(),
+        cross_node,
+        packets: e.packets,
+        bytes: e.bytes,
+        pending_packets: 0,
+        pending_bytes: 0,
+        first_seen: now,
+        last_seen: now,
+    }
+}
+
+fn event_id(e: &FlowEvent) -> FlowId {
+    (
+        e.src(),
+        e.dst(),
+        e.sport(),
+        e.dport(),
+        e.protocol,
+        e.verdict,
+        e.hook,
+    )
+}
 
 #[derive(Debug)]
 struct Entry {
-    record: FlowRecord,
+    record: Flow,
     /// Monotonic counter of the last update, for eviction.
     touched: u64,
 }
 
-/// What one batch of records changed, for the metrics.
+/// What one batch of records changed, for the metrics and the flow history.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Ingested {
     /// New flows per verdict.
@@ -108,6 +494,9 @@ pub struct Ingested {
     pub packets: BTreeMap<&'static str, u64>,
     /// Flows evicted to stay within the bound.
     pub evicted: u64,
+    /// Each event of the batch as a record holding that event's packets and bytes (with the
+    /// evidence of the flow's first record), for the flow history.
+    pub records: Vec<Flow>,
 }
 
 /// A bounded table of flows. See the module docs.
@@ -121,7 +510,28 @@ pub struct FlowTable {
 /// The table shared between the reader (writer) and the HTTP server.
 pub type SharedFlows = Arc<Mutex<FlowTable>>;
 
-fn unix_now() -> u64 {
+/// The kernel's flow backlog, read when flows are served (empty until the datapath is loaded).
+pub type SharedBacklog = Arc<Mutex<Option<wiremesh_bpf::FlowBacklog>>>;
+
+/// The flow table as of now: the kernel's backlog is read first, so counts include packets the
+/// datapath has not written as records yet.
+pub fn current(flows: &SharedFlows, backlog: &SharedBacklog) -> Vec<Flow> {
+    let read = backlog
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(wiremesh_bpf::FlowBacklog::read);
+    let mut table = flows.lock().unwrap_or_else(|e| e.into_inner());
+    match read {
+        Some(Ok(b)) => table.set_backlog(&b),
+        Some(Err(error)) => tracing::debug!(%error, "reading the flow backlog"),
+        None => {}
+    }
+    table.snapshot()
+}
+
+/// Seconds since the Unix epoch now.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -148,28 +558,25 @@ impl FlowTable {
         self.entries.is_empty()
     }
 
-    /// Adds a batch of ring-buffer records.
-    pub fn ingest(&mut self, events: &[FlowEvent], names: &Names) -> Ingested {
-        let now = unix_now();
+    /// Adds a batch of ring-buffer records received at `now` (Unix seconds).
+    pub fn ingest_at(&mut self, events: &[FlowEvent], names: &Names, now: u64) -> Ingested {
         let mut out = Ingested::default();
         for e in events {
             self.clock += 1;
             let verdict = verdict_str(e.verdict());
             *out.packets.entry(verdict).or_default() += e.packets;
-            let id = (
-                e.src(),
-                e.dst(),
-                e.sport(),
-                e.dport(),
-                e.protocol,
-                e.verdict,
-                e.hook,
-            );
+            let id = event_id(e);
             if let Some(entry) = self.entries.get_mut(&id) {
                 entry.record.packets += e.packets;
                 entry.record.bytes += e.bytes;
                 entry.record.last_seen = now;
+                entry.record.time = rfc3339(now);
                 entry.touched = self.clock;
+                let mut delta = entry.record.clone();
+                (delta.packets, delta.bytes) = (e.packets, e.bytes);
+                (delta.pending_packets, delta.pending_bytes) = (0, 0);
+                delta.first_seen = now;
+                out.records.push(delta);
                 continue;
             }
             *out.new_flows.entry(verdict).or_default() += 1;
@@ -183,36 +590,12 @@ impl FlowTable {
                 self.entries.remove(&oldest);
                 out.evicted += 1;
             }
-            let peer_node = e.peer_node().map(|ip| {
-                names
-                    .nodes
-                    .get(&ip)
-                    .cloned()
-                    .unwrap_or_else(|| ip.to_string())
-            });
+            let record = describe(e, names, now);
+            out.records.push(record.clone());
             self.entries.insert(
                 id,
                 Entry {
-                    record: FlowRecord {
-                        src_ip: e.src(),
-                        dst_ip: e.dst(),
-                        src_pod: names.pods.get(&e.src()).cloned(),
-                        dst_pod: names.pods.get(&e.dst()).cloned(),
-                        src_identity: e.src_identity,
-                        dst_identity: e.dst_identity,
-                        src_port: e.sport(),
-                        dst_port: e.dport(),
-                        protocol: protocol_str(e.protocol),
-                        verdict,
-                        hook: hook_str(e.hook()),
-                        peer_node,
-                        packets: e.packets,
-                        bytes: e.bytes,
-                        pending_packets: 0,
-                        pending_bytes: 0,
-                        first_seen: now,
-                        last_seen: now,
-                    },
+                    record,
                     touched: self.clock,
                 },
             );
@@ -220,8 +603,13 @@ impl FlowTable {
         out
     }
 
+    /// [`FlowTable::ingest_at`] now.
+    pub fn ingest(&mut self, events: &[FlowEvent], names: &Names) -> Ingested {
+        self.ingest_at(events, names, unix_now())
+    }
+
     /// Sets what each flow has counted in the kernel but not reported yet
-    /// (`Maps::flow_backlog`); replaces the previous backlog.
+    /// (`Maps::flow_backlog`, read when the table is served); replaces the previous backlog.
     pub fn set_backlog(&mut self, backlog: &[(FlowKey, FlowState)]) {
         let mut sums: HashMap<FlowId, (u64, u64)> = HashMap::new();
         for (k, st) in backlog {
@@ -246,7 +634,7 @@ impl FlowTable {
     }
 
     /// Every flow, most recently updated first; `packets`/`bytes` include the backlog.
-    pub fn snapshot(&self) -> Vec<FlowRecord> {
+    pub fn snapshot(&self) -> Vec<Flow> {
         let mut v: Vec<&Entry> = self.entries.values().collect();
         v.sort_by_key(|e| std::cmp::Reverse(e.touched));
         v.into_iter()
@@ -261,102 +649,4 @@ impl FlowTable {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(src: [u8; 4], dst: [u8; 4], dport: u16, verdict: u8, packets: u64) -> FlowEvent {
-        FlowEvent {
-            packets,
-            bytes: packets * 100,
-            src_ip: src,
-            dst_ip: dst,
-            src_identity: 256,
-            dst_identity: 257,
-            peer_node_ip: [10, 213, 0, 12],
-            src_port: 40000u16.to_be_bytes(),
-            dst_port: dport.to_be_bytes(),
-            protocol: 6,
-            verdict,
-            hook: 1,
-            ..FlowEvent::default()
-        }
-    }
-
-    #[test]
-    fn records_aggregate_per_flow_and_verdict_and_carry_names() {
-        let mut names = Names::default();
-        names
-            .pods
-            .insert(Ipv4Addr::new(10, 244, 1, 11), "default/a".into());
-        names
-            .nodes
-            .insert(Ipv4Addr::new(10, 213, 0, 12), "node-2".into());
-        let mut t = FlowTable::new(10);
-        let got = t.ingest(
-            &[
-                event([10, 244, 1, 11], [10, 244, 2, 11], 80, 1, 2),
-                event([10, 244, 1, 11], [10, 244, 2, 11], 80, 1, 3),
-                event([10, 244, 1, 11], [10, 244, 2, 11], 81, 3, 1),
-            ],
-            &names,
-        );
-        assert_eq!(got.new_flows["forwarded-encrypted"], 1);
-        assert_eq!(got.new_flows["dropped-policy"], 1);
-        assert_eq!(got.packets["forwarded-encrypted"], 5);
-        assert_eq!(t.len(), 2);
-        let flows = t.snapshot();
-        let enc = flows
-            .iter()
-            .find(|f| f.verdict == "forwarded-encrypted")
-            .unwrap();
-        assert_eq!(enc.packets, 5);
-        assert_eq!(enc.bytes, 500);
-        assert_eq!(enc.src_pod.as_deref(), Some("default/a"));
-        assert_eq!(enc.dst_pod, None);
-        assert_eq!(enc.peer_node.as_deref(), Some("node-2"));
-        assert_eq!(enc.protocol, "tcp");
-        assert_eq!(enc.hook, "from-pod");
-        // Most recent first.
-        assert_eq!(flows[0].verdict, "dropped-policy");
-
-        // Packets the kernel has not reported yet count too, and are replaced, not added up.
-        let key = FlowKey {
-            src_ip: [10, 244, 1, 11],
-            dst_ip: [10, 244, 2, 11],
-            src_port: 40000u16.to_be_bytes(),
-            dst_port: 80u16.to_be_bytes(),
-            protocol: 6,
-            verdict: 1,
-            hook: 1,
-            ..FlowKey::default()
-        };
-        let state = FlowState {
-            packets: 4,
-            bytes: 400,
-            ..FlowState::default()
-        };
-        t.set_backlog(&[(key, state)]);
-        t.set_backlog(&[(key, state)]);
-        let enc = t
-            .snapshot()
-            .into_iter()
-            .find(|f| f.verdict == "forwarded-encrypted")
-            .unwrap();
-        assert_eq!((enc.packets, enc.pending_packets, enc.bytes), (9, 4, 900));
-    }
-
-    #[test]
-    fn the_table_is_bounded_and_evicts_the_least_recently_seen() {
-        let mut t = FlowTable::new(2);
-        let names = Names::default();
-        t.ingest(&[event([1, 1, 1, 1], [2, 2, 2, 2], 1, 2, 1)], &names);
-        t.ingest(&[event([1, 1, 1, 1], [2, 2, 2, 2], 2, 2, 1)], &names);
-        // Touch the first again: the second is now the oldest.
-        t.ingest(&[event([1, 1, 1, 1], [2, 2, 2, 2], 1, 2, 1)], &names);
-        let got = t.ingest(&[event([1, 1, 1, 1], [2, 2, 2, 2], 3, 2, 1)], &names);
-        assert_eq!(got.evicted, 1);
-        assert_eq!(t.len(), 2);
-        let ports: Vec<u16> = t.snapshot().iter().map(|f| f.dst_port).collect();
-        assert_eq!(ports, vec![3, 1]);
-    }
-}
+mod tests;

@@ -7,15 +7,18 @@
 //! [`select`]: the device process's UAPI socket, or a kernel `wireguard` link.
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod config;
 pub mod coordinator;
 pub mod drain;
 pub mod events;
+pub mod export;
 #[cfg(test)]
 mod fixtures;
 pub mod flows;
 pub mod health;
+pub mod history;
 pub mod mesh;
 pub mod metrics;
 mod netlink;

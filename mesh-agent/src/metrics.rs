@@ -57,6 +57,19 @@ pub struct VerdictLabels {
     pub verdict: &'static str,
 }
 
+/// Labels of [`Metrics::flow_history_evicted`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionLabels {
+    pub reason: &'static str,
+}
+
+/// Labels of [`Metrics::api_requests`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub path: &'static str,
+    pub code: u16,
+}
+
 /// Labels of [`Metrics::map_entries`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
@@ -160,6 +173,12 @@ pub struct Metrics {
     pub flow_table_flows: Gauge,
     /// Flow records the kernel dropped because the ring buffer was full.
     pub flow_events_lost: Gauge,
+    /// (flow, minute) records deleted from the flow history, by reason (`retention`, `size`).
+    pub flow_history_evicted: Family<EvictionLabels, Counter>,
+    /// (flow, minute) records held in the flow history.
+    pub flow_history_records: Gauge,
+    /// Requests to the authenticated API listener by path and status code.
+    pub api_requests: Family<ApiLabels, Counter>,
 }
 
 impl Metrics {
@@ -198,6 +217,9 @@ impl Metrics {
             flow_packets: Family::default(),
             flows_evicted: Counter::default(),
             flow_table_flows: Gauge::default(),
+            flow_history_evicted: Family::default(),
+            flow_history_records: Gauge::default(),
+            api_requests: Family::default(),
             flow_events_lost: Gauge::default(),
         };
         registry.register(
@@ -370,6 +392,21 @@ impl Metrics {
             "flow_events_lost",
             "Flow records the kernel dropped because the ring buffer was full",
             self.flow_events_lost.clone(),
+        );
+        registry.register(
+            "flow_history_evicted",
+            "Flow history records (per flow and minute) deleted, by reason",
+            self.flow_history_evicted.clone(),
+        );
+        registry.register(
+            "flow_history_records",
+            "Flow history records (per flow and minute) held on disk",
+            self.flow_history_records.clone(),
+        );
+        registry.register(
+            "api_requests",
+            "Requests to the authenticated API listener by path and status code",
+            self.api_requests.clone(),
         );
     }
 }

@@ -56,10 +56,13 @@ use crate::{
     config::{DEFAULT_LISTEN_PORT, EbpfChoice},
     drain::Drain,
     events::NodeEvents,
-    flows::{FlowTable, Names, SharedFlows, SharedNames},
+    export::Export,
+    flows::{FlowTable, Names, PeerInfo, PodInfo, SharedBacklog, SharedFlows, SharedNames},
+    history::History,
     metrics::{InvalidObjectLabels, MapLabels, Metrics, ResultLabels, StageLabels, VerdictLabels},
     nodestatus::EbpfReport,
     reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
+    status::SharedReport,
     watch::Caches,
 };
 
@@ -133,6 +136,10 @@ pub struct Steering {
     events: NodeEvents,
     names: SharedNames,
     flows: SharedFlows,
+    backlog: SharedBacklog,
+    history: Option<Arc<History>>,
+    peer_status: Option<SharedReport>,
+    export: Option<Arc<std::sync::Mutex<Export>>>,
     loaded: Option<Loaded>,
     reported: BTreeSet<ObjectProblem>,
     /// Objects the last compilation left out (reported again each pass; Events only once).
@@ -166,6 +173,10 @@ impl Steering {
             metrics,
             names: SharedNames::default(),
             flows,
+            backlog: SharedBacklog::default(),
+            history: None,
+            peer_status: None,
+            export: None,
             loaded: None,
             reported: BTreeSet::new(),
             policy_problems: Vec::new(),
@@ -180,6 +191,32 @@ impl Steering {
     /// The datapath's state for the status report, updated after every pass.
     pub fn report(&self) -> watch::Receiver<EbpfReport> {
         self.report.subscribe()
+    }
+
+    /// Also writes every flow record to `history` (flushed every [`HISTORY_FLUSH`] and when the
+    /// reader stops).
+    pub fn with_history(mut self, history: Arc<History>) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// Takes each peer's handshake and configured key for the flow evidence from the status
+    /// reporter's latest report.
+    pub fn with_peer_status(mut self, status: SharedReport) -> Self {
+        self.peer_status = Some(status);
+        self
+    }
+
+    /// Also appends every flow record to the JSON-lines export, when there is one.
+    pub fn with_export(mut self, export: Option<Export>) -> Self {
+        self.export = export.map(|e| Arc::new(std::sync::Mutex::new(e)));
+        self
+    }
+
+    /// The handle the API server reads the kernel's flow backlog through at request time
+    /// (empty until the datapath is loaded).
+    pub fn backlog(&self) -> SharedBacklog {
+        self.backlog.clone()
     }
 
     /// A flow table of `capacity` flows for [`Steering::new`] and the HTTP server.
@@ -325,6 +362,10 @@ impl Steering {
             .map_err(SteeringError::Maps)?
             .into_iter()
             .collect();
+        match loader.flow_backlog_handle() {
+            Ok(handle) => *self.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle),
+            Err(error) => tracing::warn!(%error, "no request-time flow backlog"),
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let reader = loader
             .take_flow_reader()
@@ -357,9 +398,13 @@ impl Steering {
         let names = self.names.clone();
         let flows = self.flows.clone();
         let metrics = self.metrics.clone();
+        let history = self.history.clone();
+        let peer_status = self.peer_status.clone();
+        let export = self.export.clone();
         std::thread::Builder::new()
             .name("flow-reader".into())
             .spawn(move || {
+                let mut flushed = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let events = match reader.read(Duration::from_millis(200)) {
                         Ok(events) => events,
@@ -369,28 +414,56 @@ impl Steering {
                             continue;
                         }
                     };
-                    if events.is_empty() {
-                        continue;
+                    if !events.is_empty() {
+                        let mut names = names.read().unwrap_or_else(|e| e.into_inner()).clone();
+                        if let Some(status) = &peer_status {
+                            add_handshakes(&mut names, status);
+                        }
+                        let (ingested, len) = {
+                            let mut table = flows.lock().unwrap_or_else(|e| e.into_inner());
+                            (table.ingest(&events, &names), table.len())
+                        };
+                        for (verdict, n) in ingested.new_flows {
+                            metrics
+                                .flows
+                                .get_or_create(&VerdictLabels { verdict })
+                                .inc_by(n);
+                        }
+                        for (verdict, n) in ingested.packets {
+                            metrics
+                                .flow_packets
+                                .get_or_create(&VerdictLabels { verdict })
+                                .inc_by(n);
+                        }
+                        metrics.flows_evicted.inc_by(ingested.evicted);
+                        metrics.flow_table_flows.set(len as i64);
+                        if let Some(h) = &history {
+                            h.add(&ingested.records);
+                        }
+                        if let Some(export) = &export
+                            && let Err(error) = export
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .write(&ingested.records)
+                        {
+                            tracing::warn!(%error, "exporting flow records");
+                            metrics
+                                .ebpf_errors
+                                .get_or_create(&StageLabels {
+                                    stage: "flow-export",
+                                })
+                                .inc();
+                        }
                     }
-                    let names = names.read().unwrap_or_else(|e| e.into_inner()).clone();
-                    let (ingested, len) = {
-                        let mut table = flows.lock().unwrap_or_else(|e| e.into_inner());
-                        (table.ingest(&events, &names), table.len())
-                    };
-                    for (verdict, n) in ingested.new_flows {
-                        metrics
-                            .flows
-                            .get_or_create(&VerdictLabels { verdict })
-                            .inc_by(n);
+                    if let Some(h) = &history
+                        && flushed.elapsed() >= HISTORY_FLUSH
+                    {
+                        flush_history(h, &metrics);
+                        flushed = Instant::now();
                     }
-                    for (verdict, n) in ingested.packets {
-                        metrics
-                            .flow_packets
-                            .get_or_create(&VerdictLabels { verdict })
-                            .inc_by(n);
-                    }
-                    metrics.flows_evicted.inc_by(ingested.evicted);
-                    metrics.flow_table_flows.set(len as i64);
+                }
+                if let Some(h) = &history {
+                    flush_history(h, &metrics);
                 }
             })
             .unwrap_or_else(|e| panic!("spawn the flow reader thread: {e}"))
@@ -513,13 +586,14 @@ impl Steering {
         let mut policy_started = None;
         let mut desired = None;
         if recompile {
-            *self.names.write().unwrap_or_else(|e| e.into_inner()) = flow_names(&nodes, &pods);
             policy_started = Some(Instant::now());
             let (cluster, problems) =
                 plan::policy_cluster(&namespaces, &pods, &policies, &self.identities)
                     .map_err(SteeringError::Policy)?;
             self.identities = cluster.identities().clone();
             self.policies = cluster.policies().to_vec();
+            *self.names.write().unwrap_or_else(|e| e.into_inner()) =
+                flow_names(&self.settings.node_name, &nodes, &pods, &cluster);
             self.policy_problems = problems;
             let compiled = compile(&cluster);
             let mut ipcache = plan::desired_ipcache(
@@ -631,28 +705,124 @@ impl Steering {
     }
 }
 
-/// Pod and node names by address, for flow records.
-fn flow_names(
-    nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
-    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
-) -> Names {
-    let mut names = Names::default();
-    for n in nodes {
-        if let (Some(name), Some(ip)) = (n.metadata.name.clone(), node_ipv4(n)) {
-            names.nodes.insert(ip, name);
+/// How often the flow reader writes the flow history.
+const HISTORY_FLUSH: Duration = Duration::from_secs(2);
+
+fn flush_history(history: &History, metrics: &Metrics) {
+    match history.flush(crate::flows::unix_now()) {
+        Ok(done) => {
+            metrics
+                .flow_history_evicted
+                .get_or_create(&crate::metrics::EvictionLabels {
+                    reason: "retention",
+                })
+                .inc_by(done.expired);
+            metrics
+                .flow_history_evicted
+                .get_or_create(&crate::metrics::EvictionLabels { reason: "size" })
+                .inc_by(done.evicted);
+            metrics.flow_history_records.set(done.records as i64);
+        }
+        Err(error) => {
+            tracing::warn!(%error, "writing the flow history");
+            metrics
+                .ebpf_errors
+                .get_or_create(&StageLabels {
+                    stage: "flow-history",
+                })
+                .inc();
         }
     }
+}
+
+/// Each peer's configured key fingerprint and last handshake from the status report.
+fn add_handshakes(names: &mut Names, status: &SharedReport) {
+    let guard = status.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(report) = guard.as_ref() else { return };
+    for peer in &report.peers {
+        let info = names.peers.entry(peer.node.clone()).or_default();
+        info.key_fingerprint = Some(peer.key.clone());
+        info.last_handshake = peer.last_handshake;
+    }
+}
+
+/// Pod and node names by address, pod labels and isolating policies, and each node's key
+/// generation, for flow records.
+fn flow_names(
+    node_name: &str,
+    nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
+    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+    cluster: &wiremesh_policy::Cluster,
+) -> Names {
+    let mut names = Names {
+        node_name: node_name.to_string(),
+        ..Names::default()
+    };
+    for n in nodes {
+        if let (Some(name), Some(ip)) = (n.metadata.name.clone(), node_ipv4(n)) {
+            names.nodes.insert(ip, name.clone());
+            let generation = n
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(wiremesh_keyexchange::ANNOTATION_KEY_GENERATION))
+                .and_then(|g| g.parse().ok());
+            names.peers.insert(
+                name,
+                PeerInfo {
+                    key_generation: generation,
+                    ..PeerInfo::default()
+                },
+            );
+        }
+    }
+    let isolating = |pod: &wiremesh_policy::Pod, ingress: bool| -> Vec<String> {
+        cluster
+            .policies()
+            .iter()
+            .filter(|p| p.namespace == pod.namespace && p.selector.matches(&pod.labels))
+            .filter(|p| {
+                if ingress {
+                    p.ingress.is_some()
+                } else {
+                    p.egress.is_some()
+                }
+            })
+            .map(|p| p.key())
+            .collect()
+    };
+    let model: BTreeMap<(String, String), &wiremesh_policy::Pod> = cluster
+        .pods()
+        .iter()
+        .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+        .collect();
     for p in pods {
+        let namespace = p
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or("default")
+            .to_string();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let mut info = PodInfo {
+            labels: p
+                .metadata
+                .labels
+                .iter()
+                .flatten()
+                .map(|(k, v)| format!("k8s:{k}={v}"))
+                .collect(),
+            ..PodInfo::default()
+        };
+        if let Some(m) = model.get(&(namespace.clone(), name.clone())) {
+            info.ingress_policies = isolating(m, true);
+            info.egress_policies = isolating(m, false);
+        }
+        info.namespace = namespace;
+        info.name = name;
         for ip in crate::views::pod_network_ips(p) {
             if let IpAddr::V4(a) = ip {
-                names.pods.insert(
-                    a,
-                    format!(
-                        "{}/{}",
-                        p.metadata.namespace.as_deref().unwrap_or("default"),
-                        p.metadata.name.as_deref().unwrap_or("")
-                    ),
-                );
+                names.pods.insert(a, info.clone());
             }
         }
     }

@@ -40,8 +40,11 @@ pub const DEMO_DIR: &str = "/run/wiremesh-demo";
 /// Field manager of meshctl's server-side applies.
 const FIELD_MANAGER: &str = "meshctl";
 
-/// Port of each agent's HTTP server (inside its node namespace, on every address).
+/// Port of each agent's metrics server (inside its node namespace, on every address).
 pub const AGENT_HTTP_PORT: u16 = 9871;
+
+/// Port of each agent's authenticated API (reached through the API server's node proxy).
+pub const AGENT_API_PORT: u16 = 9872;
 
 /// Why a demo step failed.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +173,10 @@ pub fn agent_args(cluster: &VirtualCluster, node: &str) -> Result<Vec<OsString>,
         n.kubeconfig.clone().into_os_string(),
         "--lease-namespace".into(),
         cluster.agent_identity().namespace.clone().into(),
+        "--api-addr".into(),
+        format!("0.0.0.0:{AGENT_API_PORT}").into(),
+        "--client-ca-file".into(),
+        cluster.proxy_client_ca().into_os_string(),
     ])
 }
 
@@ -617,35 +624,21 @@ pub fn traffic(description: &ClusterDescription, marker: &str) -> Vec<FlowResult
     results
 }
 
-/// The `/flows` table of every agent of the demo (HTTP on the node's underlay IP), by node.
-pub fn agent_flows(
+/// The live flow table of every agent of the demo (through the API server's node proxy), by
+/// node.
+pub async fn agent_flows(
+    agents: &crate::agents::Agents,
     description: &ClusterDescription,
-) -> Vec<(String, Result<Vec<serde_json::Value>, String>)> {
-    use std::io::{Read, Write};
-    let fetch = |ip: std::net::Ipv4Addr| -> Result<Vec<serde_json::Value>, String> {
-        let addr = std::net::SocketAddr::from((ip, AGENT_HTTP_PORT));
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /flows HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .ok_or_else(|| format!("{addr}: no HTTP body"))?;
-        let json: serde_json::Value =
-            serde_json::from_str(body).map_err(|e| format!("{addr}/flows: {e}"))?;
-        Ok(json["flows"].as_array().cloned().unwrap_or_default())
-    };
-    description
-        .nodes
-        .iter()
-        .map(|n| (n.name.clone(), fetch(n.underlay_ip)))
-        .collect()
+) -> Vec<(
+    String,
+    Result<Vec<mesh_agent::flows::Flow>, crate::agents::AgentError>,
+)> {
+    let mut out = Vec::new();
+    for n in &description.nodes {
+        let flows = agents.flows(&n.name, None, None).await.map(|r| r.flows);
+        out.push((n.name.clone(), flows));
+    }
+    out
 }
 
 /// [`traffic`] with a capture on the underlay bridge running throughout.

@@ -107,11 +107,28 @@ impl MeshStatus {
 
 /// Reads Nodes and `MeshEncryption default` and evaluates them at the current time.
 pub async fn collect(client: &Client) -> Result<MeshStatus, StatusError> {
-    let nodes = Api::<Node>::all(client.clone())
+    let nodes = nodes_with_reports(client).await?;
+    let mesh_encryption = Api::<MeshEncryption>::all(client.clone())
+        .get_opt(MESH_ENCRYPTION_NAME)
+        .await
+        .map_err(StatusError::GetMeshEncryption)?;
+    Ok(evaluate(
+        &nodes,
+        mesh_encryption.as_ref(),
+        SystemTime::now(),
+    ))
+}
+
+/// Every Node (sorted by name) with the status of its `MeshNode`, if any.
+pub async fn nodes_with_reports(
+    client: &Client,
+) -> Result<Vec<(Node, Option<NodeReport>)>, StatusError> {
+    let mut nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map_err(StatusError::ListNodes)?
         .items;
+    nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let reports: BTreeMap<String, NodeReport> = Api::<MeshNode>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -131,15 +148,7 @@ pub async fn collect(client: &Client) -> Result<MeshStatus, StatusError> {
             (n, report)
         })
         .collect();
-    let mesh_encryption = Api::<MeshEncryption>::all(client.clone())
-        .get_opt(MESH_ENCRYPTION_NAME)
-        .await
-        .map_err(StatusError::GetMeshEncryption)?;
-    Ok(evaluate(
-        &nodes,
-        mesh_encryption.as_ref(),
-        SystemTime::now(),
-    ))
+    Ok(nodes)
 }
 
 fn addresses(node: &Node) -> Vec<IpAddr> {

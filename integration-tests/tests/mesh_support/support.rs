@@ -321,9 +321,21 @@ pub async fn agent_http(
     Ok(body.to_string())
 }
 
-/// The agent's flow table (`GET /flows`).
+/// The body of `GET <path>` on `node`'s authenticated agent API, through the API server's node
+/// proxy as the cluster admin (the way meshctl reaches agents).
+pub async fn agent_api(cluster: &VirtualCluster, node: &str, path: &str) -> Result<String, String> {
+    let token = cluster
+        .testenv()
+        .map(|t| t.credentials().admin.token.clone());
+    meshctl::agents::Agents::new(cluster.client().clone(), token)
+        .get(node, path)
+        .await
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// The agent's flow table (`GET /flows` on its API).
 pub async fn agent_flows(cluster: &VirtualCluster, node: &str) -> Vec<serde_json::Value> {
-    let body = agent_http(cluster, node, "/flows")
+    let body = agent_api(cluster, node, "/flows")
         .await
         .unwrap_or_else(|e| panic!("/flows of {node}: {e}"));
     let json: serde_json::Value =
@@ -340,17 +352,20 @@ pub fn has_flow(
     port: Option<u16>,
     verdict: &str,
 ) -> bool {
-    let pod = |v: &serde_json::Value| {
-        v.as_str()
-            .and_then(|s| s.split('/').nth(1))
-            .map(str::to_string)
-    };
     flows.iter().any(|f| {
-        pod(&f["srcPod"]).as_deref() == Some(from)
-            && pod(&f["dstPod"]).as_deref() == Some(to)
-            && port.is_none_or(|p| f["dstPort"].as_u64() == Some(u64::from(p)))
-            && f["verdict"] == verdict
+        f["source"]["pod_name"] == from
+            && f["destination"]["pod_name"] == to
+            && port.is_none_or(|p| flow_dport(f) == Some(p))
+            && f["wiremesh_verdict"] == verdict
     })
+}
+
+/// The destination port of a flow record (`l4.TCP`/`l4.UDP`).
+pub fn flow_dport(f: &serde_json::Value) -> Option<u16> {
+    ["TCP", "UDP", "SCTP"]
+        .iter()
+        .find_map(|p| f["l4"][p]["destination_port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
 }
 
 /// Sets labels on a pod of the cluster's pod namespace.
@@ -402,6 +417,29 @@ pub async fn set_mesh_mode(cluster: &VirtualCluster, mode: &str) {
     )
     .await
     .unwrap_or_else(|e| panic!("set mode {mode}: {e}"));
+}
+
+/// Removes the tunnels to `node`: stops its agent and its device process (the TUN goes with it;
+/// the pinned programs stay) and withdraws its key, so the other nodes remove the peer and its
+/// routes.
+pub async fn remove_tunnels_to(cluster: &mut VirtualCluster, node: &str) {
+    for role in [Role::Agent, Role::Device] {
+        cluster
+            .stop_supervised(node, role, Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("stop {node}'s processes: {e}"));
+    }
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+        kube::Api::all(cluster.client().clone());
+    nodes
+        .patch(
+            node,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                "wiremesh.io/public-key": null, "wiremesh.io/endpoint": null,
+            }}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("withdraw {node}'s key: {e}"));
 }
 
 /// The PID of `node`'s agent (its current run: the supervisor restarts it).

@@ -1,0 +1,130 @@
+use std::net::Ipv4Addr;
+
+use wiremesh_bpf::FlowEvent;
+
+use super::*;
+use crate::flows::{FlowTable, Names};
+
+fn records(dport: u16, packets: u64, now: u64) -> Vec<Flow> {
+    let e = FlowEvent {
+        packets,
+        bytes: packets * 100,
+        src_ip: [10, 244, 1, 11],
+        dst_ip: [10, 244, 2, 11],
+        peer_node_ip: [10, 213, 0, 12],
+        src_port: 40000u16.to_be_bytes(),
+        dst_port: dport.to_be_bytes(),
+        protocol: 6,
+        verdict: 1,
+        hook: 1,
+        ..FlowEvent::default()
+    };
+    FlowTable::new(16)
+        .ingest_at(&[e], &Names::default(), now)
+        .records
+}
+
+const T0: u64 = 1_800_000_000;
+
+#[test]
+fn records_aggregate_per_bucket_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = History::open(dir.path(), Limits::default(), T0).unwrap();
+    h.add(&records(80, 2, T0 + 1));
+    h.add(&records(80, 3, T0 + 5));
+    h.add(&records(81, 1, T0 + 7));
+    let done = h.flush(T0 + 10).unwrap();
+    assert_eq!((done.written, done.records), (2, 2));
+    // A later bucket of the same flow is its own record, merged again by the query.
+    h.add(&records(80, 4, T0 + BUCKET_SECS + 1));
+    h.flush(T0 + BUCKET_SECS + 2).unwrap();
+    drop(h);
+
+    let h = History::open(dir.path(), Limits::default(), T0 + 500).unwrap();
+    let flows = h.query(T0, T0 + 1000).unwrap();
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    let f80 = flows
+        .iter()
+        .find(|f| f.l4.destination_port() == 80)
+        .unwrap();
+    assert_eq!((f80.packets, f80.bytes), (9, 900));
+    assert_eq!(
+        (f80.first_seen, f80.last_seen),
+        (T0 + 1, T0 + BUCKET_SECS + 1)
+    );
+    // A window that covers only the second bucket sees only its packets.
+    let later = h.query(T0 + BUCKET_SECS, T0 + 1000).unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].packets, 4);
+    // Before the data: nothing.
+    assert!(h.query(T0 - 1000, T0 - 100).unwrap().is_empty());
+    // Two recording periods: the first process's and the reopened one.
+    h.flush(T0 + 600).unwrap();
+    let cov = h.coverage(T0, T0 + 1000).unwrap();
+    assert_eq!(
+        cov,
+        vec![
+            Period {
+                from: T0,
+                to: T0 + BUCKET_SECS + 2
+            },
+            Period {
+                from: T0 + 500,
+                to: T0 + 600
+            }
+        ]
+    );
+}
+
+#[test]
+fn retention_and_the_size_bound_delete_the_oldest_records_and_count_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        retention: Duration::from_secs(3600),
+        max_records: 3,
+    };
+    let h = History::open(dir.path(), limits, T0).unwrap();
+    for i in 0..4u64 {
+        h.add(&records(80 + i as u16, 1, T0 + i * BUCKET_SECS));
+    }
+    let done = h.flush(T0 + 4 * BUCKET_SECS).unwrap();
+    assert_eq!((done.written, done.evicted, done.records), (4, 1, 3));
+    let ports: Vec<u16> = h
+        .query(T0, T0 + 3600)
+        .unwrap()
+        .iter()
+        .map(|f| f.l4.destination_port())
+        .collect();
+    assert_eq!(ports, vec![83, 82, 81], "the oldest bucket went first");
+
+    // Two hours later the retention removes what is older than an hour.
+    h.add(&records(90, 1, T0 + 7200));
+    let done = h.flush(T0 + 7200).unwrap();
+    assert_eq!((done.expired, done.records), (3, 1));
+    assert!(
+        h.coverage(T0, T0 + 7200)
+            .unwrap()
+            .iter()
+            .all(|p| p.to >= T0 + 3600)
+    );
+}
+
+#[test]
+fn an_unreadable_record_is_an_error_not_a_silent_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = History::open(dir.path(), Limits::default(), T0).unwrap();
+    h.write(|flows, _| {
+        flows.insert(
+            key(
+                T0,
+                &(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 1, 2, 6, 1, 1),
+            )
+            .as_slice(),
+            b"not json".as_slice(),
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let err = h.query(T0, T0 + 60).unwrap_err().to_string();
+    assert!(err.contains("decode"), "{err}");
+}
