@@ -124,6 +124,21 @@ fn default_values_render_a_least_privilege_daemonset() {
             .any(|m| m["mountPath"] == "/dev/net/tun")
     );
 
+    // The second tunnel slot's device (key rotation's next world), the same but for its interface.
+    let device_b = container(ds, "device-b").expect("device-b container");
+    assert_eq!(
+        device_b["args"],
+        json!(["device", "wiremesh1", "--foreground", "--threads=0"])
+    );
+    assert_eq!(
+        device_b["securityContext"], device["securityContext"],
+        "both devices run alike"
+    );
+    assert_eq!(
+        env(agent, "WIREMESH_INTERFACE_B"),
+        Some(&json!("wiremesh1"))
+    );
+
     let mesh = only(&docs, "MeshEncryption");
     assert_eq!(
         mesh["spec"],
@@ -162,6 +177,10 @@ fn values_reach_the_objects() {
     assert_eq!(ds["metadata"]["namespace"], "wiremesh-edge");
     // Kernel datapath: no userspace device container, no TUN.
     assert!(container(ds, "device").is_none(), "no device with Kernel");
+    assert!(
+        container(ds, "device-b").is_none(),
+        "no device-b with Kernel"
+    );
     let agent = container(ds, "agent").expect("agent");
     assert_eq!(agent["image"], "registry.example/wm:v9");
     assert_eq!(env(agent, "WIREMESH_DATAPATH"), Some(&json!("kernel")));

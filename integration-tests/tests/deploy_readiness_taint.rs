@@ -145,11 +145,16 @@ async fn the_readiness_taint_stays_until_the_mesh_converged() {
         .spawn_supervised("node-1", Role::Agent, &agent, args, vec![])
         .expect("start node-1's agent");
     mesh::wait_async(
-        "node-1's agent running, published its key, not ready (no device)",
+        "node-1's agent running, reporting its MeshNode status, not ready (no device)",
         Duration::from_secs(60),
         || async {
-            if mesh::published_key(&cluster, "node-1").await.is_none() {
-                return Err("no key published yet".to_owned());
+            let reported = Api::<wiremesh_crds::MeshNode>::all(admin.clone())
+                .get_opt("node-1")
+                .await
+                .map_err(|e| e.to_string())?
+                .and_then(|m| m.status);
+            if reported.is_none() {
+                return Err("no MeshNode status from node-1's agent yet".to_owned());
             }
             match mesh::agent_http(&cluster, "node-1", "/readyz").await {
                 Ok(_) => Err("ready without a device".to_owned()),
