@@ -242,10 +242,25 @@ async fn two_nodes_topology_objects_rbac_processes_and_cleanup() {
                 .patch("node-1", &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map(|_| ());
-            let other = api
-                .patch("node-2", &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map(|_| ());
+            // The admission policies come into force seconds after the cluster applied them (the
+            // admission plugin's informer): until then the patch goes through. Each attempt
+            // changes the value, since an identical patch changes nothing and is always allowed.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let mut attempt: u16 = 0;
+            let other = loop {
+                let probe = json!({"metadata": {"annotations": {
+                    "wiremesh.io/endpoint": format!("10.213.0.11:{}", 40000 + attempt),
+                }}});
+                let result = api
+                    .patch("node-2", &PatchParams::default(), &Patch::Merge(&probe))
+                    .await
+                    .map(|_| ());
+                if result.is_err() || std::time::Instant::now() >= deadline {
+                    break result;
+                }
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            };
             let nodes = api
                 .list(&ListParams::default())
                 .await
