@@ -350,10 +350,13 @@ pub async fn rotate_under_traffic(description: &ClusterDescription) -> anyhow::R
     }
     print_keys("keys after", &after);
     println!(
-        "    ping: {} sent, {} received, {} lost; TCP stream: {}",
+        "    ping: {} sent, {} received, {} lost{}; TCP stream: {}",
         count.sent,
         count.received,
         count.lost(),
+        count.first_lost.map_or(String::new(), |s| format!(
+            " (first: icmp_seq {s}, 10 ms apart from 1)"
+        )),
         match &stream {
             Ok((sent, received)) => format!("{sent} bytes sent, {received} received, no reset"),
             Err(e) => format!("FAILED: {e}"),

@@ -228,6 +228,8 @@ pub struct PingCount {
     /// Requests up to the last answered one (a request in flight at the stop is not counted).
     pub sent: u32,
     pub received: u32,
+    /// The first request before the last reply that got none (where a loss happened).
+    pub first_lost: Option<u32>,
 }
 
 impl PingCount {
@@ -275,9 +277,12 @@ impl LongPing {
             .collect();
         seqs.sort_unstable();
         seqs.dedup();
+        let first_lost =
+            (1..=seqs.last().copied().unwrap_or(0)).find(|s| seqs.binary_search(s).is_err());
         Ok(PingCount {
             sent: seqs.last().copied().unwrap_or(0),
             received: u32::try_from(seqs.len()).unwrap_or(u32::MAX),
+            first_lost,
         })
     }
 }
