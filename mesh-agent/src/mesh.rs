@@ -268,7 +268,7 @@ impl<R: Routes> Mesh<R> {
             }
         }
         match self.routes.link(&ifname).await {
-            Ok(Some(link)) if link.up && link.mtu == wanted.mtu => {}
+            Ok(Some(link)) if link.is_ready(wanted.mtu) => {}
             Ok(_) => {
                 if let Err(e) = self.routes.link_up(&ifname, wanted.mtu).await {
                     out.errors.push(MeshError::Routes(e));

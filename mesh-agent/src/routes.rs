@@ -58,12 +58,41 @@ pub enum RoutesError {
     Foreign { table: u32, dst: IpNet },
 }
 
+/// `rp_filter` the agent sets on every tunnel device: loose (a source must be routable through
+/// some interface, not necessarily this one). During a key rotation a peer's packets arrive on the
+/// next world's device while this node still routes that peer's prefixes through the current one
+/// (each side switches each peer on its own, docs/rotation.md); strict mode (1, the default of
+/// some distributions) would drop them. The kernel uses the larger of `conf/all` and the device's
+/// value, so 2 on the device is loose whatever `all` says — but only on a device with an IPv4
+/// address: the kernel's reverse-path check (`fib_validate_source`) drops a packet whose source
+/// is routed through another device when the ingress device has no address, for any non-zero
+/// `rp_filter`. Hence [`TUNNEL_ADDRESS`].
+pub const RP_FILTER_LOOSE: u32 = 2;
+
+/// The address the agent puts on every tunnel device (`/32`, `scope host`) so that loose
+/// reverse-path filtering is loose there (see [`RP_FILTER_LOOSE`]). Host scope: the kernel never
+/// picks it as the source of a packet routed through the tunnel (our routes are link scope).
+/// Link-local, the same on both tunnel devices; only a local route to itself comes with it.
+pub const TUNNEL_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 87, 1);
+
 /// The tunnel interface as the kernel reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkState {
     pub ifindex: u32,
     pub up: bool,
     pub mtu: u32,
+    /// The device's own IPv4 `rp_filter` (`None`: the kernel reported no IPv4 settings).
+    pub rp_filter: Option<u32>,
+    /// The device holds [`TUNNEL_ADDRESS`].
+    pub tunnel_address: bool,
+}
+
+impl LinkState {
+    /// Up, with `mtu`, a loose `rp_filter` and [`TUNNEL_ADDRESS`]: what every tunnel device of
+    /// the agent must be.
+    pub fn is_ready(&self, mtu: u32) -> bool {
+        self.up && self.mtu == mtu && self.rp_filter == Some(RP_FILTER_LOOSE) && self.tunnel_address
+    }
 }
 
 /// Routing operations on one network namespace (the one the agent runs in), in the agent's own
@@ -75,7 +104,8 @@ pub trait Routes: Send + Sync + 'static {
         ifname: &str,
     ) -> impl Future<Output = Result<Option<LinkState>, RoutesError>> + Send;
 
-    /// Sets the interface up with the given MTU.
+    /// Sets the interface up with the given MTU, a loose `rp_filter` ([`RP_FILTER_LOOSE`]) and
+    /// [`TUNNEL_ADDRESS`].
     fn link_up(
         &self,
         ifname: &str,

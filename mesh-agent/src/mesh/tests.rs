@@ -60,6 +60,11 @@ async fn apply_configures_peers_routes_mtu_and_port() {
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     assert_eq!((out.peers_set, out.routes_added), (2, 3));
     assert_eq!(routes.link_mtu("wm0"), Some(1420));
+    assert_eq!(
+        routes.link_rp_filter("wm0"),
+        Some(crate::routes::RP_FILTER_LOOSE),
+        "loose reverse-path filter on the tunnel device"
+    );
     assert!(routes.has_rule(), "the rule that selects our table");
     assert_eq!(datapath.status().unwrap().listen_port, 51871);
     assert!(
@@ -234,6 +239,14 @@ async fn drift_is_read_back_and_repaired() {
     assert!(out.errors.is_empty(), "{:?}", out.errors);
     assert_eq!(routes.link_mtu("wm0"), Some(1420));
     assert_eq!(routes.routes("wm0").len(), 2);
+    // Strict reverse-path filtering set by hand: loose again at the next pass.
+    routes.set_rp_filter("wm0", 1);
+    let out = mesh.apply(&w).await;
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(
+        routes.link_rp_filter("wm0"),
+        Some(crate::routes::RP_FILTER_LOOSE)
+    );
 }
 
 #[tokio::test]

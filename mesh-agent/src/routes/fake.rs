@@ -90,6 +90,18 @@ impl FakeRoutes {
             .map(|l| l.mtu)
     }
 
+    /// The `rp_filter` the interface was given, if it exists.
+    pub fn link_rp_filter(&self, ifname: &str) -> Option<u32> {
+        self.lock().links.get(ifname).and_then(|l| l.rp_filter)
+    }
+
+    /// Sets the interface's `rp_filter` behind the agent's back (`sysctl -w`).
+    pub fn set_rp_filter(&self, ifname: &str, value: u32) {
+        if let Some(link) = self.lock().links.get_mut(ifname) {
+            link.rp_filter = Some(value);
+        }
+    }
+
     /// Calls made so far (`link_up <if> <mtu>`, `add <if> <dst>`, `del <if> <dst>`, `rule add`,
     /// `rule remove`).
     pub fn calls(&self) -> Vec<String> {
@@ -126,9 +138,13 @@ impl Routes for FakeRoutes {
             ifindex: next,
             up: false,
             mtu: 0,
+            rp_filter: Some(0),
+            tunnel_address: false,
         });
         link.up = true;
         link.mtu = mtu;
+        link.rp_filter = Some(super::RP_FILTER_LOOSE);
+        link.tunnel_address = true;
         Ok(())
     }
 

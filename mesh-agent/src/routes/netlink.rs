@@ -11,14 +11,16 @@ use rtnetlink::{
     IpVersion, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags},
+        address::{AddressAttribute, AddressScope},
+        link::{AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute, LinkFlags},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
 
-use super::{LinkState, ROUTE_PROTOCOL, RULE_PRIORITY, Routes, RoutesError};
+use super::{
+    LinkState, ROUTE_PROTOCOL, RP_FILTER_LOOSE, RULE_PRIORITY, Routes, RoutesError, TUNNEL_ADDRESS,
+};
 use crate::netlink;
 
 /// See the module docs. Dropping it closes the netlink connection.
@@ -50,7 +52,68 @@ impl NetlinkRoutes {
     }
 
     async fn ifindex(&self, ifname: &str) -> Result<Option<u32>, RoutesError> {
-        Ok(self.link(ifname).await?.map(|l| l.ifindex))
+        Ok(self.link_state(ifname).await?.map(|l| l.ifindex))
+    }
+
+    /// The link without [`LinkState::tunnel_address`] (false): one request.
+    async fn link_state(&self, ifname: &str) -> Result<Option<LinkState>, RoutesError> {
+        let mut links = self
+            .netlink
+            .handle()
+            .link()
+            .get()
+            .match_name(ifname.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(Some(LinkState {
+                ifindex: link.header.index,
+                up: link.header.flags.contains(LinkFlags::Up),
+                mtu: link
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::Mtu(mtu) => Some(*mtu),
+                        _ => None,
+                    })
+                    .unwrap_or(0),
+                rp_filter: link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::AfSpecUnspec(specs) => specs.iter().find_map(|s| match s {
+                        AfSpecUnspec::Inet(inet) => inet.iter().find_map(|i| match i {
+                            AfSpecInet::DevConf(conf) => u32::try_from(conf.rp_filter).ok(),
+                            _ => None,
+                        }),
+                        _ => None,
+                    }),
+                    _ => None,
+                }),
+                tunnel_address: false,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(netlink_error("get link", ifname, e)),
+        }
+    }
+
+    /// Whether the link `ifindex` holds [`TUNNEL_ADDRESS`].
+    async fn has_tunnel_address(&self, ifname: &str, ifindex: u32) -> Result<bool, RoutesError> {
+        let addresses: Vec<_> = self
+            .netlink
+            .handle()
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .set_address_filter(IpAddr::V4(TUNNEL_ADDRESS))
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| netlink_error("list addresses", ifname, e))?;
+        Ok(addresses.iter().any(|m| {
+            m.header.index == ifindex
+                && m.attributes.iter().any(|a| {
+                    matches!(a, AddressAttribute::Address(IpAddr::V4(v4))
+                        | AddressAttribute::Local(IpAddr::V4(v4)) if *v4 == TUNNEL_ADDRESS)
+                })
+        }))
     }
 
     async fn require_ifindex(&self, ifname: &str) -> Result<u32, RoutesError> {
@@ -187,41 +250,57 @@ fn dumped(message: &RouteMessage) -> Option<Dumped> {
 
 impl Routes for NetlinkRoutes {
     async fn link(&self, ifname: &str) -> Result<Option<LinkState>, RoutesError> {
-        let mut links = self
-            .netlink
-            .handle()
-            .link()
-            .get()
-            .match_name(ifname.to_string())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(link)) => Ok(Some(LinkState {
-                ifindex: link.header.index,
-                up: link.header.flags.contains(LinkFlags::Up),
-                mtu: link
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        LinkAttribute::Mtu(mtu) => Some(*mtu),
-                        _ => None,
-                    })
-                    .unwrap_or(0),
-            })),
-            Ok(None) => Ok(None),
-            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(netlink_error("get link", ifname, e)),
-        }
+        let Some(mut link) = self.link_state(ifname).await? else {
+            return Ok(None);
+        };
+        link.tunnel_address = self.has_tunnel_address(ifname, link.ifindex).await?;
+        Ok(Some(link))
     }
 
     async fn link_up(&self, ifname: &str, mtu: u32) -> Result<(), RoutesError> {
         let ifindex = self.require_ifindex(ifname).await?;
+        // rp_filter over rtnetlink (IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF), not /proc/sys: the
+        // agent's container has NET_ADMIN but a read-only /proc/sys.
+        // Only the non-zero fields of a request are sent: rp_filter alone.
+        let mut conf = InetDevConf::default();
+        conf.rp_filter = RP_FILTER_LOOSE as i32;
+        let mut message = LinkUnspec::new_with_index(ifindex).mtu(mtu).up().build();
+        message
+            .attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                AfSpecInet::DevConfRequest(conf),
+            ])]));
         self.netlink
             .handle()
             .link()
-            .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).up().build())
+            .set(message)
             .execute()
             .await
-            .map_err(|e| netlink_error(&format!("set up, mtu {mtu}"), ifname, e))
+            .map_err(|e| {
+                netlink_error(
+                    &format!("set up, mtu {mtu}, rp_filter {RP_FILTER_LOOSE}"),
+                    ifname,
+                    e,
+                )
+            })?;
+        if self.has_tunnel_address(ifname, ifindex).await? {
+            return Ok(());
+        }
+        let mut add = self
+            .netlink
+            .handle()
+            .address()
+            .add(ifindex, IpAddr::V4(TUNNEL_ADDRESS), 32);
+        add.message_mut().header.scope = AddressScope::Host;
+        match add.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(netlink_error(
+                &format!("add address {TUNNEL_ADDRESS}/32 scope host"),
+                ifname,
+                e,
+            )),
+        }
     }
 
     async fn list(&self, ifname: &str) -> Result<Vec<IpNet>, RoutesError> {
@@ -474,9 +553,31 @@ mod tests {
                 .unwrap();
             assert!(routes.list("wmtest0").await.unwrap().is_empty());
             assert!(!routes.link("wmtest0").await.unwrap().unwrap().up);
+            assert_ne!(
+                routes.link("wmtest0").await.unwrap().unwrap().rp_filter,
+                Some(RP_FILTER_LOOSE)
+            );
             routes.link_up("wmtest0", 1420).await.unwrap();
             let link = routes.link("wmtest0").await.unwrap().unwrap();
-            assert!(link.up && link.mtu == 1420, "{link:?}");
+            assert!(link.is_ready(1420), "{link:?}");
+            // The sysctl an operator reads says the same (/proc/sys/net follows the namespace
+            // of the reading thread).
+            let sysctl =
+                std::fs::read_to_string("/proc/sys/net/ipv4/conf/wmtest0/rp_filter").unwrap();
+            assert_eq!(sysctl.trim(), RP_FILTER_LOOSE.to_string());
+            // Again: the address is not added twice.
+            routes.link_up("wmtest0", 1420).await.unwrap();
+            let ifindex = routes.require_ifindex("wmtest0").await.unwrap();
+            let ours: Vec<_> = routes
+                .netlink
+                .addresses()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|m| m.header.index == ifindex && m.header.family == AddressFamily::Inet)
+                .collect();
+            assert_eq!(ours.len(), 1, "{ours:?}");
+            assert_eq!(ours[0].header.scope, AddressScope::Host);
             assert!(routes.link("nope0").await.unwrap().is_none());
 
             let v4 = IpNet::from_str("10.244.1.0/24").unwrap();
