@@ -316,6 +316,11 @@ pub fn current_identity(
 
 /// The key and endpoint of `peer` in the next world of `rotation`: a participant's announced
 /// next world (`None` until it announced it), a non-participant's published identity.
+///
+/// A participant marked `retired` that no longer announces a next world has completed the
+/// rotation (it saw Complete before this node's KeyRotation cache did): what it publishes now is
+/// its next world, so it stays in ours. Dropping it there would leave its prefixes, which this
+/// node already sends through the next world, without a peer until this node sees Complete too.
 pub fn next_identity(
     peer: &DesiredPeer,
     peer_annotations: &BTreeMap<String, String>,
@@ -324,6 +329,11 @@ pub fn next_identity(
 ) -> Option<(PublicKey, SocketAddr)> {
     if !rotation.participants.contains(&peer.node) {
         return Some(current_identity(peer, peer_annotations, rotations));
+    }
+    if peer.next_endpoint.is_none()
+        && peer_step(peer_annotations, &rotation.id) == Some(RotationStep::Retired)
+    {
+        return Some((peer.public_key, peer.endpoint));
     }
     let endpoint = peer.next_endpoint?;
     let key = if rotation.rotates(&peer.node) {

@@ -643,14 +643,13 @@ impl Steering {
         let Some(loaded) = self.loaded.as_mut() else {
             return Ok(());
         };
-        if let Some((compiled, ipcache)) = &desired
-            && write_all(loaded, compiled, ipcache, &self.metrics)?
-            && let Some(started) = policy_started
-        {
-            self.metrics
-                .policy_apply_duration
-                .observe(started.elapsed().as_secs_f64());
-        }
+        // The config before the ipcache: when a rotation completes, the next world's device
+        // becomes `tunnel_ifindex` and the ALT_TUNNEL flags go. With the flags cleared first,
+        // packets to a switched peer were redirected for a moment into the old world's device,
+        // flushed in that same reconciler pass (one lost ping in some `make demo` runs). Written
+        // first, the config sends flagged entries to the new tunnel too (`alt_tunnel_ifindex` 0
+        // falls back to `tunnel_ifindex`); at a rotation's start `alt_tunnel_ifindex` is set
+        // before any entry carries the flag.
         let maps = loaded.loader.maps();
         if maps.config().ok() != Some(config) {
             maps.set_config(&config).map_err(SteeringError::Maps)?;
@@ -661,6 +660,14 @@ impl Steering {
                 wg_port = listen_port,
                 "eBPF config written"
             );
+        }
+        if let Some((compiled, ipcache)) = &desired
+            && write_all(loaded, compiled, ipcache, &self.metrics)?
+            && let Some(started) = policy_started
+        {
+            self.metrics
+                .policy_apply_duration
+                .observe(started.elapsed().as_secs_f64());
         }
         self.metrics.ebpf_strict.set(i64::from(strict));
         let mut placed = placement(&snap, own_ip, tunnel, &self.settings.node_name, &pods);

@@ -248,6 +248,26 @@ fn peers_are_seen_under_the_identity_of_each_world() {
         ..peer.clone()
     };
     assert_eq!(next_identity(&quiet, &marks, &active, &rotations), None);
+    // It completed (marked retired, its next world published as its identity) before this
+    // node's cache saw the rotation end: it stays in the next world under what it publishes.
+    let completed = DesiredPeer {
+        public_key: new,
+        endpoint: "10.0.0.2:51872".parse().unwrap(),
+        next_public_key: None,
+        next_endpoint: None,
+        ..peer.clone()
+    };
+    let retired = BTreeMap::from([(ANNOTATION_ROTATION.to_string(), "r.1234abcd=retired".into())]);
+    let retiring = rotation(RotationPhase::Retiring);
+    assert_eq!(
+        next_identity(
+            &completed,
+            &retired,
+            &retiring,
+            std::slice::from_ref(&retiring)
+        ),
+        Some((new, completed.endpoint))
+    );
     let revoking = RotationView {
         revoke: true,
         ..active
