@@ -173,7 +173,8 @@ pub struct Underlay {
     pub control_plane_ip: Ipv4Addr,
     /// The nodes' pod CIDRs (any outer header with an address in one is plaintext pod traffic).
     pub pod_cidrs: Vec<Ipv4Net>,
-    /// The WireGuard UDP port.
+    /// The WireGuard UDP port of tunnel slot a; slot b (the other world of a key rotation, the
+    /// current one after an odd number of rotations) listens on the next port.
     pub wireguard_port: u16,
 }
 
@@ -311,7 +312,8 @@ pub fn classify(
             let udp = &ip[header_len..];
             let sport = u16::from_be_bytes([udp[0], udp[1]]);
             let dport = u16::from_be_bytes([udp[2], udp[3]]);
-            let on_port = sport == underlay.wireguard_port || dport == underlay.wireguard_port;
+            let ports = underlay.wireguard_port..=underlay.wireguard_port.saturating_add(1);
+            let on_port = ports.contains(&sport) || ports.contains(&dport);
             if let (true, Some(kind)) = (on_port, wireguard_type(&udp[8..])) {
                 *report.wireguard.entry(kind).or_default() += 1;
                 continue;
@@ -410,10 +412,17 @@ mod tests {
                 }),
             ),
             frame([10, 213, 1, 11], [10, 213, 1, 1], 6, &[0u8; 20]),
+            // Slot b's port (after a key rotation).
+            frame(
+                [10, 213, 1, 12],
+                [10, 213, 1, 11],
+                17,
+                &udp(51872, 51872, &wg_data(32 + 64)),
+            ),
         ];
         let report = classify(&frames, false, &underlay(), b"MARKER");
         assert!(report.clean(), "{report:?}");
-        assert_eq!(report.wireguard_data(), 1);
+        assert_eq!(report.wireguard_data(), 2);
         assert_eq!(report.wireguard["handshake-initiation"], 1);
         assert_eq!(report.control_plane, 1);
     }

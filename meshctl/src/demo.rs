@@ -37,6 +37,14 @@ use crate::{
 /// Where `demo up` writes the cluster description.
 pub const DEMO_DIR: &str = "/run/wiremesh-demo";
 
+/// The demo directory in use: `$WIREMESH_DEMO_DIR`, else [`DEMO_DIR`] (two demos side by side
+/// on one machine need two directories).
+pub fn demo_dir() -> PathBuf {
+    std::env::var_os("WIREMESH_DEMO_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from(DEMO_DIR), PathBuf::from)
+}
+
 /// Field manager of meshctl's server-side applies.
 const FIELD_MANAGER: &str = "meshctl";
 

@@ -1,10 +1,6 @@
 //! `meshctl`: the wiremesh operator CLI.
 
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -225,12 +221,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pods_per_node,
                 agent_binary: agent_bin.unwrap_or_else(demo::default_agent_binary),
                 timeout: Duration::from_secs(timeout),
-                demo_dir: PathBuf::from(demo::DEMO_DIR),
+                demo_dir: demo::demo_dir(),
             };
             let description = demo::up(&opts).await?;
             println!(
                 "==> the mesh is up; cluster described in {}/cluster.json",
-                demo::DEMO_DIR
+                demo::demo_dir().display()
             );
             println!("    kubeconfig: {}", description.kubeconfig.display());
             for pod in &description.pods {
@@ -254,7 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo {
             command: DemoCommand::Traffic,
         } => {
-            let description = demo::running(Path::new(demo::DEMO_DIR))?;
+            let description = demo::running(&demo::demo_dir())?;
             let (results, capture) = demo::traffic_with_capture(&description)?;
             let verdict = |r: &Result<(), meshctl::traffic::TrafficError>| {
                 if r.is_ok() { "ok" } else { "FAILED" }
@@ -309,7 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo {
             command: DemoCommand::Flows,
         } => {
-            let description = demo::running(Path::new(demo::DEMO_DIR))?;
+            let description = demo::running(&demo::demo_dir())?;
             let mut ok = true;
             let client = kube_client_from(Some(&description.kubeconfig)).await?;
             let agents =
@@ -346,14 +342,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo {
             command: DemoCommand::Kubeconfig,
         } => {
-            let description = demo::running(Path::new(demo::DEMO_DIR))?;
+            let description = demo::running(&demo::demo_dir())?;
             println!("{}", description.kubeconfig.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
             command: DemoCommand::Rotate,
         } => {
-            let description = demo::running(Path::new(demo::DEMO_DIR))?;
+            let description = demo::running(&demo::demo_dir())?;
             Ok(if demo::rotate_under_traffic(&description).await? {
                 println!("==> rotation complete: every key changed, nothing lost");
                 ExitCode::SUCCESS
@@ -365,12 +361,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo {
             command: DemoCommand::Down,
         } => {
-            if demo::down(Path::new(demo::DEMO_DIR))? {
+            if demo::down(&demo::demo_dir())? {
                 println!("==> demo removed");
             } else {
                 println!(
                     "==> no demo running ({}/cluster.json absent)",
-                    demo::DEMO_DIR
+                    demo::demo_dir().display()
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -1017,11 +1017,13 @@ pub async fn kill_agent_under_traffic(
 /// The kind of `node`'s tunnel interface as `ip -d link` names it: `wireguard` for a kernel
 /// link, `tun` for the userspace device.
 pub fn device_kind(cluster: &VirtualCluster, node: &str) -> Result<String, String> {
+    link_kind(cluster, node, &ifname(cluster, node))
+}
+
+/// [`device_kind`] of the interface `ifname` in `node` (a rotation's second slot).
+pub fn link_kind(cluster: &VirtualCluster, node: &str, ifname: &str) -> Result<String, String> {
     let out = cluster
-        .exec_in_node(
-            node,
-            ["ip", "-d", "-o", "link", "show", &ifname(cluster, node)],
-        )
+        .exec_in_node(node, ["ip", "-d", "-o", "link", "show", ifname])
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout);
     ["wireguard", "tun"]
