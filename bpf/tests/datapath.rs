@@ -388,6 +388,71 @@ fn remote_pod_is_redirected_into_the_tunnel() {
     .expect("dropped-plaintext record from from_pod");
 }
 
+/// Key rotation (docs/rotation.md): an ENCRYPT entry flagged `ALT_TUNNEL` goes into
+/// `alt_tunnel_ifindex` (the next world's device); with `alt_tunnel_ifindex` 0 the flag falls back
+/// to `tunnel_ifindex`. The agent relies on the fallback when a rotation completes: it writes the
+/// config (the next world becomes `tunnel_ifindex`, no alt) before it clears the flags, so no
+/// packet is sent into the old world's device in between.
+#[test]
+fn alt_tunnel_flag_redirects_into_the_next_world_and_falls_back_to_the_tunnel() {
+    let Some(t) = Topo::for_test("alt") else {
+        return;
+    };
+    let (tun_name, tun, tun_index) = node_tun(&t);
+    let alt_name = format!("wx{}", &t.host_a[2..]);
+    let n = alt_name.clone();
+    let (alt, alt_index) = in_ns(&t.node, move || {
+        let tun = Tun::create(&n);
+        (tun, ifindex(&n))
+    });
+    ip(&t.node, &["link", "set", &tun_name, "up"]);
+    ip(&t.node, &["link", "set", &alt_name, "up"]);
+    let mut loader = load(&t, pod_hooks(&t));
+    let maps = loader.maps();
+    maps.set_config(&Config::new(tun_index, Mode::Permissive, 1, 0).with_alt_tunnel(alt_index))
+        .expect("config");
+    maps.upsert_ipcache(Ipv4Net::from(POD_A), local(POD_A, Identity(256)))
+        .expect("ipcache");
+    let range: Ipv4Net = "10.201.9.0/24".parse().expect("net");
+    let flagged = IpcacheValue::new(
+        300,
+        2,
+        PEER_NODE,
+        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT | ipcache_flags::ALT_TUNNEL,
+    );
+    maps.upsert_ipcache(range, flagged).expect("ipcache");
+
+    let tx = udp_socket(&t.pod_a, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let dst = SocketAddrV4::new(REMOTE_POD, 5555);
+    let to_remote = |p: &[u8]| {
+        p.len() >= 28 && p[0] >> 4 == 4 && p[9] == 17 && p[16..20] == REMOTE_POD.octets()
+    };
+    let seen_on = |device: &Tun| {
+        // Packets queued before the change do not count.
+        for d in [&tun, &alt] {
+            d.wait_packet(Duration::from_millis(200), |_| false);
+        }
+        eventually(Duration::from_secs(5), || {
+            tx.send_to(b"to-remote", dst).expect("send");
+            device.wait_packet(Duration::from_millis(200), to_remote)
+        })
+    };
+    assert!(seen_on(&alt), "flagged: into the alt tunnel");
+    // The completion order: config first (the alt device is the tunnel now, no alt), flags still
+    // set.
+    set_config(&mut loader, Config::new(alt_index, Mode::Permissive, 1, 0));
+    assert!(
+        seen_on(&alt),
+        "flagged with no alt tunnel: into tunnel_ifindex (the new world)"
+    );
+    // And a flagged entry with alt 0 and the old tunnel as tunnel_ifindex goes there too.
+    set_config(&mut loader, Config::new(tun_index, Mode::Permissive, 1, 0));
+    assert!(
+        seen_on(&tun),
+        "flagged with no alt tunnel: into tunnel_ifindex"
+    );
+}
+
 #[test]
 fn strict_underlay_drops_plaintext_pod_traffic() {
     let Some(t) = Topo::for_test("strict underlay") else {
