@@ -168,6 +168,9 @@ async fn guest_kernel_and_mixed_mesh() {
             );
         }
     }
+    // The retired-key refusals of step 3 mean something: the same probe with a key in force is
+    // answered by a kernel link (last: it moves node-1's endpoint on node-2 for a moment).
+    under_traffic::assert_probe_answered(&cluster, "node-1", "node-2").await;
     eprintln!(
         "kernel mesh in the VM: converged {:.1} s after the start; agent kill: ping {} sent, {} \
          received ({} while the agent was down or starting), TCP {} bytes, agent ready after \

@@ -282,3 +282,30 @@ pub async fn assert_on_slot_b(cluster: &VirtualCluster, nodes: &[&str]) {
         );
     }
 }
+
+/// The refusal probe can succeed: a handshake initiated with `node`'s key in force is answered by
+/// `peer` at its published endpoint (the port of its current slot: participants alternate slots
+/// with every completed rotation, rotating or not). Run it last: `peer` then takes the test's
+/// socket as `node`'s endpoint until `node`'s next authenticated packet moves it back.
+pub async fn assert_probe_answered(cluster: &VirtualCluster, node: &str, peer: &str) {
+    let own = private_key(cluster, node);
+    let (peer_key, _) = identity(cluster, peer).await;
+    let peer_key = PublicKey::from_base64(&peer_key).expect("key");
+    let endpoint = wiremesh_integration::objects::node_annotation(
+        cluster.client(),
+        peer,
+        "wiremesh.io/endpoint",
+    )
+    .await
+    .expect("get node")
+    .expect("published endpoint");
+    let to: SocketAddr = endpoint.parse().expect("endpoint");
+    let answered = tokio::task::block_in_place(|| {
+        handshake_answered(&own, &peer_key, to, Duration::from_secs(3))
+    });
+    assert!(
+        answered,
+        "{peer} at {to} did not answer a handshake with {node}'s key in force: the refusal \
+         probe proves nothing"
+    );
+}
