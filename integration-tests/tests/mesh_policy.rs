@@ -156,13 +156,7 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
     .await;
 
     // An ipBlock naming node-2's IPv6 podCIDR admits pod-2-2 to web over IPv6 only.
-    let node2_v6 = cluster
-        .node("node-2")
-        .expect("node-2")
-        .network
-        .pod_cidr6
-        .expect("dual stack")
-        .to_string();
+    let node2_v6 = pod_cidr6(&cluster, "node-2");
     create_policy(
         &cluster,
         "allow-node-2-ipv6",

@@ -262,13 +262,7 @@ async fn refuses_an_ipv6_claim_outside_the_pod_cidrs(
         !allowed.contains(OUTSIDE6),
         "{OUTSIDE6} is no allowed IP: {allowed}"
     );
-    let node2_v6 = cluster
-        .node("node-2")
-        .expect("node-2")
-        .network
-        .pod_cidr6
-        .expect("dual stack")
-        .to_string();
+    let node2_v6 = pod_cidr6(cluster, "node-2");
     assert!(
         allowed.contains(&node2_v6),
         "node-2's IPv6 podCIDR is an allowed IP of its peer: {allowed}"

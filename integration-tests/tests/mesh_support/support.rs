@@ -278,6 +278,17 @@ pub fn pod_ip(cluster: &VirtualCluster, pod: &str, family: Family) -> std::net::
     }
 }
 
+/// `node`'s IPv6 podCIDR (panics in a single-stack cluster).
+pub fn pod_cidr6(cluster: &VirtualCluster, node: &str) -> String {
+    cluster
+        .node(node)
+        .expect("node")
+        .network
+        .pod_cidr6
+        .unwrap_or_else(|| panic!("{node} has no IPv6 podCIDR (not a dual-stack cluster)"))
+        .to_string()
+}
+
 /// A pod as a traffic end.
 pub fn pod_end(cluster: &VirtualCluster, pod: &str) -> PodEnd {
     pod_end_in(cluster, pod, Family::V4)

@@ -19,7 +19,7 @@ use rtnetlink::{
         RouteNetlinkMessage,
         address::AddressAttribute,
         link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-        route::{RouteAddress, RouteAttribute, RouteType},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     },
 };
 use tokio::{sync::Notify, task::AbortHandle};
@@ -107,6 +107,25 @@ fn dump_error(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> LinksError
     move |source| LinksError::Dump { what, source }
 }
 
+/// A unicast route with an output interface: (destination, `None` for a default route;
+/// prefix length; oif).
+fn unicast_route(r: &RouteMessage) -> Option<(Option<IpAddr>, u8, u32)> {
+    if r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut dst = None;
+    let mut oif = None;
+    for attr in &r.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    Some((dst, r.header.destination_prefix_length, oif?))
+}
+
 fn link_name(link: &LinkMessage) -> Option<String> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.clone()),
@@ -170,45 +189,23 @@ impl Links {
             .routes(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .await
             .map_err(dump_error("list IPv4 routes"))?;
-        for r in &routes {
-            if r.header.kind != RouteType::Unicast {
-                continue;
-            }
-            let mut dst = Ipv4Addr::UNSPECIFIED;
-            let mut oif = None;
-            for attr in &r.attributes {
-                match attr {
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
-                    RouteAttribute::Oif(i) => oif = Some(*i),
-                    _ => {}
-                }
-            }
-            if let Some(oif) = oif {
-                out.routes
-                    .push((dst, r.header.destination_prefix_length, oif));
+        for (dst, len, oif) in routes.iter().filter_map(unicast_route) {
+            match dst {
+                None => out.routes.push((Ipv4Addr::UNSPECIFIED, len, oif)),
+                Some(IpAddr::V4(a)) => out.routes.push((a, len, oif)),
+                Some(IpAddr::V6(_)) => {}
             }
         }
+        // A namespace with IPv6 disabled has no IPv6 routes to name pods by.
         let routes6 = self
             .netlink
             .routes(RouteMessageBuilder::<Ipv6Addr>::new().build())
             .await;
-        // A namespace with IPv6 disabled has no IPv6 routes to name pods by.
-        for r in routes6.iter().flatten() {
-            if r.header.kind != RouteType::Unicast {
-                continue;
-            }
-            let mut dst = Ipv6Addr::UNSPECIFIED;
-            let mut oif = None;
-            for attr in &r.attributes {
-                match attr {
-                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = *a,
-                    RouteAttribute::Oif(i) => oif = Some(*i),
-                    _ => {}
-                }
-            }
-            if let Some(oif) = oif {
-                out.routes6
-                    .push((dst, r.header.destination_prefix_length, oif));
+        for (dst, len, oif) in routes6.iter().flatten().filter_map(unicast_route) {
+            match dst {
+                None => out.routes6.push((Ipv6Addr::UNSPECIFIED, len, oif)),
+                Some(IpAddr::V6(a)) => out.routes6.push((a, len, oif)),
+                Some(IpAddr::V4(_)) => {}
             }
         }
         Ok(out)

@@ -554,3 +554,71 @@ fn dual_stack_writes_ipv6_pods_cidrs_and_ipblocks_to_the_ipv6_maps() {
     assert!(!maps.ipcache6.contains_key(&v6("fd00:10:244:2::b/128")));
     assert!(maps.cidrs6.is_empty());
 }
+
+/// Issue 13, finding 3: a pod with only an IPv6 address is found by its IPv6 route (on main
+/// only IPv4 routes were read, so its veth got no programs: no policy, no anti-spoofing), and a
+/// dual-stack pod's entry holds both addresses.
+#[test]
+fn ipv6_routes_name_pod_veths_too() {
+    let v6 = |s: &str| -> std::net::Ipv6Addr { s.parse().unwrap() };
+    let snap = links::LinkSnapshot {
+        names: BTreeMap::from([(2, "eth0".into()), (5, "veth1".into()), (6, "veth2".into())]),
+        addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 11), 2)]),
+        routes: vec![
+            (Ipv4Addr::UNSPECIFIED, 0, 2),
+            (Ipv4Addr::new(10, 244, 1, 11), 32, 5),
+        ],
+        routes6: vec![
+            (v6("fd00:10:244:1::b"), 128, 5),
+            (v6("fd00:10:244:1::c"), 128, 6),
+        ],
+        veths: BTreeSet::from([5, 6]),
+        ..links::LinkSnapshot::default()
+    };
+    let only6 = Pod::clone(&pod("only6", "n1", "fd00:10:244:1::c", "x"));
+    let pods = vec![
+        crate::fixtures::pod_dual(
+            "dual",
+            "n1",
+            "10.244.1.11",
+            "fd00:10:244:1::b",
+            ("role", "x"),
+        ),
+        Arc::new(only6),
+    ];
+    let placed = placement(
+        &snap,
+        Some(Ipv4Addr::new(10, 213, 0, 11)),
+        None,
+        "n1",
+        &pods,
+    );
+    let on: BTreeSet<&str> = placed
+        .wanted
+        .iter()
+        .filter(|(_, (hook, _))| *hook == Hook::FromPod)
+        .map(|((iface, _), _)| iface.as_str())
+        .collect();
+    assert_eq!(on, BTreeSet::from(["veth1", "veth2"]));
+    assert_eq!(
+        placed.endpoints,
+        BTreeMap::from([
+            (
+                5,
+                EndpointValue::new(
+                    Some(Ipv4Addr::new(10, 244, 1, 11)),
+                    Some(v6("fd00:10:244:1::b"))
+                )
+            ),
+            (6, EndpointValue::new(None, Some(v6("fd00:10:244:1::c")))),
+        ])
+    );
+    // A policy selecting the IPv6-only pod: it is named by its route, so nothing waits.
+    let deny: wiremesh_policy::Policy = wiremesh_policy::Policy::from_k8s(&policy(
+        "deny",
+        serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    ))
+    .unwrap();
+    let mut placed = placed;
+    assert!(fail_closed(&mut placed, &snap, "n1", &pods, &[deny]).is_empty());
+}
