@@ -331,6 +331,17 @@ pub fn pinned_ipcache_entries(pin_dir: &Path) -> Result<Vec<(Ipv4Net, IpcacheVal
     lpm_entries(&trie, name, lpm4_net)
 }
 
+/// [`pinned_ipcache_entries`] for the IPv6 ipcache (`wm_ipcache6`).
+pub fn pinned_ipcache6_entries(pin_dir: &Path) -> Result<Vec<(Ipv6Net, IpcacheValue)>, Error> {
+    let newest = pinned_generations(pin_dir).last().copied().unwrap_or(0);
+    let name = "wm_ipcache6";
+    let data =
+        MapData::from_pin(generation_dir(pin_dir, newest).join(name)).map_err(map_err(name))?;
+    let trie: LpmTrie<MapData, [u8; 16], IpcacheValue> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err(name))?;
+    lpm_entries(&trie, name, lpm6_net)
+}
+
 /// Where the generations of map pins live under a node's pin directory: the directory itself
 /// (generation 0, as every build before generations pinned them) and `gen-<n>` in it.
 fn generation_dir(pin_dir: &Path, generation: u32) -> PathBuf {

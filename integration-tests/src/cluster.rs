@@ -120,6 +120,10 @@ pub struct ClusterOptions {
     /// table; see [`netns`]), so cross-node pod traffic flows without a mesh and the mesh's own
     /// routes (lower metric) take precedence.
     pub plaintext_pod_routes: bool,
+    /// Dual stack: every node also gets an IPv6 podCIDR (fd00:10:244:<index>::/64, in its
+    /// `spec.podCIDRs`) and an IPv6 InternalIP, every pod an IPv6 address from it (in its
+    /// `status.podIPs`); see [`netns`]. The tunnel endpoints stay IPv4.
+    pub dual_stack: bool,
 }
 
 impl Default for ClusterOptions {
@@ -138,6 +142,7 @@ impl Default for ClusterOptions {
             node_read_rbac: true,
             testenv_ready_timeout: Duration::from_secs(180),
             plaintext_pod_routes: true,
+            dual_stack: false,
         }
     }
 }
@@ -225,6 +230,7 @@ pub struct VirtualCluster {
     pod_namespace: String,
     pod_mtu: Option<u32>,
     plaintext_pod_routes: bool,
+    dual_stack: bool,
     testenv: Option<Testenv>,
     client: kube::Client,
     agent_identity: AgentIdentity,
@@ -339,6 +345,7 @@ impl VirtualCluster {
             pod_namespace: opts.pod_namespace.clone(),
             pod_mtu: opts.pod_mtu,
             plaintext_pod_routes: opts.plaintext_pod_routes,
+            dual_stack: opts.dual_stack,
             testenv: Some(testenv),
             client,
             agent_identity,
@@ -479,15 +486,27 @@ impl VirtualCluster {
             .join("nodes")
             .join(format!("{name}.kubeconfig"));
         let credentials = testenv.credentials().clone();
-        let network =
-            netns::create_node(&self.id, &self.lease, &self.bridge, index, &mut self.ledger)?;
+        let network = netns::create_node(
+            &self.id,
+            &self.lease,
+            &self.bridge,
+            index,
+            self.dual_stack,
+            &mut self.ledger,
+        )?;
         if self.plaintext_pod_routes {
             for other in &self.nodes {
                 netns::add_plaintext_route(&network, &other.network)?;
                 netns::add_plaintext_route(&other.network, &network)?;
             }
         }
-        objects::create_node(&self.client, &name, network.pod_cidr, network.underlay_ip).await?;
+        let pod_cidrs: Vec<ipnet::IpNet> = std::iter::once(network.pod_cidr.into())
+            .chain(network.pod_cidr6.map(Into::into))
+            .collect();
+        let addresses: Vec<std::net::IpAddr> = std::iter::once(network.underlay_ip.into())
+            .chain(network.underlay_ip6.map(Into::into))
+            .collect();
+        objects::create_node_with(&self.client, &name, &pod_cidrs, &addresses).await?;
         // After the Node: the token carries the node's name and UID.
         agentidentity::write_agent_kubeconfig(
             &self.client,
@@ -536,12 +555,15 @@ impl VirtualCluster {
             self.pod_mtu,
             &mut self.ledger,
         )?;
-        objects::create_pod(
+        let pod_ips: Vec<std::net::IpAddr> = std::iter::once(network.ip.into())
+            .chain(network.ip6.map(Into::into))
+            .collect();
+        objects::create_pod_with(
             &self.client,
             &self.pod_namespace,
             &name,
             &node.name,
-            network.ip,
+            &pod_ips,
             node.network.underlay_ip,
         )
         .await?;
@@ -938,6 +960,7 @@ impl VirtualCluster {
                         .map(|a| a.pid),
                     device_pid: self.supervised_pid(&n.name, Role::Device).map(|d| d.pid),
                     pod_cidr: n.network.pod_cidr.to_string(),
+                    pod_cidr6: n.network.pod_cidr6.map(|c| c.to_string()),
                     kubeconfig: n.kubeconfig.clone(),
                     agent_log: n.agent_log.clone(),
                     device_log: n.device_log.clone(),
@@ -953,6 +976,7 @@ impl VirtualCluster {
                     name: p.name.clone(),
                     netns: p.network.netns.clone(),
                     ip: p.network.ip,
+                    ip6: p.network.ip6,
                     node: p.node.clone(),
                 })
                 .collect(),

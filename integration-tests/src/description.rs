@@ -83,6 +83,9 @@ pub struct NodeDescription {
     /// Its podCIDR.
     #[serde(rename = "podCIDR")]
     pub pod_cidr: String,
+    /// Its IPv6 podCIDR (dual stack).
+    #[serde(rename = "podCIDR6", default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<String>,
     /// Kubeconfig with this node's own credentials (user `system:node:<name>`).
     pub kubeconfig: PathBuf,
     /// The agent's log file, if an agent was started.
@@ -110,6 +113,9 @@ pub struct PodDescription {
     pub netns: String,
     /// Its address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (dual stack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// The node it runs on.
     pub node: String,
 }
@@ -182,6 +188,7 @@ mod tests {
                 agent_pid: Some(43),
                 device_pid: Some(44),
                 pod_cidr: "10.244.1.0/24".into(),
+                pod_cidr6: None,
                 kubeconfig: "/run/wiremesh-demo/nodes/node-1.kubeconfig".into(),
                 agent_log: None,
                 device_log: None,
@@ -193,6 +200,7 @@ mod tests {
                 name: "pod-1-1".into(),
                 netns: "wm0000100-n1-p1".into(),
                 ip: Ipv4Addr::new(10, 244, 1, 11),
+                ip6: None,
                 node: "node-1".into(),
             }],
             id: "0000100".into(),

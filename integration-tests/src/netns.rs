@@ -11,10 +11,16 @@
 //! [`PLAINTEXT_ROUTE_METRIC`], so a mesh route to the same prefix with a lower metric wins, and removing
 //! it falls back to plaintext. An `unreachable` route for [`POD_SUPERNET`] in every node keeps pod
 //! traffic without any route from leaving through the node's default route to the host.
+//!
+//! Dual stack ([`create_node`] with `dual_stack`): the node also gets a second podCIDR
+//! fd00:10:244:<index>::/64 ([`pod_cidr6`]) and an IPv6 underlay address fd00:213:<k>::(10+i)/64
+//! on the same bridge (for the plaintext routes only: tunnel endpoints stay IPv4); its pods get
+//! fd00:10:244:<index>::(10+j)/128 behind the same veth, with the gateway fd00:10:244:<index>::1,
+//! wired like the IPv4 side. Single stack keeps IPv6 off in every namespace.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::{
     command::{self, CommandError},
@@ -52,6 +58,9 @@ pub enum NetnsError {
 /// All podCIDRs are inside this /16.
 pub const POD_SUPERNET: &str = "10.244.0.0/16";
 
+/// All IPv6 podCIDRs (dual stack) are inside this /48.
+pub const POD_SUPERNET6: &str = "fd00:10:244::/48";
+
 /// Metric of the plaintext underlay routes between nodes' podCIDRs (higher loses).
 pub const PLAINTEXT_ROUTE_METRIC: u32 = 1000;
 
@@ -72,6 +81,18 @@ pub struct NodeNetwork {
     pub pod_cidr: Ipv4Net,
     /// Gateway address of its pods (first address of the podCIDR, on every pod veth in the node).
     pub pod_gateway: Ipv4Addr,
+    /// Dual stack: the node's IPv6 podCIDR fd00:10:244:<index>::/64.
+    pub pod_cidr6: Option<Ipv6Net>,
+    /// Dual stack: its IPv6 underlay address (plaintext routes only).
+    pub underlay_ip6: Option<Ipv6Addr>,
+}
+
+impl NodeNetwork {
+    /// The IPv6 gateway of its pods (`::1` of the IPv6 podCIDR), if dual stack.
+    pub fn pod_gateway6(&self) -> Option<Ipv6Addr> {
+        self.pod_cidr6
+            .map(|c| Ipv6Addr::from(u128::from(c.network()) | 1))
+    }
 }
 
 /// The network side of one pod.
@@ -85,12 +106,20 @@ pub struct PodNetwork {
     pub node_link: String,
     /// The pod's address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (dual stack).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// The podCIDR of node `index`: 10.244.<index>.0/24.
 pub fn pod_cidr(node_index: u32) -> Option<Ipv4Net> {
     let third = u8::try_from(node_index).ok()?;
     Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).ok()
+}
+
+/// The IPv6 podCIDR of node `index` (dual stack): fd00:10:244:<index>::/64.
+pub fn pod_cidr6(node_index: u32) -> Option<Ipv6Net> {
+    let fourth = u16::try_from(node_index).ok()?;
+    Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x10, 0x244, fourth, 0, 0, 0, 0), 64).ok()
 }
 
 fn step<'a>(what: &'a str) -> impl Fn(CommandError) -> NetnsError + 'a {
@@ -107,12 +136,14 @@ fn sysctl_in(netns: &str, settings: &[&str]) -> Result<(), CommandError> {
     command::run_in(netns, argv).map(|_| ())
 }
 
-/// Creates node `index`'s namespace and underlay link, recording both in `ledger`.
+/// Creates node `index`'s namespace and underlay link, recording both in `ledger`; with
+/// `dual_stack` also its IPv6 side (module docs).
 pub fn create_node(
     id: &ClusterId,
     lease: &UnderlayLease,
     bridge: &str,
     index: u32,
+    dual_stack: bool,
     ledger: &mut Ledger,
 ) -> Result<NodeNetwork, NetnsError> {
     let underlay_ip = lease.node_ip(index).ok_or_else(|| {
@@ -128,6 +159,31 @@ pub fn create_node(
         underlay_ip,
         pod_cidr,
         pod_gateway: pod_cidr.hosts().next().unwrap_or(pod_cidr.network()),
+        pod_cidr6: None,
+        underlay_ip6: None,
+    };
+    let node = if dual_stack {
+        let cidr6 = pod_cidr6(index).ok_or_else(|| {
+            NetnsError::AddressPlan(format!("node index {index} has no IPv6 podCIDR"))
+        })?;
+        let host = u16::try_from(index + 10)
+            .map_err(|_| NetnsError::AddressPlan(format!("node index {index} too large")))?;
+        NodeNetwork {
+            pod_cidr6: Some(cidr6),
+            underlay_ip6: Some(Ipv6Addr::new(
+                0xfd00,
+                0x213,
+                u16::from(lease.index()),
+                0,
+                0,
+                0,
+                0,
+                host,
+            )),
+            ..node
+        }
+    } else {
+        node
     };
     let what = format!("node namespace {}", node.netns);
     let err = step(&what);
@@ -156,15 +212,29 @@ pub fn create_node(
     crate::underlay::disable_ipv6_host(&node.host_link);
     command::ip(["link", "set", &node.host_link, "master", bridge, "up"]).map_err(&err)?;
 
-    sysctl_in(
-        ns,
-        &[
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ],
-    )
-    .map_err(&err)?;
+    if dual_stack {
+        sysctl_in(
+            ns,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                // No router solicitations or autoconfiguration on the underlay.
+                "net.ipv6.conf.default.accept_ra=0",
+                "net.ipv6.conf.all.accept_ra=0",
+            ],
+        )
+        .map_err(&err)?;
+    } else {
+        sysctl_in(
+            ns,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )
+        .map_err(&err)?;
+    }
     command::ip_in(ns, ["link", "set", "lo", "up"]).map_err(&err)?;
     command::ip_in(
         ns,
@@ -190,7 +260,24 @@ pub fn create_node(
     )
     .map_err(&err)?;
     command::ip_in(ns, ["route", "add", "unreachable", POD_SUPERNET]).map_err(&err)?;
-    tracing::info!(netns = ns, underlay_ip = %underlay_ip, pod_cidr = %pod_cidr, "node network up");
+    if let Some(ip6) = node.underlay_ip6 {
+        command::ip_in(
+            ns,
+            [
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                &node.underlay_link,
+                "nodad",
+            ],
+        )
+        .map_err(&err)?;
+        command::ip_in(ns, ["-6", "route", "add", "unreachable", POD_SUPERNET6]).map_err(&err)?;
+    }
+    tracing::info!(netns = ns, underlay_ip = %underlay_ip, pod_cidr = %pod_cidr,
+        pod_cidr6 = ?node.pod_cidr6, "node network up");
     Ok(node)
 }
 
@@ -216,6 +303,9 @@ pub fn create_pod(
         node_netns: node.netns.clone(),
         node_link: format!("veth{pod_index}"),
         ip: Ipv4Addr::new(octets[0], octets[1], octets[2], host),
+        ip6: node
+            .pod_cidr6
+            .map(|c| Ipv6Addr::from(u128::from(c.network()) | u128::from(host))),
     };
     let what = format!("pod namespace {}", pod.netns);
     let err = step(&what);
@@ -228,14 +318,16 @@ pub fn create_pod(
     ledger.push(Resource::Netns {
         name: pod.netns.clone(),
     });
-    sysctl_in(
-        ns,
-        &[
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ],
-    )
-    .map_err(&err)?;
+    if pod.ip6.is_none() {
+        sysctl_in(
+            ns,
+            &[
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )
+        .map_err(&err)?;
+    }
     command::ip_in(
         node_ns,
         [
@@ -299,13 +391,49 @@ pub fn create_pod(
         ["route", "add", "default", "via", &gateway, "dev", "eth0"],
     )
     .map_err(&err)?;
-    tracing::info!(netns = ns, node = node_ns, ip = %pod.ip, "pod network up");
+    if let (Some(ip6), Some(gateway6)) = (pod.ip6, node.pod_gateway6()) {
+        let (ip6, gateway6) = (ip6.to_string(), gateway6.to_string());
+        let link = pod.node_link.as_str();
+        let gw = format!("{gateway6}/128");
+        command::ip_in(node_ns, ["-6", "addr", "add", &gw, "dev", link, "nodad"]).map_err(&err)?;
+        let host = format!("{ip6}/128");
+        command::ip_in(node_ns, ["-6", "route", "add", &host, "dev", link]).map_err(&err)?;
+        command::ip_in(ns, ["-6", "addr", "add", &host, "dev", "eth0", "nodad"]).map_err(&err)?;
+        command::ip_in(ns, ["-6", "route", "add", &gateway6, "dev", "eth0"]).map_err(&err)?;
+        command::ip_in(
+            ns,
+            [
+                "-6", "route", "add", "default", "via", &gateway6, "dev", "eth0",
+            ],
+        )
+        .map_err(&err)?;
+    }
+    tracing::info!(netns = ns, node = node_ns, ip = %pod.ip, ip6 = ?pod.ip6, "pod network up");
     Ok(pod)
 }
 
-/// Routes `remote`'s podCIDR from `node` over the underlay in plaintext (metric
-/// [`PLAINTEXT_ROUTE_METRIC`]).
+/// Routes `remote`'s podCIDR (and IPv6 podCIDR, dual stack) from `node` over the underlay in
+/// plaintext (metric [`PLAINTEXT_ROUTE_METRIC`]).
 pub fn add_plaintext_route(node: &NodeNetwork, remote: &NodeNetwork) -> Result<(), NetnsError> {
+    if let (Some(cidr6), Some(via6), Some(_)) =
+        (remote.pod_cidr6, remote.underlay_ip6, node.underlay_ip6)
+    {
+        let what = format!("plaintext route {cidr6} in {}", node.netns);
+        command::ip_in(
+            &node.netns,
+            [
+                "-6",
+                "route",
+                "add",
+                &cidr6.to_string(),
+                "via",
+                &via6.to_string(),
+                "metric",
+                &PLAINTEXT_ROUTE_METRIC.to_string(),
+            ],
+        )
+        .map_err(step(&what))?;
+    }
     let what = format!("plaintext route {} in {}", remote.pod_cidr, node.netns);
     command::ip_in(
         &node.netns,
@@ -325,6 +453,20 @@ pub fn add_plaintext_route(node: &NodeNetwork, remote: &NodeNetwork) -> Result<(
 
 /// Removes the plaintext route to `remote`'s podCIDR from `node`; a missing route counts as removed.
 pub fn remove_plaintext_route(node: &NodeNetwork, remote: &NodeNetwork) -> Result<(), NetnsError> {
+    if let (Some(cidr6), Some(via6)) = (remote.pod_cidr6, remote.underlay_ip6) {
+        let what = format!("plaintext route {cidr6} in {}", node.netns);
+        let metric = PLAINTEXT_ROUTE_METRIC.to_string();
+        let (cidr6, via6) = (cidr6.to_string(), via6.to_string());
+        let argv = [
+            "-6", "route", "del", &cidr6, "via", &via6, "metric", &metric,
+        ];
+        match command::ip_in(&node.netns, argv) {
+            Err(e) if !e.stderr().contains("No such process") => {
+                return Err(NetnsError::Command { what, source: e });
+            }
+            _ => {}
+        }
+    }
     let what = format!("plaintext route {} in {}", remote.pod_cidr, node.netns);
     let metric = PLAINTEXT_ROUTE_METRIC.to_string();
     match command::ip_in(

@@ -1,9 +1,9 @@
 //! The Kubernetes side of the virtual cluster: Node and Pod objects as a kubelet and a CNI would
 //! leave them (podCIDRs, InternalIP, podIPs, Ready), created by the admin since no kubelet runs.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::{
     authentication::v1::TokenRequest,
     core::v1::{Namespace, Node, Pod, ServiceAccount},
@@ -85,10 +85,22 @@ pub async fn create_node(
     pod_cidr: Ipv4Net,
     internal_ip: Ipv4Addr,
 ) -> Result<Node, ObjectsError> {
+    create_node_with(client, name, &[pod_cidr.into()], &[internal_ip.into()]).await
+}
+
+/// [`create_node`] with any podCIDRs and InternalIPs (dual stack: one of each family, the
+/// primary first).
+pub async fn create_node_with(
+    client: &Client,
+    name: &str,
+    pod_cidrs: &[IpNet],
+    internal_ips: &[IpAddr],
+) -> Result<Node, ObjectsError> {
     let api = Api::<Node>::all(client.clone());
+    let cidrs: Vec<String> = pod_cidrs.iter().map(ToString::to_string).collect();
     let node: Node = typed(json!({
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
-        "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]},
+        "spec": {"podCIDR": cidrs.first(), "podCIDRs": cidrs},
     }));
     api.create(&PostParams::default(), &node)
         .await
@@ -96,11 +108,13 @@ pub async fn create_node(
             what: format!("creating Node {name}"),
             source,
         })?;
+    let mut addresses: Vec<serde_json::Value> = internal_ips
+        .iter()
+        .map(|ip| json!({"type": "InternalIP", "address": ip.to_string()}))
+        .collect();
+    addresses.push(json!({"type": "Hostname", "address": name}));
     let status = json!({"status": {
-        "addresses": [
-            {"type": "InternalIP", "address": internal_ip.to_string()},
-            {"type": "Hostname", "address": name},
-        ],
+        "addresses": addresses,
         "conditions": [{
             "type": "Ready", "status": "True", "reason": "WiremeshTestbed",
             "message": "network namespace of the wiremesh virtual cluster",
@@ -124,6 +138,18 @@ pub async fn create_pod(
     pod_ip: Ipv4Addr,
     host_ip: Ipv4Addr,
 ) -> Result<Pod, ObjectsError> {
+    create_pod_with(client, namespace, name, node, &[pod_ip.into()], host_ip).await
+}
+
+/// [`create_pod`] with any pod IPs (dual stack: one of each family, the primary first).
+pub async fn create_pod_with(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    pod_ips: &[IpAddr],
+    host_ip: Ipv4Addr,
+) -> Result<Pod, ObjectsError> {
     let api = Api::<Pod>::namespaced(client.clone(), namespace);
     let pod: Pod = typed(json!({
         "metadata": {"name": name, "namespace": namespace, "labels": {"app": "wiremesh-testbed"}},
@@ -142,8 +168,8 @@ pub async fn create_pod(
         })?;
     let status = json!({"status": {
         "phase": "Running",
-        "podIP": pod_ip.to_string(),
-        "podIPs": [{"ip": pod_ip.to_string()}],
+        "podIP": pod_ips.first().map(ToString::to_string),
+        "podIPs": pod_ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
         "hostIP": host_ip.to_string(),
         "hostIPs": [{"ip": host_ip.to_string()}],
         "conditions": [{"type": "Ready", "status": "True"}],

@@ -2,6 +2,12 @@
 //! cross-node and same-node pod traffic, then an allow rule opens exactly what it names (tcp/80
 //! from `role=client` to `role=web`): another port and another pod stay closed. Every change is
 //! observed through deadline-bounded polls, and the agents' `/flows` show the verdicts.
+//!
+//! Issue 13, finding 3 (IPv6 fails open): the cluster is dual stack, and every probe runs over
+//! IPv4 and over IPv6 (TCP, and ping/ping6 across nodes): a NetworkPolicy denies and permits over
+//! IPv6 exactly as over IPv4, and an ipBlock naming an IPv6 CIDR admits the IPv6 address of a
+//! pod but not its IPv4 one. Before the fix the agent wrote no IPv6 entries, so every IPv6
+//! probe passed the default deny.
 
 #[path = "mesh_support/support.rs"]
 mod support;
@@ -15,9 +21,26 @@ use support::*;
 /// themselves take up to 0.7 s each on 2 shared cores).
 const POLICY: Duration = Duration::from_secs(15);
 
+/// Every probe over both families.
+const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+/// One ping (3 tries) from `from` to `to` over `family`.
+fn ping(
+    cluster: &wiremesh_integration::VirtualCluster,
+    from: &str,
+    to: &str,
+    family: Family,
+) -> bool {
+    let (a, b) = (
+        pod_end_in(cluster, from, family),
+        pod_end_in(cluster, to, family),
+    );
+    tokio::task::block_in_place(|| meshctl::traffic::ping(&a, &b, 3)).is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
-    let Some(cluster) = start_mesh_or_skip(Shape::new(2, 2)).await else {
+    let Some(cluster) = start_mesh_or_skip(Shape::new(2, 2).dual_stack()).await else {
         return;
     };
     // node-1: pod-1-1 client, pod-1-2 web; node-2: pod-2-1 web, pod-2-2 other.
@@ -30,8 +53,9 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
         .map(|(pod, port)| EchoServer::start(&cluster, pod, port))
         .collect();
 
-    expect_reachability(
+    expect_reachability_in(
         &cluster,
+        &BOTH,
         "no policy: everything open",
         POLICY,
         &[
@@ -41,6 +65,12 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
         ],
     )
     .await;
+    for family in BOTH {
+        assert!(
+            ping(&cluster, "pod-1-1", "pod-2-1", family),
+            "{family:?} ping across nodes without a policy"
+        );
+    }
 
     create_policy(
         &cluster,
@@ -79,8 +109,9 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
             written.elapsed()
         );
     }
-    expect_reachability(
+    expect_reachability_in(
         &cluster,
+        &BOTH,
         "default deny: cross-node and same-node blocked",
         POLICY,
         &[
@@ -90,6 +121,12 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
         ],
     )
     .await;
+    for family in BOTH {
+        assert!(
+            !ping(&cluster, "pod-1-1", "pod-2-1", family),
+            "{family:?} ping to an isolated pod on another node is denied"
+        );
+    }
 
     create_policy(
         &cluster,
@@ -103,8 +140,9 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
         }),
     )
     .await;
-    expect_reachability(
+    expect_reachability_in(
         &cluster,
+        &BOTH,
         "allow rule: exactly client -> web tcp/80",
         POLICY,
         &[
@@ -116,6 +154,38 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
         ],
     )
     .await;
+
+    // An ipBlock naming node-2's IPv6 podCIDR admits pod-2-2 to web over IPv6 only.
+    let node2_v6 = pod_cidr6(&cluster, "node-2");
+    create_policy(
+        &cluster,
+        "allow-node-2-ipv6",
+        json!({
+            "podSelector": {"matchLabels": {"role": "web"}},
+            "ingress": [{
+                "from": [{"ipBlock": {"cidr": node2_v6}}],
+                "ports": [{"protocol": "TCP", "port": 80}],
+            }],
+        }),
+    )
+    .await;
+    expect_reachability_in(
+        &cluster,
+        &[Family::V6],
+        "IPv6 ipBlock: pod-2-2 -> web over IPv6",
+        POLICY,
+        &[("pod-2-2", "pod-1-2", 80, true)],
+    )
+    .await;
+    expect_reachability_in(
+        &cluster,
+        &[Family::V4],
+        "IPv6 ipBlock: not pod-2-2's IPv4 address",
+        POLICY,
+        &[("pod-2-2", "pod-1-2", 80, false)],
+    )
+    .await;
+    delete_policy(&cluster, "allow-node-2-ipv6").await;
 
     // The verdicts as the agents recorded them.
     let node1 = agent_flows(&cluster, "node-1").await;
@@ -169,8 +239,9 @@ async fn default_deny_blocks_then_an_allow_rule_opens_exactly_what_it_names() {
     // Removing the policies opens everything again.
     delete_policy(&cluster, "default-deny").await;
     delete_policy(&cluster, "allow-client-web-80").await;
-    expect_reachability(
+    expect_reachability_in(
         &cluster,
+        &BOTH,
         "policies deleted: everything open",
         POLICY,
         &[

@@ -3,18 +3,44 @@
 //! its routes), pod traffic to and from that node is dropped, a capture on the underlay bridge
 //! sees none of it in plaintext, and the other nodes still talk through their tunnels. A
 //! negative control switches to Permissive and the same traffic shows up in plaintext.
+//!
+//! Issue 13, finding 3 (IPv6 fails open): the cluster is dual stack (the underlay carries the
+//! IPv4 tunnel endpoints, and a plaintext IPv6 route between the nodes' IPv6 podCIDRs as a
+//! cloud network would). Every probe also runs over IPv6: Strict drops IPv6 pod traffic to the
+//! node without a tunnel, the capture sees no plaintext IPv6 pod packet and never the marker, and
+//! the Permissive control shows the same IPv6 traffic in plaintext. A Pod claiming an IPv6
+//! address outside `MeshEncryption.spec.podCIDRs` is refused like an IPv4 one (no route, no
+//! allowed IP, no ipcache entry, `pod_claims_refused`). Before the fix the agent wrote no IPv6
+//! ipcache entries: IPv6 to node-3 left node-1 in plaintext in Strict mode.
 
 #[path = "mesh_support/support.rs"]
 mod support;
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams},
+};
 use meshctl::traffic;
+use serde_json::json;
 use support::*;
+use wiremesh_crds::MeshEncryption;
+use wiremesh_integration::objects;
+
+/// Every probe over both families.
+const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+/// The cluster's pod ranges (both families), set as `MeshEncryption.spec.podCIDRs`.
+const CLUSTER_POD_CIDRS: [&str; 2] = ["10.244.0.0/16", "fd00:10:244::/48"];
+
+/// An IPv6 pod address outside every cluster pod CIDR.
+const OUTSIDE6: &str = "fd00:99::7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
-    let Some(mut cluster) = start_mesh_or_skip(Shape::new(3, 1)).await else {
+    let Some(mut cluster) = start_mesh_or_skip(Shape::new(3, 1).dual_stack()).await else {
         return;
     };
     let _servers: Vec<EchoServer> = ["pod-1-1", "pod-2-1", "pod-3-1"]
@@ -22,6 +48,14 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
         .map(|pod| EchoServer::start(&cluster, pod, 80))
         .collect();
     set_mesh_mode(&cluster, "Strict").await;
+    Api::<MeshEncryption>::all(cluster.client().clone())
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"podCIDRs": CLUSTER_POD_CIDRS}})),
+        )
+        .await
+        .expect("MeshEncryption podCIDRs");
     for node in ["node-1", "node-2", "node-3"] {
         let metrics_of = node.to_string();
         let c = &cluster;
@@ -42,8 +76,9 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
         )
         .await;
     }
-    expect_reachability(
+    expect_reachability_in(
         &cluster,
+        &BOTH,
         "strict mode with every tunnel up",
         Duration::from_secs(15),
         &[
@@ -80,32 +115,46 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
     }
 
     let marker = marker("strict");
-    let (a1, a3) = (pod_end(&cluster, "pod-1-1"), pod_end(&cluster, "pod-3-1"));
     let c = &cluster;
-    let ((to3, from3, udp3, ping3, to2, from2), report) =
-        capture_underlay(&cluster, &marker, || {
+    let (results, report) = capture_underlay(&cluster, &marker, || {
+        BOTH.map(|family| {
+            let (a1, a3) = (
+                pod_end_in(c, "pod-1-1", family),
+                pod_end_in(c, "pod-3-1", family),
+            );
             let short = Duration::from_millis(800);
+            let m = marker.as_bytes();
             (
-                tcp_probe(c, "pod-1-1", "pod-3-1", 80, marker.as_bytes(), short),
-                tcp_probe(c, "pod-3-1", "pod-1-1", 80, marker.as_bytes(), short),
-                traffic::udp_echo(&a1, &a3, marker.as_bytes(), short, 2),
+                family,
+                tcp_probe_in(c, family, "pod-1-1", "pod-3-1", 80, m, short),
+                tcp_probe_in(c, family, "pod-3-1", "pod-1-1", 80, m, short),
+                traffic::udp_echo(&a1, &a3, m, short, 2),
                 traffic::ping(&a1, &a3, 2),
-                tcp_probe(c, "pod-1-1", "pod-2-1", 80, marker.as_bytes(), short * 4),
-                tcp_probe(c, "pod-2-1", "pod-1-1", 80, marker.as_bytes(), short * 4),
+                tcp_probe_in(c, family, "pod-1-1", "pod-2-1", 80, m, short * 4),
+                tcp_probe_in(c, family, "pod-2-1", "pod-1-1", 80, m, short * 4),
             )
-        });
-    assert!(to3.is_err(), "pod-1-1 -> pod-3-1 must be dropped: {to3:?}");
-    assert!(from3.is_err(), "pod-3-1 -> pod-1-1 must be dropped");
-    assert!(udp3.is_err(), "UDP to pod-3-1 must be dropped");
-    assert!(ping3.is_err(), "ICMP to pod-3-1 must be dropped");
-    to2.expect("node-1 <-> node-2 still works");
-    from2.expect("node-2 <-> node-1 still works");
+        })
+    });
     assert!(
         report.violation_count == 0 && report.marker_hits == 0,
         "no plaintext pod traffic on the underlay in strict mode: {}\n{}",
         report.summary(),
         report.violations.join("\n")
     );
+    for (family, to3, from3, udp3, ping3, to2, from2) in results {
+        assert!(
+            to3.is_err(),
+            "{family:?} pod-1-1 -> pod-3-1 must be dropped: {to3:?}"
+        );
+        assert!(
+            from3.is_err(),
+            "{family:?} pod-3-1 -> pod-1-1 must be dropped"
+        );
+        assert!(udp3.is_err(), "{family:?} UDP to pod-3-1 must be dropped");
+        assert!(ping3.is_err(), "{family:?} ICMP to pod-3-1 must be dropped");
+        to2.unwrap_or_else(|e| panic!("{family:?} node-1 <-> node-2 still works: {e}"));
+        from2.unwrap_or_else(|e| panic!("{family:?} node-2 <-> node-1 still works: {e}"));
+    }
     assert!(
         report.wireguard_data() > 0,
         "the working pair was encrypted: {}",
@@ -117,6 +166,9 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
         has_flow(&flows, "pod-1-1", "pod-3-1", Some(80), "dropped-plaintext"),
         "node-1 records the strict drop: {flows:#?}"
     );
+
+    // An IPv6 claim outside the cluster's pod CIDRs is refused like an IPv4 one.
+    refuses_an_ipv6_claim_outside_the_pod_cidrs(&cluster).await;
 
     // Negative control: Permissive lets node-1 send it in plaintext (the capture sees it).
     set_mesh_mode(&cluster, "Permissive").await;
@@ -134,14 +186,104 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
         },
     )
     .await;
-    let (_, plain) = capture_underlay(&cluster, &marker, || {
-        traffic::udp_echo(&a1, &a3, marker.as_bytes(), Duration::from_millis(500), 2)
-    });
-    assert!(
-        plain.marker_hits > 0,
-        "permissive mode without a tunnel sends plaintext, which the capture must see: {}",
-        plain.summary()
-    );
+    for family in BOTH {
+        let (a1, a3) = (
+            pod_end_in(&cluster, "pod-1-1", family),
+            pod_end_in(&cluster, "pod-3-1", family),
+        );
+        let (_, plain) = capture_underlay(&cluster, &marker, || {
+            traffic::udp_echo(&a1, &a3, marker.as_bytes(), Duration::from_millis(500), 2)
+        });
+        assert!(
+            plain.marker_hits > 0
+                && plain
+                    .violations
+                    .iter()
+                    .any(|v| v.contains("plaintext pod packet")),
+            "{family:?}: permissive mode without a tunnel sends plaintext, which the capture must see: {}\n{}",
+            plain.summary(),
+            plain.violations.join("\n")
+        );
+    }
 
     cluster.teardown().expect("teardown");
+}
+
+/// A Pod on node-2 claiming an IPv6 address outside `MeshEncryption.spec.podCIDRs` (issue 13,
+/// findings 1 and 3): node-1's agent counts the refusal, node-1 routes nothing for it into
+/// its tunnel, no peer carries it as an allowed IP and node-1's IPv6 ipcache has no entry. The
+/// Pod is deleted again.
+async fn refuses_an_ipv6_claim_outside_the_pod_cidrs(
+    cluster: &wiremesh_integration::VirtualCluster,
+) {
+    let client = cluster.client().clone();
+    let node2_ip = cluster.node("node-2").expect("node-2").network.underlay_ip;
+    let outside: std::net::IpAddr = OUTSIDE6.parse().expect("address");
+    objects::create_pod_with(&client, "default", "claim6", "node-2", &[outside], node2_ip)
+        .await
+        .expect("claiming pod");
+    // node-3's agent is stopped by now (its tunnel was removed).
+    for node in ["node-1"] {
+        let c = cluster;
+        wait_async(
+            &format!("{node} refuses {OUTSIDE6}"),
+            Duration::from_secs(30),
+            || async move {
+                let m = agent_metrics(c, node).await?;
+                if m.contains(
+                    "wiremesh_pod_claims_refused{reason=\"PodAddressOutsideClusterPodCIDRs\"}",
+                ) {
+                    Ok(())
+                } else {
+                    Err("no refusal counted yet".to_string())
+                }
+            },
+        )
+        .await;
+    }
+    let if1 = ifname(cluster, "node-1");
+    let route = cluster
+        .exec_in_node("node-1", ["ip", "-6", "route", "get", OUTSIDE6])
+        .expect("ip -6 route get");
+    let route = format!(
+        "{}{}",
+        String::from_utf8_lossy(&route.stdout),
+        String::from_utf8_lossy(&route.stderr)
+    );
+    assert!(
+        !route.contains(&format!("dev {if1}")),
+        "node-1 routes {OUTSIDE6} into its tunnel: {route}"
+    );
+    let allowed = cluster
+        .exec_in_node("node-1", ["wg", "show", &if1, "allowed-ips"])
+        .expect("wg show allowed-ips");
+    let allowed = String::from_utf8_lossy(&allowed.stdout).into_owned();
+    assert!(
+        !allowed.contains(OUTSIDE6),
+        "{OUTSIDE6} is no allowed IP: {allowed}"
+    );
+    let node2_v6 = pod_cidr6(cluster, "node-2");
+    assert!(
+        allowed.contains(&node2_v6),
+        "node-2's IPv6 podCIDR is an allowed IP of its peer: {allowed}"
+    );
+    let entries = wiremesh_bpf::pinned_ipcache6_entries(&wiremesh_bpf::node_pin_dir(
+        cluster.bpffs(),
+        "node-1",
+    ))
+    .expect("node-1's IPv6 ipcache");
+    let outside_net = ipnet::Ipv6Net::new(OUTSIDE6.parse().expect("address"), 128).expect("net");
+    assert!(
+        !entries.iter().any(|(n, _)| *n == outside_net),
+        "{OUTSIDE6} has an IPv6 ipcache entry: {entries:?}"
+    );
+    assert!(
+        entries.iter().any(|(n, v)| n.to_string() == node2_v6
+            && v.flags & wiremesh_bpf::ipcache_flags::ENCRYPT != 0),
+        "node-2's IPv6 podCIDR is encrypted in node-1's ipcache: {entries:?}"
+    );
+    Api::<Pod>::namespaced(client, "default")
+        .delete("claim6", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete the claiming pod");
 }

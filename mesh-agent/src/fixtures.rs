@@ -60,6 +60,24 @@ pub fn pod(name: &str, node: &str, ip: &str, (key, value): (&str, &str)) -> Arc<
     })
 }
 
+/// A dual-stack Node: InternalIP `ip`, podCIDRs `cidr` and `cidr6`.
+pub fn node_dual(name: &str, ip: &str, cidr: &str, cidr6: &str) -> Arc<Node> {
+    let mut n = node_with_addresses(name, cidr, &[("InternalIP", ip)]);
+    if let Some(spec) = n.spec.as_mut() {
+        spec.pod_cidrs = Some(vec![cidr.into(), cidr6.into()]);
+    }
+    Arc::new(n)
+}
+
+/// A dual-stack [`pod`]: `status.podIPs` = [`ip`, `ip6`].
+pub fn pod_dual(name: &str, node: &str, ip: &str, ip6: &str, label: (&str, &str)) -> Arc<Pod> {
+    let mut p = Pod::clone(&pod(name, node, ip, label));
+    if let Some(status) = p.status.as_mut() {
+        status.pod_ips = Some(vec![PodIP { ip: ip.into() }, PodIP { ip: ip6.into() }]);
+    }
+    Arc::new(p)
+}
+
 /// The pod claims the reconciler would decide for `own` with the default address policy.
 pub fn claims(
     own: &str,

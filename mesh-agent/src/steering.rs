@@ -23,7 +23,7 @@
 //!    NetworkPolicy selects has no veth the pass can name yet, every unnamed veth gets the
 //!    programs with a pending entry, which passes nothing ([`fail_closed`]).
 //!
-//! A link or IPv4 route appearing (rtnetlink events, [`links::LinkWatch`]) wakes a pass at once,
+//! A link or route appearing (rtnetlink events, [`links::LinkWatch`]) wakes a pass at once,
 //! so a new pod's veth is covered when it appears, not at the next periodic pass.
 //!
 //! A thread reads the flow ring buffer into the [`FlowTable`] served on `/flows`.
@@ -42,7 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::ObjectReference;
 use tokio::sync::{Notify, watch};
 use wiremesh_bpf::{
@@ -356,11 +356,18 @@ impl Steering {
             }
         };
         self.load_error = None;
-        let ipcache: BTreeMap<Ipv4Net, IpcacheValue> = loader
-            .maps_ref()
+        let maps = loader.maps_ref();
+        let ipcache: BTreeMap<IpNet, IpcacheValue> = maps
             .ipcache_entries()
             .map_err(SteeringError::Maps)?
             .into_iter()
+            .map(|(net, value)| (IpNet::V4(net), value))
+            .chain(
+                maps.ipcache6_entries()
+                    .map_err(SteeringError::Maps)?
+                    .into_iter()
+                    .map(|(net, value)| (IpNet::V6(net), value)),
+            )
             .collect();
         match loader.flow_backlog_handle() {
             Ok(handle) => *self.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle),
@@ -852,8 +859,8 @@ impl PolicyMaps for wiremesh_bpf::Maps {
 /// What this process wrote to the maps.
 #[derive(Debug, Default)]
 pub struct Written {
-    /// The ipcache (read back from the pinned map at load).
-    pub ipcache: BTreeMap<Ipv4Net, IpcacheValue>,
+    /// The ipcache, both families (read back from the pinned maps at load).
+    pub ipcache: BTreeMap<IpNet, IpcacheValue>,
     /// The last compilation; `None` right after a load (the pins hold an unknown one).
     pub policy: Option<Compiled>,
 }
@@ -866,7 +873,7 @@ pub fn write_policy<M: PolicyMaps>(
     maps: &mut M,
     written: &mut Written,
     compiled: &Compiled,
-    ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
+    ipcache: &BTreeMap<IpNet, IpcacheValue>,
 ) -> Result<bool, wiremesh_bpf::Error> {
     let empty = Compiled::default();
     let restored = written.policy.is_none();
@@ -883,32 +890,41 @@ pub fn write_policy<M: PolicyMaps>(
         rules_remove: diff.rules_remove,
         ..MapDiff::default()
     };
-    let unused = |_: Ipv4Addr, _: Identity| IpcacheValue::default();
+    // The diffs carry no endpoints (the ipcache below places pod addresses); IPv6 CIDR entries
+    // go to cidrs6.
+    let unused4 = |_: Ipv4Addr, _: Identity| IpcacheValue::default();
+    let unused6 = |_: Ipv6Addr, _: Identity| IpcacheValue::default();
     let mut changed = false;
     if !adds.is_empty() {
-        wiremesh_bpf::apply_policy(maps, &adds, unused)?;
+        wiremesh_bpf::apply_policy_dual(maps, &adds, unused4, unused6)?;
         changed = true;
     }
     for (net, value) in ipcache {
         if written.ipcache.get(net) != Some(value) {
-            maps.put_ipcache(*net, *value)?;
+            match net {
+                IpNet::V4(n) => maps.put_ipcache(*n, *value)?,
+                IpNet::V6(n) => maps.put_ipcache6(*n, *value)?,
+            }
             written.ipcache.insert(*net, *value);
             changed = true;
         }
     }
-    let stale: Vec<Ipv4Net> = written
+    let stale: Vec<IpNet> = written
         .ipcache
         .keys()
         .filter(|n| !ipcache.contains_key(n))
         .copied()
         .collect();
     for net in stale {
-        maps.del_ipcache(net)?;
+        match net {
+            IpNet::V4(n) => maps.del_ipcache(n)?,
+            IpNet::V6(n) => maps.del_ipcache6(n)?,
+        }
         written.ipcache.remove(&net);
         changed = true;
     }
     if !removes.is_empty() {
-        wiremesh_bpf::apply_policy(maps, &removes, unused)?;
+        wiremesh_bpf::apply_policy_dual(maps, &removes, unused4, unused6)?;
         changed = true;
     }
     if restored {
@@ -931,7 +947,7 @@ pub fn write_policy<M: PolicyMaps>(
 fn write_all(
     loaded: &mut Loaded,
     compiled: &Compiled,
-    ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
+    ipcache: &BTreeMap<IpNet, IpcacheValue>,
     metrics: &Metrics,
 ) -> Result<bool, SteeringError> {
     let result = write_policy(loaded.loader.maps(), &mut loaded.written, compiled, ipcache);
@@ -1007,16 +1023,25 @@ pub fn placement(
             continue;
         }
         let ips = crate::views::pod_network_ips(pod);
+        let ip4 = ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        });
         let ip6 = ips.iter().find_map(|ip| match ip {
             IpAddr::V6(a) => Some(*a),
             IpAddr::V4(_) => None,
         });
+        // The pod's veth by the route to any of its addresses (a single-stack IPv6 pod has only
+        // an IPv6 route); the entry holds both families, so from_pod checks either source.
+        let mut seen = BTreeSet::new();
         for ip in ips {
-            let IpAddr::V4(ip) = ip else { continue };
             let Some((index, name)) = snap.route_iface(ip, &exclude) else {
                 continue;
             };
-            let ep = EndpointValue::new(Some(ip), ip6);
+            if !seen.insert(index) {
+                continue;
+            }
+            let ep = EndpointValue::new(ip4, ip6);
             let pods_here = behind.entry(index).or_default();
             if !pods_here.contains(&ep) {
                 pods_here.push(ep);
@@ -1096,14 +1121,10 @@ pub fn fail_closed(
         {
             continue;
         }
-        let resolved = crate::views::pod_network_ips(pod)
-            .into_iter()
-            .any(|ip| match ip {
-                IpAddr::V4(a) => snap
-                    .route_iface(a, &[])
-                    .is_some_and(|(index, _)| named.contains(&index)),
-                IpAddr::V6(_) => false,
-            });
+        let resolved = crate::views::pod_network_ips(pod).into_iter().any(|ip| {
+            snap.route_iface(ip, &[])
+                .is_some_and(|(index, _)| named.contains(&index))
+        });
         if resolved {
             continue;
         }

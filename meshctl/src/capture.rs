@@ -2,13 +2,15 @@
 //! `ETH_P_ALL`, promiscuous) on the underlay bridge, and a classifier that sorts every frame into
 //! WireGuard between node addresses, control-plane traffic to the API server, or a violation
 //! (plaintext pod packets, any other node-to-node packet), and looks for a payload marker in
-//! every byte captured. Used by `meshctl demo traffic` and the scenario tests.
+//! every byte captured. IPv6 frames are pod traffic when an address is in an IPv6 pod CIDR (a
+//! violation, as for IPv4), link-local otherwise when they are ICMPv6 (neighbour discovery),
+//! multicast or from a link-local source (MLD), and violations else. Used by `meshctl demo traffic` and the scenario tests.
 
 use std::{
     collections::BTreeMap,
     ffi::CString,
     io, mem,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc,
@@ -18,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Serialize;
 
 /// Frames kept at most; a capture that fills up reports it.
@@ -29,6 +31,7 @@ const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_ARP: u16 = 0x0806;
 const ETHERTYPE_IPV6: u16 = 0x86DD;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
 
 /// A running capture on one interface of the current network namespace.
 pub struct Capture {
@@ -173,6 +176,8 @@ pub struct Underlay {
     pub control_plane_ip: Ipv4Addr,
     /// The nodes' pod CIDRs (any outer header with an address in one is plaintext pod traffic).
     pub pod_cidrs: Vec<Ipv4Net>,
+    /// The nodes' IPv6 pod CIDRs (dual stack).
+    pub pod_cidrs6: Vec<Ipv6Net>,
     /// The WireGuard UDP port of tunnel slot a; slot b (the other world of a key rotation, the
     /// current one after an odd number of rotations) listens on the next port.
     pub wireguard_port: u16,
@@ -281,8 +286,15 @@ pub fn classify(
         let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
         let ip = &frame[14..];
         match ethertype {
-            ETHERTYPE_ARP | ETHERTYPE_IPV6 => {
+            ETHERTYPE_ARP => {
                 report.link_local += 1;
+                continue;
+            }
+            ETHERTYPE_IPV6 => {
+                match classify_ipv6(ip, underlay) {
+                    Ok(()) => report.link_local += 1,
+                    Err(line) => violation(&mut report, line),
+                }
                 continue;
             }
             ETHERTYPE_IPV4 if ip.len() >= 20 => {}
@@ -332,6 +344,34 @@ pub fn classify(
     report
 }
 
+/// An IPv6 frame's verdict: `Ok` for on-link control traffic (neighbour discovery, MLD), the
+/// violation line otherwise (a pod address, or anything else between nodes).
+fn classify_ipv6(ip: &[u8], underlay: &Underlay) -> Result<(), String> {
+    if ip.len() < 40 {
+        return Err("truncated IPv6 packet".to_string());
+    }
+    let next = ip[6];
+    let addr = |at: usize| {
+        let mut o = [0u8; 16];
+        o.copy_from_slice(&ip[at..at + 16]);
+        Ipv6Addr::from(o)
+    };
+    let (src, dst) = (addr(8), addr(24));
+    let in_pods = |a: &Ipv6Addr| underlay.pod_cidrs6.iter().any(|c| c.contains(a));
+    if in_pods(&src) || in_pods(&dst) {
+        return Err(format!(
+            "plaintext pod packet {src} -> {dst} (next header {next})"
+        ));
+    }
+    let link_local = |a: &Ipv6Addr| a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80;
+    if next == IPPROTO_ICMPV6 || dst.is_multicast() || link_local(&src) {
+        return Ok(());
+    }
+    Err(format!(
+        "unexpected IPv6 packet {src} -> {dst} (next header {next})"
+    ))
+}
+
 /// Captures on `ifname` while `traffic` runs (plus `settle` afterwards, for echoes in flight)
 /// and classifies the result.
 pub fn during<T>(
@@ -362,6 +402,7 @@ mod tests {
                 Ipv4Net::from_str("10.244.1.0/24").unwrap(),
                 Ipv4Net::from_str("10.244.2.0/24").unwrap(),
             ],
+            pod_cidrs6: vec![Ipv6Net::from_str("fd00:10:244:1::/64").unwrap()],
             wireguard_port: 51871,
         }
     }
@@ -447,6 +488,41 @@ mod tests {
         assert_eq!(report.marker_hits, 1);
         assert_eq!(report.violation_count, 4, "{:?}", report.violations);
         assert!(report.violations[0].contains("plaintext pod packet"));
+    }
+
+    fn frame6(src: &str, dst: &str, next: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&u16::try_from(l4.len()).unwrap().to_be_bytes());
+        ip.extend_from_slice(&[next, 64]);
+        ip.extend_from_slice(&Ipv6Addr::from_str(src).unwrap().octets());
+        ip.extend_from_slice(&Ipv6Addr::from_str(dst).unwrap().octets());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(l4);
+        f
+    }
+
+    /// Before dual stack every IPv6 frame counted as neighbour discovery, so plaintext IPv6 pod
+    /// traffic on the underlay went unnoticed (issue 13, finding 3).
+    #[test]
+    fn plaintext_ipv6_pod_packets_are_violations_and_neighbour_discovery_is_not() {
+        let frames = vec![
+            frame6(
+                "fd00:10:244:1::b",
+                "fd00:10:244:2::b",
+                17,
+                &udp(4000, 80, b"x"),
+            ),
+            frame6("fd00:213:1::b", "fd00:213:1::c", 6, &[0u8; 20]),
+            frame6("fd00:213:1::b", "ff02::1:ff00:c", 58, &[135, 0, 0, 0]),
+            frame6("fe80::1", "ff02::16", 0, &[58, 0, 0, 0]),
+        ];
+        let report = classify(&frames, false, &underlay(), b"MARKER");
+        assert_eq!(report.violation_count, 2, "{:?}", report.violations);
+        assert!(report.violations[0].contains("plaintext pod packet"));
+        assert!(report.violations[1].contains("unexpected IPv6 packet"));
+        assert_eq!(report.link_local, 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client,
@@ -417,6 +417,8 @@ pub struct UpOptions {
     pub agent_binary: PathBuf,
     pub timeout: Duration,
     pub demo_dir: PathBuf,
+    /// Pods and nodes get an IPv6 address and podCIDR too (`ClusterOptions::dual_stack`).
+    pub dual_stack: bool,
 }
 
 /// `demo up`: see the module docs. Returns the description written to `cluster.json`.
@@ -455,6 +457,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<ClusterDescription> {
         nodes: opts.nodes,
         pods_per_node: opts.pods_per_node,
         outlive_parent: true,
+        dual_stack: opts.dual_stack,
         ..ClusterOptions::default()
     })
     .await
@@ -588,36 +591,48 @@ pub fn underlay_of(description: &ClusterDescription) -> anyhow::Result<Underlay>
         .map(|n| n.pod_cidr.parse())
         .collect::<Result<Vec<Ipv4Net>, _>>()
         .map_err(|e| anyhow::anyhow!("bad podCIDR in the description: {e}"))?;
+    let pod_cidrs6 = description
+        .nodes
+        .iter()
+        .filter_map(|n| n.pod_cidr6.as_deref())
+        .map(str::parse)
+        .collect::<Result<Vec<Ipv6Net>, _>>()
+        .map_err(|e| anyhow::anyhow!("bad IPv6 podCIDR in the description: {e}"))?;
     Ok(Underlay {
         node_ips: description.nodes.iter().map(|n| n.underlay_ip).collect(),
         control_plane_ip,
         pod_cidrs,
+        pod_cidrs6,
         wireguard_port: wiremesh_keyexchange::DEFAULT_LISTEN_PORT,
     })
 }
 
-/// Ping, TCP echo and UDP echo between every ordered pair of pods on different nodes; each
-/// payload carries `marker`.
+/// Ping, TCP echo and UDP echo between every ordered pair of pods on different nodes (over
+/// IPv4, and over IPv6 too between dual-stack pods); each payload carries `marker`.
 pub fn traffic(description: &ClusterDescription, marker: &str) -> Vec<FlowResult> {
     let ends: Vec<(PodEnd, String)> = description
         .pods
         .iter()
-        .map(|p| {
-            (
-                PodEnd {
-                    name: p.name.clone(),
-                    netns: p.netns.clone(),
-                    ip: p.ip,
-                },
-                p.node.clone(),
-            )
+        .flat_map(|p| {
+            std::iter::once(std::net::IpAddr::from(p.ip))
+                .chain(p.ip6.map(Into::into))
+                .map(|ip| {
+                    (
+                        PodEnd {
+                            name: p.name.clone(),
+                            netns: p.netns.clone(),
+                            ip,
+                        },
+                        p.node.clone(),
+                    )
+                })
         })
         .collect();
     let timeout = Duration::from_secs(5);
     let mut results = Vec::new();
     for (from, from_node) in &ends {
         for (to, to_node) in &ends {
-            if from_node == to_node {
+            if from_node == to_node || from.ip.is_ipv4() != to.ip.is_ipv4() {
                 continue;
             }
             let payload = format!("{marker} {} -> {}", from.name, to.name);

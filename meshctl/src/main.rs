@@ -166,6 +166,10 @@ enum DemoCommand {
         /// Seconds to wait for convergence.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Dual stack: pods and nodes get IPv6 addresses and podCIDRs too (the underlay's
+        /// tunnel endpoints stay IPv4); `demo traffic` then also runs over IPv6.
+        #[arg(long)]
+        dual_stack: bool,
     },
     /// Ping, TCP and UDP between every pair of pods on different nodes.
     Traffic,
@@ -214,6 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     pods_per_node,
                     agent_bin,
                     timeout,
+                    dual_stack,
                 },
         } => {
             let opts = demo::UpOptions {
@@ -222,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent_binary: agent_bin.unwrap_or_else(demo::default_agent_binary),
                 timeout: Duration::from_secs(timeout),
                 demo_dir: demo::demo_dir(),
+                dual_stack,
             };
             let description = demo::up(&opts).await?;
             println!(

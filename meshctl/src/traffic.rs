@@ -4,19 +4,20 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
     time::{Duration, Instant},
 };
 
 use wiremesh_integration::{command, netns};
 
-/// One end of a flow: a pod's network namespace and address.
+/// One end of a flow: a pod's network namespace and address (either family: a dual-stack pod
+/// is one end per address).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEnd {
     pub name: String,
     pub netns: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
 }
 
 /// Why an exchange failed; names both pods.
@@ -241,7 +242,8 @@ impl PingCount {
 
 impl LongPing {
     /// Starts `ping -i 0.010` in network namespace `netns` towards `ip`.
-    pub fn start(netns: &str, ip: Ipv4Addr) -> io::Result<Self> {
+    pub fn start(netns: &str, ip: impl Into<IpAddr>) -> io::Result<Self> {
+        let ip = ip.into();
         let child = std::process::Command::new("ip")
             .args([
                 "netns", "exec", netns, "ping", "-n", "-i", "0.010", "-W", "2",
@@ -297,7 +299,13 @@ pub struct TcpRun {
 
 impl TcpRun {
     /// Listens on `ip:port` in `server_ns` and connects to it from `client_ns`.
-    pub fn start(server_ns: &str, client_ns: &str, ip: Ipv4Addr, port: u16) -> io::Result<Self> {
+    pub fn start(
+        server_ns: &str,
+        client_ns: &str,
+        ip: impl Into<IpAddr>,
+        port: u16,
+    ) -> io::Result<Self> {
+        let ip = ip.into();
         use std::sync::atomic::Ordering;
         let listener = netns::within(server_ns, move || TcpListener::bind((ip, port)))
             .map_err(io::Error::other)??;

@@ -2,7 +2,8 @@
 //! lookup simulator that decides exactly as the eBPF side will (checked against the evaluator).
 //!
 //! Maps (byte layouts in `docs/policy.md`, encoders on each key type):
-//! - `endpoints` (ipcache part): pod IP -> pod identity. A miss means [`Identity::WORLD`].
+//! - `endpoints` (ipcache part): pod IP (every address of a dual-stack pod) -> pod identity. A
+//!   miss means [`Identity::WORLD`].
 //! - `cidrs` (LPM, one trie per address family): prefix -> CIDR identity. Every prefix named by
 //!   any ipBlock `cidr` or `except` has an entry; its identity stands for the exact set of
 //!   ipBlocks that contain the addresses whose longest match it is ([`Identity::WORLD`] for none),
@@ -218,7 +219,7 @@ pub fn compile(cluster: &Cluster) -> Compiled {
 impl Builder<'_> {
     fn endpoints(&mut self) {
         for (i, p) in self.cluster.pods().iter().enumerate() {
-            if let Some(ip) = p.ip {
+            for ip in p.ips() {
                 self.out
                     .endpoints
                     .insert(ip, self.cluster.identity(crate::model::PodId(i)));

@@ -168,6 +168,9 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// `status.podIP`, if assigned.
     pub ip: Option<IpAddr>,
+    /// The pod's further addresses (`status.podIPs` after the first: the other family of a
+    /// dual-stack pod). Each carries the pod's identity like `ip`.
+    pub other_ips: Vec<IpAddr>,
     /// Container ports of all containers.
     pub ports: Vec<ContainerPort>,
 }
@@ -176,6 +179,11 @@ impl Pod {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Every address of the pod: `ip`, then `other_ips`.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip.into_iter().chain(self.other_ips.iter().copied())
     }
 
     /// The port number of the container port named `name` with protocol `proto`.
@@ -202,6 +210,30 @@ impl Pod {
                 value: s.clone(),
                 reason: "not an IP address",
             })?),
+        };
+        let mut other_ips = Vec::new();
+        for (i, p) in pod
+            .status
+            .iter()
+            .flat_map(|s| s.pod_ips.iter().flatten())
+            .enumerate()
+        {
+            let parsed: IpAddr = p.ip.trim().parse().map_err(|_| ClusterError::Invalid {
+                field: format!("status.podIPs[{i}].ip"),
+                value: p.ip.clone(),
+                reason: "not an IP address",
+            })?;
+            if Some(parsed) != ip && !other_ips.contains(&parsed) {
+                other_ips.push(parsed);
+            }
+        }
+        let (ip, other_ips) = match ip {
+            Some(ip) => (Some(ip), other_ips),
+            None if !other_ips.is_empty() => {
+                let first = other_ips.remove(0);
+                (Some(first), other_ips)
+            }
+            None => (None, other_ips),
         };
         let mut ports = Vec::new();
         for (ci, c) in pod
@@ -234,6 +266,7 @@ impl Pod {
             name,
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             ip,
+            other_ips,
             ports,
         })
     }
@@ -317,14 +350,14 @@ impl Cluster {
                     name: p.name.clone(),
                 });
             }
-            if let Some(ip) = p.ip
-                && let Some(first) = ips.insert(ip, p.key())
-            {
-                return Err(ClusterError::DuplicateIp {
-                    ip,
-                    first,
-                    second: p.key(),
-                });
+            for ip in p.ips() {
+                if let Some(first) = ips.insert(ip, p.key()) {
+                    return Err(ClusterError::DuplicateIp {
+                        ip,
+                        first,
+                        second: p.key(),
+                    });
+                }
             }
         }
         let identity_labels: Vec<IdentityLabels> = pods

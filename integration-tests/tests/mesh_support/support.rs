@@ -58,6 +58,8 @@ pub struct Shape {
     pub pods_per_node: u32,
     /// Node names and subnets reserved for nodes the test adds later.
     pub spare_nodes: u32,
+    /// Pods and nodes get IPv6 addresses and podCIDRs too.
+    pub dual_stack: bool,
 }
 
 impl Shape {
@@ -67,6 +69,15 @@ impl Shape {
             nodes,
             pods_per_node,
             spare_nodes: 0,
+            dual_stack: false,
+        }
+    }
+
+    /// Dual stack (see [`ClusterOptions::dual_stack`]).
+    pub fn dual_stack(self) -> Self {
+        Shape {
+            dual_stack: true,
+            ..self
         }
     }
 
@@ -122,14 +133,9 @@ pub async fn start_mesh_on(
     agent_args: &[&str],
 ) -> VirtualCluster {
     let started = std::time::Instant::now();
-    let mut cluster = VirtualCluster::start(ClusterOptions {
-        nodes: shape.nodes,
-        pods_per_node: shape.pods_per_node,
-        spare_nodes: shape.spare_nodes,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("start the virtual cluster");
+    let mut cluster = VirtualCluster::start(cluster_options(&shape))
+        .await
+        .expect("start the virtual cluster");
     eprintln!(
         "virtual cluster (testenv ready, {} nodes) in {:.1?}",
         shape.nodes,
@@ -241,13 +247,60 @@ pub async fn agent_metrics(cluster: &VirtualCluster, node: &str) -> Result<Strin
     agent_http(cluster, node, "/metrics").await
 }
 
+/// The address family a probe uses (a dual-stack cluster's pods have one address of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// The cluster options of a mesh scenario of `shape`.
+pub fn cluster_options(shape: &Shape) -> ClusterOptions {
+    ClusterOptions {
+        nodes: shape.nodes,
+        pods_per_node: shape.pods_per_node,
+        spare_nodes: shape.spare_nodes,
+        dual_stack: shape.dual_stack,
+        ..ClusterOptions::default()
+    }
+}
+
+/// `pod`'s address of `family` (panics when a single-stack pod has no IPv6).
+pub fn pod_ip(cluster: &VirtualCluster, pod: &str, family: Family) -> std::net::IpAddr {
+    let p = cluster.pod(pod).expect("pod");
+    match family {
+        Family::V4 => p.network.ip.into(),
+        Family::V6 => p
+            .network
+            .ip6
+            .unwrap_or_else(|| panic!("{pod} has no IPv6 address (not a dual-stack cluster)"))
+            .into(),
+    }
+}
+
+/// `node`'s IPv6 podCIDR (panics in a single-stack cluster).
+pub fn pod_cidr6(cluster: &VirtualCluster, node: &str) -> String {
+    cluster
+        .node(node)
+        .expect("node")
+        .network
+        .pod_cidr6
+        .unwrap_or_else(|| panic!("{node} has no IPv6 podCIDR (not a dual-stack cluster)"))
+        .to_string()
+}
+
 /// A pod as a traffic end.
 pub fn pod_end(cluster: &VirtualCluster, pod: &str) -> PodEnd {
+    pod_end_in(cluster, pod, Family::V4)
+}
+
+/// A pod as a traffic end over `family`.
+pub fn pod_end_in(cluster: &VirtualCluster, pod: &str, family: Family) -> PodEnd {
     let p = cluster.pod(pod).expect("pod");
     PodEnd {
         name: p.name.clone(),
         netns: p.network.netns.clone(),
-        ip: p.network.ip,
+        ip: pod_ip(cluster, pod, family),
     }
 }
 
@@ -478,22 +531,33 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
+    /// Listens on the pod's IPv4 address, and on its IPv6 address when it has one.
     pub fn start(cluster: &VirtualCluster, pod: &str, port: u16) -> Self {
         use std::io::{Read, Write};
         let p = cluster.pod(pod).expect("pod");
-        let ip = p.network.ip;
-        let listener = wiremesh_integration::netns::within(&p.network.netns, move || {
-            std::net::TcpListener::bind((ip, port))
-        })
-        .expect("enter pod namespace")
-        .unwrap_or_else(|e| panic!("listen on {ip}:{port}: {e}"));
-        listener.set_nonblocking(true).expect("nonblocking");
+        let ips: Vec<std::net::IpAddr> = std::iter::once(p.network.ip.into())
+            .chain(p.network.ip6.map(Into::into))
+            .collect();
+        let listeners: Vec<std::net::TcpListener> = ips
+            .into_iter()
+            .map(|ip| {
+                let listener = wiremesh_integration::netns::within(&p.network.netns, move || {
+                    std::net::TcpListener::bind((ip, port))
+                })
+                .expect("enter pod namespace")
+                .unwrap_or_else(|e| panic!("listen on {ip}:{port}: {e}"));
+                listener.set_nonblocking(true).expect("nonblocking");
+                listener
+            })
+            .collect();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
+                let mut idle = true;
+                for listener in &listeners {
+                    if let Ok((mut conn, _)) = listener.accept() {
+                        idle = false;
                         std::thread::spawn(move || {
                             let _ = conn.set_nonblocking(false);
                             let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
@@ -503,7 +567,9 @@ impl EchoServer {
                             }
                         });
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             }
         });
@@ -533,6 +599,19 @@ pub fn tcp_probe(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<(), String> {
+    tcp_probe_in(cluster, Family::V4, from, to, port, payload, timeout)
+}
+
+/// [`tcp_probe`] over `family`.
+pub fn tcp_probe_in(
+    cluster: &VirtualCluster,
+    family: Family,
+    from: &str,
+    to: &str,
+    port: u16,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
     use std::io::{Read, Write};
     let netns = cluster
         .pod(from)
@@ -540,8 +619,7 @@ pub fn tcp_probe(
         .network
         .netns
         .clone();
-    let addr =
-        std::net::SocketAddr::from((cluster.pod(to).map_err(|e| e.to_string())?.network.ip, port));
+    let addr = std::net::SocketAddr::from((pod_ip(cluster, to, family), port));
     let payload = payload.to_vec();
     wiremesh_integration::netns::within(&netns, move || -> Result<(), String> {
         let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
@@ -567,25 +645,39 @@ pub async fn expect_reachability(
     timeout: Duration,
     probes: &[(&str, &str, u16, bool)],
 ) {
+    expect_reachability_in(cluster, &[Family::V4], what, timeout, probes).await;
+}
+
+/// [`expect_reachability`] with every probe over each of `families`.
+pub async fn expect_reachability_in(
+    cluster: &VirtualCluster,
+    families: &[Family],
+    what: &str,
+    timeout: Duration,
+    probes: &[(&str, &str, u16, bool)],
+) {
     let started = std::time::Instant::now();
     eventually(what, timeout, || {
         let mut wrong = Vec::new();
-        for (from, to, port, allowed) in probes {
-            let got = tokio::task::block_in_place(|| {
-                tcp_probe(
-                    cluster,
-                    from,
-                    to,
-                    *port,
-                    b"probe",
-                    Duration::from_millis(700),
-                )
-            });
-            if got.is_ok() != *allowed {
-                wrong.push(format!(
-                    "{from} -> {to}:{port} expected {}, got {got:?}",
-                    if *allowed { "allowed" } else { "denied" }
-                ));
+        for family in families {
+            for (from, to, port, allowed) in probes {
+                let got = tokio::task::block_in_place(|| {
+                    tcp_probe_in(
+                        cluster,
+                        *family,
+                        from,
+                        to,
+                        *port,
+                        b"probe",
+                        Duration::from_millis(700),
+                    )
+                });
+                if got.is_ok() != *allowed {
+                    wrong.push(format!(
+                        "{family:?} {from} -> {to}:{port} expected {}, got {got:?}",
+                        if *allowed { "allowed" } else { "denied" }
+                    ));
+                }
             }
         }
         if wrong.is_empty() {

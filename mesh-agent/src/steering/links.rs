@@ -1,13 +1,13 @@
 //! Finding the interfaces the programs go on, in the node's network namespace: the host side of
-//! each local pod's veth (the interface of the most specific IPv4 route to the pod's address,
-//! as a ptp-style CNI installs it) and the underlay device (the one holding the node's address).
-//! One rtnetlink dump of links, addresses and routes per pass; [`LinkWatch`] wakes the task
-//! the moment a link or an IPv4 route appears or changes (a new pod veth), so a new pod does not
-//! wait for the periodic pass.
+//! each local pod's veth (the interface of the most specific route to the pod's address, IPv4
+//! or IPv6, as a ptp-style CNI installs it) and the underlay device (the one holding the node's
+//! address). One rtnetlink dump of links, addresses and routes per pass; [`LinkWatch`] wakes the
+//! task the moment a link or a route (either family) appears or changes (a new pod veth), so a
+//! new pod does not wait for the periodic pass.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -19,7 +19,7 @@ use rtnetlink::{
         RouteNetlinkMessage,
         address::AddressAttribute,
         link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-        route::{RouteAddress, RouteAttribute, RouteType},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     },
 };
 use tokio::{sync::Notify, task::AbortHandle};
@@ -41,7 +41,7 @@ pub enum LinksError {
     },
 }
 
-/// Interfaces, addresses and IPv4 routes of the namespace at one moment.
+/// Interfaces, addresses and routes of the namespace at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct LinkSnapshot {
     /// ifindex -> name.
@@ -55,19 +55,31 @@ pub struct LinkSnapshot {
     pub addresses: BTreeMap<Ipv4Addr, u32>,
     /// Unicast IPv4 routes with an output interface: (destination, prefix length, oif).
     pub routes: Vec<(Ipv4Addr, u8, u32)>,
+    /// Unicast IPv6 routes with an output interface: (destination, prefix length, oif).
+    pub routes6: Vec<(Ipv6Addr, u8, u32)>,
 }
 
 impl LinkSnapshot {
     /// The interface of the most specific unicast route covering `ip`, unless it is `exclude`
     /// (the tunnel) or the device holding the node's own address.
-    pub fn route_iface(&self, ip: Ipv4Addr, exclude: &[u32]) -> Option<(u32, &str)> {
+    pub fn route_iface(&self, ip: impl Into<IpAddr>, exclude: &[u32]) -> Option<(u32, &str)> {
+        let ip = ip.into();
+        let routes = self
+            .routes
+            .iter()
+            .map(|(dst, len, oif)| (IpAddr::V4(*dst), *len, *oif))
+            .chain(
+                self.routes6
+                    .iter()
+                    .map(|(dst, len, oif)| (IpAddr::V6(*dst), *len, *oif)),
+            );
         let mut best: Option<(u8, u32)> = None;
-        for (dst, len, oif) in &self.routes {
-            let Ok(net) = ipnet::Ipv4Net::new(*dst, *len) else {
+        for (dst, len, oif) in routes {
+            let Ok(net) = ipnet::IpNet::new(dst, len) else {
                 continue;
             };
-            if net.contains(&ip) && best.is_none_or(|(l, _)| *len > l) {
-                best = Some((*len, *oif));
+            if net.contains(&ip) && best.is_none_or(|(l, _)| len > l) {
+                best = Some((len, oif));
             }
         }
         let (_, oif) = best?;
@@ -93,6 +105,25 @@ pub struct Links {
 /// Names the dump that failed.
 fn dump_error(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> LinksError {
     move |source| LinksError::Dump { what, source }
+}
+
+/// A unicast route with an output interface: (destination, `None` for a default route;
+/// prefix length; oif).
+fn unicast_route(r: &RouteMessage) -> Option<(Option<IpAddr>, u8, u32)> {
+    if r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut dst = None;
+    let mut oif = None;
+    for attr in &r.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    Some((dst, r.header.destination_prefix_length, oif?))
 }
 
 fn link_name(link: &LinkMessage) -> Option<String> {
@@ -158,30 +189,31 @@ impl Links {
             .routes(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .await
             .map_err(dump_error("list IPv4 routes"))?;
-        for r in &routes {
-            if r.header.kind != RouteType::Unicast {
-                continue;
+        for (dst, len, oif) in routes.iter().filter_map(unicast_route) {
+            match dst {
+                None => out.routes.push((Ipv4Addr::UNSPECIFIED, len, oif)),
+                Some(IpAddr::V4(a)) => out.routes.push((a, len, oif)),
+                Some(IpAddr::V6(_)) => {}
             }
-            let mut dst = Ipv4Addr::UNSPECIFIED;
-            let mut oif = None;
-            for attr in &r.attributes {
-                match attr {
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
-                    RouteAttribute::Oif(i) => oif = Some(*i),
-                    _ => {}
-                }
-            }
-            if let Some(oif) = oif {
-                out.routes
-                    .push((dst, r.header.destination_prefix_length, oif));
+        }
+        // A namespace with IPv6 disabled has no IPv6 routes to name pods by.
+        let routes6 = self
+            .netlink
+            .routes(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .await;
+        for (dst, len, oif) in routes6.iter().flatten().filter_map(unicast_route) {
+            match dst {
+                None => out.routes6.push((Ipv6Addr::UNSPECIFIED, len, oif)),
+                Some(IpAddr::V6(a)) => out.routes6.push((a, len, oif)),
+                Some(IpAddr::V4(_)) => {}
             }
         }
         Ok(out)
     }
 }
 
-/// Wakes a [`Notify`] whenever a link or an IPv4 route of the namespace is added or changed
-/// (the rtnetlink link and IPv4 route multicast groups), until dropped.
+/// Wakes a [`Notify`] whenever a link or a route of the namespace is added or changed (the
+/// rtnetlink link, IPv4 route and IPv6 route multicast groups), until dropped.
 #[derive(Debug)]
 pub struct LinkWatch {
     tasks: [AbortHandle; 2],
@@ -190,9 +222,12 @@ pub struct LinkWatch {
 impl LinkWatch {
     /// Subscribes in the namespace of the calling thread, on the current tokio runtime.
     pub fn start(changed: Arc<Notify>) -> Result<Self, LinksError> {
-        let (connection, _handle, mut messages) =
-            rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Route])
-                .map_err(LinksError::Subscribe)?;
+        let (connection, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Route,
+        ])
+        .map_err(LinksError::Subscribe)?;
         let driver = tokio::spawn(connection).abort_handle();
         let reader = tokio::spawn(async move {
             while let Some((message, _)) = messages.next().await {

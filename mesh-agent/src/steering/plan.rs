@@ -1,16 +1,19 @@
 //! What the eBPF maps should hold, from the cached API objects. Pure: unit-tested without a
 //! kernel or a cluster.
 //!
-//! - The ipcache: every Node's IPv4 podCIDRs (this node's `LOCAL`, others' `REMOTE_POD`, plus
-//!   `ENCRYPT` while the tunnel to that node is configured) and one /32 per pod IP carrying the
-//!   pod's identity and the same node fields. A remote podCIDR stays `REMOTE_POD` when its
+//! - The ipcache, both families (issue 13, finding 3: IPv6 used to have no entries, so IPv6 pod
+//!   traffic was world to policy and not pod traffic to strict mode): every Node's podCIDRs
+//!   (this node's `LOCAL`, others' `REMOTE_POD`, plus `ENCRYPT` while the tunnel to that node is
+//!   configured) and one /32 or /128 per pod IP carrying the pod's identity and the same node
+//!   fields (the node's IPv4 underlay address: tunnel endpoints are IPv4). A remote podCIDR stays `REMOTE_POD` when its
 //!   tunnel is gone, so in strict mode the programs keep treating it as pod traffic and drop it.
 //!   Only prefixes the reconciler's [`PodClaims`] accept for that node get an entry (issue 13,
 //!   finding 1): a pod "at" 169.254.169.254, a node or a service address is not a pod address,
 //!   neither encrypted nor dropped as one.
-//!   Every Node's IPv4 address gets a /32 `NODE` entry: identity host for this node, remote-node
-//!   for the others (never a pod address, so strict mode never drops node-to-node WireGuard).
-//! - The policy model: Namespaces, Pods (labels, named ports, pod-network IPv4) and
+//!   Every Node's address (each family) gets a /32 or /128 `NODE` entry: identity host for
+//!   this node, remote-node for the others (never a pod address, so strict mode never drops
+//!   node-to-node WireGuard).
+//! - The policy model: Namespaces, Pods (labels, named ports, every pod-network address) and
 //!   NetworkPolicies for the `wiremesh-policy` compiler; objects it cannot use are reported as
 //!   [`ObjectProblem`]s and left out (a pod keeps its identity without its bad ports).
 
@@ -20,7 +23,7 @@ use std::{
     sync::Arc,
 };
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
@@ -67,16 +70,9 @@ fn pod_node(pod: &Pod) -> Option<&str> {
     pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
 }
 
-fn pod_ipv4(pod: &Pod) -> Option<Ipv4Addr> {
-    pod_network_ips(pod).into_iter().find_map(|ip| match ip {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(_) => None,
-    })
-}
-
 /// Sends the encrypted prefixes of `alt_nodes` through the next world's tunnel (a key rotation
 /// moved those peers there): sets [`ipcache_flags::ALT_TUNNEL`] on their entries.
-pub fn mark_alt_tunnel(ipcache: &mut BTreeMap<Ipv4Net, IpcacheValue>, alt_nodes: &[String]) {
+pub fn mark_alt_tunnel(ipcache: &mut BTreeMap<IpNet, IpcacheValue>, alt_nodes: &[String]) {
     let ids: BTreeSet<u32> = alt_nodes.iter().map(|n| node_id(n)).collect();
     for value in ipcache.values_mut() {
         if value.flags & ipcache_flags::ENCRYPT != 0 && ids.contains(&value.node_id) {
@@ -95,7 +91,7 @@ pub fn desired_ipcache(
     endpoints: &BTreeMap<IpAddr, Identity>,
     encrypted: &BTreeSet<String>,
     claims: &PodClaims,
-) -> BTreeMap<Ipv4Net, IpcacheValue> {
+) -> BTreeMap<IpNet, IpcacheValue> {
     let place: BTreeMap<&str, (u32, Ipv4Addr, u8)> = nodes
         .iter()
         .filter_map(|n| {
@@ -121,42 +117,38 @@ pub fn desired_ipcache(
         };
         let accepted = claims.prefixes(n.metadata.name.as_deref().unwrap_or_default());
         for cidr in node_pod_cidrs(n) {
-            if let IpNet::V4(net) = cidr
-                && accepted.contains(&cidr)
-            {
-                out.insert(net, IpcacheValue::new(0, *id, *ip, *flags));
+            if accepted.contains(&cidr) {
+                out.insert(cidr, IpcacheValue::new(0, *id, *ip, *flags));
             }
         }
     }
     for pod in pods {
-        let Some(ip) = pod_ipv4(pod) else { continue };
         let node = pod_node(pod);
-        // A pod whose node is unknown is still a pod: strict mode must not let it leak; a pod
-        // address its node may not claim is not one.
-        if let Some(node) = node.filter(|n| place.contains_key(n))
-            && !claims.accepts(node, IpAddr::V4(ip))
-        {
-            continue;
+        for ip in pod_network_ips(pod) {
+            // A pod whose node is unknown is still a pod: strict mode must not let it leak; a
+            // pod address its node may not claim is not one.
+            if let Some(node) = node.filter(|n| place.contains_key(n))
+                && !claims.accepts(node, ip)
+            {
+                continue;
+            }
+            let (id, node_ip, flags) = node.and_then(|n| place.get(n).copied()).unwrap_or((
+                0,
+                Ipv4Addr::UNSPECIFIED,
+                ipcache_flags::REMOTE_POD,
+            ));
+            let identity = endpoints.get(&ip).copied().unwrap_or(Identity::UNKNOWN);
+            out.insert(
+                IpNet::from(ip),
+                IpcacheValue::new(identity.0, id, node_ip, flags),
+            );
         }
-        let (id, node_ip, flags) = node.and_then(|n| place.get(n).copied()).unwrap_or((
-            0,
-            Ipv4Addr::UNSPECIFIED,
-            ipcache_flags::REMOTE_POD,
-        ));
-        let identity = endpoints
-            .get(&IpAddr::V4(ip))
-            .copied()
-            .unwrap_or(Identity::UNKNOWN);
-        out.insert(
-            Ipv4Net::from(ip),
-            IpcacheValue::new(identity.0, id, node_ip, flags),
-        );
     }
     // Node addresses last, so no pod claim overrides them: this node's is the host identity
     // (always allowed to and from its pods), the others' remote-node; `NODE` keeps them out of
     // strict mode's pod-to-pod drop even inside a pod CIDR (WireGuard between nodes).
     for n in nodes {
-        let (Some(name), Some(ip)) = (n.metadata.name.as_deref(), node_ipv4(n)) else {
+        let Some(name) = n.metadata.name.as_deref() else {
             continue;
         };
         let (identity, id) = if name == own_node {
@@ -164,10 +156,13 @@ pub fn desired_ipcache(
         } else {
             (Identity::REMOTE_NODE, node_id(name))
         };
-        out.insert(
-            Ipv4Net::from(ip),
-            IpcacheValue::new(identity.0, id, ip, ipcache_flags::NODE),
-        );
+        let underlay = node_ipv4(n).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        for ip in node_addresses(n) {
+            out.insert(
+                IpNet::from(ip),
+                IpcacheValue::new(identity.0, id, underlay, ipcache_flags::NODE),
+            );
+        }
     }
     out
 }
@@ -211,10 +206,13 @@ pub fn policy_cluster(
         }
     }
     let mut pods_out = Vec::new();
-    let mut owners: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
     for pod in pods {
-        // Only pods on the pod network have an address of their own.
-        let Some(ip) = pod_ipv4(pod) else { continue };
+        // Only pods on the pod network have an address of their own (each family).
+        let ips = pod_network_ips(pod);
+        if ips.is_empty() {
+            continue;
+        }
         let converted = match wiremesh_policy::Pod::from_k8s(pod) {
             Ok(p) => p,
             Err(e) => {
@@ -240,8 +238,12 @@ pub fn policy_cluster(
             }
         };
         let mut converted = converted;
-        converted.ip = Some(IpAddr::V4(ip));
-        if let Some(first) = owners.get(&ip) {
+        converted.ip = ips.first().copied();
+        converted.other_ips = ips[1..].to_vec();
+        if let Some((ip, first)) = ips
+            .iter()
+            .find_map(|ip| owners.get(ip).map(|first| (ip, first)))
+        {
             problems.push(problem(
                 "Pod",
                 &pod.metadata,
@@ -250,7 +252,9 @@ pub fn policy_cluster(
             ));
             continue;
         }
-        owners.insert(ip, converted.key());
+        for ip in &ips {
+            owners.insert(*ip, converted.key());
+        }
         pods_out.push(converted);
     }
     let mut policies_out = Vec::new();

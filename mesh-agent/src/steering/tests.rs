@@ -47,7 +47,7 @@ fn policy(name: &str, spec: serde_json::Value) -> Arc<NetworkPolicy> {
 fn state(
     pods: &[Arc<Pod>],
     policies: &[Arc<NetworkPolicy>],
-) -> (Compiled, BTreeMap<Ipv4Net, IpcacheValue>) {
+) -> (Compiled, BTreeMap<IpNet, IpcacheValue>) {
     let nodes = [
         node("n1", "10.213.0.11", "10.244.1.0/24"),
         node("n2", "10.213.0.12", "10.244.2.0/24"),
@@ -67,15 +67,20 @@ fn state(
     (compiled, ipcache)
 }
 
-fn assert_maps_hold(
-    maps: &FakeMaps,
-    compiled: &Compiled,
-    ipcache: &BTreeMap<Ipv4Net, IpcacheValue>,
-) {
+/// Both ipcache maps as one.
+fn ipcache_of(maps: &FakeMaps) -> BTreeMap<IpNet, IpcacheValue> {
+    maps.ipcache
+        .iter()
+        .map(|(n, v)| (IpNet::V4(*n), *v))
+        .chain(maps.ipcache6.iter().map(|(n, v)| (IpNet::V6(*n), *v)))
+        .collect()
+}
+
+fn assert_maps_hold(maps: &FakeMaps, compiled: &Compiled, ipcache: &BTreeMap<IpNet, IpcacheValue>) {
     assert_eq!(maps.isolated, compiled.isolated);
     assert_eq!(maps.rules, compiled.rules);
-    assert_eq!(&maps.ipcache, ipcache);
-    assert_eq!(maps.cidrs.len(), compiled.cidrs.len());
+    assert_eq!(&ipcache_of(maps), ipcache);
+    assert_eq!(maps.cidrs.len() + maps.cidrs6.len(), compiled.cidrs.len());
 }
 
 /// Every put before every delete: at no moment is an entry of the new state missing.
@@ -136,7 +141,7 @@ fn a_restarted_agent_rewrites_the_pins_and_drops_what_an_older_run_left() {
     );
     maps.writes.clear();
     let mut restarted = Written {
-        ipcache: maps.ipcache.clone(),
+        ipcache: ipcache_of(&maps),
         policy: None,
     };
     assert!(write_policy(&mut maps, &mut restarted, &new, &new_ipcache).unwrap());
@@ -447,8 +452,8 @@ async fn a_pin_directory_outside_bpffs_is_a_clear_error_with_a_metric() {
 fn peers_moved_to_the_next_world_get_the_alt_tunnel_flag() {
     use wiremesh_bpf::abi::ipcache_flags;
     let (_, mut ipcache) = state(&[], &[]);
-    let n2: Ipv4Net = "10.244.2.0/24".parse().unwrap();
-    let n1: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    let n2: IpNet = "10.244.2.0/24".parse().unwrap();
+    let n1: IpNet = "10.244.1.0/24".parse().unwrap();
     assert_eq!(ipcache[&n2].flags & ipcache_flags::ALT_TUNNEL, 0);
     plan::mark_alt_tunnel(&mut ipcache, &["n2".to_string()]);
     assert_eq!(
@@ -457,4 +462,163 @@ fn peers_moved_to_the_next_world_get_the_alt_tunnel_flag() {
     );
     // Local prefixes and nodes not moved keep their flags.
     assert_eq!(ipcache[&n1].flags & ipcache_flags::ALT_TUNNEL, 0);
+}
+
+/// Issue 13, finding 3: a dual-stack cluster's IPv6 pod addresses, podCIDRs and ipBlocks reach
+/// the IPv6 maps (ipcache6, cidrs6) with the identities of their IPv4 twins. On main the
+/// ipcache had only IPv4 and `apply_policy` skipped IPv6 CIDRs, so IPv6 was world to policy.
+#[test]
+fn dual_stack_writes_ipv6_pods_cidrs_and_ipblocks_to_the_ipv6_maps() {
+    use crate::fixtures::{node_dual, pod_dual};
+    let nodes = [
+        node_dual("n1", "10.213.0.11", "10.244.1.0/24", "fd00:10:244:1::/64"),
+        node_dual("n2", "10.213.0.12", "10.244.2.0/24", "fd00:10:244:2::/64"),
+    ];
+    let pods = vec![
+        pod_dual(
+            "a",
+            "n1",
+            "10.244.1.11",
+            "fd00:10:244:1::b",
+            ("role", "web"),
+        ),
+        pod_dual(
+            "b",
+            "n2",
+            "10.244.2.11",
+            "fd00:10:244:2::b",
+            ("role", "client"),
+        ),
+    ];
+    let web = policy(
+        "web",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"role": "web"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "fd00:10:244:2::/64"}}]}],
+        }),
+    );
+    let (cluster, problems) =
+        plan::policy_cluster(&[], &pods, &[web], &Default::default()).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let compiled = compile(&cluster);
+    let ipcache = plan::desired_ipcache(
+        "n1",
+        &nodes,
+        &pods,
+        &compiled.endpoints,
+        &BTreeSet::from(["n2".to_string()]),
+        &crate::fixtures::claims("n1", &nodes, &pods),
+    );
+    let mut maps = FakeMaps::default();
+    let mut written = Written::default();
+    assert!(write_policy(&mut maps, &mut written, &compiled, &ipcache).unwrap());
+    assert_maps_hold(&maps, &compiled, &ipcache);
+    let v6 = |s: &str| -> ipnet::Ipv6Net { s.parse().unwrap() };
+    let v4 = |s: &str| -> ipnet::Ipv4Net { s.parse().unwrap() };
+    let b6 = maps.ipcache6[&v6("fd00:10:244:2::b/128")];
+    assert_eq!(b6, maps.ipcache[&v4("10.244.2.11/32")]);
+    assert!(Identity(b6.identity).is_pod());
+    assert!(maps.ipcache6.contains_key(&v6("fd00:10:244:2::/64")));
+    let block = maps.cidrs6[&v6("fd00:10:244:2::/64")];
+    assert!(
+        block >= Identity::FIRST_CIDR.0,
+        "the IPv6 ipBlock has a CIDR identity"
+    );
+    // The simulator decides as the maps will: the client's IPv6 address is inside the block,
+    // its IPv4 address is not.
+    let web_ep = compiled.packet_end("fd00:10:244:1::b".parse().unwrap());
+    let client6 = compiled.packet_end("fd00:10:244:2::b".parse().unwrap());
+    let client4 = compiled.packet_end("10.244.2.11".parse().unwrap());
+    let web4 = compiled.packet_end("10.244.1.11".parse().unwrap());
+    use wiremesh_policy::Protocol;
+    assert!(compiled.decide(&client6, &web_ep, Protocol::Tcp, 80));
+    assert!(!compiled.decide(&client4, &web4, Protocol::Tcp, 80));
+
+    // Removing a pod's IPv6 address removes its IPv6 entry (diff against what was written).
+    let pods4 = vec![
+        pods[0].clone(),
+        crate::fixtures::pod("b", "n2", "10.244.2.11", ("role", "client")),
+    ];
+    let (cluster, _) = plan::policy_cluster(&[], &pods4, &[], cluster.identities()).unwrap();
+    let compiled = compile(&cluster);
+    let ipcache = plan::desired_ipcache(
+        "n1",
+        &nodes,
+        &pods4,
+        &compiled.endpoints,
+        &BTreeSet::from(["n2".to_string()]),
+        &crate::fixtures::claims("n1", &nodes, &pods4),
+    );
+    assert!(write_policy(&mut maps, &mut written, &compiled, &ipcache).unwrap());
+    assert_maps_hold(&maps, &compiled, &ipcache);
+    assert!(!maps.ipcache6.contains_key(&v6("fd00:10:244:2::b/128")));
+    assert!(maps.cidrs6.is_empty());
+}
+
+/// Issue 13, finding 3: a pod with only an IPv6 address is found by its IPv6 route (on main
+/// only IPv4 routes were read, so its veth got no programs: no policy, no anti-spoofing), and a
+/// dual-stack pod's entry holds both addresses.
+#[test]
+fn ipv6_routes_name_pod_veths_too() {
+    let v6 = |s: &str| -> std::net::Ipv6Addr { s.parse().unwrap() };
+    let snap = links::LinkSnapshot {
+        names: BTreeMap::from([(2, "eth0".into()), (5, "veth1".into()), (6, "veth2".into())]),
+        addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 11), 2)]),
+        routes: vec![
+            (Ipv4Addr::UNSPECIFIED, 0, 2),
+            (Ipv4Addr::new(10, 244, 1, 11), 32, 5),
+        ],
+        routes6: vec![
+            (v6("fd00:10:244:1::b"), 128, 5),
+            (v6("fd00:10:244:1::c"), 128, 6),
+        ],
+        veths: BTreeSet::from([5, 6]),
+        ..links::LinkSnapshot::default()
+    };
+    let only6 = Pod::clone(&pod("only6", "n1", "fd00:10:244:1::c", "x"));
+    let pods = vec![
+        crate::fixtures::pod_dual(
+            "dual",
+            "n1",
+            "10.244.1.11",
+            "fd00:10:244:1::b",
+            ("role", "x"),
+        ),
+        Arc::new(only6),
+    ];
+    let placed = placement(
+        &snap,
+        Some(Ipv4Addr::new(10, 213, 0, 11)),
+        None,
+        "n1",
+        &pods,
+    );
+    let on: BTreeSet<&str> = placed
+        .wanted
+        .iter()
+        .filter(|(_, (hook, _))| *hook == Hook::FromPod)
+        .map(|((iface, _), _)| iface.as_str())
+        .collect();
+    assert_eq!(on, BTreeSet::from(["veth1", "veth2"]));
+    assert_eq!(
+        placed.endpoints,
+        BTreeMap::from([
+            (
+                5,
+                EndpointValue::new(
+                    Some(Ipv4Addr::new(10, 244, 1, 11)),
+                    Some(v6("fd00:10:244:1::b"))
+                )
+            ),
+            (6, EndpointValue::new(None, Some(v6("fd00:10:244:1::c")))),
+        ])
+    );
+    // A policy selecting the IPv6-only pod: it is named by its route, so nothing waits.
+    let deny: wiremesh_policy::Policy = wiremesh_policy::Policy::from_k8s(&policy(
+        "deny",
+        serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    ))
+    .unwrap();
+    let mut placed = placed;
+    assert!(fail_closed(&mut placed, &snap, "n1", &pods, &[deny]).is_empty());
 }

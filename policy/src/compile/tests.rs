@@ -101,6 +101,7 @@ fn pod(ns: &str, name: &str, labels: &[(&str, &str)], ip: &str, ports: Vec<Conta
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         ip: Some(ip.parse().unwrap()),
+        other_ips: Vec::new(),
         ports,
     }
 }
@@ -562,6 +563,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                         name: format!("p{i}"),
                         labels,
                         ip: Some(pod_ip(i)),
+                        other_ips: Vec::new(),
                         ports: ports_for(*app),
                     }
                 })
@@ -632,6 +634,7 @@ fn labelled_pod(ns: &str, name: &str, app: &str, ip: IpAddr) -> Pod {
         name: name.into(),
         labels: BTreeMap::from([("app".to_string(), app.to_string())]),
         ip: Some(ip),
+        other_ips: Vec::new(),
         ports: Vec::new(),
     }
 }
@@ -685,4 +688,51 @@ proptest! {
         prop_assert!(grow.rules_add.iter().all(|k| k.subject == new_id), "{:?}", grow.rules_add);
         prop_assert!(m2.diff(&m0).is_empty(), "removing the pod again restores the same maps");
     }
+}
+
+/// Issue 13, finding 3: a dual-stack pod (`status.podIPs` of both families) is one identity
+/// at both addresses, and a second pod holding either address is a duplicate.
+#[test]
+fn dual_stack_pods_map_both_addresses_to_their_identity() {
+    let k8s_pod = |name: &str, ips: &[&str]| -> k8s_openapi::api::core::v1::Pod {
+        use k8s_openapi::api::core::v1 as core;
+        core::Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                labels: Some([("app".to_string(), name.to_string())].into()),
+                ..Default::default()
+            },
+            status: Some(core::PodStatus {
+                pod_ip: Some(ips[0].into()),
+                pod_ips: Some(
+                    ips.iter()
+                        .map(|ip| core::PodIP { ip: ip.to_string() })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    };
+    let web = Pod::from_k8s(&k8s_pod("web", &["10.244.1.11", "fd00:10:244:1::b"])).unwrap();
+    assert_eq!(web.ip, Some("10.244.1.11".parse().unwrap()));
+    assert_eq!(
+        web.other_ips,
+        vec!["fd00:10:244:1::b".parse::<IpAddr>().unwrap()]
+    );
+    let client = Pod::from_k8s(&k8s_pod("client", &["10.244.2.11", "fd00:10:244:2::b"])).unwrap();
+    let cluster = Cluster::new(Vec::new(), vec![web.clone(), client], Vec::new()).unwrap();
+    let m = compile(&cluster);
+    let id = |ip: &str| m.endpoints[&ip.parse::<IpAddr>().unwrap()];
+    assert_eq!(id("10.244.1.11"), id("fd00:10:244:1::b"));
+    assert_ne!(id("fd00:10:244:1::b"), id("fd00:10:244:2::b"));
+    assert!(id("fd00:10:244:2::b").is_pod());
+
+    let mut twin = Pod::from_k8s(&k8s_pod("twin", &["10.244.3.11", "fd00:10:244:1::b"])).unwrap();
+    twin.name = "twin".into();
+    assert!(matches!(
+        Cluster::new(Vec::new(), vec![web, twin], Vec::new()),
+        Err(crate::model::ClusterError::DuplicateIp { .. })
+    ));
 }

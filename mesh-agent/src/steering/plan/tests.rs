@@ -7,7 +7,7 @@ fn pod(name: &str, node: &str, ip: &str, app: &str) -> Arc<Pod> {
     crate::fixtures::pod(name, node, ip, ("app", app))
 }
 
-fn net(s: &str) -> Ipv4Net {
+fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
@@ -203,5 +203,90 @@ fn malformed_objects_are_reported_and_left_out_without_failing() {
         compiled.isolated.len(),
         1,
         "default deny of the valid policy"
+    );
+}
+
+/// Issue 13, finding 3: on a dual-stack cluster every IPv6 podCIDR and pod address gets an
+/// ipcache entry with the same fields as its IPv4 twin (on main IPv6 had none, so IPv6 pod
+/// traffic was world to policy and not pod traffic to strict mode), node IPv6 addresses are
+/// `NODE`, and an IPv6 pod claim outside its node's podCIDRs gets none, like IPv4.
+#[test]
+fn dual_stack_pods_and_cidrs_get_ipv6_entries_with_the_same_identity() {
+    use crate::fixtures::{node_dual, pod_dual};
+    let mut n2 = Node::clone(&node_dual(
+        "n2",
+        "10.213.0.12",
+        "10.244.2.0/24",
+        "fd00:10:244:2::/64",
+    ));
+    n2.status
+        .as_mut()
+        .and_then(|s| s.addresses.as_mut())
+        .unwrap()
+        .push(k8s_openapi::api::core::v1::NodeAddress {
+            type_: "InternalIP".into(),
+            address: "fd00:213::12".into(),
+        });
+    let nodes = vec![
+        node_dual("n1", "10.213.0.11", "10.244.1.0/24", "fd00:10:244:1::/64"),
+        Arc::new(n2),
+    ];
+    let pods = vec![
+        pod_dual("a", "n1", "10.244.1.11", "fd00:10:244:1::b", ("app", "a")),
+        pod_dual("b", "n2", "10.244.2.11", "fd00:10:244:2::b", ("app", "b")),
+        // An IPv6 claim outside n2's IPv6 podCIDR (inside n1's): refused, like IPv4.
+        pod_dual(
+            "evil",
+            "n2",
+            "10.244.2.12",
+            "fd00:10:244:1::99",
+            ("app", "b"),
+        ),
+    ];
+    let (cluster, problems) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let compiled = compile(&cluster);
+    let ipc = desired_ipcache(
+        "n1",
+        &nodes,
+        &pods,
+        &compiled.endpoints,
+        &BTreeSet::from(["n2".to_string()]),
+        &claims("n1", &nodes, &pods),
+    );
+    let own6 = ipc[&net("fd00:10:244:1::/64")];
+    assert_eq!(own6.flags, ipcache_flags::LOCAL);
+    let n2_6 = ipc[&net("fd00:10:244:2::/64")];
+    assert_eq!(
+        n2_6,
+        ipc[&net("10.244.2.0/24")],
+        "same fields as the IPv4 podCIDR"
+    );
+    assert_eq!(
+        n2_6.flags,
+        ipcache_flags::REMOTE_POD | ipcache_flags::ENCRYPT
+    );
+    assert_eq!(n2_6.node_ip, [10, 213, 0, 12], "tunnel endpoints stay IPv4");
+    for (v4, v6) in [
+        ("10.244.1.11/32", "fd00:10:244:1::b/128"),
+        ("10.244.2.11/32", "fd00:10:244:2::b/128"),
+    ] {
+        let (a, b) = (ipc[&net(v4)], ipc[&net(v6)]);
+        assert!(Identity(b.identity).is_pod(), "{v6}: {b:?}");
+        assert_eq!(a, b, "{v6} carries the pod's identity and node fields");
+    }
+    assert!(
+        !ipc.contains_key(&net("fd00:10:244:1::99/128")),
+        "a hostile IPv6 claim gets no entry: {ipc:?}"
+    );
+    let node6 = ipc[&net("fd00:213::12/128")];
+    assert_eq!(
+        (node6.identity, node6.flags),
+        (Identity::REMOTE_NODE.0, ipcache_flags::NODE)
+    );
+    // The compiler knows both addresses of a pod.
+    assert_eq!(
+        compiled.endpoints[&"fd00:10:244:2::b".parse::<IpAddr>().unwrap()],
+        compiled.endpoints[&"10.244.2.11".parse::<IpAddr>().unwrap()]
     );
 }
