@@ -5,10 +5,11 @@
 //! backlog in the map. [`FlowSource`] is the one place that turns ring-buffer records into the
 //! flow table, the flow history, the JSON-lines export, the flow metrics and the coverage
 //! window. The reader thread feeds it as records arrive ([`FlowSource::run_reader`]); a request
-//! ([`FlowSource::live`], [`FlowSource::history`]) first drains whatever the ring holds, then
-//! reads the backlog, so `/flows` (and `meshctl flows`/`meshctl report`, which read it) count
-//! every packet the kernel has counted at request time — not as of the reader's last poll or
-//! the history's last 2 s flush.
+//! ([`FlowSource::live`], [`FlowSource::history`]) first drains whatever the ring holds (a
+//! history request also writes the history, so what it answers is on disk), then reads the
+//! backlog, so `/flows` (and `meshctl flows`/`meshctl report`, which read it) count every packet
+//! the kernel has counted at request time — not as of the reader's last poll or the history's
+//! last 2 s flush.
 //!
 //! Consistency between the two kernel sources: a record moves packets out of the backlog into
 //! the ring. The request drains the ring, reads the backlog, and drains again; if the second
@@ -254,14 +255,17 @@ impl FlowSource {
     }
 
     /// The flow history between `from` and `to` (see [`History::query`]) as of now: the ring
-    /// drained first, records not yet flushed included, and — when the window reaches the
-    /// current bucket — the kernel's backlog added to its flows (`pending_*`).
+    /// drained and the history written first, and — when the window reaches the current bucket —
+    /// the kernel's backlog added to its flows (`pending_*`; it stays in the pinned map, which
+    /// outlives the agent, until the kernel writes it as a record).
     pub fn history(&self, from: u64, to: u64) -> Result<(Vec<Flow>, Vec<Period>), HistoryError> {
         let Some(history) = &self.history else {
             return Ok((Vec::new(), Vec::new()));
         };
         let now = unix_now();
         let flows = self.with_drained(|backlog| {
+            // Written first: what a request saw is on disk, so it survives a crash right after.
+            self.flush_history(history, now);
             let mut flows = history.query(from, to)?;
             if to >= now - now % BUCKET_SECS
                 && let Some(b) = backlog
@@ -283,7 +287,12 @@ impl FlowSource {
         let now = unix_now();
         let counts = self.lock_coverage().counts(now);
         self.metrics.set_coverage(&counts);
-        let Some(history) = &self.history else { return };
+        if let Some(history) = &self.history {
+            self.flush_history(history, now);
+        }
+    }
+
+    fn flush_history(&self, history: &History, now: u64) {
         match history.flush(now) {
             Ok(done) => {
                 let m = &self.metrics;
