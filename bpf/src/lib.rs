@@ -15,7 +15,7 @@ pub use abi::{
 };
 pub use loader::{
     Attached, DEFAULT_BPFFS, Error, FlowBacklog, FlowReader, Loader, Maps, NETLINK_HANDLE,
-    NETLINK_PRIORITY, ProgramStats, Retained, TestRun, if_index, node_pin_dir,
+    NETLINK_PRIORITY, ProgramStats, Retained, RingWaiter, TestRun, if_index, node_pin_dir,
     pinned_ipcache_entries, pinned_ipcache6_entries, tcx_available,
 };
 pub use sync::{MapWriter, PolicyApplied, apply_policy, apply_policy_dual, fake::FakeMaps};

@@ -1128,6 +1128,39 @@ impl Loader {
     }
 }
 
+/// Waits until `fd` is readable or `timeout` passes (an interrupted wait counts as a timeout).
+fn poll_readable(fd: std::os::fd::RawFd, timeout: Duration) -> Result<bool, Error> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(Error::Ring(e));
+        }
+        return Ok(false);
+    }
+    Ok(r > 0)
+}
+
+/// A second descriptor of the flow ring buffer ([`FlowReader::waiter`]): waits for records.
+pub struct RingWaiter {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RingWaiter {
+    /// Whether records arrived within `timeout` (they may already be drained by whoever holds
+    /// the reader).
+    pub fn wait(&self, timeout: Duration) -> Result<bool, Error> {
+        poll_readable(self.fd.as_raw_fd(), timeout)
+    }
+}
+
 /// Reads flow records from the ring buffer.
 pub struct FlowReader {
     ring: RingBuf<MapData>,
@@ -1155,22 +1188,32 @@ impl FlowReader {
         if !out.is_empty() {
             return Ok(out);
         }
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(Error::Ring(e));
-            }
-        }
+        poll_readable(self.ring.as_raw_fd(), timeout)?;
         out = self.drain();
         Ok(out)
+    }
+
+    /// The IPv4 records in the ring now, without waiting (IPv6 records are consumed and
+    /// dropped, as by [`FlowReader::read`]).
+    pub fn read_ready(&mut self) -> Vec<FlowEvent> {
+        self.drain()
+            .into_iter()
+            .filter_map(|f| match f {
+                Flow::V4(e) => Some(e),
+                Flow::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// A handle that waits for records without borrowing the reader, so one thread can wait
+    /// while another holds the reader (and drains it at request time).
+    pub fn waiter(&self) -> Result<RingWaiter, Error> {
+        let fd = self
+            .ring
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(Error::Ring)?;
+        Ok(RingWaiter { fd })
     }
 
     fn drain(&mut self) -> Vec<Flow> {

@@ -43,8 +43,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     drain::Drain,
-    flows::{SharedBacklog, SharedFlows, current, unix_now},
-    history::{History, Period},
+    flows::unix_now,
+    flowsource::FlowSource,
+    history::Period,
     metrics::{ApiLabels, Metrics},
     status::SharedReport,
 };
@@ -191,9 +192,8 @@ impl Reviewer for KubeReviewer {
 /// What the listener serves and how it decides who may see it.
 pub struct ApiState {
     pub node_name: String,
-    pub flows: SharedFlows,
-    pub backlog: SharedBacklog,
-    pub history: Option<Arc<History>>,
+    /// The flows, read as of each request (the kernel's pending records drained first).
+    pub flows: Arc<FlowSource>,
     pub report: SharedReport,
     pub reviewer: Arc<dyn Reviewer>,
     pub metrics: Metrics,
@@ -620,23 +620,27 @@ async fn flows(State(state): State<Arc<ApiState>>, Query(q): Query<FlowsQuery>) 
         None => FlowsResponse {
             node_name: state.node_name.clone(),
             now,
-            flows: current(&state.flows, &state.backlog),
+            flows: {
+                let source = state.flows.clone();
+                match tokio::task::spawn_blocking(move || source.live()).await {
+                    Ok(flows) => flows,
+                    Err(error) => {
+                        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n"))
+                            .into_response();
+                    }
+                }
+            },
             window: None,
             coverage: Vec::new(),
             key_created_at,
         },
         Some(from) => {
-            let Some(history) = state.history.clone() else {
+            if !state.flows.has_history() {
                 return (StatusCode::NOT_FOUND, "no flow history on this agent\n").into_response();
-            };
+            }
             let to = q.until.unwrap_or(now);
-            let read = tokio::task::spawn_blocking(move || {
-                Ok::<_, crate::history::HistoryError>((
-                    history.query(from, to)?,
-                    history.coverage(from, to)?,
-                ))
-            })
-            .await;
+            let source = state.flows.clone();
+            let read = tokio::task::spawn_blocking(move || source.history(from, to)).await;
             match read {
                 Ok(Ok((flows, coverage))) => FlowsResponse {
                     node_name: state.node_name.clone(),

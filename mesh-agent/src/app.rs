@@ -27,6 +27,7 @@ use crate::{
     coordinator::{Coordinator, CoordinatorMetrics, CoordinatorSettings},
     datapath::Datapath,
     drain::{self, Trigger},
+    flowsource::FlowSource,
     health::DatapathMonitor,
     mesh::Mesh,
     metrics::Metrics,
@@ -143,6 +144,7 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
     let slot_b = Arc::new(DatapathSlot::new(&config.interface_b));
     let worlds = Arc::new(Worlds::new(slot_a.clone(), slot_b.clone()));
     let datapath: Arc<dyn Datapath> = worlds.clone();
+    let worlds_for_stats = worlds.clone();
     let meshes = [
         Mesh::new(slot_a, routes.clone(), keys.current.clone()),
         Mesh::new(slot_b, routes.clone(), keys.current.clone()),
@@ -180,7 +182,6 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
     // stops the agent rather than silently turning the mesh off.
     let memory = crate::settings::SettingsMemory::open(&config.state_dir)?;
     watchers.caches = watchers.caches.with_settings_memory(Arc::new(memory));
-    let flows = Steering::flow_table(config.flow_table_size);
     let (snapshot_tx, snapshot_rx) = watch::channel(MeshSnapshot::default());
     let shared_report: SharedReport = SharedReport::default();
     let (monitor, health) = DatapathMonitor::new(worlds.clone(), notify.clone(), metrics.clone());
@@ -189,6 +190,16 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
         AdminServer::bind(config.metrics_addr, registry, snapshot_rx.clone(), health).await?;
     tracing::info!(addr = %admin.local_addr(), "serving /healthz /readyz /metrics");
     let history = Arc::new(open_history(config)?);
+    let flows = Arc::new(
+        FlowSource::new(
+            config.flow_table_size,
+            config.flow_coverage_window,
+            metrics.clone(),
+        )
+        .with_history(history)
+        .with_peer_status(shared_report.clone())
+        .with_export(open_export(config)?),
+    );
     let steering = Steering::new(
         SteeringSettings {
             node_name: config.node_name.clone(),
@@ -203,10 +214,7 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
         steer_notify,
         metrics.clone(),
         flows.clone(),
-    )
-    .with_history(history.clone())
-    .with_peer_status(shared_report.clone())
-    .with_export(open_export(config)?);
+    );
     let api = ApiServer::bind(
         config.api_addr,
         &config.state_dir,
@@ -214,8 +222,6 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
         ApiState {
             node_name: config.node_name.clone(),
             flows,
-            backlog: steering.backlog(),
-            history: Some(history),
             report: shared_report.clone(),
             reviewer: Arc::new(KubeReviewer::new(client.clone())),
             metrics: metrics.clone(),
@@ -267,7 +273,8 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
         config.status_interval,
         shared_report,
     )
-    .with_per_peer_metrics(config.per_peer_metrics);
+    .with_per_peer_metrics(config.per_peer_metrics)
+    .with_worlds(worlds_for_stats);
     let reporter = match config.ebpf {
         EbpfChoice::Auto => reporter.with_ebpf(steering.report()),
         EbpfChoice::Off => reporter,

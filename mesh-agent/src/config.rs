@@ -186,12 +186,24 @@ pub struct RunArgs {
     #[arg(long, env = "WIREMESH_FLOW_TABLE_SIZE", default_value_t = 4096)]
     pub flow_table_size: usize,
 
-    /// Also export one handshake-time series per peer node
-    /// (`wiremesh_peer_last_handshake_timestamp_seconds{peer}`). Off by default: N agents times
-    /// N-1 peers is N² series for the cluster's Prometheus; the bounded
-    /// `wiremesh_peers_by_handshake_age{age}` is always there.
+    /// Also export series per peer node: handshake time
+    /// (`wiremesh_peer_last_handshake_timestamp_seconds{peer}`) and tunnel bytes
+    /// (`wiremesh_peer_receive_bytes_total{peer}`, `wiremesh_peer_transmit_bytes_total{peer}`).
+    /// Off by default: N agents times N-1 peers is N² series for the cluster's Prometheus; the
+    /// bounded `wiremesh_peers_by_handshake_age{age}`,
+    /// `wiremesh_peer_oldest_handshake_timestamp_seconds` and
+    /// `wiremesh_tunnel_{receive,transmit}_bytes_total` are always there.
     #[arg(long, env = "WIREMESH_PER_PEER_METRICS", default_value_t = false)]
     pub per_peer_metrics: bool,
+
+    /// Seconds of flows behind `wiremesh_flow_coverage_ratio` (encrypted / cross-node pod flows
+    /// this node recorded within the window).
+    #[arg(
+        long,
+        env = "WIREMESH_FLOW_COVERAGE_WINDOW_SECS",
+        default_value_t = 300
+    )]
+    pub flow_coverage_window_secs: u64,
     /// Stand for election as the cluster's key-rotation coordinator (a Lease among the agents).
     #[arg(long, env = "WIREMESH_COORDINATOR", default_value_t = true, action = clap::ArgAction::Set)]
     pub coordinator: bool,
@@ -279,6 +291,8 @@ pub struct Config {
     pub ebpf: EbpfChoice,
     pub flow_table_size: usize,
     pub per_peer_metrics: bool,
+    #[serde(with = "secs")]
+    pub flow_coverage_window: Duration,
     pub coordinator: bool,
     pub lease_namespace: String,
     pub coordinator_kubeconfig: Option<PathBuf>,
@@ -336,6 +350,7 @@ impl Config {
             ("flow retention days", args.flow_retention_days),
             ("flow history max records", args.flow_history_max_records),
             ("flow export max bytes", args.flow_export_max_bytes),
+            ("flow coverage window", args.flow_coverage_window_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroLimit { name });
@@ -377,6 +392,7 @@ impl Config {
             ebpf: args.ebpf,
             flow_table_size: args.flow_table_size.max(1),
             per_peer_metrics: args.per_peer_metrics,
+            flow_coverage_window: Duration::from_secs(args.flow_coverage_window_secs),
             coordinator: args.coordinator,
             lease_namespace: args.lease_namespace,
             coordinator_kubeconfig: args.coordinator_kubeconfig,

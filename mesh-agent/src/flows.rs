@@ -269,6 +269,63 @@ pub struct Flow {
 /// The identity of a flow and verdict: (src, dst, sport, dport, protocol, verdict, hook).
 pub type FlowId = (Ipv4Addr, Ipv4Addr, u16, u16, u8, u8, u8);
 
+/// One direction of one 5-tuple (src, dst, sport, dport, protocol): what the compliance report
+/// and the coverage metric count as *a flow*, however many records (verdicts, hooks, nodes)
+/// saw it.
+pub type FiveTuple = (Ipv4Addr, Ipv4Addr, u16, u16, u8);
+
+/// How a flow counts for encryption coverage, in increasing precedence: a flow is the
+/// greatest class of any of its records (one dropped record makes it dropped; otherwise one
+/// plaintext cross-node record makes it plaintext).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FlowClass {
+    /// Not pod-to-pod between two nodes (same node, host, external): out of scope.
+    Other,
+    /// Cross-node pod traffic through a WireGuard session.
+    Encrypted,
+    /// Cross-node pod traffic not encrypted (and not dropped).
+    Plaintext,
+    /// Dropped (by policy, Strict mode, too big).
+    Dropped,
+}
+
+impl FlowClass {
+    /// Every class, in order.
+    pub const ALL: [FlowClass; 4] = [Self::Other, Self::Encrypted, Self::Plaintext, Self::Dropped];
+
+    /// The class of one record.
+    pub fn of(record: &Flow) -> Self {
+        if record.dropped() {
+            Self::Dropped
+        } else if !record.cross_node {
+            Self::Other
+        } else if record.encryption.encrypted {
+            Self::Encrypted
+        } else {
+            Self::Plaintext
+        }
+    }
+
+    /// The class of a flow from all its records (`Other` without records).
+    pub fn of_records<'a>(records: impl IntoIterator<Item = &'a Flow>) -> Self {
+        records
+            .into_iter()
+            .map(Self::of)
+            .max()
+            .unwrap_or(Self::Other)
+    }
+
+    /// The metric label: `other`, `encrypted`, `plaintext`, `dropped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Other => "other",
+            Self::Encrypted => "encrypted",
+            Self::Plaintext => "plaintext",
+            Self::Dropped => "dropped",
+        }
+    }
+}
+
 impl Flow {
     /// The flow's id (what the table aggregates by).
     pub fn id(&self) -> FlowId {
@@ -296,6 +353,12 @@ impl Flow {
             verdict,
             hook,
         )
+    }
+
+    /// The flow's 5-tuple (what the report and the coverage count as one flow).
+    pub fn five_tuple(&self) -> FiveTuple {
+        let (src, dst, sport, dport, proto, _, _) = self.id();
+        (src, dst, sport, dport, proto)
     }
 
     /// The source as `namespace/pod` (or its IP when it is not a pod).
@@ -510,24 +573,25 @@ pub struct FlowTable {
 /// The table shared between the reader (writer) and the HTTP server.
 pub type SharedFlows = Arc<Mutex<FlowTable>>;
 
-/// The kernel's flow backlog, read when flows are served (empty until the datapath is loaded).
-pub type SharedBacklog = Arc<Mutex<Option<wiremesh_bpf::FlowBacklog>>>;
-
-/// The flow table as of now: the kernel's backlog is read first, so counts include packets the
-/// datapath has not written as records yet.
-pub fn current(flows: &SharedFlows, backlog: &SharedBacklog) -> Vec<Flow> {
-    let read = backlog
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .map(wiremesh_bpf::FlowBacklog::read);
-    let mut table = flows.lock().unwrap_or_else(|e| e.into_inner());
-    match read {
-        Some(Ok(b)) => table.set_backlog(&b),
-        Some(Err(error)) => tracing::debug!(%error, "reading the flow backlog"),
-        None => {}
+/// The kernel's backlog (`wm_flows`: one entry per flow, verdict, hook and interface) summed
+/// per [`FlowId`]: (packets, bytes).
+pub fn backlog_sums(backlog: &[(FlowKey, FlowState)]) -> HashMap<FlowId, (u64, u64)> {
+    let mut sums: HashMap<FlowId, (u64, u64)> = HashMap::new();
+    for (k, st) in backlog {
+        let id = (
+            Ipv4Addr::from(k.src_ip),
+            Ipv4Addr::from(k.dst_ip),
+            u16::from_be_bytes(k.src_port),
+            u16::from_be_bytes(k.dst_port),
+            k.protocol,
+            k.verdict,
+            k.hook,
+        );
+        let e = sums.entry(id).or_default();
+        e.0 += st.packets;
+        e.1 += st.bytes;
     }
-    table.snapshot()
+    sums
 }
 
 /// Seconds since the Unix epoch now.
@@ -611,21 +675,7 @@ impl FlowTable {
     /// Sets what each flow has counted in the kernel but not reported yet
     /// (`Maps::flow_backlog`, read when the table is served); replaces the previous backlog.
     pub fn set_backlog(&mut self, backlog: &[(FlowKey, FlowState)]) {
-        let mut sums: HashMap<FlowId, (u64, u64)> = HashMap::new();
-        for (k, st) in backlog {
-            let id = (
-                Ipv4Addr::from(k.src_ip),
-                Ipv4Addr::from(k.dst_ip),
-                u16::from_be_bytes(k.src_port),
-                u16::from_be_bytes(k.dst_port),
-                k.protocol,
-                k.verdict,
-                k.hook,
-            );
-            let e = sums.entry(id).or_default();
-            e.0 += st.packets;
-            e.1 += st.bytes;
-        }
+        let sums = backlog_sums(backlog);
         for (id, entry) in &mut self.entries {
             let (p, b) = sums.get(id).copied().unwrap_or_default();
             entry.record.pending_packets = p;

@@ -203,7 +203,9 @@ impl History {
     /// Writes the queued records, extends this process's recording period to `now`, and applies
     /// the retention and the size bound.
     pub fn flush(&self, now: u64) -> Result<Flushed, HistoryError> {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        // Held until the write commits, so a query sees each record either queued or written.
+        let mut queue = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = std::mem::take(&mut *queue);
         let mut encoded = Vec::with_capacity(pending.len());
         for (k, mut r) in pending {
             r.pending_packets = 0;
@@ -271,10 +273,19 @@ impl History {
     }
 
     /// The flows recorded between `from` and `to` (Unix seconds, bucket granularity: every
-    /// bucket that overlaps the window), aggregated per flow over the window; a flow whose
-    /// record cannot be read is an error (never silently skipped).
+    /// bucket that overlaps the window), aggregated per flow over the window, records queued
+    /// for the next flush included; a flow whose record cannot be read is an error (never
+    /// silently skipped).
     pub fn query(&self, from: u64, to: u64) -> Result<Vec<Flow>, HistoryError> {
         let lo = from - from % BUCKET_SECS;
+        // Held while reading, so a concurrent flush cannot move a record out of the queue
+        // before it is visible in the database.
+        let queue = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let queued: Vec<Flow> = queue
+            .iter()
+            .filter(|(k, _)| (lo..=to).contains(&bucket_of(k)))
+            .map(|(_, r)| r.clone())
+            .collect();
         let read = || -> Result<Vec<Row>, redb::Error> {
             let txn = self.db.begin_read()?;
             let flows = txn.open_table(FLOWS)?;
@@ -294,13 +305,20 @@ impl History {
             Err(redb::Error::TableDoesNotExist(_)) => Vec::new(),
             Err(e) => return Err(self.db_err()(e)),
         };
+        drop(queue);
         let mut by_flow: BTreeMap<FlowId, Flow> = BTreeMap::new();
+        let mut decoded = Vec::with_capacity(rows.len() + queued.len());
         for (_, v) in rows {
-            let r: Flow = serde_json::from_slice(&v).map_err(|source| HistoryError::Json {
-                path: self.path.clone(),
-                what: "decode",
-                source,
-            })?;
+            decoded.push(serde_json::from_slice::<Flow>(&v).map_err(|source| {
+                HistoryError::Json {
+                    path: self.path.clone(),
+                    what: "decode",
+                    source,
+                }
+            })?);
+        }
+        decoded.extend(queued);
+        for r in decoded {
             match by_flow.get_mut(&r.id()) {
                 Some(agg) => merge(agg, &r),
                 None => {

@@ -11,12 +11,14 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod coordinator;
+pub mod coverage;
 pub mod drain;
 pub mod events;
 pub mod export;
 #[cfg(test)]
 mod fixtures;
 pub mod flows;
+pub mod flowsource;
 pub mod health;
 pub mod history;
 pub mod mesh;
@@ -33,6 +35,7 @@ pub mod status;
 pub mod steering;
 pub mod taint;
 pub mod telemetry;
+pub mod tunnelstats;
 pub mod views;
 pub mod watch;
 

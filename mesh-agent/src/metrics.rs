@@ -96,6 +96,60 @@ pub struct RepairLabels {
     pub what: &'static str,
 }
 
+/// Labels of [`Metrics::rotation_phase`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+/// Labels of [`Metrics::rotation_step`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: &'static str,
+}
+
+/// Labels of [`Metrics::flow_coverage_flows`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: &'static str,
+}
+
+/// A gauge that is absent while it has no value (a family whose one series has no labels).
+#[derive(Debug, Clone, Default)]
+pub struct OptionalGauge(Family<Vec<(&'static str, &'static str)>, Gauge<f64, AtomicU64>>);
+
+impl OptionalGauge {
+    /// Sets the value (`None`: no series).
+    pub fn set(&self, value: Option<f64>) {
+        match value {
+            Some(v) => {
+                self.0.get_or_create(&Vec::new()).set(v);
+            }
+            None => self.0.clear(),
+        }
+    }
+
+    /// The value, if set.
+    pub fn get(&self) -> Option<f64> {
+        self.0.get(&Vec::new()).map(|g| g.get())
+    }
+}
+
+/// The agent's own place in key rotation (`wiremesh_rotation_phase{phase}`): `Idle` outside a
+/// rotation, the KeyRotation phase (`Preparing`, `Switching`, `Retiring`) while it takes part in
+/// an active one, `Complete` while moving into the new world after it, `Failed` while rolling back.
+pub const ROTATION_PHASES: [&str; 6] = [
+    "Idle",
+    "Preparing",
+    "Switching",
+    "Retiring",
+    "Complete",
+    "Failed",
+];
+
+/// The agent's own rotation mark (`wiremesh_rotation_step{step}`): `none` without one.
+pub const ROTATION_STEPS: [&str; 5] = ["none", "prepared", "switched", "retired", "aborted"];
+
 /// Every metric the agent exports.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -179,6 +233,31 @@ pub struct Metrics {
     pub flow_history_records: Gauge,
     /// Requests to the authenticated API listener by path and status code.
     pub api_requests: Family<ApiLabels, Counter>,
+    /// Bytes received from all peers through the tunnel devices (both worlds during a
+    /// rotation), from the devices' per-peer counters; a counter reset on the device (peer
+    /// re-added, device restarted) is not a decrease.
+    pub tunnel_receive_bytes: Counter,
+    /// Bytes sent to all peers through the tunnel devices.
+    pub tunnel_transmit_bytes: Counter,
+    /// Bytes received from each peer node: only with `--per-peer-metrics`.
+    pub peer_receive_bytes: Family<PeerLabels, Counter>,
+    /// Bytes sent to each peer node: only with `--per-peer-metrics`.
+    pub peer_transmit_bytes: Family<PeerLabels, Counter>,
+    /// Unix time of the oldest last handshake among the configured peers that had one (the
+    /// session closest to expiring; absent without any): bounded, for every node.
+    pub peer_oldest_handshake: OptionalGauge,
+    /// The `wiremesh.io/key-generation` this node publishes for its key in force.
+    pub key_generation: Gauge,
+    /// 1 for this node's rotation phase (one of [`ROTATION_PHASES`]), 0 for the others.
+    pub rotation_phase: Family<PhaseLabels, Gauge>,
+    /// 1 for this node's rotation mark (one of [`ROTATION_STEPS`]), 0 for the others.
+    pub rotation_step: Family<StepLabels, Gauge>,
+    /// Encrypted / cross-node pod flows this node recorded within the coverage window
+    /// (`--flow-coverage-window-secs`); absent without a cross-node flow in the window.
+    pub flow_coverage_ratio: OptionalGauge,
+    /// Flows (5-tuples) this node recorded within the coverage window, by class (`encrypted`,
+    /// `plaintext`, `dropped`, `other`).
+    pub flow_coverage_flows: Family<ClassLabels, Gauge>,
 }
 
 impl Metrics {
@@ -221,7 +300,19 @@ impl Metrics {
             flow_history_records: Gauge::default(),
             api_requests: Family::default(),
             flow_events_lost: Gauge::default(),
+            tunnel_receive_bytes: Counter::default(),
+            tunnel_transmit_bytes: Counter::default(),
+            peer_receive_bytes: Family::default(),
+            peer_transmit_bytes: Family::default(),
+            peer_oldest_handshake: OptionalGauge::default(),
+            key_generation: Gauge::default(),
+            rotation_phase: Family::default(),
+            rotation_step: Family::default(),
+            flow_coverage_ratio: OptionalGauge::default(),
+            flow_coverage_flows: Family::default(),
         };
+        metrics.set_rotation("Idle", "none");
+        metrics.set_coverage(&crate::coverage::CoverageCounts::default());
         registry.register(
             "invalid_annotations",
             "Invalid wiremesh annotations seen on other nodes (by node and reason)",
@@ -309,7 +400,88 @@ impl Metrics {
             metrics.status_writes.clone(),
         );
         metrics.register_ebpf(registry);
+        metrics.register_tunnel(registry);
         metrics
+    }
+
+    fn register_tunnel(&self, registry: &mut Registry) {
+        registry.register(
+            "tunnel_receive_bytes",
+            "Bytes received from all peers through the WireGuard devices",
+            self.tunnel_receive_bytes.clone(),
+        );
+        registry.register(
+            "tunnel_transmit_bytes",
+            "Bytes sent to all peers through the WireGuard devices",
+            self.tunnel_transmit_bytes.clone(),
+        );
+        registry.register(
+            "peer_receive_bytes",
+            "Bytes received from each peer node through the WireGuard devices (--per-peer-metrics)",
+            self.peer_receive_bytes.clone(),
+        );
+        registry.register(
+            "peer_transmit_bytes",
+            "Bytes sent to each peer node through the WireGuard devices (--per-peer-metrics)",
+            self.peer_transmit_bytes.clone(),
+        );
+        registry.register(
+            "peer_oldest_handshake_timestamp_seconds",
+            "Unix time of the oldest last handshake among the configured peers",
+            self.peer_oldest_handshake.0.clone(),
+        );
+        registry.register(
+            "key_generation",
+            "wiremesh.io/key-generation of this node's key in force",
+            self.key_generation.clone(),
+        );
+        registry.register(
+            "rotation_phase",
+            "1 for the key rotation phase this node is in (Idle outside a rotation)",
+            self.rotation_phase.clone(),
+        );
+        registry.register(
+            "rotation_step",
+            "1 for this node's key rotation mark (none without one)",
+            self.rotation_step.clone(),
+        );
+        registry.register(
+            "flow_coverage_ratio",
+            "Encrypted / cross-node pod flows this node recorded within the coverage window",
+            self.flow_coverage_ratio.0.clone(),
+        );
+        registry.register(
+            "flow_coverage_flows",
+            "Flows (5-tuples) this node recorded within the coverage window, by class",
+            self.flow_coverage_flows.clone(),
+        );
+    }
+
+    /// Sets the rotation state sets: `phase` (one of [`ROTATION_PHASES`]) and `step` (one of
+    /// [`ROTATION_STEPS`]) to 1, every other value to 0 (a fixed set of series).
+    pub fn set_rotation(&self, phase: &'static str, step: &'static str) {
+        for p in ROTATION_PHASES {
+            self.rotation_phase
+                .get_or_create(&PhaseLabels { phase: p })
+                .set(i64::from(p == phase));
+        }
+        for s in ROTATION_STEPS {
+            self.rotation_step
+                .get_or_create(&StepLabels { step: s })
+                .set(i64::from(s == step));
+        }
+    }
+
+    /// Sets the coverage metrics from the window's counts.
+    pub fn set_coverage(&self, counts: &crate::coverage::CoverageCounts) {
+        for class in crate::flows::FlowClass::ALL {
+            self.flow_coverage_flows
+                .get_or_create(&ClassLabels {
+                    class: class.as_str(),
+                })
+                .set(i64::try_from(counts.get(class)).unwrap_or(i64::MAX));
+        }
+        self.flow_coverage_ratio.set(counts.ratio());
     }
 
     fn register_ebpf(&self, registry: &mut Registry) {
@@ -437,5 +609,87 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("wiremesh_peers_configured 0"), "{text}");
+    }
+
+    fn encoded(registry: &Registry) -> String {
+        let mut text = String::new();
+        encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn new_series_follow_the_naming_conventions_and_stay_bounded() {
+        let mut registry = Registry::with_prefix("wiremesh");
+        let metrics = Metrics::new(&mut registry);
+        let text = encoded(&registry);
+        // Fixed sets from the start: one phase and one step are 1.
+        for phase in ROTATION_PHASES {
+            let v = i32::from(phase == "Idle");
+            assert!(
+                text.contains(&format!("wiremesh_rotation_phase{{phase=\"{phase}\"}} {v}")),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains("wiremesh_rotation_step{step=\"none\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_tunnel_receive_bytes_total 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_tunnel_transmit_bytes_total 0"),
+            "{text}"
+        );
+        assert!(text.contains("wiremesh_key_generation 0"), "{text}");
+        assert!(
+            text.contains("wiremesh_flow_coverage_flows{class=\"plaintext\"} 0"),
+            "{text}"
+        );
+        // Without a value the optional gauges are absent (an empty family is not exposed).
+        assert!(!text.contains("wiremesh_flow_coverage_ratio"), "{text}");
+        assert!(
+            !text.contains("wiremesh_peer_oldest_handshake_timestamp_seconds"),
+            "{text}"
+        );
+
+        metrics.set_rotation("Switching", "prepared");
+        metrics.set_rotation("Switching", "switched");
+        metrics.flow_coverage_ratio.set(Some(0.75));
+        metrics.peer_oldest_handshake.set(Some(1.8e9));
+        let text = encoded(&registry);
+        assert_eq!(
+            text.matches("wiremesh_rotation_phase{").count(),
+            ROTATION_PHASES.len()
+        );
+        assert_eq!(
+            text.matches("wiremesh_rotation_step{").count(),
+            ROTATION_STEPS.len()
+        );
+        assert!(
+            text.contains("wiremesh_rotation_phase{phase=\"Switching\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_rotation_phase{phase=\"Idle\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_rotation_step{step=\"prepared\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_rotation_step{step=\"switched\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("wiremesh_flow_coverage_ratio 0.75"), "{text}");
+        assert!(
+            text.contains("wiremesh_peer_oldest_handshake_timestamp_seconds 1800000000"),
+            "{text}"
+        );
+        metrics.flow_coverage_ratio.set(None);
+        assert!(!encoded(&registry).contains("wiremesh_flow_coverage_ratio "));
+        assert_eq!(metrics.flow_coverage_ratio.get(), None);
     }
 }

@@ -778,12 +778,31 @@ impl<R: Routes> Reconciler<R> {
             address,
             base,
         );
+        let (phase, step_label) = rotation::state_labels(
+            mode,
+            own_rotation
+                .annotations
+                .get(wiremesh_keyexchange::annotations::ANNOTATION_ROTATION)
+                .and_then(|m| m.as_deref()),
+        );
+        self.metrics.set_rotation(phase, step_label);
         self.rotation_waiting = active.is_some_and(|r| {
             r.phase
                 .target_step()
                 .is_some_and(|target| !step.is_some_and(|s| s.reached(target)))
         });
         if let Some(own_node) = &own_node {
+            if let Some(generation) =
+                crate::views::own_annotations(own_node, &self.local_key, current.port(base))
+                    .ok()
+                    .and_then(|a| {
+                        a.get(wiremesh_keyexchange::ANNOTATION_KEY_GENERATION)?
+                            .parse::<i64>()
+                            .ok()
+                    })
+            {
+                self.metrics.key_generation.set(generation);
+            }
             match own_patch(
                 own_node,
                 &own_annotations,

@@ -408,3 +408,21 @@ pub fn next_step(
     }
     step
 }
+
+/// This node's rotation state for the metrics (`wiremesh_rotation_phase{phase}`,
+/// `wiremesh_rotation_step{step}`, [`crate::metrics::ROTATION_PHASES`] and
+/// [`crate::metrics::ROTATION_STEPS`]): the phase of the rotation it takes part in (`Idle` at
+/// rest, `Complete` while moving into the new world, `Failed` while rolling back), and the step
+/// of the mark it publishes (`mark`: the `wiremesh.io/rotation` value, `none` without one).
+pub fn state_labels(mode: Mode<'_>, mark: Option<&str>) -> (&'static str, &'static str) {
+    let phase = match mode {
+        Mode::Rest => "Idle",
+        Mode::Active(r) => r.phase.as_str(),
+        Mode::Completing(_) => "Complete",
+        Mode::RolledBack(_) => "Failed",
+    };
+    let step = mark
+        .and_then(|m| RotationMark::parse(m).ok())
+        .map_or("none", |m| m.step.as_str());
+    (phase, step)
+}

@@ -25,6 +25,8 @@ use crate::{
         PeerReport, REPORT_VERSION, RejectedReport, unix_seconds,
     },
     reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
+    select::Worlds,
+    tunnelstats::TunnelStats,
 };
 
 /// Minimum time between two writes of the status annotation.
@@ -135,6 +137,9 @@ pub struct StatusReporter {
     written: Option<(NodeReport, Instant)>,
     handshake_peers: Vec<String>,
     ebpf: Option<watch::Receiver<EbpfReport>>,
+    /// Both worlds, for the tunnel byte counters (the next world carries traffic too).
+    worlds: Option<Arc<Worlds>>,
+    tunnel: TunnelStats,
 }
 
 impl StatusReporter {
@@ -158,12 +163,21 @@ impl StatusReporter {
             written: None,
             handshake_peers: Vec::new(),
             ebpf: None,
+            worlds: None,
+            tunnel: TunnelStats::new(false),
         }
     }
 
-    /// Also exports one handshake series per peer (`--per-peer-metrics`).
+    /// Also exports the handshake and byte series per peer (`--per-peer-metrics`).
     pub fn with_per_peer_metrics(mut self, on: bool) -> Self {
         self.per_peer_metrics = on;
+        self.tunnel = TunnelStats::new(on);
+        self
+    }
+
+    /// Counts tunnel bytes on the other world's device too (during a rotation).
+    pub fn with_worlds(mut self, worlds: Arc<Worlds>) -> Self {
+        self.worlds = Some(worlds);
         self
     }
 
@@ -185,6 +199,17 @@ impl StatusReporter {
             SystemTime::now(),
         );
         report.ebpf = self.ebpf.as_ref().map(|e| e.borrow().clone());
+        if let Ok(current) = &device {
+            let other = self.worlds.as_ref().and_then(|w| {
+                w.slot(1 - w.current_index())
+                    .status()
+                    .ok()
+                    .filter(|o| o.ifname != current.ifname)
+            });
+            let devices: Vec<&DeviceStatus> = std::iter::once(current).chain(&other).collect();
+            self.tunnel
+                .observe(&devices, &snapshot.configured, &self.metrics);
+        }
         if let Some(since) = snapshot.key_since {
             let age = SystemTime::now()
                 .duration_since(since)
@@ -214,6 +239,14 @@ impl StatusReporter {
                 .get_or_create(&AgeLabels { age })
                 .set(count);
         }
+        self.metrics.peer_oldest_handshake.set(
+            report
+                .peers
+                .iter()
+                .filter_map(|p| p.last_handshake)
+                .min()
+                .map(|t| t as f64),
+        );
         let mut seen = Vec::new();
         for peer in report.peers.iter().filter(|_| self.per_peer_metrics) {
             if let Some(at) = peer.last_handshake {

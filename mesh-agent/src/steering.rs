@@ -56,13 +56,11 @@ use crate::{
     config::{DEFAULT_LISTEN_PORT, EbpfChoice},
     drain::Drain,
     events::NodeEvents,
-    export::Export,
-    flows::{FlowTable, Names, PeerInfo, PodInfo, SharedBacklog, SharedFlows, SharedNames},
-    history::History,
-    metrics::{InvalidObjectLabels, MapLabels, Metrics, ResultLabels, StageLabels, VerdictLabels},
+    flows::{Names, PeerInfo, PodInfo},
+    flowsource::{BpfKernel, FlowSource},
+    metrics::{InvalidObjectLabels, MapLabels, Metrics, ResultLabels, StageLabels},
     nodestatus::EbpfReport,
     reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
-    status::SharedReport,
     watch::Caches,
 };
 
@@ -134,12 +132,7 @@ pub struct Steering {
     notify: Arc<Notify>,
     metrics: Metrics,
     events: NodeEvents,
-    names: SharedNames,
-    flows: SharedFlows,
-    backlog: SharedBacklog,
-    history: Option<Arc<History>>,
-    peer_status: Option<SharedReport>,
-    export: Option<Arc<std::sync::Mutex<Export>>>,
+    flows: Arc<FlowSource>,
     loaded: Option<Loaded>,
     reported: BTreeSet<ObjectProblem>,
     /// Objects the last compilation left out (reported again each pass; Events only once).
@@ -154,7 +147,7 @@ pub struct Steering {
 }
 
 impl Steering {
-    /// Wires the task; `flows` is shared with the HTTP server.
+    /// Wires the task; `flows` (where flow records go) is shared with the API server.
     pub fn new(
         settings: SteeringSettings,
         client: kube::Client,
@@ -162,7 +155,7 @@ impl Steering {
         mesh: watch::Receiver<MeshSnapshot>,
         notify: Arc<Notify>,
         metrics: Metrics,
-        flows: SharedFlows,
+        flows: Arc<FlowSource>,
     ) -> Self {
         Self {
             events: NodeEvents::new(client, &settings.node_name),
@@ -171,12 +164,7 @@ impl Steering {
             mesh,
             notify,
             metrics,
-            names: SharedNames::default(),
             flows,
-            backlog: SharedBacklog::default(),
-            history: None,
-            peer_status: None,
-            export: None,
             loaded: None,
             reported: BTreeSet::new(),
             policy_problems: Vec::new(),
@@ -191,37 +179,6 @@ impl Steering {
     /// The datapath's state for the status report, updated after every pass.
     pub fn report(&self) -> watch::Receiver<EbpfReport> {
         self.report.subscribe()
-    }
-
-    /// Also writes every flow record to `history` (flushed every [`HISTORY_FLUSH`] and when the
-    /// reader stops).
-    pub fn with_history(mut self, history: Arc<History>) -> Self {
-        self.history = Some(history);
-        self
-    }
-
-    /// Takes each peer's handshake and configured key for the flow evidence from the status
-    /// reporter's latest report.
-    pub fn with_peer_status(mut self, status: SharedReport) -> Self {
-        self.peer_status = Some(status);
-        self
-    }
-
-    /// Also appends every flow record to the JSON-lines export, when there is one.
-    pub fn with_export(mut self, export: Option<Export>) -> Self {
-        self.export = export.map(|e| Arc::new(std::sync::Mutex::new(e)));
-        self
-    }
-
-    /// The handle the API server reads the kernel's flow backlog through at request time
-    /// (empty until the datapath is loaded).
-    pub fn backlog(&self) -> SharedBacklog {
-        self.backlog.clone()
-    }
-
-    /// A flow table of `capacity` flows for [`Steering::new`] and the HTTP server.
-    pub fn flow_table(capacity: usize) -> SharedFlows {
-        Arc::new(std::sync::Mutex::new(FlowTable::new(capacity)))
     }
 
     /// Runs passes until the drain starts. The maps and links stay pinned afterwards.
@@ -369,14 +326,17 @@ impl Steering {
                     .map(|(net, value)| (IpNet::V6(net), value)),
             )
             .collect();
-        match loader.flow_backlog_handle() {
-            Ok(handle) => *self.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle),
-            Err(error) => tracing::warn!(%error, "no request-time flow backlog"),
-        }
+        let backlog = match loader.flow_backlog_handle() {
+            Ok(handle) => Some(handle),
+            Err(error) => {
+                tracing::warn!(%error, "no request-time flow backlog");
+                None
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let reader = loader
             .take_flow_reader()
-            .map(|r| self.spawn_reader(r, stop.clone()));
+            .and_then(|r| self.spawn_reader(r, backlog, stop.clone()));
         tracing::info!(
             pin_dir = %loader.pin_dir().display(),
             restored_ipcache = ipcache.len(),
@@ -397,83 +357,29 @@ impl Steering {
         Ok(())
     }
 
+    /// Hands the ring buffer and the backlog to the flow source and starts the reader thread
+    /// (`None`, logged, when the ring cannot be waited on).
     fn spawn_reader(
         &self,
-        mut reader: wiremesh_bpf::FlowReader,
+        reader: wiremesh_bpf::FlowReader,
+        backlog: Option<wiremesh_bpf::FlowBacklog>,
         stop: Arc<AtomicBool>,
-    ) -> std::thread::JoinHandle<()> {
-        let names = self.names.clone();
-        let flows = self.flows.clone();
-        let metrics = self.metrics.clone();
-        let history = self.history.clone();
-        let peer_status = self.peer_status.clone();
-        let export = self.export.clone();
-        std::thread::Builder::new()
-            .name("flow-reader".into())
-            .spawn(move || {
-                let mut flushed = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    let events = match reader.read(Duration::from_millis(200)) {
-                        Ok(events) => events,
-                        Err(error) => {
-                            tracing::warn!(%error, "reading flow records");
-                            std::thread::sleep(Duration::from_secs(1));
-                            continue;
-                        }
-                    };
-                    if !events.is_empty() {
-                        let mut names = names.read().unwrap_or_else(|e| e.into_inner()).clone();
-                        if let Some(status) = &peer_status {
-                            add_handshakes(&mut names, status);
-                        }
-                        let (ingested, len) = {
-                            let mut table = flows.lock().unwrap_or_else(|e| e.into_inner());
-                            (table.ingest(&events, &names), table.len())
-                        };
-                        for (verdict, n) in ingested.new_flows {
-                            metrics
-                                .flows
-                                .get_or_create(&VerdictLabels { verdict })
-                                .inc_by(n);
-                        }
-                        for (verdict, n) in ingested.packets {
-                            metrics
-                                .flow_packets
-                                .get_or_create(&VerdictLabels { verdict })
-                                .inc_by(n);
-                        }
-                        metrics.flows_evicted.inc_by(ingested.evicted);
-                        metrics.flow_table_flows.set(len as i64);
-                        if let Some(h) = &history {
-                            h.add(&ingested.records);
-                        }
-                        if let Some(export) = &export
-                            && let Err(error) = export
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .write(&ingested.records)
-                        {
-                            tracing::warn!(%error, "exporting flow records");
-                            metrics
-                                .ebpf_errors
-                                .get_or_create(&StageLabels {
-                                    stage: "flow-export",
-                                })
-                                .inc();
-                        }
-                    }
-                    if let Some(h) = &history
-                        && flushed.elapsed() >= HISTORY_FLUSH
-                    {
-                        flush_history(h, &metrics);
-                        flushed = Instant::now();
-                    }
-                }
-                if let Some(h) = &history {
-                    flush_history(h, &metrics);
-                }
-            })
-            .unwrap_or_else(|e| panic!("spawn the flow reader thread: {e}"))
+    ) -> Option<std::thread::JoinHandle<()>> {
+        let waiter = match reader.waiter() {
+            Ok(w) => w,
+            Err(error) => {
+                tracing::warn!(%error, "no flow reader: the ring buffer cannot be waited on");
+                return None;
+            }
+        };
+        self.flows.attach(Box::new(BpfKernel { reader, backlog }));
+        let source = self.flows.clone();
+        Some(
+            std::thread::Builder::new()
+                .name("flow-reader".into())
+                .spawn(move || source.run_reader(waiter, &stop))
+                .unwrap_or_else(|e| panic!("spawn the flow reader thread: {e}")),
+        )
     }
 
     async fn warn_own_node(&self, reason: &str, message: &str) {
@@ -599,7 +505,11 @@ impl Steering {
                     .map_err(SteeringError::Policy)?;
             self.identities = cluster.identities().clone();
             self.policies = cluster.policies().to_vec();
-            *self.names.write().unwrap_or_else(|e| e.into_inner()) =
+            *self
+                .flows
+                .names()
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) =
                 flow_names(&self.settings.node_name, &nodes, &pods, &cluster);
             self.policy_problems = problems;
             let compiled = compile(&cluster);
@@ -703,60 +613,11 @@ impl Steering {
         if let Ok(lost) = loaded.loader.maps_ref().events_lost() {
             self.metrics.flow_events_lost.set(lost as i64);
         }
-        match loaded.loader.maps_ref().flow_backlog() {
-            Ok(backlog) => self
-                .flows
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_backlog(&backlog),
-            Err(error) => tracing::debug!(%error, "reading the flow backlog"),
-        }
         self.metrics
             .pods_mtu_above_tunnel
             .set(placed.above_tunnel_mtu.len() as i64);
         self.report_problems(self.policy_problems.clone()).await;
         attach
-    }
-}
-
-/// How often the flow reader writes the flow history.
-const HISTORY_FLUSH: Duration = Duration::from_secs(2);
-
-fn flush_history(history: &History, metrics: &Metrics) {
-    match history.flush(crate::flows::unix_now()) {
-        Ok(done) => {
-            metrics
-                .flow_history_evicted
-                .get_or_create(&crate::metrics::EvictionLabels {
-                    reason: "retention",
-                })
-                .inc_by(done.expired);
-            metrics
-                .flow_history_evicted
-                .get_or_create(&crate::metrics::EvictionLabels { reason: "size" })
-                .inc_by(done.evicted);
-            metrics.flow_history_records.set(done.records as i64);
-        }
-        Err(error) => {
-            tracing::warn!(%error, "writing the flow history");
-            metrics
-                .ebpf_errors
-                .get_or_create(&StageLabels {
-                    stage: "flow-history",
-                })
-                .inc();
-        }
-    }
-}
-
-/// Each peer's configured key fingerprint and last handshake from the status report.
-fn add_handshakes(names: &mut Names, status: &SharedReport) {
-    let guard = status.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(report) = guard.as_ref() else { return };
-    for peer in &report.peers {
-        let info = names.peers.entry(peer.node.clone()).or_default();
-        info.key_fingerprint = Some(peer.key.clone());
-        info.last_handshake = peer.last_handshake;
     }
 }
 

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, api::ListParams};
 use mesh_agent::{
     api::FlowsResponse,
-    flows::{CIPHER_SUITE, Flow, rfc3339},
+    flows::{CIPHER_SUITE, FiveTuple, Flow, FlowClass as Class, rfc3339},
     history::Period,
 };
 use serde::{Deserialize, Serialize};
@@ -270,14 +270,6 @@ pub fn unix(t: SystemTime) -> u64 {
         .as_secs()
 }
 
-/// The 5-tuple a flow is counted by.
-type FiveTuple = (std::net::Ipv4Addr, std::net::Ipv4Addr, u16, u16, u8);
-
-fn five_tuple(f: &Flow) -> FiveTuple {
-    let (src, dst, sport, dport, proto, _, _) = f.id();
-    (src, dst, sport, dport, proto)
-}
-
 /// (source node, destination node) of a record: the observer is the source for traffic seen
 /// leaving a pod, else the destination.
 fn node_ends(f: &Flow) -> (String, String) {
@@ -317,29 +309,9 @@ pub fn workload(e: &mesh_agent::flows::Endpoint, ip: std::net::Ipv4Addr) -> Stri
     format!("{}/{name}", e.namespace)
 }
 
-/// How one flow is counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Class {
-    Encrypted,
-    Plaintext,
-    Dropped,
-    Other,
-}
-
+/// How one flow is counted: the agent's rule, shared with its coverage metric.
 fn classify(records: &[&Flow]) -> Class {
-    if records.iter().any(|r| r.dropped()) {
-        Class::Dropped
-    } else if !records.iter().any(|r| r.cross_node) {
-        Class::Other
-    } else if records
-        .iter()
-        .filter(|r| r.cross_node)
-        .all(|r| r.encryption.encrypted)
-    {
-        Class::Encrypted
-    } else {
-        Class::Plaintext
-    }
+    Class::of_records(records.iter().copied())
 }
 
 fn mode_of(mesh: Option<&MeshEncryption>) -> String {
@@ -373,7 +345,7 @@ pub fn build(inputs: &Inputs, now: u64) -> Report {
         match &a.answer {
             Ok(r) => {
                 for f in &r.flows {
-                    by_flow.entry(five_tuple(f)).or_default().push(f);
+                    by_flow.entry(f.five_tuple()).or_default().push(f);
                 }
                 gaps.extend(no_data(&a.node, &r.coverage, inputs.from, inputs.to));
             }

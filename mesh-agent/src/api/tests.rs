@@ -207,27 +207,24 @@ async fn every_request_is_authenticated_and_authorised_on_nodes_proxy() {
         asked: Mutex::new(Vec::new()),
     });
     let mut registry = prometheus_client::registry::Registry::default();
-    let flows = crate::steering::Steering::flow_table(8);
-    flows.lock().unwrap().ingest(
-        &[wiremesh_bpf::FlowEvent {
-            packets: 3,
-            src_ip: [10, 244, 1, 11],
-            dst_ip: [10, 244, 2, 11],
-            protocol: 6,
-            verdict: 3,
-            hook: 1,
-            ..Default::default()
-        }],
-        &crate::flows::Names::default(),
-    );
+    let metrics = Metrics::new(&mut registry);
+    let flows =
+        crate::flowsource::FlowSource::new(8, std::time::Duration::from_secs(300), metrics.clone());
+    flows.ingest(&[wiremesh_bpf::FlowEvent {
+        packets: 3,
+        src_ip: [10, 244, 1, 11],
+        dst_ip: [10, 244, 2, 11],
+        protocol: 6,
+        verdict: 3,
+        hook: 1,
+        ..Default::default()
+    }]);
     let state = ApiState {
         node_name: "node-1".into(),
-        flows,
-        backlog: SharedBacklog::default(),
-        history: None,
+        flows: Arc::new(flows),
         report: SharedReport::default(),
         reviewer: reviewer.clone(),
-        metrics: Metrics::new(&mut registry),
+        metrics,
         key_file: Some(dir.path().join(crate::api::CERT_FILE)),
     };
     let server = ApiServer::bind(

@@ -128,3 +128,31 @@ fn an_unreadable_record_is_an_error_not_a_silent_gap() {
     let err = h.query(T0, T0 + 60).unwrap_err().to_string();
     assert!(err.contains("decode"), "{err}");
 }
+
+#[test]
+fn a_query_counts_records_not_flushed_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = History::open(dir.path(), Limits::default(), T0).unwrap();
+    h.add(&records(80, 2, T0 + 1));
+    h.flush(T0 + 2).unwrap();
+    // Queued after the last flush: counted at once, merged with what is on disk.
+    h.add(&records(80, 3, T0 + 3));
+    h.add(&records(81, 1, T0 + 3));
+    let flows = h.query(T0, T0 + 10).unwrap();
+    let packets = |port| {
+        flows
+            .iter()
+            .find(|f| f.l4.destination_port() == port)
+            .map(|f| f.packets)
+    };
+    assert_eq!((packets(80), packets(81)), (Some(5), Some(1)), "{flows:#?}");
+    // Outside the window: not counted.
+    assert!(
+        h.query(T0 + 2 * BUCKET_SECS, T0 + 3 * BUCKET_SECS)
+            .unwrap()
+            .is_empty()
+    );
+    // Flushing changes nothing in the answer.
+    h.flush(T0 + 4).unwrap();
+    assert_eq!(h.query(T0, T0 + 10).unwrap(), flows);
+}

@@ -297,3 +297,34 @@ fn switching_waits_for_the_phase_except_for_revoked_pairs() {
     r.phase = RotationPhase::Switching;
     assert!(may_switch(&r, "n1", "n3"));
 }
+
+#[test]
+fn metric_labels_name_the_phase_and_the_own_mark() {
+    let preparing = rotation(RotationPhase::Preparing);
+    let complete = rotation(RotationPhase::Complete);
+    let failed = rotation(RotationPhase::Failed);
+    assert_eq!(state_labels(Mode::Rest, None), ("Idle", "none"));
+    assert_eq!(
+        state_labels(Mode::Active(&preparing), Some("r.1234abcd=prepared")),
+        ("Preparing", "prepared")
+    );
+    assert_eq!(
+        state_labels(Mode::Completing(&complete), Some("r.1234abcd=retired")),
+        ("Complete", "retired")
+    );
+    assert_eq!(
+        state_labels(Mode::RolledBack(&failed), Some("r.1234abcd=aborted")),
+        ("Failed", "aborted")
+    );
+    // A mark this build cannot read is no mark; every label is one of the fixed set.
+    assert_eq!(state_labels(Mode::Rest, Some("garbage")), ("Idle", "none"));
+    for phase in [
+        RotationPhase::Preparing,
+        RotationPhase::Switching,
+        RotationPhase::Retiring,
+    ] {
+        let r = rotation(phase);
+        let (p, _) = state_labels(Mode::Active(&r), None);
+        assert!(crate::metrics::ROTATION_PHASES.contains(&p), "{p}");
+    }
+}

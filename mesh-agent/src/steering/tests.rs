@@ -430,8 +430,12 @@ async fn a_pin_directory_outside_bpffs_is_a_clear_error_with_a_metric() {
         caches,
         rx,
         Arc::new(Notify::new()),
-        metrics,
-        Steering::flow_table(4),
+        metrics.clone(),
+        Arc::new(crate::flowsource::FlowSource::new(
+            4,
+            Duration::from_secs(300),
+            metrics,
+        )),
     );
     let error = steering.load().await.unwrap_err().to_string();
     let pins = dir.path().join("wiremesh/n1");
