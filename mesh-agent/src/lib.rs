@@ -17,6 +17,8 @@ pub mod export;
 #[cfg(test)]
 mod fixtures;
 pub mod flows;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod history;
 pub mod mesh;
