@@ -35,7 +35,7 @@ help:
 	@echo "  make deploy-manifests - regenerate deploy/*.yaml from the Helm chart deploy/helm/wiremesh"
 	@echo "  make image  - OCI image of mesh-agent (no registry, no Docker engine) into $(IMAGE_DIR)"
 	@echo "  make crds   - regenerate deploy/crds/*.yaml"
-	@echo "  make fuzz   - fuzz the annotation parser for FUZZ_SECONDS (default 60)"
+	@echo "  make fuzz   - run every cargo-fuzz target for FUZZ_SECONDS each (default 60; docs/fuzzing.md)"
 
 # Installs only the packages that are missing, so a second run does nothing.
 apt-deps:
@@ -206,15 +206,27 @@ bench: deps
 		$(BENCH_ARGS)
 
 FUZZ_SECONDS ?= 60
+# Every cargo-fuzz target as <crate dir>:<target> (docs/fuzzing.md). `make fuzz` runs each for
+# FUZZ_SECONDS; FUZZ_TARGETS="device:engine_packets" runs one. New inputs go to .cache/fuzz/<target>;
+# the committed seeds are in <crate>/fuzz/corpus/<target>, replayed by each crate's tests.
+FUZZ_TARGETS ?= keyexchange:annotations wgctrl:uapi_set wgctrl:uapi_get device:uapi_server \
+	device:engine_packets crds:specs mesh-agent:flows_query
+FUZZ_MAX_LEN ?= 4096
 # cargo-fuzz needs nightly rustc features; without a nightly toolchain, stable with RUSTC_BOOTSTRAP=1.
 cargo-fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 
 fuzz: cargo-fuzz
-	@mkdir -p .cache/fuzz/annotations
-	cd keyexchange && if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then tc=+nightly; boot=; else tc=; boot=1; fi; \
-		RUSTC_BOOTSTRAP=$$boot $(CARGO) $$tc fuzz run annotations ../.cache/fuzz/annotations fuzz/corpus/annotations -- \
-		-max_total_time=$(FUZZ_SECONDS)
+	@if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then tc=+nightly; boot=; else tc=; boot=1; fi; \
+	failed=""; \
+	for t in $(FUZZ_TARGETS); do \
+		dir=$${t%%:*}; target=$${t#*:}; \
+		mkdir -p .cache/fuzz/$$target; \
+		echo "==> fuzz $$dir/fuzz $$target for $(FUZZ_SECONDS) s"; \
+		( cd $$dir && RUSTC_BOOTSTRAP=$$boot $(CARGO) $$tc fuzz run $$target ../.cache/fuzz/$$target fuzz/corpus/$$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=$(FUZZ_MAX_LEN) ) || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make fuzz: findings in:$$failed (see <crate>/fuzz/artifacts/)" >&2; exit 1; fi
 
 clean:
 	$(CARGO) clean

@@ -55,18 +55,31 @@ impl std::fmt::Display for ConditionStatus {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConditionError {
     #[error(
-        "condition type {type_:?} is not a CamelCase name with an optional DNS prefix (at most {MAX_TYPE_LEN} characters)"
+        "condition type {:?} is not a CamelCase name with an optional DNS prefix (at most {MAX_TYPE_LEN} characters)",
+        crate::duration::shown(.type_)
     )]
     InvalidType { type_: String },
     #[error(
-        "condition {type_:?}: reason {reason:?} must start with a letter and hold only letters, digits, '_', ',' and ':' (at most {MAX_REASON_LEN} characters)"
+        "condition {:?}: reason {:?} must start with a letter and hold only letters, digits, '_', ',' and ':' (at most {MAX_REASON_LEN} characters)",
+        crate::duration::shown(.type_),
+        crate::duration::shown(.reason)
     )]
     InvalidReason { type_: String, reason: String },
-    #[error("condition {type_:?}: status {status:?} is not True, False or Unknown")]
+    #[error(
+        "condition {:?}: status {:?} is not True, False or Unknown",
+        crate::duration::shown(.type_),
+        crate::duration::shown(.status)
+    )]
     InvalidStatus { type_: String, status: String },
-    #[error("condition {type_:?}: message is {len} bytes long, at most {MAX_MESSAGE_LEN} allowed")]
+    #[error(
+        "condition {:?}: message is {len} bytes long, at most {MAX_MESSAGE_LEN} allowed",
+        crate::duration::shown(.type_)
+    )]
     MessageTooLong { type_: String, len: usize },
-    #[error("condition {type_:?}: observedGeneration {generation} is negative")]
+    #[error(
+        "condition {:?}: observedGeneration {generation} is negative",
+        crate::duration::shown(.type_)
+    )]
     NegativeGeneration { type_: String, generation: i64 },
 }
 

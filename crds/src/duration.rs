@@ -14,16 +14,38 @@ pub const GO_DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|μs|ms|s|m
 pub enum DurationError {
     #[error("empty duration")]
     Empty,
-    #[error("expected a number at byte {offset} of {text:?}")]
+    #[error("expected a number at byte {offset} of {:?}", shown(.text))]
     MissingNumber { text: String, offset: usize },
     #[error(
-        "missing unit after the number at byte {offset} of {text:?} (one of ns, us, µs, ms, s, m, h)"
+        "missing unit after the number at byte {offset} of {:?} (one of ns, us, µs, ms, s, m, h)", shown(.text)
     )]
     MissingUnit { text: String, offset: usize },
-    #[error("unknown unit {unit:?} in {text:?} (one of ns, us, µs, ms, s, m, h)")]
+    #[error("unknown unit {:?} in {:?} (one of ns, us, µs, ms, s, m, h)", shown(.unit), shown(.text))]
     UnknownUnit { text: String, unit: String },
-    #[error("duration {text:?} is too large")]
+    #[error("duration {:?} is too large", shown(.text))]
     Overflow { text: String },
+}
+
+/// A hostile value as errors show it: at most 40 characters, anything but printable ASCII (and
+/// the quote and backslash `{:?}` would escape) as '?', "..." when cut. Spec errors end up in
+/// Events, conditions and logs, however long the value is.
+pub(crate) fn shown(text: &str) -> String {
+    const MAX: usize = 40;
+    let mut out: String = text
+        .chars()
+        .take(MAX)
+        .map(|c| {
+            if (c == ' ' || c.is_ascii_graphic()) && c != '"' && c != '\\' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if text.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// Parses a non-negative Go duration such as "720h", "1h30m" or "0.5s".
@@ -208,5 +230,28 @@ mod tests {
             err.contains("\"3d\"") && err.contains("unknown unit"),
             "{err}"
         );
+    }
+
+    /// Found by the `specs` fuzz target's corpus test (a whole JSON document read as a
+    /// duration): errors quoted the entire value. They show at most 40 characters of it now,
+    /// printable ASCII only, so a hostile spec cannot make a huge Event or condition message.
+    #[test]
+    fn errors_quote_a_short_printable_prefix_of_the_value() {
+        let hostile = format!("{{\"x\":\"{}\u{1b}\"}}", "y".repeat(5000));
+        let message = parse_go_duration(&hostile)
+            .expect_err("not a duration")
+            .to_string();
+        assert_eq!(
+            message,
+            format!(
+                "expected a number at byte 0 of \"{{?x?:?{}...\"",
+                "y".repeat(34)
+            )
+        );
+        let unit = parse_go_duration(&format!("1{}", "\u{1}".repeat(100)))
+            .expect_err("bad unit")
+            .to_string();
+        assert!(unit.len() < 200, "{unit}");
+        assert!(!unit.contains('\u{1}'), "{unit}");
     }
 }

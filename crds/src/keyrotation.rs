@@ -254,13 +254,13 @@ pub struct KeyRotationStatus {
 /// A spec field that the schema accepts but that cannot be used as written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("KeyRotation spec.phaseTimeout {value:?}: {source}")]
+    #[error("KeyRotation spec.phaseTimeout {:?}: {source}", crate::duration::shown(.value))]
     PhaseTimeout {
         value: String,
         #[source]
         source: DurationError,
     },
-    #[error("KeyRotation spec.phaseTimeout {value:?} is shorter than the minimum of 10s")]
+    #[error("KeyRotation spec.phaseTimeout {:?} is shorter than the minimum of 10s", crate::duration::shown(.value))]
     PhaseTimeoutTooShort { value: String },
 }
 

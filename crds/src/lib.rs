@@ -6,6 +6,8 @@
 
 mod conditions;
 mod duration;
+#[doc(hidden)]
+pub mod fuzzing;
 mod keyrotation;
 mod manifests;
 mod meshencryption;

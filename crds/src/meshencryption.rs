@@ -174,17 +174,18 @@ pub struct MeshEncryptionStatus {
 /// A spec field that the schema accepts but that cannot be used as written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("MeshEncryption spec.keyRotationInterval {value:?}: {source}")]
+    #[error("MeshEncryption spec.keyRotationInterval {:?}: {source}", crate::duration::shown(.value))]
     KeyRotationInterval {
         value: String,
         #[source]
         source: DurationError,
     },
     #[error(
-        "MeshEncryption spec.keyRotationInterval {value:?} is shorter than the minimum of 1h (use 0s to disable periodic rotation)"
+        "MeshEncryption spec.keyRotationInterval {:?} is shorter than the minimum of 1h (use 0s to disable periodic rotation)",
+        crate::duration::shown(.value)
     )]
     KeyRotationIntervalTooShort { value: String },
-    #[error("MeshEncryption spec.{field} entry {value:?} is not a CIDR: {source}")]
+    #[error("MeshEncryption spec.{field} entry {:?} is not a CIDR: {source}", crate::duration::shown(.value))]
     Cidr {
         field: &'static str,
         value: String,

@@ -17,6 +17,8 @@
 
 mod allowed_ips;
 mod checksum;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gro;
 mod gso;
 mod int_hash;
@@ -274,10 +276,42 @@ impl Shared {
             .clone()
     }
 
+    /// A device on `udp` with no TUN and no threads: for driving the receive path directly
+    /// (unit tests, the fuzz harness).
+    pub(crate) fn detached(ifname: &str, udp: UdpEndpoint) -> Self {
+        Self {
+            ifname: ifname.into(),
+            state: RwLock::new(DeviceState::new(Arc::new(udp))),
+            config: Mutex::new(()),
+            counters: Counters::default(),
+            waker: Waker::new().expect("eventfd"),
+            stop: AtomicBool::new(false),
+            closed: Mutex::new(None),
+            closed_cv: Condvar::new(),
+            failure: Mutex::new(None),
+            netns: NetNs::current().expect("the current network namespace"),
+            udp_sockets: 1,
+            started: Instant::now(),
+            rekey_after: None,
+            spinner: AtomicUsize::new(0),
+        }
+    }
+
     /// Starts a new handshake with `peer` now (unless one is in flight), as a rekey would.
     fn force_handshake(&self, peer: &PublicKey) -> Result<(), DatapathError> {
         let mut out = Outbox::with_capacity(256);
-        let udp = {
+        let udp = self.stage_handshake(peer, &mut out)?;
+        out.send(&udp, 0, self);
+        Ok(())
+    }
+
+    /// Stages a new handshake initiation to `peer` in `out`; the endpoint to send it on.
+    fn stage_handshake(
+        &self,
+        peer: &PublicKey,
+        out: &mut Outbox,
+    ) -> Result<Arc<UdpEndpoint>, DatapathError> {
+        Ok({
             let st = self.read_state();
             let entry = st
                 .peers
@@ -296,9 +330,7 @@ impl Shared {
                 out.push(dst, init, Some(&entry.peer));
             }
             st.udp.clone()
-        };
-        out.send(&udp, 0, self);
-        Ok(())
+        })
     }
 
     fn apply(&self, req: &SetRequest) -> Result<(), ApplyError> {

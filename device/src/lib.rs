@@ -7,4 +7,6 @@
 
 pub mod command;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod uapi;

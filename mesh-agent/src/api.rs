@@ -586,6 +586,36 @@ pub struct FlowsQuery {
     pub until: Option<u64>,
 }
 
+/// A `/flows` query that parses but asks for no sensible window (answered 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlowsQueryError {
+    #[error("until={until} needs since")]
+    UntilWithoutSince { until: u64 },
+    #[error("until={until} is before since={since}")]
+    Reversed { since: u64, until: u64 },
+}
+
+impl FlowsQuery {
+    /// The history window asked for: `None` for the live table (no `since`), else `since` to
+    /// `until` (default `now`).
+    pub fn window(&self, now: u64) -> Result<Option<Period>, FlowsQueryError> {
+        match (self.since, self.until) {
+            (None, None) => Ok(None),
+            (None, Some(until)) => Err(FlowsQueryError::UntilWithoutSince { until }),
+            (Some(since), until) => {
+                let until = until.unwrap_or(now);
+                if until < since {
+                    return Err(FlowsQueryError::Reversed { since, until });
+                }
+                Ok(Some(Period {
+                    from: since,
+                    to: until,
+                }))
+            }
+        }
+    }
+}
+
 /// The body of `/flows`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FlowsResponse {
@@ -616,7 +646,11 @@ fn modified_unix(path: &std::path::Path) -> Option<u64> {
 async fn flows(State(state): State<Arc<ApiState>>, Query(q): Query<FlowsQuery>) -> Response {
     let now = unix_now();
     let key_created_at = state.key_file.as_deref().and_then(modified_unix);
-    let body = match q.since {
+    let window = match q.window(now) {
+        Ok(window) => window,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
+    };
+    let body = match window {
         None => FlowsResponse {
             node_name: state.node_name.clone(),
             now,
@@ -634,11 +668,10 @@ async fn flows(State(state): State<Arc<ApiState>>, Query(q): Query<FlowsQuery>) 
             coverage: Vec::new(),
             key_created_at,
         },
-        Some(from) => {
+        Some(Period { from, to }) => {
             if !state.flows.has_history() {
                 return (StatusCode::NOT_FOUND, "no flow history on this agent\n").into_response();
             }
-            let to = q.until.unwrap_or(now);
             let source = state.flows.clone();
             let read = tokio::task::spawn_blocking(move || source.history(from, to)).await;
             match read {

@@ -19,6 +19,8 @@ pub mod export;
 mod fixtures;
 pub mod flows;
 pub mod flowsource;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod history;
 pub mod mesh;

@@ -7,6 +7,8 @@
 
 pub mod convert;
 pub mod datapath;
+#[doc(hidden)]
+pub mod fuzzing;
 mod iface;
 pub mod kernel;
 pub mod link;

@@ -5,4 +5,5 @@
 mod client;
 pub mod parse;
 
+pub(crate) use client::read_answer;
 pub use client::{DEFAULT_TIMEOUT, UapiClientError, UapiDevice, default_socket_path};

@@ -53,6 +53,22 @@ impl Outbox {
         self.items.is_empty()
     }
 
+    /// Takes everything staged instead of sending it (the fuzz harness plays the network).
+    pub fn take(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        let out = self
+            .items
+            .drain(..)
+            .map(|item| {
+                (
+                    item.dst,
+                    self.buf[item.start..item.start + item.len].to_vec(),
+                )
+            })
+            .collect();
+        self.buf.clear();
+        out
+    }
+
     /// Sends everything staged on socket `idx` of `udp`, in order, and empties the outbox.
     /// Call with no lock held.
     pub fn send(&mut self, udp: &UdpEndpoint, idx: usize, shared: &Shared) {

@@ -5,12 +5,8 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    sync::{
-        Arc, Condvar, Mutex, RwLock,
-        atomic::{AtomicBool, AtomicUsize},
-        mpsc,
-    },
-    time::{Duration, Instant},
+    sync::{Arc, mpsc},
+    time::Duration,
 };
 
 use boringtun::{
@@ -25,10 +21,9 @@ use wiremesh_wgctrl::{
 };
 
 use super::{
-    Counters, Shared, UapiHandler,
-    io::{NetNs, SendGate, UdpEndpoint, Waker},
+    Shared, UapiHandler,
+    io::{SendGate, UdpEndpoint},
     outbox::Outbox,
-    state::DeviceState,
     timers::Timers,
     worker::{self, RxCache},
 };
@@ -41,22 +36,7 @@ const B_TUNNEL: Ipv4Addr = Ipv4Addr::new(10, 80, 0, 2);
 fn device(key: &PrivateKey, gate: Option<Arc<SendGate>>) -> Arc<Shared> {
     let mut udp = UdpEndpoint::bind(0, 0, 1).expect("bind UDP");
     udp.gate = gate;
-    let shared = Arc::new(Shared {
-        ifname: "wmtest".into(),
-        state: RwLock::new(DeviceState::new(Arc::new(udp))),
-        config: Mutex::new(()),
-        counters: Counters::default(),
-        waker: Waker::new().expect("eventfd"),
-        stop: AtomicBool::new(false),
-        closed: Mutex::new(None),
-        closed_cv: Condvar::new(),
-        failure: Mutex::new(None),
-        netns: NetNs::current().expect("netns"),
-        udp_sockets: 1,
-        started: Instant::now(),
-        rekey_after: None,
-        spinner: AtomicUsize::new(0),
-    });
+    let shared = Arc::new(Shared::detached("wmtest", udp));
     shared
         .apply(&convert::configure_request(&DeviceSettings {
             private_key: Some(key.clone()),

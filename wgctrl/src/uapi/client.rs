@@ -161,7 +161,7 @@ pub fn default_socket_path(ifname: &str) -> PathBuf {
 
 /// Reads an answer up to its empty line; returns the lines before `errno=N` when N is 0.
 /// Holds key material (a `get` answer carries the private key): zeroized.
-fn read_answer(
+pub(crate) fn read_answer(
     stream: &UnixStream,
     timeout: Duration,
 ) -> Result<zeroize::Zeroizing<String>, UapiClientError> {
@@ -184,7 +184,8 @@ fn read_answer(
                     .trim_end_matches('\n')
                     .parse()
                     .map_err(|_| UapiClientError::Protocol {
-                        reason: format!("bad errno line {:?}", line.trim_end()),
+                        // Cut short: the device's bytes end up in logs.
+                        reason: format!("bad errno line {:?}", parse::truncate(line.trim_end())),
                     })?;
             return if errno == 0 {
                 Ok(body)

@@ -240,8 +240,19 @@ fn parse_peer_line(
     Ok(())
 }
 
-fn truncate(key: &str) -> String {
-    key.chars().take(64).collect()
+/// At most 64 characters of a hostile value, anything but printable ASCII as '?', so an error
+/// quoting it stays short (a `{:?}` of a control or unassigned character takes up to 10 bytes).
+pub(crate) fn truncate(key: &str) -> String {
+    key.chars()
+        .take(64)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 /// Decimal without sign, leading '+' or whitespace, like Go's `strconv.ParseUint`.

@@ -231,3 +231,21 @@ fn an_invalid_endpoint_is_refused_before_anything_is_sent() {
         .unwrap_err();
     assert!(matches!(err, DatapathError::Invalid { .. }), "{err:?}");
 }
+
+/// Fuzzer finding (`fuzz/corpus/uapi_get/found-long-errno-line`): a device answering a long
+/// garbage `errno=` line made an error message holding the whole line. It is cut to 64
+/// characters (printable ASCII only) now, so a broken device cannot flood the agent's logs and Events.
+#[test]
+fn a_long_bad_errno_line_makes_a_short_error() {
+    let (mut device, client) = UnixStream::pair().expect("socketpair");
+    let line = format!("errno=-{}\n\n", "2\u{1c}".repeat(5000));
+    device.write_all(line.as_bytes()).expect("write");
+    drop(device);
+    let error = super::read_answer(&client, Duration::from_secs(5)).expect_err("bad errno");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("malformed answer: bad errno line"),
+        "{message}"
+    );
+    assert!(message.len() < 120, "{} bytes: {message}", message.len());
+}

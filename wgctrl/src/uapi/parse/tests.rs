@@ -110,3 +110,17 @@ fn get_renders_like_wireguard_go() {
     assert_eq!(text.as_str(), want);
     assert!(!format!("{resp:?}").contains(&K1[..16]));
 }
+
+/// Fuzzer finding (`fuzz/corpus/uapi_set/found-control-chars-key.txt`): an unknown key of
+/// control (or unassigned) characters made an error of ~650 bytes (64 characters, each escaped
+/// to up to 10 by `{:?}`). Anything but printable ASCII is shown as '?' now.
+#[test]
+fn an_unknown_key_of_control_characters_makes_a_short_error() {
+    let body = format!("{}\u{afbef}=1\n", "\u{16}".repeat(500));
+    let error = parse_set(&body).expect_err("unknown key");
+    let message = error.to_string();
+    assert_eq!(
+        message,
+        format!("line 1: unknown device key {:?}", "?".repeat(64))
+    );
+}
