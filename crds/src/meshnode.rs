@@ -18,7 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Version of the [`MeshNodeStatus`] layout.
-pub const REPORT_VERSION: u32 = 1;
+pub const STATUS_VERSION: u32 = 1;
 
 /// A handshake older than this means the session is gone (WireGuard's REJECT_AFTER_TIME is 180 s;
 /// with persistent keepalive a live session re-handshakes every 2 minutes).
@@ -85,7 +85,7 @@ pub struct MeshNodeSpec {}
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshNodeStatus {
-    /// [`REPORT_VERSION`].
+    /// [`STATUS_VERSION`].
     #[schemars(extend("format" = "int32"))]
     pub version: u32,
     /// Unix seconds when the agent wrote this status.
@@ -124,16 +124,16 @@ pub struct MeshNodeStatus {
     pub peers_configured: u32,
     /// One entry per configured peer, sorted by node name.
     #[serde(default)]
-    pub peers: Vec<PeerReport>,
+    pub peers: Vec<MeshNodePeer>,
     /// Remote nodes this agent skips, with the Event reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rejected: Vec<RejectedReport>,
+    pub rejected: Vec<MeshNodeRejected>,
     /// The last reconcile error, if the last pass failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The eBPF datapath (absent with `--ebpf off`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ebpf: Option<EbpfReport>,
+    pub ebpf: Option<MeshNodeEbpf>,
     /// Conditions (type [`CONDITION_SETTINGS_APPLIED`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::conditions::conditions_schema")]
@@ -143,7 +143,7 @@ pub struct MeshNodeStatus {
 /// The eBPF datapath of one node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct EbpfReport {
+pub struct MeshNodeEbpf {
     /// The programs are loaded (maps and links pinned).
     pub loaded: bool,
     /// The config says strict mode.
@@ -159,7 +159,7 @@ pub struct EbpfReport {
 /// One peer as the device sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct PeerReport {
+pub struct MeshNodePeer {
     /// The peer's Node name.
     pub node: String,
     /// Fingerprint of the peer key configured on the device.
@@ -173,7 +173,7 @@ pub struct PeerReport {
 /// A remote node this agent does not peer with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct RejectedReport {
+pub struct MeshNodeRejected {
     pub node: String,
     pub reason: String,
 }
@@ -234,7 +234,7 @@ mod tests {
 
     fn report() -> MeshNodeStatus {
         MeshNodeStatus {
-            version: REPORT_VERSION,
+            version: STATUS_VERSION,
             updated_at: 1_000,
             interval_secs: 30,
             datapath: "userspace".into(),
@@ -245,7 +245,7 @@ mod tests {
             ready: true,
             peers_expected: 1,
             peers_configured: 1,
-            peers: vec![PeerReport {
+            peers: vec![MeshNodePeer {
                 node: "b".into(),
                 key: "12345678".into(),
                 last_handshake: Some(990),

@@ -47,7 +47,7 @@ use crate::{
     flowsource::FlowSource,
     history::Period,
     metrics::{ApiLabels, Metrics},
-    status::SharedReport,
+    status::SharedStatus,
 };
 
 /// File names of the serving certificate and key under the state dir.
@@ -194,7 +194,7 @@ pub struct ApiState {
     pub node_name: String,
     /// The flows, read as of each request (the kernel's pending records drained first).
     pub flows: Arc<FlowSource>,
-    pub report: SharedReport,
+    pub status: SharedStatus,
     pub reviewer: Arc<dyn Reviewer>,
     pub metrics: Metrics,
     /// The keystore file of the key in force: its modification time is the key's age.
@@ -703,7 +703,7 @@ async fn flows(State(state): State<Arc<ApiState>>, Query(q): Query<FlowsQuery>) 
 
 async fn status(State(state): State<Arc<ApiState>>) -> Response {
     let report = state
-        .report
+        .status
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();

@@ -1,5 +1,5 @@
 //! Wiring of `mesh-agent run`: [`build`] loads the key and the kube client and starts every task
-//! (watchers, reconciler, datapath monitor, status reporter, HTTP server) in one JoinSet;
+//! (watchers, reconciler, datapath monitor, status publisher, HTTP server) in one JoinSet;
 //! [`App::wait_termination`] runs until SIGTERM/SIGINT or until a task dies, then drains with a
 //! deadline. The agent does not own the WireGuard device: the reconciler selects it (the device
 //! process's UAPI socket, or a kernel `wireguard` link) through [`SystemSelector`], and on exit
@@ -34,7 +34,7 @@ use crate::{
     reconciler::{DatapathControl, MeshSnapshot, PlanSettings, Reconciler},
     routes::netlink::NetlinkRoutes,
     select::{DatapathSlot, Selector, SystemDevices, SystemLinks, SystemSelector, Worlds},
-    status::{SharedReport, StatusReporter},
+    status::{SharedStatus, StatusPublisher},
     steering::{Steering, SteeringSettings},
     taint::TaintRemover,
     watch::watchers,
@@ -183,7 +183,7 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
     let memory = crate::settings::SettingsMemory::open(&config.state_dir)?;
     watchers.caches = watchers.caches.with_settings_memory(Arc::new(memory));
     let (snapshot_tx, snapshot_rx) = watch::channel(MeshSnapshot::default());
-    let shared_report: SharedReport = SharedReport::default();
+    let shared_status: SharedStatus = SharedStatus::default();
     let (monitor, health) = DatapathMonitor::new(worlds.clone(), notify.clone(), metrics.clone());
 
     let admin =
@@ -197,7 +197,7 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
             metrics.clone(),
         )
         .with_history(history)
-        .with_peer_status(shared_report.clone())
+        .with_peer_status(shared_status.clone())
         .with_export(open_export(config)?),
     );
     let steering = Steering::new(
@@ -222,7 +222,7 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
         ApiState {
             node_name: config.node_name.clone(),
             flows,
-            report: shared_report.clone(),
+            status: shared_status.clone(),
             reviewer: Arc::new(KubeReviewer::new(client.clone())),
             metrics: metrics.clone(),
             key_file: Some(
@@ -264,19 +264,19 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
             snapshot_rx.clone(),
         )
     });
-    let reporter = StatusReporter::new(
+    let reporter = StatusPublisher::new(
         config.node_name.clone(),
         datapath,
         client,
         snapshot_rx,
         metrics,
         config.status_interval,
-        shared_report,
+        shared_status,
     )
     .with_per_peer_metrics(config.per_peer_metrics)
     .with_worlds(worlds_for_stats);
     let reporter = match config.ebpf {
-        EbpfChoice::Auto => reporter.with_ebpf(steering.report()),
+        EbpfChoice::Auto => reporter.with_ebpf(steering.ebpf_status()),
         EbpfChoice::Off => reporter,
     };
 
@@ -288,7 +288,7 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
     spawn_until_drained(&mut tasks, "reconciler", reconciler.run(drain.clone()));
     spawn_until_drained(&mut tasks, "datapath monitor", monitor.run(drain.clone()));
     spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
-    spawn_until_drained(&mut tasks, "status reporter", reporter.run(drain.clone()));
+    spawn_until_drained(&mut tasks, "status publisher", reporter.run(drain.clone()));
     if let Some(remover) = taint_remover {
         spawn_until_drained(&mut tasks, "readiness taint", remover.run(drain.clone()));
     }

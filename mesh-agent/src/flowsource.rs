@@ -34,7 +34,7 @@ use crate::{
     flows::{Flow, FlowTable, Names, SharedFlows, SharedNames, backlog_sums, unix_now},
     history::{BUCKET_SECS, History, HistoryError, Period},
     metrics::{EvictionLabels, Metrics, StageLabels, VerdictLabels},
-    status::SharedReport,
+    status::SharedStatus,
 };
 
 /// How often the reader thread writes the flow history and refreshes the coverage metrics.
@@ -81,7 +81,7 @@ pub struct FlowSource {
     names: SharedNames,
     metrics: Metrics,
     history: Option<Arc<History>>,
-    peer_status: Option<SharedReport>,
+    peer_status: Option<SharedStatus>,
     export: Option<Mutex<Export>>,
     coverage: Mutex<CoverageWindow>,
     /// Held while records go from the kernel into the table, so they go in order.
@@ -118,7 +118,7 @@ impl FlowSource {
 
     /// Takes each peer's handshake and configured key for the flow evidence from the status
     /// reporter's latest report.
-    pub fn with_peer_status(mut self, status: SharedReport) -> Self {
+    pub fn with_peer_status(mut self, status: SharedStatus) -> Self {
         self.peer_status = Some(status);
         self
     }
@@ -341,7 +341,7 @@ impl FlowSource {
 }
 
 /// Each peer's configured key fingerprint and last handshake from the status report.
-fn add_handshakes(names: &mut Names, status: &SharedReport) {
+fn add_handshakes(names: &mut Names, status: &SharedStatus) {
     let guard = status.lock().unwrap_or_else(|e| e.into_inner());
     let Some(report) = guard.as_ref() else { return };
     for peer in &report.peers {

@@ -14,13 +14,10 @@ use kube::{
     api::{Patch, PatchParams},
 };
 pub use wiremesh_crds::meshnode::{
-    CONDITION_SETTINGS_APPLIED, CONVERGED_LABEL, EbpfReport, HANDSHAKE_FRESH, MeshNode,
-    MeshNodeStatus, PeerReport, REPORT_VERSION, RejectedReport, STATUS_INTERVAL_ANNOTATION,
+    CONDITION_SETTINGS_APPLIED, CONVERGED_LABEL, HANDSHAKE_FRESH, MeshNode, MeshNodeEbpf,
+    MeshNodePeer, MeshNodeRejected, MeshNodeStatus, STATUS_INTERVAL_ANNOTATION, STATUS_VERSION,
     unix_seconds,
 };
-
-/// The report an agent writes: the `MeshNode` status.
-pub type NodeReport = MeshNodeStatus;
 
 /// Field manager of the agent's MeshNode writes.
 pub const FIELD_MANAGER: &str = "wiremesh-agent";

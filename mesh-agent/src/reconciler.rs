@@ -6,7 +6,7 @@
 //!    and listen port (nothing when the mesh is disabled or `MeshEncryption default` is absent);
 //! 3. [`Mesh::apply`] that to the device and the routing table;
 //! 4. report skipped nodes (Event + metric, once per distinct problem) and publish a
-//!    [`MeshSnapshot`] for the status reporter and the HTTP server.
+//!    [`MeshSnapshot`] for the status publisher and the HTTP server.
 //!
 //! Nothing is applied before every cache has synced: pruning against a half-filled cache would
 //! tear down healthy tunnels after a restart.
@@ -266,7 +266,7 @@ fn problems(peer_set: &PeerSet) -> Vec<Problem> {
     out
 }
 
-/// What the last pass produced, for the status reporter and `/readyz`.
+/// What the last pass produced, for the status publisher and `/readyz`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshSnapshot {
     /// Every cache has synced.

@@ -1,11 +1,11 @@
-//! The status reporter task: joins the reconciler's [`MeshSnapshot`] with the device's live peer
-//! state (handshake times) into a [`NodeReport`], keeps the handshake metrics current (bounded by
-//! age; per peer only with `--per-peer-metrics`), serves the report to `/status`, and writes it
+//! The status publisher task: joins the reconciler's [`MeshSnapshot`] with the device's live peer
+//! state (handshake times) into a [`MeshNodeStatus`], keeps the handshake metrics current (bounded by
+//! age; per peer only with `--per-peer-metrics`), serves it on `/status`, and writes it
 //! as the status of this node's `MeshNode` ([`crate::nodestatus`]): at once (at most every
 //! [`MIN_WRITE_SPACING`]) when it changes materially, otherwise every status interval as a
 //! heartbeat. Nothing is written to the Node object, so no agent's Node watch wakes up. On drain
-//! it writes a last report saying the agent stopped, so `meshctl status` does not wait for the
-//! report to go stale.
+//! it writes a last status saying the agent stopped, so `meshctl status` does not wait for the
+//! status to go stale.
 
 use std::{
     sync::{Arc, Mutex},
@@ -21,8 +21,8 @@ use crate::{
     drain::Drain,
     metrics::{AgeLabels, Metrics, PeerLabels, ResultLabels},
     nodestatus::{
-        CONDITION_SETTINGS_APPLIED, EbpfReport, HANDSHAKE_FRESH, NodeReport, NodeStatusWriter,
-        PeerReport, REPORT_VERSION, RejectedReport, unix_seconds,
+        CONDITION_SETTINGS_APPLIED, HANDSHAKE_FRESH, MeshNodeEbpf, MeshNodePeer, MeshNodeRejected,
+        MeshNodeStatus, NodeStatusWriter, STATUS_VERSION, unix_seconds,
     },
     reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
     select::Worlds,
@@ -35,24 +35,24 @@ pub const MIN_WRITE_SPACING: Duration = Duration::from_secs(2);
 /// How often the device is polled for handshakes.
 const POLL: Duration = Duration::from_secs(2);
 
-/// The latest report, shared with the HTTP server.
-pub type SharedReport = Arc<Mutex<Option<NodeReport>>>;
+/// The latest status, shared with the HTTP server.
+pub type SharedStatus = Arc<Mutex<Option<MeshNodeStatus>>>;
 
-/// Builds a report from the reconciler's snapshot and the device's status.
-pub fn build_report(
+/// Builds the status from the reconciler's snapshot and the device's status.
+pub fn build_status(
     snapshot: &MeshSnapshot,
     device: Result<&DeviceStatus, String>,
     interface: &str,
     datapath_kind: &str,
     interval: Duration,
     now: SystemTime,
-) -> NodeReport {
+) -> MeshNodeStatus {
     let (key, peers, device_error) = match device {
         Ok(status) => {
             let peers = snapshot
                 .configured
                 .iter()
-                .map(|(node, key)| PeerReport {
+                .map(|(node, key)| MeshNodePeer {
                     node: node.clone(),
                     key: key.fingerprint(),
                     last_handshake: status
@@ -67,8 +67,8 @@ pub fn build_report(
         }
         Err(error) => (None, Vec::new(), Some(format!("datapath status: {error}"))),
     };
-    NodeReport {
-        version: REPORT_VERSION,
+    MeshNodeStatus {
+        version: STATUS_VERSION,
         updated_at: unix_seconds(now),
         interval_secs: interval.as_secs(),
         datapath: snapshot
@@ -88,7 +88,7 @@ pub fn build_report(
         rejected: snapshot
             .rejected
             .iter()
-            .map(|(node, reason)| RejectedReport {
+            .map(|(node, reason)| MeshNodeRejected {
                 node: node.clone(),
                 reason: reason.clone(),
             })
@@ -126,23 +126,23 @@ fn settings_condition(snapshot: &MeshSnapshot, now: SystemTime) -> Condition {
 }
 
 /// See the module docs.
-pub struct StatusReporter {
+pub struct StatusPublisher {
     datapath: Arc<dyn Datapath>,
     writer: NodeStatusWriter,
     per_peer_metrics: bool,
     snapshot: watch::Receiver<MeshSnapshot>,
     metrics: Metrics,
     interval: Duration,
-    shared: SharedReport,
-    written: Option<(NodeReport, Instant)>,
+    shared: SharedStatus,
+    written: Option<(MeshNodeStatus, Instant)>,
     handshake_peers: Vec<String>,
-    ebpf: Option<watch::Receiver<EbpfReport>>,
+    ebpf: Option<watch::Receiver<MeshNodeEbpf>>,
     /// Both worlds, for the tunnel byte counters (the next world carries traffic too).
     worlds: Option<Arc<Worlds>>,
     tunnel: TunnelStats,
 }
 
-impl StatusReporter {
+impl StatusPublisher {
     pub fn new(
         node_name: String,
         datapath: Arc<dyn Datapath>,
@@ -150,7 +150,7 @@ impl StatusReporter {
         snapshot: watch::Receiver<MeshSnapshot>,
         metrics: Metrics,
         interval: Duration,
-        shared: SharedReport,
+        shared: SharedStatus,
     ) -> Self {
         Self {
             writer: NodeStatusWriter::new(client, &node_name),
@@ -181,16 +181,16 @@ impl StatusReporter {
         self
     }
 
-    /// Includes the eBPF datapath's state (from the steering task) in every report.
-    pub fn with_ebpf(mut self, ebpf: watch::Receiver<EbpfReport>) -> Self {
+    /// Includes the eBPF datapath's state (from the steering task) in every status.
+    pub fn with_ebpf(mut self, ebpf: watch::Receiver<MeshNodeEbpf>) -> Self {
         self.ebpf = Some(ebpf);
         self
     }
 
-    fn current(&mut self) -> NodeReport {
+    fn current(&mut self) -> MeshNodeStatus {
         let snapshot = self.snapshot.borrow_and_update().clone();
         let device = self.datapath.status().map_err(|e| e.to_string());
-        let mut report = build_report(
+        let mut report = build_status(
             &snapshot,
             device.as_ref().map_err(Clone::clone),
             self.datapath.ifname(),
@@ -223,7 +223,7 @@ impl StatusReporter {
         report
     }
 
-    fn update_metrics(&mut self, report: &NodeReport) {
+    fn update_metrics(&mut self, report: &MeshNodeStatus) {
         let mut ages: [(&'static str, i64); 3] = [("fresh", 0), ("stale", 0), ("never", 0)];
         for peer in &report.peers {
             let slot = match peer.last_handshake {
@@ -268,7 +268,7 @@ impl StatusReporter {
         self.handshake_peers = seen;
     }
 
-    fn due(&self, report: &NodeReport, now: Instant) -> bool {
+    fn due(&self, report: &MeshNodeStatus, now: Instant) -> bool {
         match &self.written {
             None => true,
             Some((last, at)) => {
@@ -279,7 +279,7 @@ impl StatusReporter {
         }
     }
 
-    async fn write(&mut self, report: &NodeReport) -> Result<(), String> {
+    async fn write(&mut self, report: &MeshNodeStatus) -> Result<(), String> {
         let call = self.writer.write(report);
         let (result, label) = match tokio::time::timeout(API_WRITE_TIMEOUT, call).await {
             Ok(Ok(_)) => (Ok(()), "ok"),
@@ -296,7 +296,7 @@ impl StatusReporter {
         result
     }
 
-    /// Reports until the drain starts, then writes a final "stopped" report.
+    /// Publishes until the drain starts, then writes a final "stopped" status.
     pub async fn run(mut self, mut drain: Drain) {
         let mut failures_logged = false;
         loop {
@@ -401,7 +401,7 @@ mod tests {
             peers: vec![peer(kb, Some(5_000)), peer(kc, None)],
         };
         let now = UNIX_EPOCH + Duration::from_secs(5_010);
-        let report = build_report(
+        let report = build_status(
             &snapshot,
             Ok(&device),
             "wm0",
@@ -422,7 +422,7 @@ mod tests {
             Some("auto: no wireguard kernel module")
         );
 
-        let broken = build_report(
+        let broken = build_status(
             &snapshot,
             Err("closed".to_string()),
             "wm0",

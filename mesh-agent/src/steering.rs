@@ -59,7 +59,7 @@ use crate::{
     flows::{Names, PeerInfo, PodInfo},
     flowsource::{BpfKernel, FlowSource},
     metrics::{InvalidObjectLabels, MapLabels, Metrics, ResultLabels, StageLabels},
-    nodestatus::EbpfReport,
+    nodestatus::MeshNodeEbpf,
     reconciler::{API_WRITE_TIMEOUT, MeshSnapshot},
     watch::Caches,
 };
@@ -139,7 +139,7 @@ pub struct Steering {
     policy_problems: Vec<ObjectProblem>,
     load_error: Option<String>,
     next_load: Option<Instant>,
-    report: watch::Sender<EbpfReport>,
+    ebpf_status: watch::Sender<MeshNodeEbpf>,
     /// The identities of the last compilation, passed into the next (stable identities).
     identities: IdentityAllocator,
     /// The policies of the last compilation ([`fail_closed`] for pods without entries).
@@ -170,15 +170,15 @@ impl Steering {
             policy_problems: Vec::new(),
             load_error: None,
             next_load: None,
-            report: watch::channel(EbpfReport::default()).0,
+            ebpf_status: watch::channel(MeshNodeEbpf::default()).0,
             identities: IdentityAllocator::new(),
             policies: Vec::new(),
         }
     }
 
-    /// The datapath's state for the status report, updated after every pass.
-    pub fn report(&self) -> watch::Receiver<EbpfReport> {
-        self.report.subscribe()
+    /// The datapath's state for the node's status, updated after every pass.
+    pub fn ebpf_status(&self) -> watch::Receiver<MeshNodeEbpf> {
+        self.ebpf_status.subscribe()
     }
 
     /// Runs passes until the drain starts. The maps and links stay pinned afterwards.
@@ -233,8 +233,8 @@ impl Steering {
             let started = Instant::now();
             let result = self.pass(&links, dirty).await;
             let error = result.as_ref().err().map(|e| format!("{e:#}"));
-            self.report.send_if_modified(|r| {
-                let next = EbpfReport {
+            self.ebpf_status.send_if_modified(|r| {
+                let next = MeshNodeEbpf {
                     loaded: self.loaded.is_some(),
                     strict: self.metrics.ebpf_strict.get() == 1,
                     attached_programs: self

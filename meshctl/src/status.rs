@@ -1,6 +1,6 @@
 //! `meshctl status`: the mesh as the API server shows it, with nothing but a kubeconfig. Each
 //! node's key fingerprint and generation come from its key annotations; peers, handshakes and the
-//! datapath from the [`NodeReport`] its agent keeps in the status of its `MeshNode`. The mesh is
+//! datapath from the [`MeshNodeStatus`] its agent keeps in the status of its `MeshNode`. The mesh is
 //! converged when `MeshEncryption default` is enabled and every node has a valid key, a fresh
 //! report from a ready agent, and a configured peer with a recent handshake for every other valid
 //! node, under the key that node publishes.
@@ -15,7 +15,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, api::ListParams};
-use mesh_agent::nodestatus::{HANDSHAKE_FRESH, MeshNode, NodeReport, unix_seconds};
+use mesh_agent::nodestatus::{HANDSHAKE_FRESH, MeshNode, MeshNodeStatus, unix_seconds};
 use serde::Serialize;
 use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption};
 use wiremesh_keyexchange::{AnnotationError, NodeAnnotations};
@@ -122,14 +122,14 @@ pub async fn collect(client: &Client) -> Result<MeshStatus, StatusError> {
 /// Every Node (sorted by name) with the status of its `MeshNode`, if any.
 pub async fn nodes_with_reports(
     client: &Client,
-) -> Result<Vec<(Node, Option<NodeReport>)>, StatusError> {
+) -> Result<Vec<(Node, Option<MeshNodeStatus>)>, StatusError> {
     let mut nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map_err(StatusError::ListNodes)?
         .items;
     nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let reports: BTreeMap<String, NodeReport> = Api::<MeshNode>::all(client.clone())
+    let reports: BTreeMap<String, MeshNodeStatus> = Api::<MeshNode>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map_err(StatusError::ListMeshNodes)?
@@ -137,7 +137,7 @@ pub async fn nodes_with_reports(
         .into_iter()
         .filter_map(|m| Some((m.metadata.name?, m.status?)))
         .collect();
-    let nodes: Vec<(Node, Option<NodeReport>)> = nodes
+    let nodes: Vec<(Node, Option<MeshNodeStatus>)> = nodes
         .into_iter()
         .map(|n| {
             let report = n
@@ -165,7 +165,7 @@ fn addresses(node: &Node) -> Vec<IpAddr> {
 /// Pure evaluation of the mesh status (see the module docs): each Node with the status of its
 /// `MeshNode`, if any.
 pub fn evaluate(
-    nodes: &[(Node, Option<NodeReport>)],
+    nodes: &[(Node, Option<MeshNodeStatus>)],
     mesh_encryption: Option<&MeshEncryption>,
     now: SystemTime,
 ) -> MeshStatus {
@@ -222,7 +222,7 @@ pub fn evaluate(
 }
 
 fn evaluate_node(
-    report: Option<&NodeReport>,
+    report: Option<&MeshNodeStatus>,
     name: &str,
     annotations: &Result<NodeAnnotations, AnnotationError>,
     valid: &BTreeMap<&str, &NodeAnnotations>,

@@ -222,7 +222,7 @@ async fn every_request_is_authenticated_and_authorised_on_nodes_proxy() {
     let state = ApiState {
         node_name: "node-1".into(),
         flows: Arc::new(flows),
-        report: SharedReport::default(),
+        status: SharedStatus::default(),
         reviewer: reviewer.clone(),
         metrics,
         key_file: Some(dir.path().join(crate::api::CERT_FILE)),

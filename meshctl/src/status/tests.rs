@@ -6,7 +6,7 @@ use k8s_openapi::{
     api::core::v1::{NodeAddress, NodeStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use mesh_agent::nodestatus::{PeerReport, REPORT_VERSION};
+use mesh_agent::nodestatus::{MeshNodePeer, STATUS_VERSION};
 use wiremesh_crds::MeshEncryptionSpec;
 use wiremesh_keyexchange::{
     ANNOTATION_ENDPOINT, ANNOTATION_KEY_GENERATION, ANNOTATION_PUBLIC_KEY, PrivateKey, PublicKey,
@@ -32,19 +32,19 @@ fn members(n: usize) -> Vec<Member> {
         .collect()
 }
 
-fn report_for(me: &Member, all: &[Member], handshake_age: Option<u64>) -> NodeReport {
-    let peers: Vec<PeerReport> = all
+fn report_for(me: &Member, all: &[Member], handshake_age: Option<u64>) -> MeshNodeStatus {
+    let peers: Vec<MeshNodePeer> = all
         .iter()
         .filter(|m| m.name != me.name)
-        .map(|m| PeerReport {
+        .map(|m| MeshNodePeer {
             node: m.name.clone(),
             key: m.key.fingerprint(),
             last_handshake: handshake_age.map(|a| NOW - a),
         })
         .collect();
-    NodeReport {
+    MeshNodeStatus {
         ebpf: None,
-        version: REPORT_VERSION,
+        version: STATUS_VERSION,
         updated_at: NOW - 5,
         interval_secs: 30,
         datapath: "userspace".into(),
@@ -63,7 +63,7 @@ fn report_for(me: &Member, all: &[Member], handshake_age: Option<u64>) -> NodeRe
     }
 }
 
-fn node(m: &Member, report: Option<&NodeReport>) -> (Node, Option<NodeReport>) {
+fn node(m: &Member, report: Option<&MeshNodeStatus>) -> (Node, Option<MeshNodeStatus>) {
     let annotations = BTreeMap::from([
         (ANNOTATION_PUBLIC_KEY.to_string(), m.key.to_base64()),
         (ANNOTATION_ENDPOINT.to_string(), format!("{}:51871", m.ip)),
@@ -100,7 +100,7 @@ fn now() -> SystemTime {
 #[test]
 fn full_mesh_with_fresh_handshakes_is_converged() {
     let all = members(3);
-    let nodes: Vec<(Node, Option<NodeReport>)> = all
+    let nodes: Vec<(Node, Option<MeshNodeStatus>)> = all
         .iter()
         .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
         .collect();
@@ -119,7 +119,7 @@ fn full_mesh_with_fresh_handshakes_is_converged() {
 #[test]
 fn disabled_or_absent_mesh_is_not_converged() {
     let all = members(2);
-    let nodes: Vec<(Node, Option<NodeReport>)> = all
+    let nodes: Vec<(Node, Option<MeshNodeStatus>)> = all
         .iter()
         .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
         .collect();
@@ -134,7 +134,7 @@ fn disabled_or_absent_mesh_is_not_converged() {
 #[test]
 fn missing_handshake_stale_report_and_wrong_key_are_reported() {
     let all = members(3);
-    let mut nodes: Vec<(Node, Option<NodeReport>)> = all
+    let mut nodes: Vec<(Node, Option<MeshNodeStatus>)> = all
         .iter()
         .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
         .collect();
@@ -167,7 +167,7 @@ fn missing_handshake_stale_report_and_wrong_key_are_reported() {
 fn node_with_garbage_annotation_is_excluded_from_expectations() {
     let all = members(3);
     let good = &all[..2];
-    let mut nodes: Vec<(Node, Option<NodeReport>)> = good
+    let mut nodes: Vec<(Node, Option<MeshNodeStatus>)> = good
         .iter()
         .map(|m| node(m, Some(&report_for(m, good, Some(10)))))
         .collect();
@@ -212,7 +212,7 @@ fn node_without_key_or_report_is_not_converged() {
 fn an_ebpf_failure_in_the_report_is_a_problem() {
     let all = members(2);
     let mut broken = report_for(&all[0], &all, Some(10));
-    broken.ebpf = Some(mesh_agent::nodestatus::EbpfReport {
+    broken.ebpf = Some(mesh_agent::nodestatus::MeshNodeEbpf {
         loaded: false,
         strict: false,
         attached_programs: 0,
