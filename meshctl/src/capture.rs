@@ -50,14 +50,12 @@ impl Capture {
     /// bridge also hands up the frames it forwards between its ports.
     pub fn start(ifname: &str) -> io::Result<Self> {
         let name = CString::new(ifname).map_err(io::Error::other)?;
+        // Protocol 0: the socket receives nothing until bind() names the protocol and the
+        // interface. Opened with ETH_P_ALL it would queue frames of every interface (loopback
+        // included) until the bind, and the classifier would report them (seen in the VM, where
+        // the window is long).
         // SAFETY: plain socket/ioctl-style calls with valid arguments; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                i32::from(ETH_P_ALL.to_be()),
-            )
-        };
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
         if fd < 0 {
             return Err(os_err("socket(AF_PACKET)", ifname));
         }
