@@ -497,18 +497,24 @@ fn dual_stack_writes_ipv6_pods_cidrs_and_ipblocks_to_the_ipv6_maps() {
             "ingress": [{"from": [{"ipBlock": {"cidr": "fd00:10:244:2::/64"}}]}],
         }),
     );
-    let (cluster, problems) =
-        plan::policy_cluster(&[], &pods, &[web], &Default::default()).unwrap();
-    assert!(problems.is_empty(), "{problems:?}");
-    let compiled = compile(&cluster);
-    let ipcache = plan::desired_ipcache(
-        "n1",
-        &nodes,
-        &pods,
-        &compiled.endpoints,
-        &BTreeSet::from(["n2".to_string()]),
-        &crate::fixtures::claims("n1", &nodes, &pods),
-    );
+    // Compilation and ipcache on n1 (tunnel to n2 up), identities carried over from `previous`.
+    let compile_on_n1 = |pods: &[Arc<Pod>],
+                         policies: &[Arc<NetworkPolicy>],
+                         previous: &wiremesh_policy::IdentityAllocator| {
+        let (cluster, problems) = plan::policy_cluster(&[], pods, policies, previous).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        let compiled = compile(&cluster);
+        let ipcache = plan::desired_ipcache(
+            "n1",
+            &nodes,
+            pods,
+            &compiled.endpoints,
+            &BTreeSet::from(["n2".to_string()]),
+            &crate::fixtures::claims("n1", &nodes, pods),
+        );
+        (cluster, compiled, ipcache)
+    };
+    let (cluster, compiled, ipcache) = compile_on_n1(&pods, &[web], &Default::default());
     let mut maps = FakeMaps::default();
     let mut written = Written::default();
     assert!(write_policy(&mut maps, &mut written, &compiled, &ipcache).unwrap());
@@ -539,16 +545,7 @@ fn dual_stack_writes_ipv6_pods_cidrs_and_ipblocks_to_the_ipv6_maps() {
         pods[0].clone(),
         crate::fixtures::pod("b", "n2", "10.244.2.11", ("role", "client")),
     ];
-    let (cluster, _) = plan::policy_cluster(&[], &pods4, &[], cluster.identities()).unwrap();
-    let compiled = compile(&cluster);
-    let ipcache = plan::desired_ipcache(
-        "n1",
-        &nodes,
-        &pods4,
-        &compiled.endpoints,
-        &BTreeSet::from(["n2".to_string()]),
-        &crate::fixtures::claims("n1", &nodes, &pods4),
-    );
+    let (_, compiled, ipcache) = compile_on_n1(&pods4, &[], cluster.identities());
     assert!(write_policy(&mut maps, &mut written, &compiled, &ipcache).unwrap());
     assert_maps_hold(&maps, &compiled, &ipcache);
     assert!(!maps.ipcache6.contains_key(&v6("fd00:10:244:2::b/128")));
