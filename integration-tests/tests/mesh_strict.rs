@@ -89,6 +89,15 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
     )
     .await;
 
+    // Every cross-node pair, both families, the way `meshctl demo traffic` runs it: all
+    // encrypted, the capture sees only WireGuard.
+    let (flows, _) = all_pairs_encrypted(&cluster, "strict, dual stack", &marker("pairs"));
+    assert_eq!(
+        flows.iter().filter(|f| f.to.ip.is_ipv6()).count(),
+        6,
+        "the IPv6 pairs ran too"
+    );
+
     // Remove the tunnel to node-3 (its agent and device stopped, its key withdrawn).
     remove_tunnels_to(&mut cluster, "node-3").await;
     let node3_cidr = cluster

@@ -52,19 +52,34 @@ fn state(
         node("n1", "10.213.0.11", "10.244.1.0/24"),
         node("n2", "10.213.0.12", "10.244.2.0/24"),
     ];
-    let (cluster, problems) =
-        plan::policy_cluster(&[], pods, policies, &Default::default()).unwrap();
+    let (_, compiled, ipcache) = state_on(&nodes, pods, policies, &Default::default());
+    (compiled, ipcache)
+}
+
+/// The model, compilation and ipcache on n1 (tunnel to n2 up) of `nodes`, `pods` and
+/// `policies`, identities carried over from `previous`.
+fn state_on(
+    nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
+    pods: &[Arc<Pod>],
+    policies: &[Arc<NetworkPolicy>],
+    previous: &wiremesh_policy::IdentityAllocator,
+) -> (
+    wiremesh_policy::Cluster,
+    Compiled,
+    BTreeMap<IpNet, IpcacheValue>,
+) {
+    let (cluster, problems) = plan::policy_cluster(&[], pods, policies, previous).unwrap();
     assert!(problems.is_empty(), "{problems:?}");
     let compiled = compile(&cluster);
     let ipcache = plan::desired_ipcache(
         "n1",
-        &nodes,
+        nodes,
         pods,
         &compiled.endpoints,
         &BTreeSet::from(["n2".to_string()]),
-        &crate::fixtures::claims("n1", &nodes, pods),
+        &crate::fixtures::claims("n1", nodes, pods),
     );
-    (compiled, ipcache)
+    (cluster, compiled, ipcache)
 }
 
 /// Both ipcache maps as one.
@@ -501,18 +516,7 @@ fn dual_stack_writes_ipv6_pods_cidrs_and_ipblocks_to_the_ipv6_maps() {
             "ingress": [{"from": [{"ipBlock": {"cidr": "fd00:10:244:2::/64"}}]}],
         }),
     );
-    let (cluster, problems) =
-        plan::policy_cluster(&[], &pods, &[web], &Default::default()).unwrap();
-    assert!(problems.is_empty(), "{problems:?}");
-    let compiled = compile(&cluster);
-    let ipcache = plan::desired_ipcache(
-        "n1",
-        &nodes,
-        &pods,
-        &compiled.endpoints,
-        &BTreeSet::from(["n2".to_string()]),
-        &crate::fixtures::claims("n1", &nodes, &pods),
-    );
+    let (cluster, compiled, ipcache) = state_on(&nodes, &pods, &[web], &Default::default());
     let mut maps = FakeMaps::default();
     let mut written = Written::default();
     assert!(write_policy(&mut maps, &mut written, &compiled, &ipcache).unwrap());
@@ -543,16 +547,7 @@ fn dual_stack_writes_ipv6_pods_cidrs_and_ipblocks_to_the_ipv6_maps() {
         pods[0].clone(),
         crate::fixtures::pod("b", "n2", "10.244.2.11", ("role", "client")),
     ];
-    let (cluster, _) = plan::policy_cluster(&[], &pods4, &[], cluster.identities()).unwrap();
-    let compiled = compile(&cluster);
-    let ipcache = plan::desired_ipcache(
-        "n1",
-        &nodes,
-        &pods4,
-        &compiled.endpoints,
-        &BTreeSet::from(["n2".to_string()]),
-        &crate::fixtures::claims("n1", &nodes, &pods4),
-    );
+    let (_, compiled, ipcache) = state_on(&nodes, &pods4, &[], cluster.identities());
     assert!(write_policy(&mut maps, &mut written, &compiled, &ipcache).unwrap());
     assert_maps_hold(&maps, &compiled, &ipcache);
     assert!(!maps.ipcache6.contains_key(&v6("fd00:10:244:2::b/128")));
