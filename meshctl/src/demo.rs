@@ -447,6 +447,10 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<ClusterDescription> {
         nodes: opts.nodes,
         pods_per_node: opts.pods_per_node,
         outlive_parent: true,
+        // `meshctl demo fault apiserver-stop|apiserver-slow` act on the agents' API traffic
+        // through the proxy and count their requests in the audit log.
+        api_proxy: true,
+        audit_log: true,
         ..ClusterOptions::default()
     })
     .await

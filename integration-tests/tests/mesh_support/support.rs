@@ -58,6 +58,9 @@ pub struct Shape {
     pub pods_per_node: u32,
     /// Node names and subnets reserved for nodes the test adds later.
     pub spare_nodes: u32,
+    /// The agents reach the API server through the fault proxy, and the API server writes an
+    /// audit log (`ClusterOptions::api_proxy`, `audit_log`).
+    pub api_proxy: bool,
 }
 
 impl Shape {
@@ -67,6 +70,15 @@ impl Shape {
             nodes,
             pods_per_node,
             spare_nodes: 0,
+            api_proxy: false,
+        }
+    }
+
+    /// Runs the fault proxy and the audit log (the control-plane faults).
+    pub fn with_api_proxy(self) -> Self {
+        Shape {
+            api_proxy: true,
+            ..self
         }
     }
 
@@ -126,6 +138,8 @@ pub async fn start_mesh_on(
         nodes: shape.nodes,
         pods_per_node: shape.pods_per_node,
         spare_nodes: shape.spare_nodes,
+        api_proxy: shape.api_proxy,
+        audit_log: shape.api_proxy,
         ..ClusterOptions::default()
     })
     .await
