@@ -124,6 +124,13 @@ pub struct ClusterOptions {
     /// `spec.podCIDRs`) and an IPv6 InternalIP, every pod an IPv6 address from it (in its
     /// `status.podIPs`); see [`netns`]. The tunnel endpoints stay IPv4.
     pub dual_stack: bool,
+    /// Put the fault proxy ([`crate::apiproxy`]) between the agents and the API server: the
+    /// nodes' kubeconfigs point to it, so `meshctl demo fault apiserver-stop|apiserver-slow` can
+    /// cut or slow the agents' API traffic.
+    pub api_proxy: bool,
+    /// Let the API server write an audit log (one event per request, with the agent's node) to
+    /// `<work dir>/logs/audit.log`, to count the agents' requests.
+    pub audit_log: bool,
 }
 
 impl Default for ClusterOptions {
@@ -143,9 +150,25 @@ impl Default for ClusterOptions {
             testenv_ready_timeout: Duration::from_secs(180),
             plaintext_pod_routes: true,
             dual_stack: false,
+            api_proxy: false,
+            audit_log: false,
         }
     }
 }
+
+/// The ledger label of a supervised process: `<role> <node> (supervised)`.
+pub(crate) fn supervised_label(role: &str, node: &str) -> String {
+    format!("{role} {node} (supervised)")
+}
+
+/// The audit policy of [`ClusterOptions::audit_log`]: every request once, when it arrives, with
+/// its user (and so the agent's node) but no bodies.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [ResponseStarted, ResponseComplete, Panic]
+rules:
+- level: Metadata
+";
 
 /// Default MTU of pod veths: 1500 (underlay) - 80 (WireGuard overhead).
 pub const POD_MTU: u32 = 1420;
@@ -240,6 +263,8 @@ pub struct VirtualCluster {
     processes: Vec<NodeProcess>,
     supervisor_binary: PathBuf,
     supervised: Vec<Supervised>,
+    api_proxy: Option<crate::ApiProxyDescription>,
+    audit_log: Option<PathBuf>,
     ledger: Ledger,
     done: bool,
 }
@@ -322,12 +347,47 @@ impl VirtualCluster {
         testenv_opts.outlive_parent = opts.outlive_parent;
         testenv_opts.ready_timeout = opts.testenv_ready_timeout;
         testenv_opts.apiserver_args = crate::proxypki::generate(&work_dir)?;
+        let audit_log = if opts.audit_log {
+            let policy = work_dir.join("audit-policy.yaml");
+            let log = work_dir.join("logs/audit.log");
+            crate::fsutil::write_private_atomic(&policy, AUDIT_POLICY.as_bytes()).map_err(
+                |source| ClusterError::WorkDir {
+                    path: policy.clone(),
+                    source,
+                },
+            )?;
+            testenv_opts.apiserver_args.extend([
+                format!("--audit-policy-file={}", policy.display()),
+                format!("--audit-log-path={}", log.display()),
+                "--audit-log-format=json".to_owned(),
+                "--audit-log-mode=blocking".to_owned(),
+            ]);
+            Some(log)
+        } else {
+            None
+        };
         let testenv = Testenv::start(&testenv_opts)?;
         ledger.push(Resource::Process {
             label: "testenv".to_owned(),
             identity: testenv.identity(),
         });
         let client = testenv.admin_client().await?;
+        let mut processes = Vec::new();
+        let api_proxy = if opts.api_proxy {
+            let (process, description) =
+                start_api_proxy(&work_dir, lease.bridge_ip(), &testenv.credentials().server)?;
+            ledger.push(Resource::Process {
+                label: process.label().to_owned(),
+                identity: process.identity(),
+            });
+            processes.push(NodeProcess {
+                node: String::new(),
+                process,
+            });
+            Some(description)
+        } else {
+            None
+        };
 
         objects::ensure_namespace(&client, &opts.pod_namespace).await?;
         if opts.node_read_rbac {
@@ -352,9 +412,11 @@ impl VirtualCluster {
             nodes: Vec::new(),
             pods: Vec::new(),
             next_pod_index: Default::default(),
-            processes: Vec::new(),
+            processes,
             supervisor_binary: opts.supervisor_binary.clone(),
             supervised: Vec::new(),
+            api_proxy,
+            audit_log,
             ledger: std::mem::take(ledger),
             done: false,
         };
@@ -439,6 +501,25 @@ impl VirtualCluster {
             })
     }
 
+    /// Records that node `name` moved to underlay address `ip` (after
+    /// [`crate::faults::underlay_readdress`]), so its description and the host's view follow.
+    pub fn set_underlay_ip(
+        &mut self,
+        name: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), ClusterError> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .ok_or_else(|| ClusterError::Unknown {
+                kind: "node",
+                name: name.to_owned(),
+            })?;
+        node.network.underlay_ip = ip;
+        Ok(())
+    }
+
     /// All pods, in creation order.
     pub fn pods(&self) -> &[ClusterPod] {
         &self.pods
@@ -485,7 +566,11 @@ impl VirtualCluster {
             .work_dir
             .join("nodes")
             .join(format!("{name}.kubeconfig"));
-        let credentials = testenv.credentials().clone();
+        let mut credentials = testenv.credentials().clone();
+        if let Some(proxy) = &self.api_proxy {
+            // The agents reach the API server through the fault proxy.
+            credentials.server.clone_from(&proxy.server);
+        }
         let network = netns::create_node(
             &self.id,
             &self.lease,
@@ -766,7 +851,7 @@ impl VirtualCluster {
             .join(format!("{}-{node}.pid", role.as_str()));
         let _ = std::fs::remove_file(&pid_file);
         let mut spec = ProcessSpec::new(
-            format!("{} {node} (supervised)", role.as_str()),
+            supervised_label(role.as_str(), node),
             &self.supervisor_binary,
             &log,
         )
@@ -966,6 +1051,7 @@ impl VirtualCluster {
                     device_log: n.device_log.clone(),
                     agent_pid_file: self.pid_file(&n.name, Role::Agent),
                     device_pid_file: self.pid_file(&n.name, Role::Device),
+                    underlay_host_link: Some(n.network.host_link.clone()),
                 })
                 .collect(),
             pods: self
@@ -986,6 +1072,8 @@ impl VirtualCluster {
             underlay_subnet: self.lease.subnet().to_string(),
             work_dir: self.work_dir.clone(),
             resources: self.ledger.clone(),
+            api_proxy: self.api_proxy.clone(),
+            audit_log: self.audit_log.clone(),
         }
     }
 
@@ -1030,6 +1118,64 @@ impl VirtualCluster {
         self.testenv = None;
         result
     }
+}
+
+/// Starts the fault proxy on `bridge_ip` (a free port) in front of `server` and waits until it
+/// listens; its kubeconfig server is `https://<bridge ip>:<port>` (the apiserver's certificate
+/// names the bridge IP).
+fn start_api_proxy(
+    work_dir: &Path,
+    bridge_ip: std::net::Ipv4Addr,
+    server: &str,
+) -> Result<(ManagedProcess, crate::ApiProxyDescription), ClusterError> {
+    let upstream = server.trim_start_matches("https://").to_owned();
+    let control = work_dir.join("run/apiproxy.mode");
+    let stats = work_dir.join("run/apiproxy.stats.json");
+    let _ = std::fs::remove_file(&stats);
+    crate::apiproxy::set_mode(&control, crate::apiproxy::ProxyMode::Pass).map_err(|e| {
+        ClusterError::WorkDir {
+            path: control.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    })?;
+    let spec = ProcessSpec::new(
+        "apiproxy",
+        crate::apiproxy::default_binary(),
+        work_dir.join("logs/apiproxy.log"),
+    )
+    .args([
+        OsString::from("--listen"),
+        format!("{bridge_ip}:0").into(),
+        "--upstream".into(),
+        upstream.into(),
+        "--control".into(),
+        control.clone().into_os_string(),
+        "--stats".into(),
+        stats.clone().into_os_string(),
+    ]);
+    let mut process = ManagedProcess::spawn(&spec)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listen = loop {
+        if let Ok(s) = crate::apiproxy::ProxyStats::read(&stats) {
+            break s.listen;
+        }
+        if matches!(process.try_wait(), Ok(Some(_))) || std::time::Instant::now() >= deadline {
+            return Err(ClusterError::Process(ProcessError::Spawn {
+                program: spec.program.display().to_string(),
+                source: std::io::Error::other(format!(
+                    "the API proxy did not start (see {})",
+                    spec.log_path.display()
+                )),
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let description = crate::ApiProxyDescription {
+        server: format!("https://{listen}"),
+        control,
+        stats,
+    };
+    Ok((process, description))
 }
 
 impl std::fmt::Debug for VirtualCluster {

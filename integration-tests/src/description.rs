@@ -60,6 +60,25 @@ pub struct ClusterDescription {
     pub work_dir: PathBuf,
     /// Everything created on the host, oldest first; `meshctl demo down` releases it newest first.
     pub resources: Ledger,
+    /// The fault proxy in front of the API server that the agents' kubeconfigs point to
+    /// ([`crate::apiproxy`]), if the cluster runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_proxy: Option<ApiProxyDescription>,
+    /// The API server's audit log (one JSON event per request, at RequestReceived), if enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_log: Option<PathBuf>,
+}
+
+/// The fault proxy of a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiProxyDescription {
+    /// `https://IP:port` the agents use.
+    pub server: String,
+    /// Its control file ([`crate::apiproxy::set_mode`]).
+    pub control: PathBuf,
+    /// Its stats file ([`crate::apiproxy::ProxyStats`]).
+    pub stats: PathBuf,
 }
 
 /// One node.
@@ -99,6 +118,9 @@ pub struct NodeDescription {
     /// Where the device's supervisor records the current run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_pid_file: Option<PathBuf>,
+    /// The host end of its underlay veth (on the bridge): the node's "switch port".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_host_link: Option<String>,
 }
 
 /// One pod.
@@ -163,6 +185,29 @@ impl ClusterDescription {
         )
     }
 
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeDescription> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The supervisor of `node`'s `role` process (`agent`, `device`, `device-b`), from the
+    /// ledger, if it still runs.
+    pub fn supervisor(&self, node: &str, role: &str) -> Option<crate::ProcessIdentity> {
+        let label = crate::cluster::supervised_label(role, node);
+        self.resources
+            .resources()
+            .iter()
+            .rev()
+            .find_map(|r| match r {
+                crate::Resource::Process { label: l, identity }
+                    if *l == label && identity.is_running() =>
+                {
+                    Some(*identity)
+                }
+                _ => None,
+            })
+    }
+
     /// Removes everything the cluster created (agents, namespaces, links, testenv, work dir), newest
     /// first, from another process than the one that created it. Processes are matched by PID and start
     /// time, so a reused PID is never signalled.
@@ -194,6 +239,7 @@ mod tests {
                 device_log: None,
                 agent_pid_file: None,
                 device_pid_file: None,
+                underlay_host_link: None,
             }],
             pods: vec![PodDescription {
                 namespace: "default".into(),
@@ -209,6 +255,8 @@ mod tests {
             underlay_subnet: "10.213.3.0/24".into(),
             work_dir: "/run/wiremesh-demo".into(),
             resources: Ledger::default(),
+            api_proxy: None,
+            audit_log: None,
         };
         let v = serde_json::to_value(&desc).expect("serialize");
         assert_eq!(v["kubeconfig"], "/run/wiremesh-demo/admin.kubeconfig");

@@ -8,11 +8,13 @@
 //! removed newest first; nothing is ever deleted by name pattern.
 
 pub mod agentidentity;
+pub mod apiproxy;
 pub mod bpfpin;
 pub mod clients;
 mod cluster;
 pub mod command;
 mod description;
+pub mod faults;
 mod fsutil;
 mod ledger;
 mod names;
@@ -31,7 +33,9 @@ pub use bpfpin::pin_map_of_another_shape;
 pub use cluster::{
     ClusterError, ClusterNode, ClusterOptions, ClusterPod, POD_MTU, Role, VirtualCluster, node_name,
 };
-pub use description::{ClusterDescription, DescriptionError, NodeDescription, PodDescription};
+pub use description::{
+    ApiProxyDescription, ClusterDescription, DescriptionError, NodeDescription, PodDescription,
+};
 pub use fsutil::write_private_atomic;
 pub use ledger::{Ledger, ReleaseError, Resource, TeardownError};
 pub use names::ClusterId;

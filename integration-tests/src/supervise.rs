@@ -107,16 +107,20 @@ impl SuperviseArgs {
 /// The supervisor binary: `$WIREMESH_SUPERVISOR_BIN`, else `wiremesh-supervise` next to the running
 /// executable or one directory up (a test binary runs from `target/<profile>/deps/`).
 pub fn default_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WIREMESH_SUPERVISOR_BIN") {
+    sibling_binary("wiremesh-supervise", "WIREMESH_SUPERVISOR_BIN")
+}
+
+/// A binary of this workspace: `$env`, else `name` next to the running executable or one
+/// directory up.
+pub fn sibling_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let candidates = [
-        dir.join("wiremesh-supervise"),
-        dir.parent()
-            .map(|d| d.join("wiremesh-supervise"))
-            .unwrap_or_default(),
+        dir.join(name),
+        dir.parent().map(|d| d.join(name)).unwrap_or_default(),
     ];
     candidates
         .iter()

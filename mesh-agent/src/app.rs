@@ -109,7 +109,7 @@ pub async fn kube_client_from(kubeconfig: Option<&Path>) -> anyhow::Result<Clien
             .await
             .context("no --kubeconfig, no $KUBECONFIG and not in a cluster")?,
     };
-    Client::try_from(kube_config).context("build kube client")
+    crate::apiclient::client(kube_config).context("build kube client")
 }
 
 /// The rotation coordinator's client: `--coordinator-kubeconfig`, else the pod's ServiceAccount;
@@ -123,7 +123,7 @@ async fn coordinator_client(config: &Config) -> Option<Client> {
         Some(path) => kube_client_from(Some(path)).await,
         None => kube::Config::incluster()
             .context("no --coordinator-kubeconfig and no in-cluster ServiceAccount")
-            .and_then(|c| Client::try_from(c).context("build kube client")),
+            .and_then(|c| crate::apiclient::client(c).context("build kube client")),
     };
     match client {
         Ok(client) => Some(client),

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod apiclient;
 pub mod app;
 pub mod config;
 pub mod coordinator;

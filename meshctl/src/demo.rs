@@ -458,6 +458,10 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<ClusterDescription> {
         pods_per_node: opts.pods_per_node,
         outlive_parent: true,
         dual_stack: opts.dual_stack,
+        // `meshctl demo fault apiserver-stop|apiserver-slow` act on the agents' API traffic
+        // through the proxy and count their requests in the audit log.
+        api_proxy: true,
+        audit_log: true,
         ..ClusterOptions::default()
     })
     .await

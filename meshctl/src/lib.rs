@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod capture;
 pub mod demo;
+pub mod fault;
 pub mod flows;
 pub mod report;
 pub mod rotate;

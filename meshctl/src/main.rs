@@ -179,10 +179,139 @@ enum DemoCommand {
     /// Rotate every node's key while a 10 ms ping and a TCP stream run between pods on different
     /// nodes; prints the keys before and after and the packets lost (exit 1 on any loss).
     Rotate,
+    /// Inject a fault (docs/faults.md) while a 10 ms ping and a TCP stream run across nodes;
+    /// prints what was lost and how long recovery took (exit 1 when the mesh did not behave as
+    /// specified).
+    Fault {
+        #[command(subcommand)]
+        kind: FaultCommand,
+    },
     /// Print the admin kubeconfig path of the running demo.
     Kubeconfig,
     /// Remove everything `demo up` created.
     Down,
+}
+
+#[derive(Subcommand)]
+enum FaultCommand {
+    /// Stop the API server (agents' connections reset, testenv frozen) for a while.
+    ApiserverStop {
+        /// Seconds.
+        #[arg(long, default_value_t = 60.0)]
+        duration: f64,
+    },
+    /// Delay every agent request by DELAY seconds each way, for DURATION seconds.
+    ApiserverSlow {
+        #[arg(long, default_value_t = 2.0)]
+        delay: f64,
+        #[arg(long, default_value_t = 20.0)]
+        duration: f64,
+    },
+    /// Reboot NODE: kill its device and agent, clear its routes and pinned eBPF state, restart.
+    NodeReboot {
+        node: String,
+        /// Also delete its keystore (it comes back with a new key).
+        #[arg(long)]
+        lose_keystore: bool,
+        /// Seconds it stays down.
+        #[arg(long = "for", default_value_t = 1.0)]
+        down_for: f64,
+    },
+    /// Take NODE's underlay link down; with --for, bring it up again after that many seconds
+    /// (under traffic, measured).
+    UnderlayDown {
+        node: String,
+        #[arg(long = "for")]
+        down_for: Option<f64>,
+    },
+    /// Bring NODE's underlay link up again.
+    UnderlayUp { node: String },
+    /// Move NODE to another underlay address (its Node's InternalIP follows, as a kubelet's).
+    UnderlayReaddress {
+        node: String,
+        /// The new address (default: a spare one of the underlay subnet).
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+    },
+    /// End NODE's agent for good; delete its Node object after DELETE_NODE_AFTER seconds.
+    AgentGone {
+        node: String,
+        #[arg(long, default_value_t = 10.0)]
+        delete_node_after: f64,
+    },
+}
+
+async fn run_fault(kind: FaultCommand) -> anyhow::Result<ExitCode> {
+    use meshctl::fault::Fault;
+    let path = Path::new(demo::DEMO_DIR).join("cluster.json");
+    let mut description = demo::running(Path::new(demo::DEMO_DIR))?;
+    let secs = Duration::from_secs_f64;
+    let fault = match kind {
+        FaultCommand::ApiserverStop { duration } => Fault::ApiserverStop {
+            duration: secs(duration),
+        },
+        FaultCommand::ApiserverSlow { delay, duration } => Fault::ApiserverSlow {
+            delay: secs(delay),
+            duration: secs(duration),
+        },
+        FaultCommand::NodeReboot {
+            node,
+            lose_keystore,
+            down_for,
+        } => Fault::NodeReboot {
+            node,
+            lose_keystore,
+            down_for: secs(down_for),
+        },
+        FaultCommand::UnderlayDown {
+            node,
+            down_for: Some(down_for),
+        } => Fault::UnderlayFlap {
+            node,
+            down_for: secs(down_for),
+        },
+        FaultCommand::UnderlayDown {
+            node,
+            down_for: None,
+        } => {
+            wiremesh_integration::faults::underlay_link(&description, &node, false)?;
+            println!("==> {node}: underlay link down (`meshctl demo fault underlay-up {node}`)");
+            return Ok(ExitCode::SUCCESS);
+        }
+        FaultCommand::UnderlayUp { node } => {
+            wiremesh_integration::faults::underlay_link(&description, &node, true)?;
+            println!("==> {node}: underlay link up");
+            return Ok(ExitCode::SUCCESS);
+        }
+        FaultCommand::UnderlayReaddress { node, ip } => Fault::UnderlayReaddress { node, ip },
+        FaultCommand::AgentGone {
+            node,
+            delete_node_after,
+        } => Fault::AgentGone {
+            node,
+            delete_after: secs(delete_node_after),
+        },
+    };
+    let client = kube_client_from(Some(&description.kubeconfig)).await?;
+    let started = std::time::Instant::now();
+    let report = meshctl::fault::run(&client, &mut description, &fault, |line| {
+        println!("    [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+    })
+    .await?;
+    // A readdressed node keeps its new address in cluster.json.
+    description
+        .write(&path)
+        .with_context(|| format!("write {}", path.display()))?;
+    for line in report.lines() {
+        println!("    {line}");
+    }
+    Ok(if report.problems.is_empty() {
+        println!("==> fault survived as specified");
+        ExitCode::SUCCESS
+    } else {
+        println!("==> the mesh did NOT behave as specified");
+        ExitCode::from(1)
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -345,6 +474,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Demo {
+            command: DemoCommand::Fault { kind },
+        } => run_fault(kind).await,
         Command::Demo {
             command: DemoCommand::Kubeconfig,
         } => {

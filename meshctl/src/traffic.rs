@@ -221,22 +221,62 @@ pub fn udp_echo(
 /// demo's and the rotation test's "did a rotation lose a packet" probe).
 pub struct LongPing {
     child: std::process::Child,
+    /// Reads ping's output as it comes: a pipe nobody reads fills after ~800 replies (8 s) and
+    /// then blocks ping.
+    output: Option<thread::JoinHandle<String>>,
 }
 
 /// What a [`LongPing`] saw: the last request that got a reply, and how many replies came.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PingCount {
     /// Requests up to the last answered one (a request in flight at the stop is not counted).
     pub sent: u32,
     pub received: u32,
     /// The first request before the last reply that got none (where a loss happened).
     pub first_lost: Option<u32>,
+    /// The longest run of consecutive requests without a reply (10 ms apart).
+    pub longest_gap: u32,
+    /// Every reply: sequence number and arrival time (seconds since the Unix epoch).
+    pub replies: Vec<(u32, f64)>,
 }
 
 impl PingCount {
     /// Requests before the last reply that got none.
     pub fn lost(&self) -> u32 {
         self.sent.saturating_sub(self.received)
+    }
+
+    /// The longest time between two consecutive replies, from their arrival times (while
+    /// replies are missing ping sends less often than every 10 ms, so counting requests would
+    /// understate a gap).
+    pub fn longest_gap_time(&self) -> Duration {
+        let longest = self
+            .replies
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .fold(0.0, f64::max);
+        Duration::from_secs_f64(longest.max(0.0))
+    }
+
+    /// The arrival time of the reply that ended the longest gap (`None` without two replies).
+    pub fn longest_gap_end(&self) -> Option<std::time::SystemTime> {
+        let (_, end) = self
+            .replies
+            .windows(2)
+            .map(|w| (w[1].1 - w[0].1, w[1].1))
+            .reduce(|a, b| if b.0 > a.0 { b } else { a })?;
+        Some(std::time::UNIX_EPOCH + Duration::from_secs_f64(end.max(0.0)))
+    }
+
+    /// The first reply that came at or after `at`.
+    pub fn first_reply_after(&self, at: std::time::SystemTime) -> Option<std::time::SystemTime> {
+        let at = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+        self.replies
+            .iter()
+            .map(|(_, t)| *t)
+            .filter(|t| *t >= at)
+            .reduce(f64::min)
+            .map(|t| std::time::UNIX_EPOCH + Duration::from_secs_f64(t))
     }
 }
 
@@ -246,46 +286,86 @@ impl LongPing {
         let ip = ip.into();
         let child = std::process::Command::new("ip")
             .args([
-                "netns", "exec", netns, "ping", "-n", "-i", "0.010", "-W", "2",
+                "netns", "exec", netns, "ping", "-n", "-D", "-i", "0.010", "-W", "2",
             ])
             .args(["-c", "1000000"])
             .arg(ip.to_string())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
             .spawn()?;
-        Ok(Self { child })
+        let mut child = child;
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout pipe"))?;
+        let output = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        });
+        Ok(Self {
+            child,
+            output: Some(output),
+        })
     }
 
     /// Stops ping (SIGINT) and counts by sequence number: any missing reply before the last
     /// reply is a loss.
-    pub fn stop(self) -> io::Result<PingCount> {
+    pub fn stop(mut self) -> io::Result<PingCount> {
         // `ip netns exec` execs ping: the child's pid is ping's.
         let pid = libc::pid_t::try_from(self.child.id()).map_err(io::Error::other)?;
         // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
         unsafe { libc::kill(pid, libc::SIGINT) };
-        let out = self.child.wait_with_output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut seqs: Vec<u32> = text
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| {
-                l.split("icmp_seq=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        let first_lost =
-            (1..=seqs.last().copied().unwrap_or(0)).find(|s| seqs.binary_search(s).is_err());
-        Ok(PingCount {
-            sent: seqs.last().copied().unwrap_or(0),
-            received: u32::try_from(seqs.len()).unwrap_or(u32::MAX),
-            first_lost,
+        self.child.wait()?;
+        let text = self
+            .output
+            .take()
+            .ok_or_else(|| io::Error::other("stopped twice"))?
+            .join()
+            .map_err(|_| io::Error::other("ping output reader panicked"))?;
+        Ok(count_replies(&text))
+    }
+}
+
+/// Counts the replies in `ping -D` output by sequence number: any missing reply before the last
+/// reply is a loss.
+fn count_replies(text: &str) -> PingCount {
+    let mut replies: Vec<(u32, f64)> = text
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            let seq = l
+                .split("icmp_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            let time = l
+                .strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0.0);
+            Some((seq, time))
         })
+        .collect();
+    replies.sort_by_key(|(s, _)| *s);
+    replies.dedup_by_key(|(s, _)| *s);
+    let seqs: Vec<u32> = replies.iter().map(|(s, _)| *s).collect();
+    let first_lost =
+        (1..=seqs.last().copied().unwrap_or(0)).find(|s| seqs.binary_search(s).is_err());
+    let mut longest_gap = 0;
+    let mut previous = 0;
+    for s in &seqs {
+        longest_gap = longest_gap.max(s.saturating_sub(previous + 1));
+        previous = *s;
+    }
+    PingCount {
+        sent: seqs.last().copied().unwrap_or(0),
+        received: u32::try_from(seqs.len()).unwrap_or(u32::MAX),
+        first_lost,
+        longest_gap,
+        replies,
     }
 }
 
@@ -370,5 +450,40 @@ impl TcpRun {
             .join()
             .map_err(|_| "server panicked".to_string())??;
         Ok((sent, received))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_output_counts_losses_gaps_and_times() {
+        let text = "PING 10.244.2.11 (10.244.2.11) 56(84) bytes of data.
+[1765100000.010000] 64 bytes from 10.244.2.11: icmp_seq=1 ttl=63 time=0.2 ms
+[1765100000.020000] 64 bytes from 10.244.2.11: icmp_seq=2 ttl=63 time=0.2 ms
+[1765100000.060000] 64 bytes from 10.244.2.11: icmp_seq=6 ttl=63 time=0.2 ms
+[1765100000.080000] 64 bytes from 10.244.2.11: icmp_seq=8 ttl=63 time=0.2 ms
+";
+        let count = count_replies(text);
+        assert_eq!((count.sent, count.received, count.lost()), (8, 4, 4));
+        assert_eq!(count.first_lost, Some(3));
+        assert_eq!(count.longest_gap, 3);
+        assert!(
+            count.longest_gap_time().abs_diff(Duration::from_millis(40)) < Duration::from_millis(1)
+        );
+        let at = std::time::UNIX_EPOCH + Duration::from_secs_f64(1_765_100_000.05);
+        let first = count.first_reply_after(at).unwrap();
+        let secs = first
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((secs - 1_765_100_000.06).abs() < 1e-3, "{secs}");
+        let end = count.longest_gap_end().unwrap();
+        let secs = end
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((secs - 1_765_100_000.06).abs() < 1e-3, "{secs}");
     }
 }

@@ -60,6 +60,9 @@ pub struct Shape {
     pub spare_nodes: u32,
     /// Pods and nodes get IPv6 addresses and podCIDRs too.
     pub dual_stack: bool,
+    /// The agents reach the API server through the fault proxy, and the API server writes an
+    /// audit log (`ClusterOptions::api_proxy`, `audit_log`).
+    pub api_proxy: bool,
 }
 
 impl Shape {
@@ -70,6 +73,7 @@ impl Shape {
             pods_per_node,
             spare_nodes: 0,
             dual_stack: false,
+            api_proxy: false,
         }
     }
 
@@ -77,6 +81,14 @@ impl Shape {
     pub fn dual_stack(self) -> Self {
         Shape {
             dual_stack: true,
+            ..self
+        }
+    }
+
+    /// Runs the fault proxy and the audit log (the control-plane faults).
+    pub fn with_api_proxy(self) -> Self {
+        Shape {
+            api_proxy: true,
             ..self
         }
     }
@@ -261,6 +273,8 @@ pub fn cluster_options(shape: &Shape) -> ClusterOptions {
         pods_per_node: shape.pods_per_node,
         spare_nodes: shape.spare_nodes,
         dual_stack: shape.dual_stack,
+        api_proxy: shape.api_proxy,
+        audit_log: shape.api_proxy,
         ..ClusterOptions::default()
     }
 }
