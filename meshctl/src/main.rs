@@ -243,8 +243,9 @@ enum FaultCommand {
 
 async fn run_fault(kind: FaultCommand) -> anyhow::Result<ExitCode> {
     use meshctl::fault::Fault;
-    let path = Path::new(demo::DEMO_DIR).join("cluster.json");
-    let mut description = demo::running(Path::new(demo::DEMO_DIR))?;
+    let dir = demo::demo_dir();
+    let path = dir.join("cluster.json");
+    let mut description = demo::running(&dir)?;
     let secs = Duration::from_secs_f64;
     let fault = match kind {
         FaultCommand::ApiserverStop { duration } => Fault::ApiserverStop {
