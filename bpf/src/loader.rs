@@ -1205,6 +1205,11 @@ impl FlowReader {
             .collect()
     }
 
+    /// The records of both families in the ring now, without waiting.
+    pub fn read_ready_any(&mut self) -> Vec<Flow> {
+        self.drain()
+    }
+
     /// A handle that waits for records without borrowing the reader, so one thread can wait
     /// while another holds the reader (and drains it at request time).
     pub fn waiter(&self) -> Result<RingWaiter, Error> {

@@ -11,7 +11,9 @@
 //! the Permissive control shows the same IPv6 traffic in plaintext. A Pod claiming an IPv6
 //! address outside `MeshEncryption.spec.podCIDRs` is refused like an IPv4 one (no route, no
 //! allowed IP, no ipcache entry, `pod_claims_refused`). Before the fix the agent wrote no IPv6
-//! ipcache entries: IPv6 to node-3 left node-1 in plaintext in Strict mode.
+//! ipcache entries: IPv6 to node-3 left node-1 in plaintext in Strict mode. node-1's `/flows`
+//! (what `meshctl flows` and `meshctl report` read) holds the IPv6 flows too: forwarded-encrypted
+//! through the tunnel to node-2 with its evidence, dropped-plaintext (Strict) to node-3.
 
 #[path = "mesh_support/support.rs"]
 mod support;
@@ -175,6 +177,7 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
         has_flow(&flows, "pod-1-1", "pod-3-1", Some(80), "dropped-plaintext"),
         "node-1 records the strict drop: {flows:#?}"
     );
+    ipv6_flows_are_recorded(&cluster).await;
 
     // An IPv6 claim outside the cluster's pod CIDRs is refused like an IPv4 one.
     refuses_an_ipv6_claim_outside_the_pod_cidrs(&cluster).await;
@@ -216,6 +219,80 @@ async fn strict_mode_drops_pod_traffic_to_a_node_without_a_tunnel() {
     }
 
     cluster.teardown().expect("teardown");
+}
+
+/// node-1's `/flows` holds the IPv6 flows of the probes: pod-1-1 -> pod-2-1 forwarded encrypted
+/// through the tunnel to node-2 (with the peer's key evidence and the cipher suite), pod-1-1 ->
+/// pod-3-1 dropped in plaintext by Strict mode; both named and addressed by the pods' IPv6
+/// addresses.
+async fn ipv6_flows_are_recorded(cluster: &wiremesh_integration::VirtualCluster) {
+    let ip6 = |pod: &str| pod_ip(cluster, pod, Family::V6).to_string();
+    let v6_flow = |flows: &[serde_json::Value], to: &str, verdict: &str| {
+        flows
+            .iter()
+            .find(|f| {
+                f["IP"]["ipVersion"] == "IPv6"
+                    && f["IP"]["source"] == ip6("pod-1-1").as_str()
+                    && f["IP"]["destination"] == ip6(to).as_str()
+                    && has_flow(std::slice::from_ref(f), "pod-1-1", to, Some(80), verdict)
+            })
+            .cloned()
+    };
+    let found = std::sync::Mutex::new(None);
+    let (found_ref, v6_flow) = (&found, &v6_flow);
+    support::wait_async(
+        "node-1's /flows holds the IPv6 flows",
+        Duration::from_secs(15),
+        move || async move {
+            let flows = agent_flows(cluster, "node-1").await;
+            match (
+                v6_flow(&flows, "pod-2-1", "forwarded-encrypted"),
+                v6_flow(&flows, "pod-3-1", "dropped-plaintext"),
+            ) {
+                (Some(enc), Some(drop)) => {
+                    *found_ref.lock().expect("lock") = Some((enc, drop));
+                    Ok(())
+                }
+                (enc, drop) => Err(format!(
+                    "encrypted {:?}, dropped {:?}, IPv6 records: {:#?}",
+                    enc.is_some(),
+                    drop.is_some(),
+                    flows
+                        .iter()
+                        .filter(|f| f["IP"]["ipVersion"] == "IPv6")
+                        .collect::<Vec<_>>()
+                )),
+            }
+        },
+    )
+    .await;
+    let (enc, drop) = found.into_inner().expect("lock").expect("found");
+    let e = &enc["encryption"];
+    assert!(
+        e["encrypted"] == true
+            && e["reason"] == "wireguard-tunnel"
+            && e["peer_node"] == "node-2"
+            && e["peer_key_fingerprint"].is_string()
+            && e["cipher_suite"].is_string()
+            && enc["cross_node"] == true,
+        "the IPv6 flow to node-2 carries the tunnel evidence: {enc:#}"
+    );
+    assert!(
+        drop["verdict"] == "DROPPED"
+            && drop["drop_reason_desc"] == "UNENCRYPTED_TRAFFIC"
+            && drop["encryption"]["encrypted"] == false
+            && drop["encryption"]["reason"] == "dropped-plaintext-strict",
+        "the IPv6 flow to node-3 is a Strict drop: {drop:#}"
+    );
+    eprintln!(
+        "node-1 IPv6 flows: encrypted {} -> {} ({} packets), dropped {} -> {} ({} packets)",
+        enc["IP"]["source"],
+        enc["IP"]["destination"],
+        enc["packets"],
+        drop["IP"]["source"],
+        drop["IP"]["destination"],
+        drop["packets"]
+    );
 }
 
 /// A Pod on node-2 claiming an IPv6 address outside `MeshEncryption.spec.podCIDRs` (issue 13,

@@ -154,8 +154,8 @@ mod tests {
             verdict: if dropped { "DROPPED" } else { "FORWARDED" }.into(),
             drop_reason_desc: None,
             ip: Ip {
-                source: Ipv4Addr::new(10, 244, 1, 2),
-                destination: Ipv4Addr::new(10, 244, 2, 2),
+                source: Ipv4Addr::new(10, 244, 1, 2).into(),
+                destination: Ipv4Addr::new(10, 244, 2, 2).into(),
                 ip_version: "IPv4".into(),
                 encrypted,
             },

@@ -5,16 +5,18 @@
 //! goes first), and served as JSON in the shape of Hubble's flow schema (`flow.proto`: `time`,
 //! `verdict`, `drop_reason_desc`, `IP`, `l4`, `source`/`destination` endpoints, `node_name`,
 //! `traffic_direction`, `*_denied_by`), extended with an `encryption` object and counters.
+//! Both address families: IPv4 and IPv6 records of the ring buffer ([`Event`]) become the same
+//! [`Flow`] (`IP.ipVersion` tells them apart; the peer node is the IPv4 underlay either way).
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex, RwLock},
     time::SystemTime,
 };
 
 use serde::{Deserialize, Serialize};
-use wiremesh_bpf::{FlowEvent, FlowKey, FlowState, Hook, Verdict};
+use wiremesh_bpf::{FlowEvent, FlowEvent6, FlowKey, FlowState, Hook, Verdict};
 
 /// The cipher suite of every WireGuard session (the only one the protocol has).
 pub const CIPHER_SUITE: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
@@ -48,10 +50,10 @@ pub struct PeerInfo {
 pub struct Names {
     /// This node.
     pub node_name: String,
-    /// Pod IP -> pod.
-    pub pods: BTreeMap<Ipv4Addr, PodInfo>,
-    /// Node underlay IP -> node name.
-    pub nodes: BTreeMap<Ipv4Addr, String>,
+    /// Pod IP (both families) -> pod.
+    pub pods: BTreeMap<IpAddr, PodInfo>,
+    /// Node IP (both families; records name the peer by its IPv4 underlay) -> node name.
+    pub nodes: BTreeMap<IpAddr, String>,
     /// Node name -> tunnel evidence.
     pub peers: BTreeMap<String, PeerInfo>,
 }
@@ -115,11 +117,12 @@ pub struct Endpoint {
     pub labels: Vec<String>,
 }
 
-/// Hubble's `IP`.
+/// Hubble's `IP` (addresses as strings, either family).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ip {
-    pub source: Ipv4Addr,
-    pub destination: Ipv4Addr,
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    /// `IPv4` or `IPv6`.
     #[serde(rename = "ipVersion")]
     pub ip_version: String,
     pub encrypted: bool,
@@ -143,6 +146,8 @@ pub enum Layer4 {
     Sctp(Ports),
     #[serde(rename = "ICMPv4")]
     Icmpv4 {},
+    #[serde(rename = "ICMPv6")]
+    Icmpv6 {},
     /// Another IP protocol, by number.
     #[serde(rename = "protocol")]
     Other(u8),
@@ -156,6 +161,7 @@ impl Layer4 {
         };
         match protocol {
             1 => Self::Icmpv4 {},
+            58 => Self::Icmpv6 {},
             6 => Self::Tcp(ports),
             17 => Self::Udp(ports),
             132 => Self::Sctp(ports),
@@ -179,13 +185,14 @@ impl Layer4 {
         }
     }
 
-    /// `tcp`, `udp`, `sctp`, `icmp` or the protocol number.
+    /// `tcp`, `udp`, `sctp`, `icmp`, `icmpv6` or the protocol number.
     pub fn protocol(&self) -> String {
         match self {
             Self::Tcp(_) => "tcp".into(),
             Self::Udp(_) => "udp".into(),
             Self::Sctp(_) => "sctp".into(),
             Self::Icmpv4 {} => "icmp".into(),
+            Self::Icmpv6 {} => "icmpv6".into(),
             Self::Other(n) => n.to_string(),
         }
     }
@@ -267,12 +274,12 @@ pub struct Flow {
 }
 
 /// The identity of a flow and verdict: (src, dst, sport, dport, protocol, verdict, hook).
-pub type FlowId = (Ipv4Addr, Ipv4Addr, u16, u16, u8, u8, u8);
+pub type FlowId = (IpAddr, IpAddr, u16, u16, u8, u8, u8);
 
 /// One direction of one 5-tuple (src, dst, sport, dport, protocol): what the compliance report
 /// and the coverage metric count as *a flow*, however many records (verdicts, hooks, nodes)
 /// saw it.
-pub type FiveTuple = (Ipv4Addr, Ipv4Addr, u16, u16, u8);
+pub type FiveTuple = (IpAddr, IpAddr, u16, u16, u8);
 
 /// How a flow counts for encryption coverage, in increasing precedence: a flow is the
 /// greatest class of any of its records (one dropped record makes it dropped; otherwise one
@@ -342,6 +349,7 @@ impl Flow {
             Layer4::Udp(_) => 17,
             Layer4::Sctp(_) => 132,
             Layer4::Icmpv4 {} => 1,
+            Layer4::Icmpv6 {} => 58,
             Layer4::Other(n) => *n,
         };
         (
@@ -377,7 +385,7 @@ impl Flow {
     }
 }
 
-fn endpoint_name(e: &Endpoint, ip: Ipv4Addr) -> String {
+fn endpoint_name(e: &Endpoint, ip: IpAddr) -> String {
     if e.pod_name.is_empty() {
         ip.to_string()
     } else {
@@ -417,7 +425,7 @@ fn policy_refs(keys: &[String]) -> Vec<PolicyRef> {
         .collect()
 }
 
-fn endpoint(names: &Names, ip: Ipv4Addr, identity: u32) -> Endpoint {
+fn endpoint(names: &Names, ip: IpAddr, identity: u32) -> Endpoint {
     match names.pods.get(&ip) {
         Some(p) => Endpoint {
             identity,
@@ -432,16 +440,89 @@ fn endpoint(names: &Names, ip: Ipv4Addr, identity: u32) -> Endpoint {
     }
 }
 
+/// A ring-buffer record of either family ([`FlowEvent`], [`FlowEvent6`]) as the flow table
+/// reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// `WM_VERDICT_*` and `WM_HOOK_*` as written (part of the [`FlowId`]).
+    pub verdict: u8,
+    pub hook: u8,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The remote node's IPv4 underlay (records of both families carry it).
+    pub peer_node: Option<Ipv4Addr>,
+    pub packets: u64,
+    pub bytes: u64,
+    known_verdict: Option<Verdict>,
+    known_hook: Option<Hook>,
+}
+
+macro_rules! event_from {
+    ($t:ty) => {
+        impl From<$t> for Event {
+            fn from(e: $t) -> Self {
+                Self {
+                    src: e.src().into(),
+                    dst: e.dst().into(),
+                    sport: e.sport(),
+                    dport: e.dport(),
+                    protocol: e.protocol,
+                    verdict: e.verdict,
+                    hook: e.hook,
+                    src_identity: e.src_identity,
+                    dst_identity: e.dst_identity,
+                    peer_node: e.peer_node(),
+                    packets: e.packets,
+                    bytes: e.bytes,
+                    known_verdict: e.verdict(),
+                    known_hook: e.hook(),
+                }
+            }
+        }
+    };
+}
+
+event_from!(FlowEvent);
+event_from!(FlowEvent6);
+
+impl From<wiremesh_bpf::Flow> for Event {
+    fn from(f: wiremesh_bpf::Flow) -> Self {
+        match f {
+            wiremesh_bpf::Flow::V4(e) => e.into(),
+            wiremesh_bpf::Flow::V6(e) => e.into(),
+        }
+    }
+}
+
+impl Event {
+    fn id(&self) -> FlowId {
+        (
+            self.src,
+            self.dst,
+            self.sport,
+            self.dport,
+            self.protocol,
+            self.verdict,
+            self.hook,
+        )
+    }
+}
+
 /// Builds the record of a ring-buffer event (its packets and bytes only) with what `names` says
 /// at `now` (Unix seconds).
-pub fn describe(e: &FlowEvent, names: &Names, now: u64) -> Flow {
-    let verdict = e.verdict();
-    let hook = e.hook();
-    let peer_ip = e.peer_node();
+pub fn describe(e: &Event, names: &Names, now: u64) -> Flow {
+    let verdict = e.known_verdict;
+    let hook = e.known_hook;
+    let peer_ip = e.peer_node;
     let peer_node = peer_ip.map(|ip| {
         names
             .nodes
-            .get(&ip)
+            .get(&IpAddr::V4(ip))
             .cloned()
             .unwrap_or_else(|| ip.to_string())
     });
@@ -472,8 +553,8 @@ pub fn describe(e: &FlowEvent, names: &Names, now: u64) -> Flow {
         _ => (None, false),
     };
     let (egress_denied_by, ingress_denied_by) = if denied {
-        let src = names.pods.get(&e.src());
-        let dst = names.pods.get(&e.dst());
+        let src = names.pods.get(&e.src);
+        let dst = names.pods.get(&e.dst);
         (
             policy_refs(src.map(|p| p.egress_policies.as_slice()).unwrap_or(&[])),
             policy_refs(dst.map(|p| p.ingress_policies.as_slice()).unwrap_or(&[])),
@@ -491,14 +572,14 @@ pub fn describe(e: &FlowEvent, names: &Names, now: u64) -> Flow {
         .to_string(),
         drop_reason_desc: drop_reason.map(str::to_string),
         ip: Ip {
-            source: e.src(),
-            destination: e.dst(),
-            ip_version: "IPv4".to_string(),
+            source: e.src,
+            destination: e.dst,
+            ip_version: if e.src.is_ipv6() { "IPv6" } else { "IPv4" }.to_string(),
             encrypted,
         },
-        l4: Layer4::new(e.protocol, e.sport(), e.dport()),
-        source: endpoint(names, e.src(), e.src_identity),
-        destination: endpoint(names, e.dst(), e.dst_identity),
+        l4: Layer4::new(e.protocol, e.sport, e.dport),
+        source: endpoint(names, e.src, e.src_identity),
+        destination: endpoint(names, e.dst, e.dst_identity),
         node_name: names.node_name.clone(),
         traffic_direction: match hook {
             Some(Hook::FromPod | Hook::UnderlayEgress) => "EGRESS",
@@ -527,18 +608,6 @@ pub fn describe(e: &FlowEvent, names: &Names, now: u64) -> Flow {
         first_seen: now,
         last_seen: now,
     }
-}
-
-fn event_id(e: &FlowEvent) -> FlowId {
-    (
-        e.src(),
-        e.dst(),
-        e.sport(),
-        e.dport(),
-        e.protocol,
-        e.verdict,
-        e.hook,
-    )
 }
 
 #[derive(Debug)]
@@ -579,8 +648,8 @@ pub fn backlog_sums(backlog: &[(FlowKey, FlowState)]) -> HashMap<FlowId, (u64, u
     let mut sums: HashMap<FlowId, (u64, u64)> = HashMap::new();
     for (k, st) in backlog {
         let id = (
-            Ipv4Addr::from(k.src_ip),
-            Ipv4Addr::from(k.dst_ip),
+            IpAddr::from(k.src_ip),
+            IpAddr::from(k.dst_ip),
             u16::from_be_bytes(k.src_port),
             u16::from_be_bytes(k.dst_port),
             k.protocol,
@@ -622,14 +691,20 @@ impl FlowTable {
         self.entries.is_empty()
     }
 
-    /// Adds a batch of ring-buffer records received at `now` (Unix seconds).
-    pub fn ingest_at(&mut self, events: &[FlowEvent], names: &Names, now: u64) -> Ingested {
+    /// Adds a batch of ring-buffer records (either family) received at `now` (Unix seconds).
+    pub fn ingest_at<E: Copy + Into<Event>>(
+        &mut self,
+        events: &[E],
+        names: &Names,
+        now: u64,
+    ) -> Ingested {
         let mut out = Ingested::default();
         for e in events {
+            let e: Event = (*e).into();
             self.clock += 1;
-            let verdict = verdict_str(e.verdict());
+            let verdict = verdict_str(e.known_verdict);
             *out.packets.entry(verdict).or_default() += e.packets;
-            let id = event_id(e);
+            let id = e.id();
             if let Some(entry) = self.entries.get_mut(&id) {
                 entry.record.packets += e.packets;
                 entry.record.bytes += e.bytes;
@@ -654,7 +729,7 @@ impl FlowTable {
                 self.entries.remove(&oldest);
                 out.evicted += 1;
             }
-            let record = describe(e, names, now);
+            let record = describe(&e, names, now);
             out.records.push(record.clone());
             self.entries.insert(
                 id,
@@ -668,7 +743,7 @@ impl FlowTable {
     }
 
     /// [`FlowTable::ingest_at`] now.
-    pub fn ingest(&mut self, events: &[FlowEvent], names: &Names) -> Ingested {
+    pub fn ingest<E: Copy + Into<Event>>(&mut self, events: &[E], names: &Names) -> Ingested {
         self.ingest_at(events, names, unix_now())
     }
 

@@ -26,12 +26,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use wiremesh_bpf::{FlowEvent, FlowKey, FlowState};
+use wiremesh_bpf::{FlowKey, FlowState};
 
 use crate::{
     coverage::CoverageWindow,
     export::Export,
-    flows::{Flow, FlowTable, Names, SharedFlows, SharedNames, backlog_sums, unix_now},
+    flows::{Event, Flow, FlowTable, Names, SharedFlows, SharedNames, backlog_sums, unix_now},
     history::{BUCKET_SECS, History, HistoryError, Period},
     metrics::{EvictionLabels, Metrics, StageLabels, VerdictLabels},
     status::SharedStatus,
@@ -49,8 +49,8 @@ const CONSISTENT_ROUNDS: usize = 4;
 /// The kernel side: the ring buffer and the backlog map (a trait so the request-time logic is
 /// tested without a kernel).
 pub trait KernelFlows: Send {
-    /// The records in the ring now, without waiting.
-    fn read_ready(&mut self) -> Vec<FlowEvent>;
+    /// The records (both families) in the ring now, without waiting.
+    fn read_ready(&mut self) -> Vec<wiremesh_bpf::Flow>;
     /// What each flow has counted but not written as a record yet.
     fn backlog(&self) -> Result<Vec<(FlowKey, FlowState)>, String>;
 }
@@ -62,8 +62,8 @@ pub struct BpfKernel {
 }
 
 impl KernelFlows for BpfKernel {
-    fn read_ready(&mut self) -> Vec<FlowEvent> {
-        self.reader.read_ready()
+    fn read_ready(&mut self) -> Vec<wiremesh_bpf::Flow> {
+        self.reader.read_ready_any()
     }
 
     fn backlog(&self) -> Result<Vec<(FlowKey, FlowState)>, String> {
@@ -153,11 +153,11 @@ impl FlowSource {
     }
 
     /// Adds a batch of ring-buffer records: flow table, metrics, history, export, coverage.
-    pub fn ingest(&self, events: &[FlowEvent]) {
+    pub fn ingest<E: Copy + Into<Event>>(&self, events: &[E]) {
         self.ingest_at(events, unix_now());
     }
 
-    fn ingest_at(&self, events: &[FlowEvent], now: u64) {
+    fn ingest_at<E: Copy + Into<Event>>(&self, events: &[E], now: u64) {
         if events.is_empty() {
             return;
         }

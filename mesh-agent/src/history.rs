@@ -7,7 +7,13 @@
 //! redb rather than SQLite: pure Rust (no C toolchain, no bundled SQLite to keep patched), ACID
 //! and crash-safe copy-on-write B-trees with a stable file format, MVCC so `/flows` queries never
 //! block the writer, and the only access pattern needed is a range scan over
-//! `(bucket, flow id)` keys. Records are JSON values: the same [`Flow`] the API serves.
+//! `(bucket, flow id)` keys. Records are JSON values: the same [`Flow`] the API serves (addresses
+//! as strings, so IPv4 records written before IPv6 flows existed read as they are).
+//!
+//! Keys: the bucket start (8 bytes, big-endian), the source and destination addresses (4 bytes
+//! each for IPv4, 16 for IPv6), the ports (2 + 2) and protocol, verdict, hook: 23 bytes for an
+//! IPv4 flow (the layout agents wrote before IPv6 flows, so their records merge with new ones),
+//! 47 for an IPv6 flow (the lengths keep the families apart).
 
 use std::{
     collections::BTreeMap,
@@ -103,10 +109,14 @@ pub struct History {
 
 fn key(bucket: u64, id: &FlowId) -> Vec<u8> {
     let (src, dst, sport, dport, proto, verdict, hook) = *id;
-    let mut k = Vec::with_capacity(23);
+    let mut k = Vec::with_capacity(47);
     k.extend_from_slice(&bucket.to_be_bytes());
-    k.extend_from_slice(&src.octets());
-    k.extend_from_slice(&dst.octets());
+    for ip in [src, dst] {
+        match ip {
+            std::net::IpAddr::V4(a) => k.extend_from_slice(&a.octets()),
+            std::net::IpAddr::V6(a) => k.extend_from_slice(&a.octets()),
+        }
+    }
     k.extend_from_slice(&sport.to_be_bytes());
     k.extend_from_slice(&dport.to_be_bytes());
     k.extend_from_slice(&[proto, verdict, hook]);

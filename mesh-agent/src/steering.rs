@@ -634,8 +634,11 @@ fn flow_names(
         ..Names::default()
     };
     for n in nodes {
-        if let (Some(name), Some(ip)) = (n.metadata.name.clone(), node_ipv4(n)) {
-            names.nodes.insert(ip, name.clone());
+        if let (Some(name), Some(_)) = (n.metadata.name.clone(), node_ipv4(n)) {
+            // Every address, both families (a record's peer node is its IPv4 underlay).
+            for ip in crate::views::node_addresses(n) {
+                names.nodes.insert(ip, name.clone());
+            }
             let generation = n
                 .metadata
                 .annotations
@@ -695,10 +698,9 @@ fn flow_names(
         }
         info.namespace = namespace;
         info.name = name;
+        // `status.podIPs`: an IPv6 flow names the pod like an IPv4 one.
         for ip in crate::views::pod_network_ips(p) {
-            if let IpAddr::V4(a) = ip {
-                names.pods.insert(a, info.clone());
-            }
+            names.pods.insert(ip, info.clone());
         }
     }
     names

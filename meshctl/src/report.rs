@@ -284,7 +284,7 @@ fn node_ends(f: &Flow) -> (String, String) {
 /// The workload of an endpoint, `namespace/name`: the pod name without a ReplicaSet's
 /// `-<hash>-<suffix>` or a bare `-<suffix>` of five lower-case alphanumerics (Deployment and
 /// DaemonSet pods), else the pod name; a non-pod address as itself.
-pub fn workload(e: &mesh_agent::flows::Endpoint, ip: std::net::Ipv4Addr) -> String {
+pub fn workload(e: &mesh_agent::flows::Endpoint, ip: std::net::IpAddr) -> String {
     if e.pod_name.is_empty() {
         return ip.to_string();
     }

@@ -24,7 +24,7 @@ fn names() -> Names {
         ..Names::default()
     };
     names.pods.insert(
-        Ipv4Addr::new(10, 244, 1, 11),
+        Ipv4Addr::new(10, 244, 1, 11).into(),
         PodInfo {
             namespace: "default".into(),
             name: "a".into(),
@@ -33,7 +33,7 @@ fn names() -> Names {
         },
     );
     names.pods.insert(
-        Ipv4Addr::new(10, 244, 2, 11),
+        Ipv4Addr::new(10, 244, 2, 11).into(),
         PodInfo {
             namespace: "shop".into(),
             name: "db".into(),
@@ -43,7 +43,7 @@ fn names() -> Names {
     );
     names
         .nodes
-        .insert(Ipv4Addr::new(10, 213, 0, 12), "node-2".into());
+        .insert(Ipv4Addr::new(10, 213, 0, 12).into(), "node-2".into());
     names.peers.insert(
         "node-2".into(),
         PeerInfo {
@@ -97,7 +97,7 @@ fn records_aggregate_per_flow_and_verdict_and_carry_names() {
     assert_eq!(flows[0].wiremesh_verdict, "dropped-policy");
     assert_eq!(
         flows[0].id(),
-        event_id(&event([10, 244, 1, 11], [10, 244, 2, 11], 81, 3, 1))
+        Event::from(event([10, 244, 1, 11], [10, 244, 2, 11], 81, 3, 1)).id()
     );
 
     // Packets the kernel has not reported yet count too, and are replaced, not added up.
@@ -126,6 +126,19 @@ fn records_aggregate_per_flow_and_verdict_and_carry_names() {
     assert_eq!((enc.packets, enc.pending_packets, enc.bytes), (9, 4, 900));
 }
 
+/// `f` went through the tunnel to node-2 with the evidence of [`names`] at time 1042.
+fn assert_tunnel_evidence(f: &Flow) {
+    assert!(f.ip.encrypted && f.cross_node);
+    let e = &f.encryption;
+    assert!(e.encrypted);
+    assert_eq!(e.reason, reason::TUNNEL);
+    assert_eq!(e.peer_node.as_deref(), Some("node-2"));
+    assert_eq!(e.peer_key_fingerprint.as_deref(), Some("AbCdEfGh"));
+    assert_eq!(e.peer_key_generation, Some(3));
+    assert_eq!(e.handshake_age_seconds, Some(42));
+    assert_eq!(e.cipher_suite.as_deref(), Some(CIPHER_SUITE));
+}
+
 #[test]
 fn encrypted_flows_carry_the_peer_key_generation_handshake_age_and_cipher() {
     let mut t = FlowTable::new(10);
@@ -136,15 +149,7 @@ fn encrypted_flows_carry_the_peer_key_generation_handshake_age_and_cipher() {
     );
     let f = &got.records[0];
     assert_eq!(f.verdict, "FORWARDED");
-    assert!(f.ip.encrypted && f.cross_node);
-    let e = &f.encryption;
-    assert!(e.encrypted);
-    assert_eq!(e.reason, reason::TUNNEL);
-    assert_eq!(e.peer_node.as_deref(), Some("node-2"));
-    assert_eq!(e.peer_key_fingerprint.as_deref(), Some("AbCdEfGh"));
-    assert_eq!(e.peer_key_generation, Some(3));
-    assert_eq!(e.handshake_age_seconds, Some(42));
-    assert_eq!(e.cipher_suite.as_deref(), Some(CIPHER_SUITE));
+    assert_tunnel_evidence(f);
     assert_eq!(f.time, "1970-01-01T00:17:22Z");
     let json = serde_json::to_value(f).unwrap();
     assert_eq!(json["l4"]["TCP"]["destination_port"], 80, "{json}");
@@ -244,4 +249,95 @@ fn the_table_is_bounded_and_evicts_the_least_recently_seen() {
         .map(|f| f.l4.destination_port())
         .collect();
     assert_eq!(ports, vec![3, 1]);
+}
+
+/// An IPv6 record of `src` -> `dst` (`fd00:10:244:<n>::11`, pods on node <n>) seen from the pod
+/// on node-1, crossing to node-2 over the IPv4 underlay.
+fn event6(src: u16, dst: u16, protocol: u8, dport: u16, verdict: u8) -> FlowEvent6 {
+    FlowEvent6 {
+        packets: 2,
+        bytes: 240,
+        src_ip: pod6(src).octets(),
+        dst_ip: pod6(dst).octets(),
+        src_identity: 256,
+        dst_identity: 257,
+        peer_node_ip: [10, 213, 0, 12],
+        src_port: 40000u16.to_be_bytes(),
+        dst_port: dport.to_be_bytes(),
+        protocol,
+        verdict,
+        hook: 1,
+        family: 6,
+        ..FlowEvent6::default()
+    }
+}
+
+fn pod6(node: u16) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, node, 0, 0, 0, 0x11)
+}
+
+/// The dual-stack names: each pod of [`names`] also has its IPv6 address.
+fn names6() -> Names {
+    let mut names = names();
+    for (node, v4) in [(1, [10, 244, 1, 11]), (2, [10, 244, 2, 11])] {
+        let pod = names.pods[&IpAddr::from(v4)].clone();
+        names.pods.insert(pod6(node).into(), pod);
+    }
+    names
+}
+
+#[test]
+fn ipv6_records_become_flows_with_names_and_encryption_evidence() {
+    let names = names6();
+    let mut t = FlowTable::new(10);
+    let got = t.ingest_at(
+        &[
+            wiremesh_bpf::Flow::V6(event6(1, 2, 6, 80, 1)),
+            // The same ports over IPv4: another flow.
+            wiremesh_bpf::Flow::V4(event([10, 244, 1, 11], [10, 244, 2, 11], 80, 1, 1)),
+            wiremesh_bpf::Flow::V6(event6(1, 2, 58, 0, 4)),
+        ],
+        &names,
+        1_042,
+    );
+    assert_eq!(t.len(), 3);
+    assert_eq!(got.new_flows["forwarded-encrypted"], 2);
+    let enc = &got.records[0];
+    assert_eq!(enc.ip.source, IpAddr::from(pod6(1)));
+    assert_eq!(enc.ip.destination, IpAddr::from(pod6(2)));
+    assert_eq!(enc.ip.ip_version, "IPv6");
+    assert_eq!(
+        (enc.source_name(), enc.destination_name()),
+        ("default/a".to_string(), "shop/db".to_string())
+    );
+    assert_eq!(enc.source.labels, vec!["k8s:app=a".to_string()]);
+    assert_tunnel_evidence(enc);
+    assert_eq!(got.records[1].ip.ip_version, "IPv4");
+    assert_ne!(got.records[1].five_tuple(), enc.five_tuple());
+    // Strict: cross-node IPv6 outside the tunnel is dropped and says so.
+    let dropped = &got.records[2];
+    assert_eq!(dropped.l4, Layer4::Icmpv6 {});
+    assert_eq!(dropped.l4.protocol(), "icmpv6");
+    assert_eq!(dropped.verdict, "DROPPED");
+    assert_eq!(dropped.encryption.reason, reason::DROPPED_PLAINTEXT);
+    assert_eq!(dropped.encryption.peer_node.as_deref(), Some("node-2"));
+    assert_eq!(FlowClass::of(dropped), FlowClass::Dropped);
+    assert_eq!(dropped.id().4, 58);
+    // The JSON keeps Hubble's string form of the addresses and reads back.
+    let json = serde_json::to_value(enc).unwrap();
+    assert_eq!(json["IP"]["source"], "fd00:10:244:1::11", "{json}");
+    assert_eq!(json["IP"]["ipVersion"], "IPv6", "{json}");
+    let back: Flow = serde_json::from_value(json).unwrap();
+    assert_eq!(&back, enc);
+    let json = serde_json::to_value(dropped).unwrap();
+    assert!(json["l4"].get("ICMPv6").is_some(), "{json}");
+    let back: Flow = serde_json::from_value(json).unwrap();
+    assert_eq!(&back, dropped);
+    // Aggregated per flow like IPv4.
+    t.ingest_at(&[event6(1, 2, 6, 80, 1)], &names, 1_043);
+    let snap = t.snapshot();
+    assert_eq!(
+        (snap[0].packets, snap[0].ip.ip_version.as_str()),
+        (4, "IPv6")
+    );
 }

@@ -19,8 +19,9 @@ struct Fake {
 struct FakeKernel(Arc<Mutex<Fake>>);
 
 impl KernelFlows for FakeKernel {
-    fn read_ready(&mut self) -> Vec<FlowEvent> {
-        std::mem::take(&mut self.0.lock().unwrap().ring)
+    fn read_ready(&mut self) -> Vec<wiremesh_bpf::Flow> {
+        let ring = std::mem::take(&mut self.0.lock().unwrap().ring);
+        ring.into_iter().map(wiremesh_bpf::Flow::V4).collect()
     }
 
     fn backlog(&self) -> Result<Vec<(FlowKey, FlowState)>, String> {

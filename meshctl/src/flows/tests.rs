@@ -28,7 +28,7 @@ pub(crate) fn flow(
         "time": mesh_agent::flows::rfc3339(last_seen),
         "verdict": if dropped { "DROPPED" } else { "FORWARDED" },
         "drop_reason_desc": if wiremesh_verdict == "dropped-policy" { Some("POLICY_DENIED") } else { None },
-        "IP": {"source": src.2, "destination": dst.2, "ipVersion": "IPv4", "encrypted": encrypted},
+        "IP": {"source": src.2, "destination": dst.2, "ipVersion": if src.2.contains(':') { "IPv6" } else { "IPv4" }, "encrypted": encrypted},
         "l4": {"UDP": {"source_port": 40000, "destination_port": dport}},
         "source": endpoint(src),
         "destination": endpoint(dst),

@@ -366,7 +366,7 @@ fn the_page_is_self_contained_and_shows_the_headline() {
 
 #[test]
 fn workloads_drop_generated_pod_name_suffixes() {
-    let ip = std::net::Ipv4Addr::new(10, 0, 0, 1);
+    let ip = std::net::IpAddr::from([10, 0, 0, 1]);
     let pod = |name: &str| mesh_agent::flows::Endpoint {
         namespace: "shop".into(),
         pod_name: name.into(),
@@ -379,5 +379,49 @@ fn workloads_drop_generated_pod_name_suffixes() {
     assert_eq!(
         workload(&mesh_agent::flows::Endpoint::default(), ip),
         "10.0.0.1"
+    );
+}
+
+#[test]
+fn ipv6_flows_count_like_ipv4_ones() {
+    // The same pods as A -> C over IPv6 (dual stack): another flow, plaintext to node-3 too.
+    let a6 = ("shop", "web-1", "fd00:10:244:1::11");
+    let c6 = ("ops", "probe-1", "fd00:10:244:3::11");
+    let mut inputs = inputs();
+    let Ok(n1) = &mut inputs.agents[0].answer else {
+        panic!("node-1 answers")
+    };
+    n1.flows.push(seen(
+        flow("node-1", a6, c6, 80, "forwarded-plain", 1_200),
+        "node-3",
+        false,
+        3,
+    ));
+    let r = build(&inputs, 2_000);
+    assert_eq!(
+        (r.summary.cross_node_flows, r.summary.plaintext_flows),
+        (4, 2),
+        "{:?}",
+        r.summary
+    );
+    let p = r
+        .plaintext_flow_list
+        .iter()
+        .find(|p| p.source_ip == "fd00:10:244:1::11")
+        .expect("the IPv6 flow is listed");
+    assert_eq!(
+        (
+            p.source.as_str(),
+            p.destination.as_str(),
+            p.destination_ip.as_str()
+        ),
+        ("shop/web-1", "ops/probe-1", "fd00:10:244:3::11")
+    );
+    assert_eq!(p.destination_node, "node-3");
+    // Without a pod name, the workload is the IPv6 address.
+    let ip: std::net::IpAddr = "fd00:10:244:3::11".parse().unwrap();
+    assert_eq!(
+        workload(&mesh_agent::flows::Endpoint::default(), ip),
+        "fd00:10:244:3::11"
     );
 }
