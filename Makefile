@@ -11,9 +11,10 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 # Debian packages the build, the tests and the demo use. The kernel VM tests (integration-tests/src/vm.rs)
 # need qemu, a static busybox for the initramfs, kmod (depmod/modprobe on the unpacked kernel package)
 # and xz (the uncompressed vmlinux); they download the kernel package themselves (apt-get download).
+# buildah: `make image` and the deploy_image test (hack/build-image.sh) build the OCI image with it.
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev pkg-config iproute2 wireguard-tools wireguard-go \
 	iperf3 iputils-ping tcpdump ca-certificates procps curl \
-	qemu-system-x86 busybox-static kmod xz-utils chromium
+	qemu-system-x86 busybox-static kmod xz-utils chromium buildah
 
 TESTENV_DIR := integration-tests/testenv
 TESTENV_BIN := $(TESTENV_DIR)/bin/testenv
