@@ -14,6 +14,7 @@ mod cluster;
 pub mod command;
 mod description;
 mod fsutil;
+pub mod keyscan;
 mod ledger;
 mod names;
 pub mod netns;
