@@ -21,7 +21,7 @@ TESTENV_BIN := $(TESTENV_DIR)/bin/testenv
 TESTENV_SRCS := $(wildcard $(TESTENV_DIR)/*.go) $(TESTENV_DIR)/go.mod $(TESTENV_DIR)/go.sum
 
 .PHONY: help deps apt-deps testenv clients sbom-tool install-plugin image deploy-manifests cargo-fuzz build test fmt-check lint \
-	unit-test demo bench crds fuzz clean
+	unit-test demo bench bench-scale crds fuzz clean
 
 help:
 	@echo "wiremesh targets:"
@@ -29,6 +29,7 @@ help:
 	@echo "  make test   - the whole test suite (installs what it needs first)"
 	@echo "  make bench  - throughput/latency ratios against wireguard-go, boringtun-cli and plain veth;"
 	@echo "               eBPF datapath throughput with 1,000 policy rules vs none"
+	@echo "  make bench-scale - control-plane scale: key propagation, apiserver requests, agent RSS (SCALE_NODES)"
 	@echo "  make lint   - rustfmt check and clippy -D warnings"
 	@echo "  make deps   - install Debian packages, build the testenv kube-apiserver, kubectl and helm"
 	@echo "  make clients - kubectl and helm (built from the Go module proxy) into $(CLIENTS_DIR)"
@@ -205,6 +206,20 @@ bench: deps
 		--datapath-bench "$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/datapath-bench" \
 		--engine-floor "$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/engine-floor" \
 		$(BENCH_ARGS)
+	$(MAKE) bench-scale
+
+# Control-plane scale (root): one real agent + SCALE_NODES synthetic Nodes with pods and as many
+# simulated agents (the agent's own watch code, one process), docs/benchmarks.md. Debug build, like
+# the virtual cluster's binaries. SCALE_ARGS e.g. "--agents 500 --pods-per-node 10 --steady-secs 60".
+SCALE_NODES ?= 100 1000
+SCALE_ARGS ?=
+bench-scale: deps
+	$(CARGO) build -p mesh-agent -p meshctl -p wiremesh-integration --bins
+	$(CARGO) build -p wiremesh-integration --example scale_bench
+	@for n in $(SCALE_NODES); do \
+		echo "==> scale_bench --nodes $$n $(SCALE_ARGS)"; \
+		"$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/examples/scale_bench" --nodes $$n $(SCALE_ARGS); \
+	done
 
 FUZZ_SECONDS ?= 60
 # Every cargo-fuzz target as <crate dir>:<target> (docs/fuzzing.md). `make fuzz` runs each for

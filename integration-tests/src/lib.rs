@@ -16,6 +16,7 @@ pub mod command;
 mod description;
 pub mod faults;
 mod fsutil;
+pub mod keyscan;
 mod ledger;
 mod names;
 pub mod netns;

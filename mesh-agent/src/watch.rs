@@ -141,6 +141,12 @@ impl WatchTask {
         Self { name, stream }
     }
 
+    /// Which watch this is (`nodes`, `pods`, `meshencryptions`, `namespaces`,
+    /// `networkpolicies`, `keyrotations`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// Drives the watcher until the drain starts. Watch errors are logged; the backoff retries.
     pub async fn run(mut self, mut drain: Drain) {
         loop {
