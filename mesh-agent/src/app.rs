@@ -257,6 +257,10 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
             flag: config.datapath,
         },
     );
+    let reconciler = match config.ebpf {
+        EbpfChoice::Auto => reconciler.with_steering(steering.steered()),
+        EbpfChoice::Off => reconciler,
+    };
     let taint_remover = config.readiness_taint.then(|| {
         TaintRemover::new(
             client.clone(),

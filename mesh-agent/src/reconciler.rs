@@ -43,6 +43,7 @@ use crate::{
     rotation::{self, Mode, Progress, RotationView, Slot},
     routes::Routes,
     select::{SelectError, Selection, Selector, Worlds, effective_choice},
+    steering::SteeredTunnels,
     views::{PublishError, missing_annotations, node_addresses, node_views, own_annotations},
     watch::Caches,
 };
@@ -56,6 +57,11 @@ pub const FALLBACK_MTU: u32 = 1420;
 
 /// How soon the next pass comes while this node waits for a step of an active rotation.
 const ROTATION_POLL: Duration = Duration::from_millis(300);
+/// How long the reconciler waits for the eBPF maps to follow it (normally one steering pass,
+/// ~0.1 s; longer only when steering cannot write its maps): before a flush of the other world
+/// (until no redirect names its device) and before a `switched` mark (until the ipcache sends
+/// every switched peer through the next world).
+const STEERING_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// Field manager of the agent's patches.
 pub const FIELD_MANAGER: &str = "wiremesh-agent";
@@ -356,6 +362,12 @@ pub struct Reconciler<R: Routes> {
     datapath_problem: Option<String>,
     /// The selection last reported as an Event.
     datapath_announced: Option<(crate::datapath::DatapathKind, &'static str)>,
+    /// The tunnels the eBPF config redirects into (`None` with `--ebpf off`).
+    steered: Option<watch::Receiver<Option<SteeredTunnels>>>,
+    /// Since when a flush of the other world waits for the eBPF config (see [`STEERING_WAIT_MAX`]).
+    flush_deferred: Option<Instant>,
+    /// Since when the `switched` mark waits for the eBPF ipcache (see [`STEERING_WAIT_MAX`]).
+    mark_held: Option<Instant>,
 }
 
 impl<R: Routes> Reconciler<R> {
@@ -402,7 +414,17 @@ impl<R: Routes> Reconciler<R> {
             datapath,
             datapath_problem: None,
             datapath_announced: None,
+            steered: None,
+            flush_deferred: None,
+            mark_held: None,
         }
+    }
+
+    /// Makes flushes of the other world wait until the eBPF config no longer redirects into it.
+    #[must_use]
+    pub fn with_steering(mut self, steered: watch::Receiver<Option<SteeredTunnels>>) -> Self {
+        self.steered = Some(steered);
+        self
     }
 
     /// Runs passes until the drain starts.
@@ -434,7 +456,10 @@ impl<R: Routes> Reconciler<R> {
                         .reconciles
                         .get_or_create(&ResultLabels { result: "ok" })
                         .inc();
-                    if self.rotation_waiting {
+                    if self.rotation_waiting
+                        || self.flush_deferred.is_some()
+                        || self.mark_held.is_some()
+                    {
                         ROTATION_POLL
                     } else {
                         self.resync_interval
@@ -451,11 +476,15 @@ impl<R: Routes> Reconciler<R> {
                     delay
                 }
             };
+            let deferred =
+                self.flush_deferred.is_some() || self.mark_held.is_some() || self.rotation_waiting;
             tokio::select! {
                 () = self.notify.notified() => {
                     // Let a burst of watch events settle into one pass.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                // A deferred flush goes as soon as steering has rewritten its config.
+                () = steering_changed(self.steered.as_mut().filter(|_| deferred)) => {}
                 () = tokio::time::sleep(delay) => {}
                 () = drain.signaled() => return,
             }
@@ -765,9 +794,10 @@ impl<R: Routes> Reconciler<R> {
         self.report_device_changes(&outcome, &nodes).await;
 
         // What this node publishes: its identity on the current slot, its next world, its mark.
+        let mark_progress = self.steered_progress(&progress, next);
         let step = active.and_then(|r| {
             let mine = rotation::peer_step(&own_annotations, &r.id);
-            rotation::next_step(r, mine, &progress)
+            rotation::next_step(r, mine, &mark_progress)
         });
         let own_rotation = rotation::own_rotation_annotations(
             &me,
@@ -971,13 +1001,78 @@ impl<R: Routes> Reconciler<R> {
         }
     }
 
+    /// `progress` as the datapath has it: a peer counts as switched (and so toward this node's
+    /// `switched` mark, after which its peers may retire the old world) only once the eBPF
+    /// ipcache sends it through the next world's device, not just once the reconciler decided
+    /// so. An agent killed between the two would otherwise have published a mark its pinned
+    /// maps do not honour.
+    fn steered_progress(&mut self, progress: &Progress, next: Option<Slot>) -> Progress {
+        let (Some(next), Some(steered)) = (next, &self.steered) else {
+            self.mark_held = None;
+            return progress.clone();
+        };
+        let next_if = self.meshes[next.index()].ifname();
+        let held: Vec<String> = match steered.borrow().as_ref() {
+            Some(s) => progress
+                .switched
+                .iter()
+                .filter(|n| !s.sends_through(n, next_if))
+                .cloned()
+                .collect(),
+            None => progress.switched.iter().cloned().collect(),
+        };
+        if held.is_empty() {
+            self.mark_held = None;
+            return progress.clone();
+        }
+        let since = *self.mark_held.get_or_insert_with(|| {
+            tracing::info!(
+                ?held,
+                "the eBPF ipcache does not yet send these peers through the next world; \
+                 the switched mark waits for steering"
+            );
+            Instant::now()
+        });
+        if since.elapsed() >= STEERING_WAIT_MAX {
+            tracing::warn!(?held, waited = ?since.elapsed(), "steering did not follow; marking anyway");
+            return progress.clone();
+        }
+        let mut steered_progress = progress.clone();
+        steered_progress.switched.retain(|n| !held.contains(n));
+        steered_progress
+    }
+
     /// Out of a rotation, the slot that is not current carries nothing: its peers and routes go
     /// (the old world after a completed rotation, the next world after a rolled-back one).
     async fn flush_other_slot(&mut self, current: Slot) {
         let other = current.other().index();
         if self.datapath.worlds.slot(other).selection().is_none() {
+            self.flush_deferred = None;
             return;
         }
+        if let Some(steered) = &self.steered {
+            let ifname = self.meshes[other].ifname();
+            let redirected = steered.borrow().as_ref().is_none_or(|s| s.names(ifname));
+            if redirected {
+                let since = *self.flush_deferred.get_or_insert_with(|| {
+                    tracing::info!(
+                        interface = ifname,
+                        "the eBPF config still redirects into the other world's device; \
+                         its flush waits for steering"
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() < STEERING_WAIT_MAX {
+                    return;
+                }
+                tracing::warn!(
+                    interface = ifname,
+                    waited = ?since.elapsed(),
+                    "steering did not rewrite its config; flushing the other world anyway"
+                );
+            }
+        }
+        self.flush_deferred = None;
         match self.meshes[other].flush().await {
             Ok(0) => {}
             Ok(changed) => tracing::info!(
@@ -1290,6 +1385,16 @@ pub fn own_patch(
 }
 
 /// 1 s, 2 s, 4 s ... capped at 30 s.
+/// Resolves when `steered` changes; never without one (or once its sender is gone).
+async fn steering_changed(steered: Option<&mut watch::Receiver<Option<SteeredTunnels>>>) {
+    if let Some(rx) = steered
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
 fn retry_delay(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(5);
     Duration::from_secs((1u64 << exp).min(30))

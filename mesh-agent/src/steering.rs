@@ -103,6 +103,34 @@ pub enum SteeringError {
     },
 }
 
+/// Where the eBPF programs send pod traffic, as last written to the maps (device names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SteeredTunnels {
+    /// Whether cross-node pod traffic is redirected into a tunnel at all.
+    pub redirecting: bool,
+    /// `tunnel_ifindex`'s device (`None`: 0, nothing redirected).
+    pub tunnel: Option<String>,
+    /// `alt_tunnel_ifindex`'s device during a rotation.
+    pub alt: Option<String>,
+    /// The nodes whose ipcache entries carry `ALT_TUNNEL` (sent through `alt`).
+    pub alt_nodes: BTreeSet<String>,
+}
+
+impl SteeredTunnels {
+    /// Whether a redirect goes into `ifname`.
+    pub fn names(&self, ifname: &str) -> bool {
+        self.tunnel.as_deref() == Some(ifname) || self.alt.as_deref() == Some(ifname)
+    }
+
+    /// Whether traffic to `node` goes through `next` (the next world's device) in the datapath:
+    /// always when nothing is redirected (the routes, moved by the reconciler, decide).
+    pub fn sends_through(&self, node: &str, next: &str) -> bool {
+        !self.redirecting
+            || (self.alt.as_deref() == Some(next) && self.alt_nodes.contains(node))
+            || (self.tunnel.as_deref() == Some(next))
+    }
+}
+
 /// Settings of the task from the agent's flags.
 #[derive(Debug, Clone)]
 pub struct SteeringSettings {
@@ -140,6 +168,8 @@ pub struct Steering {
     load_error: Option<String>,
     next_load: Option<Instant>,
     ebpf_status: watch::Sender<MeshNodeEbpf>,
+    /// The tunnels the config in the maps redirects into, once this process wrote or checked it.
+    steered: watch::Sender<Option<SteeredTunnels>>,
     /// The identities of the last compilation, passed into the next (stable identities).
     identities: IdentityAllocator,
     /// The policies of the last compilation ([`fail_closed`] for pods without entries).
@@ -171,6 +201,7 @@ impl Steering {
             load_error: None,
             next_load: None,
             ebpf_status: watch::channel(MeshNodeEbpf::default()).0,
+            steered: watch::channel(None).0,
             identities: IdentityAllocator::new(),
             policies: Vec::new(),
         }
@@ -179,6 +210,14 @@ impl Steering {
     /// The datapath's state for the node's status, updated after every pass.
     pub fn ebpf_status(&self) -> watch::Receiver<MeshNodeEbpf> {
         self.ebpf_status.subscribe()
+    }
+
+    /// The tunnels the eBPF programs redirect into (`None` until this process has written or
+    /// checked the config in the maps). The reconciler takes a device out of service only once
+    /// no redirect names it: after a restart the pinned config still names the tunnel of the
+    /// process before, and a flush ahead of the rewrite loses the packets redirected there.
+    pub fn steered(&self) -> watch::Receiver<Option<SteeredTunnels>> {
+        self.steered.subscribe()
     }
 
     /// Runs passes until the drain starts. The maps and links stay pinned afterwards.
@@ -287,6 +326,14 @@ impl Steering {
                 "stopping; eBPF programs and maps stay pinned and keep enforcing"
             );
         }
+    }
+
+    fn publish_steered(sender: &watch::Sender<Option<SteeredTunnels>>, steered: SteeredTunnels) {
+        sender.send_if_modified(|s| {
+            let changed = s.as_ref() != Some(&steered);
+            *s = Some(steered);
+            changed
+        });
     }
 
     fn pin_dir(&self) -> PathBuf {
@@ -456,6 +503,7 @@ impl Steering {
         let steering = me.as_ref().is_some_and(|m| m.spec.steers_traffic());
         if self.loaded.is_none() {
             if !steering {
+                Self::publish_steered(&self.steered, SteeredTunnels::default());
                 return Ok(());
             }
             if self.next_load.is_some_and(|t| Instant::now() < t) {
@@ -586,6 +634,28 @@ impl Steering {
                 .policy_apply_duration
                 .observe(started.elapsed().as_secs_f64());
         }
+        // Config and ipcache are in the maps: say where pod traffic goes now. (Without a
+        // recompile the ipcache's ALT_TUNNEL flags are those of the last pass.)
+        let alt_nodes = if desired.is_some() {
+            snapshot.alt_nodes.iter().cloned().collect()
+        } else {
+            self.steered
+                .borrow()
+                .as_ref()
+                .map(|s| s.alt_nodes.clone())
+                .unwrap_or_default()
+        };
+        Self::publish_steered(
+            &self.steered,
+            SteeredTunnels {
+                redirecting: steering,
+                tunnel: (steering && tunnel.is_some()).then(|| tunnel_name.to_string()),
+                alt: alt_tunnel
+                    .filter(|_| steering)
+                    .and(snapshot.alt_tunnel.clone()),
+                alt_nodes,
+            },
+        );
         self.metrics.ebpf_strict.set(i64::from(strict));
         let mut placed = placement(&snap, own_ip, tunnel, &self.settings.node_name, &pods);
         let waiting = fail_closed(

@@ -621,3 +621,35 @@ fn ipv6_routes_name_pod_veths_too() {
     let mut placed = placed;
     assert!(fail_closed(&mut placed, &snap, "n1", &pods, &[deny]).is_empty());
 }
+
+/// What the reconciler reads before flushing the other world or marking `switched`.
+#[test]
+fn steered_tunnels_say_which_devices_and_peers_the_maps_send_through() {
+    let during = SteeredTunnels {
+        redirecting: true,
+        tunnel: Some("wm0".into()),
+        alt: Some("wm0b".into()),
+        alt_nodes: ["node-2".to_string()].into_iter().collect(),
+    };
+    assert!(during.names("wm0") && during.names("wm0b") && !during.names("wm1"));
+    // Flagged: through the next world; not flagged: still through the current one.
+    assert!(during.sends_through("node-2", "wm0b"));
+    assert!(!during.sends_through("node-3", "wm0b"));
+    // The pinned config of an earlier process that named no next world sends nobody there.
+    let before = SteeredTunnels {
+        alt: None,
+        ..during.clone()
+    };
+    assert!(!before.sends_through("node-2", "wm0b"));
+    // After Complete the next world's device is the tunnel: everyone goes through it.
+    let after = SteeredTunnels {
+        redirecting: true,
+        tunnel: Some("wm0b".into()),
+        alt: None,
+        alt_nodes: BTreeSet::new(),
+    };
+    assert!(after.sends_through("node-3", "wm0b") && !after.names("wm0"));
+    // Nothing redirected: the routes decide, and they are the reconciler's own.
+    assert!(SteeredTunnels::default().sends_through("node-3", "wm0b"));
+    assert!(!SteeredTunnels::default().names("wm0"));
+}
