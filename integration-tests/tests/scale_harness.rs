@@ -43,5 +43,6 @@ async fn scale_harness_measures_a_small_cluster() {
         "no apiserver request counted"
     );
     assert!(report.agent_rss_kib > 0 && report.agent_hwm_kib >= report.agent_rss_kib);
+    assert!(report.agent_anon_kib > 0 && report.agent_anon_kib <= report.agent_rss_kib);
     assert!(!report.bpf_maps.is_empty(), "the agent holds no eBPF map");
 }

@@ -24,6 +24,7 @@ pub mod flowsource;
 pub mod fuzzing;
 pub mod health;
 pub mod history;
+pub mod memory;
 pub mod mesh;
 pub mod metrics;
 mod netlink;

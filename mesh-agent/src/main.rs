@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{
     app,
     config::{Config, RunArgs},
-    netns, telemetry,
+    memory, netns, telemetry,
 };
 use wiremesh_device::command::{self, DeviceArgs};
 
@@ -38,6 +38,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Before any thread exists (mesh_agent::memory).
+    memory::limit_arenas(1);
     let config = Config::from_args(args)?;
     telemetry::init(config.log_format);
     // setns() moves only the calling thread: enter the namespace before any other thread exists,

@@ -446,6 +446,8 @@ impl<R: Routes> Reconciler<R> {
             let started = Instant::now();
             let result = self.reconcile_once().await;
             let elapsed = started.elapsed();
+            // The pass's plan and views are dropped: give their pages back (crate::memory).
+            crate::memory::release_free();
             self.metrics
                 .reconcile_duration
                 .observe(elapsed.as_secs_f64());

@@ -271,6 +271,10 @@ impl Steering {
         loop {
             let started = Instant::now();
             let result = self.pass(&links, dirty).await;
+            if dirty {
+                // The recompiled policy model is dropped: give its pages back (crate::memory).
+                crate::memory::release_free();
+            }
             let error = result.as_ref().err().map(|e| format!("{e:#}"));
             self.ebpf_status.send_if_modified(|r| {
                 let next = MeshNodeEbpf {

@@ -300,15 +300,18 @@ pub fn prune_meta<K: Resource>(object: &mut K) {
 /// Keeps name, namespace, uid, resourceVersion, labels (policy identities), `spec.nodeName`,
 /// `spec.hostNetwork`, the containers' ports (named ports), `status.phase` and the pod IPs of a
 /// Pod.
+///
+/// Containers after the last one that declares ports are dropped: nothing reads them (only
+/// ports are read from containers, and an earlier container keeps its index, which problem
+/// reports name), and each costs a whole `Container` (~2 KiB inline) per cached Pod
+/// (docs/benchmarks.md, "Agent memory").
 pub fn prune_pod(pod: &mut Pod) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
     meta.annotations = None;
     meta.owner_references = None;
-    pod.spec = pod.spec.take().map(|spec| PodSpec {
-        node_name: spec.node_name,
-        host_network: spec.host_network,
-        containers: spec
+    pod.spec = pod.spec.take().map(|spec| {
+        let mut containers: Vec<Container> = spec
             .containers
             .into_iter()
             .map(|c| Container {
@@ -316,8 +319,19 @@ pub fn prune_pod(pod: &mut Pod) {
                 ports: c.ports,
                 ..Container::default()
             })
-            .collect(),
-        ..PodSpec::default()
+            .collect();
+        let keep = containers
+            .iter()
+            .rposition(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
+            .map_or(0, |last| last + 1);
+        containers.truncate(keep);
+        containers.shrink_to_fit();
+        PodSpec {
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            containers,
+            ..PodSpec::default()
+        }
     });
     pod.status = pod.status.take().map(|status| PodStatus {
         phase: status.phase,
@@ -330,7 +344,7 @@ pub fn prune_pod(pod: &mut Pod) {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::{Container, ContainerImage, NodeAddress, PodIP},
+        api::core::v1::{Container, ContainerImage, ContainerPort, NodeAddress, PodIP},
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
 
@@ -385,10 +399,27 @@ mod tests {
             },
             spec: Some(PodSpec {
                 node_name: Some("a".into()),
-                containers: vec![Container {
-                    image: Some("x".into()),
-                    ..Default::default()
-                }],
+                containers: vec![
+                    Container {
+                        name: "sidecar".into(),
+                        ..Default::default()
+                    },
+                    Container {
+                        name: "app".into(),
+                        image: Some("x".into()),
+                        ports: Some(vec![ContainerPort {
+                            name: Some("http".into()),
+                            container_port: 80,
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    },
+                    Container {
+                        name: "logger".into(),
+                        ports: Some(vec![]),
+                        ..Default::default()
+                    },
+                ],
                 ..Default::default()
             }),
             status: Some(PodStatus {
@@ -398,10 +429,25 @@ mod tests {
                 ..Default::default()
             }),
         };
+        let mut portless = pod.clone();
         prune_pod(&mut pod);
         let containers = &pod.spec.as_ref().unwrap().containers;
-        assert_eq!(containers.len(), 1);
-        assert_eq!(containers[0].image, None, "only name and ports are kept");
+        // The port-less container before the one with ports keeps its place (its index is in
+        // problem reports); the one after it goes.
+        assert_eq!(
+            containers
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["sidecar", "app"]
+        );
+        assert_eq!(containers[1].image, None, "only name and ports are kept");
+        assert_eq!(containers[1].ports.as_ref().unwrap()[0].container_port, 80);
+        if let Some(spec) = portless.spec.as_mut() {
+            spec.containers.remove(1);
+        }
+        prune_pod(&mut portless);
+        assert!(portless.spec.as_ref().unwrap().containers.is_empty());
         assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some("a"));
         assert_eq!(
             pod.status.as_ref().unwrap().pod_ips.as_ref().unwrap().len(),

@@ -90,6 +90,9 @@ pub struct Report {
     pub agent_cpu: f64,
     pub agent_rss_kib: u64,
     pub agent_hwm_kib: u64,
+    /// `RssAnon` (heap, stacks) and `RssFile` (mostly the binary's own code) of the agent.
+    pub agent_anon_kib: u64,
+    pub agent_file_kib: u64,
     pub sim_rss_kib: u64,
     pub device_peers: usize,
     pub full_apply_secs: f64,
@@ -141,10 +144,12 @@ impl Report {
             self.apiserver_cpu, self.sim_cpu, self.agent_cpu
         );
         println!(
-            "| real agent RSS (now / peak) with {} peers | {:.1} / {:.1} MiB |",
+            "| real agent RSS (now / peak) with {} peers | {:.1} / {:.1} MiB (anonymous {:.1}, file-backed {:.1}) |",
             self.device_peers,
             self.agent_rss_kib as f64 / 1024.0,
-            self.agent_hwm_kib as f64 / 1024.0
+            self.agent_hwm_kib as f64 / 1024.0,
+            self.agent_anon_kib as f64 / 1024.0,
+            self.agent_file_kib as f64 / 1024.0
         );
         println!(
             "| simulated agents' process RSS | {:.0} MiB ({:.2} MiB per agent) |",
@@ -324,8 +329,15 @@ fn cpu_secs(pid: u32) -> f64 {
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+    status_field_kib(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
+        field,
+    )
+}
+
+/// A `kB` field of a `/proc/<pid>/status` text.
+fn status_field_kib(status: &str, field: &str) -> u64 {
+    status
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
@@ -525,8 +537,12 @@ pub async fn run(opts: &Options) -> Report {
     report.apiserver_cpu = (cpu_secs(apiserver) - a0) / secs;
     report.sim_cpu = (cpu_secs(me) - s0) / secs;
     report.agent_cpu = (cpu_secs(agent) - g0) / secs;
-    report.agent_rss_kib = status_kib(agent, "VmRSS:");
-    report.agent_hwm_kib = status_kib(agent, "VmHWM:");
+    // One read of /proc/<pid>/status, so that the parts add up to the total.
+    let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap_or_default();
+    report.agent_rss_kib = status_field_kib(&status, "VmRSS:");
+    report.agent_hwm_kib = status_field_kib(&status, "VmHWM:");
+    report.agent_anon_kib = status_field_kib(&status, "RssAnon:");
+    report.agent_file_kib = status_field_kib(&status, "RssFile:");
     report.sim_rss_kib = status_kib(me, "VmRSS:");
     report.bpf_maps = bpf_maps(agent);
     report.device_peers = device_peers(&cluster, real).map_or(0, |p| p.len());
