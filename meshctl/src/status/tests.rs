@@ -192,6 +192,41 @@ fn node_with_garbage_annotation_is_excluded_from_expectations() {
 }
 
 #[test]
+fn readdressed_node_with_a_stale_endpoint_stays_a_peer_and_is_reported() {
+    // node-3 moved to 10.0.0.203 (an ExternalIP listed first must not be picked); its
+    // annotation still names 10.0.0.3. Its peers keep it: the others converge, node-3 is
+    // reported until its agent republishes.
+    let all = members(3);
+    let mut nodes: Vec<(Node, Option<MeshNodeStatus>)> = all
+        .iter()
+        .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
+        .collect();
+    nodes[2].0.status.as_mut().unwrap().addresses = Some(vec![
+        NodeAddress {
+            type_: "ExternalIP".into(),
+            address: "203.0.113.3".into(),
+        },
+        NodeAddress {
+            type_: "InternalIP".into(),
+            address: "10.0.0.203".into(),
+        },
+    ]);
+    let status = evaluate(&nodes, Some(&enabled()), now());
+    assert!(status.node("node-1").unwrap().converged());
+    assert!(status.node("node-2").unwrap().converged());
+    let n3 = status.node("node-3").unwrap();
+    assert_eq!(n3.key_fingerprint, Some(all[2].key.fingerprint()));
+    assert!(!n3.converged());
+    assert!(
+        n3.problems.iter().any(|p| p.contains("stale endpoint")
+            && p.contains("10.0.0.3")
+            && p.contains("10.0.0.203:51871")),
+        "{:?}",
+        n3.problems
+    );
+}
+
+#[test]
 fn node_without_key_or_report_is_not_converged() {
     let all = members(2);
     let mut n2 = node(&all[1], None);
