@@ -51,6 +51,21 @@ async fn inject(cluster: &VirtualCluster, fault: Fault) -> (FaultReport, Cluster
     (report, description)
 }
 
+/// Lines of `node`'s agent log where the steering task says `what` (`program attached` /
+/// `program detached`) about an underlay program.
+fn underlay_program_lines(cluster: &VirtualCluster, node: &str, what: &str) -> usize {
+    let log = cluster
+        .node(node)
+        .ok()
+        .and_then(|n| n.agent_log.clone())
+        .expect("agent log");
+    std::fs::read_to_string(&log)
+        .unwrap_or_else(|e| panic!("{}: {e}", log.display()))
+        .lines()
+        .filter(|l| l.contains(what) && l.contains("program=\"underlay_"))
+        .count()
+}
+
 fn figure(report: &FaultReport, name: &str) -> f64 {
     *report
         .figures
@@ -195,6 +210,12 @@ async fn node_faults_recover_and_other_nodes_lose_nothing() {
     // address at once (its stale endpoint annotation is replaced with its InternalIP), no peer
     // is removed, its flows lose nothing but what was in flight while it had no address (no
     // TCP reset); its own agent republishes the annotation later.
+    let attached_before = underlay_program_lines(&cluster, "node-3", "program attached");
+    assert!(
+        attached_before > 0,
+        "node-3 runs the eBPF underlay programs"
+    );
+    let detached_before = underlay_program_lines(&cluster, "node-3", "program detached");
     let (report, description) = inject(
         &cluster,
         Fault::UnderlayReaddress {
@@ -227,6 +248,13 @@ async fn node_faults_recover_and_other_nodes_lose_nothing() {
         own.tcp
     );
     assert!(report.recovery.is_some());
+    // node-3's agent knows its Node's old address until the annotation follows: its Strict
+    // mode underlay guard stays attached meanwhile (it was detached for those ~22 s).
+    assert_eq!(
+        underlay_program_lines(&cluster, "node-3", "program detached"),
+        detached_before,
+        "node-3 detached its underlay programs after the readdress"
+    );
     let peers = figure(&report, "peers' endpoints followed (s)");
     let annotation = figure(&report, "endpoint annotation followed (s)");
     assert!(
