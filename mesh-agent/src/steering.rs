@@ -18,7 +18,8 @@
 //! 4. writes the anti-spoofing entry of each local pod's veth (`wm_endpoints`: host-side
 //!    ifindex -> the pod's addresses) and only then attaches `from_pod`/`to_pod` to it, so the
 //!    first packet `from_pod` sees is already checked; attaches the underlay programs to the
-//!    device holding the node's address; then deletes the endpoint entries and link pins of
+//!    device holding the node's address (and leaves them where they are while that address, as
+//!    the Node says, is on no device: [`keep_underlay`]); then deletes the endpoint entries and link pins of
 //!    veths that are gone (also those an earlier run left behind). While a local pod that a
 //!    NetworkPolicy selects has no veth the pass can name yet, every unnamed veth gets the
 //!    programs with a pending entry, which passes nothing ([`fail_closed`]).
