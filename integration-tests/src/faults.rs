@@ -300,16 +300,28 @@ pub fn spare_underlay_ip(description: &ClusterDescription) -> Result<Ipv4Addr, F
         .ok_or_else(|| missing("no spare underlay address"))
 }
 
+/// What [`underlay_readdress`] did.
+#[derive(Clone, Copy, Debug)]
+pub struct Readdress {
+    /// The node's address before.
+    pub old: Ipv4Addr,
+    /// Just before the old address was deleted.
+    pub unaddressed_from: std::time::SystemTime,
+    /// Just after the new address was added: in between the node had no underlay address, so
+    /// whatever reached it then was lost, whatever the mesh does.
+    pub unaddressed_until: std::time::SystemTime,
+}
+
 /// Moves `node` to underlay address `new_ip`: the address of its underlay interface changes
 /// (routes that went with the old one are put back: the default route, and the plaintext
 /// "cloud route table" both ways), and its Node's `status.addresses` InternalIP follows, as the
-/// kubelet reports it. Returns the old address; `description` is updated.
+/// kubelet reports it. `description` is updated.
 pub async fn underlay_readdress(
     client: &Client,
     description: &mut ClusterDescription,
     node_name: &str,
     new_ip: Ipv4Addr,
-) -> Result<Ipv4Addr, FaultError> {
+) -> Result<Readdress, FaultError> {
     let n = node(description, node_name)?.clone();
     let old = n.underlay_ip;
     let gateway = description
@@ -320,11 +332,13 @@ pub async fn underlay_readdress(
         .ok_or_else(|| missing("no API server address"))?;
     let dev = "eth0";
     // The old address first: deleting a primary address takes its secondaries with it.
+    let unaddressed_from = std::time::SystemTime::now();
     command::ip_in(&n.netns, ["addr", "del", &format!("{old}/24"), "dev", dev])?;
     command::ip_in(
         &n.netns,
         ["addr", "add", &format!("{new_ip}/24"), "dev", dev],
     )?;
+    let unaddressed_until = std::time::SystemTime::now();
     command::ip_in(
         &n.netns,
         ["route", "replace", "default", "via", &gateway, "dev", dev],
@@ -375,7 +389,11 @@ pub async fn underlay_readdress(
     if let Some(n) = description.nodes.iter_mut().find(|n| n.name == node_name) {
         n.underlay_ip = new_ip;
     }
-    Ok(old)
+    Ok(Readdress {
+        old,
+        unaddressed_from,
+        unaddressed_until,
+    })
 }
 
 /// Ends `node`'s agent for good: its supervisor is held, the agent killed (as a crash, nothing

@@ -324,12 +324,49 @@ pub fn is_dns1123_subdomain(name: &str) -> bool {
         })
 }
 
+/// An endpoint annotation whose IP is not (any more) one of the Node's addresses, and where a
+/// peer sends instead: the node's underlay address changed and its agent has not republished yet
+/// (docs/faults.md, "underlay readdressed"). See [`NodeAnnotations::parse_for_peering`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MovedEndpoint {
+    /// [`ANNOTATION_ENDPOINT`] or [`ANNOTATION_NEXT_ENDPOINT`].
+    pub annotation: &'static str,
+    /// The endpoint as annotated.
+    pub annotated: SocketAddr,
+    /// What is used instead: [`endpoint_on_node`] of it, always one of the Node's addresses.
+    pub used: SocketAddr,
+}
+
+impl fmt::Display for MovedEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "annotation {}: {} is not one of the node's addresses (any more); using its address {} until the node republishes",
+            self.annotation,
+            self.annotated.ip(),
+            self.used
+        )
+    }
+}
+
+/// Where to reach a node whose annotated `endpoint` is not one of its `node_addresses`: its first
+/// address of the same family (InternalIP before ExternalIP, the order the agent's views keep),
+/// with the annotated port. `None` when the node has no address of that family. The result is
+/// always one of `node_addresses`: an annotation never makes anyone send outside them.
+pub fn endpoint_on_node(endpoint: SocketAddr, node_addresses: &[IpAddr]) -> Option<SocketAddr> {
+    node_addresses
+        .iter()
+        .find(|ip| ip.is_ipv4() == endpoint.is_ipv4())
+        .map(|ip| SocketAddr::new(*ip, endpoint.port()))
+}
+
 /// One node's validated key-exchange annotations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeAnnotations {
     /// The key peers initiate to and accept handshakes from.
     pub public_key: PublicKey,
-    /// Where the node's tunnel listens; always one of the node's addresses.
+    /// Where the node's tunnel listens; always one of the node's addresses (from
+    /// [`parse_for_peering`](Self::parse_for_peering): possibly in place of the annotated one).
     pub endpoint: SocketAddr,
     /// +1 every time `public_key` changes.
     pub key_generation: u64,
@@ -349,13 +386,55 @@ impl NodeAnnotations {
         annotations: &BTreeMap<String, String>,
         node_addresses: &[IpAddr],
     ) -> Result<Self, AnnotationError> {
+        Self::parse_inner(annotations, node_addresses, None)
+    }
+
+    /// [`parse`](Self::parse) for a node to peer with. An endpoint (or next endpoint) that is
+    /// well-formed but whose IP is not one of `node_addresses` is not an error here: the node's
+    /// underlay address changed and its agent has not republished the annotation yet, which
+    /// takes that agent until its own API connections notice (~22 s, docs/faults.md). The
+    /// endpoint is replaced with [`endpoint_on_node`] (the node's address of the same family,
+    /// annotated port), so peers keep the node and send to an address it claims; each
+    /// replacement is returned, for an Event. Rejected as by `parse` when the node has no
+    /// address of that family. Every other problem is the same error as in `parse`.
+    pub fn parse_for_peering(
+        annotations: &BTreeMap<String, String>,
+        node_addresses: &[IpAddr],
+    ) -> Result<(Self, Vec<MovedEndpoint>), AnnotationError> {
+        let mut moved = Vec::new();
+        let parsed = Self::parse_inner(annotations, node_addresses, Some(&mut moved))?;
+        Ok((parsed, moved))
+    }
+
+    /// `moved`: follow the node's addresses (and record it) instead of rejecting.
+    fn parse_inner(
+        annotations: &BTreeMap<String, String>,
+        node_addresses: &[IpAddr],
+        mut moved: Option<&mut Vec<MovedEndpoint>>,
+    ) -> Result<Self, AnnotationError> {
+        let mut endpoint_value = |annotation: &'static str, value: &str| match (
+            parse_endpoint(value, node_addresses),
+            moved.as_deref_mut(),
+        ) {
+            (Err(AnnotationError::EndpointNotNodeAddress { endpoint }), Some(moved)) => {
+                let used = endpoint_on_node(endpoint, node_addresses)
+                    .ok_or(AnnotationError::EndpointNotNodeAddress { endpoint })?;
+                moved.push(MovedEndpoint {
+                    annotation,
+                    annotated: endpoint,
+                    used,
+                });
+                Ok(used)
+            }
+            (result, _) => result,
+        };
         let public_key = match annotations.get(ANNOTATION_PUBLIC_KEY) {
             None => return Err(AnnotationError::NotPublished),
             Some(value) => parse_key(ANNOTATION_PUBLIC_KEY, value)?,
         };
         let endpoint = match annotations.get(ANNOTATION_ENDPOINT) {
             None => return Err(AnnotationError::MissingEndpoint),
-            Some(value) => parse_endpoint(value, node_addresses)?,
+            Some(value) => endpoint_value(ANNOTATION_ENDPOINT, value)?,
         };
         let key_generation = match annotations.get(ANNOTATION_KEY_GENERATION) {
             None => return Err(AnnotationError::MissingKeyGeneration),
@@ -367,7 +446,7 @@ impl NodeAnnotations {
             .transpose()?;
         let next_endpoint = annotations
             .get(ANNOTATION_NEXT_ENDPOINT)
-            .map(|value| parse_endpoint(value, node_addresses))
+            .map(|value| endpoint_value(ANNOTATION_NEXT_ENDPOINT, value))
             .transpose()?;
         let rotation = RotationMark::from_annotations(annotations)?;
         Ok(Self {

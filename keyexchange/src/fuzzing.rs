@@ -24,7 +24,8 @@ pub const MAX_MESSAGE_LEN: usize = 200;
 /// Checks: no panic; an accepted node renders to annotations that parse back to the same value,
 /// has a valid key and an endpoint among its addresses; a rejection has a CamelCase reason and a
 /// short message; the peer set built from the node never panics and never contains a rejected
-/// node.
+/// node. The peering parse (what the peer set uses) agrees with the strict one except for an
+/// endpoint outside the node's addresses, which it replaces with one of them, never another.
 pub fn annotations(data: &[u8]) {
     let (annotations, addresses) = decode(data);
     let parsed = NodeAnnotations::parse(&annotations, &addresses);
@@ -58,6 +59,35 @@ pub fn annotations(data: &[u8]) {
         check_error(&error);
     }
 
+    let peering = NodeAnnotations::parse_for_peering(&annotations, &addresses);
+    match (&parsed, &peering) {
+        (Ok(strict), Ok((node, moved))) => {
+            assert_eq!(strict, node, "strict and peering parse agree");
+            assert!(moved.is_empty(), "nothing moved: {moved:?}");
+        }
+        (Err(AnnotationError::EndpointNotNodeAddress { .. }), Ok((node, moved))) => {
+            assert!(!moved.is_empty(), "a stale endpoint was replaced");
+            for m in moved {
+                assert!(addresses.contains(&m.used.ip()) && !addresses.contains(&m.annotated.ip()));
+                assert_eq!(m.used.port(), m.annotated.port());
+            }
+            assert!(addresses.contains(&node.endpoint.ip()));
+            assert!(
+                node.next_endpoint
+                    .is_none_or(|next| addresses.contains(&next.ip()))
+            );
+        }
+        (Err(AnnotationError::EndpointNotNodeAddress { .. }), Err(error)) => check_error(error),
+        (Err(strict), peering) => {
+            assert_eq!(
+                Err(strict),
+                peering.as_ref().map(|(n, _)| n),
+                "same rejection"
+            );
+        }
+        (Ok(_), Err(error)) => panic!("accepted strictly, rejected for peering: {error}"),
+    }
+
     let node = NodeView {
         name: "fuzzed".to_string(),
         annotations,
@@ -67,8 +97,11 @@ pub fn annotations(data: &[u8]) {
         pod_ip_created: Default::default(),
     };
     let set = desired_peers("self", &[node]);
-    match parsed {
-        Ok(_) => assert_eq!(set.peers.len(), 1, "a valid node is a peer"),
+    match peering {
+        Ok((_, moved)) => {
+            assert_eq!(set.peers.len(), 1, "a valid node is a peer");
+            assert_eq!(set.stale_endpoints.len(), moved.len());
+        }
         Err(AnnotationError::NotPublished) => assert_eq!(set.pending, ["fuzzed"]),
         Err(_) => assert_eq!(set.rejected.len(), 1, "an invalid node is rejected"),
     }

@@ -14,15 +14,15 @@ pub mod rotation;
 pub use annotations::{
     ANNOTATION_ENDPOINT, ANNOTATION_KEY_GENERATION, ANNOTATION_NEXT_PUBLIC_KEY,
     ANNOTATION_PUBLIC_KEY, ANNOTATION_ROTATION, AnnotationError, DEFAULT_LISTEN_PORT, KeyProblem,
-    NodeAnnotations, RotationMark, RotationStep,
+    MovedEndpoint, NodeAnnotations, RotationMark, RotationStep, endpoint_on_node,
 };
 pub use claims::{AddressPolicy, ClaimError, ClaimKind};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use keystore::{KeySet, KeySource, Keystore, KeystoreError, LoadOutcome, PermissionFix};
 pub use peers::{
     ConflictWith, DesiredPeer, NodeView, PeerSet, PodClaims, PrefixConflict, RejectReason,
-    RejectedNode, desired_peers, desired_peers_with_claims, desired_peers_with_local_keys,
-    pod_claims,
+    RejectedNode, StaleEndpoint, desired_peers, desired_peers_with_claims,
+    desired_peers_with_local_keys, pod_claims,
 };
 pub use rotation::{
     Failure, FailureReason, RotationError, RotationPhase, RotationPlan,

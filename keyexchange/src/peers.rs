@@ -17,6 +17,11 @@
 //!   the oldest pod. Every refused or dropped claim is reported in [`PeerSet::conflicts`].
 //!   Dropped means no tunnel route: Strict mode drops that traffic, Permissive sends it in
 //!   plaintext as without wiremesh.
+//! - A node whose endpoint annotation names an address it no longer has (its underlay address
+//!   changed; its agent republishes when it notices) stays a peer, sent to at its own address of
+//!   the same family with the annotated port ([`NodeAnnotations::parse_for_peering`]): never at
+//!   an address outside its `status.addresses`, and node addresses are sentinels of the prefix
+//!   sweep, so none is ever routed into the tunnel. Reported in [`PeerSet::stale_endpoints`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,8 +33,8 @@ use ipnet::IpNet;
 
 use crate::{
     annotations::{
-        ANNOTATION_NEXT_PUBLIC_KEY, ANNOTATION_PUBLIC_KEY, AnnotationError, NodeAnnotations,
-        parse_key,
+        ANNOTATION_NEXT_PUBLIC_KEY, ANNOTATION_PUBLIC_KEY, AnnotationError, MovedEndpoint,
+        NodeAnnotations, parse_key,
     },
     claims::{AddressPolicy, ClaimError, ClaimKind},
     keys::PublicKey,
@@ -184,6 +189,29 @@ impl fmt::Display for PrefixConflict {
     }
 }
 
+/// A peer whose endpoint annotation is not one of its Node's addresses any more: it is kept,
+/// sent to at `endpoint.used` (one of its addresses) until its agent republishes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StaleEndpoint {
+    /// The Node name.
+    pub node: String,
+    /// The annotated endpoint and the one used.
+    pub endpoint: MovedEndpoint,
+}
+
+impl StaleEndpoint {
+    /// The Kubernetes Event reason. Not a rejection: the node stays a peer.
+    pub fn reason(&self) -> &'static str {
+        "StaleEndpoint"
+    }
+}
+
+impl fmt::Display for StaleEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node {}: {}", self.node, self.endpoint)
+    }
+}
+
 /// The outcome of [`desired_peers`]. Every list is sorted.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PeerSet {
@@ -195,6 +223,9 @@ pub struct PeerSet {
     pub pending: Vec<String>,
     /// Pod claims refused or dropped, of any node (this one included).
     pub conflicts: Vec<PrefixConflict>,
+    /// Peers whose annotated endpoint (or next endpoint) is not one of their addresses any
+    /// more, and the address used instead (the peer in [`peers`](Self::peers) has it).
+    pub stale_endpoints: Vec<StaleEndpoint>,
 }
 
 impl PeerSet {
@@ -244,7 +275,7 @@ pub fn desired_peers_with_claims(
     }
 
     let mut set = PeerSet::default();
-    let mut candidates: Vec<(&NodeView, NodeAnnotations)> = Vec::new();
+    let mut candidates: Vec<(&NodeView, NodeAnnotations, Vec<MovedEndpoint>)> = Vec::new();
     for (name, views) in &by_name {
         if *name == self_name {
             continue;
@@ -257,8 +288,8 @@ pub fn desired_peers_with_claims(
             continue;
         }
         let view = views[0];
-        match NodeAnnotations::parse(&view.annotations, &view.addresses) {
-            Ok(parsed) => candidates.push((view, parsed)),
+        match NodeAnnotations::parse_for_peering(&view.annotations, &view.addresses) {
+            Ok((parsed, moved)) => candidates.push((view, parsed, moved)),
             Err(AnnotationError::NotPublished) => set.pending.push(name.to_string()),
             Err(error) => set.rejected.push(RejectedNode {
                 node: name.to_string(),
@@ -268,24 +299,29 @@ pub fn desired_peers_with_claims(
     }
 
     let mut key_claims: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
-    for (view, parsed) in &candidates {
+    for (view, parsed, _) in &candidates {
         for key in parsed.claimed_keys() {
             key_claims.entry(key).or_default().push(view.name.as_str());
         }
     }
     let mut accepted = Vec::new();
-    for (view, parsed) in candidates {
+    for (view, parsed, moved) in candidates {
         match key_conflict(&view.name, &parsed, &own_keys, &key_claims) {
             Some(error) => set.rejected.push(RejectedNode {
                 node: view.name.clone(),
                 error,
             }),
-            None => accepted.push((view, parsed)),
+            None => accepted.push((view, parsed, moved)),
         }
     }
 
     set.conflicts = claims.conflicts.clone();
-    for (view, parsed) in accepted {
+    for (view, parsed, moved) in accepted {
+        set.stale_endpoints
+            .extend(moved.into_iter().map(|endpoint| StaleEndpoint {
+                node: view.name.clone(),
+                endpoint,
+            }));
         set.peers.push(DesiredPeer {
             node: view.name.clone(),
             public_key: parsed.public_key,
@@ -300,6 +336,7 @@ pub fn desired_peers_with_claims(
     set.rejected.sort_by(|a, b| a.node.cmp(&b.node));
     set.pending.sort();
     set.conflicts.sort();
+    set.stale_endpoints.sort();
     set
 }
 

@@ -18,8 +18,11 @@ use kube::{
 /// The controller name in the Events' `reportingController`.
 pub const REPORTING_CONTROLLER: &str = "wiremesh.io/mesh-agent";
 
-/// Event `action` of a skipped node.
+/// Event `action` of a skipped node or a dropped prefix.
 const ACTION: &str = "SkipPeer";
+
+/// Event `action` of a peer whose stale endpoint was replaced by its node address.
+const ACTION_STALE_ENDPOINT: &str = "UseNodeAddress";
 
 /// Kinds of problem, for the metric to pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -28,6 +31,20 @@ pub enum ProblemKind {
     Rejected,
     /// One pod prefix of the node overlaps another's and was dropped.
     PrefixConflict,
+    /// The node's endpoint annotation names an address it no longer has (its underlay address
+    /// changed, its agent has not republished yet): it stays a peer, sent to at its node
+    /// address. Not an invalid annotation: a Normal Event, no `invalid_annotations` count.
+    StaleEndpoint,
+}
+
+impl ProblemKind {
+    /// The Event type and `action` of a problem of this kind.
+    fn event(self) -> (EventType, &'static str) {
+        match self {
+            Self::Rejected | Self::PrefixConflict => (EventType::Warning, ACTION),
+            Self::StaleEndpoint => (EventType::Normal, ACTION_STALE_ENDPOINT),
+        }
+    }
 }
 
 /// One problem with a remote node.
@@ -54,7 +71,7 @@ type ProblemKey = (String, ProblemKind, String, String);
 
 fn key_of(problem: &Problem) -> ProblemKey {
     let subject = match problem.kind {
-        ProblemKind::Rejected => String::new(),
+        ProblemKind::Rejected | ProblemKind::StaleEndpoint => String::new(),
         ProblemKind::PrefixConflict => problem.message.clone(),
     };
     (
@@ -172,7 +189,8 @@ impl NodeEvents {
         }
     }
 
-    /// Records `problem` on its Node (`uid` when known makes `kubectl describe node` find it).
+    /// Records `problem` on its Node (`uid` when known makes `kubectl describe node` find it): a
+    /// Warning, or Normal for a stale endpoint the mesh followed ([`ProblemKind::StaleEndpoint`]).
     pub async fn publish(&self, problem: &Problem, uid: Option<String>) -> Result<(), kube::Error> {
         let reference = ObjectReference {
             api_version: Some("v1".to_string()),
@@ -181,11 +199,12 @@ impl NodeEvents {
             uid,
             ..ObjectReference::default()
         };
+        let (type_, action) = problem.kind.event();
         let event = Event {
-            type_: EventType::Warning,
+            type_,
             reason: problem.reason.clone(),
             note: Some(truncate(&problem.message, 1000)),
-            action: ACTION.to_string(),
+            action: action.to_string(),
             secondary: None,
         };
         self.recorder.publish(&event, &reference).await
@@ -333,6 +352,35 @@ mod tests {
                 ProblemKind::Rejected,
                 "InvalidPublicKeyBase64".to_string()
             )]
+        );
+    }
+
+    #[test]
+    fn a_stale_endpoint_is_a_normal_event_not_a_skipped_peer() {
+        assert_eq!(
+            ProblemKind::StaleEndpoint.event(),
+            (EventType::Normal, "UseNodeAddress")
+        );
+        for kind in [ProblemKind::Rejected, ProblemKind::PrefixConflict] {
+            assert_eq!(kind.event(), (EventType::Warning, "SkipPeer"));
+        }
+        // Reported once per node until its address moves again (a new message).
+        let stale = |message: &str| Problem {
+            node: "n3".into(),
+            kind: ProblemKind::StaleEndpoint,
+            reason: "StaleEndpoint".into(),
+            message: message.into(),
+        };
+        let mut tracker = RejectionTracker::default();
+        assert_eq!(tracker.observe(&[stale("10.0.0.3 -> 10.0.0.203")]).len(), 1);
+        assert!(
+            tracker
+                .observe(&[stale("10.0.0.3 -> 10.0.0.203")])
+                .is_empty()
+        );
+        assert_eq!(
+            tracker.observe(&[stale("10.0.0.203 -> 10.0.0.204")]).len(),
+            1
         );
     }
 

@@ -173,6 +173,9 @@ pub struct Metrics {
     pub peers_expected: Gauge,
     /// Remote nodes skipped because of invalid annotations.
     pub nodes_rejected: Gauge,
+    /// Peers whose endpoint annotation names an address their Node no longer has (an underlay
+    /// readdress not republished yet), sent to at their node address instead.
+    pub stale_endpoints: Gauge,
     /// Routes the agent installed through the tunnel.
     pub routes: Gauge,
     /// Seconds since this node's current key was generated or promoted by a rotation.
@@ -272,6 +275,7 @@ impl Metrics {
             peers_configured: Gauge::default(),
             peers_expected: Gauge::default(),
             nodes_rejected: Gauge::default(),
+            stale_endpoints: Gauge::default(),
             routes: Gauge::default(),
             key_age_seconds: Gauge::default(),
             mesh_enabled: Gauge::default(),
@@ -352,6 +356,12 @@ impl Metrics {
             "nodes_rejected",
             "Remote nodes skipped because of invalid annotations",
             metrics.nodes_rejected.clone(),
+        );
+        registry.register(
+            "stale_endpoints",
+            "Peers whose endpoint annotation names an address their Node no longer has, sent to \
+             at their node address until they republish",
+            metrics.stale_endpoints.clone(),
         );
         registry.register(
             "routes",

@@ -5,7 +5,8 @@
 //! 2. [`plan`]: from the cached Nodes, Pods and `MeshEncryption` to the wanted peers, routes, MTU
 //!    and listen port (nothing when the mesh is disabled or `MeshEncryption default` is absent);
 //! 3. [`Mesh::apply`] that to the device and the routing table;
-//! 4. report skipped nodes (Event + metric, once per distinct problem) and publish a
+//! 4. report skipped nodes and peers kept at their node address because their endpoint
+//!    annotation is stale (Event + metric, once per distinct problem) and publish a
 //!    [`MeshSnapshot`] for the status publisher and the HTTP server.
 //!
 //! Nothing is applied before every cache has synced: pruning against a half-filled cache would
@@ -266,6 +267,12 @@ fn problems(peer_set: &PeerSet) -> Vec<Problem> {
             kind: ProblemKind::PrefixConflict,
             reason: c.reason().to_string(),
             message: c.to_string(),
+        }))
+        .chain(peer_set.stale_endpoints.iter().map(|s| Problem {
+            node: s.node.clone(),
+            kind: ProblemKind::StaleEndpoint,
+            reason: s.reason().to_string(),
+            message: format!("wiremesh keeps node {}: {}", s.node, s.endpoint),
         }))
         .collect();
     out.sort();
@@ -877,6 +884,9 @@ impl<R: Routes> Reconciler<R> {
             .nodes_rejected
             .set(plan.peer_set.rejected.len() as i64);
         self.metrics
+            .stale_endpoints
+            .set(plan.peer_set.stale_endpoints.len() as i64);
+        self.metrics
             .routes
             .set(self.meshes[ci].applied_routes().len() as i64);
         let error = first_error.as_ref().map(ToString::to_string);
@@ -1266,8 +1276,9 @@ impl<R: Routes> Reconciler<R> {
     }
 
     /// Reports the problems this agent is the emitter of ([`is_emitter`]): one Event each
-    /// (queued, never awaited here) and an `invalid_annotations{node,reason}` series that is
-    /// removed once the problem is gone. Refused pod claims are also counted by reason on every
+    /// (queued, never awaited here) and, for a rejected node, an `invalid_annotations{node,reason}`
+    /// series that is removed once the problem is gone (a stale endpoint is no invalid
+    /// annotation: a Normal Event only, counted in `stale_endpoints`). Refused pod claims are also counted by reason on every
     /// agent (`pod_claims_refused{reason}`: bounded, no per-node series).
     fn report_problems(&mut self, plan: &Plan, nodes: &[Arc<Node>]) {
         let mut by_reason: BTreeMap<String, i64> = BTreeMap::new();
@@ -1313,12 +1324,21 @@ impl<R: Routes> Reconciler<R> {
             }
         }
         for problem in fresh {
-            tracing::warn!(
-                node = %problem.node,
-                reason = %problem.reason,
-                message = %problem.message,
-                "skipping remote node configuration"
-            );
+            if problem.kind == ProblemKind::StaleEndpoint {
+                tracing::info!(
+                    node = %problem.node,
+                    reason = %problem.reason,
+                    message = %problem.message,
+                    "remote node's endpoint follows its address"
+                );
+            } else {
+                tracing::warn!(
+                    node = %problem.node,
+                    reason = %problem.reason,
+                    message = %problem.message,
+                    "skipping remote node configuration"
+                );
+            }
             if problem.kind == ProblemKind::Rejected {
                 self.metrics
                     .invalid_annotations

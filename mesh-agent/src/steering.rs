@@ -18,7 +18,8 @@
 //! 4. writes the anti-spoofing entry of each local pod's veth (`wm_endpoints`: host-side
 //!    ifindex -> the pod's addresses) and only then attaches `from_pod`/`to_pod` to it, so the
 //!    first packet `from_pod` sees is already checked; attaches the underlay programs to the
-//!    device holding the node's address; then deletes the endpoint entries and link pins of
+//!    device holding the node's address (and leaves them where they are while that address, as
+//!    the Node says, is on no device: [`keep_underlay`]); then deletes the endpoint entries and link pins of
 //!    veths that are gone (also those an earlier run left behind). While a local pod that a
 //!    NetworkPolicy selects has no veth the pass can name yet, every unnamed veth gets the
 //!    programs with a pending entry, which passes nothing ([`fail_closed`]).
@@ -662,6 +663,7 @@ impl Steering {
         );
         self.metrics.ebpf_strict.set(i64::from(strict));
         let mut placed = placement(&snap, own_ip, tunnel, &self.settings.node_name, &pods);
+        keep_underlay(&mut placed, &snap, &loaded.attached);
         let waiting = fail_closed(
             &mut placed,
             &snap,
@@ -1017,6 +1019,28 @@ pub fn placement(
         }
     }
     out
+}
+
+/// Fail static for the underlay programs: when the Node's address is on no interface, the
+/// underlay hooks stay where they are attached (as long as that link exists with the same
+/// ifindex) instead of being detached. After an underlay readdress the agent learns its new
+/// address from its Node only when its API connections notice the move (~22 s, docs/faults.md);
+/// meanwhile the old address is on no interface, and the Strict mode guard against plaintext
+/// pod traffic on the underlay was detached for that long, then attached again.
+pub fn keep_underlay(
+    placed: &mut Placement,
+    snap: &LinkSnapshot,
+    attached: &BTreeMap<(String, u8), (Hook, u32)>,
+) {
+    let is_underlay = |hook: Hook| matches!(hook, Hook::UnderlayIngress | Hook::UnderlayEgress);
+    if placed.wanted.values().any(|(hook, _)| is_underlay(*hook)) {
+        return;
+    }
+    for (key, (hook, index)) in attached {
+        if is_underlay(*hook) && snap.names.get(index) == Some(&key.0) {
+            placed.wanted.insert(key.clone(), (*hook, *index));
+        }
+    }
 }
 
 /// Fail closed for new pods (finding 6 of issue 13, docs/threat-model.md): while a local pod

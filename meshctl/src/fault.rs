@@ -175,6 +175,9 @@ pub mod bounds {
     pub const RECONNECTS_PER_SECOND_WHILE_DOWN: f64 = 5.0;
     /// Requests one agent may make per second of a slow API server.
     pub const REQUESTS_PER_SECOND_WHILE_SLOW: f64 = 1.0;
+    /// Around the time a readdressed node had no underlay address: one ping interval (10 ms)
+    /// and the node's next packet from its new address, which its peers roam to.
+    pub const UNADDRESSED_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
 }
 
 /// How long recovery may take before [`run`] gives up waiting.
@@ -332,6 +335,9 @@ pub async fn run(
     let mut own = own;
     let mut own_report = None;
     let fault_end: SystemTime;
+    // The readdress: while the node had no underlay address (the old one deleted, the new one
+    // not added yet), to tell the packets lost there from losses of the mesh.
+    let mut unaddressed: Option<(SystemTime, SystemTime)> = None;
 
     match fault {
         Fault::ApiserverStop { duration } => {
@@ -542,30 +548,15 @@ pub async fn run(
             };
             progress(&format!("{node}: underlay address -> {new_ip}"));
             let key = public_key(client, node).await.context("no key published")?;
-            let old = faults::underlay_readdress(client, description, node, new_ip).await?;
+            let readdress = faults::underlay_readdress(client, description, node, new_ip).await?;
+            let old = readdress.old;
+            unaddressed = Some((readdress.unaddressed_from, readdress.unaddressed_until));
             fault_end = SystemTime::now();
-            let annotation = until(RECOVERY_TIMEOUT, || async move {
-                let endpoint = wiremesh_integration::objects::node_annotation(
-                    client,
-                    node,
-                    "wiremesh.io/endpoint",
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .unwrap_or_default();
-                if endpoint.starts_with(&format!("{new_ip}:")) {
-                    Ok(())
-                } else {
-                    Err(format!("endpoint annotation {endpoint}"))
-                }
-            })
-            .await;
-            match annotation {
-                Ok(t) => {
-                    figures.insert("endpoint annotation followed (s)".into(), t.as_secs_f64());
-                }
-                Err(why) => problems.push(format!("endpoint annotation did not follow: {why}")),
-            }
+            let changed = Instant::now();
+            // Peers follow the Node's new address at once (its stale endpoint annotation is
+            // replaced with its InternalIP, same port), then its agent republishes the
+            // annotation when its API connections notice the move. Until then no node may drop
+            // a peer (checked every second).
             let desc = &*description;
             let key = &key;
             let peers = until(RECOVERY_TIMEOUT, || async move {
@@ -580,10 +571,43 @@ pub async fn run(
             })
             .await;
             match peers {
-                Ok(t) => {
-                    figures.insert("peers' endpoints followed (s)".into(), t.as_secs_f64());
+                Ok(_) => {
+                    figures.insert(
+                        "peers' endpoints followed (s)".into(),
+                        changed.elapsed().as_secs_f64(),
+                    );
                 }
                 Err(why) => problems.push(format!("peers kept the old endpoint {old}: {why}")),
+            }
+            let mut checked: Option<Instant> = None;
+            let annotation = loop {
+                if checked.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    check_peers_kept(description, &before, &mut problems);
+                    checked = Some(Instant::now());
+                }
+                let endpoint = wiremesh_integration::objects::node_annotation(
+                    client,
+                    node,
+                    "wiremesh.io/endpoint",
+                )
+                .await
+                .map_err(|e| e.to_string())
+                .map(Option::unwrap_or_default);
+                match endpoint {
+                    Ok(e) if e.starts_with(&format!("{new_ip}:")) => break Ok(changed.elapsed()),
+                    Ok(e) if changed.elapsed() >= RECOVERY_TIMEOUT => {
+                        break Err(format!("endpoint annotation {e}"));
+                    }
+                    Err(e) if changed.elapsed() >= RECOVERY_TIMEOUT => break Err(e),
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            check_peers_kept(description, &before, &mut problems);
+            match annotation {
+                Ok(t) => {
+                    figures.insert("endpoint annotation followed (s)".into(), t.as_secs_f64());
+                }
+                Err(why) => problems.push(format!("endpoint annotation did not follow: {why}")),
             }
         }
         Fault::AgentGone { node, delete_after } => {
@@ -639,9 +663,9 @@ pub async fn run(
             Fault::NodeReboot { .. } | Fault::UnderlayFlap { .. } | Fault::UnderlayReaddress { .. }
         )
     {
-        // Until the flow's longest outage ended (it may start after the fault, as when peers
-        // drop a readdressed node until its endpoint annotation follows), else until its first
-        // reply after the fault.
+        // Until the flow's longest outage ended, if it ended after the fault (an outage that
+        // starts after the fault, as when peers dropped a readdressed node until its endpoint
+        // annotation followed), else until its first reply after the fault.
         let back = own
             .ping
             .longest_gap_end()
@@ -650,6 +674,42 @@ pub async fn run(
         match back {
             Some(t) => recovery = Some(t.duration_since(fault_end).unwrap_or_default()),
             None => problems.push(format!("{}: no reply after the fault", own.name)),
+        }
+    }
+    if let (Some((from, until)), Some(own)) = (unaddressed, &own_report) {
+        // A request sent while the node had no address, or in the ping interval after the new
+        // one came (the peer still sends to the old one until the node's next packet from the
+        // new address roams it, or the Node's status reaches it), cannot arrive.
+        let window = (
+            from - bounds::UNADDRESSED_SLACK,
+            until + bounds::UNADDRESSED_SLACK,
+        );
+        let (during, outside): (Vec<SystemTime>, Vec<SystemTime>) = own
+            .ping
+            .lost_at()
+            .into_iter()
+            .partition(|at| *at >= window.0 && *at <= window.1);
+        figures.insert(
+            "node without an underlay address (ms)".into(),
+            until.duration_since(from).unwrap_or_default().as_secs_f64() * 1000.0,
+        );
+        figures.insert(
+            "own pings lost while the node had no address".into(),
+            during.len() as f64,
+        );
+        figures.insert(
+            "own pings lost outside the address switch".into(),
+            outside.len() as f64,
+        );
+        if !outside.is_empty() {
+            problems.push(format!(
+                "{}: {} ping(s) lost outside the address switch",
+                own.name,
+                outside.len()
+            ));
+        }
+        if !matches!(&own.tcp, Ok((s, r)) if s == r) {
+            problems.push(format!("{}: TCP stream broke: {:?}", own.name, own.tcp));
         }
     }
     if !other.lossless() {

@@ -18,7 +18,7 @@ use kube::{Api, Client, api::ListParams};
 use mesh_agent::nodestatus::{HANDSHAKE_FRESH, MeshNode, MeshNodeStatus, unix_seconds};
 use serde::Serialize;
 use wiremesh_crds::{MESH_ENCRYPTION_NAME, MeshEncryption};
-use wiremesh_keyexchange::{AnnotationError, NodeAnnotations};
+use wiremesh_keyexchange::{AnnotationError, MovedEndpoint, NodeAnnotations};
 
 /// Why the status could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -151,13 +151,18 @@ pub async fn nodes_with_reports(
     Ok(nodes)
 }
 
+/// InternalIPs, then ExternalIPs: the agents' order (`mesh_agent::views::node_addresses`), which
+/// decides the address a stale endpoint is replaced with.
 fn addresses(node: &Node) -> Vec<IpAddr> {
-    node.status
+    let all = node
+        .status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    ["InternalIP", "ExternalIP"]
+        .iter()
+        .flat_map(|wanted| all.iter().filter(move |a| a.type_ == *wanted))
         .filter_map(|a| IpAddr::from_str(a.address.trim()).ok())
         .collect()
 }
@@ -184,13 +189,21 @@ pub fn evaluate(
         problems.push("no Nodes".to_string());
     }
 
-    // Key annotations of every node, validated as the agents validate them.
+    // Key annotations of every node, validated as the agents validate them (a stale endpoint
+    // is replaced with the node's address, as peers do).
+    let mut moved: BTreeMap<String, Vec<MovedEndpoint>> = BTreeMap::new();
     let parsed: BTreeMap<String, Result<NodeAnnotations, AnnotationError>> = nodes
         .iter()
         .filter_map(|(n, _)| {
             let name = n.metadata.name.clone()?;
             let annotations = n.metadata.annotations.clone().unwrap_or_default();
-            Some((name, NodeAnnotations::parse(&annotations, &addresses(n))))
+            let parsed = NodeAnnotations::parse_for_peering(&annotations, &addresses(n)).map(
+                |(parsed, stale)| {
+                    moved.insert(name.clone(), stale);
+                    parsed
+                },
+            );
+            Some((name, parsed))
         })
         .collect();
     let valid: BTreeMap<&str, &NodeAnnotations> = parsed
@@ -206,6 +219,7 @@ pub fn evaluate(
                 report.as_ref(),
                 &name,
                 &parsed[&name],
+                moved.get(&name).map(Vec::as_slice).unwrap_or_default(),
                 &valid,
                 enabled,
                 now,
@@ -225,11 +239,15 @@ fn evaluate_node(
     report: Option<&MeshNodeStatus>,
     name: &str,
     annotations: &Result<NodeAnnotations, AnnotationError>,
+    moved: &[MovedEndpoint],
     valid: &BTreeMap<&str, &NodeAnnotations>,
     enabled: bool,
     now: SystemTime,
 ) -> NodeView {
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = moved
+        .iter()
+        .map(|m| format!("stale endpoint, peers keep it: {m}"))
+        .collect();
     let (key_fingerprint, key_generation) = match annotations {
         Ok(a) => (Some(a.public_key.fingerprint()), Some(a.key_generation)),
         Err(AnnotationError::NotPublished) => {

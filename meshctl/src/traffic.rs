@@ -268,6 +268,28 @@ impl PingCount {
         Some(std::time::UNIX_EPOCH + Duration::from_secs_f64(end.max(0.0)))
     }
 
+    /// When each lost request was about sent: between the replies around it, in proportion to
+    /// its sequence number (ping sends every 10 ms; a reply comes about 1 ms after its request).
+    pub fn lost_at(&self) -> Vec<std::time::SystemTime> {
+        let mut out = Vec::new();
+        for pair in self.replies.windows(2) {
+            let ((s0, t0), (s1, t1)) = (pair[0], pair[1]);
+            for s in s0 + 1..s1 {
+                let t = t0 + (t1 - t0) * f64::from(s - s0) / f64::from(s1 - s0);
+                out.push(std::time::UNIX_EPOCH + Duration::from_secs_f64(t.max(0.0)));
+            }
+        }
+        if let Some((first, t)) = self.replies.first() {
+            // Lost before the first reply: at most 10 ms apart, before it.
+            for s in 1..*first {
+                let t = t - 0.010 * f64::from(first - s);
+                out.push(std::time::UNIX_EPOCH + Duration::from_secs_f64(t.max(0.0)));
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// The first reply that came at or after `at`.
     pub fn first_reply_after(&self, at: std::time::SystemTime) -> Option<std::time::SystemTime> {
         let at = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();

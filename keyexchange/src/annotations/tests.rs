@@ -316,6 +316,88 @@ fn endpoint_outside_node_addresses_is_rejected() {
 }
 
 #[test]
+fn stale_endpoint_maps_to_the_node_address_of_its_family_for_peering() {
+    // The node moved from 192.168.1.10 to 192.168.1.20 (its Node's InternalIP says so); its
+    // agent has not republished the endpoint yet.
+    let moved_to = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 20));
+    let v6: IpAddr = "fd00::20".parse().unwrap();
+    let mut map = valid();
+    map.insert(ANNOTATION_NEXT_PUBLIC_KEY.into(), key(2).to_base64());
+    map.insert(ANNOTATION_NEXT_ENDPOINT.into(), "192.168.1.10:51872".into());
+    // InternalIPs first in the views' order; an IPv6 address first must not be picked.
+    let addresses = [v6, moved_to, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))];
+    let strict = NodeAnnotations::parse(&map, &addresses).expect_err("stale endpoint");
+    assert_eq!(strict.reason(), "EndpointNotNodeAddress");
+
+    let (parsed, moved) = NodeAnnotations::parse_for_peering(&map, &addresses).unwrap();
+    assert_eq!(
+        parsed.endpoint,
+        SocketAddr::new(moved_to, DEFAULT_LISTEN_PORT)
+    );
+    assert_eq!(parsed.next_endpoint, Some(SocketAddr::new(moved_to, 51872)));
+    assert_eq!(parsed.public_key, key(1));
+    assert_eq!(parsed.next_public_key, Some(key(2)));
+    assert_eq!(
+        moved,
+        [
+            MovedEndpoint {
+                annotation: ANNOTATION_ENDPOINT,
+                annotated: "192.168.1.10:51871".parse().unwrap(),
+                used: SocketAddr::new(moved_to, DEFAULT_LISTEN_PORT),
+            },
+            MovedEndpoint {
+                annotation: ANNOTATION_NEXT_ENDPOINT,
+                annotated: "192.168.1.10:51872".parse().unwrap(),
+                used: SocketAddr::new(moved_to, 51872),
+            },
+        ]
+    );
+    let message = moved[0].to_string();
+    assert!(
+        message.contains("192.168.1.10") && message.contains("192.168.1.20:51871"),
+        "{message}"
+    );
+
+    // Up to date: nothing moved, the same result as the strict parse.
+    let current = with(ANNOTATION_ENDPOINT, "192.168.1.20:51871");
+    let (parsed, moved) = NodeAnnotations::parse_for_peering(&current, &addresses).unwrap();
+    assert!(moved.is_empty());
+    assert_eq!(Ok(parsed), NodeAnnotations::parse(&current, &addresses));
+}
+
+#[test]
+fn stale_endpoint_without_an_address_of_its_family_is_still_rejected() {
+    let cases: [(&str, Vec<IpAddr>); 3] = [
+        ("[fd00::11]:51871", vec![node_ip()]),
+        ("10.0.0.1:51871", vec!["fd00::10".parse().unwrap()]),
+        ("192.168.1.10:51871", vec![]),
+    ];
+    for (value, addresses) in cases {
+        let e = NodeAnnotations::parse_for_peering(&with(ANNOTATION_ENDPOINT, value), &addresses)
+            .expect_err(value);
+        assert!(
+            matches!(e, AnnotationError::EndpointNotNodeAddress { endpoint } if endpoint.to_string() == value),
+            "{value}: {e:?}"
+        );
+    }
+    // Anything malformed is rejected as by the strict parse, whatever the addresses.
+    for (annotation, value) in [
+        (ANNOTATION_ENDPOINT, "example.com:51871"),
+        (ANNOTATION_ENDPOINT, "10.0.0.1:0"),
+        (ANNOTATION_PUBLIC_KEY, "garbage"),
+        (ANNOTATION_KEY_GENERATION, "-1"),
+    ] {
+        let map = with(annotation, value);
+        assert_eq!(
+            NodeAnnotations::parse_for_peering(&map, &[node_ip()]).map(|(p, _)| p),
+            NodeAnnotations::parse(&map, &[node_ip()]),
+            "{annotation}={value}"
+        );
+        assert!(NodeAnnotations::parse(&map, &[node_ip()]).is_err());
+    }
+}
+
+#[test]
 fn missing_generation_is_rejected() {
     let mut map = valid();
     map.remove(ANNOTATION_KEY_GENERATION);
@@ -669,6 +751,60 @@ proptest! {
             Err(AnnotationError::EndpointNotNodeAddress { endpoint: SocketAddr::new(ip, port) })
         );
         prop_assert_eq!(parse_endpoint(&endpoint, &[other, ip]), Ok(SocketAddr::new(ip, port)));
+    }
+
+    #[test]
+    fn peering_endpoints_never_point_outside_the_node_addresses(
+        ip in arb_ip(),
+        port in 1u16..,
+        addresses in proptest::collection::vec(arb_ip(), 0..4),
+        next in proptest::option::of((arb_ip(), 1u16..)),
+    ) {
+        let mut map = with(ANNOTATION_ENDPOINT, &SocketAddr::new(ip, port).to_string());
+        if let Some((next_ip, next_port)) = next {
+            map.insert(
+                ANNOTATION_NEXT_ENDPOINT.into(),
+                SocketAddr::new(next_ip, next_port).to_string(),
+            );
+        }
+        let same_family = |ip: IpAddr| addresses.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).copied();
+        // Where each endpoint must go: as annotated when the node has that address, else its
+        // first address of the family (port kept), else nowhere (rejected).
+        let expect = |ip: IpAddr, port: u16| {
+            if addresses.contains(&ip) {
+                Some(SocketAddr::new(ip, port))
+            } else {
+                same_family(ip).map(|a| SocketAddr::new(a, port))
+            }
+        };
+        let want_endpoint = expect(ip, port);
+        let want_next = next.map(|(i, p)| expect(i, p));
+        match NodeAnnotations::parse_for_peering(&map, &addresses) {
+            Ok((parsed, moved)) => {
+                prop_assert!(addresses.contains(&parsed.endpoint.ip()));
+                prop_assert_eq!(Some(parsed.endpoint), want_endpoint);
+                prop_assert_eq!(parsed.endpoint.port(), port);
+                if let Some(next) = parsed.next_endpoint {
+                    prop_assert!(addresses.contains(&next.ip()));
+                }
+                prop_assert_eq!(parsed.next_endpoint.map(Some), want_next);
+                for m in &moved {
+                    prop_assert!(addresses.contains(&m.used.ip()));
+                    prop_assert!(!addresses.contains(&m.annotated.ip()));
+                    prop_assert_eq!(m.used.port(), m.annotated.port());
+                }
+                let expected_moves = usize::from(!addresses.contains(&ip))
+                    + usize::from(next.is_some_and(|(i, _)| !addresses.contains(&i)));
+                prop_assert_eq!(moved.len(), expected_moves);
+            }
+            Err(e) => {
+                prop_assert!(
+                    want_endpoint.is_none() || want_next.is_some_and(|n| n.is_none()),
+                    "rejected though every endpoint has an address: {:?}", e
+                );
+                prop_assert_eq!(e.reason(), "EndpointNotNodeAddress");
+            }
+        }
     }
 
     #[test]

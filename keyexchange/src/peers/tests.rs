@@ -123,9 +123,11 @@ fn invalid_annotations_reject_only_that_node() {
             "LowOrderPublicKey",
         ),
         (ANNOTATION_ENDPOINT, "nope".into(), "InvalidEndpoint"),
+        // An IPv6 endpoint of a node without an IPv6 address (an IPv4 one not among its
+        // addresses follows its address instead: `readdressed_node_stays_a_peer_...`).
         (
             ANNOTATION_ENDPOINT,
-            "192.168.0.99:51871".into(),
+            "[fd00::99]:51871".into(),
             "EndpointNotNodeAddress",
         ),
         (
@@ -145,6 +147,84 @@ fn invalid_annotations_reject_only_that_node() {
         let message = set.rejected[0].error.to_string();
         assert!(message.contains(annotation), "{message}");
     }
+}
+
+#[test]
+fn readdressed_node_stays_a_peer_at_its_new_address() {
+    // node-1 moved from 192.168.0.1 to 192.168.0.51: its Node says so, its endpoint annotation
+    // (written by its agent, which has not noticed yet) still names the old address.
+    let mut moved = node(1);
+    let new_ip = ip("192.168.0.51");
+    moved.addresses = vec![new_ip];
+    let set = desired_peers("node-2", &[moved.clone(), node(2), node(3)]);
+    assert!(set.rejected.is_empty(), "{:?}", set.rejected);
+    assert_eq!(names(&set), ["node-1", "node-3"]);
+    let p = set.peer("node-1").unwrap();
+    assert_eq!(p.endpoint, SocketAddr::new(new_ip, DEFAULT_LISTEN_PORT));
+    assert_eq!(p.public_key, key(1));
+    assert_eq!(p.allowed_ips, [net("10.244.1.0/24")]);
+    assert_eq!(set.stale_endpoints.len(), 1);
+    let stale = &set.stale_endpoints[0];
+    assert_eq!(stale.node, "node-1");
+    assert_eq!(stale.reason(), "StaleEndpoint");
+    assert_eq!(
+        stale.endpoint.annotated,
+        "192.168.0.1:51871".parse().unwrap()
+    );
+    assert_eq!(stale.endpoint.used, p.endpoint);
+    assert!(stale.to_string().contains("node node-1"), "{stale}");
+
+    // Its agent republishes: nothing stale any more, the same peer.
+    moved
+        .annotations
+        .insert(ANNOTATION_ENDPOINT.into(), "192.168.0.51:51871".into());
+    let set = desired_peers("node-2", &[moved, node(2), node(3)]);
+    assert!(set.stale_endpoints.is_empty());
+    assert_eq!(set.peer("node-1").unwrap().endpoint, p.endpoint);
+}
+
+#[test]
+fn stale_endpoint_never_sends_to_an_address_the_node_does_not_have() {
+    // node-1's annotation names node-3's address (a hijack attempt, or node-3 took over the
+    // address node-1 left): node-1 is sent to at its own address, never at node-3's.
+    let mut hijack = node(1);
+    hijack
+        .annotations
+        .insert(ANNOTATION_ENDPOINT.into(), "192.168.0.3:51871".into());
+    let set = desired_peers("node-2", &[hijack, node(2), node(3)]);
+    assert_eq!(
+        set.peer("node-1").unwrap().endpoint,
+        "192.168.0.1:51871".parse().unwrap()
+    );
+    assert_eq!(
+        set.peer("node-3").unwrap().endpoint,
+        "192.168.0.3:51871".parse().unwrap()
+    );
+    assert_eq!(set.stale_endpoints.len(), 1);
+    for peer in &set.peers {
+        let view = node(peer.node.trim_start_matches("node-").parse().unwrap());
+        assert!(view.addresses.contains(&peer.endpoint.ip()), "{peer:?}");
+    }
+    // A node without any address is not a peer: there is nowhere it claims to send to.
+    let mut gone = node(1);
+    gone.addresses.clear();
+    let set = desired_peers("node-2", &[gone, node(2)]);
+    assert_eq!(rejected(&set), [("node-1", "EndpointNotNodeAddress")]);
+    assert!(set.stale_endpoints.is_empty());
+    // A node rejected for another reason is not reported as stale as well.
+    let mut twin = node(1);
+    twin.addresses = vec![ip("192.168.0.61")];
+    twin.annotations
+        .insert(ANNOTATION_PUBLIC_KEY.into(), key(3).to_base64());
+    let set = desired_peers("node-2", &[twin, node(2), node(3)]);
+    assert_eq!(
+        rejected(&set),
+        [
+            ("node-1", "DuplicatePublicKey"),
+            ("node-3", "DuplicatePublicKey")
+        ]
+    );
+    assert!(set.stale_endpoints.is_empty());
 }
 
 #[test]

@@ -189,6 +189,50 @@ fn garbage_annotation_skips_only_that_node() {
 }
 
 #[test]
+fn readdressed_node_keeps_its_peer_and_route_at_its_new_address() {
+    // Node c's InternalIP moved from 10.0.0.3 to 10.0.0.203; its agent has not republished its
+    // endpoint yet (docs/faults.md, "underlay readdressed"). On main it was rejected
+    // (EndpointNotNodeAddress) and its peer and route removed until it republished.
+    let c = cluster();
+    let mut nodes = c.nodes.clone();
+    let mut moved = (*nodes[2]).clone();
+    moved.status = crate::fixtures::node("c", "10.0.0.203", "10.244.3.0/24")
+        .status
+        .clone();
+    nodes[2] = Arc::new(moved);
+    let me = mesh_encryption(true);
+    let plan = plan(&settings(), &c.me, &nodes, &c.pods, Some(&me), None).unwrap();
+    let peer = plan
+        .wanted
+        .peers
+        .iter()
+        .find(|p| p.node == "c")
+        .expect("c stays a peer");
+    assert_eq!(peer.config.public_key, c.kc);
+    assert_eq!(
+        peer.config.endpoint,
+        Some(SocketAddr::from_str("10.0.0.203:51871").unwrap())
+    );
+    assert!(
+        peer.config
+            .allowed_ips
+            .contains(&IpNet::from_str("10.244.3.0/24").unwrap())
+    );
+    assert!(plan.peer_set.rejected.is_empty());
+    assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
+    let problem = &plan.problems[0];
+    assert_eq!(
+        (problem.node.as_str(), problem.kind, problem.reason.as_str()),
+        ("c", ProblemKind::StaleEndpoint, "StaleEndpoint")
+    );
+    assert!(
+        problem.message.contains("10.0.0.3") && problem.message.contains("10.0.0.203:51871"),
+        "{}",
+        problem.message
+    );
+}
+
+#[test]
 fn node_claiming_our_key_is_rejected() {
     let c = cluster();
     let mut nodes = c.nodes.clone();

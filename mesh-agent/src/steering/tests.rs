@@ -266,6 +266,67 @@ fn programs_go_on_local_pod_veths_and_the_underlay_and_big_mtus_are_counted() {
 }
 
 #[test]
+fn underlay_programs_stay_while_the_nodes_address_lags_a_readdress() {
+    // eth0 moved from 10.213.0.11 to 10.213.0.211; the Node (as the agent sees it) still says
+    // 10.213.0.11, which no interface holds.
+    let snap = links::LinkSnapshot {
+        names: BTreeMap::from([(2, "eth0".into()), (5, "veth1".into())]),
+        addresses: BTreeMap::from([(Ipv4Addr::new(10, 213, 0, 211), 2)]),
+        routes: vec![
+            (Ipv4Addr::UNSPECIFIED, 0, 2),
+            (Ipv4Addr::new(10, 244, 1, 11), 32, 5),
+        ],
+        ..links::LinkSnapshot::default()
+    };
+    let pods = vec![pod("a", "n1", "10.244.1.11", "x")];
+    let stale = Some(Ipv4Addr::new(10, 213, 0, 11));
+    let underlay = |placed: &Placement| -> Vec<(String, Hook, u32)> {
+        placed
+            .wanted
+            .iter()
+            .filter(|(_, (hook, _))| matches!(hook, Hook::UnderlayIngress | Hook::UnderlayEgress))
+            .map(|((iface, _), (hook, index))| (iface.clone(), *hook, *index))
+            .collect()
+    };
+    let attached: BTreeMap<(String, u8), (Hook, u32)> =
+        [Hook::UnderlayIngress, Hook::UnderlayEgress]
+            .into_iter()
+            .map(|hook| (("eth0".to_string(), hook as u8), (hook, 2)))
+            .chain([(
+                ("veth1".to_string(), Hook::FromPod as u8),
+                (Hook::FromPod, 5),
+            )])
+            .collect();
+    let mut placed = placement(&snap, stale, None, "n1", &pods);
+    assert!(
+        underlay(&placed).is_empty(),
+        "the stale address is on no interface"
+    );
+    keep_underlay(&mut placed, &snap, &attached);
+    assert_eq!(
+        underlay(&placed),
+        [
+            ("eth0".to_string(), Hook::UnderlayIngress, 2),
+            ("eth0".to_string(), Hook::UnderlayEgress, 2)
+        ],
+        "kept where they were attached"
+    );
+    // The Node's address followed: placed by the address, nothing kept besides.
+    let moved = Some(Ipv4Addr::new(10, 213, 0, 211));
+    let mut placed = placement(&snap, moved, None, "n1", &pods);
+    let by_address = underlay(&placed);
+    keep_underlay(&mut placed, &snap, &attached);
+    assert_eq!(underlay(&placed), by_address);
+    assert_eq!(by_address.len(), 2);
+    // The underlay link gone (or replaced: another ifindex): nothing is kept.
+    let mut gone = snap.clone();
+    gone.names.remove(&2);
+    let mut placed = placement(&gone, stale, None, "n1", &pods);
+    keep_underlay(&mut placed, &gone, &attached);
+    assert!(underlay(&placed).is_empty());
+}
+
+#[test]
 fn an_interface_routing_to_several_pods_gets_no_anti_spoofing_entry() {
     let snap = links::LinkSnapshot {
         names: BTreeMap::from([(2, "eth0".into()), (7, "cni0".into())]),

@@ -87,6 +87,13 @@ fn node(m: &Member, report: Option<&MeshNodeStatus>) -> (Node, Option<MeshNodeSt
     (node, report.cloned())
 }
 
+/// Every member with a report of fresh handshakes with all the others.
+fn fresh_mesh(all: &[Member]) -> Vec<(Node, Option<MeshNodeStatus>)> {
+    all.iter()
+        .map(|m| node(m, Some(&report_for(m, all, Some(10)))))
+        .collect()
+}
+
 fn enabled() -> MeshEncryption {
     let spec: MeshEncryptionSpec =
         serde_json::from_value(serde_json::json!({"enabled": true})).unwrap();
@@ -100,10 +107,7 @@ fn now() -> SystemTime {
 #[test]
 fn full_mesh_with_fresh_handshakes_is_converged() {
     let all = members(3);
-    let nodes: Vec<(Node, Option<MeshNodeStatus>)> = all
-        .iter()
-        .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
-        .collect();
+    let nodes = fresh_mesh(&all);
     let status = evaluate(&nodes, Some(&enabled()), now());
     assert!(status.converged(), "{:?}", status.all_problems());
     let n1 = status.node("node-1").unwrap();
@@ -119,10 +123,7 @@ fn full_mesh_with_fresh_handshakes_is_converged() {
 #[test]
 fn disabled_or_absent_mesh_is_not_converged() {
     let all = members(2);
-    let nodes: Vec<(Node, Option<MeshNodeStatus>)> = all
-        .iter()
-        .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
-        .collect();
+    let nodes = fresh_mesh(&all);
     assert!(!evaluate(&nodes, None, now()).converged());
     let mut off = enabled();
     off.spec.enabled = false;
@@ -134,10 +135,7 @@ fn disabled_or_absent_mesh_is_not_converged() {
 #[test]
 fn missing_handshake_stale_report_and_wrong_key_are_reported() {
     let all = members(3);
-    let mut nodes: Vec<(Node, Option<MeshNodeStatus>)> = all
-        .iter()
-        .map(|m| node(m, Some(&report_for(m, &all, Some(10)))))
-        .collect();
+    let mut nodes = fresh_mesh(&all);
     nodes[0] = node(&all[0], Some(&report_for(&all[0], &all, None)));
     let mut stale = report_for(&all[1], &all, Some(10));
     stale.updated_at = NOW - 1_000;
@@ -186,6 +184,38 @@ fn node_with_garbage_annotation_is_excluded_from_expectations() {
     let n3 = status.node("node-3").unwrap();
     assert!(
         n3.problems[0].contains("invalid annotations"),
+        "{:?}",
+        n3.problems
+    );
+}
+
+#[test]
+fn readdressed_node_with_a_stale_endpoint_stays_a_peer_and_is_reported() {
+    // node-3 moved to 10.0.0.203 (an ExternalIP listed first must not be picked); its
+    // annotation still names 10.0.0.3. Its peers keep it: the others converge, node-3 is
+    // reported until its agent republishes.
+    let all = members(3);
+    let mut nodes = fresh_mesh(&all);
+    nodes[2].0.status.as_mut().unwrap().addresses = Some(vec![
+        NodeAddress {
+            type_: "ExternalIP".into(),
+            address: "203.0.113.3".into(),
+        },
+        NodeAddress {
+            type_: "InternalIP".into(),
+            address: "10.0.0.203".into(),
+        },
+    ]);
+    let status = evaluate(&nodes, Some(&enabled()), now());
+    assert!(status.node("node-1").unwrap().converged());
+    assert!(status.node("node-2").unwrap().converged());
+    let n3 = status.node("node-3").unwrap();
+    assert_eq!(n3.key_fingerprint, Some(all[2].key.fingerprint()));
+    assert!(!n3.converged());
+    assert!(
+        n3.problems.iter().any(|p| p.contains("stale endpoint")
+            && p.contains("10.0.0.3")
+            && p.contains("10.0.0.203:51871")),
         "{:?}",
         n3.problems
     );
