@@ -1104,26 +1104,39 @@ fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), Erro
     }
 }
 
-/// A second handle on the pinned `wm_flows` map, so another thread (the agent's API server)
-/// can read the backlog at request time while the loader keeps its own.
+/// Second handles on the pinned `wm_flows` and `wm_flows6` maps, so another thread (the agent's
+/// API server) can read the backlog of both families at request time while the loader keeps its
+/// own.
 pub struct FlowBacklog {
     flows: HashMap<MapData, FlowKey, FlowState>,
+    flows6: HashMap<MapData, FlowKey6, FlowState>,
 }
 
 impl FlowBacklog {
-    /// [`Maps::flow_backlog`], read now.
+    /// [`Maps::flow_backlog`] (IPv4), read now.
     pub fn read(&self) -> Result<Vec<(FlowKey, FlowState)>, Error> {
         hash_entries(&self.flows, "wm_flows")
+    }
+
+    /// [`Maps::flow_backlog6`] (IPv6), read now.
+    pub fn read6(&self) -> Result<Vec<(FlowKey6, FlowState)>, Error> {
+        hash_entries(&self.flows6, "wm_flows6")
     }
 }
 
 impl Loader {
-    /// Opens [`FlowBacklog`] on this loader's pinned `wm_flows`.
+    /// Opens [`FlowBacklog`] on this loader's pinned `wm_flows` and `wm_flows6`.
     pub fn flow_backlog_handle(&self) -> Result<FlowBacklog, Error> {
-        let data =
-            MapData::from_pin(self.map_dir().join("wm_flows")).map_err(map_err("wm_flows"))?;
+        fn open<K: Pod>(
+            loader: &Loader,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, FlowState>, Error> {
+            let data = MapData::from_pin(loader.map_dir().join(name)).map_err(map_err(name))?;
+            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(name))
+        }
         Ok(FlowBacklog {
-            flows: HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err("wm_flows"))?,
+            flows: open(self, "wm_flows")?,
+            flows6: open(self, "wm_flows6")?,
         })
     }
 }

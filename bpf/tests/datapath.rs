@@ -1239,6 +1239,19 @@ struct Flows6 {
 }
 
 impl Flows6 {
+    /// Keeps the IPv6 records the ring holds now (waiting at most 50 ms).
+    fn read_now(&mut self) {
+        for f in self
+            .reader
+            .read_any(Duration::from_millis(50))
+            .expect("ring")
+        {
+            if let wiremesh_bpf::Flow::V6(e) = f {
+                self.seen.push(e);
+            }
+        }
+    }
+
     /// Reads until an IPv6 record (read now or earlier) satisfies `pred` or `timeout` passes.
     fn wait(
         &mut self,
@@ -1254,15 +1267,7 @@ impl Flows6 {
                 eprintln!("IPv6 records seen without a match: {:#?}", self.seen);
                 return None;
             }
-            for f in self
-                .reader
-                .read_any(Duration::from_millis(200))
-                .expect("ring")
-            {
-                if let wiremesh_bpf::Flow::V6(e) = f {
-                    self.seen.push(e);
-                }
-            }
+            self.read_now();
         }
     }
 }
@@ -1355,6 +1360,49 @@ fn ipv6_policy_conntrack_spoofing_and_strict_mode() {
         (*to_a.ip(), *to_b.ip(), b_id)
     );
     assert_eq!((e.hook(), e.protocol), (Some(Hook::FromPod), 17));
+    // Accounting through the request-time handle (issue 15): records plus its IPv6 backlog
+    // (`wm_flows6`) add up to every packet sent.
+    let backlog = loader.flow_backlog_handle().expect("backlog handle");
+    let pending = || -> u64 {
+        backlog
+            .read6()
+            .expect("wm_flows6")
+            .iter()
+            .filter(|(k, _)| {
+                (
+                    u16::from_be_bytes(k.src_port),
+                    u16::from_be_bytes(k.dst_port),
+                    k.hook,
+                ) == (40600, 7777, Hook::FromPod as u8)
+            })
+            .map(|(_, s)| s.packets)
+            .sum()
+    };
+    let counted = |flows: &mut Flows6| {
+        flows.read_now();
+        let reported: u64 = flows
+            .seen
+            .iter()
+            .filter(|e| e.sport() == 40600 && e.dport() == 7777 && e.hook() == Some(Hook::FromPod))
+            .map(|e| e.packets)
+            .sum();
+        reported + pending()
+    };
+    let before = counted(&mut flows);
+    for _ in 0..5 {
+        a.send_to(b"count", to_b).expect("send");
+    }
+    let mut last = before;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            last = counted(&mut flows);
+            last == before + 5
+        }),
+        "5 IPv6 packets: records + wm_flows6 backlog went from {before} to {last}"
+    );
+    // At most one record a second per flow: at least 4 of the 5 wait in wm_flows6.
+    assert!(pending() >= 4, "wm_flows6 holds {} packets", pending());
+    drain(&[&b]);
     flows
         .wait(Duration::from_secs(3), |e| {
             e.verdict() == Some(Verdict::DroppedPolicy) && e.dport() == 7778 && e.sport() == 40600

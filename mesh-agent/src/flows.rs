@@ -16,7 +16,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use wiremesh_bpf::{FlowEvent, FlowEvent6, FlowKey, FlowState, Hook, Verdict};
+use wiremesh_bpf::{FlowEvent, FlowEvent6, FlowKey, FlowKey6, FlowKeyOf, FlowState, Hook, Verdict};
 
 /// The cipher suite of every WireGuard session (the only one the protocol has).
 pub const CIPHER_SUITE: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
@@ -642,24 +642,41 @@ pub struct FlowTable {
 /// The table shared between the reader (writer) and the HTTP server.
 pub type SharedFlows = Arc<Mutex<FlowTable>>;
 
-/// The kernel's backlog (`wm_flows`: one entry per flow, verdict, hook and interface) summed
-/// per [`FlowId`]: (packets, bytes).
-pub fn backlog_sums(backlog: &[(FlowKey, FlowState)]) -> HashMap<FlowId, (u64, u64)> {
-    let mut sums: HashMap<FlowId, (u64, u64)> = HashMap::new();
-    for (k, st) in backlog {
-        let id = (
-            IpAddr::from(k.src_ip),
-            IpAddr::from(k.dst_ip),
-            u16::from_be_bytes(k.src_port),
-            u16::from_be_bytes(k.dst_port),
-            k.protocol,
-            k.verdict,
-            k.hook,
-        );
-        let e = sums.entry(id).or_default();
-        e.0 += st.packets;
-        e.1 += st.bytes;
+/// The kernel's backlog of both families: what each flow has counted but not written as a
+/// record yet (`Maps::flow_backlog`/`flow_backlog6`, one entry per flow, verdict, hook and
+/// interface).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// `wm_flows`.
+    pub v4: Vec<(FlowKey, FlowState)>,
+    /// `wm_flows6`.
+    pub v6: Vec<(FlowKey6, FlowState)>,
+}
+
+/// The kernel's backlog summed per [`FlowId`]: (packets, bytes).
+pub fn backlog_sums(backlog: &Backlog) -> HashMap<FlowId, (u64, u64)> {
+    fn add<A: Copy + Into<IpAddr>>(
+        sums: &mut HashMap<FlowId, (u64, u64)>,
+        entries: &[(FlowKeyOf<A>, FlowState)],
+    ) {
+        for (k, st) in entries {
+            let id = (
+                k.src_ip.into(),
+                k.dst_ip.into(),
+                u16::from_be_bytes(k.src_port),
+                u16::from_be_bytes(k.dst_port),
+                k.protocol,
+                k.verdict,
+                k.hook,
+            );
+            let e = sums.entry(id).or_default();
+            e.0 += st.packets;
+            e.1 += st.bytes;
+        }
     }
+    let mut sums = HashMap::new();
+    add(&mut sums, &backlog.v4);
+    add(&mut sums, &backlog.v6);
     sums
 }
 
@@ -747,9 +764,9 @@ impl FlowTable {
         self.ingest_at(events, names, unix_now())
     }
 
-    /// Sets what each flow has counted in the kernel but not reported yet
-    /// (`Maps::flow_backlog`, read when the table is served); replaces the previous backlog.
-    pub fn set_backlog(&mut self, backlog: &[(FlowKey, FlowState)]) {
+    /// Sets what each flow (either family) has counted in the kernel but not reported yet
+    /// (read when the table is served); replaces the previous backlog.
+    pub fn set_backlog(&mut self, backlog: &Backlog) {
         let sums = backlog_sums(backlog);
         for (id, entry) in &mut self.entries {
             let (p, b) = sums.get(id).copied().unwrap_or_default();

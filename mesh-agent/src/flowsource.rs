@@ -1,15 +1,15 @@
 //! Where the agent's flows come from, as of the moment they are asked for.
 //!
-//! The datapath counts packets per flow in the kernel (`wm_flows`) and writes a record to the
-//! ring buffer (`wm_events`) at most once a second per flow; an idle flow keeps the rest as a
-//! backlog in the map. [`FlowSource`] is the one place that turns ring-buffer records into the
-//! flow table, the flow history, the JSON-lines export, the flow metrics and the coverage
-//! window. The reader thread feeds it as records arrive ([`FlowSource::run_reader`]); a request
-//! ([`FlowSource::live`], [`FlowSource::history`]) first drains whatever the ring holds (a
-//! history request also writes the history, so what it answers is on disk), then reads the
-//! backlog, so `/flows` (and `meshctl flows`/`meshctl report`, which read it) count every packet
-//! the kernel has counted at request time — not as of the reader's last poll or the history's
-//! last 2 s flush.
+//! The datapath counts packets per flow in the kernel (`wm_flows`, IPv6: `wm_flows6`) and writes
+//! a record to the ring buffer (`wm_events`) at most once a second per flow; an idle flow keeps
+//! the rest as a backlog in the map. [`FlowSource`] is the one place that turns ring-buffer
+//! records into the flow table, the flow history, the JSON-lines export, the flow metrics and
+//! the coverage window. The reader thread feeds it as records arrive
+//! ([`FlowSource::run_reader`]); a request ([`FlowSource::live`], [`FlowSource::history`]) first
+//! drains whatever the ring holds (a history request also writes the history, so what it
+//! answers is on disk), then reads the backlog of both families, so `/flows` (and `meshctl
+//! flows`/`meshctl report`, which read it) count every packet the kernel has counted at request
+//! time — not as of the reader's last poll or the history's last 2 s flush.
 //!
 //! Consistency between the two kernel sources: a record moves packets out of the backlog into
 //! the ring. The request drains the ring, reads the backlog, and drains again; if the second
@@ -26,12 +26,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use wiremesh_bpf::{FlowKey, FlowState};
-
 use crate::{
     coverage::CoverageWindow,
     export::Export,
-    flows::{Event, Flow, FlowTable, Names, SharedFlows, SharedNames, backlog_sums, unix_now},
+    flows::{
+        Backlog, Event, Flow, FlowTable, Names, SharedFlows, SharedNames, backlog_sums, unix_now,
+    },
     history::{BUCKET_SECS, History, HistoryError, Period},
     metrics::{EvictionLabels, Metrics, StageLabels, VerdictLabels},
     status::SharedStatus,
@@ -51,11 +51,11 @@ const CONSISTENT_ROUNDS: usize = 4;
 pub trait KernelFlows: Send {
     /// The records (both families) in the ring now, without waiting.
     fn read_ready(&mut self) -> Vec<wiremesh_bpf::Flow>;
-    /// What each flow has counted but not written as a record yet.
-    fn backlog(&self) -> Result<Vec<(FlowKey, FlowState)>, String>;
+    /// What each flow (both families) has counted but not written as a record yet.
+    fn backlog(&self) -> Result<Backlog, String>;
 }
 
-/// The loaded datapath's ring buffer and a handle on its pinned `wm_flows`.
+/// The loaded datapath's ring buffer and a handle on its pinned `wm_flows` and `wm_flows6`.
 pub struct BpfKernel {
     pub reader: wiremesh_bpf::FlowReader,
     pub backlog: Option<wiremesh_bpf::FlowBacklog>,
@@ -66,10 +66,13 @@ impl KernelFlows for BpfKernel {
         self.reader.read_ready_any()
     }
 
-    fn backlog(&self) -> Result<Vec<(FlowKey, FlowState)>, String> {
+    fn backlog(&self) -> Result<Backlog, String> {
         match &self.backlog {
-            Some(b) => b.read().map_err(|e| e.to_string()),
-            None => Ok(Vec::new()),
+            Some(b) => Ok(Backlog {
+                v4: b.read().map_err(|e| e.to_string())?,
+                v6: b.read6().map_err(|e| e.to_string())?,
+            }),
+            None => Ok(Backlog::default()),
         }
     }
 }
@@ -216,7 +219,7 @@ impl FlowSource {
     /// Runs `f` with the ring drained and the backlog read consistently (module docs; `None`
     /// without a loaded datapath or when the backlog cannot be read), holding the kernel side
     /// so no record enters the table or the history until `f` returns.
-    fn with_drained<T>(&self, f: impl FnOnce(Option<&[(FlowKey, FlowState)]>) -> T) -> T {
+    fn with_drained<T>(&self, f: impl FnOnce(Option<&Backlog>) -> T) -> T {
         let mut kernel = self.lock_kernel();
         let mut backlog = None;
         if let Some(k) = kernel.as_mut() {
@@ -238,7 +241,7 @@ impl FlowSource {
                 self.ingest(&later);
             }
         }
-        let out = f(backlog.as_deref());
+        let out = f(backlog.as_ref());
         drop(kernel);
         out
     }
@@ -352,7 +355,7 @@ fn add_handshakes(names: &mut Names, status: &SharedStatus) {
 }
 
 /// Adds the backlog to the flows it belongs to (`packets`/`bytes` and `pending_*`).
-fn add_backlog(flows: &mut [Flow], backlog: &[(FlowKey, FlowState)]) {
+fn add_backlog(flows: &mut [Flow], backlog: &Backlog) {
     let sums = backlog_sums(backlog);
     for f in flows {
         if let Some((p, b)) = sums.get(&f.id()) {

@@ -21,7 +21,9 @@ pub struct PolicyArgs {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// For every ordered pair of distinct pods in FILE and every --port, say whether traffic is
-    /// allowed. A pod to itself is not listed (loopback traffic is not subject to policy).
+    /// allowed, once per address family both pods have (dual stack: IPv4 and IPv6, each pod at
+    /// its address of that family). A pod to itself is not listed (loopback traffic is not
+    /// subject to policy).
     Check(CheckArgs),
 }
 
@@ -40,9 +42,9 @@ struct CheckArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
-    /// A reachability matrix per port.
+    /// A reachability matrix per port (`4`/`6`: allowed over IPv4/IPv6 only).
     Table,
-    /// `{"probes":[{"from","to","port","allowed"}, ...]}`.
+    /// `{"probes":[{"from","to","port","family","allowed"}, ...]}`.
     Json,
 }
 

@@ -62,7 +62,8 @@ fn json_lists_every_ordered_pair_and_port() {
         let p = p.as_object().unwrap();
         let mut keys: Vec<_> = p.keys().map(String::as_str).collect();
         keys.sort();
-        assert_eq!(keys, ["allowed", "from", "port", "to"]);
+        assert_eq!(keys, ["allowed", "family", "from", "port", "to"]);
+        assert_eq!(p["family"], "ipv4", "the example's pods are IPv4 only");
         let (from, to, port) = (
             p["from"].as_str().unwrap().to_string(),
             p["to"].as_str().unwrap().to_string(),
@@ -90,7 +91,7 @@ fn json_lists_every_ordered_pair_and_port() {
     assert_eq!(allowed, want);
     assert_eq!(
         probes[0],
-        serde_json::json!({"from": "prod/frontend", "to": "prod/api", "port": "tcp/8080", "allowed": true})
+        serde_json::json!({"from": "prod/frontend", "to": "prod/api", "port": "tcp/8080", "family": "ipv4", "allowed": true})
     );
 }
 
@@ -134,6 +135,57 @@ fn default_port_and_stdin() {
             .iter()
             .all(|p| p["port"] == "tcp/80" && p["allowed"] == false)
     );
+}
+
+/// Issue 13 leftover: a dual-stack pair is probed once per family, each pod at its address of
+/// that family; an ipBlock holding only api's IPv6 address admits only the IPv6 probe
+/// (examples/policy/dual-stack.yaml).
+#[test]
+fn a_dual_stack_pair_gets_a_verdict_per_family() {
+    let example =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/dual-stack.yaml");
+    let file = example.to_str().unwrap();
+    let args = ["policy", "check", "-f", file, "--port", "tcp/5432"];
+    let out = meshctl(&[&args[..], &["-o", "json"]].concat(), None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let api_to_db: Vec<(String, bool)> = v["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["from"] == "shop/api" && p["to"] == "shop/db")
+        .map(|p| {
+            (
+                p["family"].as_str().unwrap().to_string(),
+                p["allowed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        api_to_db,
+        [("ipv4".to_string(), false), ("ipv6".to_string(), true)]
+    );
+    let pending: Vec<&serde_json::Value> = v["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["from"] == "shop/pending" && p["to"] == "shop/db")
+        .collect();
+    assert_eq!(pending.len(), 1);
+    assert!(pending[0]["family"].is_null(), "{pending:?}");
+    let out = meshctl(&args, None);
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "10.244.1.10, fd00:10:244:1::a",
+        "tcp/5432: 9 of 12 pairs allowed, 1 over one family only",
+        "  1  shop/api      - 6 x x",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
 }
 
 #[test]

@@ -19,6 +19,8 @@ pub use compile::{
 pub use eval::{SideVerdict, Verdict};
 pub use identity::{Identity, IdentityAllocator, IdentityLabels, NAMESPACE_LABEL_PREFIX};
 pub use manifest::{ManifestError, load_manifest};
-pub use model::{Cluster, ClusterError, ContainerPort, Endpoint, Namespace, Pod, PodId, Protocol};
+pub use model::{
+    Cluster, ClusterError, ContainerPort, Endpoint, Family, Namespace, Pod, PodId, Protocol,
+};
 pub use rules::{IpBlock, Peer, Policy, PolicyError, PortSpec, PortValue, Rule};
 pub use selector::{Requirement, Selector, SelectorError};

@@ -127,6 +127,38 @@ impl FromStr for Protocol {
     }
 }
 
+/// An address family: which addresses of two pods one packet can carry (both ends of a packet
+/// are of the same family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        })
+    }
+}
+
 /// A namespace and its labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
@@ -184,6 +216,11 @@ impl Pod {
     /// Every address of the pod: `ip`, then `other_ips`.
     pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.ip.into_iter().chain(self.other_ips.iter().copied())
+    }
+
+    /// The pod's address of `family` (the first one listed, should it list two).
+    pub fn ip_of(&self, family: Family) -> Option<IpAddr> {
+        self.ips().find(|ip| Family::of(*ip) == family)
     }
 
     /// The port number of the container port named `name` with protocol `proto`.
@@ -428,11 +465,20 @@ impl Cluster {
         &self.identities
     }
 
-    /// The IP of an endpoint, if it has one.
+    /// The IP of an endpoint, if it has one (a pod's first address, `status.podIP`).
     pub fn endpoint_ip(&self, e: &Endpoint) -> Option<IpAddr> {
         match e {
             Endpoint::Pod(id) => self.pod(*id).ip,
             Endpoint::External(ip) => Some(*ip),
+        }
+    }
+
+    /// The address of an endpoint in `family`, if it has one: a pod's address of that family
+    /// (a dual-stack pod has one of each), an external address if it is of that family.
+    pub fn endpoint_ip_of(&self, e: &Endpoint, family: Family) -> Option<IpAddr> {
+        match e {
+            Endpoint::Pod(id) => self.pod(*id).ip_of(family),
+            Endpoint::External(ip) => Some(*ip).filter(|ip| Family::of(*ip) == family),
         }
     }
 }

@@ -116,8 +116,12 @@ fn records_aggregate_per_flow_and_verdict_and_carry_names() {
         bytes: 400,
         ..FlowState::default()
     };
-    t.set_backlog(&[(key, state)]);
-    t.set_backlog(&[(key, state)]);
+    let backlog = Backlog {
+        v4: vec![(key, state)],
+        v6: Vec::new(),
+    };
+    t.set_backlog(&backlog);
+    t.set_backlog(&backlog);
     let enc = t
         .snapshot()
         .into_iter()
