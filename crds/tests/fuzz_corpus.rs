@@ -4,21 +4,12 @@
 
 use std::{fs, path::Path};
 
+#[path = "../../testsupport/corpus.rs"]
+mod corpus;
+
 #[test]
 fn specs_corpus_replays_cleanly() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/specs");
-    let mut files: Vec<_> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.expect("corpus entry").path())
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 10,
-        "only {} seeds in {}",
-        files.len(),
-        dir.display()
-    );
-    for path in files {
+    for path in corpus::seeds(env!("CARGO_MANIFEST_DIR"), "specs", 10) {
         let data = fs::read(&path).expect("read seed");
         let result = std::panic::catch_unwind(|| wiremesh_crds::fuzzing::specs(&data));
         assert!(result.is_ok(), "seed {} fails", path.display());

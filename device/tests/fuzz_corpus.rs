@@ -4,24 +4,13 @@
 //! of genuine, replayed, bit-flipped and raw WireGuard messages (a replayed message the engine
 //! accepted once must be rejected). Files named `found-*` are inputs a fuzzer run found.
 
-use std::{fs, path::Path};
+use std::fs;
+
+#[path = "../../testsupport/corpus.rs"]
+mod corpus;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
-    let mut files: Vec<_> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.expect("corpus entry").path())
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 8,
-        "only {} seeds in {}",
-        files.len(),
-        dir.display()
-    );
-    files
+    corpus::seeds(env!("CARGO_MANIFEST_DIR"), target, 8)
         .into_iter()
         .map(|path| {
             let name = path

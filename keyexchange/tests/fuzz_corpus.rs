@@ -1,25 +1,16 @@
 //! Replays every committed fuzz corpus file through the fuzz entry point, so `cargo test` (and
 //! `make test`) exercises the annotation parser exactly as the fuzzer does.
 
-use std::{fs, path::Path};
+use std::fs;
+
+#[path = "../../testsupport/corpus.rs"]
+mod corpus;
 
 use wiremesh_keyexchange::{AnnotationError, NodeAnnotations};
 
 #[test]
 fn annotation_corpus_replays_cleanly() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/annotations");
-    let mut files: Vec<_> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.expect("corpus entry").path())
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 20,
-        "only {} corpus files in {}",
-        files.len(),
-        dir.display()
-    );
-    for path in files {
+    for path in corpus::seeds(env!("CARGO_MANIFEST_DIR"), "annotations", 20) {
         let data = fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let result = std::panic::catch_unwind(|| wiremesh_keyexchange::fuzzing::annotations(&data));
         assert!(result.is_ok(), "corpus file {} fails", path.display());

@@ -2,25 +2,16 @@
 //! through the entry point it calls (`mesh_agent::fuzzing::flows_query`), so `cargo test` checks
 //! exactly what the fuzzer checks, and pins the window rule the seeds are named after.
 
-use std::{fs, path::Path};
+use std::fs;
+
+#[path = "../../testsupport/corpus.rs"]
+mod corpus;
 
 use mesh_agent::api::{FlowsQuery, FlowsQueryError};
 
 #[test]
 fn flows_query_corpus_replays_cleanly() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/flows_query");
-    let mut files: Vec<_> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.expect("corpus entry").path())
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 10,
-        "only {} seeds in {}",
-        files.len(),
-        dir.display()
-    );
-    for path in files {
+    for path in corpus::seeds(env!("CARGO_MANIFEST_DIR"), "flows_query", 10) {
         let data = fs::read(&path).expect("read seed");
         let result = std::panic::catch_unwind(|| mesh_agent::fuzzing::flows_query(&data));
         assert!(result.is_ok(), "seed {} fails", path.display());
