@@ -51,9 +51,8 @@ async fn inject(cluster: &VirtualCluster, fault: Fault) -> (FaultReport, Cluster
     (report, description)
 }
 
-/// Lines of `node`'s agent log where the steering task says `what` (`program attached` /
-/// `program detached`) about an underlay program.
-fn underlay_program_lines(cluster: &VirtualCluster, node: &str, what: &str) -> usize {
+/// Lines of `node`'s agent log that contain every one of `parts`.
+fn agent_log_lines(cluster: &VirtualCluster, node: &str, parts: &[&str]) -> usize {
     let log = cluster
         .node(node)
         .ok()
@@ -62,8 +61,28 @@ fn underlay_program_lines(cluster: &VirtualCluster, node: &str, what: &str) -> u
     std::fs::read_to_string(&log)
         .unwrap_or_else(|e| panic!("{}: {e}", log.display()))
         .lines()
-        .filter(|l| l.contains(what) && l.contains("program=\"underlay_"))
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
         .count()
+}
+
+/// Lines of `node`'s agent log where the steering task says `what` (`program attached` /
+/// `program detached`) about an underlay program.
+fn underlay_program_lines(cluster: &VirtualCluster, node: &str, what: &str) -> usize {
+    agent_log_lines(cluster, node, &[what, "program=\"underlay_"])
+}
+
+/// What node-3's agent logs when it closes the API connections from an address that left.
+const CLOSED_FROM_REMOVED: &str = "address removed: closed the API connections from it";
+
+/// `wiremesh_api_connections_closed_total{reason="address_removed"}` of `node`'s agent.
+async fn connections_closed_for_removed_address(cluster: &VirtualCluster, node: &str) -> f64 {
+    let series = "wiremesh_api_connections_closed_total{reason=\"address_removed\"} ";
+    let metrics = agent_metrics(cluster, node).await.expect("metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{node}: no {series:?} in /metrics"))
 }
 
 fn figure(report: &FaultReport, name: &str) -> f64 {
@@ -216,6 +235,7 @@ async fn node_faults_recover_and_other_nodes_lose_nothing() {
         "node-3 runs the eBPF underlay programs"
     );
     let detached_before = underlay_program_lines(&cluster, "node-3", "program detached");
+    let closed_before = agent_log_lines(&cluster, "node-3", &[CLOSED_FROM_REMOVED]);
     let (report, description) = inject(
         &cluster,
         Fault::UnderlayReaddress {
@@ -261,8 +281,18 @@ async fn node_faults_recover_and_other_nodes_lose_nothing() {
         peers <= annotation,
         "peers follow the Node's address, not only the annotation: {peers} s vs {annotation} s"
     );
+    // node-3's agent learnt its Node's new address because it closed its API connections from
+    // the removed one when the address went (not when keepalive gave up on them, ~22 s).
+    assert!(
+        agent_log_lines(&cluster, "node-3", &[CLOSED_FROM_REMOVED]) > closed_before,
+        "node-3's agent closed its API connections from the removed address"
+    );
     let new_ip = description.node("node-3").expect("node-3").underlay_ip;
     cluster.set_underlay_ip("node-3", new_ip).expect("node-3");
+    assert!(
+        connections_closed_for_removed_address(&cluster, "node-3").await >= 1.0,
+        "counted in node-3's metrics"
+    );
     wait_converged(&cluster).await;
     cluster.teardown().expect("teardown");
 }

@@ -4,12 +4,19 @@
 //! [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`] times, and `TCP_USER_TIMEOUT`
 //! ([`USER_TIMEOUT`]) for data that is never acknowledged.
 //!
+//! Every connection is registered by its local address ([`Connections`]): when an address
+//! leaves the node, [`AddressWatch`] closes the connections from it at once rather than when
+//! keepalive gives up on them.
+//!
 //! Why: kube's default client has neither, and an HTTP/1.1 watch carries nothing while nothing
 //! changes, so a connection whose path died silently (the node's address changed, a NAT or
 //! load balancer forgot it, the API server host vanished) stays "open" until the watcher's
 //! idle timeout (~5 minutes): the agent would miss every change meanwhile, its own Node's new
 //! address included (docs/faults.md, the underlay readdress fault). client-go closes the same
 //! gap with HTTP/2 health-check pings.
+
+mod addresses;
+mod connections;
 
 use std::time::Duration;
 
@@ -20,6 +27,11 @@ use hyper_util::{
 use kube::{Client, Config, client::ConfigExt};
 use tower::ServiceBuilder;
 
+pub use self::{
+    addresses::{AddressWatch, ConnectionMetrics},
+    connections::{Connections, Tracked, TrackingConnector},
+};
+
 /// Idle time before the first keepalive probe.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 /// Between keepalive probes.
@@ -29,8 +41,8 @@ pub const KEEPALIVE_RETRIES: u32 = 3;
 /// How long sent data may stay unacknowledged before the connection is dropped.
 pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A client for `config` over connections with keepalive and a user timeout (see the module
-/// docs).
+/// A client for `config` over connections with keepalive and a user timeout, registered in
+/// [`Connections::shared`] (see the module docs).
 pub fn client(config: Config) -> Result<Client, kube::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -39,7 +51,8 @@ pub fn client(config: Config) -> Result<Client, kube::Error> {
     http.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
     http.set_keepalive_retries(Some(KEEPALIVE_RETRIES));
     http.set_tcp_user_timeout(Some(USER_TIMEOUT));
-    let https = config.rustls_https_connector_with_connector(http)?;
+    let tracking = TrackingConnector::new(http, Connections::shared().clone());
+    let https = config.rustls_https_connector_with_connector(tracking)?;
     let hyper = Builder::new(TokioExecutor::new()).build(https);
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())

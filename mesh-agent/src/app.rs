@@ -168,6 +168,10 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
 
     let mut registry = Registry::with_prefix("wiremesh");
     let metrics = Metrics::new(&mut registry);
+    let address_watch = crate::apiclient::AddressWatch::new(
+        crate::apiclient::Connections::shared().clone(),
+        crate::apiclient::ConnectionMetrics::new(&mut registry),
+    );
     let coordinator = coordinator_client(config).await.map(|coordinator_client| {
         Coordinator::new(
             CoordinatorSettings::new(&config.node_name, &config.lease_namespace),
@@ -290,6 +294,11 @@ pub async fn build(config: &Config, keys: KeySet, client: Client) -> anyhow::Res
         spawn_until_drained(&mut tasks, "watcher", watch.run(drain.clone()));
     }
     spawn_until_drained(&mut tasks, "reconciler", reconciler.run(drain.clone()));
+    spawn_until_drained(
+        &mut tasks,
+        "address watch",
+        address_watch.run(drain.clone()),
+    );
     spawn_until_drained(&mut tasks, "datapath monitor", monitor.run(drain.clone()));
     spawn_until_drained(&mut tasks, "ebpf steering", steering.run(drain.clone()));
     spawn_until_drained(&mut tasks, "status publisher", reporter.run(drain.clone()));
