@@ -68,6 +68,13 @@ fn configure_and_read_back(
         status.ifindex
     );
     assert!(link.contains(&format!("mtu {}", status.mtu)), "{link}");
+    // The liveness probe (connect, close without a request, the link's index) agrees, and
+    // the device takes the empty connection as a client that is done: it answers on after it.
+    let probed = {
+        let dev = dev.clone();
+        ns.run(move || dev.probe())
+    };
+    assert_eq!(probed.expect("probe"), status.ifindex);
     assert_eq!(status.public_key, Some(key.public_key()));
     assert_eq!(status.listen_port, port);
     assert_eq!(status.fwmark, 0x2a);
@@ -188,6 +195,20 @@ fn a_stopped_device_is_reported_as_not_serving() {
     let dev = UapiDevice::new(&ifname);
     assert!(dev.get().is_ok());
     assert!(device.terminate(Duration::from_secs(10)).success());
+    let probed = {
+        let dev = dev.clone();
+        ns.run(move || dev.probe())
+    };
+    assert!(
+        matches!(
+            &probed,
+            Err(DatapathError::Uapi {
+                source: UapiClientError::NotServing { .. },
+                ..
+            })
+        ),
+        "a dead device fails the liveness probe: {probed:?}"
+    );
     let err = dev.get().unwrap_err();
     assert!(
         matches!(

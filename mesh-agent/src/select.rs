@@ -435,6 +435,10 @@ impl Datapath for DatapathSlot {
     fn status(&self) -> Result<DeviceStatus, DatapathError> {
         self.device()?.status()
     }
+
+    fn probe(&self) -> Result<u32, DatapathError> {
+        self.device()?.probe()
+    }
 }
 
 /// The choice in force: the flag, else `MeshEncryption.spec.datapath`, else auto.
@@ -516,5 +520,9 @@ impl Datapath for Worlds {
 
     fn status(&self) -> Result<DeviceStatus, DatapathError> {
         self.current().status()
+    }
+
+    fn probe(&self) -> Result<u32, DatapathError> {
+        self.current().probe()
     }
 }

@@ -8,6 +8,7 @@
 //! status to go stale.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -15,6 +16,7 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Client;
 use tokio::sync::watch;
+use wiremesh_keyexchange::PublicKey;
 
 use crate::{
     datapath::{Datapath, DeviceStatus},
@@ -49,18 +51,20 @@ pub fn build_status(
 ) -> MeshNodeStatus {
     let (key, peers, device_error) = match device {
         Ok(status) => {
+            // One lookup per configured peer: a scan of the device's peers for each would be
+            // O(N^2) on every poll (25 M key comparisons at 5,000 peers, docs/benchmarks.md).
+            let handshakes: HashMap<&PublicKey, Option<SystemTime>> = status
+                .peers
+                .iter()
+                .map(|p| (&p.public_key, p.last_handshake))
+                .collect();
             let peers = snapshot
                 .configured
                 .iter()
                 .map(|(node, key)| MeshNodePeer {
                     node: node.clone(),
                     key: key.fingerprint(),
-                    last_handshake: status
-                        .peers
-                        .iter()
-                        .find(|p| p.public_key == *key)
-                        .and_then(|p| p.last_handshake)
-                        .map(unix_seconds),
+                    last_handshake: handshakes.get(key).copied().flatten().map(unix_seconds),
                 })
                 .collect();
             (status.public_key.map(|k| k.fingerprint()), peers, None)

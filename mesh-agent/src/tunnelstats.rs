@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use ipnet::IpNet;
 use wiremesh_keyexchange::PublicKey;
 
 use crate::{
@@ -56,16 +57,26 @@ impl TunnelStats {
             .map(|(node, key)| (*key, node.clone()))
             .collect();
         if let Some(current) = devices.first() {
+            // The other world's peer is the node of the current world's first peer (in device
+            // order) sharing an allowed IP with it: looked up by IP, not by a scan of the current
+            // peers per peer (O(N^2) during a rotation at thousands of peers).
+            let mut by_ip: HashMap<&IpNet, (usize, &PublicKey)> = HashMap::new();
+            for (index, c) in current.peers.iter().enumerate() {
+                for ip in &c.allowed_ips {
+                    by_ip.entry(ip).or_insert((index, &c.public_key));
+                }
+            }
             for other in &devices[1..] {
                 for p in &other.peers {
                     if by_key.contains_key(&p.public_key) {
                         continue;
                     }
-                    let named = current.peers.iter().find(|c| {
-                        !c.allowed_ips.is_empty()
-                            && c.allowed_ips.iter().any(|ip| p.allowed_ips.contains(ip))
-                    });
-                    if let Some(node) = named.and_then(|c| by_key.get(&c.public_key)).cloned() {
+                    let named = p
+                        .allowed_ips
+                        .iter()
+                        .filter_map(|ip| by_ip.get(ip))
+                        .min_by_key(|(index, _)| *index);
+                    if let Some(node) = named.and_then(|(_, key)| by_key.get(*key)).cloned() {
                         by_key.insert(p.public_key, node);
                     }
                 }

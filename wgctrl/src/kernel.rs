@@ -260,6 +260,16 @@ impl Datapath for KernelDevice {
         self.set(&convert::remove_peer_request(public_key))
     }
 
+    /// The kernel's device is its link: there while the interface is.
+    fn probe(&self) -> Result<u32, DatapathError> {
+        iface::lookup(&self.ifname)
+            .map(|link| link.ifindex)
+            .map_err(|source| DatapathError::Io {
+                ifname: self.ifname.clone(),
+                source,
+            })
+    }
+
     fn status(&self) -> Result<DeviceStatus, DatapathError> {
         let dump = self.get()?;
         let mtu = iface::lookup(&self.ifname)

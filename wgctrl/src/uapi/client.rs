@@ -232,6 +232,20 @@ impl Datapath for UapiDevice {
         self.set(&convert::remove_peer_request(public_key))
     }
 
+    /// A process serves the socket (a connection is accepted by the kernel only while one
+    /// listens: a dead device's socket refuses it) and the interface exists, by its index now.
+    /// The connection is closed without a request, which the device takes as a client that
+    /// is done. In the calling thread's network namespace, as [`Datapath::status`].
+    fn probe(&self) -> Result<u32, DatapathError> {
+        drop(self.connect().map_err(|e| self.error(e))?);
+        iface::lookup(&self.ifname)
+            .map(|link| link.ifindex)
+            .map_err(|source| DatapathError::Io {
+                ifname: self.ifname.clone(),
+                source,
+            })
+    }
+
     /// Reads the device over the socket and the interface's index and MTU from the kernel, in
     /// the calling thread's network namespace (where the device's TUN interface must be).
     fn status(&self) -> Result<DeviceStatus, DatapathError> {
