@@ -3,7 +3,7 @@ use wiremesh_policy::compile;
 use super::*;
 use crate::fixtures::{claims, node};
 
-fn pod(name: &str, node: &str, ip: &str, app: &str) -> Arc<Pod> {
+fn pod(name: &str, node: &str, ip: &str, app: &str) -> Arc<CachedPod> {
     crate::fixtures::pod(name, node, ip, ("app", app))
 }
 
@@ -89,9 +89,9 @@ fn the_previous_identities_are_kept_across_compiles() {
 #[test]
 fn host_network_and_finished_pods_are_not_pod_addresses() {
     let nodes = vec![node("n1", "10.213.0.11", "10.244.1.0/24")];
-    let mut host = Pod::clone(&pod("h", "n1", "10.213.0.11", "h"));
+    let mut host = CachedPod::clone(&pod("h", "n1", "10.213.0.11", "h"));
     host.spec.as_mut().unwrap().host_network = Some(true);
-    let mut done = Pod::clone(&pod("d", "n1", "10.244.1.12", "d"));
+    let mut done = CachedPod::clone(&pod("d", "n1", "10.244.1.12", "d"));
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
     let pods = vec![Arc::new(host), Arc::new(done)];
     let (cluster, _) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
@@ -167,7 +167,7 @@ fn malformed_objects_are_reported_and_left_out_without_failing() {
         "spec": {"podSelector": {}}
     }))
     .unwrap();
-    let mut bad_ports = Pod::clone(&pod("p", "n1", "10.244.1.13", "p"));
+    let mut bad_ports = CachedPod::clone(&pod("p", "n1", "10.244.1.13", "p"));
     bad_ports.spec.as_mut().unwrap().containers = vec![
         serde_json::from_value(
             serde_json::json!({"name": "c", "ports": [{"containerPort": 0, "name": "web"}]}),
@@ -213,7 +213,7 @@ fn malformed_objects_are_reported_and_left_out_without_failing() {
 #[test]
 fn dual_stack_pods_and_cidrs_get_ipv6_entries_with_the_same_identity() {
     use crate::fixtures::{node_dual, pod_dual};
-    let mut n2 = Node::clone(&node_dual(
+    let mut n2 = CachedNode::clone(&node_dual(
         "n2",
         "10.213.0.12",
         "10.244.2.0/24",
