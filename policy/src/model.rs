@@ -6,6 +6,7 @@ use std::{
     fmt,
     net::IpAddr,
     str::FromStr,
+    sync::Arc,
 };
 
 use k8s_openapi::{api::core::v1 as core, apimachinery::pkg::apis::meta::v1::ObjectMeta};
@@ -196,8 +197,8 @@ pub struct Pod {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
+    /// Labels (shared: equal across the pods of a workload, see [`PodFields::labels`]).
+    pub labels: Arc<BTreeMap<String, String>>,
     /// `status.podIP`, if assigned.
     pub ip: Option<IpAddr>,
     /// The pod's further addresses (`status.podIPs` after the first: the other family of a
@@ -242,6 +243,7 @@ impl Pod {
             .collect();
         Self::from_fields(&PodFields {
             metadata: &pod.metadata,
+            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             pod_ip: status.and_then(|s| s.pod_ip.as_deref()),
             pod_ips: status
                 .and_then(|s| s.pod_ips.as_deref())
@@ -311,7 +313,7 @@ impl Pod {
         Ok(Self {
             namespace,
             name,
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: Arc::clone(&pod.labels),
             ip,
             other_ips,
             ports,
@@ -320,10 +322,13 @@ impl Pod {
 }
 
 /// The fields of a Kubernetes Pod that [`Pod::from_fields`] reads, borrowed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PodFields<'a> {
-    /// Name, namespace and labels.
+    /// Name and namespace.
     pub metadata: &'a ObjectMeta,
+    /// `metadata.labels`, shared: a caller converting many pods can hand the pods with equal
+    /// labels one map.
+    pub labels: Arc<BTreeMap<String, String>>,
     /// `status.podIP`.
     pub pod_ip: Option<&'a str>,
     /// `status.podIPs`.
@@ -421,14 +426,22 @@ impl Cluster {
                 }
             }
         }
+        // One map per namespace, shared by its pods' identity labels.
+        let mut ns_identity: BTreeMap<&str, Arc<BTreeMap<String, String>>> = BTreeMap::new();
         let identity_labels: Vec<IdentityLabels> = pods
             .iter()
             .map(|p| {
-                let ns_labels = ns_map
-                    .get(&p.namespace)
-                    .map(|n: &Namespace| n.labels.clone())
-                    .unwrap_or_default();
-                IdentityLabels::new(p.labels.clone(), &p.namespace, ns_labels)
+                let namespace = ns_identity.entry(&p.namespace).or_insert_with(|| {
+                    let labels = ns_map
+                        .get(&p.namespace)
+                        .map(|n: &Namespace| n.labels.clone())
+                        .unwrap_or_default();
+                    Arc::new(IdentityLabels::namespace_labels(&p.namespace, labels))
+                });
+                IdentityLabels {
+                    pod: Arc::clone(&p.labels),
+                    namespace: Arc::clone(namespace),
+                }
             })
             .collect();
         let identities = IdentityAllocator::carried_over(previous, &identity_labels);

@@ -186,9 +186,37 @@ fn problem(
     }
 }
 
+/// One shared copy of each distinct label set of a pass (the pods of a workload share theirs),
+/// so the policy model clones no label map per pod.
+#[derive(Default)]
+struct LabelSets<'a> {
+    shared: BTreeMap<&'a BTreeMap<String, String>, Arc<BTreeMap<String, String>>>,
+    empty: Arc<BTreeMap<String, String>>,
+}
+
+impl<'a> LabelSets<'a> {
+    fn get(
+        &mut self,
+        labels: Option<&'a BTreeMap<String, String>>,
+    ) -> Arc<BTreeMap<String, String>> {
+        match labels {
+            None => Arc::clone(&self.empty),
+            Some(labels) => Arc::clone(
+                self.shared
+                    .entry(labels)
+                    .or_insert_with(|| Arc::new(labels.clone())),
+            ),
+        }
+    }
+}
+
 /// The policy model's form of a cached Pod; `with_ports: false` leaves out the containers'
 /// ports (after they failed to convert).
-fn policy_pod(pod: &CachedPod, with_ports: bool) -> Result<wiremesh_policy::Pod, ClusterError> {
+fn policy_pod(
+    pod: &CachedPod,
+    labels: Arc<BTreeMap<String, String>>,
+    with_ports: bool,
+) -> Result<wiremesh_policy::Pod, ClusterError> {
     let status = pod.status.as_ref();
     let container_ports: Vec<&[ContainerPort]> = pod
         .spec
@@ -201,6 +229,7 @@ fn policy_pod(pod: &CachedPod, with_ports: bool) -> Result<wiremesh_policy::Pod,
         .collect();
     wiremesh_policy::Pod::from_fields(&PodFields {
         metadata: &pod.metadata,
+        labels,
         pod_ip: status.and_then(|s| s.pod_ip.as_deref()),
         pod_ips: status
             .and_then(|s| s.pod_ips.as_deref())
@@ -233,13 +262,15 @@ pub fn policy_cluster(
     }
     let mut pods_out = Vec::new();
     let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut label_sets = LabelSets::default();
     for pod in pods {
         // Only pods on the pod network have an address of their own (each family).
         let ips = pod_network_ips(pod);
         if ips.is_empty() {
             continue;
         }
-        let converted = match policy_pod(pod, true) {
+        let labels = label_sets.get(pod.metadata.labels.as_ref());
+        let converted = match policy_pod(pod, Arc::clone(&labels), true) {
             Ok(p) => p,
             Err(e) => {
                 problems.push(problem(
@@ -248,7 +279,7 @@ pub fn policy_cluster(
                     "InvalidPodPorts",
                     format!("{e}; the pod's named ports are ignored by NetworkPolicy"),
                 ));
-                match policy_pod(pod, false) {
+                match policy_pod(pod, labels, false) {
                     Ok(p) => p,
                     Err(e) => {
                         problems.push(problem("Pod", &pod.metadata, "InvalidPod", e.to_string()));

@@ -290,3 +290,31 @@ fn dual_stack_pods_and_cidrs_get_ipv6_entries_with_the_same_identity() {
         compiled.endpoints[&"10.244.2.11".parse::<IpAddr>().unwrap()]
     );
 }
+
+#[test]
+fn the_policy_model_shares_one_label_map_per_label_set_and_namespace() {
+    let pods = vec![
+        pod("a", "n1", "10.244.1.10", "web"),
+        pod("b", "n2", "10.244.2.10", "web"),
+        pod("c", "n2", "10.244.2.11", "db"),
+    ];
+    let (cluster, problems) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let id = |name: &str| {
+        wiremesh_policy::PodId(cluster.pods().iter().position(|p| p.name == name).unwrap())
+    };
+    let (a, b, c) = (
+        cluster.identity_labels(id("a")),
+        cluster.identity_labels(id("b")),
+        cluster.identity_labels(id("c")),
+    );
+    assert!(Arc::ptr_eq(&a.pod, &b.pod), "equal pod labels: one map");
+    assert!(!Arc::ptr_eq(&a.pod, &c.pod));
+    assert_eq!(c.pod.get("app").map(String::as_str), Some("db"));
+    assert!(
+        Arc::ptr_eq(&a.namespace, &c.namespace),
+        "one map per namespace"
+    );
+    assert_eq!(a.namespace_name(), "default");
+    assert!(Arc::ptr_eq(&cluster.pod(id("a")).labels, &a.pod));
+}
