@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod apiclient;
 pub mod app;
+pub mod cached;
 pub mod config;
 pub mod coordinator;
 pub mod coverage;

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
@@ -33,6 +33,7 @@ use wiremesh_keyexchange::{
 };
 
 use crate::{
+    cached::{CachedNode, CachedPod},
     config::{DEFAULT_LISTEN_PORT, DatapathChoice},
     datapath::{Datapath, PeerConfig},
     drain::Drain,
@@ -142,8 +143,8 @@ pub struct Plan {
 pub fn plan(
     settings: &PlanSettings,
     local_key: &PublicKey,
-    nodes: &[Arc<Node>],
-    pods: &[Arc<Pod>],
+    nodes: &[Arc<CachedNode>],
+    pods: &[Arc<CachedPod>],
     mesh_encryption: Option<&MeshEncryption>,
     underlay_mtu: Option<u32>,
 ) -> Result<Plan, ReconcileError> {
@@ -1140,7 +1141,7 @@ impl<R: Routes> Reconciler<R> {
         &mut self,
         index: usize,
         choice: DatapathChoice,
-        nodes: &[Arc<Node>],
+        nodes: &[Arc<CachedNode>],
     ) -> Result<(), ReconcileError> {
         match self.datapath.selectors[index].select(choice).await {
             Ok((device, selection)) => {
@@ -1199,7 +1200,7 @@ impl<R: Routes> Reconciler<R> {
     /// logged.
     async fn own_event(
         &self,
-        nodes: &[Arc<Node>],
+        nodes: &[Arc<CachedNode>],
         type_: EventType,
         reason: &str,
         note: &str,
@@ -1216,7 +1217,7 @@ impl<R: Routes> Reconciler<R> {
         }
     }
 
-    fn own_reference(&self, nodes: &[Arc<Node>]) -> ObjectReference {
+    fn own_reference(&self, nodes: &[Arc<CachedNode>]) -> ObjectReference {
         ObjectReference {
             api_version: Some("v1".to_string()),
             kind: Some("Node".to_string()),
@@ -1231,7 +1232,7 @@ impl<R: Routes> Reconciler<R> {
 
     /// Logs a recreated device and a key put back on it; another key found on the device (the
     /// keystore wins) is also a Warning Event on the own Node.
-    async fn report_device_changes(&self, outcome: &ApplyOutcome, nodes: &[Arc<Node>]) {
+    async fn report_device_changes(&self, outcome: &ApplyOutcome, nodes: &[Arc<CachedNode>]) {
         if let Some((old, new)) = outcome.device_replaced {
             tracing::warn!(
                 interface = self.meshes[self.datapath.worlds.current_index()].ifname(),
@@ -1280,7 +1281,7 @@ impl<R: Routes> Reconciler<R> {
     /// series that is removed once the problem is gone (a stale endpoint is no invalid
     /// annotation: a Normal Event only, counted in `stale_endpoints`). Refused pod claims are also counted by reason on every
     /// agent (`pod_claims_refused{reason}`: bounded, no per-node series).
-    fn report_problems(&mut self, plan: &Plan, nodes: &[Arc<Node>]) {
+    fn report_problems(&mut self, plan: &Plan, nodes: &[Arc<CachedNode>]) {
         let mut by_reason: BTreeMap<String, i64> = BTreeMap::new();
         for conflict in &plan.peer_set.conflicts {
             *by_reason.entry(conflict.reason().to_string()).or_default() += 1;
@@ -1380,7 +1381,7 @@ fn world_peers(
 /// identity on the current slot (`public-key`, `endpoint`, `key-generation`, see
 /// [`own_annotations`]) and its rotation annotations (removed with `null`). Empty: up to date.
 pub fn own_patch(
-    own_node: &Node,
+    own_node: &CachedNode,
     published: &BTreeMap<String, String>,
     local_key: &PublicKey,
     port: u16,

@@ -701,8 +701,8 @@ impl Steering {
 /// generation, for flow records.
 fn flow_names(
     node_name: &str,
-    nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
-    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+    nodes: &[Arc<crate::cached::CachedNode>],
+    pods: &[Arc<crate::cached::CachedPod>],
     cluster: &wiremesh_policy::Cluster,
 ) -> Names {
     let mut names = Names {
@@ -943,7 +943,7 @@ pub fn placement(
     own_ip: Option<Ipv4Addr>,
     tunnel: Option<u32>,
     own_node: &str,
-    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+    pods: &[Arc<crate::cached::CachedPod>],
 ) -> Placement {
     let mut out = Placement::default();
     let underlay = own_ip.and_then(|ip| snap.address_iface(ip));
@@ -1053,7 +1053,7 @@ pub fn fail_closed(
     placed: &mut Placement,
     snap: &LinkSnapshot,
     own_node: &str,
-    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+    pods: &[Arc<crate::cached::CachedPod>],
     policies: &[wiremesh_policy::Policy],
 ) -> Vec<String> {
     let named: BTreeSet<u32> = placed

@@ -9,16 +9,17 @@ use std::{
 };
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Pod};
 use wiremesh_keyexchange::{
     ANNOTATION_ENDPOINT, ANNOTATION_KEY_GENERATION, ANNOTATION_PUBLIC_KEY, NodeView, PublicKey,
 };
+
+use crate::cached::{CachedNode, CachedPod};
 
 /// Node address types that can carry the underlay, in order of preference for our endpoint.
 const ADDRESS_TYPES: [&str; 2] = ["InternalIP", "ExternalIP"];
 
 /// The IPs in `status.addresses` (InternalIP first, then ExternalIP), without duplicates.
-pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
+pub fn node_addresses(node: &CachedNode) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let addresses = node
         .status
@@ -39,7 +40,7 @@ pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
 }
 
 /// `spec.podCIDRs` (or the legacy `spec.podCIDR`); unparsable entries are skipped.
-pub fn node_pod_cidrs(node: &Node) -> Vec<IpNet> {
+pub fn node_pod_cidrs(node: &CachedNode) -> Vec<IpNet> {
     let Some(spec) = node.spec.as_ref() else {
         return Vec::new();
     };
@@ -58,7 +59,7 @@ pub fn node_pod_cidrs(node: &Node) -> Vec<IpNet> {
 /// The IPs a pod holds on the pod network: `status.podIPs` of a pod that is bound to a node, is
 /// not hostNetwork (those share the node's address) and has not terminated (its IP may already
 /// belong to another pod).
-pub fn pod_network_ips(pod: &Pod) -> Vec<IpAddr> {
+pub fn pod_network_ips(pod: &CachedPod) -> Vec<IpAddr> {
     let host_network = pod
         .spec
         .as_ref()
@@ -90,8 +91,8 @@ pub fn pod_network_ips(pod: &Pod) -> Vec<IpAddr> {
 
 /// One [`NodeView`] per Node, with the pod IPs of the pods scheduled on it.
 pub fn node_views<'a>(
-    nodes: impl IntoIterator<Item = &'a Node>,
-    pods: impl IntoIterator<Item = &'a Pod>,
+    nodes: impl IntoIterator<Item = &'a CachedNode>,
+    pods: impl IntoIterator<Item = &'a CachedPod>,
 ) -> Vec<NodeView> {
     let mut pod_ips: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
     let mut created: BTreeMap<&str, BTreeMap<IpAddr, i64>> = BTreeMap::new();
@@ -148,7 +149,7 @@ pub enum PublishError {
 /// while the published key equals ours and goes up by one when the key changes (a node whose
 /// keystore was lost comes back with a new identity).
 pub fn own_annotations(
-    node: &Node,
+    node: &CachedNode,
     public_key: &PublicKey,
     listen_port: u16,
 ) -> Result<BTreeMap<String, String>, PublishError> {
@@ -186,7 +187,7 @@ pub fn own_annotations(
 /// The entries of `wanted` that `node` does not carry with the same value (empty: nothing to
 /// patch).
 pub fn missing_annotations(
-    node: &Node,
+    node: &CachedNode,
     wanted: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let current = node.metadata.annotations.as_ref();
@@ -199,17 +200,15 @@ pub fn missing_annotations(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::{
-        api::core::v1::{PodIP, PodSpec, PodStatus},
-        apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    };
+    use k8s_openapi::{api::core::v1::PodIP, apimachinery::pkg::apis::meta::v1::ObjectMeta};
     use wiremesh_keyexchange::PrivateKey;
 
     use super::*;
+    use crate::cached::{CachedPodSpec, CachedPodStatus};
     use crate::fixtures::node_with_addresses;
 
     /// A Node whose InternalIP comes after a Hostname and an ExternalIP address.
-    fn node(name: &str, ip: &str, cidr: &str) -> Node {
+    fn node(name: &str, ip: &str, cidr: &str) -> CachedNode {
         node_with_addresses(
             name,
             cidr,
@@ -221,15 +220,15 @@ mod tests {
         )
     }
 
-    fn pod(node: &str, ips: &[&str], host_network: bool, phase: &str) -> Pod {
-        Pod {
+    fn pod(node: &str, ips: &[&str], host_network: bool, phase: &str) -> CachedPod {
+        CachedPod {
             metadata: ObjectMeta::default(),
-            spec: Some(PodSpec {
+            spec: Some(CachedPodSpec {
                 node_name: Some(node.into()),
                 host_network: Some(host_network),
                 ..Default::default()
             }),
-            status: Some(PodStatus {
+            status: Some(CachedPodStatus {
                 phase: Some(phase.into()),
                 pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
                 ..Default::default()

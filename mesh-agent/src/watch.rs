@@ -1,7 +1,8 @@
 //! The agent's view of the cluster: reflector caches of all Nodes, all Pods and the
-//! `MeshEncryption` singleton, each fed by a watcher with `default_backoff()`. Objects are pruned
-//! to the fields the mesh needs before they enter the cache (Node status images and conditions,
-//! pod containers), which keeps memory flat on big clusters. Every watch event wakes the
+//! `MeshEncryption` singleton, each fed by a watcher with `default_backoff()`. Nodes and Pods
+//! are decoded as the compact [`CachedNode`]/[`CachedPod`] (only the fields the mesh reads) and
+//! pruned further before they enter the cache (foreign annotations, managed fields, containers
+//! without ports), which keeps memory flat on big clusters. Every watch event wakes the
 //! reconciler through a shared [`Notify`].
 //!
 //! RBAC: Node credentials alone may not list other Nodes or all Pods (the Node authorizer limits
@@ -12,10 +13,7 @@
 use std::{collections::BTreeMap, fmt::Debug, sync::Arc};
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus},
-    networking::v1::NetworkPolicy,
-};
+use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -28,7 +26,11 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use wiremesh_crds::{KeyRotation, MESH_ENCRYPTION_NAME, MeshEncryption};
 
-use crate::{drain::Drain, settings::SettingsMemory};
+use crate::{
+    cached::{CachedNode, CachedPod},
+    drain::Drain,
+    settings::SettingsMemory,
+};
 
 /// The prefix of every annotation the mesh reads from Nodes.
 const ANNOTATION_PREFIX: &str = "wiremesh.io/";
@@ -36,8 +38,8 @@ const ANNOTATION_PREFIX: &str = "wiremesh.io/";
 /// Read handles of the caches.
 #[derive(Clone)]
 pub struct Caches {
-    pub nodes: Store<Node>,
-    pub pods: Store<Pod>,
+    pub nodes: Store<CachedNode>,
+    pub pods: Store<CachedPod>,
     pub mesh_encryption: Store<MeshEncryption>,
     /// Namespaces (labels, for policy identities).
     pub namespaces: Store<Namespace>,
@@ -205,7 +207,7 @@ pub fn watchers(client: &Client, notify: Arc<Notify>, steer: Arc<Notify>) -> Wat
     let tasks = vec![
         WatchTask::new(
             "nodes",
-            Api::<Node>::all(client.clone()),
+            Api::<CachedNode>::all(client.clone()),
             watcher::Config::default(),
             prune_node,
             node_writer,
@@ -213,7 +215,7 @@ pub fn watchers(client: &Client, notify: Arc<Notify>, steer: Arc<Notify>) -> Wat
         ),
         WatchTask::new(
             "pods",
-            Api::<Pod>::all(client.clone()),
+            Api::<CachedPod>::all(client.clone()),
             watcher::Config::default(),
             prune_pod,
             pod_writer,
@@ -266,9 +268,9 @@ pub fn watchers(client: &Client, notify: Arc<Notify>, steer: Arc<Notify>) -> Wat
     }
 }
 
-/// Keeps name, uid, resourceVersion, the `wiremesh.io/*` annotations, the pod CIDRs and the
-/// addresses of a Node.
-pub fn prune_node(node: &mut Node) {
+/// Drops a Node's managed fields, labels, owner references and every annotation but the
+/// `wiremesh.io/*` ones (the rest of a [`CachedNode`] is what the mesh reads).
+pub fn prune_node(node: &mut CachedNode) {
     let meta = &mut node.metadata;
     meta.managed_fields = None;
     meta.labels = None;
@@ -277,15 +279,6 @@ pub fn prune_node(node: &mut Node) {
         all.into_iter()
             .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
             .collect::<BTreeMap<_, _>>()
-    });
-    node.spec = node.spec.take().map(|spec| NodeSpec {
-        pod_cidr: spec.pod_cidr,
-        pod_cidrs: spec.pod_cidrs,
-        ..NodeSpec::default()
-    });
-    node.status = node.status.take().map(|status| NodeStatus {
-        addresses: status.addresses,
-        ..NodeStatus::default()
     });
 }
 
@@ -297,64 +290,51 @@ pub fn prune_meta<K: Resource>(object: &mut K) {
     meta.annotations = None;
 }
 
-/// Keeps name, namespace, uid, resourceVersion, labels (policy identities), `spec.nodeName`,
-/// `spec.hostNetwork`, the containers' ports (named ports), `status.phase` and the pod IPs of a
-/// Pod.
+/// Drops a Pod's managed fields, annotations and owner references (labels stay: policy
+/// identities), and the containers after the last one that declares ports.
 ///
-/// Containers after the last one that declares ports are dropped: nothing reads them (only
-/// ports are read from containers, and an earlier container keeps its index, which problem
-/// reports name), and each costs a whole `Container` (~2 KiB inline) per cached Pod
-/// (docs/benchmarks.md, "Agent memory").
-pub fn prune_pod(pod: &mut Pod) {
+/// Nothing reads those containers (only ports are read from containers, and an earlier
+/// container keeps its index, which problem reports name).
+pub fn prune_pod(pod: &mut CachedPod) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
     meta.annotations = None;
     meta.owner_references = None;
-    pod.spec = pod.spec.take().map(|spec| {
-        let mut containers: Vec<Container> = spec
+    if let Some(spec) = pod.spec.as_mut() {
+        let keep = spec
             .containers
-            .into_iter()
-            .map(|c| Container {
-                name: c.name,
-                ports: c.ports,
-                ..Container::default()
-            })
-            .collect();
-        let keep = containers
             .iter()
             .rposition(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
             .map_or(0, |last| last + 1);
-        containers.truncate(keep);
-        containers.shrink_to_fit();
-        PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            containers,
-            ..PodSpec::default()
-        }
-    });
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        pod_ip: status.pod_ip,
-        pod_ips: status.pod_ips,
-        ..PodStatus::default()
-    });
+        spec.containers.truncate(keep);
+        spec.containers.shrink_to_fit();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::{Container, ContainerImage, ContainerPort, NodeAddress, PodIP},
+        api::core::v1::{
+            Container, ContainerImage, ContainerPort, Node, NodeAddress, NodeSpec, NodeStatus, Pod,
+            PodIP, PodSpec, PodStatus,
+        },
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
+    use serde::Serialize;
 
     use super::*;
 
+    /// What the watcher does: the API's JSON of a full object decoded as the cached type.
+    fn decode<T: DeserializeOwned>(full: &impl Serialize) -> T {
+        serde_json::from_value(serde_json::to_value(full).unwrap()).unwrap()
+    }
+
     #[test]
     fn pruning_keeps_what_the_mesh_reads() {
-        let mut node = Node {
+        let node = Node {
             metadata: ObjectMeta {
                 name: Some("a".into()),
+                labels: Some(BTreeMap::from([("zone".to_string(), "z".to_string())])),
                 annotations: Some(BTreeMap::from([
                     ("wiremesh.io/public-key".to_string(), "k".to_string()),
                     ("other.io/x".to_string(), "y".to_string()),
@@ -375,9 +355,18 @@ mod tests {
                 ..Default::default()
             }),
         };
+        let mut node: CachedNode = decode(&node);
         prune_node(&mut node);
-        assert_eq!(node.metadata.annotations.as_ref().unwrap().len(), 1);
-        assert_eq!(node.spec.as_ref().unwrap().provider_id, None);
+        assert_eq!(
+            node.metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["wiremesh.io/public-key"]
+        );
+        assert_eq!(node.metadata.labels, None);
         assert_eq!(
             node.spec
                 .as_ref()
@@ -388,13 +377,14 @@ mod tests {
                 .len(),
             1
         );
-        assert_eq!(node.status.as_ref().unwrap().images, None);
         assert!(node.status.as_ref().unwrap().addresses.is_some());
 
-        let mut pod = Pod {
+        let pod = Pod {
             metadata: ObjectMeta {
                 name: Some("p".into()),
                 namespace: Some("default".into()),
+                labels: Some(BTreeMap::from([("app".to_string(), "web".to_string())])),
+                annotations: Some(BTreeMap::from([("a".to_string(), "b".to_string())])),
                 ..Default::default()
             },
             spec: Some(PodSpec {
@@ -430,6 +420,7 @@ mod tests {
             }),
         };
         let mut portless = pod.clone();
+        let mut pod: CachedPod = decode(&pod);
         prune_pod(&mut pod);
         let containers = &pod.spec.as_ref().unwrap().containers;
         // The port-less container before the one with ports keeps its place (its index is in
@@ -441,11 +432,11 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["sidecar", "app"]
         );
-        assert_eq!(containers[1].image, None, "only name and ports are kept");
         assert_eq!(containers[1].ports.as_ref().unwrap()[0].container_port, 80);
         if let Some(spec) = portless.spec.as_mut() {
             spec.containers.remove(1);
         }
+        let mut portless: CachedPod = decode(&portless);
         prune_pod(&mut portless);
         assert!(portless.spec.as_ref().unwrap().containers.is_empty());
         assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some("a"));
@@ -454,5 +445,7 @@ mod tests {
             1
         );
         assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(pod.metadata.labels.as_ref().unwrap().len(), 1);
+        assert_eq!(pod.metadata.annotations, None);
     }
 }

@@ -18,6 +18,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    sync::Arc,
 };
 
 /// The prefix under which namespace labels appear in an identity's flat label form.
@@ -69,12 +70,15 @@ impl fmt::Display for Identity {
 /// The labels that define a pod identity: the pod's labels and its namespace's labels (which
 /// always include `kubernetes.io/metadata.name=<namespace>`, so equal pod labels in two
 /// namespaces are two identities).
+///
+/// Both maps are shared (`Arc`): the model holds one per pod, and the pods of one workload (and
+/// of one namespace) carry equal maps, so a model rebuild clones no label.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IdentityLabels {
     /// Pod labels.
-    pub pod: BTreeMap<String, String>,
+    pub pod: Arc<BTreeMap<String, String>>,
     /// Namespace labels, including the namespace name label.
-    pub namespace: BTreeMap<String, String>,
+    pub namespace: Arc<BTreeMap<String, String>>,
 }
 
 impl IdentityLabels {
@@ -82,13 +86,21 @@ impl IdentityLabels {
     pub fn new(
         pod: BTreeMap<String, String>,
         namespace: &str,
-        mut namespace_labels: BTreeMap<String, String>,
+        namespace_labels: BTreeMap<String, String>,
     ) -> Self {
-        namespace_labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());
         Self {
-            pod,
-            namespace: namespace_labels,
+            pod: Arc::new(pod),
+            namespace: Arc::new(Self::namespace_labels(namespace, namespace_labels)),
         }
+    }
+
+    /// A namespace's labels as identities carry them: with the namespace name label.
+    pub fn namespace_labels(
+        namespace: &str,
+        mut labels: BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());
+        labels
     }
 
     /// The namespace name.

@@ -20,7 +20,8 @@ pub use eval::{SideVerdict, Verdict};
 pub use identity::{Identity, IdentityAllocator, IdentityLabels, NAMESPACE_LABEL_PREFIX};
 pub use manifest::{ManifestError, load_manifest};
 pub use model::{
-    Cluster, ClusterError, ContainerPort, Endpoint, Family, Namespace, Pod, PodId, Protocol,
+    Cluster, ClusterError, ContainerPort, Endpoint, Family, Namespace, Pod, PodFields, PodId,
+    Protocol,
 };
 pub use rules::{IpBlock, Peer, Policy, PolicyError, PortSpec, PortValue, Rule};
 pub use selector::{Requirement, Selector, SelectorError};

@@ -6,9 +6,10 @@ use std::{
     fmt,
     net::IpAddr,
     str::FromStr,
+    sync::Arc,
 };
 
-use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::{api::core::v1 as core, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 use crate::{
     identity::{Identity, IdentityAllocator, IdentityLabels},
@@ -196,8 +197,8 @@ pub struct Pod {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
+    /// Labels (shared: equal across the pods of a workload, see [`PodFields::labels`]).
+    pub labels: Arc<BTreeMap<String, String>>,
     /// `status.podIP`, if assigned.
     pub ip: Option<IpAddr>,
     /// The pod's further addresses (`status.podIPs` after the first: the other family of a
@@ -233,28 +234,44 @@ impl Pod {
 
     /// Converts a Kubernetes Pod (namespace defaults to `default`, as kubectl does).
     pub fn from_k8s(pod: &core::Pod) -> Result<Self, ClusterError> {
+        let status = pod.status.as_ref();
+        let container_ports: Vec<&[core::ContainerPort]> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .map(|c| c.ports.as_deref().unwrap_or_default())
+            .collect();
+        Self::from_fields(&PodFields {
+            metadata: &pod.metadata,
+            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
+            pod_ip: status.and_then(|s| s.pod_ip.as_deref()),
+            pod_ips: status
+                .and_then(|s| s.pod_ips.as_deref())
+                .unwrap_or_default(),
+            container_ports: &container_ports,
+        })
+    }
+
+    /// Converts the fields of a Pod that policy reads (for callers that keep Pods in a form of
+    /// their own, like the agent's cache).
+    pub fn from_fields(pod: &PodFields<'_>) -> Result<Self, ClusterError> {
         let name = required_name(pod.metadata.name.as_ref())?;
         let namespace = pod
             .metadata
             .namespace
             .clone()
             .unwrap_or_else(|| "default".to_string());
-        let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {
+        let ip = match pod.pod_ip {
             None => None,
-            Some(s) if s.is_empty() => None,
+            Some("") => None,
             Some(s) => Some(s.parse().map_err(|_| ClusterError::Invalid {
                 field: "status.podIP".into(),
-                value: s.clone(),
+                value: s.to_string(),
                 reason: "not an IP address",
             })?),
         };
         let mut other_ips = Vec::new();
-        for (i, p) in pod
-            .status
-            .iter()
-            .flat_map(|s| s.pod_ips.iter().flatten())
-            .enumerate()
-        {
+        for (i, p) in pod.pod_ips.iter().enumerate() {
             let parsed: IpAddr = p.ip.trim().parse().map_err(|_| ClusterError::Invalid {
                 field: format!("status.podIPs[{i}].ip"),
                 value: p.ip.clone(),
@@ -273,13 +290,8 @@ impl Pod {
             None => (None, other_ips),
         };
         let mut ports = Vec::new();
-        for (ci, c) in pod
-            .spec
-            .iter()
-            .flat_map(|s| s.containers.iter())
-            .enumerate()
-        {
-            for (pi, p) in c.ports.iter().flatten().enumerate() {
+        for (ci, container_ports) in pod.container_ports.iter().enumerate() {
+            for (pi, p) in container_ports.iter().enumerate() {
                 let field = format!("spec.containers[{ci}].ports[{pi}]");
                 let port = u16::try_from(p.container_port)
                     .ok()
@@ -301,12 +313,29 @@ impl Pod {
         Ok(Self {
             namespace,
             name,
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: Arc::clone(&pod.labels),
             ip,
             other_ips,
             ports,
         })
     }
+}
+
+/// The fields of a Kubernetes Pod that [`Pod::from_fields`] reads, borrowed.
+#[derive(Debug, Clone)]
+pub struct PodFields<'a> {
+    /// Name and namespace.
+    pub metadata: &'a ObjectMeta,
+    /// `metadata.labels`, shared: a caller converting many pods can hand the pods with equal
+    /// labels one map.
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// `status.podIP`.
+    pub pod_ip: Option<&'a str>,
+    /// `status.podIPs`.
+    pub pod_ips: &'a [core::PodIP],
+    /// `spec.containers[*].ports`, one entry per container in order (the index names the
+    /// field in errors).
+    pub container_ports: &'a [&'a [core::ContainerPort]],
 }
 
 fn required_name(name: Option<&String>) -> Result<String, ClusterError> {
@@ -397,14 +426,22 @@ impl Cluster {
                 }
             }
         }
+        // One map per namespace, shared by its pods' identity labels.
+        let mut ns_identity: BTreeMap<&str, Arc<BTreeMap<String, String>>> = BTreeMap::new();
         let identity_labels: Vec<IdentityLabels> = pods
             .iter()
             .map(|p| {
-                let ns_labels = ns_map
-                    .get(&p.namespace)
-                    .map(|n: &Namespace| n.labels.clone())
-                    .unwrap_or_default();
-                IdentityLabels::new(p.labels.clone(), &p.namespace, ns_labels)
+                let namespace = ns_identity.entry(&p.namespace).or_insert_with(|| {
+                    let labels = ns_map
+                        .get(&p.namespace)
+                        .map(|n: &Namespace| n.labels.clone())
+                        .unwrap_or_default();
+                    Arc::new(IdentityLabels::namespace_labels(&p.namespace, labels))
+                });
+                IdentityLabels {
+                    pod: Arc::clone(&p.labels),
+                    namespace: Arc::clone(namespace),
+                }
             })
             .collect();
         let identities = IdentityAllocator::carried_over(previous, &identity_labels);

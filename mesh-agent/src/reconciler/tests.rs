@@ -4,10 +4,7 @@
 use std::{net::SocketAddr, str::FromStr};
 
 use ipnet::IpNet;
-use k8s_openapi::{
-    api::core::v1::{PodIP, PodSpec, PodStatus},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{api::core::v1::PodIP, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use wiremesh_crds::MeshEncryptionSpec;
 use wiremesh_keyexchange::{
     ANNOTATION_ENDPOINT, ANNOTATION_KEY_GENERATION, ANNOTATION_PUBLIC_KEY, PrivateKey,
@@ -15,11 +12,12 @@ use wiremesh_keyexchange::{
 
 use super::*;
 use crate::{
+    cached::{CachedPodSpec, CachedPodStatus},
     datapath::{Datapath, fake::FakeDatapath},
     routes::fake::FakeRoutes,
 };
 
-fn node(name: &str, ip: &str, cidr: &str, key: Option<&PublicKey>, port: u16) -> Arc<Node> {
+fn node(name: &str, ip: &str, cidr: &str, key: Option<&PublicKey>, port: u16) -> Arc<CachedNode> {
     let annotations = key.map(|k| {
         BTreeMap::from([
             (ANNOTATION_PUBLIC_KEY.to_string(), k.to_base64()),
@@ -27,19 +25,19 @@ fn node(name: &str, ip: &str, cidr: &str, key: Option<&PublicKey>, port: u16) ->
             (ANNOTATION_KEY_GENERATION.to_string(), "1".to_string()),
         ])
     });
-    let mut node = Node::clone(&crate::fixtures::node(name, ip, cidr));
+    let mut node = CachedNode::clone(&crate::fixtures::node(name, ip, cidr));
     node.metadata.annotations = annotations;
     Arc::new(node)
 }
 
-fn pod(node: &str, ip: &str) -> Arc<Pod> {
-    Arc::new(Pod {
+fn pod(node: &str, ip: &str) -> Arc<CachedPod> {
+    Arc::new(CachedPod {
         metadata: ObjectMeta::default(),
-        spec: Some(PodSpec {
+        spec: Some(CachedPodSpec {
             node_name: Some(node.into()),
             ..Default::default()
         }),
-        status: Some(PodStatus {
+        status: Some(CachedPodStatus {
             phase: Some("Running".into()),
             pod_ips: Some(vec![PodIP { ip: ip.into() }]),
             ..Default::default()
@@ -70,8 +68,8 @@ struct Cluster {
     me: PublicKey,
     kb: PublicKey,
     kc: PublicKey,
-    nodes: Vec<Arc<Node>>,
-    pods: Vec<Arc<Pod>>,
+    nodes: Vec<Arc<CachedNode>>,
+    pods: Vec<Arc<CachedPod>>,
 }
 
 fn cluster() -> Cluster {

@@ -25,14 +25,17 @@ use std::{
 
 use ipnet::IpNet;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{ContainerPort, Namespace},
     networking::v1::NetworkPolicy,
 };
 use wiremesh_bpf::{IpcacheValue, ipcache_flags};
 use wiremesh_keyexchange::PodClaims;
-use wiremesh_policy::{Cluster, ClusterError, Identity, IdentityAllocator, Policy};
+use wiremesh_policy::{Cluster, ClusterError, Identity, IdentityAllocator, PodFields, Policy};
 
-use crate::views::{node_addresses, node_pod_cidrs, pod_network_ips};
+use crate::{
+    cached::{CachedNode, CachedPod},
+    views::{node_addresses, node_pod_cidrs, pod_network_ips},
+};
 
 /// A cached object the agent could not use, for an Event and a metric.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,7 +52,7 @@ pub struct ObjectProblem {
 }
 
 /// The underlay IPv4 of a Node (first InternalIP/ExternalIP that is IPv4).
-pub fn node_ipv4(node: &Node) -> Option<Ipv4Addr> {
+pub fn node_ipv4(node: &CachedNode) -> Option<Ipv4Addr> {
     node_addresses(node).into_iter().find_map(|ip| match ip {
         IpAddr::V4(a) => Some(a),
         IpAddr::V6(_) => None,
@@ -66,7 +69,7 @@ pub fn node_id(name: &str) -> u32 {
     h.max(1)
 }
 
-fn pod_node(pod: &Pod) -> Option<&str> {
+fn pod_node(pod: &CachedPod) -> Option<&str> {
     pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
 }
 
@@ -86,8 +89,8 @@ pub fn mark_alt_tunnel(ipcache: &mut BTreeMap<IpNet, IpcacheValue>, alt_nodes: &
 /// pod prefixes each node may hold (a podCIDR or pod IP it does not accept gets no entry).
 pub fn desired_ipcache(
     own_node: &str,
-    nodes: &[Arc<Node>],
-    pods: &[Arc<Pod>],
+    nodes: &[Arc<CachedNode>],
+    pods: &[Arc<CachedPod>],
     endpoints: &BTreeMap<IpAddr, Identity>,
     encrypted: &BTreeSet<String>,
     claims: &PodClaims,
@@ -183,12 +186,64 @@ fn problem(
     }
 }
 
+/// One shared copy of each distinct label set of a pass (the pods of a workload share theirs),
+/// so the policy model clones no label map per pod.
+#[derive(Default)]
+struct LabelSets<'a> {
+    shared: BTreeMap<&'a BTreeMap<String, String>, Arc<BTreeMap<String, String>>>,
+    empty: Arc<BTreeMap<String, String>>,
+}
+
+impl<'a> LabelSets<'a> {
+    fn get(
+        &mut self,
+        labels: Option<&'a BTreeMap<String, String>>,
+    ) -> Arc<BTreeMap<String, String>> {
+        match labels {
+            None => Arc::clone(&self.empty),
+            Some(labels) => Arc::clone(
+                self.shared
+                    .entry(labels)
+                    .or_insert_with(|| Arc::new(labels.clone())),
+            ),
+        }
+    }
+}
+
+/// The policy model's form of a cached Pod; `with_ports: false` leaves out the containers'
+/// ports (after they failed to convert).
+fn policy_pod(
+    pod: &CachedPod,
+    labels: Arc<BTreeMap<String, String>>,
+    with_ports: bool,
+) -> Result<wiremesh_policy::Pod, ClusterError> {
+    let status = pod.status.as_ref();
+    let container_ports: Vec<&[ContainerPort]> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| match &c.ports {
+            Some(ports) if with_ports => ports.as_slice(),
+            _ => &[],
+        })
+        .collect();
+    wiremesh_policy::Pod::from_fields(&PodFields {
+        metadata: &pod.metadata,
+        labels,
+        pod_ip: status.and_then(|s| s.pod_ip.as_deref()),
+        pod_ips: status
+            .and_then(|s| s.pod_ips.as_deref())
+            .unwrap_or_default(),
+        container_ports: &container_ports,
+    })
+}
+
 /// The policy model of the cluster, and what had to be left out. `previous` is the identity
 /// assignment of the last model (empty at the start): label sets keep their ids across
 /// compiles, so a label change rewrites only the entries of the identities it touches.
 pub fn policy_cluster(
     namespaces: &[Arc<Namespace>],
-    pods: &[Arc<Pod>],
+    pods: &[Arc<CachedPod>],
     policies: &[Arc<NetworkPolicy>],
     previous: &IdentityAllocator,
 ) -> Result<(Cluster, Vec<ObjectProblem>), ClusterError> {
@@ -207,13 +262,15 @@ pub fn policy_cluster(
     }
     let mut pods_out = Vec::new();
     let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut label_sets = LabelSets::default();
     for pod in pods {
         // Only pods on the pod network have an address of their own (each family).
         let ips = pod_network_ips(pod);
         if ips.is_empty() {
             continue;
         }
-        let converted = match wiremesh_policy::Pod::from_k8s(pod) {
+        let labels = label_sets.get(pod.metadata.labels.as_ref());
+        let converted = match policy_pod(pod, Arc::clone(&labels), true) {
             Ok(p) => p,
             Err(e) => {
                 problems.push(problem(
@@ -222,13 +279,7 @@ pub fn policy_cluster(
                     "InvalidPodPorts",
                     format!("{e}; the pod's named ports are ignored by NetworkPolicy"),
                 ));
-                let mut stripped = Pod::clone(pod);
-                if let Some(spec) = stripped.spec.as_mut() {
-                    for c in &mut spec.containers {
-                        c.ports = None;
-                    }
-                }
-                match wiremesh_policy::Pod::from_k8s(&stripped) {
+                match policy_pod(pod, labels, false) {
                     Ok(p) => p,
                     Err(e) => {
                         problems.push(problem("Pod", &pod.metadata, "InvalidPod", e.to_string()));

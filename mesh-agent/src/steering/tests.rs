@@ -1,12 +1,15 @@
 use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use wiremesh_bpf::{FakeMaps, sync::fake::Write};
 
 use super::*;
-use crate::fixtures::node;
+use crate::{
+    cached::{CachedNode, CachedPod},
+    fixtures::node,
+};
 
-fn pod(name: &str, node: &str, ip: &str, role: &str) -> Arc<Pod> {
+fn pod(name: &str, node: &str, ip: &str, role: &str) -> Arc<CachedPod> {
     crate::fixtures::pod(name, node, ip, ("role", role))
 }
 
@@ -45,7 +48,7 @@ fn policy(name: &str, spec: serde_json::Value) -> Arc<NetworkPolicy> {
 
 /// Compilation and ipcache of a cluster state.
 fn state(
-    pods: &[Arc<Pod>],
+    pods: &[Arc<CachedPod>],
     policies: &[Arc<NetworkPolicy>],
 ) -> (Compiled, BTreeMap<IpNet, IpcacheValue>) {
     let nodes = [
@@ -59,8 +62,8 @@ fn state(
 /// The model, compilation and ipcache on n1 (tunnel to n2 up) of `nodes`, `pods` and
 /// `policies`, identities carried over from `previous`.
 fn state_on(
-    nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
-    pods: &[Arc<Pod>],
+    nodes: &[Arc<CachedNode>],
+    pods: &[Arc<CachedPod>],
     policies: &[Arc<NetworkPolicy>],
     previous: &wiremesh_policy::IdentityAllocator,
 ) -> (
@@ -381,7 +384,7 @@ fn unnamed_veths_fail_closed_while_a_selected_pod_has_no_entries() {
         veths: BTreeSet::from([2, 5, 6]),
         ..links::LinkSnapshot::default()
     };
-    let mut fresh = Pod::clone(&pod("new", "n1", "10.244.1.12", "web"));
+    let mut fresh = CachedPod::clone(&pod("new", "n1", "10.244.1.12", "web"));
     let status = fresh.status.as_mut().unwrap();
     (status.pod_ip, status.pod_ips) = (None, None);
     let pods = vec![pod("a", "n1", "10.244.1.11", "x"), Arc::new(fresh)];
@@ -635,7 +638,7 @@ fn ipv6_routes_name_pod_veths_too() {
         veths: BTreeSet::from([5, 6]),
         ..links::LinkSnapshot::default()
     };
-    let only6 = Pod::clone(&pod("only6", "n1", "fd00:10:244:1::c", "x"));
+    let only6 = CachedPod::clone(&pod("only6", "n1", "fd00:10:244:1::c", "x"));
     let pods = vec![
         crate::fixtures::pod_dual(
             "dual",

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use proptest::prelude::*;
@@ -96,10 +97,12 @@ fn pod(ns: &str, name: &str, labels: &[(&str, &str)], ip: &str, ports: Vec<Conta
     Pod {
         namespace: ns.into(),
         name: name.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        labels: Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
         ip: Some(ip.parse().unwrap()),
         other_ips: Vec::new(),
         ports,
@@ -561,7 +564,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                     Pod {
                         namespace: NS_NAMES[*ns].into(),
                         name: format!("p{i}"),
-                        labels,
+                        labels: Arc::new(labels),
                         ip: Some(pod_ip(i)),
                         other_ips: Vec::new(),
                         ports: ports_for(*app),
@@ -632,7 +635,7 @@ fn labelled_pod(ns: &str, name: &str, app: &str, ip: IpAddr) -> Pod {
     Pod {
         namespace: ns.into(),
         name: name.into(),
-        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        labels: Arc::new(BTreeMap::from([("app".to_string(), app.to_string())])),
         ip: Some(ip),
         other_ips: Vec::new(),
         ports: Vec::new(),

@@ -3,7 +3,7 @@ use wiremesh_policy::compile;
 use super::*;
 use crate::fixtures::{claims, node};
 
-fn pod(name: &str, node: &str, ip: &str, app: &str) -> Arc<Pod> {
+fn pod(name: &str, node: &str, ip: &str, app: &str) -> Arc<CachedPod> {
     crate::fixtures::pod(name, node, ip, ("app", app))
 }
 
@@ -89,9 +89,9 @@ fn the_previous_identities_are_kept_across_compiles() {
 #[test]
 fn host_network_and_finished_pods_are_not_pod_addresses() {
     let nodes = vec![node("n1", "10.213.0.11", "10.244.1.0/24")];
-    let mut host = Pod::clone(&pod("h", "n1", "10.213.0.11", "h"));
+    let mut host = CachedPod::clone(&pod("h", "n1", "10.213.0.11", "h"));
     host.spec.as_mut().unwrap().host_network = Some(true);
-    let mut done = Pod::clone(&pod("d", "n1", "10.244.1.12", "d"));
+    let mut done = CachedPod::clone(&pod("d", "n1", "10.244.1.12", "d"));
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
     let pods = vec![Arc::new(host), Arc::new(done)];
     let (cluster, _) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
@@ -167,7 +167,7 @@ fn malformed_objects_are_reported_and_left_out_without_failing() {
         "spec": {"podSelector": {}}
     }))
     .unwrap();
-    let mut bad_ports = Pod::clone(&pod("p", "n1", "10.244.1.13", "p"));
+    let mut bad_ports = CachedPod::clone(&pod("p", "n1", "10.244.1.13", "p"));
     bad_ports.spec.as_mut().unwrap().containers = vec![
         serde_json::from_value(
             serde_json::json!({"name": "c", "ports": [{"containerPort": 0, "name": "web"}]}),
@@ -213,7 +213,7 @@ fn malformed_objects_are_reported_and_left_out_without_failing() {
 #[test]
 fn dual_stack_pods_and_cidrs_get_ipv6_entries_with_the_same_identity() {
     use crate::fixtures::{node_dual, pod_dual};
-    let mut n2 = Node::clone(&node_dual(
+    let mut n2 = CachedNode::clone(&node_dual(
         "n2",
         "10.213.0.12",
         "10.244.2.0/24",
@@ -289,4 +289,32 @@ fn dual_stack_pods_and_cidrs_get_ipv6_entries_with_the_same_identity() {
         compiled.endpoints[&"fd00:10:244:2::b".parse::<IpAddr>().unwrap()],
         compiled.endpoints[&"10.244.2.11".parse::<IpAddr>().unwrap()]
     );
+}
+
+#[test]
+fn the_policy_model_shares_one_label_map_per_label_set_and_namespace() {
+    let pods = vec![
+        pod("a", "n1", "10.244.1.10", "web"),
+        pod("b", "n2", "10.244.2.10", "web"),
+        pod("c", "n2", "10.244.2.11", "db"),
+    ];
+    let (cluster, problems) = policy_cluster(&[], &pods, &[], &Default::default()).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let id = |name: &str| {
+        wiremesh_policy::PodId(cluster.pods().iter().position(|p| p.name == name).unwrap())
+    };
+    let (a, b, c) = (
+        cluster.identity_labels(id("a")),
+        cluster.identity_labels(id("b")),
+        cluster.identity_labels(id("c")),
+    );
+    assert!(Arc::ptr_eq(&a.pod, &b.pod), "equal pod labels: one map");
+    assert!(!Arc::ptr_eq(&a.pod, &c.pod));
+    assert_eq!(c.pod.get("app").map(String::as_str), Some("db"));
+    assert!(
+        Arc::ptr_eq(&a.namespace, &c.namespace),
+        "one map per namespace"
+    );
+    assert_eq!(a.namespace_name(), "default");
+    assert!(Arc::ptr_eq(&cluster.pod(id("a")).labels, &a.pod));
 }
