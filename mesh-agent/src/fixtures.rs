@@ -44,6 +44,7 @@ pub fn node_with_addresses(name: &str, cidr: &str, addresses: &[(&str, &str)]) -
 /// A running pod `default/<name>` on `node` with one IP and the label `<key>=<value>`.
 pub fn pod(name: &str, node: &str, ip: &str, (key, value): (&str, &str)) -> Arc<CachedPod> {
     Arc::new(CachedPod {
+        shared_labels: None,
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some("default".into()),

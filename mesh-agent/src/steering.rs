@@ -760,9 +760,8 @@ fn flow_names(
         let name = p.metadata.name.clone().unwrap_or_default();
         let mut info = PodInfo {
             labels: p
-                .metadata
-                .labels
-                .iter()
+                .labels()
+                .into_iter()
                 .flatten()
                 .map(|(k, v)| format!("k8s:{k}={v}"))
                 .collect(),
@@ -1090,7 +1089,7 @@ pub fn fail_closed(
             continue;
         }
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let labels = pod.labels().cloned().unwrap_or_default();
         if policies
             .iter()
             .any(|p| p.namespace == namespace && p.selector.matches(&labels))

@@ -222,6 +222,7 @@ mod tests {
 
     fn pod(node: &str, ips: &[&str], host_network: bool, phase: &str) -> CachedPod {
         CachedPod {
+            shared_labels: None,
             metadata: ObjectMeta::default(),
             spec: Some(CachedPodSpec {
                 node_name: Some(node.into()),

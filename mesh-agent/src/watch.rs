@@ -290,8 +290,10 @@ pub fn prune_meta<K: Resource>(object: &mut K) {
     meta.annotations = None;
 }
 
-/// Drops a Pod's managed fields, annotations and owner references (labels stay: policy
-/// identities), and the containers after the last one that declares ports.
+/// Drops a Pod's managed fields, annotations and owner references, moves its labels (policy
+/// identities) into the set shared by the Pods with equal ones
+/// ([`crate::cached::intern_labels`], read by [`CachedPod::labels`]), and drops the
+/// containers after the last one that declares ports.
 ///
 /// Nothing reads those containers (only ports are read from containers, and an earlier
 /// container keeps its index, which problem reports name).
@@ -300,6 +302,9 @@ pub fn prune_pod(pod: &mut CachedPod) {
     meta.managed_fields = None;
     meta.annotations = None;
     meta.owner_references = None;
+    if let Some(labels) = meta.labels.take() {
+        pod.shared_labels = Some(crate::cached::intern_labels(labels));
+    }
     if let Some(spec) = pod.spec.as_mut() {
         let keep = spec
             .containers
@@ -445,7 +450,13 @@ mod tests {
             1
         );
         assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
-        assert_eq!(pod.metadata.labels.as_ref().unwrap().len(), 1);
+        assert_eq!(pod.labels().unwrap().len(), 1);
+        // Moved into the set shared with the other pod that has equal labels.
+        assert_eq!(pod.metadata.labels, None);
+        assert!(Arc::ptr_eq(
+            pod.shared_labels.as_ref().unwrap(),
+            portless.shared_labels.as_ref().unwrap()
+        ));
         assert_eq!(pod.metadata.annotations, None);
     }
 }

@@ -190,3 +190,29 @@ fn compact_types_are_much_smaller_inline() {
         );
     }
 }
+
+#[test]
+fn equal_label_sets_are_shared_and_dropped_sets_are_swept() {
+    let set = |i: usize| BTreeMap::from([("app".to_string(), format!("intern-test-{i}"))]);
+    let a = intern_labels(set(0));
+    let b = intern_labels(set(0));
+    assert!(Arc::ptr_eq(&a, &b), "equal labels: one map");
+    assert!(
+        !Arc::ptr_eq(&a, &intern_labels(set(1))),
+        "other labels: another"
+    );
+    // 1,000 sets no pod keeps: the table sweeps them as it grows (other tests of this process
+    // hold a few sets of their own meanwhile).
+    for i in 2..1_002 {
+        drop(intern_labels(set(i)));
+    }
+    let held = label_sets_held();
+    assert!(
+        held < 200,
+        "{held} label sets held after 1,000 dropped ones"
+    );
+    assert!(
+        Arc::ptr_eq(&a, &intern_labels(set(0))),
+        "a set still held survives the sweeps"
+    );
+}

@@ -32,6 +32,7 @@ fn node(name: &str, ip: &str, cidr: &str, key: Option<&PublicKey>, port: u16) ->
 
 fn pod(node: &str, ip: &str) -> Arc<CachedPod> {
     Arc::new(CachedPod {
+        shared_labels: None,
         metadata: ObjectMeta::default(),
         spec: Some(CachedPodSpec {
             node_name: Some(node.into()),

@@ -269,7 +269,7 @@ pub fn policy_cluster(
         if ips.is_empty() {
             continue;
         }
-        let labels = label_sets.get(pod.metadata.labels.as_ref());
+        let labels = label_sets.get(pod.labels());
         let converted = match policy_pod(pod, Arc::clone(&labels), true) {
             Ok(p) => p,
             Err(e) => {
