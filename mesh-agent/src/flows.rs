@@ -26,8 +26,8 @@ pub const CIPHER_SUITE: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
-    /// `k8s:key=value`, as Hubble writes pod labels.
-    pub labels: Vec<String>,
+    /// `k8s:key=value`, as Hubble writes pod labels; shared by the pods of one label set.
+    pub labels: Arc<[String]>,
     /// NetworkPolicies (`namespace/name`) that isolate the pod for ingress / egress: when a
     /// packet to / from it is dropped by policy, these are the policies that left it unallowed.
     pub ingress_policies: Vec<String>,
@@ -51,7 +51,8 @@ pub struct Names {
     /// This node.
     pub node_name: String,
     /// Pod IP (both families) -> pod.
-    pub pods: BTreeMap<IpAddr, PodInfo>,
+    /// One shared record per pod, under each of its addresses.
+    pub pods: BTreeMap<IpAddr, Arc<PodInfo>>,
     /// Node IP (both families; records name the peer by its IPv4 underlay) -> node name.
     pub nodes: BTreeMap<IpAddr, String>,
     /// Node name -> tunnel evidence.
@@ -431,7 +432,7 @@ fn endpoint(names: &Names, ip: IpAddr, identity: u32) -> Endpoint {
             identity,
             namespace: p.namespace.clone(),
             pod_name: p.name.clone(),
-            labels: p.labels.clone(),
+            labels: p.labels.to_vec(),
         },
         None => Endpoint {
             identity,

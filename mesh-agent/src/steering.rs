@@ -750,6 +750,9 @@ fn flow_names(
         .iter()
         .map(|p| ((p.namespace.clone(), p.name.clone()), p))
         .collect();
+    // The pods of one label set share its Hubble form (as they share the set in the cache).
+    let mut label_forms: BTreeMap<Option<&BTreeMap<String, String>>, Arc<[String]>> =
+        BTreeMap::new();
     for p in pods {
         let namespace = p
             .metadata
@@ -758,13 +761,18 @@ fn flow_names(
             .unwrap_or("default")
             .to_string();
         let name = p.metadata.name.clone().unwrap_or_default();
+        let labels = label_forms
+            .entry(p.labels())
+            .or_insert_with(|| {
+                p.labels()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("k8s:{k}={v}"))
+                    .collect()
+            })
+            .clone();
         let mut info = PodInfo {
-            labels: p
-                .labels()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| format!("k8s:{k}={v}"))
-                .collect(),
+            labels,
             ..PodInfo::default()
         };
         if let Some(m) = model.get(&(namespace.clone(), name.clone())) {
@@ -774,8 +782,9 @@ fn flow_names(
         info.namespace = namespace;
         info.name = name;
         // `status.podIPs`: an IPv6 flow names the pod like an IPv4 one.
+        let info = Arc::new(info);
         for ip in crate::views::pod_network_ips(p) {
-            names.pods.insert(ip, info.clone());
+            names.pods.insert(ip, Arc::clone(&info));
         }
     }
     names

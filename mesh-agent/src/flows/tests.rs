@@ -25,21 +25,21 @@ fn names() -> Names {
     };
     names.pods.insert(
         Ipv4Addr::new(10, 244, 1, 11).into(),
-        PodInfo {
+        Arc::new(PodInfo {
             namespace: "default".into(),
             name: "a".into(),
-            labels: vec!["k8s:app=a".into()],
+            labels: vec!["k8s:app=a".to_string()].into(),
             ..PodInfo::default()
-        },
+        }),
     );
     names.pods.insert(
         Ipv4Addr::new(10, 244, 2, 11).into(),
-        PodInfo {
+        Arc::new(PodInfo {
             namespace: "shop".into(),
             name: "db".into(),
             ingress_policies: vec!["shop/deny-all".into()],
             ..PodInfo::default()
-        },
+        }),
     );
     names
         .nodes
